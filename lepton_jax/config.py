@@ -1,0 +1,136 @@
+"""Experiment configs: Python files with ``get_config() -> ml_collections.ConfigDict`` plus dotted overrides.
+
+A config file is the single source of truth for hyper-parameters; the resolved config (after overrides) is saved
+beside every run. Overrides look like ``--config.optim.lr=3e-4`` and must name an existing key; values are parsed as
+Python literals and must match the type already in the config (ints widen to floats).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from lepton_jax.errors import ConfigError
+
+OVERRIDE_PREFIX = "--config."
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from a Python file and applies ``key=value`` overrides (without the prefix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config configs/<name>.py")
+    spec = importlib.util.spec_from_file_location(f"lepton_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a config file is user code: report where it broke
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} must define get_config() returning an ml_collections.ConfigDict")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, expected a ConfigDict")
+    for item in overrides:
+        apply_override(config, item, source=str(path))
+    return config
+
+
+def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Separates ``--config.a.b=v`` / ``--config.a.b v`` arguments from the rest of a command line."""
+    rest, overrides = [], []
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            body = arg[len(OVERRIDE_PREFIX) :]
+            if "=" not in body:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"override {arg} has no value; write {arg}=VALUE")
+                body = f"{body}={argv[i + 1]}"
+                i += 1
+            overrides.append(body)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str, source: str = "config") -> None:
+    """Sets one ``a.b.c=value`` override, checking that the key exists and the type matches."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(parents[:depth]) or "<top level>"
+            raise ConfigError(f"unknown config key {key!r} in {source}: no {part!r} under {where}; "
+                              f"known: {_known(node)}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key {key!r} in {source}; known keys there: {_known(node)}")
+    current = node[leaf]
+    value = _coerce(_parse_literal(raw), current, key)
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"override {key}={raw!r}: expected {type(current).__name__}, got "
+                          f"{type(value).__name__}") from e
+
+
+def _known(node: Any) -> str:
+    return ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "(not a section)"
+
+
+def _parse_literal(raw: str) -> Any:
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Matches an override's parsed value to the type of the value it replaces."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(current, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(current, str):
+        return str(value) if not isinstance(value, str) else value
+    elif isinstance(current, tuple | list) and isinstance(value, tuple | list):
+        return type(current)(value)
+    elif isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)
+    elif type(value) is type(current):
+        return value
+    raise ConfigError(f"override {key}={value!r}: expected {type(current).__name__} "
+                      f"(current value {current!r}), got {type(value).__name__}")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-serialisable plain dict of a config."""
+    return json.loads(config.to_json_best_effort())
+
+
+def from_dict(data: dict) -> ml_collections.ConfigDict:
+    """Rebuilds a config saved with :func:`to_dict` (lists come back as tuples where the config used them)."""
+    return ml_collections.ConfigDict(data)

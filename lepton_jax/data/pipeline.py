@@ -1,0 +1,64 @@
+"""Input pipelines: seeded Grain shuffles of example indices, batched reads from the lake, per-host slices of
+each global batch, and assembly of global ``jax.Array``s on the mesh.
+
+Every process shuffles the same index permutation and takes its own contiguous rows of each global batch, so the
+global batch sequence is the same for any number of processes and devices, every host gets the same number of
+batches, and each host reads only its share from the lake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from lepton_jax.data.source import LakeDataSource
+from lepton_jax.data.transforms import prepare_batch
+from lepton_jax.errors import ConfigError
+
+
+def host_slice(global_batch_size: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
+    """Rows of each global batch that this process loads."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % count:
+        raise ConfigError(f"global batch size {global_batch_size} is not divisible by {count} processes")
+    per_host = global_batch_size // count
+    return slice(index * per_host, (index + 1) * per_host)
+
+
+def train_dataset(source: LakeDataSource, *, global_batch_size: int, seed: int, num_epochs: int | None,
+                  schema: dict[str, Any], process_index: int | None = None,
+                  process_count: int | None = None) -> grain.IterDataset:
+    """Shuffled (differently each epoch), batched, preprocessed host-local batches with checkpointable state."""
+    if global_batch_size > len(source):
+        raise ConfigError(f"batch size {global_batch_size} exceeds the {len(source)} training examples")
+    rows = host_slice(global_batch_size, process_index, process_count)
+    ds = (grain.MapDataset.range(len(source))
+          .shuffle(seed=seed)
+          .batch(global_batch_size, drop_remainder=True)
+          .repeat(num_epochs)
+          .map(lambda idx: prepare_batch(source.__getitems__(np.asarray(idx)[rows]), schema)))
+    return ds.to_iter_dataset()
+
+
+def eval_batches(source: LakeDataSource, *, global_batch_size: int, schema: dict[str, Any]
+                 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """In-order host-local batches covering the whole split; the last is zero-padded. Yields (batch, n_valid)."""
+    n = len(source)
+    rows = host_slice(global_batch_size)
+    for start in range(0, n, global_batch_size):
+        idx = np.arange(start, start + global_batch_size)
+        valid = int(min(global_batch_size, n - start))
+        idx = np.minimum(idx, n - 1)[rows]  # pad by repeating the last example; masked out by n_valid
+        yield prepare_batch(source.__getitems__(idx), schema), valid
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles host-local batch rows into global arrays split along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

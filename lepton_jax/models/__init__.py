@@ -1,0 +1,26 @@
+"""Flax NNX models, built by name from the config's ``model`` section."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+from flax import nnx
+
+from lepton_jax.errors import ConfigError
+from lepton_jax.models.cnn import CNN
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN}
+
+
+def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ...], num_classes: int,
+                seed: int) -> nnx.Module:
+    """Builds ``config.name`` with the remaining ``config`` fields as keyword arguments."""
+    kwargs = {k: v for k, v in config.to_dict().items() if k != "name"}
+    if config.name not in MODELS:
+        raise ConfigError(f"unknown model {config.name!r}; known models: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[config.name](input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed),
+                                   **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {config.name!r} rejected its config {kwargs}: {e}") from e

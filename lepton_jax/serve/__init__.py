@@ -1,0 +1,5 @@
+"""Inference: predictors restored from run directories."""
+
+from lepton_jax.serve.predictor import Predictor, load_npy
+
+__all__ = ["Predictor", "load_npy"]

@@ -1,0 +1,133 @@
+"""A jitted, batch-sharded predictor restored from a run directory's best checkpoint.
+
+Inputs are raw examples in the units of the lake table the model was trained on (for digits: 8x8 values in
+0..16); the predictor validates them against the table schema saved with the run and applies the same
+preprocessing as training (:func:`lepton_jax.data.prepare_batch`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lepton_jax import tracking
+from lepton_jax.checkpoint import abstract_like, open_checkpoints
+from lepton_jax.config import from_dict
+from lepton_jax.data import prepare_batch
+from lepton_jax.errors import CheckpointError, InputError
+from lepton_jax.models import build_model
+from lepton_jax.parallel import batch_sharding, make_mesh, replicated
+from lepton_jax.parallel.mesh import data_parallel_size
+from lepton_jax.train.state import split_model
+from lepton_jax.train.step import make_predict
+
+
+class Predictor:
+    """Classifies raw examples in fixed-size, device-sharded batches (one compiled shape)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: Any, *, schema: dict[str, Any], mesh: jax.sharding.Mesh,
+                 batch_size: int = 256, step: int | None = None):
+        self.schema, self.mesh, self.step = schema, mesh, step
+        self.label_names = list(schema["label_names"])
+        dp = data_parallel_size(mesh)
+        self.batch_size = batch_size + (-batch_size) % dp
+        self._sharding = batch_sharding(mesh)
+        self.params = params
+        self._predict = jax.jit(make_predict(graphdef), in_shardings=(replicated(mesh), self._sharding),
+                                out_shardings=self._sharding)
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, *, step: int | None = None, devices: list | None = None,
+                     batch_size: int = 256) -> Predictor:
+        """Restores the best (or given) checkpoint of a finished or running training run."""
+        workdir = Path(workdir)
+        config, run_info = read_run(workdir)
+        schema = run_info["data"]["schema"]
+        mesh = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": -1}), devices)
+        abstract_model = nnx.eval_shape(lambda: build_model(
+            config.model, input_shape=tuple(schema["arrays"]["image"]["example_shape"]),
+            num_classes=len(schema["label_names"]), seed=config.seed))
+        graphdef, abstract_params = split_model(abstract_model)
+        ckpt = open_checkpoints(workdir / "checkpoints")
+        step = ckpt.resolve_step(step)
+        params = ckpt.restore_params(abstract_like(abstract_params, replicated(mesh)), step)
+        ckpt.close()
+        return cls(graphdef, params, schema=schema, mesh=mesh, batch_size=batch_size, step=step)
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.schema["arrays"]["image"]["example_shape"])
+
+    def validate(self, raw: np.ndarray, name: str = "input") -> np.ndarray:
+        """Checks shape, dtype and values against the training table's schema; returns (N, *example_shape)."""
+        raw = np.asarray(raw)
+        shape = self.example_shape
+        if raw.dtype.kind not in "uif":
+            raise InputError(f"{name}: dtype {raw.dtype} is not numeric; expected integers or floats in the "
+                             f"range {self.schema['arrays']['image']['value_range']}")
+        if raw.shape[1:] == shape[:-1] and shape[-1] == 1:
+            raw = raw[..., None]
+        if raw.ndim != len(shape) + 1 or raw.shape[1:] != shape:
+            raise InputError(f"{name}: shape {raw.shape} does not match the model's input; expected "
+                             f"(N, {', '.join(map(str, shape))})")
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            bad = int((~np.isfinite(raw.reshape(raw.shape[0], -1))).any(axis=1).sum())
+            raise InputError(f"{name}: {bad} example(s) contain NaN or inf")
+        lo, hi = self.schema["arrays"]["image"]["value_range"]
+        if raw.size and (raw.min() < lo or raw.max() > hi):
+            raise InputError(f"{name}: values span [{raw.min()}, {raw.max()}] but the model was trained on "
+                             f"[{lo}, {hi}] (raw units of the lake table)")
+        return raw
+
+    def logits(self, raw: np.ndarray, name: str = "input") -> np.ndarray:
+        raw = self.validate(raw, name)
+        images = prepare_batch({"image": raw}, self.schema)["image"]
+        outputs = []
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            pad = self.batch_size - chunk.shape[0]
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            out = self._predict(self.params, jax.device_put(chunk, self._sharding))
+            outputs.append(np.asarray(out)[: self.batch_size - pad])
+        if not outputs:
+            return np.zeros((0, len(self.label_names)), np.float32)
+        return np.concatenate(outputs)
+
+    def predict(self, raw: np.ndarray, name: str = "input") -> dict[str, np.ndarray]:
+        """Class indices and softmax probabilities."""
+        logits = self.logits(raw, name)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        return {"class": logits.argmax(-1), "probability": probs}
+
+
+def read_run(workdir: Path) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """The resolved config and provenance saved by a training run."""
+    try:
+        config = from_dict(tracking.read_json(workdir / tracking.CONFIG_FILE))
+        run_info = tracking.read_json(workdir / tracking.RUN_FILE)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{workdir} is not a training run directory (missing {Path(e.filename).name}); "
+                              "pass the --workdir of a `lepton-jax train` run") from e
+    except ValueError as e:
+        raise CheckpointError(f"run directory {workdir} has a corrupt config or run.json: {e}") from e
+    return config, run_info
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """Loads a ``.npy`` file with a clear error for missing, pickled or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise InputError(f"input file {path} is not a .npy file (no NumPy header); save arrays with numpy.save")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"input file {path} is not a valid .npy array of numbers: {e}") from e

@@ -1,0 +1,1 @@
+"""Training: explicit state, Optax optimizers, jitted steps and the loop."""

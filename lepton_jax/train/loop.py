@@ -1,0 +1,154 @@
+"""The training loop: lake -> Grain -> sharded jitted steps -> dev eval -> Orbax checkpoints -> test report.
+
+Side effects (files, progress bars, printing) live here; the math lives in :mod:`lepton_jax.train.step`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from lepton_jax import tracking
+from lepton_jax.checkpoint import Checkpointer, abstract_like
+from lepton_jax.data import LakeDataSource, to_global, train_dataset
+from lepton_jax.errors import ConfigError
+from lepton_jax.eval import metrics as eval_metrics
+from lepton_jax.lake import Lake
+from lepton_jax.models import build_model
+from lepton_jax.parallel import batch_sharding, make_mesh, replicated
+from lepton_jax.parallel.mesh import data_parallel_size
+from lepton_jax.train.optim import make_optimizer, make_schedule
+from lepton_jax.train.state import count_params, create_state, split_model
+from lepton_jax.train.step import make_predict, make_train_step
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: str | Path | None = None,
+                       devices: list | None = None, progress: bool = True) -> dict[str, Any]:
+    """Trains ``config`` on its lake table and evaluates it; returns a summary (also saved in ``workdir``)."""
+    lake = Lake(lake_root or config.data.lake)
+    version = config.data.version if config.data.version > 0 else None
+    table = lake.table(config.data.table, version)
+    schema = table.schema
+    label_names = table.label_names
+    mesh = make_mesh(config.mesh, devices)
+    dp = data_parallel_size(mesh)
+    if config.batch_size % dp:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices of "
+                          f"mesh {dict(mesh.shape)}")
+    train_src = LakeDataSource(table.reader("train"))
+    dev_src = LakeDataSource(table.reader("dev"))
+    test_src = LakeDataSource(table.reader("test"))
+    steps_per_epoch = len(train_src) // config.batch_size
+    total_steps = steps_per_epoch * config.num_epochs
+
+    model = build_model(config.model, input_shape=tuple(schema["arrays"]["image"]["example_shape"]),
+                        num_classes=len(label_names), seed=config.seed)
+    graphdef, params = split_model(model)
+    tx = make_optimizer(config.optim, total_steps)
+    schedule = make_schedule(config.optim, total_steps)
+    repl, data_sh = replicated(mesh), batch_sharding(mesh)
+    state = jax.device_put(create_state(params, tx, config.seed), repl)
+    train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(repl, data_sh),
+                         out_shardings=(repl, repl), donate_argnums=0)
+    predict = jax.jit(make_predict(graphdef), in_shardings=(repl, data_sh), out_shardings=data_sh)
+    eval_batch = config.get("eval_batch_size", 256)
+    eval_batch += (-eval_batch) % dp
+
+    run = tracking.RunDir(workdir)
+    run.check_same_config(config)
+    data_info = {"lake": str(lake.root.resolve()), "table": table.table, "version": table.version,
+                 "schema": schema, "source_sha256": table.record["lineage"]["source"]["sha256"]}
+    run.start(config, extra={"data": data_info, "seed": config.seed, "mesh": dict(mesh.shape),
+                             "num_params": count_params(params)})
+    ckpt = Checkpointer(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
+                        best_metric="dev_accuracy")
+    _say(progress, f"lake {lake.root} table {table.table} v{table.version}: train {len(train_src)}, "
+                   f"dev {len(dev_src)}, test {len(test_src)} examples")
+    _say(progress, f"model {config.model.name}: {count_params(params):,} parameters; mesh {dict(mesh.shape)}; "
+                   f"{total_steps} steps of batch {config.batch_size}")
+
+    batches = iter(train_dataset(train_src, global_batch_size=config.batch_size, seed=config.seed,
+                                 num_epochs=config.num_epochs, schema=schema))
+    first_epoch = 1
+    if ckpt.latest_step() is not None:  # same workdir, same config: continue where the last run stopped
+        state, data_state = ckpt.restore(abstract_like(state, repl))
+        batches.set_state(data_state)
+        first_epoch = int(jax.device_get(state.step)) // steps_per_epoch + 1
+        run.log(resumed_from_step=int(jax.device_get(state.step)))
+        _say(progress, f"resuming from checkpoint step {int(jax.device_get(state.step))} in {run.checkpoint_dir}")
+    history: dict[str, list] = {"step": [], "loss": [], "dev_accuracy": []}
+    log_every = max(1, int(config.get("log_every_steps", 10)))
+    start = time.perf_counter()
+    for epoch in range(first_epoch, config.num_epochs + 1):
+        pending = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.num_epochs}", disable=not progress,
+                   leave=False, unit="step")
+        for _ in bar:
+            state, step_metrics = train_step(state, to_global(next(batches), data_sh))
+            pending.append(step_metrics)
+            if len(pending) == log_every or _ == steps_per_epoch - 1:
+                fetched = jax.device_get(pending)
+                step = int(jax.device_get(state.step))
+                for offset, m in enumerate(fetched):
+                    history["step"].append(step - len(fetched) + offset + 1)
+                    history["loss"].append(float(m["loss"]))
+                mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                run.log(step=step, epoch=epoch, lr=float(schedule(step - 1)), **{f"train_{k}": v
+                                                                                  for k, v in mean.items()})
+                bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                pending = []
+        dev = _evaluate(predict, state.params, dev_src, schema, eval_batch, data_sh)
+        history["dev_accuracy"].append(dev["accuracy"])
+        step = int(jax.device_get(state.step))
+        run.log(step=step, epoch=epoch, dev_loss=dev["loss"], dev_accuracy=dev["accuracy"],
+                elapsed_s=time.perf_counter() - start)
+        ckpt.save(state, {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}, data_state=batches.get_state())
+        _say(progress, f"epoch {epoch}: train loss {history['loss'][-1]:.4f}  dev loss {dev['loss']:.4f}  "
+                       f"dev accuracy {dev['accuracy']:.4f}")
+    train_seconds = time.perf_counter() - start
+    ckpt.wait()
+    best_step = ckpt.best_step()
+    best_params = ckpt.restore_params(abstract_like(state.params, repl), best_step)
+    ckpt.close()
+
+    outputs = eval_metrics.evaluate_split(predict, best_params, test_src, schema=schema,
+                                          global_batch_size=eval_batch, sharding=data_sh)
+    report = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
+    test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
+    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(workdir) if "dev_accuracy" in r]
+                   + history["dev_accuracy"], default=None)
+    summary = {"test_accuracy": report["accuracy"], "test_loss": test_loss, "best_step": best_step,
+               "best_dev_accuracy": best_dev, "train_seconds": train_seconds,
+               "steps": int(jax.device_get(state.step)), "data_version": table.version}
+    run.log(**summary)
+    if run.is_writer:
+        out = Path(workdir)
+        (out / "report.txt").write_text(report["report_text"])
+        tracking.write_json_atomic(out / "report.json", {k: report[k] for k in ("accuracy", "report",
+                                                                                 "confusion_matrix")})
+        eval_metrics.save_confusion_matrix(report["confusion_matrix"], label_names, out / "confusion_matrix.png",
+                                           title=f"test split, step {best_step}: accuracy {report['accuracy']:.4f}")
+        tracking.write_json_atomic(out / "summary.json", summary)
+        run.update_run_info(finished=True, summary=summary)
+    _say(progress, f"\ntest classification report (checkpoint step {best_step}, best dev accuracy):\n"
+                   f"{report['report_text']}")
+    _say(progress, f"test accuracy {report['accuracy']:.4f}\nwrote {Path(workdir)}/: config.json run.json "
+                   "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
+    return {**summary, "history": history, "params": best_params, "report": report}
+
+
+def _evaluate(predict, params, source, schema, batch_size, sharding) -> dict[str, float]:
+    out = eval_metrics.evaluate_split(predict, params, source, schema=schema, global_batch_size=batch_size,
+                                      sharding=sharding)
+    return eval_metrics.summary_metrics(out["logits"], out["labels"])
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled and jax.process_index() == 0:
+        print(message, flush=True)
