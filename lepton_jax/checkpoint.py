@@ -6,6 +6,7 @@ step into a temporary directory and renames it when complete, so a crash mid-sav
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class Checkpointer:
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
             data=ocp.args.JsonSave(data_state or {}),
+            digests=ocp.args.JsonSave(param_digests(state.params)),
         )
         self.manager.save(step, args=args, metrics=metrics)
 
@@ -56,11 +58,13 @@ class Checkpointer:
         """Restores parameters at ``step`` (default: best, else latest) with the shardings of ``abstract_params``."""
         step = self.resolve_step(step)
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params))).params
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params), digests=ocp.args.JsonRestore()))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the model or is corrupt: "
                                   f"{_first_line(e)}") from e
+        self._verify(step, restored.params, restored.digests)
+        return restored.params
 
     def restore(self, abstract_state: TrainState, step: int | None = None
                 ) -> tuple[TrainState, dict[str, Any]]:
@@ -74,13 +78,24 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state.params),
                 train=ocp.args.StandardRestore(abstract_train),
-                data=ocp.args.JsonRestore()))
+                data=ocp.args.JsonRestore(), digests=ocp.args.JsonRestore()))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the model or is corrupt: "
                                   f"{_first_line(e)}") from e
+        self._verify(step, restored.params, restored.digests)
         state = TrainState(step=restored.train["step"], params=restored.params,
                            opt_state=restored.train["opt_state"], rng=restored.train["rng"])
         return state, dict(restored.data or {})
+
+    def _verify(self, step: int, params: Any, expected: dict[str, str] | None) -> None:
+        """Orbax stores raw bytes without checksums; compare the parameters with the digests saved beside them."""
+        if not expected:
+            return
+        actual = param_digests(params)
+        bad = sorted(k for k in expected if actual.get(k) not in (None, expected[k]))
+        if bad:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} is corrupt: parameters {', '.join(bad[:4])} "
+                                  "do not match the digests written at save time")
 
     def resolve_step(self, step: int | None) -> int:
         if step is None:
@@ -107,6 +122,17 @@ def open_checkpoints(directory: str | Path, best_metric: str | None = "dev_accur
         raise CheckpointError(f"checkpoint directory {directory} does not exist; train first with "
                               "`lepton-jax train --workdir ...`")
     return Checkpointer(directory, best_metric=best_metric, create=False, async_save=False)
+
+
+def param_digests(params: Any) -> dict[str, str]:
+    """sha256 per parameter leaf, for leaves this process can read whole (others are skipped)."""
+    digests = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            continue
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        digests[jax.tree_util.keystr(path)] = hashlib.sha256(value.tobytes()).hexdigest()
+    return digests
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -173,14 +173,15 @@ class Lake:
                parent: int | None = None) -> TableVersion:
         """Writes ``splits`` (split -> array name -> array) as a new version and publishes it atomically.
 
-        ``parent`` is the version this commit builds on (default: the latest when called). If another writer has
-        published ``parent + 1`` meanwhile, raises :class:`CommitConflictError` and leaves no record behind.
+        ``parent`` is the version this commit builds on (default: the latest when called; 0 = an empty table). If
+        another writer has published ``parent + 1`` meanwhile, raises :class:`CommitConflictError` and leaves no
+        record behind.
         """
         check_name("table", table)
         if parent is None:
             versions = self.versions(table)
-            parent = versions[-1] if versions else None
-        version = (parent or 0) + 1
+            parent = versions[-1] if versions else 0
+        version = parent + 1
         commit_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         split_entries = {}
         for split, named in splits.items():
@@ -195,7 +196,7 @@ class Lake:
                 entry["arrays"][name] = {"path": rel, "dtype": value.dtype.name, "shape": list(value.shape),
                                          "sha256": digest}
             split_entries[split] = entry
-        record = {"format": FORMAT, "table": table, "version": version, "parent": parent,
+        record = {"format": FORMAT, "table": table, "version": version, "parent": parent or None,
                   "commit_id": commit_id, "time": time.time(), "schema": schema, "lineage": lineage,
                   "stats": stats or {}, "splits": split_entries}
         self._publish(table, version, record)

@@ -54,9 +54,11 @@ class Predictor:
             num_classes=len(schema["label_names"]), seed=config.seed))
         graphdef, abstract_params = split_model(abstract_model)
         ckpt = open_checkpoints(workdir / "checkpoints")
-        step = ckpt.resolve_step(step)
-        params = ckpt.restore_params(abstract_like(abstract_params, replicated(mesh)), step)
-        ckpt.close()
+        try:
+            step = ckpt.resolve_step(step)
+            params = ckpt.restore_params(abstract_like(abstract_params, replicated(mesh)), step)
+        finally:
+            ckpt.close()
         return cls(graphdef, params, schema=schema, mesh=mesh, batch_size=batch_size, step=step)
 
     @property

@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                    f"{report['report_text']}")
     _say(progress, f"test accuracy {report['accuracy']:.4f}\nwrote {Path(workdir)}/: config.json run.json "
                    "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
-    return {**summary, "history": history, "params": best_params, "report": report}
+    return {**summary, "history": history, "params": best_params, "final_state": state, "report": report}
 
 
 def _evaluate(predict, params, source, schema, batch_size, sharding) -> dict[str, float]:

@@ -25,7 +25,7 @@ class TrainState:
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict]:
     """The module's static structure and its parameters as a plain dict."""
     graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params.to_pure_dict()
+    return graphdef, nnx.to_pure_dict(params)
 
 
 def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -45,9 +45,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         metrics = {
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,45 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported), a shared digits lake and one shared run."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from lepton_jax.config import load_config  # noqa: E402
+from lepton_jax.lake import DigitsSource, Lake, ingest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "digits_cnn.py"
+
+
+def pytest_configure(config):
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; XLA_FLAGS was set too late"
+
+
+@pytest.fixture(scope="session")
+def lake_root(tmp_path_factory) -> Path:
+    """A lake holding the digits table (version 1), shared read-only by the session's tests."""
+    root = tmp_path_factory.mktemp("lake")
+    ingest(Lake(root), "digits", DigitsSource())
+    return root
+
+
+def small_config(**overrides):
+    """The default config, shortened for tests."""
+    items = {"num_epochs": 3, **overrides}
+    return load_config(DEFAULT_CONFIG, [f"{k}={v}" for k, v in items.items()])
+
+
+@pytest.fixture(scope="session")
+def trained_run(lake_root, tmp_path_factory):
+    """One reduced run of the default job on all 8 devices; its workdir and returned summary."""
+    from lepton_jax.train.loop import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("run") / "digits"
+    result = train_and_evaluate(small_config(), workdir, lake_root=lake_root, progress=False)
+    return workdir, result

@@ -1,0 +1,67 @@
+import json
+
+import jax
+import numpy as np
+
+from lepton_jax import tracking
+from lepton_jax.checkpoint import Checkpointer, abstract_like
+from lepton_jax.serve import Predictor
+from lepton_jax.train.loop import train_and_evaluate
+from tests.conftest import small_config
+
+
+def test_default_job_end_to_end(trained_run):
+    workdir, result = trained_run
+    assert result["test_accuracy"] > 0.85  # chance is 0.10; the full 30-epoch job reaches >= 0.97 (README)
+    assert result["steps"] == 3 * (1257 // 64)
+    report = json.loads((workdir / "report.json").read_text())
+    assert set(report["report"]) >= {str(d) for d in range(10)} | {"accuracy", "macro avg"}
+    assert sum(report["report"][str(d)]["support"] for d in range(10)) == 271
+    assert np.trace(np.array(report["confusion_matrix"])) == round(result["test_accuracy"] * 271)
+    assert "precision    recall  f1-score   support" in (workdir / "report.txt").read_text()
+    assert (workdir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run = json.loads((workdir / "run.json").read_text())
+    assert run["finished"] and run["data"]["version"] == 1 and run["seed"] == 0
+    assert {"jax", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain"} <= set(run["packages"])
+    assert "git_revision" in run and run["mesh"] == {"data": 8}
+    assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 3
+    metrics = tracking.read_metrics(workdir)
+    dev = [m["dev_accuracy"] for m in metrics if "dev_accuracy" in m]
+    assert len(dev) == 3 and result["best_dev_accuracy"] == max(dev)
+    assert all(np.isfinite(m["train_loss"]) for m in metrics if "train_loss" in m)
+
+
+def test_checkpoint_restores_identical_state(trained_run):
+    workdir, result = trained_run
+    final = result["final_state"]
+    ckpt = Checkpointer(workdir / "checkpoints", create=False)
+    sharding = jax.tree.leaves(final.params)[0].sharding
+    restored, data_state = ckpt.restore(abstract_like(final, sharding))
+    ckpt.close()
+    assert int(restored.step) == int(final.step)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(final), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert data_state  # the Grain iterator position travels with the model
+
+
+def test_predictor_restores_best_checkpoint_and_matches_test_accuracy(trained_run, lake_root):
+    from lepton_jax.lake import Lake
+
+    workdir, result = trained_run
+    predictor = Predictor.from_workdir(workdir)
+    assert predictor.step == result["best_step"]
+    for a, b in zip(jax.tree.leaves(predictor.params), jax.tree.leaves(result["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    test = Lake(lake_root).table("digits").reader("test").read()
+    accuracy = np.mean(predictor.predict(test["image"])["class"] == test["label"])
+    assert accuracy == result["test_accuracy"]
+
+
+def test_same_loss_curve_on_one_and_eight_devices(lake_root, tmp_path):
+    curves = {}
+    for n in (1, 8):
+        config = small_config(num_epochs=1, **{"mesh.num_devices": n})
+        curves[n] = train_and_evaluate(config, tmp_path / f"d{n}", lake_root=lake_root, progress=False)
+    np.testing.assert_allclose(curves[1]["history"]["loss"], curves[8]["history"]["loss"], rtol=2e-4, atol=1e-5)
+    assert len(curves[1]["history"]["loss"]) == 1257 // 64
+    assert curves[1]["history"]["loss"][-1] < 0.85 * curves[1]["history"]["loss"][0]  # it learns (in warmup)
