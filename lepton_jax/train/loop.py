@@ -25,7 +25,7 @@ from lepton_jax.parallel import batch_sharding, make_mesh, replicated
 from lepton_jax.parallel.mesh import data_parallel_size
 from lepton_jax.train.optim import make_optimizer, make_schedule
 from lepton_jax.train.state import count_params, create_state, split_model
-from lepton_jax.train.step import make_predict, make_train_step
+from lepton_jax.train.step import build_train_step, make_predict
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: str | Path | None = None,
@@ -54,7 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     schedule = make_schedule(config.optim, total_steps)
     repl, data_sh = replicated(mesh), batch_sharding(mesh)
     state = jax.device_put(create_state(params, tx, config.seed), repl)
-    train_step = jax.jit(make_train_step(graphdef, tx), in_shardings=(repl, data_sh),
+    train_step = jax.jit(build_train_step(config, graphdef, tx), in_shardings=(repl, data_sh),
                          out_shardings=(repl, repl), donate_argnums=0)
     predict = jax.jit(make_predict(graphdef), in_shardings=(repl, data_sh), out_shardings=data_sh)
     eval_batch = config.get("eval_batch_size", 256)

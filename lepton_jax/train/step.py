@@ -54,6 +54,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     return train_step
 
 
+def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step a config asks for: standard, or an adversarial objective from ``config.robust``.
+
+    Inputs are images in the [0, 1] box (see :mod:`lepton_jax.data.transforms`), which is the attack's input box.
+    """
+    robust = config.get("robust")
+    objective = robust.get("objective", "standard") if robust is not None else "standard"
+    if objective == "standard":
+        return make_train_step(graphdef, tx)
+    from lepton_jax.robust.objectives import make_adversarial_train_step
+
+    return make_adversarial_train_step(graphdef, tx, robust, input_box=(0.0, 1.0))
+
+
 def make_predict(graphdef: nnx.GraphDef) -> Callable[[object, jax.Array], jax.Array]:
     """``predict(params, x) -> logits`` in inference mode (no dropout)."""
     apply = make_apply(graphdef)

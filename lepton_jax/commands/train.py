@@ -1,0 +1,94 @@
+"""`lepton-jax train|eval|predict`: train a config, evaluate and use a run's checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a config; extra --config.KEY=VALUE arguments override it")
+    train.add_argument("--config", required=True, help="configs/<name>.py")
+    train.add_argument("--workdir", required=True, help="run directory (same dir + same config resumes)")
+    train.add_argument("--lake", default=None, help="lake directory (default: config.data.lake)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars or summaries")
+    train.set_defaults(handler=train_command, accepts_overrides=True)
+
+    ev = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split of its pinned lake version")
+    ev.add_argument("--workdir", required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: best on dev)")
+    ev.set_defaults(handler=eval_command)
+
+    pred = sub.add_parser("predict", help="classify examples from a .npy file with a run's best checkpoint")
+    pred.add_argument("--workdir", required=True)
+    pred.add_argument("--input", required=True, help=".npy of raw examples, shape (N, *example_shape)")
+    pred.add_argument("--output", default=None, help="write predicted classes to this .npy")
+    pred.add_argument("--step", type=int, default=None)
+    pred.set_defaults(handler=predict_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from lepton_jax.config import load_config
+    from lepton_jax.train.loop import train_and_evaluate
+
+    config = load_config(args.config, args.overrides)
+    train_and_evaluate(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from lepton_jax.eval import metrics
+    from lepton_jax.lake import Lake
+    from lepton_jax.serve import Predictor
+    from lepton_jax.serve.predictor import read_run
+
+    _, run_info = read_run(Path(args.workdir))
+    data = run_info["data"]
+    predictor = Predictor.from_workdir(args.workdir, step=args.step)
+    split = Lake(data["lake"]).table(data["table"], data["version"]).reader(args.split)
+    examples = split.read_all()
+    labels = examples["label"]
+    predictions = predictor.predict(examples["image"], name=f"{data['table']}@{data['version']}/{args.split}")
+    summary = metrics.classification_summary(labels, predictions["class"], predictor.label_names)
+    print(f"{data['table']}@{data['version']} split {args.split}, checkpoint step {predictor.step}:")
+    print(summary["report_text"])
+    print(f"accuracy {summary['accuracy']:.4f}")
+    return 0
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lepton_jax.serve import Predictor, load_npy
+
+    raw = load_npy(args.input)
+    predictor = Predictor.from_workdir(args.workdir, step=args.step)
+    out = predictor.predict(raw, name=args.input)
+    classes = out["class"]
+    names = [predictor.label_names[c] for c in classes]
+    print(f"predicted {len(classes)} example(s) with checkpoint step {predictor.step}")
+    for i, (name, prob) in enumerate(zip(names[:20], out["probability"][:20], strict=False)):
+        print(f"  [{i}] {name}  (p={prob.max():.3f})")
+    if len(names) > 20:
+        print(f"  ... {len(names) - 20} more")
+    if args.output:
+        save_npy_atomic(Path(args.output), classes.astype(np.int32))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def save_npy_atomic(path: Path, array) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
