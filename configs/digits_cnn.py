@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.eval_batch_size = 256
     config.log_every_steps = 10
+    config.eval_every_steps = 0  # 0 = once per epoch; every evaluation also writes a checkpoint
+    config.grad_accum_steps = 1
 
     config.data = ml_collections.ConfigDict()
     config.data.lake = "lake"
@@ -40,7 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.axes = {"data": -1}
-    config.mesh.num_devices = -1  # -1 = all local devices
+    config.mesh.num_devices = -1  # -1 = all devices
+
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.rules = "dp"  # a preset (dp, fsdp, fsdp_tp) or a list of (logical axis, mesh axis) pairs
+    config.sharding.min_size = 1024  # parameters with fewer elements stay replicated
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.max_to_keep = 2

@@ -135,9 +135,12 @@ def param_digests(params: Any) -> dict[str, str]:
     return digests
 
 
-def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """ShapeDtypeStructs of ``tree`` placed with ``sharding`` (what Orbax restores into)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+def abstract_like(tree: Any, sharding: Any) -> Any:
+    """ShapeDtypeStructs of ``tree`` placed with ``sharding`` (one Sharding, or a matching tree of them): what
+    Orbax restores into. Restoring onto another mesh is just another ``sharding``."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sharding)
 
 
 def _first_line(e: BaseException) -> str:

@@ -133,6 +133,18 @@ class RunDir:
             f.flush()
 
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drops metric lines logged after ``after_step`` (by a run that died before its next checkpoint)."""
+        if not self.is_writer:
+            return
+        path = self.path / METRICS_FILE
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.path)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        os.replace(tmp, path)
+
+
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)

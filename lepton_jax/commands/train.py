@@ -16,6 +16,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bars or summaries")
     train.set_defaults(handler=train_command, accepts_overrides=True)
 
+    launch = sub.add_parser("launch", help="run a lepton-jax command in N local processes joined over 127.0.0.1",
+                            description="example: lepton-jax launch --num-processes 2 --devices-per-process 4 -- "
+                                        "train --config configs/digits_cnn.py --workdir runs/mp")
+    launch.add_argument("--num-processes", type=int, required=True)
+    launch.add_argument("--devices-per-process", type=int, default=None,
+                        help="simulated CPU devices per process (CPU development)")
+    launch.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    launch.add_argument("command", nargs=argparse.REMAINDER, help="the lepton-jax command to run, after --")
+    launch.set_defaults(handler=launch_command, accepts_overrides=True)
+
     ev = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split of its pinned lake version")
     ev.add_argument("--workdir", required=True)
     ev.add_argument("--split", default="test")
@@ -32,11 +42,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     from lepton_jax.config import load_config
+    from lepton_jax.parallel.distributed import initialize
     from lepton_jax.train.loop import train_and_evaluate
 
     config = load_config(args.config, args.overrides)
+    initialize()
     train_and_evaluate(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
     return 0
+
+
+def launch_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LeptonError
+    from lepton_jax.parallel.distributed import launch
+
+    command = [a for a in args.command if a != "--"] + [f"--config.{o}" for o in args.overrides]
+    if not command:
+        raise LeptonError("launch needs a command after --, e.g. -- train --config configs/digits_cnn.py ...")
+    if args.num_processes < 1:
+        raise LeptonError(f"--num-processes must be >= 1, got {args.num_processes}")
+    return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
+                  port=args.port)
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -14,15 +14,19 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from sklearn import metrics as skm
+from tqdm.auto import tqdm
 
 from lepton_jax.data import LakeDataSource, eval_batches, to_global
 
 
 def evaluate_split(predict: Callable, params: Any, source: LakeDataSource, *, schema: dict[str, Any],
-                   global_batch_size: int, sharding: NamedSharding) -> dict[str, np.ndarray]:
+                   global_batch_size: int, sharding: NamedSharding, progress: bool = False) -> dict[str, np.ndarray]:
     """Logits and labels for every example of a split, in order (padding removed)."""
     logits, labels = [], []
-    for batch, n_valid in eval_batches(source, global_batch_size=global_batch_size, schema=schema):
+    batches = eval_batches(source, global_batch_size=global_batch_size, schema=schema)
+    total = -(-len(source) // global_batch_size)
+    for batch, n_valid in tqdm(batches, total=total, desc=f"eval {source.reader.split}", unit="batch",
+                               disable=not progress or jax.process_index() != 0, leave=False):
         out = predict(params, to_global({"image": batch["image"]}, sharding)["image"])
         logits.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n_valid])
         labels.append(np.asarray(multihost_utils.process_allgather(

@@ -9,8 +9,10 @@ from flax import nnx
 
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.cnn import CNN
+from lepton_jax.models.resnet import ResNet
+from lepton_jax.models.vit import ViT
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN}
+MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "resnet": ResNet, "vit": ViT}
 
 
 def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ...], num_classes: int,

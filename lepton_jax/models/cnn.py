@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lepton_jax.models.layers import conv_inits, dense_inits
+
 
 class CNN(nnx.Module):
     """conv-relu blocks, 2x2 average pooling, a hidden dense layer with dropout, and a linear classifier.
@@ -21,12 +23,13 @@ class CNN(nnx.Module):
         height, width, channels = input_shape
         self.convs = nnx.List()  # nnx.List keeps the layers as graph nodes
         for feats in features:
-            self.convs.append(nnx.Conv(channels, feats, kernel_size=(3, 3), rngs=rngs))
+            in_name = None if channels == input_shape[-1] else "conv_in"
+            self.convs.append(nnx.Conv(channels, feats, kernel_size=(3, 3), rngs=rngs, **conv_inits(in_name)))
             channels = feats
         flat = (height // 2) * (width // 2) * channels
-        self.hidden = nnx.Linear(flat, hidden, rngs=rngs)
+        self.hidden = nnx.Linear(flat, hidden, rngs=rngs, **dense_inits("embed", "mlp"))
         self.dropout = nnx.Dropout(dropout)
-        self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
+        self.head = nnx.Linear(hidden, num_classes, rngs=rngs, **dense_inits("mlp", "classes"))
 
     def __call__(self, x: jax.Array, *, train: bool = False, rngs: jax.Array | None = None) -> jax.Array:
         for conv in self.convs:

@@ -32,10 +32,12 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
     fill = [name for name, size in axes.items() if size == -1]
     if len(fill) > 1:
         raise ConfigError(f"mesh.axes {axes}: at most one axis may be -1")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"mesh.axes {axes}: sizes must be positive or -1")
     known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
-        raise ConfigError(f"mesh.axes {axes} (product {known}) does not divide the {len(devices)} devices")
     if fill:
+        if len(devices) % known:
+            raise ConfigError(f"mesh.axes {axes} (product {known}) does not divide the {len(devices)} devices")
         axes[fill[0]] = len(devices) // known
     if math.prod(axes.values()) != len(devices):
         raise ConfigError(f"mesh.axes {axes} needs {math.prod(axes.values())} devices, "

@@ -1,10 +1,15 @@
 """The training loop: lake -> Grain -> sharded jitted steps -> dev eval -> Orbax checkpoints -> test report.
 
-Side effects (files, progress bars, printing) live here; the math lives in :mod:`lepton_jax.train.step`.
+Side effects (files, progress bars, signals, printing) live here; the math lives in :mod:`lepton_jax.train.step`.
+A workdir holds one experiment: rerunning with the same workdir and config resumes from the latest checkpoint
+(parameters, optimizer state, rng, step and the Grain iterator position), so a resumed run produces the same
+parameters and metrics as an uninterrupted one. SIGTERM (preemption) saves a checkpoint and returns cleanly.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from lepton_jax import tracking
@@ -23,14 +29,46 @@ from lepton_jax.lake import Lake
 from lepton_jax.models import build_model
 from lepton_jax.parallel import batch_sharding, make_mesh, replicated
 from lepton_jax.parallel.mesh import data_parallel_size
+from lepton_jax.parallel.rules import (
+    logical_axes,
+    named_shardings,
+    param_specs,
+    rules_from_config,
+    sharding_table,
+    state_shardings,
+)
 from lepton_jax.train.optim import make_optimizer, make_schedule
 from lepton_jax.train.state import count_params, create_state, split_model
 from lepton_jax.train.step import build_train_step, make_predict
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: str | Path | None = None,
-                       devices: list | None = None, progress: bool = True) -> dict[str, Any]:
-    """Trains ``config`` on its lake table and evaluates it; returns a summary (also saved in ``workdir``)."""
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (only where signals can be handled)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       lake_root: str | Path | None = None, devices: list | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """Trains ``config`` on its lake table and evaluates it; returns a summary (also saved in ``workdir``).
+
+    The summary holds ``preempted=True`` (and no test metrics) when SIGTERM stopped the run early.
+    """
     lake = Lake(lake_root or config.data.lake)
     version = config.data.version if config.data.version > 0 else None
     table = lake.table(config.data.table, version)
@@ -38,25 +76,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     label_names = table.label_names
     mesh = make_mesh(config.mesh, devices)
     dp = data_parallel_size(mesh)
-    if config.batch_size % dp:
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {dp} data-parallel devices of "
-                          f"mesh {dict(mesh.shape)}")
+    accum = int(config.get("grad_accum_steps", 1))
+    if config.batch_size % (dp * accum):
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {dp} data-parallel devices x "
+                          f"{accum} gradient-accumulation steps (mesh {dict(mesh.shape)})")
     train_src = LakeDataSource(table.reader("train"))
     dev_src = LakeDataSource(table.reader("dev"))
     test_src = LakeDataSource(table.reader("test"))
     steps_per_epoch = len(train_src) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
+    eval_every = int(config.get("eval_every_steps", 0)) or steps_per_epoch
 
-    model = build_model(config.model, input_shape=tuple(schema["arrays"]["image"]["example_shape"]),
-                        num_classes=len(label_names), seed=config.seed)
-    graphdef, params = split_model(model)
+    def new_model() -> nnx.Module:
+        return build_model(config.model, input_shape=tuple(schema["arrays"]["image"]["example_shape"]),
+                           num_classes=len(label_names), seed=config.seed)
+
+    abstract_model = nnx.eval_shape(new_model)
+    graphdef, abstract_params = split_model(abstract_model)
+    rules, min_size = rules_from_config(config.get("sharding"))
+    specs = param_specs(logical_axes(abstract_model), abstract_params, rules, mesh, min_size)
+    param_sh = named_shardings(specs, mesh)
     tx = make_optimizer(config.optim, total_steps)
     schedule = make_schedule(config.optim, total_steps)
+
+    def init_state():
+        return create_state(split_model(new_model())[1], tx, config.seed)
+
+    state_sh = state_shardings(jax.eval_shape(init_state), param_sh, mesh)
+    state = jax.jit(init_state, out_shardings=state_sh)()  # parameters are created already sharded
     repl, data_sh = replicated(mesh), batch_sharding(mesh)
-    state = jax.device_put(create_state(params, tx, config.seed), repl)
-    train_step = jax.jit(build_train_step(config, graphdef, tx), in_shardings=(repl, data_sh),
-                         out_shardings=(repl, repl), donate_argnums=0)
-    predict = jax.jit(make_predict(graphdef), in_shardings=(repl, data_sh), out_shardings=data_sh)
+    train_step = jax.jit(build_train_step(config, graphdef, tx), in_shardings=(state_sh, data_sh),
+                         out_shardings=(state_sh, repl), donate_argnums=0)
+    predict = jax.jit(make_predict(graphdef), in_shardings=(param_sh, data_sh), out_shardings=data_sh)
     eval_batch = config.get("eval_batch_size", 256)
     eval_batch += (-eval_batch) % dp
 
@@ -65,60 +116,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     data_info = {"lake": str(lake.root.resolve()), "table": table.table, "version": table.version,
                  "schema": schema, "source_sha256": table.record["lineage"]["source"]["sha256"]}
     run.start(config, extra={"data": data_info, "seed": config.seed, "mesh": dict(mesh.shape),
-                             "num_params": count_params(params)})
+                             "num_params": count_params(abstract_params)})
     ckpt = Checkpointer(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
                         best_metric="dev_accuracy")
     _say(progress, f"lake {lake.root} table {table.table} v{table.version}: train {len(train_src)}, "
                    f"dev {len(dev_src)}, test {len(test_src)} examples")
-    _say(progress, f"model {config.model.name}: {count_params(params):,} parameters; mesh {dict(mesh.shape)}; "
-                   f"{total_steps} steps of batch {config.batch_size}")
+    _say(progress, f"model {config.model.name}: {count_params(abstract_params):,} parameters; "
+                   f"{total_steps} steps of batch {config.batch_size}; parameter sharding:\n"
+                   f"{sharding_table(abstract_params, specs, mesh)}")
 
     batches = iter(train_dataset(train_src, global_batch_size=config.batch_size, seed=config.seed,
                                  num_epochs=config.num_epochs, schema=schema))
-    first_epoch = 1
+    start_step = 0
     if ckpt.latest_step() is not None:  # same workdir, same config: continue where the last run stopped
-        state, data_state = ckpt.restore(abstract_like(state, repl))
+        state, data_state = ckpt.restore(abstract_like(state, state_sh))
         batches.set_state(data_state)
-        first_epoch = int(jax.device_get(state.step)) // steps_per_epoch + 1
-        run.log(resumed_from_step=int(jax.device_get(state.step)))
-        _say(progress, f"resuming from checkpoint step {int(jax.device_get(state.step))} in {run.checkpoint_dir}")
+        start_step = int(jax.device_get(state.step))
+        run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
+        run.log(step=start_step, resumed_from_step=start_step)
+        _say(progress, f"resuming from checkpoint step {start_step} in {run.checkpoint_dir}")
+
     history: dict[str, list] = {"step": [], "loss": [], "dev_accuracy": []}
     log_every = max(1, int(config.get("log_every_steps", 10)))
+    pending: list = []
     start = time.perf_counter()
-    for epoch in range(first_epoch, config.num_epochs + 1):
-        pending = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.num_epochs}", disable=not progress,
-                   leave=False, unit="step")
-        for _ in bar:
+    with Preemption() as preemption, tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                                           disable=not progress or jax.process_index() != 0) as bar:
+        for step in range(start_step + 1, total_steps + 1):
             state, step_metrics = train_step(state, to_global(next(batches), data_sh))
             pending.append(step_metrics)
-            if len(pending) == log_every or _ == steps_per_epoch - 1:
+            epoch = (step - 1) // steps_per_epoch + 1
+            boundary = step % eval_every == 0 or step == total_steps or preemption.requested
+            if len(pending) == log_every or boundary:
                 fetched = jax.device_get(pending)
-                step = int(jax.device_get(state.step))
-                for offset, m in enumerate(fetched):
-                    history["step"].append(step - len(fetched) + offset + 1)
-                    history["loss"].append(float(m["loss"]))
+                history["step"] += list(range(step - len(fetched) + 1, step + 1))
+                history["loss"] += [float(m["loss"]) for m in fetched]
                 mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                run.log(step=step, epoch=epoch, lr=float(schedule(step - 1)), **{f"train_{k}": v
-                                                                                  for k, v in mean.items()})
-                bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                run.log(step=step, epoch=epoch, lr=float(schedule(step - 1)),
+                        **{f"train_{k}": v for k, v in mean.items()})
+                bar.set_postfix(epoch=epoch, loss=f"{mean['loss']:.4f}")
+                bar.update(len(fetched))
                 pending = []
-        dev = _evaluate(predict, state.params, dev_src, schema, eval_batch, data_sh)
-        history["dev_accuracy"].append(dev["accuracy"])
-        step = int(jax.device_get(state.step))
-        run.log(step=step, epoch=epoch, dev_loss=dev["loss"], dev_accuracy=dev["accuracy"],
-                elapsed_s=time.perf_counter() - start)
-        ckpt.save(state, {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}, data_state=batches.get_state())
-        _say(progress, f"epoch {epoch}: train loss {history['loss'][-1]:.4f}  dev loss {dev['loss']:.4f}  "
-                       f"dev accuracy {dev['accuracy']:.4f}")
+            if boundary:
+                dev = _evaluate(predict, state.params, dev_src, schema, eval_batch, data_sh)
+                history["dev_accuracy"].append(dev["accuracy"])
+                run.log(step=step, epoch=epoch, dev_loss=dev["loss"], dev_accuracy=dev["accuracy"],
+                        elapsed_s=time.perf_counter() - start)
+                ckpt.save(state, {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]},
+                          data_state=batches.get_state())
+                if progress and jax.process_index() == 0:
+                    bar.write(f"step {step} (epoch {epoch}): train loss {history['loss'][-1]:.4f}  "
+                              f"dev loss {dev['loss']:.4f}  dev accuracy {dev['accuracy']:.4f}")
+            if preemption.requested:
+                ckpt.close()
+                run.log(step=step, preempted=True)
+                _say(progress, f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+                return {"preempted": True, "steps": step, "history": history, "final_state": state}
     train_seconds = time.perf_counter() - start
     ckpt.wait()
     best_step = ckpt.best_step()
-    best_params = ckpt.restore_params(abstract_like(state.params, repl), best_step)
+    best_params = ckpt.restore_params(abstract_like(state.params, param_sh), best_step)
     ckpt.close()
 
     outputs = eval_metrics.evaluate_split(predict, best_params, test_src, schema=schema,
-                                          global_batch_size=eval_batch, sharding=data_sh)
+                                          global_batch_size=eval_batch, sharding=data_sh, progress=progress)
     report = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
     test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
     best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(workdir) if "dev_accuracy" in r]

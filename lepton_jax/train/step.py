@@ -27,24 +27,45 @@ def make_apply(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
     return apply
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """One optimizer step on a global batch. Dropout keys derive from (rng, step) only, so the result does not
-    depend on how the batch is sharded."""
+    depend on how the batch is sharded. With ``grad_accum_steps`` k > 1 the batch is processed as k micro-batches
+    in a ``lax.scan`` (rows i, i+k, i+2k, ... form micro-batch i, so no rows move between devices) and the mean
+    gradient is applied once."""
     apply = make_apply(graphdef)
 
     def loss_fn(params, batch: Batch, key: jax.Array):
         logits = apply(params, batch["image"], train=True, rngs=key)
         return cross_entropy(logits, batch["label"]), logits
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, batch: Batch, key: jax.Array):
+        if grad_accum_steps == 1:
+            (loss, logits), grads = grad_fn(params, batch, key)
+            return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"]), grads
+        k = grad_accum_steps
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def body(total, inputs):
+            index, mb = inputs
+            (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(key, index))
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == mb["label"])
+            return jax.tree.map(jnp.add, total, grads), (loss, accuracy)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        total, (losses, accuracies) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        return losses.mean(), accuracies.mean(), jax.tree.map(lambda g: g / k, total)
+
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        loss, accuracy, grads = gradients(state.params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "accuracy": accuracy,
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
@@ -63,7 +84,7 @@ def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransform
     robust = config.get("robust")
     objective = robust.get("objective", "standard") if robust is not None else "standard"
     if objective == "standard":
-        return make_train_step(graphdef, tx)
+        return make_train_step(graphdef, tx, int(config.get("grad_accum_steps", 1)))
     from lepton_jax.robust.objectives import make_adversarial_train_step
 
     return make_adversarial_train_step(graphdef, tx, robust, input_box=(0.0, 1.0))

@@ -1,0 +1,91 @@
+"""Preemption and crashes: SIGKILL after a checkpoint and SIGTERM mid-run both resume to the exact same result."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lepton_jax import tracking
+from lepton_jax.train.loop import train_and_evaluate
+from tests.conftest import DEFAULT_CONFIG, small_config
+
+OVERRIDES = {"num_epochs": 2, "eval_every_steps": 4}  # 38 steps, a checkpoint every 4
+TIME_KEYS = ("elapsed_s", "train_seconds")
+
+
+def _cli(workdir, lake_root):
+    cmd = [sys.executable, "-m", "lepton_jax.cli", "train", "--config", str(DEFAULT_CONFIG), "--workdir",
+           str(workdir), "--lake", str(lake_root), "--no-progress"]
+    return cmd + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+
+
+def _wait_for_checkpoint(workdir, proc, minimum_step, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()
+                 and (p / "commit_success.txt").exists()] if (workdir / "checkpoints").exists() else []
+        if steps and max(steps) >= minimum_step:
+            return max(steps)
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        time.sleep(0.05)
+    raise TimeoutError("no checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(lake_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
+
+
+def _comparable_metrics(workdir):
+    out = []
+    for record in tracking.read_metrics(workdir):
+        if "resumed_from_step" in record or "preempted" in record:
+            continue
+        out.append({k: v for k, v in record.items() if k not in TIME_KEYS})
+    return out
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigkill_then_restart_is_bit_identical(uninterrupted, lake_root, tmp_path):
+    reference_dir, reference = uninterrupted
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(workdir, lake_root), env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    killed_at = _wait_for_checkpoint(workdir, proc, minimum_step=8)
+    proc.kill()  # SIGKILL: no handler runs, an async save may be half-written
+    proc.wait(timeout=60)
+    assert killed_at < 38
+    resumed = train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
+    assert any("resumed_from_step" in r for r in tracking.read_metrics(workdir))
+    _assert_same_params(resumed["final_state"], reference["final_state"])
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, lake_root, tmp_path):
+    _, reference = uninterrupted
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(_cli(workdir, lake_root), env=os.environ.copy(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(workdir, proc, minimum_step=4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    preempted = [r for r in tracking.read_metrics(workdir) if r.get("preempted")]
+    assert len(preempted) == 1
+    step = preempted[0]["step"]
+    assert (workdir / "checkpoints" / str(step) / "commit_success.txt").exists()
+    assert not (workdir / "summary.json").exists()  # it stopped early, without a test report
+    if step < 38:  # resuming finishes with the same parameters as a run that was never interrupted
+        resumed = train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
+        _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
