@@ -32,7 +32,7 @@ class Predictor:
 
     def __init__(self, graphdef: nnx.GraphDef, params: Any, *, schema: dict[str, Any], mesh: jax.sharding.Mesh,
                  batch_size: int = 256, step: int | None = None):
-        self.schema, self.mesh, self.step = schema, mesh, step
+        self.graphdef, self.schema, self.mesh, self.step = graphdef, schema, mesh, step
         self.label_names = list(schema["label_names"])
         dp = data_parallel_size(mesh)
         self.batch_size = batch_size + (-batch_size) % dp

@@ -1,0 +1,157 @@
+"""`lepton-jax registry|export|serve`: register checkpoints in the lake, export edge artifacts, run a model server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    reg = sub.add_parser("registry", help="model registry in the lake: register, list, show, promote").add_subparsers(
+        dest="registry_command", required=True)
+    add = reg.add_parser("register", help="register a run's checkpoint (default: best) as a new model version")
+    add.add_argument("--lake", required=True)
+    add.add_argument("--name", required=True, help="model name")
+    add.add_argument("--workdir", required=True, help="run directory of `lepton-jax train`")
+    add.add_argument("--step", type=int, default=None, help="checkpoint step (default: best on dev)")
+    add.add_argument("--description", default="")
+    add.add_argument("--promote", default=None, metavar="STAGE", help="also promote it, e.g. production")
+    add.set_defaults(handler=register_command)
+    ls = reg.add_parser("ls", help="list models, versions and stages")
+    ls.add_argument("--lake", required=True)
+    ls.set_defaults(handler=ls_command)
+    show = reg.add_parser("show", help="print a version's record (NAME, NAME@VERSION or NAME@STAGE)")
+    show.add_argument("--lake", required=True)
+    show.add_argument("model")
+    show.set_defaults(handler=show_command)
+    promote = reg.add_parser("promote", help="point a stage (default production) at NAME@VERSION")
+    promote.add_argument("--lake", required=True)
+    promote.add_argument("model", help="NAME@VERSION")
+    promote.add_argument("--stage", default="production")
+    promote.set_defaults(handler=promote_command)
+
+    exp = sub.add_parser("export", help="export a model as a jax.export edge artifact (runs with jax + numpy only)")
+    exp.add_argument("--lake", default=None, help="registry lake (with --model)")
+    exp.add_argument("--model", default=None, help="NAME@VERSION or NAME@STAGE from the registry")
+    exp.add_argument("--workdir", default=None, help="or: a run directory")
+    exp.add_argument("--output", required=True, help="new artifact directory")
+    exp.add_argument("--int8", action="store_true", help="per-channel int8 weights (about 4x smaller)")
+    exp.add_argument("--platforms", default="cpu,cuda", help="comma-separated jax platforms to export for")
+    exp.set_defaults(handler=export_command)
+
+    srv = sub.add_parser("serve", help="serve registry models over HTTP (KServe v2 protocol, /metrics)")
+    srv.add_argument("--lake", required=True, help="lake holding the model registry")
+    srv.add_argument("--model", action="append", required=True,
+                     help="NAME@STAGE or NAME@VERSION (repeat for several models)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1, help="model replicas, spread over the devices")
+    srv.add_argument("--max-batch-size", type=int, default=32)
+    srv.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    srv.add_argument("--max-queue-rows", type=int, default=1024, help="queued rows beyond which requests get 429")
+    srv.add_argument("--timeout-s", type=float, default=10.0, help="per-request timeout (504)")
+    srv.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413)")
+    srv.add_argument("--token-env", default="LEPTON_SERVE_TOKEN",
+                     help="environment variable holding a bearer token; when set, requests must carry it")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(handler=serve_command)
+
+
+def register_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.registry import Registry
+
+    registry = Registry(args.lake)
+    entry = registry.register(args.name, args.workdir, step=args.step, description=args.description)
+    metrics = entry.record["metrics"]
+    print(f"registered {entry.ref}: checkpoint {entry.workdir} step {entry.step}, data "
+          f"{entry.record['data']['table']}@{entry.record['data']['version']}, test accuracy "
+          f"{metrics.get('test_accuracy')}")
+    if args.promote:
+        registry.promote(entry.name, entry.version, args.promote)
+        print(f"promoted {entry.ref} to {args.promote}")
+    return 0
+
+
+def ls_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.registry import Registry
+
+    registry = Registry(args.lake)
+    names = registry.names()
+    if not names:
+        print(f"no models registered in {registry.root}")
+    for name in names:
+        stages = registry.stages(name)
+        for version in registry.versions(name):
+            entry = registry.get(name, version)
+            tags = [s for s, v in stages.items() if v == version]
+            print(f"{entry.ref}  step={entry.step}  data={entry.record['data']['table']}@"
+                  f"{entry.record['data']['version']}  test_accuracy={entry.record['metrics'].get('test_accuracy')}"
+                  f"{'  [' + ', '.join(tags) + ']' if tags else ''}")
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.registry import Registry
+
+    record = dict(Registry(args.lake).resolve(args.model).record)
+    reference = record.pop("reference", None)
+    record.pop("config", None)
+    print(json.dumps(record, indent=1, sort_keys=True))
+    if reference:
+        print(f"drift reference: {reference['num_examples']} {reference['split']} examples, "
+              f"{len(reference['groups'])} feature groups x {reference['bins']} bins")
+    return 0
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.registry import Registry, RegistryError
+
+    name, _, version = args.model.partition("@")
+    if not version.isdigit():
+        raise RegistryError(f"promote takes NAME@VERSION with a version number, got {args.model!r}")
+    entry = Registry(args.lake).promote(name, int(version), args.stage)
+    print(f"{args.stage}: {name}@{entry['version']} (was {entry['previous']})")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LeptonError
+    from lepton_jax.serve.export import export_artifact
+    from lepton_jax.serve.registry import Registry
+
+    if bool(args.model) == bool(args.workdir):
+        raise LeptonError("export needs either --lake LAKE --model NAME@VERSION or --workdir RUN")
+    step, info, workdir = None, {}, args.workdir
+    if args.model:
+        if not args.lake:
+            raise LeptonError("--model needs --lake (the lake holding the registry)")
+        entry = Registry(args.lake).resolve(args.model)
+        workdir, step, info = entry.workdir, entry.step, {"registry": entry.ref}
+    manifest = export_artifact(workdir, args.output, step=step, quantize="int8" if args.int8 else None,
+                               platforms=tuple(p for p in args.platforms.split(",") if p), model_info=info)
+    ev = manifest.get("evaluation", {})
+    print(f"wrote {args.output}: {manifest['size_bytes']:,} bytes ({manifest['quantization']['scheme']} weights), "
+          f"platforms {', '.join(manifest['platforms'])}")
+    if ev:
+        print(f"{ev['split']} split ({ev['num_examples']} examples): float accuracy {ev['float_accuracy']:.4f}, "
+              f"artifact accuracy {ev['artifact_accuracy']:.4f}, top-1 agreement {ev['top1_agreement']:.4f}")
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import logging
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, run_server
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    token = os.environ.get(args.token_env) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        logging.getLogger("lepton_jax.serve").warning("binding %s without a token: anyone who can reach this "
+                                                      "address can use the model", args.host)
+    config = ServeConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                         max_queue_rows=args.max_queue_rows, request_timeout_s=args.timeout_s,
+                         max_body_bytes=int(args.max_body_mb * (1 << 20)), replicas=args.replicas, token=token)
+    models = [ServedModel.from_registry(args.lake, ref) for ref in args.model]
+    run_server(ModelServer(models, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,261 @@
+"""Dynamic batching over replicas: requests queue up, are merged into batches, and run on the least-loaded replica.
+
+A batch is dispatched when it holds ``max_batch_size`` rows or its oldest request has waited ``max_delay_s``
+(whichever comes first) and a replica is free. Each replica runs one batch at a time on its own thread, so replicas
+on different devices compute concurrently while the event loop keeps accepting requests. Batches are padded up to a
+fixed set of bucket sizes (powers of two up to ``max_batch_size``) so each replica compiles once per bucket.
+
+Back-pressure: the queue holds at most ``max_queue_rows`` rows; a request that does not fit raises
+:class:`QueueFullError` at once (HTTP 429). A request that waits longer than its timeout raises
+:class:`asyncio.TimeoutError` and is dropped from the queue if it has not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+
+class QueueFullError(RuntimeError):
+    """The batcher's queue cannot take the request now; retry later."""
+
+
+class DrainingError(RuntimeError):
+    """The batcher is shutting down and takes no new requests."""
+
+
+def bucket_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two below ``max_batch_size``, and ``max_batch_size`` itself."""
+    sizes = [1 << i for i in range(max(1, int(max_batch_size)).bit_length()) if (1 << i) < max_batch_size]
+    return [*sizes, int(max_batch_size)]
+
+
+class Replica:
+    """One copy of the model (e.g. on one device) that runs padded batches on its own worker thread.
+
+    ``fn(rows) -> outputs`` maps an ``(B, ...)`` array to an ``(B, ...)`` array (B is always a bucket size).
+    """
+
+    def __init__(self, name: str, fn: Callable[[np.ndarray], np.ndarray]):
+        self.name, self.fn = name, fn
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"replica-{name}")
+        self.inflight_rows = 0
+        self.batches = 0
+        self.rows = 0
+
+    def run_padded(self, rows: np.ndarray, bucket: int) -> np.ndarray:
+        n = rows.shape[0]
+        if bucket > n:
+            rows = np.concatenate([rows, np.zeros((bucket - n, *rows.shape[1:]), rows.dtype)])
+        return np.asarray(self.fn(rows))[:n]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    rows: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+
+
+@dataclasses.dataclass
+class BatchInfo:
+    """What the batcher reports after each batch (for metrics and monitoring)."""
+
+    replica: str
+    size: int
+    bucket: int
+    queue_times: list[float]
+    inputs: np.ndarray
+    outputs: np.ndarray
+
+
+class DynamicBatcher:
+    """Merges concurrent requests into bucketed batches and spreads them over replicas."""
+
+    def __init__(self, replicas: list[Replica], *, max_batch_size: int = 32, max_delay_s: float = 0.002,
+                 max_queue_rows: int = 1024, on_batch: Callable[[BatchInfo], None] | None = None,
+                 on_queue: Callable[[int], None] | None = None):
+        if not replicas:
+            raise ValueError("a batcher needs at least one replica")
+        self.replicas = replicas
+        self.max_batch_size, self.max_delay_s = int(max_batch_size), float(max_delay_s)
+        self.max_queue_rows = int(max_queue_rows)
+        self.buckets = bucket_sizes(self.max_batch_size)
+        self._on_batch, self._on_queue = on_batch, on_queue
+        self._queue: collections.deque[_Item] = collections.deque()
+        self.queued_rows = 0
+        self._round_robin = itertools.count()
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._free: asyncio.Event | None = None
+        self._inflight: set[asyncio.Future] = set()
+        self._draining = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the scheduler on the running event loop."""
+        self._wake, self._free = asyncio.Event(), asyncio.Event()
+        self._free.set()
+        self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Stops taking requests, finishes queued and running batches (up to ``timeout_s``), then stops."""
+        self._draining = True
+        deadline = time.monotonic() + timeout_s
+        while (self._queue or self._inflight) and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.005)
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(DrainingError("the server shut down before this request ran"))
+        self._queue.clear()
+        for replica in self.replicas:
+            replica.close()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def warm_up(self, example: np.ndarray) -> None:
+        """Compiles every bucket size on every replica (call from a worker thread, not the event loop)."""
+        for replica in self.replicas:
+            for bucket in self.buckets:
+                replica.run_padded(np.repeat(example[None], bucket, axis=0), bucket)
+
+    # -- requests --------------------------------------------------------------------------------------------
+    async def infer(self, rows: np.ndarray, timeout_s: float | None = None) -> np.ndarray:
+        """Runs ``rows`` (N, ...) through a replica as part of some batch; returns their outputs, in order."""
+        if self._draining:
+            raise DrainingError("the server is shutting down")
+        n = rows.shape[0]
+        if n == 0:
+            raise ValueError("a request needs at least one row")
+        if self.queued_rows + n > self.max_queue_rows:
+            raise QueueFullError(f"the queue holds {self.queued_rows} of at most {self.max_queue_rows} rows and "
+                                 f"cannot take {n} more; retry later")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        items = [_Item(rows[i:i + self.max_batch_size], loop.create_future(), now)
+                 for i in range(0, n, self.max_batch_size)]
+        self._queue.extend(items)
+        self._set_queued(self.queued_rows + n)
+        self._wake.set()
+        futures = [item.future for item in items]
+        try:
+            _, pending = await asyncio.wait(futures, timeout=timeout_s)
+        except asyncio.CancelledError:  # the caller went away
+            self._cancel(items)
+            raise
+        if pending:
+            self._cancel(items)
+            raise TimeoutError(f"no result within {timeout_s} s")
+        results = [f.result() for f in futures]
+        return np.concatenate(results) if len(results) > 1 else results[0]
+
+    def _cancel(self, items: list[_Item]) -> None:
+        for item in items:
+            item.future.cancel()
+        queued = [item for item in items if item in self._queue]
+        for item in queued:
+            self._queue.remove(item)
+        self._set_queued(self.queued_rows - sum(item.rows.shape[0] for item in queued))
+
+    def _set_queued(self, rows: int) -> None:
+        self.queued_rows = rows
+        if self._on_queue:
+            self._on_queue(rows)
+
+    # -- scheduling ------------------------------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            replica = await self._free_replica()
+            deadline = self._queue[0].enqueued + self.max_delay_s if self._queue else 0.0
+            while self._queue and self.queued_rows < self.max_batch_size and not self._draining:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if batch:
+                replica.inflight_rows += sum(item.rows.shape[0] for item in batch)  # busy from now on
+                future = asyncio.ensure_future(self._run(replica, batch))
+                self._inflight.add(future)
+                future.add_done_callback(self._inflight.discard)
+
+    async def _free_replica(self) -> Replica:
+        """The idle replica with the fewest rows served (ties: round robin); waits while all are busy."""
+        while True:
+            idle = [r for r in self.replicas if r.inflight_rows == 0]
+            if idle:
+                start = next(self._round_robin) % len(idle)
+                return min(idle[start:] + idle[:start], key=lambda r: r.rows)
+            self._free.clear()
+            await self._free.wait()
+
+    def _take(self) -> list[_Item]:
+        batch, rows = [], 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # timed out while queued
+                self._queue.popleft()
+                continue
+            if batch and rows + item.rows.shape[0] > self.max_batch_size:
+                break
+            batch.append(self._queue.popleft())
+            rows += item.rows.shape[0]
+        self._set_queued(self.queued_rows - rows)
+        return batch
+
+    async def _run(self, replica: Replica, batch: list[_Item]) -> None:
+        rows = np.concatenate([item.rows for item in batch])
+        n = rows.shape[0]
+        bucket = next(b for b in self.buckets if b >= n)
+        started = time.monotonic()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(replica.executor, replica.run_padded,
+                                                                       rows, bucket)
+        except Exception as e:  # a failed batch fails its requests, not the server
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        finally:
+            replica.inflight_rows -= n
+            self._free.set()
+        replica.batches += 1
+        replica.rows += n
+        offset = 0
+        for item in batch:
+            k = item.rows.shape[0]
+            if not item.future.done():
+                item.future.set_result(outputs[offset:offset + k])
+            offset += k
+        if self._on_batch:
+            self._on_batch(BatchInfo(replica.name, n, bucket, [started - item.enqueued for item in batch], rows,
+                                     outputs))
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued_rows": self.queued_rows, "replicas": {r.name: {"batches": r.batches, "rows": r.rows,
+                                                                       "inflight_rows": r.inflight_rows}
+                                                              for r in self.replicas}}

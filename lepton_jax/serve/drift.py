@@ -1,0 +1,141 @@
+"""Input and prediction drift: population stability index (PSI) against the training data's statistics.
+
+Features are *groups* of input cells: the image is cut into a grid of regions and each region's mean value (in the
+lake table's raw units) is one feature, histogrammed over the schema's value range. The reference histograms of the
+training split and its predicted-class distribution are stored with each registered model version; a
+:class:`DriftMonitor` keeps a sliding window of live traffic and compares it with them.
+
+    PSI = sum_i (live_i - ref_i) * ln(live_i / ref_i)      (proportions per bin, additively smoothed)
+
+Common reading: < 0.1 no shift, 0.1-0.25 moderate, > 0.25 a shift worth acting on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("lepton_jax.serve.drift")
+
+DEFAULT_GRID = (2, 2)
+DEFAULT_BINS = 8
+SMOOTHING = 0.5
+
+
+def group_names(grid: Sequence[int]) -> list[str]:
+    return [f"r{r}c{c}" for r in range(grid[0]) for c in range(grid[1])]
+
+
+def group_features(raw: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+    """(N, H, W[, C]) raw examples -> (N, G) region means, G = grid rows x grid cols (row-major)."""
+    x = np.asarray(raw, np.float64)
+    if x.ndim == 3:
+        x = x[..., None]
+    n, h, w = x.shape[:3]
+    rows, cols = int(grid[0]), int(grid[1])
+    edges_h = np.linspace(0, h, rows + 1).round().astype(int)
+    edges_w = np.linspace(0, w, cols + 1).round().astype(int)
+    out = np.empty((n, rows * cols), np.float64)
+    for r in range(rows):
+        for c in range(cols):
+            out[:, r * cols + c] = x[:, edges_h[r]:edges_h[r + 1], edges_w[c]:edges_w[c + 1]].reshape(n, -1).mean(1)
+    return out
+
+
+def bin_indices(features: np.ndarray, value_range: Sequence[float], bins: int) -> np.ndarray:
+    """Equal-width bin index in [0, bins) of each feature over ``value_range`` (values outside are clipped)."""
+    lo, hi = float(value_range[0]), float(value_range[1])
+    idx = np.floor((features - lo) / (hi - lo) * bins).astype(np.int64)
+    return np.clip(idx, 0, bins - 1)
+
+
+def reference_stats(raw: np.ndarray, predicted: np.ndarray, *, num_classes: int, value_range: Sequence[float],
+                    grid: Sequence[int] = DEFAULT_GRID, bins: int = DEFAULT_BINS, split: str = "train"
+                    ) -> dict[str, Any]:
+    """The statistics a registry entry keeps for drift: per-group histograms and predicted-class counts."""
+    idx = bin_indices(group_features(raw, grid), value_range, bins)
+    counts = [np.bincount(idx[:, g], minlength=bins).tolist() for g in range(idx.shape[1])]
+    return {"split": split, "num_examples": int(idx.shape[0]), "grid": list(map(int, grid)), "bins": int(bins),
+            "value_range": [float(v) for v in value_range], "feature": "region mean of raw values",
+            "groups": dict(zip(group_names(grid), counts, strict=True)),
+            "predicted_classes": np.bincount(np.asarray(predicted, np.int64), minlength=num_classes).tolist()}
+
+
+def psi(expected: np.ndarray, actual: np.ndarray, smoothing: float = SMOOTHING) -> float:
+    """Population stability index between two histograms of counts (same bins)."""
+    e = np.asarray(expected, np.float64) + smoothing
+    a = np.asarray(actual, np.float64) + smoothing
+    e, a = e / e.sum(), a / a.sum()
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def drift_report(reference: dict[str, Any], raw: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """PSI of a batch of examples (and their predicted classes) against ``reference``, per group and overall."""
+    idx = bin_indices(group_features(raw, reference["grid"]), reference["value_range"], reference["bins"])
+    groups = {name: psi(ref, np.bincount(idx[:, g], minlength=reference["bins"]))
+              for g, (name, ref) in enumerate(reference["groups"].items())}
+    classes = np.bincount(np.asarray(predicted, np.int64), minlength=len(reference["predicted_classes"]))
+    return {"groups": groups, "max_group": max(groups.values()),
+            "predictions": psi(reference["predicted_classes"], classes), "num_examples": int(idx.shape[0])}
+
+
+class DriftMonitor:
+    """A sliding window over live inputs and predictions, compared with a reference; thread-safe.
+
+    ``report(kind, name, value)`` is called with each recomputed PSI (kind ``"input"`` per group, ``"prediction"``),
+    e.g. to set Prometheus gauges. Crossing ``threshold`` upwards logs one warning per feature group.
+    """
+
+    def __init__(self, reference: dict[str, Any], *, model: str = "model", window: int = 1000,
+                 min_samples: int = 200, threshold: float = 0.25,
+                 report: Callable[[str, str, float], None] | None = None):
+        self.reference, self.model = reference, model
+        self.window, self.min_samples, self.threshold = int(window), int(min_samples), float(threshold)
+        self._report = report
+        self._names = list(reference["groups"])
+        self._ref_groups = np.asarray([reference["groups"][n] for n in self._names], np.float64)
+        self._ref_classes = np.asarray(reference["predicted_classes"], np.float64)
+        self._bins = np.zeros((self.window, len(self._names)), np.int16)
+        self._classes = np.zeros(self.window, np.int32)
+        self._seen = 0
+        self._alerting: set[str] = set()
+        self._lock = threading.Lock()
+        self.latest: dict[str, Any] = {}
+
+    def observe(self, raw: np.ndarray, predicted: np.ndarray) -> dict[str, Any] | None:
+        """Adds a batch to the window; returns the current PSI values once ``min_samples`` have been seen."""
+        ref = self.reference
+        idx = bin_indices(group_features(raw, ref["grid"]), ref["value_range"], ref["bins"])[-self.window:]
+        predicted = np.asarray(predicted)[-self.window:]
+        with self._lock:
+            pos = (self._seen + np.arange(idx.shape[0])) % self.window
+            self._bins[pos] = idx
+            self._classes[pos] = predicted
+            self._seen += idx.shape[0]
+            filled = min(self._seen, self.window)
+            if filled < self.min_samples:
+                return None
+            bins, classes = self._bins[:filled], self._classes[:filled]
+            groups = {name: psi(self._ref_groups[g], np.bincount(bins[:, g], minlength=ref["bins"]))
+                      for g, name in enumerate(self._names)}
+            pred = psi(self._ref_classes, np.bincount(classes, minlength=self._ref_classes.size))
+            self.latest = {"groups": groups, "predictions": pred, "num_examples": filled}
+            self._alert({**{f"input {n}": v for n, v in groups.items()}, "predicted classes": pred}, filled)
+        if self._report:
+            for name, value in groups.items():
+                self._report("input", name, value)
+            self._report("prediction", "classes", pred)
+        return self.latest
+
+    def _alert(self, values: dict[str, float], filled: int) -> None:
+        for name, value in values.items():
+            if value > self.threshold and name not in self._alerting:
+                self._alerting.add(name)
+                log.warning("model %s: drift on %s: PSI %.3f > %.2f over the last %d examples", self.model, name,
+                            value, self.threshold, filled)
+            elif value <= self.threshold:
+                self._alerting.discard(name)

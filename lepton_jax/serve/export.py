@@ -1,0 +1,165 @@
+"""Edge artifacts: the inference function as a serialized ``jax.export`` module plus its weights beside it.
+
+An artifact directory holds::
+
+    model.jaxexport   StableHLO of ``f(weights, raw) -> logits`` with a symbolic batch dimension (preprocessing and,
+                      for int8 artifacts, per-channel dequantisation happen inside)
+    weights.npz       the parameters (float32, or int8 + float32 per-output-channel scales)
+    manifest.json     input schema, label names, file digests, quantisation and its measured accuracy cost
+    edge_runner.py    a loader that needs only jax + numpy (a copy of :mod:`lepton_jax.serve.edge`)
+
+The function is exported for several platforms at once (default cpu and cuda), so one artifact serves both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lepton_jax.errors import LeptonError
+from lepton_jax.serve import edge
+
+FUNCTION_FILE = "model.jaxexport"
+WEIGHTS_FILE = "weights.npz"
+RUNNER_FILE = "edge_runner.py"
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+
+class ExportError(LeptonError):
+    """An artifact cannot be written where asked, or with the options given."""
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel (last axis) int8: ``w ~= q * scale``."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | None = None,
+                    quantize: str | None = None, platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
+                    eval_split: str | None = "test", model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Exports a run's checkpoint (default: best) to ``out_dir``; returns the manifest.
+
+    ``quantize="int8"`` stores every parameter with two or more dimensions as int8 with per-channel scales. With
+    ``eval_split`` the artifact is compared with the float model on that split of the run's lake table (accuracy of
+    both and top-1 agreement), and the result is saved in the manifest.
+    """
+    from lepton_jax.serve.predictor import Predictor
+    from lepton_jax.train.step import make_predict
+
+    if quantize not in (None, "int8"):
+        raise ExportError(f"unknown quantisation {quantize!r}; expected none or 'int8'")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty; choose a new --output directory")
+    predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
+    schema = predictor.schema
+    lo, hi = (float(v) for v in schema["arrays"]["image"]["value_range"])
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(predictor.params))
+    weights: dict[str, np.ndarray] = {}
+    params_meta = []
+    for i, (path, leaf) in enumerate(leaves_with_path):
+        key, leaf = f"p{i:03d}", np.asarray(leaf, np.float32)
+        quantized = quantize == "int8" and leaf.ndim >= 2
+        if quantized:
+            weights[f"{key}_q"], weights[f"{key}_scale"] = quantize_int8(leaf)
+        else:
+            weights[key] = leaf
+        params_meta.append({"key": key, "path": jax.tree_util.keystr(path), "shape": list(leaf.shape),
+                            "quantized": "int8" if quantized else None})
+    predict = make_predict(predictor.graphdef)
+
+    def infer(w: dict[str, jax.Array], raw: jax.Array) -> jax.Array:
+        leaves = [w[m["key"]] if not m["quantized"] else w[f"{m['key']}_q"].astype(jnp.float32)
+                  * w[f"{m['key']}_scale"] for m in params_meta]
+        x = (raw - lo) / (hi - lo)
+        return predict(jax.tree_util.tree_unflatten(treedef, leaves), x).astype(jnp.float32)
+
+    batch = jax.export.symbolic_shape("batch")[0]
+    weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+    input_spec = jax.ShapeDtypeStruct((batch, *predictor.example_shape), jnp.float32)
+    try:
+        exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(weight_specs, input_spec)
+    except (ValueError, NotImplementedError) as e:
+        raise ExportError(f"cannot export for platforms {list(platforms)}: {e}") from e
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / FUNCTION_FILE).write_bytes(bytes(exported.serialize()))
+        np.savez_compressed(tmp / WEIGHTS_FILE, **weights)
+        shutil.copyfile(edge.__file__, tmp / RUNNER_FILE)
+        files = {name: {"sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest(),
+                        "bytes": (tmp / name).stat().st_size} for name in (FUNCTION_FILE, WEIGHTS_FILE, RUNNER_FILE)}
+        manifest = {
+            "format": edge.FORMAT, "function": FUNCTION_FILE, "weights": WEIGHTS_FILE, "runner": RUNNER_FILE,
+            "input": {"name": "image", "dtype": "float32", "example_shape": list(predictor.example_shape),
+                      "value_range": [lo, hi], "batch_dimension": "symbolic",
+                      "units": "raw values of the training lake table; preprocessing is inside the function"},
+            "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(predictor.label_names)]},
+            "label_names": predictor.label_names, "platforms": list(exported.platforms),
+            "quantization": {"scheme": quantize or "none", "per": "output channel (last axis)",
+                             "params": params_meta},
+            "model": {**(model_info or {}), "workdir": str(Path(workdir).resolve()), "step": predictor.step},
+            "jax_version": jax.__version__, "files": files,
+            "size_bytes": sum(f["bytes"] for n, f in files.items() if n != RUNNER_FILE),
+        }
+        if eval_split:
+            manifest["evaluation"] = _compare(predictor, exported, weights, workdir, eval_split)
+        _write_json(tmp / edge.MANIFEST, manifest)
+        if out_dir.exists():
+            _move_into(tmp, out_dir)
+        else:
+            os.rename(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _compare(predictor, exported, weights, workdir, split: str) -> dict[str, Any]:
+    """Accuracy of the float model and of the artifact on ``split``, and how often their top-1 classes agree."""
+    from lepton_jax.lake import Lake
+    from lepton_jax.serve.predictor import read_run
+
+    data = read_run(Path(workdir))[1]["data"]
+    examples = Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all()
+    raw, labels = predictor.validate(examples["image"]), examples["label"]
+    reference = predictor.predict(raw)["class"]
+    artifact = np.asarray(exported.call(weights, raw.astype(np.float32))).argmax(-1)
+    return {"split": split, "num_examples": int(labels.shape[0]),
+            "float_accuracy": float(np.mean(reference == labels)),
+            "artifact_accuracy": float(np.mean(artifact == labels)),
+            "top1_agreement": float(np.mean(artifact == reference))}
+
+
+def artifact_size(directory: str | Path) -> int:
+    """Bytes of the function and the weights (what an edge node must download besides the runner)."""
+    directory = Path(directory)
+    return (directory / FUNCTION_FILE).stat().st_size + (directory / WEIGHTS_FILE).stat().st_size
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _move_into(tmp: Path, out_dir: Path) -> None:
+    """``out_dir`` exists but is empty: move the files in one by one, the manifest last."""
+    for name in sorted(os.listdir(tmp), key=lambda n: n == edge.MANIFEST):
+        os.rename(tmp / name, out_dir / name)

@@ -1,0 +1,120 @@
+"""The dynamic batcher on plain numpy replicas: ordering under concurrency, counting, back-pressure, timeouts, drain."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from lepton_jax.serve.batcher import DrainingError, DynamicBatcher, QueueFullError, Replica, bucket_sizes
+
+
+class Recorder:
+    """A replica function that doubles its rows, records every batch, and can be held closed."""
+
+    def __init__(self):
+        self.batches, self.gate, self.lock = [], threading.Event(), threading.Lock()
+        self.gate.set()
+
+    def __call__(self, rows):
+        assert self.gate.wait(timeout=30)
+        with self.lock:
+            self.batches.append(rows.copy())
+        return rows * 2
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+    assert bucket_sizes(1) == [1]
+
+
+def test_32_concurrent_clients_get_their_own_rows_in_order():
+    fns = [Recorder(), Recorder()]
+
+    async def main():
+        batcher = DynamicBatcher([Replica("a", fns[0]), Replica("b", fns[1])], max_batch_size=16,
+                                 max_delay_s=0.002, max_queue_rows=10_000)
+        batcher.start()
+
+        async def client(c):
+            outs = []
+            for r in range(10):
+                n = 1 + (c + r) % 5
+                rows = np.arange(n, dtype=np.float32)[:, None] + 1 + 1000 * c + 100 * r  # unique, never 0
+                outs.append((rows, await batcher.infer(rows, timeout_s=30)))
+            return outs
+
+        results = await asyncio.gather(*(client(c) for c in range(32)))
+        await batcher.drain(timeout_s=10)
+        return batcher, results
+
+    batcher, results = run(main())
+    sent = 0
+    for outs in results:
+        for rows, got in outs:
+            np.testing.assert_array_equal(got, rows * 2)
+            sent += rows.shape[0]
+    executed = np.concatenate([b for f in fns for b in f.batches])[:, 0]
+    expected = np.concatenate([rows[:, 0] for outs in results for rows, _ in outs])
+    # every row ran exactly once (none lost, none duplicated); zeros are padding up to the bucket size
+    np.testing.assert_array_equal(np.sort(executed[executed != 0]), np.sort(expected))
+    assert sum(r.rows for r in batcher.replicas) == sent == expected.size
+    assert all(b.shape[0] in batcher.buckets for f in fns for b in f.batches)
+    assert max(b.shape[0] for f in fns for b in f.batches) > 1  # requests were merged
+    assert all(r.batches > 0 for r in batcher.replicas)  # both replicas took load
+
+
+def test_queue_overflow_is_refused_at_once_and_the_queue_recovers():
+    fn = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=4, max_delay_s=0.0, max_queue_rows=8)
+        batcher.start()
+        fn.gate.clear()  # the replica is stuck: the first batch runs, the rest wait in the queue
+        first = asyncio.ensure_future(batcher.infer(np.ones((4, 1), np.float32), timeout_s=30))
+        while not batcher.replicas[0].inflight_rows:  # until the first batch has gone to the replica
+            await asyncio.sleep(0.001)
+        queued = [asyncio.ensure_future(batcher.infer(np.full((2, 1), i, np.float32), timeout_s=30))
+                  for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued_rows == 8
+        with pytest.raises(QueueFullError, match="at most 8 rows"):
+            await batcher.infer(np.ones((1, 1), np.float32), timeout_s=30)
+        fn.gate.set()
+        outs = await asyncio.gather(first, *queued)
+        await batcher.drain()
+        return outs
+
+    outs = run(main())
+    assert [o[0, 0] for o in outs] == [2, 0, 2, 4, 6]
+
+
+def test_timeout_drops_a_queued_request_and_drain_finishes_running_ones():
+    fn = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=2, max_delay_s=0.0, max_queue_rows=100)
+        batcher.start()
+        fn.gate.clear()
+        running = asyncio.ensure_future(batcher.infer(np.ones((2, 1), np.float32), timeout_s=30))
+        while not batcher.replicas[0].inflight_rows:
+            await asyncio.sleep(0.001)
+        with pytest.raises(TimeoutError):
+            await batcher.infer(np.full((2, 1), 5, np.float32), timeout_s=0.05)
+        assert batcher.queued_rows == 0
+        drain = asyncio.ensure_future(batcher.drain(timeout_s=30))
+        await asyncio.sleep(0.01)
+        with pytest.raises(DrainingError):
+            await batcher.infer(np.ones((1, 1), np.float32))
+        fn.gate.set()
+        await drain
+        return await running
+
+    out = run(main())
+    np.testing.assert_array_equal(out, np.full((2, 1), 2))
+    assert all(5 not in b for b in fn.batches)  # the timed-out request never ran
