@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.features = (32, 64)
     config.model.hidden = 128
     config.model.dropout = 0.25
+    config.model.dtype = "float32"  # compute dtype: "bfloat16" for mixed precision (parameters stay float32)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"
@@ -43,10 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.axes = {"data": -1}
     config.mesh.num_devices = -1  # -1 = all devices
+    config.mesh.dcn_axes = {}  # multi-host: sizes across hosts; then mesh.axes are the sizes within a host
 
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = "dp"  # a preset (dp, fsdp, fsdp_tp) or a list of (logical axis, mesh axis) pairs
     config.sharding.min_size = 1024  # parameters with fewer elements stay replicated
+
+    config.profile_start_step = 0  # with profile_steps > 0: trace that many steps from this one into workdir/profile
+    config.profile_steps = 0
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.max_to_keep = 2

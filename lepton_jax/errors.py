@@ -27,3 +27,7 @@ class CheckpointError(LeptonError):
 
 class InputError(LeptonError):
     """An input file for prediction has the wrong shape, dtype or values."""
+
+
+class TrainingDivergedError(LeptonError):
+    """The training loss became NaN or inf."""

@@ -27,6 +27,8 @@ PACKAGES = ("lepton_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+TIMING_KEYS = ("elapsed_s", "train_seconds", "step_time_s", "examples_per_s", "mfu")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -91,6 +93,7 @@ class RunDir:
     def __init__(self, workdir: str | Path):
         self.path = Path(workdir)
         self.is_writer = jax.process_index() == 0
+        self._tb = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -101,8 +104,8 @@ class RunDir:
         path = self.path / CONFIG_FILE
         if not path.exists():
             return
-        saved = _flatten(read_json(path))
-        current = _flatten(config_lib.to_dict(config))
+        saved = flatten(read_json(path))
+        current = flatten(config_lib.to_dict(config))
         diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         if diff:
             changes = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff[:5])
@@ -124,13 +127,32 @@ class RunDir:
         write_json_atomic(self.path / RUN_FILE, info)
 
     def log(self, **metrics: Any) -> None:
-        """Appends one JSON line; each line is flushed so a crash loses at most the line being written."""
+        """Appends one JSON line (flushed, so a crash loses at most the line being written) and writes the
+        numeric values with a ``step`` to TensorBoard event files in ``<workdir>/tensorboard``."""
         if not self.is_writer:
             return
         record = {k: _to_python(v) for k, v in metrics.items()}
         with open(self.path / METRICS_FILE, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
+        if "step" in record:
+            writer = self._tensorboard()
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    writer.add_scalar(key, value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / TENSORBOARD_DIR), flush_secs=30)
+        return self._tb
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
     def truncate_metrics(self, after_step: int) -> None:
@@ -166,10 +188,10 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix: tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out

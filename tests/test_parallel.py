@@ -174,7 +174,8 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(mesh_runs, lak
     workdir = tmp_path / "mp"
     cmd = [sys.executable, "-m", "lepton_jax.cli", "launch", "--num-processes", "2", "--devices-per-process", "4",
            "--", "train", "--config", str(ROOT / "configs" / "digits_cnn.py"), "--workdir", str(workdir),
-           "--lake", str(lake_root), "--no-progress", "--config.num_epochs=1", "--config.sharding.min_size=0"]
+           "--lake", str(lake_root), "--no-progress", "--config.num_epochs=1", "--config.sharding.min_size=0",
+           "--config.mesh.axes={'data': 4}", "--config.mesh.dcn_axes={'data': 2}"]  # 4 per host x 2 hosts
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     reference = mesh_runs["dp8"][1]["final_state"].params
@@ -184,3 +185,17 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(mesh_runs, lak
     ckpt.close()
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
+    config = ml_collections.ConfigDict({"name": "vit", "depth": 1, "dtype": "bfloat16"})
+    graphdef, params = split_model(build_model(config, input_shape=(8, 8, 1), num_classes=10, seed=0))
+    tx = optax.adamw(1e-3)
+    state = create_state(params, tx, 0)
+    batch = {"image": jnp.ones((8, 8, 8, 1)), "label": jnp.zeros((8,), jnp.int32)}
+    new, metrics = jax.jit(make_train_step(graphdef, tx))(state, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
+    assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(new.opt_state))
+    assert np.isfinite(float(metrics["loss"]))
+    logits = nnx.merge(graphdef, new.params)(batch["image"])
+    assert logits.dtype == jnp.float32  # heads cast back for a float32 loss

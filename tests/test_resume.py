@@ -15,7 +15,7 @@ from lepton_jax.train.loop import train_and_evaluate
 from tests.conftest import DEFAULT_CONFIG, small_config
 
 OVERRIDES = {"num_epochs": 2, "eval_every_steps": 4}  # 38 steps, a checkpoint every 4
-TIME_KEYS = ("elapsed_s", "train_seconds")
+TIME_KEYS = tracking.TIMING_KEYS
 
 
 def _cli(workdir, lake_root):

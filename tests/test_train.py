@@ -2,6 +2,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
@@ -65,3 +66,31 @@ def test_same_loss_curve_on_one_and_eight_devices(lake_root, tmp_path):
     np.testing.assert_allclose(curves[1]["history"]["loss"], curves[8]["history"]["loss"], rtol=2e-4, atol=1e-5)
     assert len(curves[1]["history"]["loss"]) == 1257 // 64
     assert curves[1]["history"]["loss"][-1] < 0.85 * curves[1]["history"]["loss"][0]  # it learns (in warmup)
+
+
+def test_identical_runs_write_identical_metrics_and_tensorboard_events(trained_run, lake_root, tmp_path):
+    workdir, result = trained_run
+    again = train_and_evaluate(small_config(), tmp_path / "again", lake_root=lake_root, progress=False)
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in tracking.TIMING_KEYS} for r in records]
+
+    assert strip(tracking.read_metrics(tmp_path / "again")) == strip(tracking.read_metrics(workdir))
+    assert again["test_accuracy"] == result["test_accuracy"]
+    events = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    record = next(r for r in tracking.read_metrics(workdir) if "train_loss" in r)
+    assert record["examples_per_s"] > 0 and {"train_grad_norm", "train_param_norm", "train_update_norm", "lr"} <= set(
+        record)
+
+
+def test_nan_loss_stops_with_a_message_and_a_checkpoint(lake_root, tmp_path):
+    from lepton_jax.errors import TrainingDivergedError
+
+    config = small_config(**{"optim.lr": 1e12, "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
+                             "optim.schedule": "constant", "log_every_steps": 1})
+    with pytest.raises(TrainingDivergedError, match=r"loss became NaN or inf by step (\d+).*state is saved in"):
+        train_and_evaluate(config, tmp_path / "nan", lake_root=lake_root, progress=False)
+    diverged = [r for r in tracking.read_metrics(tmp_path / "nan") if r.get("diverged")]
+    assert len(diverged) == 1
+    assert (tmp_path / "nan" / "checkpoints" / str(diverged[0]["step"])).is_dir()

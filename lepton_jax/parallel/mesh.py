@@ -20,7 +20,11 @@ DATA_AXES = ("data", "fsdp")
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
-    """A mesh over ``devices`` (default: all; ``config.num_devices`` > 0 takes the first N) with ``config.axes``."""
+    """A mesh over ``devices`` (default: all; ``config.num_devices`` > 0 takes the first N) with ``config.axes``.
+
+    With ``config.dcn_axes`` (multi-host), ``config.axes`` gives the sizes within one process and ``dcn_axes``
+    the sizes across processes.
+    """
     devices = list(jax.devices() if devices is None else devices)
     num = int(config.get("num_devices", -1))
     if num > 0:
@@ -28,6 +32,9 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
             raise ConfigError(f"mesh.num_devices={num} but only {len(devices)} devices are present")
         devices = devices[:num]
     axes = dict(config.axes)
+    dcn = dict(config.get("dcn_axes", None) or {})
+    processes = len({d.process_index for d in devices})
+    per_mesh = len(devices) // processes if dcn else len(devices)  # mesh.axes cover one host when dcn is set
     sizes = list(axes.values())
     fill = [name for name, size in axes.items() if size == -1]
     if len(fill) > 1:
@@ -36,13 +43,39 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
         raise ConfigError(f"mesh.axes {axes}: sizes must be positive or -1")
     known = math.prod(s for s in sizes if s != -1)
     if fill:
-        if len(devices) % known:
-            raise ConfigError(f"mesh.axes {axes} (product {known}) does not divide the {len(devices)} devices")
-        axes[fill[0]] = len(devices) // known
-    if math.prod(axes.values()) != len(devices):
+        if per_mesh % known:
+            raise ConfigError(f"mesh.axes {axes} (product {known}) does not divide the {per_mesh} devices")
+        axes[fill[0]] = per_mesh // known
+    if math.prod(axes.values()) != per_mesh:
         raise ConfigError(f"mesh.axes {axes} needs {math.prod(axes.values())} devices, "
-                          f"but {len(devices)} are present; set one axis to -1 or mesh.num_devices")
+                          f"but {per_mesh} are present; set one axis to -1 or mesh.num_devices")
+    if dcn:
+        return _hybrid_mesh(devices, axes, dcn)
     return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
+
+
+def _hybrid_mesh(devices: list, ici: dict[str, int], dcn: dict[str, int]) -> Mesh:
+    """``ici`` sizes within a process (host), ``dcn`` sizes across processes; an axis spans ``dcn * ici`` devices,
+    with the slow cross-host factor outermost so neighbouring devices on an axis share a host."""
+    unknown = set(dcn) - set(ici)
+    if unknown:
+        raise ConfigError(f"mesh.dcn_axes names {sorted(unknown)}, which mesh.axes does not have")
+    names = tuple(ici)
+    dcn_sizes = [int(dcn.get(a, 1)) for a in names]
+    processes = sorted({d.process_index for d in devices})
+    if math.prod(dcn_sizes) != len(processes):
+        raise ConfigError(f"mesh.dcn_axes {dcn} needs {math.prod(dcn_sizes)} processes, but the job has "
+                          f"{len(processes)}")
+    local = len(devices) // len(processes)
+    ici_total = math.prod(ici.values())
+    if ici_total != local:
+        raise ConfigError(f"mesh.axes {ici} (within a host) needs {ici_total} devices per process, "
+                          f"but each process has {local}")
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.asarray(ordered).reshape(*dcn_sizes, *ici.values())
+    k = len(names)
+    grid = grid.transpose([i for pair in zip(range(k), range(k, 2 * k), strict=True) for i in pair])
+    return Mesh(grid.reshape([dcn_sizes[i] * list(ici.values())[i] for i in range(k)]), names)
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.data import LakeDataSource, to_global, train_dataset
-from lepton_jax.errors import ConfigError
+from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.eval import metrics as eval_metrics
 from lepton_jax.lake import Lake
 from lepton_jax.models import build_model
@@ -37,6 +37,7 @@ from lepton_jax.parallel.rules import (
     sharding_table,
     state_shardings,
 )
+from lepton_jax.train import perf
 from lepton_jax.train.optim import make_optimizer, make_schedule
 from lepton_jax.train.state import count_params, create_state, split_model
 from lepton_jax.train.step import build_train_step, make_predict
@@ -139,21 +140,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     history: dict[str, list] = {"step": [], "loss": [], "dev_accuracy": []}
     log_every = max(1, int(config.get("log_every_steps", 10)))
     pending: list = []
-    start = time.perf_counter()
+    flops = None
+    if perf.peak_flops() is not None:  # FLOPs only matter where an MFU can be stated (accelerators)
+        flops = perf.compiled_flops(train_step, state, to_global(next(iter(train_dataset(
+            train_src, global_batch_size=config.batch_size, seed=config.seed, num_epochs=1, schema=schema))),
+            data_sh))
+    profile = Profiler(run.path / "profile", int(config.get("profile_start_step", 0)),
+                       int(config.get("profile_steps", 0)))
+    start = last_log = time.perf_counter()
     with Preemption() as preemption, tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                                            disable=not progress or jax.process_index() != 0) as bar:
         for step in range(start_step + 1, total_steps + 1):
+            profile.before(step)
             state, step_metrics = train_step(state, to_global(next(batches), data_sh))
+            profile.after(step, state)
             pending.append(step_metrics)
             epoch = (step - 1) // steps_per_epoch + 1
             boundary = step % eval_every == 0 or step == total_steps or preemption.requested
             if len(pending) == log_every or boundary:
                 fetched = jax.device_get(pending)
+                now = time.perf_counter()
+                step_time = (now - last_log) / len(fetched)
+                last_log = now
                 history["step"] += list(range(step - len(fetched) + 1, step + 1))
                 history["loss"] += [float(m["loss"]) for m in fetched]
                 mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                timing = {"step_time_s": step_time, "examples_per_s": config.batch_size / step_time}
+                utilisation = perf.mfu(flops, 1.0 / step_time)
+                if utilisation is not None:
+                    timing["mfu"] = utilisation
                 run.log(step=step, epoch=epoch, lr=float(schedule(step - 1)),
-                        **{f"train_{k}": v for k, v in mean.items()})
+                        **{f"train_{k}": v for k, v in mean.items()}, **timing)
+                if not all(np.isfinite(m["loss"]) for m in fetched):
+                    _stop_on_divergence(run, ckpt, state, step, predict, dev_src, schema, eval_batch, data_sh,
+                                        batches)
                 bar.set_postfix(epoch=epoch, loss=f"{mean['loss']:.4f}")
                 bar.update(len(fetched))
                 pending = []
@@ -170,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             if preemption.requested:
                 ckpt.close()
                 run.log(step=step, preempted=True)
+                run.close()
                 _say(progress, f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
                 return {"preempted": True, "steps": step, "history": history, "final_state": state}
     train_seconds = time.perf_counter() - start
@@ -197,11 +218,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                            title=f"test split, step {best_step}: accuracy {report['accuracy']:.4f}")
         tracking.write_json_atomic(out / "summary.json", summary)
         run.update_run_info(finished=True, summary=summary)
+    run.close()
     _say(progress, f"\ntest classification report (checkpoint step {best_step}, best dev accuracy):\n"
                    f"{report['report_text']}")
     _say(progress, f"test accuracy {report['accuracy']:.4f}\nwrote {Path(workdir)}/: config.json run.json "
                    "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
     return {**summary, "history": history, "params": best_params, "final_state": state, "report": report}
+
+
+class Profiler:
+    """Traces ``steps`` steps starting at ``start_step`` (after warm-up) into ``directory`` (TensorBoard/Perfetto)."""
+
+    def __init__(self, directory: Path, start_step: int, steps: int):
+        self.directory, self.start, self.stop = directory, start_step, start_step + steps
+        self.enabled = steps > 0 and jax.process_index() == 0
+
+    def before(self, step: int) -> None:
+        if self.enabled and step == self.start:
+            jax.profiler.start_trace(str(self.directory))
+
+    def after(self, step: int, state) -> None:
+        if self.enabled and step == self.stop - 1:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+
+
+def _stop_on_divergence(run, ckpt, state, step, predict, dev_src, schema, eval_batch, data_sh, batches) -> None:
+    """A non-finite loss ends the run: checkpoint the state for inspection, then raise a clear error."""
+    dev = _evaluate(predict, state.params, dev_src, schema, eval_batch, data_sh)
+    ckpt.save(state, {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}, data_state=batches.get_state())
+    ckpt.close()
+    run.log(step=step, diverged=True)
+    run.close()
+    raise TrainingDivergedError(f"training diverged: the loss became NaN or inf by step {step} (see "
+                                f"{run.path / tracking.METRICS_FILE}); the state is saved in "
+                                f"{run.checkpoint_dir}/{step}. Lower optim.lr, enable optim.clip_norm, or check "
+                                "the data")
 
 
 def _evaluate(predict, params, source, schema, batch_size, sharding) -> dict[str, float]:
