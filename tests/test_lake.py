@@ -65,9 +65,11 @@ def test_cleaning_drops_non_finite_and_duplicates(tmp_path):
     x[7] = x[6]  # exact duplicate (same label)
     np.savez(tmp_path / "src.npz", x=x, y=y)
     result = ingest(Lake(tmp_path / "lake"), "toy", NpzSource(tmp_path / "src.npz", value_range=(0.0, 1.0)))
-    assert result.report == {"examples_in": 60, "examples_out": 58, "non_finite": 1, "duplicates": 1}
+    assert result.report == {"examples_in": 60, "examples_out": 58, "quarantined": 2, "non_finite": 1, "duplicate": 1}
     total = sum(result.version.num_examples(s) for s in result.version.splits)
     assert total == 58
+    reasons = {e["index"]: e["reason"] for e in result.version.quarantine()}
+    assert reasons == {5: "non_finite", 7: "duplicate"}
 
 
 def test_zarr_python_reads_lake_arrays_without_lepton(lake_root):

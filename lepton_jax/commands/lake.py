@@ -1,34 +1,119 @@
-"""`lepton-jax lake ...`: ingest and inspect lake tables."""
+"""`lepton-jax lake ...`: ingest, list, inspect, verify and garbage-collect lake tables."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    lake = sub.add_parser("lake", help="data lake: ingest and inspect tables").add_subparsers(
+    lake = sub.add_parser("lake", help="data lake: ingest, inspect, verify and clean up tables").add_subparsers(
         dest="lake_command", required=True)
     ingest = lake.add_parser("ingest", help="read a source into a new table version")
     ingest.add_argument("--lake", required=True, help="lake directory")
-    ingest.add_argument("--source", default="digits", help="'digits' or 'npz:PATH'")
+    ingest.add_argument("--source", default="digits",
+                        help="'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' (DIR/<label>/<image>) or 'csv:PATH'")
     ingest.add_argument("--table", default="digits")
     ingest.add_argument("--seed", type=int, default=0, help="split seed")
+    ingest.add_argument("--splits", default=None, metavar="NAME=FRACTION,...",
+                        help="split fractions (default train=0.7,dev=0.15,test=0.15)")
+    ingest.add_argument("--resize", default=None, metavar="WxH", help="images: resize every image to W x H")
+    ingest.add_argument("--mode", default=None, choices=["L", "RGB"], help="images: grey (L, default) or RGB")
+    ingest.add_argument("--window", type=int, default=None, help="csv: rows per example")
+    ingest.add_argument("--stride", type=int, default=None, help="csv: rows between window starts (default: window)")
+    ingest.add_argument("--label-column", default=None, help="csv: the label column (default: label)")
+    ingest.add_argument("--series-column", default=None, help="csv: windows never cross a change of this column")
+    ingest.add_argument("--label-map", default=None, metavar="SRC=DST,...",
+                        help="relabel: source label name -> label name; unmapped examples are quarantined")
+    ingest.add_argument("--retries", type=int, default=3,
+                        help="when another writer commits first, re-check and commit on top this many times")
+    ingest.add_argument("--allow-schema-change", action="store_true",
+                        help="allow dtypes or example shapes to differ from the latest version")
     ingest.set_defaults(handler=ingest_command)
     ls = lake.add_parser("ls", help="list tables and their versions")
     ls.add_argument("--lake", required=True)
     ls.add_argument("--table", default=None, help="show one table's versions in detail")
     ls.set_defaults(handler=ls_command)
+    log = lake.add_parser("log", help="a table's commit history, newest first")
+    log.add_argument("--lake", required=True)
+    log.add_argument("--table", required=True)
+    log.set_defaults(handler=log_command)
+    show = lake.add_parser("show", help="one version: schema, lineage, statistics, quarantine")
+    show.add_argument("--lake", required=True)
+    show.add_argument("--table", required=True)
+    show.add_argument("--version", type=int, default=None, help="default: latest")
+    show.add_argument("--json", action="store_true", help="print the whole commit record as JSON")
+    show.set_defaults(handler=show_command)
+    verify = lake.add_parser("verify", help="re-check every shard and content digest; exit 2 if any is bad")
+    verify.add_argument("--lake", required=True)
+    verify.add_argument("--table", default=None, help="default: every table")
+    verify.add_argument("--version", type=int, default=None, help="default: every version")
+    verify.add_argument("--files-only", action="store_true", help="check file digests only, skip decoding arrays")
+    verify.set_defaults(handler=verify_command)
+    gc = lake.add_parser("gc", help="remove data no version references (crashed or lost commits), after a grace "
+                                    "period")
+    gc.add_argument("--lake", required=True)
+    gc.add_argument("--table", default=None, help="default: every table")
+    gc.add_argument("--grace-seconds", type=float, default=3600.0,
+                    help="keep unreferenced files younger than this (in-flight commits); default 3600")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    gc.set_defaults(handler=gc_command)
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    from lepton_jax.errors import LakeError
+
+    if text is None:
+        return None
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise LakeError(f"--resize takes WIDTHxHEIGHT, e.g. 28x28, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise LakeError(f"--resize needs positive sizes, got {text!r}")
+    return w, h
+
+
+def _parse_splits(text: str | None) -> dict[str, float] | None:
+    from lepton_jax.errors import LakeError
+
+    if text is None:
+        return None
+    try:
+        return {name: float(frac) for name, frac in (p.split("=") for p in text.split(","))}
+    except ValueError:
+        raise LakeError(f"--splits takes NAME=FRACTION pairs separated by commas, got {text!r}") from None
+
+
+def _parse_label_map(text: str | None) -> dict[str, str] | None:
+    from lepton_jax.errors import LakeError
+
+    if text is None:
+        return None
+    pairs = [p.split("=") for p in text.split(",") if p]
+    if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise LakeError(f"--label-map takes SRC=DST pairs separated by commas, got {text!r}")
+    return dict(pairs)
 
 
 def ingest_command(args: argparse.Namespace) -> int:
     from lepton_jax.lake import Lake, ingest, make_source
 
     lake = Lake(args.lake)
-    result = ingest(lake, args.table, make_source(args.source), seed=args.seed)
+    source = make_source(args.source, size=_parse_size(args.resize), mode=args.mode, window=args.window,
+                         stride=args.stride, label_column=args.label_column, series_column=args.series_column)
+    result = ingest(lake, args.table, source, splits=_parse_splits(args.splits), seed=args.seed,
+                    label_map=_parse_label_map(args.label_map), retries=args.retries,
+                    allow_schema_change=args.allow_schema_change)
     tv = result.version
     counts = ", ".join(f"{s} {tv.num_examples(s)}" for s in tv.splits)
     if result.created:
         print(f"committed {lake.root}/{tv.table} version {tv.version}: {counts}; cleaning: {result.report}")
+        quarantined = tv.quarantine()
+        if quarantined:
+            print(f"quarantined {len(quarantined)} example(s); see `lepton-jax lake show --lake {lake.root} "
+                  f"--table {tv.table} --version {tv.version}`")
     else:
         print(f"unchanged: {lake.root}/{tv.table} version {tv.version} already holds this source ({counts})")
     return 0
@@ -48,4 +133,80 @@ def ls_command(args: argparse.Namespace) -> int:
             src = tv.record["lineage"]["source"]
             print(f"{table}@{tv.version}  {counts}  labels={len(tv.label_names)}  source={src['uri']} "
                   f"sha256={src['sha256'][:12]}")
+    return 0
+
+
+def log_command(args: argparse.Namespace) -> int:
+    from lepton_jax.lake import Lake
+
+    lake = Lake(args.lake)
+    lake.table(args.table)  # a clear error for an unknown table
+    for version in reversed(lake.versions(args.table)):
+        r = lake.table(args.table, version).record
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+        quarantined = (r.get("quarantine") or {}).get("num_examples", 0)
+        print(f"version {version}  parent {r['parent'] or '-'}  {when}  commit {r['commit_id']}  "
+              f"source {r['lineage']['source']['uri']} ({r['lineage']['source']['sha256'][:12]})  "
+              f"split {json.dumps(r['lineage']['split'], sort_keys=True)}  quarantined {quarantined}")
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from lepton_jax.lake import Lake
+
+    tv = Lake(args.lake).table(args.table, args.version)
+    r = tv.record
+    if args.json:
+        print(json.dumps(r, indent=1, sort_keys=True))
+        return 0
+    print(f"{tv.table}@{tv.version}  parent {r['parent'] or '-'}  commit {r['commit_id']}")
+    print(f"labels: {tv.label_names}")
+    for name, meta in r["schema"]["arrays"].items():
+        print(f"array {name}: {meta['dtype']} example shape {meta['example_shape']} range {meta['value_range']}")
+    print(f"lineage: {json.dumps(r['lineage'], sort_keys=True)}")
+    for split, entry in r["splits"].items():
+        st = r["stats"].get("splits", {}).get(split, {})
+        shards = sum(len([f for f in m.get("files", {}) if f != "zarr.json"]) for m in entry["arrays"].values())
+        print(f"split {split}: {entry['num_examples']} examples, {shards} shard file(s), "
+              f"class counts {st.get('class_counts')}")
+        for name in r["schema"]["arrays"]:
+            if name in st:
+                print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in st[name].items()))
+    quarantined = tv.quarantine()
+    print(f"quarantine: {len(quarantined)} example(s) {(r.get('quarantine') or {}).get('reasons', {})}")
+    for e in quarantined[:20]:
+        print(f"  {e['reason']}: {e['detail']}")
+    if len(quarantined) > 20:
+        print(f"  ... {len(quarantined) - 20} more (see --json and TableVersion.quarantine())")
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LakeError
+    from lepton_jax.lake import Lake
+
+    lake = Lake(args.lake)
+    if not lake.root.is_dir():
+        raise LakeError(f"lake {lake.root} does not exist")
+    problems = lake.verify(args.table, args.version, content=not args.files_only)
+    for p in problems:
+        print(f"BAD {p}")
+    if problems:
+        raise LakeError(f"{len(problems)} problem(s) in lake {lake.root}; the data above cannot be trusted "
+                        "(re-ingest the source, or restore the files)")
+    tables = [args.table] if args.table else lake.tables()
+    n = sum(len(lake.versions(t)) if args.version is None else 1 for t in tables)
+    print(f"ok: {n} version(s) in {len(tables)} table(s) match their recorded digests")
+    return 0
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    from lepton_jax.lake import Lake
+
+    report = Lake(args.lake).gc(args.grace_seconds, table=args.table, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in report.removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(report.removed)} unreferenced path(s), {report.bytes_freed} bytes; kept "
+          f"{len(report.kept_young)} younger than {args.grace_seconds:g} s")
     return 0

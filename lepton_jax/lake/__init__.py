@@ -1,14 +1,29 @@
-"""The data lake: versioned tables of TensorStore zarr v3 arrays with atomic commits."""
+"""The data lake: versioned tables of TensorStore zarr v3 arrays with atomic commits, validated ingest from several
+sources, verification and garbage collection."""
 
 from lepton_jax.lake.ingest import IngestResult, ingest
-from lepton_jax.lake.sources import DigitsSource, NpzSource, Source, SourceData, make_source
-from lepton_jax.lake.store import Lake, SplitReader, TableVersion
+from lepton_jax.lake.sources import (
+    CsvWindowSource,
+    DigitsSource,
+    ImageFolderSource,
+    NpzSource,
+    SklearnSource,
+    Source,
+    SourceData,
+    make_source,
+)
+from lepton_jax.lake.store import GcReport, Lake, Problem, SplitReader, TableVersion
 
 __all__ = [
+    "CsvWindowSource",
     "DigitsSource",
+    "GcReport",
+    "ImageFolderSource",
     "IngestResult",
     "Lake",
     "NpzSource",
+    "Problem",
+    "SklearnSource",
     "Source",
     "SourceData",
     "SplitReader",

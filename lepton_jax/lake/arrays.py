@@ -3,11 +3,17 @@
 Each array's first axis indexes examples. Inner chunks hold one example, so a random read is one byte range of a
 shard; shards group many examples into one file. Chunks are zstd-compressed and both chunks and the shard index carry
 crc32c checksums, so flipped bytes are detected on read. Any zarr v3 reader can open the arrays.
+
+Every file of an array (``zarr.json`` and each shard) is fsynced after writing and its sha256 and size are recorded
+in the commit record, so a reader can check cheaply (size) that no shard is missing or truncated and ``verify`` can
+check every byte.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +22,24 @@ import tensorstore as ts
 from lepton_jax.errors import LakeError
 
 TARGET_SHARD_BYTES = 64 * 2**20
+READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
+
+
+def examples_per_shard(shape: tuple[int, ...], dtype: np.dtype, target_shard_bytes: int = TARGET_SHARD_BYTES) -> int:
+    """How many examples one shard holds for an array of ``shape`` (at least 1, at most ``shape[0]``)."""
+    example_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return int(max(1, min(shape[0], target_shard_bytes // example_bytes)))
 
 
 def zarr3_spec(path: str | Path, shape: tuple[int, ...], dtype: np.dtype,
                target_shard_bytes: int = TARGET_SHARD_BYTES) -> dict:
     """The TensorStore spec for a new sharded, compressed, checksummed zarr v3 array at a local path."""
     example_shape = list(shape[1:])
-    example_bytes = max(1, int(np.prod(example_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    per_shard = int(max(1, min(shape[0], target_shard_bytes // example_bytes)))
+    per_shard = examples_per_shard(shape, dtype, target_shard_bytes)
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},
+        "store_data_equal_to_fill_value": True,  # every shard file exists, so a missing one is always an error
         "metadata": {
             "shape": list(shape),
             "data_type": np.dtype(dtype).name,
@@ -58,22 +71,74 @@ def content_digest(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def write_array(path: Path, array: np.ndarray) -> str:
-    """Writes a new array (the path must not exist) and returns its content digest."""
+def write_array(path: Path, array: np.ndarray, *, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                after_shard: Callable[[int], None] | None = None) -> str:
+    """Writes a new array (the path must not exist) shard by shard, fsyncs its files, returns its content digest.
+
+    ``after_shard(i)`` is called after shard ``i`` is written (a hook for fault-injection tests).
+    """
     if array.ndim == 0 or array.shape[0] == 0:
         raise LakeError(f"cannot store an empty array at {path}: shape {array.shape}")
     if path.exists():
         raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
-    store = ts.open(zarr3_spec(path, array.shape, array.dtype), create=True).result()
-    store.write(array).result()
+    store = ts.open(zarr3_spec(path, array.shape, array.dtype, target_shard_bytes), create=True).result()
+    per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes)
+    for i, start in enumerate(range(0, array.shape[0], per_shard)):
+        stop = min(start + per_shard, array.shape[0])
+        store[start:stop].write(array[start:stop]).result()
+        if after_shard is not None:
+            after_shard(i)
+    fsync_tree(path)
     return content_digest(array)
 
 
-def open_array(path: Path) -> ts.TensorStore:
-    """Opens an existing array for reading, turning TensorStore errors into a LakeError naming the path."""
+def fsync_tree(path: Path) -> None:
+    """fsyncs every file and directory under ``path`` (and ``path`` itself), so written data survives a crash."""
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}},
-                       open=True, read=True).result()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(path: Path) -> dict[str, dict[str, int | str]]:
+    """``{relative path: {"bytes": size, "sha256": digest}}`` for every file of the array at ``path``
+    (``zarr.json`` and each shard file under ``c/``), in sorted order."""
+    out = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        out[file.relative_to(path).as_posix()] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+    return out
+
+
+def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES) -> ts.TensorStore:
+    """Opens an existing array for reading, turning TensorStore errors into a LakeError naming the path.
+
+    Lake arrays are immutable, so cached data (the shard indices above all) is never re-validated against the file.
+    """
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+            "context": {"cache_pool": {"total_bytes_limit": int(cache_bytes)}},
+            "recheck_cached_data": False, "recheck_cached_metadata": False}
+    try:
+        return ts.open(spec, open=True, read=True).result()
     except ValueError as e:
         raise LakeError(f"cannot open lake array {path}: {e}; run `lepton-jax lake verify` or re-ingest") from e
 
@@ -82,5 +147,28 @@ def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "") -> 
     """Reads ``store[index]`` into numpy; corrupt or missing chunks raise a LakeError naming the array."""
     try:
         return store[index].read().result()
-    except ValueError as e:
+    except (ValueError, IndexError) as e:
         raise LakeError(f"corrupt lake array {path or store.kvstore}: {e}") from e
+
+
+def shard_keys(store: ts.TensorStore) -> list[str]:
+    """Relative paths of the shard files an array of this shape must have (default ``c/`` key encoding)."""
+    per_shard = int(store.chunk_layout.write_chunk.shape[0])
+    tail = "/0" * (store.rank - 1)
+    return [f"c/{i}{tail}" for i in range(-(-int(store.shape[0]) // per_shard))]
+
+
+def iter_blocks(store: ts.TensorStore, *, path: Path | str = "") -> Iterator[np.ndarray]:
+    """The whole array as consecutive shard-sized blocks along axis 0 (bounded memory)."""
+    per_shard = int(store.chunk_layout.write_chunk.shape[0])
+    n = int(store.shape[0])
+    for start in range(0, n, per_shard):
+        yield read(store, slice(start, min(start + per_shard, n)), path=path)
+
+
+def stored_content_digest(store: ts.TensorStore, *, path: Path | str = "") -> str:
+    """The :func:`content_digest` of a stored array, computed block by block."""
+    h = hashlib.sha256(f"{store.dtype.numpy_dtype.str}{tuple(int(n) for n in store.shape)}".encode())
+    for block in iter_blocks(store, path=path):
+        h.update(np.ascontiguousarray(block).tobytes())
+    return h.hexdigest()

@@ -1,0 +1,141 @@
+"""Benchmark the lake: random-access examples/s through a Grain pipeline, ingest MB/s, commit latency vs versions.
+
+Random access compares, on the same examples and the same Grain pipeline (seeded shuffle -> batch -> one batched
+read per batch), three sources: the lake (TensorStore zarr v3, sharded, zstd, crc32c), Grain's ``ArrayRecordDataSource``
+over an ArrayRecord file holding the same examples (``group_size:1``, one record per example), and a numpy memmap of
+the raw bytes (the page-cache limit). Everything is read from a warm page cache after one untimed pass.
+
+    .venv/bin/python scripts/bench_lake.py            # ~1-2 minutes on 2 CPU cores
+    .venv/bin/python scripts/bench_lake.py --examples 20000 --batches 50   # quicker
+
+Needs the ``bench`` extra (array-record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from lepton_jax.data import LakeDataSource
+from lepton_jax.lake import Lake, NpzSource, ingest
+
+
+def _examples(n: int, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digit-like synthetic images: smooth blobs with noise (compressible like real images, all distinct)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = rng.integers(0, 10, size=n)
+    cy, cx = rng.uniform(4, shape[0] - 4, size=(2, n))
+    blob = np.exp(-(((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 18.0))
+    images = np.clip(blob * 200 + rng.normal(0, 12, size=(n, *shape)), 0, 255).astype(np.uint8)
+    return images[..., None], labels
+
+
+def _throughput(read_batch, n: int, batch: int, batches: int, seed: int) -> float:
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).batch(batch, drop_remainder=True).map(read_batch)
+    it = iter(ds.to_iter_dataset())
+    next(it)  # warm-up: opens files, fills the shard-index cache
+    start = time.perf_counter()
+    for _ in range(batches):
+        out = next(it)
+        assert out["image"].shape[0] == batch
+    return batches * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=28, help="images are size x size x 1 uint8")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=150)
+    parser.add_argument("--commits", type=int, default=40, help="versions to accumulate for commit latency")
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    args = parser.parse_args()
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench_lake_"))
+    work.mkdir(parents=True, exist_ok=True)
+    images, labels = _examples(args.examples, (args.size, args.size), seed=0)
+    mb = images.nbytes / 2**20
+    print(f"{args.examples} examples of {images.shape[1:]} uint8 ({mb:.1f} MiB), batch {args.batch}, "
+          f"{args.batches} timed batches per source, work dir {work}")
+
+    # -- ingest ----------------------------------------------------------------------------------------------------
+    np.savez(work / "src.npz", x=images, y=labels)
+    import sklearn.model_selection  # noqa: F401  (a one-time ~2 s import the split needs; not ingest throughput)
+
+    lake = Lake(work / "lake")
+    start = time.perf_counter()
+    tv = ingest(lake, "bench", NpzSource(work / "src.npz", value_range=(0, 255)),
+                splits={"train": 0.98, "test": 0.02}).version
+    ingest_s = time.perf_counter() - start
+    print(f"ingest (validate, dedup, split, write, fsync, digest, commit): {ingest_s:.2f} s = "
+          f"{mb / ingest_s:.1f} MiB/s")
+
+    # the same examples, in the lake's train order, as ArrayRecord and as raw bytes for a memmap
+    train = tv.reader("train").read()
+    n = train["image"].shape[0]
+    example_bytes = int(np.prod(train["image"].shape[1:]))
+    writer = ArrayRecordWriter(str(work / "train.array_record"), "group_size:1")
+    for img, lab in zip(train["image"], train["label"], strict=True):
+        writer.write(img.tobytes() + int(lab).to_bytes(4, "little"))
+    writer.close()
+    train["image"].tofile(work / "train.images.raw")
+    train["label"].tofile(work / "train.labels.raw")
+
+    lake_src = LakeDataSource(tv.reader("train"))
+    ar_src = ArrayRecordDataSource([str(work / "train.array_record")])
+    shape = train["image"].shape[1:]
+    mm_images = np.memmap(work / "train.images.raw", dtype=np.uint8, mode="r", shape=(n, *shape))
+    mm_labels = np.memmap(work / "train.labels.raw", dtype=np.int32, mode="r", shape=(n,))
+
+    def read_lake(idx):
+        return lake_src.__getitems__(idx)
+
+    def read_array_record(idx):
+        records = ar_src.__getitems__([int(i) for i in idx])
+        raw = np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), example_bytes + 4)
+        return {"image": raw[:, :example_bytes].reshape(len(records), *shape),
+                "label": raw[:, example_bytes:].copy().view(np.int32)[:, 0]}
+
+    def read_memmap(idx):
+        idx = np.asarray(idx)
+        return {"image": np.asarray(mm_images[idx]), "label": np.asarray(mm_labels[idx])}
+
+    # correctness first: all three return the same examples for the same indices
+    probe = np.random.default_rng(1).integers(0, n, size=64)
+    a, b, c = read_lake(probe), read_array_record(probe), read_memmap(probe)
+    assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in ("image", "label"))
+
+    rates = {}
+    for name, fn in (("lake", read_lake), ("arrayrecord", read_array_record), ("memmap", read_memmap)):
+        _throughput(fn, n, args.batch, max(1, args.batches // 3), seed=7)  # untimed pass: warm page cache
+        rates[name] = _throughput(fn, n, args.batch, args.batches, seed=11)
+        print(f"random access via Grain, {name:12s}: {rates[name]:12,.0f} examples/s")
+    print(f"ratio lake / ArrayRecord: {rates['lake'] / rates['arrayrecord']:.2f}x   "
+          f"lake / memmap: {rates['lake'] / rates['memmap']:.3f}x")
+
+    # -- commit latency as versions accumulate ------------------------------------------------------------------------
+    small = {"train": {"image": images[:1000], "label": labels[:1000].astype(np.int32)}}
+    schema = {"arrays": {}, "label_array": "label", "label_names": [str(i) for i in range(10)]}
+    latencies = []
+    for i in range(args.commits):
+        start = time.perf_counter()
+        lake.commit("latency", small, schema=schema, lineage={"i": i})
+        latencies.append(time.perf_counter() - start)
+    k = min(5, len(latencies) // 2)
+    print(f"commit latency (1000 examples, {small['train']['image'].nbytes / 2**20:.2f} MiB each): "
+          f"versions 1-{k} median {statistics.median(latencies[:k]) * 1e3:.1f} ms, "
+          f"versions {len(latencies) - k + 1}-{len(latencies)} median {statistics.median(latencies[-k:]) * 1e3:.1f} ms")
+    print(f"versions in the table: {len(lake.versions('latency'))}")
+
+
+if __name__ == "__main__":
+    main()
