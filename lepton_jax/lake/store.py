@@ -126,10 +126,16 @@ class SplitReader:
     shard is an error naming the file rather than fill values; flipped bytes fail the crc32c checks on read.
     """
 
+    #: Arrays of at most this many bytes (labels, small features) are read whole on first use, checked against
+    #: their content digest, and then served from memory: one chunk per example is the right layout for images but
+    #: costs a TensorStore chunk lookup per 4-byte label.
+    SMALL_ARRAY_BYTES = 16 * 2**20
+
     def __init__(self, root: Path, table: str, version: int, split: str, entry: dict[str, Any]):
         self.root, self.table, self.version, self.split = Path(root), table, version, split
         self.entry = entry
         self._stores: dict[str, Any] | None = None
+        self._in_memory: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.entry["num_examples"])
@@ -162,6 +168,13 @@ class SplitReader:
                                     f"{meta['dtype']}")
                 stores[name] = store
             self._stores = stores
+            for name, meta in self.entry["arrays"].items():
+                if int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize <= self.SMALL_ARRAY_BYTES:
+                    value = arrays.read(stores[name], path=meta["path"])
+                    if arrays.content_digest(value) != meta["sha256"]:
+                        raise LakeError(f"lake array {meta['path']} does not match the digest in its commit "
+                                        "record: the data was modified after commit")
+                    self._in_memory[name] = value
         return self._stores
 
     def read(self, index=slice(None)) -> dict[str, np.ndarray]:
@@ -173,7 +186,8 @@ class SplitReader:
         inverse = None
         if isinstance(index, np.ndarray) and index.ndim == 1 and index.size > 1:
             index, inverse = np.unique(index, return_inverse=True)
-        out = {name: arrays.read(store, index, path=self.entry["arrays"][name]["path"])
+        out = {name: self._in_memory[name][index] if name in self._in_memory
+               else arrays.read(store, index, path=self.entry["arrays"][name]["path"])
                for name, store in stores.items()}
         return out if inverse is None else {name: value[inverse] for name, value in out.items()}
 
@@ -188,7 +202,7 @@ class SplitReader:
         return data
 
     def __getstate__(self):
-        return {**self.__dict__, "_stores": None}
+        return {**self.__dict__, "_stores": None, "_in_memory": {}}
 
 
 @dataclasses.dataclass(frozen=True)
