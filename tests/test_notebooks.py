@@ -22,4 +22,4 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path):
 
 
 def test_there_are_notebooks():
-    assert {p.stem for p in NOTEBOOKS} >= {"research"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "research"}

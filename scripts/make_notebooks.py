@@ -1,0 +1,127 @@
+"""Writes the notebooks in experiments/ (run from the repo root); edit here, then regenerate."""
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+INSTALL = '''# Installs lepton_jax into this kernel when it is missing (Colab, a fresh environment): clone the repo,
+# open this notebook from inside the checkout, and this cell runs `pip install -e <checkout>`.
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+if importlib.util.find_spec("lepton_jax") is None:
+    here = pathlib.Path.cwd()
+    repo = next((p for p in [here, *here.parents] if (p / "pyproject.toml").exists()), None)
+    if repo is None:
+        raise RuntimeError("lepton_jax is not installed: clone the repository and open this notebook inside it")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo)])'''
+
+research = new_notebook(cells=[
+    new_markdown_cell("# Comparing lake versions and runs\n\nTwo versions of the digits table (different split "
+                      "seeds), two training runs that differ in one hyper-parameter, and how lepton_jax shows the "
+                      "differences. Runs on a laptop CPU in about a minute."),
+    new_code_cell(INSTALL),
+    new_code_cell('''from pathlib import Path
+
+import numpy as np
+
+from lepton_jax import runs
+from lepton_jax.config import load_config
+from lepton_jax.lake import DigitsSource, Lake, ingest
+from lepton_jax.train.loop import train_and_evaluate
+
+work = Path("research_demo")
+lake = Lake(work / "lake")
+import lepton_jax
+
+# the configs/ folder of the checkout: next to this notebook, or beside the installed package
+places = [Path.cwd(), *Path.cwd().parents, Path(lepton_jax.__file__).resolve().parents[1]]
+CONFIG = next(p / "configs" / "digits_cnn.py" for p in places if (p / "configs" / "digits_cnn.py").exists())'''),
+    new_markdown_cell("## Two versions of one table\n\nRe-ingesting the same source with another split seed "
+                      "commits a new version; the old one stays readable (time travel)."),
+    new_code_cell('''v1 = ingest(lake, "digits", DigitsSource(), seed=0).version
+v2 = ingest(lake, "digits", DigitsSource(), seed=1).version
+again = ingest(lake, "digits", DigitsSource(), seed=1)  # identical source and split: no new version
+print("versions:", lake.versions("digits"), "| re-ingest created a version:", again.created)
+for tv in (v1, v2):
+    print(f"v{tv.version}: parent={tv.record['parent']} split seed={tv.record['lineage']['split']['seed']} "
+          f"test class counts={tv.record['stats']['splits']['test']['class_counts']}")
+assert lake.versions("digits") == [1, 2] and not again.created
+same_test = np.array_equal(lake.table("digits", 1).reader("test").read()["image"],
+                           lake.table("digits", 2).reader("test").read()["image"])
+assert not same_test  # the two seeds put different examples in the test split'''),
+    new_markdown_cell("## Two runs on a pinned version\n\nBoth runs read version 1, whatever is committed later; "
+                      "they differ only in the learning rate."),
+    new_code_cell('''results = {}
+for lr in (3e-3, 3e-4):
+    config = load_config(CONFIG, ["num_epochs=2", "data.version=1", f"optim.lr={lr}"])
+    results[lr] = train_and_evaluate(config, work / f"lr_{lr}", lake_root=lake.root, progress=False)
+    print(f"lr={lr}: test accuracy {results[lr]['test_accuracy']:.4f}")
+assert all(r["data_version"] == 1 for r in results.values())
+assert results[3e-3]["test_accuracy"] > 0.5'''),
+    new_code_cell('''summaries = [runs.run_summary(p) for p in runs.find_runs(work)]
+differences = runs.config_differences(summaries)
+print(runs.table(summaries, differences))
+assert differences == ["optim.lr"]
+runs.plot_curves(runs.find_runs(work), work / "curves.png")'''),
+    new_code_cell('''from IPython.display import Image
+
+Image(str(work / "curves.png"))'''),
+])
+nbformat.write(research, "experiments/research.ipynb")
+
+quick = new_notebook(cells=[
+    new_markdown_cell("# lepton_jax quickstart\n\nThe whole pipeline on scikit-learn's bundled digits, on a laptop "
+                      "CPU in about a minute: **lake** (versioned TensorStore table) → **train** (Flax CNN, Optax "
+                      "AdamW, sharded `jax.jit`) → **robust evaluation** (FGSM / PGD) → **predict** from the "
+                      "checkpoint."),
+    new_code_cell(INSTALL),
+    new_code_cell('''from pathlib import Path
+
+import jax
+import numpy as np
+
+import lepton_jax
+from lepton_jax.config import load_config
+from lepton_jax.data import prepare_batch
+from lepton_jax.lake import DigitsSource, Lake, ingest
+from lepton_jax.robust.evaluate import evaluate_robustness, standard_attacks
+from lepton_jax.serve import Predictor
+from lepton_jax.train.loop import train_and_evaluate
+from lepton_jax.train.step import make_apply
+
+places = [Path.cwd(), *Path.cwd().parents, Path(lepton_jax.__file__).resolve().parents[1]]
+CONFIG = next(p / "configs" / "digits_cnn.py" for p in places if (p / "configs" / "digits_cnn.py").exists())
+work = Path("quickstart_demo")
+print("devices:", jax.devices())'''),
+    new_markdown_cell("## 1. Lake: ingest, validate, split, commit"),
+    new_code_cell('''lake = Lake(work / "lake")
+table = ingest(lake, "digits", DigitsSource()).version
+print({split: table.num_examples(split) for split in table.splits}, "| version", table.version)
+print("lineage:", table.record["lineage"]["source"]["uri"], table.record["lineage"]["split"])
+assert sum(table.num_examples(s) for s in table.splits) == 1797'''),
+    new_markdown_cell("## 2. Train (a short run: 5 epochs)"),
+    new_code_cell('''config = load_config(CONFIG, ["num_epochs=5"])
+result = train_and_evaluate(config, work / "run", lake_root=lake.root, progress=False)
+print(f"test accuracy {result['test_accuracy']:.4f} (best dev {result['best_dev_accuracy']:.4f})")
+print(result["report"]["report_text"])
+assert result["test_accuracy"] > 0.9'''),
+    new_markdown_cell("## 3. Robust evaluation: how much does a small L∞ perturbation hurt?"),
+    new_code_cell('''predictor = Predictor.from_workdir(work / "run")
+test = table.reader("test").read_all()
+x = prepare_batch({"image": test["image"]}, table.schema)["image"]  # the [0, 1] input box
+robust = evaluate_robustness(make_apply(predictor.graphdef), predictor.params, x, test["label"], epsilon=0.1,
+                             attacks_=standard_attacks(steps=10, restarts=1))
+for name, accuracy in robust["accuracy"].items():
+    print(f"{name:>14s}: {accuracy:.4f}")
+print("warnings:", robust["warnings"] or "none")
+assert robust["accuracy"]["worst"] <= robust["accuracy"]["clean"]'''),
+    new_markdown_cell("## 4. Predict raw examples from the best checkpoint"),
+    new_code_cell('''raw = test["image"][:8, ..., 0]  # (8, 8, 8) values in 0..16, as the source delivers them
+out = predictor.predict(raw)
+print("predicted:", out["class"].tolist())
+print("true:     ", test["label"][:8].tolist())
+assert np.mean(out["class"] == test["label"][:8]) >= 0.75'''),
+])
+nbformat.write(quick, "experiments/quickstart.ipynb")
