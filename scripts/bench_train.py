@@ -6,7 +6,8 @@ Prints, measured in one run on the same device(s), model and batch:
     bare lepton_jax step (goal: ratio >= 0.9);
   * model FLOPs per step from XLA's cost analysis, and MFU where the device's peak is known.
 
-    .venv/bin/python scripts/bench_train.py --model cnn --batch 64 --epochs 30 --checkpoint-every 100
+    .venv/bin/python scripts/bench_train.py --config configs/digits_cnn.py --batch 64 --epochs 30
+    .venv/bin/python scripts/bench_train.py --config configs/digits_vit.py     # also digits_resnet.py
 """
 
 from __future__ import annotations
@@ -25,14 +26,11 @@ from lepton_jax import tracking
 from lepton_jax.config import load_config
 from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.models import build_model
+from lepton_jax.train import perf
 from lepton_jax.train.loop import train_and_evaluate
 from lepton_jax.train.optim import make_optimizer
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import build_train_step
-
-# Dense bf16 peak FLOP/s by device kind (vendor figures); MFU is reported only where the kind is listed.
-PEAK_FLOPS = {"NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "TPU v4": 275e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12}
 
 
 def time_steps(step, state, batch, steps: int, repeats: int = 5) -> float:
@@ -72,17 +70,13 @@ def minimal_step(graphdef, config):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/digits_cnn.py")
-    parser.add_argument("--model", default="cnn", help="cnn, resnet or vit")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the full-loop run")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between dev eval + checkpoint")
     args = parser.parse_args()
-    overrides = [f"model.name={args.model}", f"batch_size={args.batch}", f"num_epochs={args.epochs}",
-                 f"eval_every_steps={args.checkpoint_every}"]
+    overrides = [f"batch_size={args.batch}", f"num_epochs={args.epochs}", f"eval_every_steps={args.checkpoint_every}"]
     config = load_config(args.config, overrides)
-    if args.model != "cnn":  # the model section holds CNN fields; other models take their own defaults
-        config.model = type(config.model)({"name": args.model})
 
     model = build_model(config.model, input_shape=(8, 8, 1), num_classes=10, seed=0)
     graphdef, params = split_model(model)
@@ -93,8 +87,7 @@ def main() -> None:
     tx = make_optimizer(config.optim, total_steps=1000)
     ours = jax.jit(build_train_step(config, graphdef, tx), donate_argnums=0)
     theirs, base_tx = minimal_step(graphdef, config)
-    flops = ours.lower(create_state(params, tx, 0), batch).compile().cost_analysis()  # lowering donates nothing
-    flops = (flops[0] if isinstance(flops, list) else flops or {}).get("flops", float("nan"))
+    flops = perf.compiled_flops(ours, create_state(params, tx, 0), batch) or float("nan")  # lowering donates nothing
 
     def fresh():  # donated buffers are consumed: every run starts from its own copy
         return jax.tree.map(jnp.copy, params)
@@ -107,13 +100,15 @@ def main() -> None:
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"model {args.model}, batch {args.batch}: {flops:.3e} FLOPs per step (XLA cost analysis)")
+    print(f"model {config.model.name} ({args.config}), batch {args.batch}: {flops:.3e} FLOPs per step "
+          "(XLA cost analysis)")
     print(f"lepton_jax step {ours_rate:.1f} steps/s, minimal jit+optax step {theirs_rate:.1f} steps/s: "
           f"ratio {ours_rate / theirs_rate:.3f} (goal >= 0.97)")
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.device_kind.startswith(k)), None)
-    if peak:
-        print(f"MFU of the lepton_jax step: {flops * ours_rate / (peak * jax.device_count()):.3%} "
-              f"(peak {peak:.3g} FLOP/s per device)")
+    utilisation = perf.mfu(flops, ours_rate)
+    if utilisation is not None:
+        print(f"MFU of the lepton_jax step: {utilisation:.3%} (peak {perf.peak_flops():.3g} FLOP/s per device)")
+    else:
+        print(f"MFU: no peak FLOP/s known for {device.device_kind!r} (see lepton_jax/train/perf.py)")
 
     with tempfile.TemporaryDirectory() as tmp:
         ingest(Lake(f"{tmp}/lake"), "digits", DigitsSource())
@@ -121,6 +116,9 @@ def main() -> None:
         evals = [r for r in tracking.read_metrics(f"{tmp}/run") if "elapsed_s" in r]
     # steady state: from the first evaluation (compilation done) to the last; includes the later evaluations,
     # async checkpoints, Grain reads from the lake and metric logging
+    if len(evals) < 2:
+        print("full loop: too few evaluations to time the steady state; raise --epochs or lower --checkpoint-every")
+        return
     first, last = evals[0], evals[-1]
     loop_rate = (last["step"] - first["step"]) * args.batch / (last["elapsed_s"] - first["elapsed_s"])
     print(f"full loop {loop_rate:.0f} examples/s over steps {first['step']}..{last['step']} (Grain from the lake, "
