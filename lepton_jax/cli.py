@@ -16,11 +16,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lepton_jax.commands import lake, train
+from lepton_jax.commands import lake, research, robust, serve, train
 from lepton_jax.errors import LeptonError
 
 EXIT_USER_ERROR = 2
-STAGES = (lake, train)
+STAGES = (lake, train, serve, robust, research)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,12 @@ def train_command(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     initialize()
-    train_and_evaluate(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
+    if config.get("edge") is not None and config.edge.nodes > 1:  # local SGD / DiLoCo over a `nodes` axis
+        from lepton_jax.train.edge import train_edge
+
+        train_edge(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
+    else:
+        train_and_evaluate(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
     return 0
 
 

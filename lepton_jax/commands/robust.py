@@ -1,0 +1,127 @@
+"""`lepton-jax robust-eval`: robust accuracy of a run's checkpoint on a split of its pinned lake version.
+
+    lepton-jax robust-eval --workdir runs/x [--epsilons 0.1 0.2] [--norm linf] [--steps 20] [--restarts 3]
+
+Reports clean, FGSM, PGD-k, PGD-k × restarts, PGD-k (CW loss) and the per-example worst case at each ε, plus the
+accuracy-vs-ε curve and gradient-masking warnings; writes ``robust.json`` and ``accuracy_vs_eps.png`` (atomically)
+into ``--output`` (default ``WORKDIR/robust``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("robust-eval", help="adversarial robustness of a run's checkpoint (FGSM, PGD, worst case)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=None,
+                   help="radii in the model's input units (default: the run's robust.epsilon, else 0.1)")
+    p.add_argument("--norm", choices=("linf", "l2"), default=None, help="default: the run's robust.norm, else linf")
+    p.add_argument("--steps", type=int, default=20, help="PGD steps (step size 2.5ε/steps)")
+    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--curve", type=float, nargs="*", default=None,
+                   help="ε values of the accuracy-vs-ε curve (default: 8 points up to 2× the largest ε)")
+    p.add_argument("--seed", type=int, default=0, help="attack key")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--output", default=None, help="default: WORKDIR/robust")
+    p.set_defaults(handler=robust_eval_command)
+
+
+@functools.lru_cache(maxsize=8)
+def _apply_for(graphdef):
+    """One apply per model structure, so repeated evaluations reuse the compiled attacks."""
+    from lepton_jax.train.step import make_apply
+
+    return make_apply(graphdef)
+
+
+def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, norm: str | None = None,
+                 split: str = "test", step: int | None = None, steps: int = 20, restarts: int = 3,
+                 curve: list[float] | None = None, seed: int = 0, batch_size: int = 256,
+                 output: str | Path | None = None) -> dict[str, Any]:
+    """Restores a run's checkpoint and evaluates its robustness; writes and returns the results."""
+    import jax
+    import ml_collections
+    from flax import nnx
+
+    from lepton_jax import tracking
+    from lepton_jax.checkpoint import abstract_like, open_checkpoints
+    from lepton_jax.data.transforms import prepare_batch
+    from lepton_jax.errors import ConfigError
+    from lepton_jax.lake import Lake
+    from lepton_jax.models import build_model
+    from lepton_jax.parallel import batch_sharding, make_mesh, replicated
+    from lepton_jax.parallel.mesh import data_parallel_size
+    from lepton_jax.robust.evaluate import accuracy_curve, evaluate_robustness, save_curve_png, standard_attacks
+    from lepton_jax.serve.predictor import read_run
+    from lepton_jax.train.state import split_model
+
+    workdir = Path(workdir)
+    config, run_info = read_run(workdir)
+    robust = config.get("robust") or ml_collections.ConfigDict()
+    norm = norm or robust.get("norm", "linf")
+    epsilons = list(epsilons or [float(robust.get("epsilon", 0.1))])
+    if any(e < 0 for e in epsilons) or steps < 1 or restarts < 1:
+        raise ConfigError("robust-eval: need epsilons >= 0, --steps >= 1 and --restarts >= 1")
+    data = run_info["data"]
+    schema = data["schema"]
+    example_shape = tuple(schema["arrays"]["image"]["example_shape"])
+    mesh = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": -1}))
+    sharding = batch_sharding(mesh)
+    batch_size += (-batch_size) % data_parallel_size(mesh)
+    abstract_model = nnx.eval_shape(lambda: build_model(config.model, input_shape=example_shape,
+                                                        num_classes=len(schema["label_names"]), seed=config.seed))
+    graphdef, abstract_params = split_model(abstract_model)
+    ckpt = open_checkpoints(workdir / "checkpoints")
+    try:
+        step = ckpt.resolve_step(step if step is not None else ckpt.latest_step())
+        params = ckpt.restore_params(abstract_like(abstract_params, replicated(mesh)), step)
+    finally:
+        ckpt.close()
+    examples = prepare_batch(Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all(),
+                             schema)
+    x, y = examples["image"], examples["label"]
+    apply = _apply_for(graphdef)
+    attacks_ = standard_attacks(steps, restarts)
+    key = jax.random.PRNGKey(seed)
+    kw = dict(norm=norm, box=(0.0, 1.0), key=key, batch_size=batch_size, sharding=sharding)
+    per_eps = {f"{e:g}": evaluate_robustness(apply, params, x, y, epsilon=e, attacks_=attacks_, **kw)
+               for e in epsilons}
+    curve = curve if curve else [round(2 * max(epsilons) * i / 7, 4) for i in range(8)]
+    curve_result = accuracy_curve(apply, params, x, y, curve, attacks_=attacks_[:2], **kw)
+    out = Path(output) if output else workdir / "robust"
+    result = {"workdir": str(workdir), "step": step, "split": split, "n": int(len(y)), "norm": norm,
+              "attacks": [a.__dict__ for a in attacks_],
+              "results": {k: {"accuracy": r["accuracy"], "diagnostics": r["diagnostics"], "warnings": r["warnings"]}
+                          for k, r in per_eps.items()},
+              "curve": curve_result}
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tracking.write_json_atomic(out / "robust.json", result)
+        save_curve_png({f"step {step}": curve_result}, out / "accuracy_vs_eps.png",
+                       title=f"{data['table']}@{data['version']} {split}: worst of FGSM / {attacks_[1].name}")
+    result["output"] = str(out)
+    return result
+
+
+def robust_eval_command(args: argparse.Namespace) -> int:
+    result = evaluate_run(args.workdir, epsilons=args.epsilons, norm=args.norm, split=args.split, step=args.step,
+                          steps=args.steps, restarts=args.restarts, curve=args.curve, seed=args.seed,
+                          batch_size=args.batch_size, output=args.output)
+    print(f"{args.workdir} checkpoint step {result['step']}, split {result['split']} ({result['n']} examples), "
+          f"norm {result['norm']}:")
+    for eps, r in result["results"].items():
+        print(f"  eps {eps}: " + "  ".join(f"{k} {v:.4f}" for k, v in r["accuracy"].items()))
+        for w in r["warnings"]:
+            print(f"  warning: {w}")
+    c = result["curve"]
+    print("  worst-case accuracy vs eps: " + ", ".join(f"{e:g}: {a:.3f}" for e, a in zip(c["epsilons"], c["worst"],
+                                                                                       strict=True)))
+    print(f"wrote {result['output']}/robust.json accuracy_vs_eps.png")
+    return 0
