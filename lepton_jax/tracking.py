@@ -167,6 +167,11 @@ class RunDir:
         os.replace(tmp, path)
 
 
+def result_provenance(configs: list[str], data: str) -> str:
+    """One line naming what a paper table came from: its configs, lake data version and git revision."""
+    return f"configs: {', '.join(configs)}; data: {data}; git revision: {git_revision() or 'unknown'}"
+
+
 def read_json(path: Path) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["bytes_ratio_vs_dp"] = dp["bytes"] / row["bytes"] if row["bytes"] else float("inf")
         row["accuracy_gap_vs_dp_points"] = 100 * (row["test_accuracy"] - dp["test_accuracy"])
-    table = _markdown(rows, args)
+
+    data = f"digits@{Lake(lake_root).table('digits').version}"
+    table = tracking.result_provenance(["configs/digits_cnn.py", "configs/edge_diloco.py"], data) + "\n\n" + \
+        _markdown(rows, args)
     _write_text(out / "table.md", table)
     tracking.write_json_atomic(out / "results.json", {"nodes": args.nodes, "epochs": args.epochs, "rows": rows})
     _plot(rows, out / "accuracy_vs_bytes.png")

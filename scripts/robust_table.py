@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r["train_seconds"] for r in results if r["row"] == "standard"), None)
     label = dict(ROWS)
     cols = ["clean", "fgsm", attacks_[1].name, attacks_[2].name, attacks_[3].name, "worst"]
-    lines = [f"L∞ threat model on [0, 1] inputs; digits test split ({len(y)} examples); final-epoch parameters.",
+    from lepton_jax import tracking
+
+    configs = sorted({f"configs/robust_{row}.py" for row, _ in ROWS})
+    lines = [tracking.result_provenance(configs, f"digits@{table.version}"), "",
+             f"L∞ threat model on [0, 1] inputs; digits test split ({len(y)} examples); final-epoch parameters.",
              "", "| training | train ε | eval ε | clean | " + " | ".join(names[c] for c in cols[1:])
              + " | train time (× standard) |",
              "|" + "---|" * (len(cols) + 4)]
