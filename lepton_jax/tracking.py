@@ -47,6 +47,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
+    """Saves a matplotlib figure as PNG via a temp file and an atomic rename, then closes the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
 def git_revision(cwd: Path | None = None) -> str | None:
     """The current git commit (with ``-dirty`` when the tree has changes), or None outside a checkout."""
     cwd = cwd or Path(__file__).resolve().parent

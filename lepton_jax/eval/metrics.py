@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from jax.sharding import NamedSharding
 from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
+from lepton_jax import tracking
 from lepton_jax.data import LakeDataSource, eval_batches, to_global
 
 
@@ -66,12 +65,4 @@ def save_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
                                                                                      cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    tracking.save_figure_atomic(fig, path, dpi=120)
