@@ -1,9 +1,10 @@
 """Benchmark the lake: random-access examples/s through a Grain pipeline, ingest MB/s, commit latency vs versions.
 
-Random access compares, on the same examples and the same Grain pipeline (seeded shuffle -> batch -> one batched
-read per batch), three sources: the lake (TensorStore zarr v3, sharded, zstd, crc32c), Grain's ``ArrayRecordDataSource``
-over an ArrayRecord file holding the same examples (``group_size:1``, one record per example), and a numpy memmap of
-the raw bytes (the page-cache limit). Everything is read from a warm page cache after one untimed pass.
+Random access compares, on the same examples and the same Grain pipeline as training (``ShuffledBatches``: Grain's
+seeded per-epoch shuffle, one index array per batch, one batched read per batch), three sources: the lake
+(TensorStore zarr v3, sharded, zstd, crc32c), Grain's ``ArrayRecordDataSource`` over an ArrayRecord file holding the
+same examples (``group_size:1``, one record per example), and a numpy memmap of the raw bytes (the page-cache limit).
+Everything is read from a warm page cache after one untimed pass.
 
     .venv/bin/python scripts/bench_lake.py            # ~1-2 minutes on 2 CPU cores
     .venv/bin/python scripts/bench_lake.py --examples 20000 --batches 50   # quicker
@@ -22,7 +23,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from lepton_jax.data import LakeDataSource
+from lepton_jax.data import LakeDataSource, ShuffledBatches
 from lepton_jax.lake import Lake, NpzSource, ingest
 
 
@@ -37,9 +38,9 @@ def _examples(n: int, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np
     return images[..., None], labels
 
 
-def _throughput(read_batch, n: int, batch: int, batches: int, seed: int) -> float:
-    ds = grain.MapDataset.range(n).shuffle(seed=seed).batch(batch, drop_remainder=True).map(read_batch)
-    it = iter(ds.to_iter_dataset())
+def _throughput(read_batch, n: int, batch: int, batches: int, seed: int, threads: int) -> float:
+    ds = ShuffledBatches(n, batch, seed).map(read_batch)
+    it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)))
     next(it)  # warm-up: opens files, fills the shard-index cache
     start = time.perf_counter()
     for _ in range(batches):
@@ -53,7 +54,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=28, help="images are size x size x 1 uint8")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=150)
+    parser.add_argument("--batches", type=int, default=150, help="timed batches per source and repeat")
+    parser.add_argument("--read-threads", type=int, default=4, help="Grain read threads (the same for every source)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per source (median)")
     parser.add_argument("--commits", type=int, default=40, help="versions to accumulate for commit latency")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     args = parser.parse_args()
@@ -65,7 +68,7 @@ def main() -> None:
     images, labels = _examples(args.examples, (args.size, args.size), seed=0)
     mb = images.nbytes / 2**20
     print(f"{args.examples} examples of {images.shape[1:]} uint8 ({mb:.1f} MiB), batch {args.batch}, "
-          f"{args.batches} timed batches per source, work dir {work}")
+          f"{args.repeats} x {args.batches} timed batches per source, work dir {work}")
 
     # -- ingest ----------------------------------------------------------------------------------------------------
     np.savez(work / "src.npz", x=images, y=labels)
@@ -90,7 +93,12 @@ def main() -> None:
     train["image"].tofile(work / "train.images.raw")
     train["label"].tofile(work / "train.labels.raw")
 
-    lake_src = LakeDataSource(tv.reader("train"))
+    # The lake twice: with a cache just big enough for the shard index (every read decodes its chunk from the file:
+    # the regime of a dataset much larger than memory), and with the default cache, which here holds most of the
+    # decoded split after a few passes (the regime of a dataset that fits).
+    index_bytes = 16 * n + 4  # one (offset, length) uint64 pair per inner chunk, plus its crc32c
+    lake_src = LakeDataSource(tv.reader("train", cache_bytes=max(4 * 2**20, 2 * index_bytes)))
+    lake_cached_src = LakeDataSource(tv.reader("train"))
     ar_src = ArrayRecordDataSource([str(work / "train.array_record")])
     shape = train["image"].shape[1:]
     mm_images = np.memmap(work / "train.images.raw", dtype=np.uint8, mode="r", shape=(n, *shape))
@@ -98,6 +106,9 @@ def main() -> None:
 
     def read_lake(idx):
         return lake_src.__getitems__(idx)
+
+    def read_lake_cached(idx):
+        return lake_cached_src.__getitems__(idx)
 
     def read_array_record(idx):
         records = ar_src.__getitems__([int(i) for i in idx])
@@ -114,13 +125,22 @@ def main() -> None:
     a, b, c = read_lake(probe), read_array_record(probe), read_memmap(probe)
     assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in ("image", "label"))
 
-    rates = {}
-    for name, fn in (("lake", read_lake), ("arrayrecord", read_array_record), ("memmap", read_memmap)):
-        _throughput(fn, n, args.batch, max(1, args.batches // 3), seed=7)  # untimed pass: warm page cache
-        rates[name] = _throughput(fn, n, args.batch, args.batches, seed=11)
-        print(f"random access via Grain, {name:12s}: {rates[name]:12,.0f} examples/s")
+    sources = {"lake": read_lake, "lake (cached)": read_lake_cached, "arrayrecord": read_array_record,
+               "memmap": read_memmap}
+    for fn in sources.values():  # untimed pass: warm page cache
+        _throughput(fn, n, args.batch, max(1, args.batches // 3), seed=7, threads=args.read_threads)
+    # interleaved repeats (lake, arrayrecord, memmap, lake, ...) so drift in machine load hits every source alike
+    samples = {name: [] for name in sources}
+    for rep in range(args.repeats):
+        for name, fn in sources.items():
+            samples[name].append(_throughput(fn, n, args.batch, args.batches, seed=11 + rep, threads=args.read_threads))
+    rates = {name: statistics.median(v) for name, v in samples.items()}
+    for name, rate in rates.items():
+        spread = ", ".join(f"{v:,.0f}" for v in samples[name])
+        print(f"random access via Grain, {name:13s}: {rate:10,.0f} examples/s  (median of {spread})")
     print(f"ratio lake / ArrayRecord: {rates['lake'] / rates['arrayrecord']:.2f}x   "
-          f"lake / memmap: {rates['lake'] / rates['memmap']:.3f}x")
+          f"lake / memmap: {rates['lake'] / rates['memmap']:.3f}x   "
+          f"lake (cached) / ArrayRecord: {rates['lake (cached)'] / rates['arrayrecord']:.2f}x")
 
     # -- commit latency as versions accumulate ------------------------------------------------------------------------
     small = {"train": {"image": images[:1000], "label": labels[:1000].astype(np.int32)}}

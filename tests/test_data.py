@@ -1,10 +1,11 @@
+import grain
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lepton_jax.data import LakeDataSource, eval_batches, to_global, train_dataset
+from lepton_jax.data import LakeDataSource, ShuffledBatches, eval_batches, to_global, train_dataset
 from lepton_jax.errors import ConfigError
 from lepton_jax.lake import Lake
 
@@ -34,6 +35,20 @@ def test_batches_are_preprocessed_and_epochs_reshuffle(table):
     # within an epoch no example repeats: the images of one epoch are distinct rows of the split
     images = np.concatenate([b["image"] for b in batches[:steps_per_epoch]]).reshape(-1, 64)
     assert len({row.tobytes() for row in images}) == len(images)
+
+
+def test_index_batches_follow_grains_shuffle_across_epochs():
+    """ShuffledBatches is a faster path to exactly the stream of range(n).shuffle(seed).batch(b).repeat()."""
+    n, b, seed = 103, 8, 5
+    reference = grain.MapDataset.range(n).shuffle(seed=seed).batch(b, drop_remainder=True).repeat(3)
+    ours = ShuffledBatches(n, b, seed).repeat(3)
+    assert len(ours) == len(reference) == 3 * (n // b)
+    for i in range(len(ours)):
+        np.testing.assert_array_equal(ours[i], np.asarray(reference[i]))
+    assert ours[0].dtype == np.int64
+    assert not np.array_equal(ours[0], ours[n // b])  # the next epoch is a different permutation
+    with pytest.raises(ConfigError, match="batch size 0"):
+        ShuffledBatches(n, 0, seed)
 
 
 def test_hosts_get_disjoint_slices_of_the_same_global_batch(table):

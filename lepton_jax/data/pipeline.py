@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from grain.experimental import index_shuffle
 from jax.sharding import NamedSharding
 
 from lepton_jax.data.source import LakeDataSource
@@ -32,6 +33,37 @@ def host_slice(global_batch_size: int, process_index: int | None = None,
     return slice(index * per_host, (index + 1) * per_host)
 
 
+class ShuffledBatches(grain.MapDataset):
+    """Batches of example indices in the order of ``MapDataset.range(n).shuffle(seed).batch(batch_size,
+    drop_remainder=True)``, reshuffled every epoch (``index // len`` is the epoch, so ``.repeat()`` works).
+
+    The same permutation as Grain's shuffle (``grain.experimental.index_shuffle``, seed ``seed + epoch``), but a batch
+    is one int64 array built in one pass instead of ``batch_size`` single-element lookups and a tree stack; that
+    per-element overhead otherwise caps a pipeline at about 30k examples/s on one CPU core, whatever the source.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        super().__init__([])
+        if not 0 < batch_size <= num_examples:
+            raise ConfigError(f"batch size {batch_size} must be between 1 and the {num_examples} examples")
+        self._n, self._batch, self._seed = int(num_examples), int(batch_size), int(seed)
+
+    def __len__(self) -> int:
+        return self._n // self._batch
+
+    def __str__(self) -> str:
+        return f"ShuffledBatches(n={self._n}, batch_size={self._batch}, seed={self._seed})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, batch = divmod(int(index), len(self))
+        seed, last = (self._seed + epoch) % 2**32, self._n - 1
+        start = batch * self._batch
+        return np.fromiter((index_shuffle(i, last, seed, 4) for i in range(start, start + self._batch)),
+                           dtype=np.int64, count=self._batch)
+
+
 def train_dataset(source: LakeDataSource, *, global_batch_size: int, seed: int, num_epochs: int | None,
                   schema: dict[str, Any], process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
@@ -39,11 +71,9 @@ def train_dataset(source: LakeDataSource, *, global_batch_size: int, seed: int, 
     if global_batch_size > len(source):
         raise ConfigError(f"batch size {global_batch_size} exceeds the {len(source)} training examples")
     rows = host_slice(global_batch_size, process_index, process_count)
-    ds = (grain.MapDataset.range(len(source))
-          .shuffle(seed=seed)
-          .batch(global_batch_size, drop_remainder=True)
+    ds = (ShuffledBatches(len(source), global_batch_size, seed)
           .repeat(num_epochs)
-          .map(lambda idx: prepare_batch(source.__getitems__(np.asarray(idx)[rows]), schema)))
+          .map(lambda idx: prepare_batch(source.__getitems__(idx[rows]), schema)))
     return ds.to_iter_dataset()
 
 

@@ -22,6 +22,7 @@ import tensorstore as ts
 from lepton_jax.errors import LakeError
 
 TARGET_SHARD_BYTES = 64 * 2**20
+READ_PARTS = 4  # concurrent TensorStore requests per batched random read
 READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
 
 
@@ -143,9 +144,15 @@ def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES) -> ts.TensorStor
         raise LakeError(f"cannot open lake array {path}: {e}; run `lepton-jax lake verify` or re-ingest") from e
 
 
-def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "") -> np.ndarray:
-    """Reads ``store[index]`` into numpy; corrupt or missing chunks raise a LakeError naming the array."""
+def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "", parts: int = READ_PARTS) -> np.ndarray:
+    """Reads ``store[index]`` into numpy; corrupt or missing chunks raise a LakeError naming the array.
+
+    An integer index array is read as ``parts`` concurrent requests over consecutive pieces of it: one request's
+    chunks are decoded one after another, so several in flight keep TensorStore's thread pools busy."""
     try:
+        if isinstance(index, np.ndarray) and index.ndim == 1 and parts > 1 and index.size >= 2 * parts:
+            futures = [store[piece].read() for piece in np.array_split(index, parts)]
+            return np.concatenate([f.result() for f in futures])
         return store[index].read().result()
     except (ValueError, IndexError) as e:
         raise LakeError(f"corrupt lake array {path or store.kvstore}: {e}") from e

@@ -85,8 +85,11 @@ class TableVersion:
     def num_examples(self, split: str) -> int:
         return int(self._split(split)["num_examples"])
 
-    def reader(self, split: str) -> SplitReader:
-        return SplitReader(self.lake.root, self.table, self.version, split, self._split(split))
+    def reader(self, split: str, *, cache_bytes: int = arrays.READ_CACHE_BYTES) -> SplitReader:
+        """Random access to ``split``; ``cache_bytes`` bounds TensorStore's cache of shard indices and decoded
+        chunks (a split that fits is served from memory after its first epoch)."""
+        return SplitReader(self.lake.root, self.table, self.version, split, self._split(split),
+                           cache_bytes=cache_bytes)
 
     def quarantine(self) -> list[dict[str, Any]]:
         """The examples this version's ingest rejected: one dict per example with ``reason`` (a short code),
@@ -131,9 +134,10 @@ class SplitReader:
     #: costs a TensorStore chunk lookup per 4-byte label.
     SMALL_ARRAY_BYTES = 16 * 2**20
 
-    def __init__(self, root: Path, table: str, version: int, split: str, entry: dict[str, Any]):
+    def __init__(self, root: Path, table: str, version: int, split: str, entry: dict[str, Any], *,
+                 cache_bytes: int = arrays.READ_CACHE_BYTES):
         self.root, self.table, self.version, self.split = Path(root), table, version, split
-        self.entry = entry
+        self.entry, self.cache_bytes = entry, int(cache_bytes)
         self._stores: dict[str, Any] | None = None
         self._in_memory: dict[str, np.ndarray] = {}
 
@@ -156,7 +160,7 @@ class SplitReader:
                         state = "is missing" if size is None else f"has {size} bytes, not {info['bytes']}"
                         raise LakeError(f"lake file {file} {state} (table {self.table!r} version {self.version}); "
                                         "run `lepton-jax lake verify`")
-                store = arrays.open_array(path)
+                store = arrays.open_array(path, self.cache_bytes)
                 if "files" not in meta:  # records written before file digests: at least every shard must exist
                     for rel in arrays.shard_keys(store):
                         if not (path / rel).is_file():

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
-from lepton_jax.data import LakeDataSource, host_slice, prepare_batch, to_global
+from lepton_jax.data import LakeDataSource, ShuffledBatches, host_slice, prepare_batch, to_global
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.eval import metrics as eval_metrics
 from lepton_jax.lake import Lake
@@ -121,8 +121,7 @@ def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_bat
         idx = partitions[:, np.asarray(positions)].reshape(-1)[rows]
         return prepare_batch(source.__getitems__(idx), schema)
 
-    ds = (grain.MapDataset.range(m).shuffle(seed=seed)
-          .batch(per_node_batch, drop_remainder=True)
+    ds = (ShuffledBatches(m, per_node_batch, seed)
           .repeat(num_epochs)
           .map(load))
     return ds.to_iter_dataset()
