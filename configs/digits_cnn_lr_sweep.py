@@ -6,16 +6,11 @@ Runtime:   about 25 s per point on a 2-core laptop CPU (3 points).
 Expected:  runs/lr_sweep/summary.md with one row per learning rate; 3e-3 (the default) is best on dev.
 """
 
-import importlib.util
-from pathlib import Path
-
-_spec = importlib.util.spec_from_file_location("digits_cnn", Path(__file__).with_name("digits_cnn.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from lepton_jax.config import sibling_config
 
 
 def get_config():
-    return _base.get_config()
+    return sibling_config(__file__, "digits_cnn")
 
 
 def get_sweep():

@@ -6,18 +6,13 @@ Runtime:   a few minutes on a 2-core laptop CPU (30 epochs); seconds on a GPU.
 Expected:  test accuracy above 0.9 (not tuned; run it and see runs/digits_vit/summary.json).
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-_spec = importlib.util.spec_from_file_location("digits_cnn", Path(__file__).with_name("digits_cnn.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from lepton_jax.config import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _base.get_config()
+    config = sibling_config(__file__, "digits_cnn")
     config.model = ml_collections.ConfigDict({"name": "vit", "dtype": "float32"})
     config.model.update({"patch": 2, "width": 64, "depth": 2, "num_heads": 4, "mlp_dim": 128, "dropout": 0.1})
     config.optim.lr = 1e-3

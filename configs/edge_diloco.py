@@ -11,21 +11,13 @@ Inner optimizer = ``optim`` (AdamW, per node); outer = Nesterov SGD on the avera
 local SGD: ``--config.edge.outer_lr=1.0 --config.edge.outer_momentum=0.0``.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def _base() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("digits_cnn", Path(__file__).with_name("digits_cnn.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from lepton_jax.config import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _base()
+    config = sibling_config(__file__, "digits_cnn")
     config.edge = ml_collections.ConfigDict()
     config.edge.nodes = 4  # replicas, one per device (mesh axis 'nodes'), within or across processes
     config.edge.sync_every = 32  # H: inner steps between syncs

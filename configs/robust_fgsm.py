@@ -7,17 +7,12 @@ Expected:  robust to FGSM, less so to PGD; at larger ε prone to catastrophic ov
            PGD accuracy). Measured numbers: docs/robustness.md.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
+
+from lepton_jax.config import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("lepton_config_robust_standard",
-                                                  Path(__file__).with_name("robust_standard.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = sibling_config(__file__, "robust_standard")
     config.robust.objective = "fgsm"
     return config

@@ -11,18 +11,13 @@ number of updates as the other rows) and the schedule is constant after warmup: 
 for one update per step.
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
+
+from lepton_jax.config import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("lepton_config_robust_standard",
-                                                  Path(__file__).with_name("robust_standard.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = sibling_config(__file__, "robust_standard")
     config.robust.objective = "free"
     config.robust.free_replays = 4
     config.num_epochs = 3

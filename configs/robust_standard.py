@@ -9,24 +9,15 @@ The other ``configs/robust_*.py`` files start from this one and change ``robust.
 is that one switch on any model). ε is in the model's input units: images scaled to [0, 1].
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-
-def load_sibling(name: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of another file in configs/."""
-    spec = importlib.util.spec_from_file_location(f"lepton_config_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from lepton_jax.config import sibling_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     from lepton_jax.robust.objectives import default_robust_config
 
-    config = load_sibling("digits_cnn")
+    config = sibling_config(__file__, "digits_cnn")
     config.num_epochs = 10
     config.robust = default_robust_config(objective="standard", norm="linf", epsilon=0.1)
     return config

@@ -42,6 +42,12 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collectio
     return config
 
 
+def sibling_config(config_file: str | Path, name: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of ``name`` (e.g. ``"digits_cnn"``) in the same folder as ``config_file``: how one config
+    file starts from another (``config = sibling_config(__file__, "digits_cnn")``)."""
+    return load_config(Path(config_file).with_name(f"{name.removesuffix('.py')}.py"))
+
+
 def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[str]]:
     """Separates ``--config.a.b=v`` / ``--config.a.b v`` arguments from the rest of a command line."""
     rest, overrides = [], []

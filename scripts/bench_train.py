@@ -55,7 +55,7 @@ def minimal_step(graphdef, config):
                                  mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
 
     def loss_fn(params, batch, key):
-        logits = nnx.merge(graphdef, params)(batch["image"], train=True, rngs=key)
+        logits = nnx.merge(graphdef, params)(batch["input"], train=True, rngs=key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
     def step(state, batch):
@@ -81,7 +81,7 @@ def main() -> None:
     model = build_model(config.model, input_shape=(8, 8, 1), num_classes=10, seed=0)
     graphdef, params = split_model(model)
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.uniform(size=(args.batch, 8, 8, 1)), jnp.float32),
+    batch = {"input": jnp.asarray(rng.uniform(size=(args.batch, 8, 8, 1)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
 
     tx = make_optimizer(config.optim, total_steps=1000)

@@ -110,7 +110,7 @@ assert result["test_accuracy"] > 0.9'''),
     new_markdown_cell("## 3. Robust evaluation: how much does a small L∞ perturbation hurt?"),
     new_code_cell('''predictor = Predictor.from_workdir(work / "run")
 test = table.reader("test").read_all()
-x = prepare_batch({"image": test["image"]}, table.schema)["image"]  # the [0, 1] input box
+x = prepare_batch({"image": test["image"]}, table.schema)["input"]  # the [0, 1] input box
 robust = evaluate_robustness(make_apply(predictor.graphdef), predictor.params, x, test["label"], epsilon=0.1,
                              attacks_=standard_attacks(steps=10, restarts=1))
 for name, accuracy in robust["accuracy"].items():

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ingest(Lake(lake_root), "digits", DigitsSource())
     table = Lake(lake_root).table("digits")
     test = prepare_batch(table.reader("test").read_all(), table.schema)
-    x, y = test["image"], test["label"]
+    x, y = test["input"], test["label"]
     batch = len(y) + (-len(y)) % 8  # the whole split in one batch
     attacks_ = standard_attacks(args.eval_steps, args.restarts)
     names = {"fgsm": "FGSM", attacks_[1].name: f"PGD-{args.eval_steps}",

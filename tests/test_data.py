@@ -26,14 +26,14 @@ def test_batches_are_preprocessed_and_epochs_reshuffle(table):
     steps_per_epoch = table.num_examples("train") // 32
     batches, _ = _stream(table, 2 * steps_per_epoch)
     first = batches[0]
-    assert first["image"].shape == (32, 8, 8, 1) and first["image"].dtype == np.float32
+    assert first["input"].shape == (32, 8, 8, 1) and first["input"].dtype == np.float32
     assert first["label"].dtype == np.int32
-    assert first["image"].min() >= 0.0 and first["image"].max() <= 1.0
+    assert first["input"].min() >= 0.0 and first["input"].max() <= 1.0
     epoch1 = np.concatenate([b["label"] for b in batches[:steps_per_epoch]])
     epoch2 = np.concatenate([b["label"] for b in batches[steps_per_epoch:]])
     assert not np.array_equal(epoch1, epoch2)
     # within an epoch no example repeats: the images of one epoch are distinct rows of the split
-    images = np.concatenate([b["image"] for b in batches[:steps_per_epoch]]).reshape(-1, 64)
+    images = np.concatenate([b["input"] for b in batches[:steps_per_epoch]]).reshape(-1, 64)
     assert len({row.tobytes() for row in images}) == len(images)
 
 
@@ -54,8 +54,8 @@ def test_index_batches_follow_grains_shuffle_across_epochs():
 def test_hosts_get_disjoint_slices_of_the_same_global_batch(table):
     (whole,), _ = _stream(table, 1)
     parts = [_stream(table, 1, process_index=i, process_count=4)[0][0] for i in range(4)]
-    assert all(p["image"].shape[0] == 8 for p in parts)
-    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+    assert all(p["input"].shape[0] == 8 for p in parts)
+    np.testing.assert_array_equal(np.concatenate([p["input"] for p in parts]), whole["input"])
 
 
 def test_iterator_state_resumes_the_exact_stream(table):
@@ -78,9 +78,9 @@ def test_global_arrays_are_sharded_over_the_mesh(table):
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     (batch,), _ = _stream(table, 1)
     arrays = to_global(batch, NamedSharding(mesh, P("data")))
-    assert arrays["image"].shape == (32, 8, 8, 1)
-    assert len(arrays["image"].addressable_shards) == 8
-    assert arrays["image"].addressable_shards[0].data.shape == (4, 8, 8, 1)
+    assert arrays["input"].shape == (32, 8, 8, 1)
+    assert len(arrays["input"].addressable_shards) == 8
+    assert arrays["input"].addressable_shards[0].data.shape == (4, 8, 8, 1)
 
 
 def test_batch_larger_than_split_is_rejected(table):

@@ -51,7 +51,7 @@ def test_h1_local_sgd_with_outer_lr_1_equals_data_parallel():
     dp = create_state(params, inner_tx, 0)
     rng = np.random.default_rng(0)
     for _ in range(3):
-        batch = {"image": jnp.asarray(rng.uniform(size=(32, 8, 8, 1)), jnp.float32),
+        batch = {"input": jnp.asarray(rng.uniform(size=(32, 8, 8, 1)), jnp.float32),
                  "label": jnp.asarray(rng.integers(0, 10, 32), jnp.int32)}
         state, metrics = inner(state, batch)
         state = sync(state)

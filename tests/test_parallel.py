@@ -109,7 +109,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     graphdef, params = split_model(model)
     tx = optax.sgd(0.1)
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.uniform(size=(32, 8, 8, 1)), jnp.float32),
+    batch = {"input": jnp.asarray(rng.uniform(size=(32, 8, 8, 1)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 32), jnp.int32)}
     one, m1 = jax.jit(make_train_step(graphdef, tx, 1))(create_state(params, tx, 0), batch)
     four, m4 = jax.jit(make_train_step(graphdef, tx, 4))(create_state(params, tx, 0), batch)
@@ -192,10 +192,10 @@ def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
     graphdef, params = split_model(build_model(config, input_shape=(8, 8, 1), num_classes=10, seed=0))
     tx = optax.adamw(1e-3)
     state = create_state(params, tx, 0)
-    batch = {"image": jnp.ones((8, 8, 8, 1)), "label": jnp.zeros((8,), jnp.int32)}
+    batch = {"input": jnp.ones((8, 8, 8, 1)), "label": jnp.zeros((8,), jnp.int32)}
     new, metrics = jax.jit(make_train_step(graphdef, tx))(state, batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in jax.tree.leaves(new.opt_state))
     assert np.isfinite(float(metrics["loss"]))
-    logits = nnx.merge(graphdef, new.params)(batch["image"])
+    logits = nnx.merge(graphdef, new.params)(batch["input"])
     assert logits.dtype == jnp.float32  # heads cast back for a float32 loss

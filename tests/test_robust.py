@@ -47,7 +47,7 @@ def digits(lake_root):
 @pytest.fixture(scope="module")
 def mlp(digits):
     """A small MLP trained full-batch on the digits train split (pure apply: cheap to compile)."""
-    x, y = jnp.asarray(digits["train"]["image"]), jnp.asarray(digits["train"]["label"])
+    x, y = jnp.asarray(digits["train"]["input"]), jnp.asarray(digits["train"]["label"])
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     params = {"w1": jax.random.normal(k1, (64, 32)) / 8.0, "b1": jnp.zeros(32),
               "w2": jax.random.normal(k2, (32, 10)) / 6.0, "b2": jnp.zeros(10)}
@@ -68,7 +68,7 @@ def mlp(digits):
 
 @pytest.fixture(scope="module")
 def test_set(digits):
-    return digits["test"]["image"], digits["test"]["label"]
+    return digits["test"]["input"], digits["test"]["label"]
 
 
 # --- the threat model -------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
 
     from lepton_jax import tracking
     from lepton_jax.checkpoint import abstract_like, open_checkpoints
-    from lepton_jax.data.transforms import prepare_batch
+    from lepton_jax.data.transforms import INPUT, LABEL, input_spec, prepare_batch
     from lepton_jax.errors import ConfigError
     from lepton_jax.lake import Lake
     from lepton_jax.models import build_model
@@ -71,7 +71,7 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
         raise ConfigError("robust-eval: need epsilons >= 0, --steps >= 1 and --restarts >= 1")
     data = run_info["data"]
     schema = data["schema"]
-    example_shape = tuple(schema["arrays"]["image"]["example_shape"])
+    example_shape = tuple(input_spec(schema)["example_shape"])
     mesh = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": -1}))
     sharding = batch_sharding(mesh)
     batch_size += (-batch_size) % data_parallel_size(mesh)
@@ -86,7 +86,7 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
         ckpt.close()
     examples = prepare_batch(Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all(),
                              schema)
-    x, y = examples["image"], examples["label"]
+    x, y = examples[INPUT], examples[LABEL]
     apply = _apply_for(graphdef)
     attacks_ = standard_attacks(steps, restarts)
     key = jax.random.PRNGKey(seed)

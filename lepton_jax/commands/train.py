@@ -70,6 +70,7 @@ def launch_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from lepton_jax.data.transforms import input_array
     from lepton_jax.eval import metrics
     from lepton_jax.lake import Lake
     from lepton_jax.serve import Predictor
@@ -81,7 +82,8 @@ def eval_command(args: argparse.Namespace) -> int:
     split = Lake(data["lake"]).table(data["table"], data["version"]).reader(args.split)
     examples = split.read_all()
     labels = examples["label"]
-    predictions = predictor.predict(examples["image"], name=f"{data['table']}@{data['version']}/{args.split}")
+    predictions = predictor.predict(examples[input_array(predictor.schema)],
+                                    name=f"{data['table']}@{data['version']}/{args.split}")
     summary = metrics.classification_summary(labels, predictions["class"], predictor.label_names)
     print(f"{data['table']}@{data['version']} split {args.split}, checkpoint step {predictor.step}:")
     print(summary["report_text"])

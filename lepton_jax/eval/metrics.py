@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from lepton_jax import tracking
 from lepton_jax.data import LakeDataSource, eval_batches, to_global
+from lepton_jax.data.transforms import INPUT, LABEL
 
 
 def evaluate_split(predict: Callable, params: Any, source: LakeDataSource, *, schema: dict[str, Any],
@@ -26,10 +27,10 @@ def evaluate_split(predict: Callable, params: Any, source: LakeDataSource, *, sc
     total = -(-len(source) // global_batch_size)
     for batch, n_valid in tqdm(batches, total=total, desc=f"eval {source.reader.split}", unit="batch",
                                disable=not progress or jax.process_index() != 0, leave=False):
-        out = predict(params, to_global({"image": batch["image"]}, sharding)["image"])
+        out = predict(params, to_global({INPUT: batch[INPUT]}, sharding)[INPUT])
         logits.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n_valid])
         labels.append(np.asarray(multihost_utils.process_allgather(
-            to_global({"label": batch["label"]}, sharding)["label"], tiled=True))[:n_valid])
+            to_global({LABEL: batch[LABEL]}, sharding)[LABEL], tiled=True))[:n_valid])
     logits_, labels_ = np.concatenate(logits), np.concatenate(labels)
     return {"logits": logits_, "labels": labels_}
 

@@ -9,10 +9,13 @@ from flax import nnx
 
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.cnn import CNN
+from lepton_jax.models.mlp import MLP
 from lepton_jax.models.resnet import ResNet
+from lepton_jax.models.tcn import TemporalCNN
 from lepton_jax.models.vit import ViT
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "resnet": ResNet, "vit": ViT}
+MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "mlp": MLP, "resnet": ResNet, "tcn": TemporalCNN,
+                                                "vit": ViT}
 
 
 def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ...], num_classes: int,
@@ -24,5 +27,5 @@ def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ..
     try:
         return MODELS[config.name](input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed),
                                    **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"model {config.name!r} rejected its config {kwargs}: {e}") from e

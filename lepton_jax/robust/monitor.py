@@ -52,7 +52,7 @@ def make_overfitting_monitor(config: ml_collections.ConfigDict, graphdef: nnx.Gr
     """The monitor a config asks for: ``None`` unless ``config.robust`` selects a single-step objective with
     ``monitor`` on. ``source`` is a held-out split (the loop's dev source); its first ``monitor_examples``
     examples form the batch."""
-    from lepton_jax.data.transforms import prepare_batch
+    from lepton_jax.data.transforms import INPUT, LABEL, prepare_batch
     from lepton_jax.robust.objectives import SINGLE_STEP, default_robust_config
     from lepton_jax.train.step import make_apply
 
@@ -62,7 +62,7 @@ def make_overfitting_monitor(config: ml_collections.ConfigDict, graphdef: nnx.Gr
         return None
     n = min(len(source), int(rc.monitor_examples))
     batch = prepare_batch(source.__getitems__(np.arange(n)), schema)
-    return OverfittingMonitor(make_apply(graphdef), batch["image"], batch["label"], epsilon=rc.epsilon,
+    return OverfittingMonitor(make_apply(graphdef), batch[INPUT], batch[LABEL], epsilon=rc.epsilon,
                               norm=rc.norm, gap=rc.monitor_gap, drop=rc.monitor_drop,
                               early_stop=rc.monitor_early_stop, seed=int(config.get("seed", 0)),
                               sharding=sharding)

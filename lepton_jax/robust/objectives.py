@@ -32,6 +32,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError
 from lepton_jax.robust import attacks
 from lepton_jax.train.state import TrainState
@@ -145,7 +146,7 @@ def make_adversarial_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransf
         }
 
     def train_step(state: TrainState, batch: Batch):
-        x, y = batch["image"], batch["label"]
+        x, y = batch[INPUT], batch[LABEL]
         key = jax.random.fold_in(state.rng, state.step)
         attack_key = jax.random.fold_in(key, _ATTACK_TAG)
         if rc.objective == "free":

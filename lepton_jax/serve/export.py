@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lepton_jax.data.transforms import input_array, input_spec
 from lepton_jax.errors import LeptonError
 from lepton_jax.serve import edge
 
@@ -66,7 +67,7 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
         raise ExportError(f"{out_dir} exists and is not empty; choose a new --output directory")
     predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
     schema = predictor.schema
-    lo, hi = (float(v) for v in schema["arrays"]["image"]["value_range"])
+    lo, hi = (float(v) for v in input_spec(schema)["value_range"])
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(predictor.params))
     weights: dict[str, np.ndarray] = {}
     params_meta = []
@@ -89,9 +90,9 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
 
     batch = jax.export.symbolic_shape("batch")[0]
     weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
-    input_spec = jax.ShapeDtypeStruct((batch, *predictor.example_shape), jnp.float32)
+    input_struct = jax.ShapeDtypeStruct((batch, *predictor.example_shape), jnp.float32)
     try:
-        exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(weight_specs, input_spec)
+        exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(weight_specs, input_struct)
     except (ValueError, NotImplementedError) as e:
         raise ExportError(f"cannot export for platforms {list(platforms)}: {e}") from e
 
@@ -105,8 +106,9 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
                         "bytes": (tmp / name).stat().st_size} for name in (FUNCTION_FILE, WEIGHTS_FILE, RUNNER_FILE)}
         manifest = {
             "format": edge.FORMAT, "function": FUNCTION_FILE, "weights": WEIGHTS_FILE, "runner": RUNNER_FILE,
-            "input": {"name": "image", "dtype": "float32", "example_shape": list(predictor.example_shape),
-                      "value_range": [lo, hi], "batch_dimension": "symbolic",
+            "input": {"name": input_array(schema), "dtype": "float32",
+                      "example_shape": list(predictor.example_shape), "value_range": [lo, hi],
+                      "batch_dimension": "symbolic",
                       "units": "raw values of the training lake table; preprocessing is inside the function"},
             "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(predictor.label_names)]},
             "label_names": predictor.label_names, "platforms": list(exported.platforms),
@@ -136,7 +138,7 @@ def _compare(predictor, exported, weights, workdir, split: str) -> dict[str, Any
 
     data = read_run(Path(workdir))[1]["data"]
     examples = Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all()
-    raw, labels = predictor.validate(examples["image"]), examples["label"]
+    raw, labels = predictor.validate(examples[input_array(predictor.schema)]), examples["label"]
     reference = predictor.predict(raw)["class"]
     artifact = np.asarray(exported.call(weights, raw.astype(np.float32))).argmax(-1)
     return {"split": split, "num_examples": int(labels.shape[0]),

@@ -18,7 +18,7 @@ from flax import nnx
 from lepton_jax import tracking
 from lepton_jax.checkpoint import abstract_like, open_checkpoints
 from lepton_jax.config import from_dict
-from lepton_jax.data import prepare_batch
+from lepton_jax.data.transforms import INPUT, input_array, input_spec, prepare_batch
 from lepton_jax.errors import CheckpointError, InputError
 from lepton_jax.models import build_model
 from lepton_jax.parallel import batch_sharding, make_mesh, replicated
@@ -50,7 +50,7 @@ class Predictor:
         schema = run_info["data"]["schema"]
         mesh = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": -1}), devices)
         abstract_model = nnx.eval_shape(lambda: build_model(
-            config.model, input_shape=tuple(schema["arrays"]["image"]["example_shape"]),
+            config.model, input_shape=tuple(input_spec(schema)["example_shape"]),
             num_classes=len(schema["label_names"]), seed=config.seed))
         graphdef, abstract_params = split_model(abstract_model)
         ckpt = open_checkpoints(workdir / "checkpoints")
@@ -63,7 +63,7 @@ class Predictor:
 
     @property
     def example_shape(self) -> tuple[int, ...]:
-        return tuple(self.schema["arrays"]["image"]["example_shape"])
+        return tuple(input_spec(self.schema)["example_shape"])
 
     def validate(self, raw: np.ndarray, name: str = "input") -> np.ndarray:
         """Checks shape, dtype and values against the training table's schema; returns (N, *example_shape)."""
@@ -71,7 +71,7 @@ class Predictor:
         shape = self.example_shape
         if raw.dtype.kind not in "uif":
             raise InputError(f"{name}: dtype {raw.dtype} is not numeric; expected integers or floats in the "
-                             f"range {self.schema['arrays']['image']['value_range']}")
+                             f"range {input_spec(self.schema)['value_range']}")
         if raw.shape[1:] == shape[:-1] and shape[-1] == 1:
             raw = raw[..., None]
         if raw.ndim != len(shape) + 1 or raw.shape[1:] != shape:
@@ -80,7 +80,7 @@ class Predictor:
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             bad = int((~np.isfinite(raw.reshape(raw.shape[0], -1))).any(axis=1).sum())
             raise InputError(f"{name}: {bad} example(s) contain NaN or inf")
-        lo, hi = self.schema["arrays"]["image"]["value_range"]
+        lo, hi = input_spec(self.schema)["value_range"]
         if raw.size and (raw.min() < lo or raw.max() > hi):
             raise InputError(f"{name}: values span [{raw.min()}, {raw.max()}] but the model was trained on "
                              f"[{lo}, {hi}] (raw units of the lake table)")
@@ -88,10 +88,10 @@ class Predictor:
 
     def logits(self, raw: np.ndarray, name: str = "input") -> np.ndarray:
         raw = self.validate(raw, name)
-        images = prepare_batch({"image": raw}, self.schema)["image"]
+        inputs = prepare_batch({input_array(self.schema): raw}, self.schema)[INPUT]
         outputs = []
-        for start in range(0, images.shape[0], self.batch_size):
-            chunk = images[start:start + self.batch_size]
+        for start in range(0, inputs.shape[0], self.batch_size):
+            chunk = inputs[start:start + self.batch_size]
             pad = self.batch_size - chunk.shape[0]
             if pad:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])

@@ -182,6 +182,7 @@ class Registry:
 def describe_run(workdir: Path, *, step: int | None = None, reference_split: str = "train") -> dict[str, Any]:
     """What a registry record says about a run: checkpoint, metrics, config, data, schema, drift reference."""
     from lepton_jax import tracking
+    from lepton_jax.data.transforms import input_array, input_spec
     from lepton_jax.lake import Lake
     from lepton_jax.serve.drift import reference_stats
     from lepton_jax.serve.predictor import Predictor, read_run
@@ -193,19 +194,19 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
     summary_path = workdir / "summary.json"
     metrics = tracking.read_json(summary_path) if summary_path.exists() else {}
     split = Lake(data["lake"]).table(data["table"], data["version"]).reader(reference_split).read_all()
-    raw = split["image"]
+    raw = split[input_array(data["schema"])]
     predicted = predictor.predict(raw, name=f"{data['table']}@{data['version']}/{reference_split}")["class"]
     schema = data["schema"]
     reference = reference_stats(raw, predicted, num_classes=len(schema["label_names"]),
-                                value_range=schema["arrays"]["image"]["value_range"], split=reference_split)
+                                value_range=input_spec(schema)["value_range"], split=reference_split)
     return {
         "checkpoint": {"workdir": str(workdir), "directory": str(workdir / "checkpoints"), "step": predictor.step},
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)},
         "config": config.to_dict(),
         "data": {"lake": data["lake"], "table": data["table"], "version": data["version"], "schema": schema,
                  "source_sha256": data.get("source_sha256")},
-        "input": {"name": "image", "example_shape": list(predictor.example_shape),
-                  "value_range": schema["arrays"]["image"]["value_range"], "label_names": predictor.label_names},
+        "input": {"name": input_array(schema), "example_shape": list(predictor.example_shape),
+                  "value_range": input_spec(schema)["value_range"], "label_names": predictor.label_names},
         "reference": reference,
         "git_revision": run_info.get("git_revision"),
     }

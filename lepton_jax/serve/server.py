@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lepton_jax.data.transforms import input_array, input_spec
 from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, QueueFullError, Replica
 from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.metrics import ServerMetrics
@@ -84,11 +85,11 @@ class ServedModel:
         self.name, self.version, self.schema = name, str(version), schema
         self.graphdef, self.params = graphdef, jax.device_get(params)
         self.reference, self.info = reference, dict(info or {})
-        image = schema["arrays"]["image"]
-        self.example_shape = tuple(image["example_shape"])
-        self.value_range = tuple(float(v) for v in image["value_range"])
+        spec = input_spec(schema)
+        self.example_shape = tuple(spec["example_shape"])
+        self.value_range = tuple(float(v) for v in spec["value_range"])
         self.label_names = list(schema["label_names"])
-        self.input_name = "image"
+        self.input_name = input_array(schema)  # the request field: the lake array's name
 
     @classmethod
     def from_registry(cls, lake_root: str | Path, ref: str) -> ServedModel:

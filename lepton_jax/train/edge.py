@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.data import LakeDataSource, ShuffledBatches, host_slice, prepare_batch, to_global
+from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.eval import metrics as eval_metrics
 from lepton_jax.lake import Lake
@@ -77,8 +78,8 @@ def make_grad_fn(graphdef: nnx.GraphDef) -> edge_math.GradFn:
     apply = make_apply(graphdef)
 
     def loss_fn(params, batch, key):
-        logits = apply(params, batch["image"], train=True, rngs=key)
-        return cross_entropy(logits, batch["label"]), logits
+        logits = apply(params, batch[INPUT], train=True, rngs=key)
+        return cross_entropy(logits, batch[LABEL]), logits
 
     grad = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -171,8 +172,8 @@ class EdgeProgram:
         self.abstract = abstract_like(abstract, sh)
         self.data_sharding = data_sh = NamedSharding(mesh, P(NODES))
         self.replicated = NamedSharding(mesh, P())
-        batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *example_shape), jnp.float32, sharding=data_sh),
-                 "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=data_sh)}
+        batch = {INPUT: jax.ShapeDtypeStruct((config.batch_size, *example_shape), jnp.float32, sharding=data_sh),
+                 LABEL: jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=data_sh)}
         self.inner_step = jax.jit(edge_math.make_inner_step(make_grad_fn(self.graphdef), self.inner_tx, mesh),
                                   in_shardings=(sh, data_sh), out_shardings=(sh, data_sh),
                                   donate_argnums=0).lower(self.abstract, batch).compile()
@@ -233,7 +234,7 @@ def train_edge(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_r
     steps_per_epoch = partitions.shape[1] // per_node
     total_steps = steps_per_epoch * config.num_epochs
     eval_every = int(config.get("eval_every_steps", 0)) or steps_per_epoch
-    example_shape = tuple(prepare_batch(train_src.__getitems__(np.arange(1)), schema)["image"].shape[1:])
+    example_shape = tuple(prepare_batch(train_src.__getitems__(np.arange(1)), schema)[INPUT].shape[1:])
     if program is None or program.config.to_dict() != config.to_dict():
         program = EdgeProgram(config, example_shape=example_shape, num_classes=len(label_names),
                               total_steps=total_steps, devices=devices)
@@ -365,8 +366,8 @@ def dp_step_bytes(config: ml_collections.ConfigDict, *, example_shape: tuple[int
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, config.seed), abstract_params)
     state_sh = state_shardings(abstract_state, param_sh, mesh)
     data_sh = batch_sharding(mesh)
-    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *example_shape), jnp.float32),
-             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+    batch = {INPUT: jax.ShapeDtypeStruct((config.batch_size, *example_shape), jnp.float32),
+             LABEL: jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
     compiled = jax.jit(build_train_step(config, graphdef, tx), in_shardings=(state_sh, data_sh),
                        out_shardings=(state_sh, NamedSharding(mesh, P()))).lower(abstract_state, batch).compile()
     return compiled_bytes(compiled)

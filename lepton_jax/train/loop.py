@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.data import LakeDataSource, to_global, train_dataset
+from lepton_jax.data.transforms import input_spec
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.eval import metrics as eval_metrics
 from lepton_jax.lake import Lake
@@ -89,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     eval_every = int(config.get("eval_every_steps", 0)) or steps_per_epoch
 
     def new_model() -> nnx.Module:
-        return build_model(config.model, input_shape=tuple(schema["arrays"]["image"]["example_shape"]),
+        return build_model(config.model, input_shape=tuple(input_spec(schema)["example_shape"]),
                            num_classes=len(label_names), seed=config.seed)
 
     abstract_model = nnx.eval_shape(new_model)

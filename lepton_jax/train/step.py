@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -36,8 +37,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     apply = make_apply(graphdef)
 
     def loss_fn(params, batch: Batch, key: jax.Array):
-        logits = apply(params, batch["image"], train=True, rngs=key)
-        return cross_entropy(logits, batch["label"]), logits
+        logits = apply(params, batch[INPUT], train=True, rngs=key)
+        return cross_entropy(logits, batch[LABEL]), logits
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -79,7 +80,7 @@ def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransform
                      ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step a config asks for: standard, or an adversarial objective from ``config.robust``.
 
-    Inputs are images in the [0, 1] box (see :mod:`lepton_jax.data.transforms`), which is the attack's input box.
+    Inputs are scaled to the [0, 1] box (see :mod:`lepton_jax.data.transforms`), which is the attack's input box.
     """
     robust = config.get("robust")
     objective = robust.get("objective", "standard") if robust is not None else "standard"
