@@ -343,3 +343,34 @@ def test_pgd_at_beats_standard_training_under_pgd(trained_run, lake_root, tmp_pa
     # measured (3 epochs, L∞ ε = 0.15, PGD-3 training): standard 0.214, PGD-AT 0.572, a margin of 0.36;
     # assert half of it
     assert pgd["pgd_at"] - pgd["standard"] > 0.18, pgd
+
+
+# --- the training loop: overfitting monitor, free-AT schedule, unsupported combinations ---------------------------
+
+def test_loop_runs_the_overfitting_monitor_and_counts_free_replays_in_the_schedule(lake_root, tmp_path):
+    from lepton_jax import tracking
+    from lepton_jax.train.loop import train_and_evaluate
+    from lepton_jax.train.optim import make_schedule
+
+    overrides = ["num_epochs=1", "eval_every_steps=4", "robust.free_replays=2", "optim.schedule='cosine'",
+                 "optim.warmup_steps=4", "robust.monitor_examples=64", "robust.monitor_gap=-1.0",
+                 "robust.monitor_early_stop=True"]  # a negative gap flags every check: stop at the first one
+    config = load_config(ROOT / "configs" / "robust_free.py", overrides)
+    result = train_and_evaluate(config, tmp_path / "run", lake_root=lake_root, progress=False)
+    assert result["stopped_early"] == "catastrophic_overfitting" and result["steps"] == 4
+    records = tracking.read_metrics(tmp_path / "run")
+    check = next(r for r in records if "co_pgd_accuracy" in r)
+    assert check["step"] == 4 and check["co_flagged"] and 0.0 <= check["co_pgd_accuracy"] <= 1.0
+    # 2 optimizer updates per step: the schedule spans 2x the steps, and step 4 starts at update 6
+    total_steps = Lake(lake_root).table("digits").num_examples("train") // config.batch_size
+    logged = next(r["lr"] for r in records if r.get("step") == 4 and "lr" in r)
+    assert logged == pytest.approx(float(make_schedule(config.optim, 2 * total_steps)(6)))
+
+
+def test_adversarial_objectives_refuse_gradient_accumulation(tiny_cnn):
+    from lepton_jax.errors import ConfigError
+    from lepton_jax.train.step import build_train_step
+
+    config = load_config(ROOT / "configs" / "robust_fgsm.py", ["grad_accum_steps=2"])
+    with pytest.raises(ConfigError, match="does not support grad_accum_steps=2"):
+        build_train_step(config, tiny_cnn[0], optax.sgd(0.1))

@@ -38,10 +38,11 @@ from lepton_jax.parallel.rules import (
     sharding_table,
     state_shardings,
 )
+from lepton_jax.robust.monitor import make_overfitting_monitor
 from lepton_jax.train import perf
 from lepton_jax.train.optim import make_optimizer, make_schedule
 from lepton_jax.train.state import count_params, create_state, split_model
-from lepton_jax.train.step import build_train_step, make_predict
+from lepton_jax.train.step import build_train_step, make_predict, optimizer_updates_per_step
 
 
 class Preemption:
@@ -98,8 +99,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     rules, min_size = rules_from_config(config.get("sharding"))
     specs = param_specs(logical_axes(abstract_model), abstract_params, rules, mesh, min_size)
     param_sh = named_shardings(specs, mesh)
-    tx = make_optimizer(config.optim, total_steps)
-    schedule = make_schedule(config.optim, total_steps)
+    updates_per_step = optimizer_updates_per_step(config)
+    tx = make_optimizer(config.optim, total_steps * updates_per_step)
+    schedule = make_schedule(config.optim, total_steps * updates_per_step)
 
     def init_state():
         return create_state(split_model(new_model())[1], tx, config.seed)
@@ -110,6 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     train_step = jax.jit(build_train_step(config, graphdef, tx), in_shardings=(state_sh, data_sh),
                          out_shardings=(state_sh, repl), donate_argnums=0)
     predict = jax.jit(make_predict(graphdef), in_shardings=(param_sh, data_sh), out_shardings=data_sh)
+    # single-step adversarial training (FGSM, FGSM-RS, free): watch for catastrophic overfitting at every evaluation
+    monitor = make_overfitting_monitor(config, graphdef, dev_src, schema, data_sh)
     eval_batch = config.get("eval_batch_size", 256)
     eval_batch += (-eval_batch) % dp
 
@@ -148,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             data_sh))
     profile = Profiler(run.path / "profile", int(config.get("profile_start_step", 0)),
                        int(config.get("profile_steps", 0)))
+    stopped_early = None
     start = last_log = time.perf_counter()
     with Preemption() as preemption, tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                                            disable=not progress or jax.process_index() != 0) as bar:
@@ -170,7 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 utilisation = perf.mfu(flops, 1.0 / step_time)
                 if utilisation is not None:
                     timing["mfu"] = utilisation
-                run.log(step=step, epoch=epoch, lr=float(schedule(step - 1)),
+                run.log(step=step, epoch=epoch, lr=float(schedule((step - 1) * updates_per_step)),
                         **{f"train_{k}": v for k, v in mean.items()}, **timing)
                 if not all(np.isfinite(m["loss"]) for m in fetched):
                     _stop_on_divergence(run, ckpt, state, step, predict, dev_src, schema, eval_batch, data_sh,
@@ -188,12 +193,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 if progress and jax.process_index() == 0:
                     bar.write(f"step {step} (epoch {epoch}): train loss {history['loss'][-1]:.4f}  "
                               f"dev loss {dev['loss']:.4f}  dev accuracy {dev['accuracy']:.4f}")
+                if monitor is not None:
+                    co = monitor(state.params)
+                    run.log(step=step, epoch=epoch, **co)
+                    if co["co_flagged"]:
+                        _say(progress, f"step {step}: catastrophic overfitting suspected: dev FGSM accuracy "
+                                       f"{co['co_fgsm_accuracy']:.3f}, PGD accuracy {co['co_pgd_accuracy']:.3f}"
+                                       + ("; stopping (robust.monitor_early_stop)" if co["co_stop"] else ""))
+                    if co["co_stop"]:
+                        stopped_early = "catastrophic_overfitting"
             if preemption.requested:
                 ckpt.close()
                 run.log(step=step, preempted=True)
                 run.close()
                 _say(progress, f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
                 return {"preempted": True, "steps": step, "history": history, "final_state": state}
+            if stopped_early:
+                break
     train_seconds = time.perf_counter() - start
     ckpt.wait()
     best_step = ckpt.best_step()
@@ -209,6 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     summary = {"test_accuracy": report["accuracy"], "test_loss": test_loss, "best_step": best_step,
                "best_dev_accuracy": best_dev, "train_seconds": train_seconds,
                "steps": int(jax.device_get(state.step)), "data_version": table.version}
+    if stopped_early:
+        summary["stopped_early"] = stopped_early
     run.log(**summary)
     if run.is_writer:
         out = Path(workdir)

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 
 from lepton_jax.data.transforms import INPUT, LABEL
+from lepton_jax.errors import ConfigError
 from lepton_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -84,11 +85,25 @@ def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransform
     """
     robust = config.get("robust")
     objective = robust.get("objective", "standard") if robust is not None else "standard"
+    accum = int(config.get("grad_accum_steps", 1))
     if objective == "standard":
-        return make_train_step(graphdef, tx, int(config.get("grad_accum_steps", 1)))
+        return make_train_step(graphdef, tx, accum)
+    if accum != 1:
+        raise ConfigError(f"robust.objective {objective!r} does not support grad_accum_steps={accum} (its attack "
+                          "and update run on the whole batch); set grad_accum_steps=1 or lower batch_size")
     from lepton_jax.robust.objectives import make_adversarial_train_step
 
     return make_adversarial_train_step(graphdef, tx, robust, input_box=(0.0, 1.0))
+
+
+def optimizer_updates_per_step(config) -> int:
+    """Optimizer updates one train step makes: ``robust.free_replays`` for free adversarial training (its replays
+    each update the parameters), otherwise 1. Learning-rate schedules count updates, so they span
+    ``steps x updates_per_step``."""
+    robust = config.get("robust")
+    if robust is not None and robust.get("objective", "standard") == "free":
+        return int(robust.get("free_replays", 1))
+    return 1
 
 
 def make_predict(graphdef: nnx.GraphDef) -> Callable[[object, jax.Array], jax.Array]:
