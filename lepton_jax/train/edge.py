@@ -44,7 +44,7 @@ from lepton_jax.models import build_model
 from lepton_jax.parallel import edge as edge_math
 from lepton_jax.parallel.comm import compiled_bytes
 from lepton_jax.parallel.edge import NODES, EdgeState
-from lepton_jax.train.loop import Preemption
+from lepton_jax.train.loop import Preemption, finish_run
 from lepton_jax.train.optim import make_optimizer
 from lepton_jax.train.state import TrainState, count_params, split_model
 from lepton_jax.train.step import cross_entropy, make_apply, make_predict
@@ -316,32 +316,12 @@ def train_edge(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_r
                 run.close()
                 return {"preempted": True, "steps": step, "history": history, "final_state": state,
                         "communication": comm, "program": program}
-    train_seconds = time.perf_counter() - start
-    ckpt.wait()
-    best_step = ckpt.best_step()
-    best_params = ckpt.restore_params(abstract_like(state.params, repl), best_step)
-    ckpt.close()
-    outputs = eval_metrics.evaluate_split(predict, best_params, test_src, schema=schema,
-                                          global_batch_size=eval_batch, sharding=data_sh)
-    report = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
-    test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
-    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(workdir) if "dev_accuracy" in r]
-                   + history["dev_accuracy"], default=None)
-    summary = {"test_accuracy": report["accuracy"], "test_loss": test_loss, "best_step": best_step,
-               "best_dev_accuracy": best_dev, "train_seconds": train_seconds,
-               "steps": int(jax.device_get(state.step)), "data_version": table.version,
-               "bytes_communicated": comm["bytes_total"]}
-    run.log(**summary)
-    if run.is_writer:
-        out = Path(workdir)
-        (out / "report.txt").write_text(report["report_text"])
-        tracking.write_json_atomic(out / "report.json", {k: report[k] for k in ("accuracy", "report",
-                                                                                 "confusion_matrix")})
-        eval_metrics.save_confusion_matrix(report["confusion_matrix"], label_names, out / "confusion_matrix.png",
-                                           title=f"test split, step {best_step}: accuracy {report['accuracy']:.4f}")
-        tracking.write_json_atomic(out / "summary.json", summary)
-        run.update_run_info(finished=True, summary=summary)
-    run.close()
+    summary, best_params, report = finish_run(
+        run, ckpt, abstract_params=abstract_like(state.params, repl), predict=predict, test_src=test_src,
+        schema=schema, eval_batch=eval_batch, data_sharding=data_sh, history=history,
+        train_seconds=time.perf_counter() - start, steps=int(jax.device_get(state.step)),
+        data_version=table.version, extra={"bytes_communicated": comm["bytes_total"]})
+    best_step = summary["best_step"]
     _say(progress, f"test accuracy {report['accuracy']:.4f} (outer parameters, checkpoint step {best_step}); "
                    f"{comm['bytes_total']:,} collective bytes per device")
     return {**summary, "history": history, "params": best_params, "final_state": state, "report": report,

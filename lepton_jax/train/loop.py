@@ -210,26 +210,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                 return {"preempted": True, "steps": step, "history": history, "final_state": state}
             if stopped_early:
                 break
-    train_seconds = time.perf_counter() - start
+    summary, best_params, report = finish_run(
+        run, ckpt, abstract_params=abstract_like(state.params, param_sh), predict=predict, test_src=test_src,
+        schema=schema, eval_batch=eval_batch, data_sharding=data_sh, history=history,
+        train_seconds=time.perf_counter() - start, steps=int(jax.device_get(state.step)),
+        data_version=table.version, extra={"stopped_early": stopped_early} if stopped_early else None,
+        progress=progress)
+    best_step = summary["best_step"]
+    _say(progress, f"\ntest classification report (checkpoint step {best_step}, best dev accuracy):\n"
+                   f"{report['report_text']}")
+    _say(progress, f"test accuracy {report['accuracy']:.4f}\nwrote {Path(workdir)}/: config.json run.json "
+                   "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
+    return {**summary, "history": history, "params": best_params, "final_state": state, "report": report}
+
+
+def finish_run(run: tracking.RunDir, ckpt: Checkpointer, *, abstract_params: Any, predict, test_src: LakeDataSource,
+               schema: dict[str, Any], eval_batch: int, data_sharding, history: dict[str, list],
+               train_seconds: float, steps: int, data_version: int, extra: dict[str, Any] | None = None,
+               progress: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """The end of a run: restores the best checkpoint (by dev accuracy), evaluates it on the test split, writes
+    report.txt/json, confusion_matrix.png and summary.json, and closes the run and checkpointer.
+
+    Returns ``(summary, best_params, report)``; ``extra`` entries are added to the summary."""
     ckpt.wait()
     best_step = ckpt.best_step()
-    best_params = ckpt.restore_params(abstract_like(state.params, param_sh), best_step)
+    best_params = ckpt.restore_params(abstract_params, best_step)
     ckpt.close()
-
+    label_names = list(schema["label_names"])
     outputs = eval_metrics.evaluate_split(predict, best_params, test_src, schema=schema,
-                                          global_batch_size=eval_batch, sharding=data_sh, progress=progress)
+                                          global_batch_size=eval_batch, sharding=data_sharding, progress=progress)
     report = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
     test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
-    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(workdir) if "dev_accuracy" in r]
+    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(run.path) if "dev_accuracy" in r]
                    + history["dev_accuracy"], default=None)
     summary = {"test_accuracy": report["accuracy"], "test_loss": test_loss, "best_step": best_step,
-               "best_dev_accuracy": best_dev, "train_seconds": train_seconds,
-               "steps": int(jax.device_get(state.step)), "data_version": table.version}
-    if stopped_early:
-        summary["stopped_early"] = stopped_early
+               "best_dev_accuracy": best_dev, "train_seconds": train_seconds, "steps": steps,
+               "data_version": data_version, **(extra or {})}
     run.log(**summary)
     if run.is_writer:
-        out = Path(workdir)
+        out = run.path
         (out / "report.txt").write_text(report["report_text"])
         tracking.write_json_atomic(out / "report.json", {k: report[k] for k in ("accuracy", "report",
                                                                                  "confusion_matrix")})
@@ -238,11 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         tracking.write_json_atomic(out / "summary.json", summary)
         run.update_run_info(finished=True, summary=summary)
     run.close()
-    _say(progress, f"\ntest classification report (checkpoint step {best_step}, best dev accuracy):\n"
-                   f"{report['report_text']}")
-    _say(progress, f"test accuracy {report['accuracy']:.4f}\nwrote {Path(workdir)}/: config.json run.json "
-                   "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
-    return {**summary, "history": history, "params": best_params, "final_state": state, "report": report}
+    return summary, best_params, report
 
 
 class Profiler:
