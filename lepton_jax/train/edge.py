@@ -38,13 +38,12 @@ from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.data import LakeDataSource, ShuffledBatches, host_slice, prepare_batch, to_global
 from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError, TrainingDivergedError
-from lepton_jax.eval import metrics as eval_metrics
 from lepton_jax.lake import Lake
 from lepton_jax.models import build_model
 from lepton_jax.parallel import edge as edge_math
 from lepton_jax.parallel.comm import compiled_bytes
 from lepton_jax.parallel.edge import NODES, EdgeState
-from lepton_jax.train.loop import Preemption, finish_run
+from lepton_jax.train.loop import Preemption, _evaluate, _say, finish_run
 from lepton_jax.train.optim import make_optimizer
 from lepton_jax.train.state import TrainState, count_params, split_model
 from lepton_jax.train.step import cross_entropy, make_apply, make_predict
@@ -378,14 +377,3 @@ def communication_report(config: ml_collections.ConfigDict, *, example_shape: tu
     for row in rows:
         row["ratio_to_dp"] = dp / row["bytes_per_step"] if row["bytes_per_step"] else math.inf
     return rows
-
-
-def _evaluate(predict, params, source, schema, batch_size, sharding) -> dict[str, float]:
-    out = eval_metrics.evaluate_split(predict, params, source, schema=schema, global_batch_size=batch_size,
-                                      sharding=sharding)
-    return eval_metrics.summary_metrics(out["logits"], out["labels"])
-
-
-def _say(enabled: bool, message: str) -> None:
-    if enabled and jax.process_index() == 0:
-        print(message, flush=True)
