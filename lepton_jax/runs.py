@@ -52,12 +52,10 @@ def table(summaries: list[dict[str, Any]], extra_keys: list[str] = ()) -> str:
 
 def plot_curves(workdirs: list[Path], path: Path) -> None:
     """Training loss and dev accuracy against step for several runs, as one PNG (written atomically)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, dev_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    loss_ax, dev_ax = fig.subplots(1, 2)
     for workdir in workdirs:
         metrics = tracking.read_metrics(workdir)
         train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]

@@ -48,9 +48,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
-    """Saves a matplotlib figure as PNG via a temp file and an atomic rename, then closes the figure."""
-    import matplotlib.pyplot as plt
+    """Saves a matplotlib figure as PNG via a temp file and an atomic rename.
 
+    Figures are built with the object-oriented ``matplotlib.figure.Figure`` API, so no pyplot state or backend
+    (a notebook's inline backend, say) is touched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
@@ -59,7 +61,6 @@ def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
         fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
 
 

@@ -41,3 +41,24 @@ def test_sweep_rejects_a_bad_point_before_training(capsys, lake_root, tmp_path):
     assert main(["sweep", "--config", str(config), "--workdir", str(tmp_path / "s"), "--lake", str(lake_root)]) == 2
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_library_plots_leave_the_matplotlib_backend_alone(trained_run, tmp_path):
+    """A notebook's backend survives every library plot (the library draws on Figure objects, never pyplot)."""
+    import matplotlib
+
+    from lepton_jax import runs
+    from lepton_jax.eval.metrics import save_confusion_matrix
+    from lepton_jax.robust.evaluate import save_curve_png
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend: anything but Agg
+    try:
+        workdir, _ = trained_run
+        runs.plot_curves([workdir], tmp_path / "curves.png")
+        save_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png")
+        save_curve_png({"m": {"epsilons": [0.0, 0.1], "worst": [1.0, 0.5], "norm": "linf"}}, tmp_path / "r.png")
+        assert matplotlib.get_backend() == "svg"
+        assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in ("curves.png", "cm.png", "r.png"))
+    finally:
+        matplotlib.use(before)

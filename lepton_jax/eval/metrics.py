@@ -56,12 +56,10 @@ def classification_summary(labels: np.ndarray, predictions: np.ndarray, label_na
 
 def save_confusion_matrix(matrix: list[list[int]], label_names: list[str], path: Path, title: str = "") -> None:
     """Writes the confusion matrix as a PNG (atomically)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig = Figure(figsize=(6, 5.5))
+    ax = fig.subplots()
     skm.ConfusionMatrixDisplay(np.asarray(matrix), display_labels=label_names).plot(ax=ax, colorbar=False,
                                                                                      cmap="Blues")
     ax.set_title(title)

@@ -231,13 +231,11 @@ def accuracy_curve(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, e
 
 def save_curve_png(curves: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Plots worst-case accuracy vs ε for several models (``{label: accuracy_curve(...)}``), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(curve["epsilons"], curve["worst"], marker="o", label=label)
     norm = next(iter(curves.values()))["norm"] if curves else "linf"
