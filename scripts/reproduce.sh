@@ -44,3 +44,7 @@ if step edge && [ -f scripts/edge_study.py ]; then
   echo "== edge training study (docs/edge.md)"
   $PY scripts/edge_study.py --out results/edge
 fi
+if [ -z "$ONLY" ]; then
+  echo "== every quoted number against its artifact (docs/numbers.toml)"
+  $PY scripts/check_numbers.py
+fi
