@@ -5,6 +5,7 @@
     lepton-jax train --config configs/digits_cnn.py --workdir runs/x [--config.optim.lr=3e-4 ...]
     lepton-jax eval --workdir runs/x [--split test]
     lepton-jax predict --workdir runs/x --input examples.npy [--output predictions.npy]
+    python -m lepton_jax ...         (the same command, e.g. in a notebook: !python -m lepton_jax --version)
 
 Stages register their subcommands from ``lepton_jax.commands.<stage>``. Errors caused by input (config, files,
 data) print one ``error:`` line and exit with status 2.
@@ -16,6 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lepton_jax import __version__
 from lepton_jax.commands import lake, research, robust, serve, train
 from lepton_jax.errors import LeptonError
 
@@ -25,6 +27,7 @@ STAGES = (lake, train, serve, robust, research)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lepton-jax", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"lepton-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         stage.register(sub)

@@ -107,3 +107,13 @@ def test_overrides_outside_train_are_rejected(capsys, argv):
 def test_lake_ls_of_missing_table(capsys, lake_root):
     assert "has no table 'nope'" in _bad(capsys, "lake", "ls", "--lake", lake_root, "--table", "nope")
     assert Lake(lake_root).versions("digits") == [1]
+
+
+def test_python_dash_m_runs_the_cli_and_reports_the_installed_version():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "lepton_jax", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"lepton-jax {version('lepton_jax')}"
