@@ -73,7 +73,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.edge.delta_dtype = "float32"  # float32 | bfloat16 | int8 (error feedback for the low-precision ones)
     config.edge.fragments = 1  # F > 1: the k-th sync sends parameter group k mod F (streaming)
     config.edge.split = "iid"  # iid | label (non-IID: each node holds a few classes)
-    config.edge.participation = 1.0  # probability that a node joins a given sync (unreliable links); 1 = always
 
     config.robust = default_robust_config()  # objective "standard" = ordinary training
     return config

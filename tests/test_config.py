@@ -72,7 +72,7 @@ def test_documented_optimizer_keys_are_valid_overrides():
     from lepton_jax.train.validate import validate_config
 
     config = load_config(DEFAULT_CONFIG, ["optim.name=sgd", "optim.momentum=0.9", "optim.nesterov=true",
-                                          "optim.b1=0.8", "optim.final_lr_frac=0.1", "edge.participation=1"])
+                                          "optim.b1=0.8", "optim.final_lr_frac=0.1"])
     validate_config(config)
     assert config.optim.momentum == 0.9 and config.optim.nesterov is True
 

@@ -143,6 +143,37 @@ def test_hlo_collective_bytes_count_operands_once():
     assert collective_bytes(HLO) == 136 + 4 + 16 + 16
 
 
+def test_collectives_inside_loops_count_once_per_iteration():
+    """A hand-counted program: an all-reduce of a (3, 5) float32 gradient inside a 4-step scan (4 x 60 bytes), a
+    (2,) all-reduce inside a nested 3 x 2 loop (6 x 8 bytes) and one scalar all-reduce outside (4 bytes)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+
+    def f(w, x, v):
+        def body(c, xi):
+            return c + jax.grad(lambda w: jnp.sum((xi @ w) ** 2))(w), None
+
+        out, _ = jax.lax.scan(body, jnp.zeros_like(w), x)
+
+        def inner(c, _):
+            return c + jnp.sum(v * c[0], axis=0), None  # depends on the carry, so it stays inside the loops
+
+        def outer(c, _):
+            return jax.lax.scan(inner, c, None, length=2)[0], None
+
+        nested = jax.lax.scan(outer, jnp.ones(2), None, length=3)[0]
+        return out, nested, jnp.sum(v)
+
+    shard = NamedSharding(mesh, P(None, "data"))
+    args = (jax.ShapeDtypeStruct((3, 5), jnp.float32, sharding=NamedSharding(mesh, P())),
+            jax.ShapeDtypeStruct((4, 8, 3), jnp.float32, sharding=shard),
+            jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=NamedSharding(mesh, P("data"))))
+    text = jax.jit(f, out_shardings=NamedSharding(mesh, P())).lower(*args).compile().as_text()
+    assert sorted(n for op, n in collective_breakdown(text) if op == "all-reduce") == sorted([4 * 60, 6 * 8, 4])
+
+
 @pytest.fixture(scope="module")
 def programs():
     """The tiny CNN's edge programs (H = 4) with float32 and bfloat16 deltas, and its data-parallel step bytes."""
