@@ -83,4 +83,4 @@ def test_config_file_argument_variants(tmp_path):
                     "    return ml_collections.ConfigDict({'size': {'small': 1, 'big': 2}[arg or 'small']})\n")
     assert load_config(f"{path}:big").size == 2 and load_config(path).size == 1
     with pytest.raises(ConfigError, match="takes no argument"):
-        load_config(f"{DEFAULT_CONFIG}:big")
+        load_config(f"{DEFAULT_CONFIG.with_name('edge_diloco.py')}:big")

@@ -14,8 +14,8 @@ LR, WD = 0.1, 0.5
 
 
 def _section(**values):
-    """configs/base.py's optim section (every key the factory reads) with ``values``."""
-    optim = load_config(ROOT / "configs" / "base.py").optim
+    """configs/digits_cnn.py's optim section (every key the factory reads) with ``values``."""
+    optim = load_config(ROOT / "configs" / "digits_cnn.py").optim
     optim.update({"schedule": "constant", "warmup_steps": 0, "clip_norm": 0.0, **values})
     return optim
 

@@ -54,7 +54,7 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """``config`` (``config.optim``, every key in configs/base.py): name (adamw|sgd), lr, schedule, warmup_steps,
+    """``config`` (``config.optim``, every key in configs/digits_cnn.py): name (adamw|sgd), lr, schedule, warmup_steps,
     final_lr_frac, weight_decay, decay (decoupled|coupled), momentum, nesterov, b1, b2, clip_norm (0 = off)."""
     schedule = make_schedule(config, total_steps)
     wd = float(config.weight_decay)
