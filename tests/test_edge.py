@@ -249,6 +249,7 @@ def test_eval_and_predict_restore_the_outer_parameters(reference_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(reference_run, lake_root, tmp_path):
     _, reference = reference_run
     cmd = [sys.executable, "-m", "lepton_jax.cli", "launch", "--num-processes", "2", "--devices-per-process", "2",

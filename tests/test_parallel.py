@@ -164,6 +164,7 @@ def mesh_runs(lake_root, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_same_parameters_on_every_mesh(mesh_runs):
     """Same config, four meshes: parameters after 19 steps agree to float32 reduction-order noise."""
     reference = mesh_runs["one"][1]["final_state"].params
@@ -175,6 +176,7 @@ def test_same_parameters_on_every_mesh(mesh_runs):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_restore_fsdp_checkpoint_onto_a_two_device_data_parallel_mesh(mesh_runs):
     workdir, result = mesh_runs["fsdp8"]
     final = result["final_state"]
@@ -189,6 +191,7 @@ def test_restore_fsdp_checkpoint_onto_a_two_device_data_parallel_mesh(mesh_runs)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(mesh_runs):
     workdir, _ = mesh_runs["dp8"]
     other = build_model(ml_collections.ConfigDict({"name": "cnn", "hidden": 32}), input_shape=(8, 8, 1),
@@ -200,6 +203,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(mesh_runs):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_match_one_process_of_eight(mesh_runs, lake_root, tmp_path):
     workdir = tmp_path / "mp"
     cmd = [sys.executable, "-m", "lepton_jax.cli", "launch", "--num-processes", "2", "--devices-per-process", "4",

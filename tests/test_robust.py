@@ -285,6 +285,7 @@ def noisy_apply(params, x, *, train=False, rngs=None):
     return mlp_apply(params, x) + 3.0 * noise
 
 
+@pytest.mark.slow
 def test_gradient_masking_models_trigger_the_warnings(mlp, test_set):
     x, y = test_set
     specs = standard_attacks(5, 2)
@@ -323,6 +324,7 @@ def test_catastrophic_overfitting_monitor(mlp, test_set, tiny_cnn, lake_root):
 
 # --- end to end: PGD-AT vs standard training, through the config switch and the CLI ------------------------------
 
+@pytest.mark.slow
 def test_pgd_at_beats_standard_training_under_pgd(trained_run, lake_root, tmp_path, capsys):
     from lepton_jax.cli import main
     from lepton_jax.train.loop import train_and_evaluate
