@@ -5,20 +5,28 @@ Command:   make run
               lepton-jax train --config configs/digits_cnn.py --workdir runs/digits_cnn --lake lake)
 Runtime:   about a minute on a 2-core laptop CPU (measured: see README).
 Expected:  test accuracy >= 0.97 (measured: see README), per-class report and confusion matrix in the workdir.
+
+This file is also the complete base config: it holds every key the library reads, with its default. Other configs
+start from it (``sibling_config(__file__, "digits_cnn")``) or from a sibling that does, and override what they
+change; command-line overrides must name a key that exists here. Variants (big_vision style):
+``--config configs/<name>.py:arg`` passes ``arg`` to ``get_config(arg)`` (this file ignores it).
 """
 
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    from lepton_jax.robust.objectives import default_robust_config
+
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_epochs = 30
-    config.batch_size = 64
+    config.batch_size = 64  # global batch (all devices, all processes; edge: nodes x per-node rows)
     config.eval_batch_size = 256
     config.log_every_steps = 10
     config.eval_every_steps = 0  # 0 = once per epoch; every evaluation also writes a checkpoint
-    config.grad_accum_steps = 1
+    config.grad_accum_steps = 1  # micro-batches per step; gradients are reduced across devices once per step
+    config.prefetch = 2  # batches prepared ahead of the step in a background thread (0 = off)
 
     config.data = ml_collections.ConfigDict()
     config.data.lake = "lake"
@@ -33,16 +41,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype: "bfloat16" for mixed precision (parameters stay float32)
 
     config.optim = ml_collections.ConfigDict()
-    config.optim.name = "adamw"
+    config.optim.name = "adamw"  # adamw | sgd
     config.optim.lr = 3e-3
-    config.optim.schedule = "cosine"
+    config.optim.schedule = "cosine"  # constant | cosine | linear
     config.optim.warmup_steps = 50
+    config.optim.final_lr_frac = 0.0  # cosine/linear: final lr as a fraction of lr
     config.optim.weight_decay = 1e-4
-    config.optim.decay = "decoupled"
-    config.optim.clip_norm = 1.0
+    config.optim.decay = "decoupled"  # decoupled (AdamW/SGDW) | coupled (L2 through the optimizer)
+    config.optim.clip_norm = 1.0  # 0 = off
+    config.optim.b1 = 0.9  # adamw
+    config.optim.b2 = 0.999
+    config.optim.momentum = 0.0  # sgd
+    config.optim.nesterov = False
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.axes = {"data": -1}
+    config.mesh.axes = {"data": -1}  # names among data, fsdp, tensor, nodes; one size may be -1 (the rest)
     config.mesh.num_devices = -1  # -1 = all devices
     config.mesh.dcn_axes = {}  # multi-host: sizes across hosts; then mesh.axes are the sizes within a host
 
@@ -54,5 +67,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_steps = 0
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.max_to_keep = 2
+    config.checkpoint.keep_latest = 2  # the latest N steps always stay on disk (resume picks the latest)
+    config.checkpoint.keep_best = 1  # plus the best K by best_metric (kept independently of the latest N)
+    config.checkpoint.best_metric = "dev_accuracy"  # any metric logged at evaluation (robust: dev_pgd_accuracy)
+    config.checkpoint.best_mode = "max"  # max | min
+
+    config.edge = ml_collections.ConfigDict()  # edge training (local SGD / DiLoCo) when nodes > 1
+    config.edge.nodes = 1  # replicas, one per device (mesh axis 'nodes'), within or across processes; 1 = off
+    config.edge.sync_every = 32  # H: inner steps between syncs
+    config.edge.outer_lr = 0.7
+    config.edge.outer_momentum = 0.9  # Nesterov; 0 with outer_lr 1.0 = FedAvg / local SGD
+    config.edge.delta_dtype = "float32"  # float32 | bfloat16 | int8 (error feedback for the low-precision ones)
+    config.edge.fragments = 1  # F > 1: the k-th sync sends parameter group k mod F (streaming)
+    config.edge.split = "iid"  # iid | label (non-IID: each node holds a few classes)
+
+    config.robust = default_robust_config()  # objective "standard" = ordinary training
     return config

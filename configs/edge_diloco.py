@@ -18,12 +18,8 @@ from lepton_jax.config import sibling_config
 
 def get_config() -> ml_collections.ConfigDict:
     config = sibling_config(__file__, "digits_cnn")
-    config.edge = ml_collections.ConfigDict()
     config.edge.nodes = 4  # replicas, one per device (mesh axis 'nodes'), within or across processes
     config.edge.sync_every = 32  # H: inner steps between syncs
     config.edge.outer_lr = 0.7
     config.edge.outer_momentum = 0.9  # Nesterov; 0 with outer_lr 1.0 = FedAvg / local SGD
-    config.edge.delta_dtype = "float32"  # float32 | bfloat16 | int8 (error feedback for the low-precision ones)
-    config.edge.fragments = 1  # F > 1: the k-th sync sends parameter group k mod F (streaming)
-    config.edge.split = "iid"  # iid | label (non-IID: each node holds a few classes)
     return config

@@ -1,91 +1,134 @@
-"""Orbax checkpoints of the train state: async saves, keep-latest-N plus keep-best by a dev metric.
+"""Orbax checkpoints of any dict of pytrees: async saves, the latest N and the best K kept independently.
 
-Items are saved separately so inference restores ``params`` without touching optimizer state. Orbax writes each
-step into a temporary directory and renames it when complete, so a crash mid-save leaves earlier steps restorable.
+A checkpoint at step s holds one Orbax item per entry of the dict it was given (``params`` is required: inference
+restores it alone, without optimizer state), the input iterator's state (``data``) and a sha256 per parameter
+(``digests``, checked on restore). Retention is two Orbax preservation policies joined by "any":
+``LatestN(keep_latest)``
+and ``BestN(keep_best)`` by a metric (``best_metric``/``best_mode``); a step saved with ``co_flagged`` true in its
+metrics (catastrophic overfitting suspected) or without metrics is never *best*, but it stays on disk while it is one of
+the latest N. Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
+leaves earlier steps restorable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from lepton_jax.errors import CheckpointError
-from lepton_jax.train.state import TrainState
+
+PARAMS, DATA, DIGESTS = "params", "data", "digests"
+FLAGGED = "co_flagged"  # a metric that, when true, makes a step ineligible as best
 
 
 class Checkpointer:
-    """A thin owner of an ``ocp.CheckpointManager`` for :class:`TrainState`."""
+    """A thin owner of an ``ocp.CheckpointManager`` for a dict of pytrees (one of them ``params``)."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 2, best_metric: str | None = "dev_accuracy",
-                 best_mode: str = "max", async_save: bool = True, create: bool = True):
+    def __init__(self, directory: str | Path, *, keep_latest: int = 2, keep_best: int = 1,
+                 best_metric: str | None = "dev_accuracy", best_mode: str = "max", async_save: bool = True,
+                 create: bool = True):
+        if best_mode not in ("max", "min"):
+            raise CheckpointError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
         self.directory = Path(directory).resolve()
-        self.best_metric = best_metric
+        self.best_metric, self.best_mode = best_metric, best_mode
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(1, keep_latest))]
+        if best_metric and keep_best > 0:
+            policies.append(pp.BestN(get_metric_fn=self._score, reverse=False, n=keep_best,
+                                     keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
-            best_mode=best_mode,
-            keep_checkpoints_without_metrics=False,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            # best_fn only makes Orbax write each step's metrics (it writes them only when it tracks a best);
+            # retention is the preservation policy above and best_step() below
+            best_fn=self._score if best_metric else None,
+            best_mode="max",
             enable_async_checkpointing=async_save,
             create=create,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, state: TrainState, metrics: dict[str, float] | None = None,
+    def _score(self, metrics: dict[str, Any] | None) -> float:
+        """Higher is better; -inf for steps that may not be best (no metric, or CO-flagged)."""
+        if not metrics or metrics.get(FLAGGED) or self.best_metric not in metrics:
+            return -math.inf
+        value = float(metrics[self.best_metric])
+        return value if self.best_mode == "max" else -value
+
+    def save(self, step: int, items: dict[str, Any], metrics: dict[str, float] | None = None,
              data_state: dict[str, Any] | None = None) -> None:
-        """Saves asynchronously; ``data_state`` is the input iterator's state, saved with the model so a resumed
-        run sees exactly the batches an uninterrupted run would."""
-        step = int(jax.device_get(state.step))
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step, "rng": state.rng}),
-            data=ocp.args.JsonSave(data_state or {}),
-            digests=ocp.args.JsonSave(param_digests(state.params)),
-        )
-        self.manager.save(step, args=args, metrics=metrics)
+        """Saves ``items`` (a dict of pytrees holding ``params``) asynchronously; ``data_state`` is the input
+        iterator's state, saved with the model so a resumed run sees exactly the batches an uninterrupted run
+        would. A step already on disk is not written again."""
+        if PARAMS not in items:
+            raise CheckpointError(f"checkpoint items must include {PARAMS!r}, got {sorted(items)}")
+        if step in self.manager.all_steps():
+            return
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        args[DATA] = ocp.args.JsonSave(data_state or {})
+        args[DIGESTS] = ocp.args.JsonSave(param_digests(items[PARAMS]))
+        clean = None if metrics is None else {k: (bool(v) if isinstance(v, bool | np.bool_) else float(v))
+                                              for k, v in metrics.items()}
+        self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def metrics(self, step: int) -> dict[str, Any] | None:
+        try:
+            return self.manager.metrics(step)
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
     def best_step(self) -> int | None:
-        return self.manager.best_step() if self.best_metric else self.manager.latest_step()
+        """The step with the best ``best_metric`` among those eligible (not CO-flagged, with metrics); ties go to
+        the later step. None when no step is eligible."""
+        if not self.best_metric:
+            return None
+        scored = [(self._score(self.metrics(s)), s) for s in self.steps()]
+        scored = [(v, s) for v, s in scored if v > -math.inf]
+        return max(scored)[1] if scored else None
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Restores parameters at ``step`` (default: best, else latest) with the shardings of ``abstract_params``."""
         step = self.resolve_step(step)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params), digests=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the model or is corrupt: "
-                                  f"{_first_line(e)}") from e
-        self._verify(step, restored.params, restored.digests)
-        return restored.params
+        restored = self._restore(step, {PARAMS: abstract_params})
+        return restored[PARAMS]
 
-    def restore(self, abstract_state: TrainState, step: int | None = None
-                ) -> tuple[TrainState, dict[str, Any]]:
-        """Restores the whole train state and the data iterator state at ``step`` (default: latest)."""
+    def restore(self, abstract_items: dict[str, Any], step: int | None = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores ``abstract_items`` (a dict of abstract pytrees, shardings included) and the data iterator state
+        at ``step`` (default: latest)."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        abstract_train = {"opt_state": abstract_state.opt_state, "step": abstract_state.step,
-                          "rng": abstract_state.rng}
+        restored = self._restore(step, dict(abstract_items), data=True)
+        data = restored.pop(DATA)
+        return restored, dict(data or {})
+
+    def _restore(self, step: int, abstract_items: dict[str, Any], data: bool = False) -> dict[str, Any]:
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        args[DIGESTS] = ocp.args.JsonRestore()
+        if data:
+            args[DATA] = ocp.args.JsonRestore()
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                train=ocp.args.StandardRestore(abstract_train),
-                data=ocp.args.JsonRestore(), digests=ocp.args.JsonRestore()))
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the model or is corrupt: "
                                   f"{_first_line(e)}") from e
-        self._verify(step, restored.params, restored.digests)
-        state = TrainState(step=restored.train["step"], params=restored.params,
-                           opt_state=restored.train["opt_state"], rng=restored.train["rng"])
-        return state, dict(restored.data or {})
+        out = {name: restored[name] for name in args}
+        if PARAMS in out:
+            self._verify(step, out[PARAMS], out[DIGESTS])
+        out.pop(DIGESTS)
+        return out
 
     def _verify(self, step: int, params: Any, expected: dict[str, str] | None) -> None:
         """Orbax stores raw bytes without checksums; compare the parameters with the digests saved beside them."""
@@ -104,7 +147,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}; train first with `lepton-jax train`")
         if step not in self.manager.all_steps():
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"steps: {list(self.manager.all_steps())}")
+                                  f"steps: {self.steps()}")
         return step
 
     def wait(self) -> None:
@@ -115,13 +158,65 @@ class Checkpointer:
         self.manager.close()
 
 
-def open_checkpoints(directory: str | Path, best_metric: str | None = "dev_accuracy") -> Checkpointer:
+def from_config(directory: str | Path, checkpoint_config: Any, **kwargs: Any) -> Checkpointer:
+    """A :class:`Checkpointer` with the retention a config's ``checkpoint`` section asks for."""
+    c = checkpoint_config
+    return Checkpointer(directory, keep_latest=c.keep_latest, keep_best=c.keep_best, best_metric=c.best_metric,
+                        best_mode=c.best_mode, **kwargs)
+
+
+def open_checkpoints(directory: str | Path, best_metric: str | None = "dev_accuracy",
+                     best_mode: str = "max") -> Checkpointer:
     """Opens an existing checkpoint directory for reading, with a clear error when it is missing."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist; train first with "
                               "`lepton-jax train --workdir ...`")
-    return Checkpointer(directory, best_metric=best_metric, create=False, async_save=False)
+    return Checkpointer(directory, best_metric=best_metric, best_mode=best_mode, create=False, async_save=False)
+
+
+def read_run(workdir: str | Path) -> tuple[Any, dict[str, Any]]:
+    """The resolved config and provenance (``run.json``) a training run saved in ``workdir``."""
+    from lepton_jax import tracking
+    from lepton_jax.config import from_dict
+
+    workdir = Path(workdir)
+    try:
+        config = from_dict(tracking.read_json(workdir / tracking.CONFIG_FILE))
+        run_info = tracking.read_json(workdir / tracking.RUN_FILE)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{workdir} is not a training run directory (missing {Path(e.filename).name}); "
+                              "pass the --workdir of a `lepton-jax train` run") from e
+    except ValueError as e:
+        raise CheckpointError(f"run directory {workdir} has a corrupt config or run.json: {e}") from e
+    return config, run_info
+
+
+def restore_params(run: str | Path | Any, step: int | None = None, mesh: Any = None, *,
+                   devices: list | None = None) -> tuple[Any, Any, int]:
+    """The parameters of a training run: ``run`` is a workdir or a registry entry (anything with ``workdir`` and
+    ``step``); ``step`` defaults to the entry's step, else the run's best checkpoint (by its config's
+    ``checkpoint.best_metric``), else its latest. Restored replicated on ``mesh`` (default: a data-parallel mesh
+    over ``devices``). Returns ``(built, params, step)`` with ``built`` from :func:`lepton_jax.parallel.build.build`
+    (its ``graphdef`` applies the parameters)."""
+    from lepton_jax.parallel.build import build
+    from lepton_jax.parallel.mesh import make_mesh, mesh_config
+
+    if hasattr(run, "workdir"):
+        step = run.step if step is None else step
+        run = run.workdir
+    workdir = Path(run)
+    config, run_info = read_run(workdir)
+    if mesh is None:
+        mesh = make_mesh(mesh_config({"data": -1}), devices)
+    built = build(config, run_info["data"]["schema"], mesh, replicate=True)
+    ckpt = open_checkpoints(workdir / "checkpoints", config.checkpoint.best_metric, config.checkpoint.best_mode)
+    try:
+        step = ckpt.resolve_step(step)
+        params = ckpt.restore_params(built.abstract_params, step)
+    finally:
+        ckpt.close()
+    return built, params, step
 
 
 def param_digests(params: Any) -> dict[str, str]:

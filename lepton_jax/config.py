@@ -22,8 +22,10 @@ OVERRIDE_PREFIX = "--config."
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``get_config()`` from a Python file and applies ``key=value`` overrides (without the prefix)."""
-    path = Path(path)
+    """Loads ``get_config()`` from a Python file and applies ``key=value`` overrides (without the prefix).
+
+    ``file.py:arg`` (big_vision style) calls ``get_config(arg)``: one file, several named variants."""
+    path, arg = split_config_arg(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config configs/<name>.py")
     spec = importlib.util.spec_from_file_location(f"lepton_config_{path.stem}", path)
@@ -34,12 +36,26 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collectio
         raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} must define get_config() returning an ml_collections.ConfigDict")
-    config = module.get_config()
+    try:
+        config = module.get_config() if arg is None else module.get_config(arg)
+    except TypeError as e:
+        if arg is not None and "positional argument" in str(e):
+            raise ConfigError(f"config file {path} takes no argument, got {path}:{arg}") from e
+        raise
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"get_config() in {path} returned {type(config).__name__}, expected a ConfigDict")
     for item in overrides:
         apply_override(config, item, source=str(path))
     return config
+
+
+def split_config_arg(path: str | Path) -> tuple[Path, str | None]:
+    """``configs/x.py:arg`` -> (``configs/x.py``, ``"arg"``); a plain path -> (path, None)."""
+    text = str(path)
+    head, sep, tail = text.rpartition(".py:")
+    if sep and tail and "/" not in tail:
+        return Path(head + ".py"), tail
+    return Path(text), None
 
 
 def sibling_config(config_file: str | Path, name: str) -> ml_collections.ConfigDict:

@@ -43,16 +43,18 @@ def run_sweep(config_path: str | Path, workdir: str | Path, *, lake_root: str | 
     workdir = Path(workdir)
     points = sweep_points(config_path)
     overrides = {point_name(p): [*extra_overrides, *(f"{k}={v}" for k, v in p.items())] for p in points}
-    for items in overrides.values():  # fail before any training if a point names a bad key or type
-        load_config(config_path, items)
+    from lepton_jax.train.validate import validate_config
+
+    for items in overrides.values():  # fail before any training if a point names a bad key, type or value
+        validate_config(load_config(config_path, items))
     if processes <= 1:
-        from lepton_jax.train.loop import train_and_evaluate
+        from lepton_jax.train.loop import train
 
         for name, items in overrides.items():
             if progress:
                 print(f"== sweep point {name}", flush=True)
-            train_and_evaluate(load_config(config_path, items), workdir / name, lake_root=lake_root,
-                               progress=progress)
+            train(load_config(config_path, items), workdir / name, lake_root=lake_root,  # same path as the CLI
+                  progress=progress)
     else:
         pending = list(overrides.items())
         running: list[tuple[str, subprocess.Popen]] = []

@@ -13,6 +13,7 @@ Prints, measured in one run on the same device(s), model and batch:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
@@ -28,23 +29,33 @@ from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.models import build_model
 from lepton_jax.train import perf
 from lepton_jax.train.loop import train_and_evaluate
-from lepton_jax.train.optim import make_optimizer
+from lepton_jax.train.optim import decay_mask, make_optimizer
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import build_train_step
 
 
-def time_steps(step, state, batch, steps: int, repeats: int = 5) -> float:
-    """Median steps/s over ``repeats`` timed runs of ``steps`` steps (after a compile + warm-up run)."""
-    state, _ = step(state, batch)
-    jax.block_until_ready(state)
-    rates = []
+def interleaved_rates(sides: dict, batch, steps: int, repeats: int) -> dict[str, list[float]]:
+    """steps/s of each side over ``repeats`` timed runs of ``steps`` steps, the sides alternating run by run (equal
+    numbers of repeats, so load on a shared machine hits both alike); each side compiled and warmed up first."""
+    states = {}
+    for name, (step, state) in sides.items():
+        state, _ = step(state, batch)
+        states[name] = jax.block_until_ready(state)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
-        rates.append(steps / (time.perf_counter() - start))
-    return float(np.median(rates))
+        for name, (step, _) in sides.items():
+            state = states[name]
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+            rates[name].append(steps / (time.perf_counter() - start))
+            states[name] = state
+    return rates
+
+
+def spread(values: list[float]) -> str:
+    return f"median {np.median(values):.1f} (min {min(values):.1f}, max {max(values):.1f}, n={len(values)})"
 
 
 def minimal_step(graphdef, config):
@@ -52,7 +63,7 @@ def minimal_step(graphdef, config):
     tx = optax.chain(optax.clip_by_global_norm(config.optim.clip_norm),
                      optax.adamw(optax.cosine_decay_schedule(config.optim.lr, 1000),
                                  weight_decay=config.optim.weight_decay,
-                                 mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+                                 mask=decay_mask))
 
     def loss_fn(params, batch, key):
         logits = nnx.merge(graphdef, params)(batch["input"], train=True, rngs=key)
@@ -72,6 +83,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/digits_cnn.py")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per side (interleaved)")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the full-loop run")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between dev eval + checkpoint")
     args = parser.parse_args()
@@ -92,18 +104,21 @@ def main() -> None:
     def fresh():  # donated buffers are consumed: every run starts from its own copy
         return jax.tree.map(jnp.copy, params)
 
-    ours_rate = time_steps(ours, create_state(fresh(), tx, 0), batch, args.steps)
     p0 = fresh()
-    theirs_rate = time_steps(theirs, (p0, base_tx.init(p0), jnp.zeros((), jnp.int32)), batch, args.steps)
-    ours_rate_again = time_steps(ours, create_state(fresh(), tx, 0), batch, args.steps)  # order effects
-    ours_rate = max(ours_rate, ours_rate_again)
+    rates = interleaved_rates({"ours": (ours, create_state(fresh(), tx, 0)),
+                               "theirs": (theirs, (p0, base_tx.init(p0), jnp.zeros((), jnp.int32)))},
+                              batch, args.steps, args.repeats)
+    ours_rate, theirs_rate = float(np.median(rates["ours"])), float(np.median(rates["theirs"]))
+    ratios = [a / b for a, b in zip(rates["ours"], rates["theirs"], strict=True)]
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"model {config.model.name} ({args.config}), batch {args.batch}: {flops:.3e} FLOPs per step "
           "(XLA cost analysis)")
-    print(f"lepton_jax step {ours_rate:.1f} steps/s, minimal jit+optax step {theirs_rate:.1f} steps/s: "
-          f"ratio {ours_rate / theirs_rate:.3f} (goal >= 0.97)")
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"lepton_jax step steps/s {spread(rates['ours'])}; minimal jit+optax step steps/s {spread(rates['theirs'])}")
+    print(f"ratio of medians {ours_rate / theirs_rate:.3f}; per interleaved pair: median {np.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}) (goal >= 0.97)")
     utilisation = perf.mfu(flops, ours_rate)
     if utilisation is not None:
         print(f"MFU of the lepton_jax step: {utilisation:.3%} (peak {perf.peak_flops():.3g} FLOP/s per device)")

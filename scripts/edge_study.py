@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from lepton_jax import tracking
     from lepton_jax.config import load_config
     from lepton_jax.lake import DigitsSource, Lake, ingest
-    from lepton_jax.train.edge import dp_step_bytes, train_edge
-    from lepton_jax.train.loop import train_and_evaluate
+    from lepton_jax.train.edge import dp_step_bytes
+    from lepton_jax.train.loop import train, train_and_evaluate
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = load_config(ROOT / "configs" / "edge_diloco.py",
                                  common + [f"edge.nodes={args.nodes}"] + [f"edge.{k}={v!r}" for k, v in edge.items()])
-            result = train_edge(config, workdir, lake_root=lake_root, progress=False)
+            result = train(config, workdir, lake_root=lake_root, progress=False)
             total = result["bytes_communicated"]
             h, split = config.edge.sync_every, config.edge.split
         rows.append({"run": name, "H": h, "split": split, "test_accuracy": result["test_accuracy"],

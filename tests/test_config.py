@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from lepton_jax.config import load_config, split_override_args
@@ -21,7 +23,7 @@ def test_split_override_args_accepts_both_forms():
 
 
 def test_unknown_key_names_key_and_known_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*known keys there: clip_norm, decay, lr"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*known keys there: b1, b2, clip_norm"):
         load_config(DEFAULT_CONFIG, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match=r"unknown config key 'nope.x'.*no 'nope' under <top level>"):
         load_config(DEFAULT_CONFIG, ["nope.x=1"])
@@ -45,3 +47,40 @@ def test_missing_and_broken_config_files(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="must define get_config"):
         load_config(empty)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mesh.axes={'dta': -1}", r"mesh.axes names \['dta'\]; axis names are data, fsdp, tensor, nodes"),
+    ("batch_size=0", "batch_size must be > 0, got 0"),
+    ("grad_accum_steps=0", "grad_accum_steps must be > 0, got 0"),
+    ("num_epochs=-1", "num_epochs must be > 0, got -1"),
+    ("batch_size=60", "batch_size 60 is not divisible by 8 data-parallel devices"),
+])
+def test_invalid_configs_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, lake_root, override, message):
+    from lepton_jax.cli import main
+
+    workdir = tmp_path / "run"
+    code = main(["train", "--config", str(DEFAULT_CONFIG), "--workdir", str(workdir), "--lake", str(lake_root),
+                 "--no-progress", f"--config.{override}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not workdir.exists()
+
+
+def test_documented_optimizer_keys_are_valid_overrides():
+    from lepton_jax.train.validate import validate_config
+
+    config = load_config(DEFAULT_CONFIG, ["optim.name=sgd", "optim.momentum=0.9", "optim.nesterov=true",
+                                          "optim.b1=0.8", "optim.final_lr_frac=0.1"])
+    validate_config(config)
+    assert config.optim.momentum == 0.9 and config.optim.nesterov is True
+
+
+def test_config_file_argument_variants(tmp_path):
+    path = tmp_path / "variants.py"
+    path.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                    "    return ml_collections.ConfigDict({'size': {'small': 1, 'big': 2}[arg or 'small']})\n")
+    assert load_config(f"{path}:big").size == 2 and load_config(path).size == 1
+    with pytest.raises(ConfigError, match="takes no argument"):
+        load_config(f"{DEFAULT_CONFIG.with_name('edge_diloco.py')}:big")

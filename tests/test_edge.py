@@ -17,7 +17,8 @@ from lepton_jax.config import load_config
 from lepton_jax.models import build_model
 from lepton_jax.parallel import edge as edge_math
 from lepton_jax.parallel.comm import collective_breakdown, collective_bytes
-from lepton_jax.train.edge import EdgeProgram, dp_step_bytes, make_grad_fn, node_partitions, to_train_state, train_edge
+from lepton_jax.train.edge import EdgeStrategy, _schema, dp_step_bytes, make_grad_fn, node_partitions
+from lepton_jax.train.loop import train
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import make_train_step
 from tests.conftest import ROOT
@@ -142,14 +143,45 @@ def test_hlo_collective_bytes_count_operands_once():
     assert collective_bytes(HLO) == 136 + 4 + 16 + 16
 
 
+def test_collectives_inside_loops_count_once_per_iteration():
+    """A hand-counted program: an all-reduce of a (3, 5) float32 gradient inside a 4-step scan (4 x 60 bytes), a
+    (2,) all-reduce inside a nested 3 x 2 loop (6 x 8 bytes) and one scalar all-reduce outside (4 bytes)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+
+    def f(w, x, v):
+        def body(c, xi):
+            return c + jax.grad(lambda w: jnp.sum((xi @ w) ** 2))(w), None
+
+        out, _ = jax.lax.scan(body, jnp.zeros_like(w), x)
+
+        def inner(c, _):
+            return c + jnp.sum(v * c[0], axis=0), None  # depends on the carry, so it stays inside the loops
+
+        def outer(c, _):
+            return jax.lax.scan(inner, c, None, length=2)[0], None
+
+        nested = jax.lax.scan(outer, jnp.ones(2), None, length=3)[0]
+        return out, nested, jnp.sum(v)
+
+    shard = NamedSharding(mesh, P(None, "data"))
+    args = (jax.ShapeDtypeStruct((3, 5), jnp.float32, sharding=NamedSharding(mesh, P())),
+            jax.ShapeDtypeStruct((4, 8, 3), jnp.float32, sharding=shard),
+            jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=NamedSharding(mesh, P("data"))))
+    text = jax.jit(f, out_shardings=NamedSharding(mesh, P())).lower(*args).compile().as_text()
+    assert sorted(n for op, n in collective_breakdown(text) if op == "all-reduce") == sorted([4 * 60, 6 * 8, 4])
+
+
 @pytest.fixture(scope="module")
 def programs():
     """The tiny CNN's edge programs (H = 4) with float32 and bfloat16 deltas, and its data-parallel step bytes."""
     config = _config(**TINY, batch_size=16, **{"edge.sync_every": 4})
     shape = {"example_shape": (8, 8, 1), "num_classes": 10}
-    f32 = EdgeProgram(config, **shape, total_steps=8)
+    f32 = EdgeStrategy(config, _schema((8, 8, 1), 10), None, total_steps=8)
     config_bf16 = _config(**TINY, batch_size=16, **{"edge.sync_every": 4, "edge.delta_dtype": "bfloat16"})
-    bf16 = EdgeProgram(config_bf16, **shape, total_steps=8)
+    bf16 = EdgeStrategy(config_bf16, _schema((8, 8, 1), 10), None, total_steps=8)
     return f32, bf16, dp_step_bytes(config, **shape, axes={"data": 4})
 
 
@@ -181,7 +213,7 @@ def test_node_partitions_iid_and_by_label():
 def reference_run(lake_root, tmp_path_factory):
     """19 steps on 4 nodes, H = 4, bf16 deltas (error feedback), dropout, a checkpoint every 6 steps."""
     workdir = tmp_path_factory.mktemp("edge_ref")
-    return workdir, train_edge(_config(**RUN), workdir, lake_root=lake_root, progress=False)
+    return workdir, train(_config(**RUN), workdir, lake_root=lake_root, progress=False)
 
 
 def _dev_records(workdir):
@@ -193,13 +225,13 @@ def test_resume_between_syncs_is_exact(reference_run, lake_root, tmp_path):
     ref_dir, reference = reference_run
     assert reference["steps"] == 19 and reference["test_accuracy"] > 0.2
     program = reference["program"]  # the same compiled programs (compiling again would only cost time)
-    stopped = train_edge(_config(**RUN), tmp_path, lake_root=lake_root, progress=False, stop_after_step=10,
-                         program=program)
+    stopped = train(_config(**RUN), tmp_path, lake_root=lake_root, progress=False, stop_after_step=10,
+                    strategy=program)
     assert stopped["preempted"] and stopped["steps"] == 10  # between the syncs after steps 8 and 12
-    resumed = train_edge(_config(**RUN), tmp_path, lake_root=lake_root, progress=False, program=program)
+    resumed = train(_config(**RUN), tmp_path, lake_root=lake_root, progress=False, strategy=program)
     assert any(r.get("resumed_from_step") == 10 for r in tracking.read_metrics(tmp_path))
-    for a, b in zip(jax.tree.leaves(to_train_state(resumed["final_state"])),
-                    jax.tree.leaves(to_train_state(reference["final_state"])), strict=True):
+    for a, b in zip(jax.tree.leaves(program.items(resumed["final_state"])),
+                    jax.tree.leaves(program.items(reference["final_state"])), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert [r for r in _dev_records(tmp_path) if r[0] != 10] == _dev_records(ref_dir)
@@ -217,6 +249,7 @@ def test_eval_and_predict_restore_the_outer_parameters(reference_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one(reference_run, lake_root, tmp_path):
     _, reference = reference_run
     cmd = [sys.executable, "-m", "lepton_jax.cli", "launch", "--num-processes", "2", "--devices-per-process", "2",
@@ -224,11 +257,11 @@ def test_two_processes_agree_with_one(reference_run, lake_root, tmp_path):
            "--no-progress", *[f"--config.{k}={v}" for k, v in RUN.items()]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    final = reference["final_state"]
+    final = reference["program"].items(reference["final_state"])
     ckpt = Checkpointer(tmp_path / "checkpoints", create=False)
-    state, _ = ckpt.restore(abstract_like(to_train_state(final), jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+    state, _ = ckpt.restore(abstract_like(final, jax.sharding.SingleDeviceSharding(jax.devices()[0])),
                             step=ckpt.latest_step())
     ckpt.close()
-    assert int(state.step) == 19
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(to_train_state(final)), strict=True):
+    assert int(state["edge"]["step"]) == 19
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

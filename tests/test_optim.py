@@ -1,20 +1,27 @@
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from lepton_jax.config import load_config
 from lepton_jax.errors import ConfigError
-from lepton_jax.train.optim import make_optimizer
+from lepton_jax.train.optim import decay_mask, make_optimizer
+from tests.conftest import ROOT
 
 PARAMS = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)}}
 LR, WD = 0.1, 0.5
 
 
+def _section(**values):
+    """configs/digits_cnn.py's optim section (every key the factory reads) with ``values``."""
+    optim = load_config(ROOT / "configs" / "digits_cnn.py").optim
+    optim.update({"schedule": "constant", "warmup_steps": 0, "clip_norm": 0.0, **values})
+    return optim
+
+
 def _optim(name, decay, **extra):
-    return make_optimizer(ml_collections.ConfigDict({"name": name, "lr": LR, "weight_decay": WD, "decay": decay,
-                                                     **extra}), total_steps=10)
+    return make_optimizer(_section(name=name, lr=LR, weight_decay=WD, decay=decay, **extra), total_steps=10)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
@@ -59,3 +66,30 @@ def test_unknown_optimizer_and_schedule_are_config_errors():
         _optim("sgd", "both")
     with pytest.raises(ConfigError, match="unknown optim.schedule 'step'"):
         _optim("sgd", "coupled", schedule="step")
+
+
+def test_decay_mask_spares_biases_norms_and_position_embeddings_of_a_vit():
+    from flax import nnx
+
+    from lepton_jax.models import build_model
+    from lepton_jax.models.functional import split_model
+
+    config = load_config(ROOT / "configs" / "digits_vit.py")
+    model = nnx.eval_shape(lambda: build_model(config.model, input_shape=(8, 8, 1), num_classes=10, seed=0))
+    mask = jax.tree_util.tree_flatten_with_path(decay_mask(split_model(model)[1]))[0]
+    decayed = {jax.tree_util.keystr(p) for p, m in mask if m}
+    spared = {jax.tree_util.keystr(p) for p, m in mask if not m}
+    assert decayed and all(k.endswith("['kernel']") for k in decayed)
+    assert "['position']" in spared
+    # attention biases have rank 2 ((heads, head_dim)): a rank rule would decay them
+    assert "['blocks'][0]['attention']['query']['bias']" in spared
+    assert all(("bias" in k or "scale" in k or k == "['position']") for k in spared)
+
+
+def test_sgd_momentum_and_nesterov_are_config_keys():
+    tx = make_optimizer(_section(name="sgd", lr=LR, weight_decay=0.0, momentum=0.9, nesterov=True), total_steps=10)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), PARAMS)
+    state = tx.init(PARAMS)
+    _, state = tx.update(grads, state, PARAMS)
+    updates, _ = tx.update(grads, state, PARAMS)  # Nesterov: g + 0.9 * (0.9 * g + g)
+    np.testing.assert_allclose(updates["dense"]["bias"], -LR * 0.3 * (1 + 0.9 * 1.9), rtol=1e-6)

@@ -16,6 +16,8 @@ from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.errors import CheckpointError, ConfigError
 from lepton_jax.models import build_model
 from lepton_jax.parallel import make_mesh
+from lepton_jax.parallel.comm import collective_breakdown
+from lepton_jax.parallel.mesh import mesh_config
 from lepton_jax.parallel.rules import (
     PRESETS,
     logical_axes,
@@ -65,7 +67,7 @@ def _vit():
 def test_vit_partition_specs_match_golden_table(preset):
     axes, golden = GOLDEN[preset]
     model, _, params = _vit()
-    mesh = make_mesh(ml_collections.ConfigDict({"axes": axes}))
+    mesh = make_mesh(mesh_config(axes))
     specs = param_specs(logical_axes(model), params, PRESETS[preset], mesh, min_size=1024)
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
     actual = {jax.tree_util.keystr(path): tuple(spec) for path, spec in flat if tuple(spec)}
@@ -74,7 +76,7 @@ def test_vit_partition_specs_match_golden_table(preset):
 
 def test_fsdp_really_splits_large_kernels():
     model, _, abstract = _vit()
-    mesh = make_mesh(ml_collections.ConfigDict({"axes": {"fsdp": -1}}))
+    mesh = make_mesh(mesh_config({"fsdp": -1}))
     shardings = named_shardings(param_specs(logical_axes(model), abstract, PRESETS["fsdp"], mesh, 1024), mesh)
     params = jax.jit(lambda: split_model(build_model(VIT, input_shape=(8, 8, 1), num_classes=10, seed=0))[1],
                      out_shardings=shardings)()
@@ -92,15 +94,15 @@ def test_fsdp_really_splits_large_kernels():
 
 def test_mesh_and_rule_errors():
     with pytest.raises(ConfigError, match=r"mesh.axes \{'data': 3\} needs 3 devices, but 8 are present"):
-        make_mesh(ml_collections.ConfigDict({"axes": {"data": 3}}))
+        make_mesh(mesh_config({"data": 3}))
     with pytest.raises(ConfigError, match="needs 16 devices, but 8 are present"):
-        make_mesh(ml_collections.ConfigDict({"axes": {"data": 4, "tensor": 4}}))
+        make_mesh(mesh_config({"data": 4, "tensor": 4}))
     with pytest.raises(ConfigError, match="at most one axis may be -1"):
-        make_mesh(ml_collections.ConfigDict({"axes": {"data": -1, "fsdp": -1}}))
+        make_mesh(mesh_config({"data": -1, "fsdp": -1}))
     with pytest.raises(ConfigError, match=r"\(product 3\) does not divide the 8 devices"):
-        make_mesh(ml_collections.ConfigDict({"axes": {"data": -1, "tensor": 3}}))
+        make_mesh(mesh_config({"data": -1, "tensor": 3}))
     with pytest.raises(ConfigError, match="unknown sharding.rules preset 'zero3'; presets: dp, fsdp, fsdp_tp"):
-        rules_from_config(ml_collections.ConfigDict({"rules": "zero3"}))
+        rules_from_config(ml_collections.ConfigDict({"rules": "zero3", "min_size": 0}))
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -109,13 +111,40 @@ def test_gradient_accumulation_matches_one_big_batch():
     graphdef, params = split_model(model)
     tx = optax.sgd(0.1)
     rng = np.random.default_rng(0)
-    batch = {"input": jnp.asarray(rng.uniform(size=(32, 8, 8, 1)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 10, 32), jnp.int32)}
+    batch = {"input": jnp.asarray(rng.uniform(size=(64, 8, 8, 1)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 64), jnp.int32)}
     one, m1 = jax.jit(make_train_step(graphdef, tx, 1))(create_state(params, tx, 0), batch)
     four, m4 = jax.jit(make_train_step(graphdef, tx, 4))(create_state(params, tx, 0), batch)
-    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True):
+    # on 8 devices, gradients accumulated unreduced per data shard and reduced once: the same step
+    mesh = make_mesh(mesh_config({"data": -1}))
+    data_sh = jax.sharding.NamedSharding(mesh, P("data"))
+    eight, m8 = jax.jit(make_train_step(graphdef, tx, 4, mesh=mesh), in_shardings=(None, data_sh))(
+        create_state(params, tx, 0), batch)
+    for m in (m4, m8):
+        np.testing.assert_allclose(float(m1["loss"]), float(m["loss"]), rtol=1e-6)
+    for a, b, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), jax.tree.leaves(eight.params),
+                       strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_reduces_gradients_once_per_step():
+    """Compiled DP step, 8 devices: with grad_accum_steps=4 the gradient all-reduce runs once per step (no
+    collective inside the micro-batch loop), so its bytes (loop trip counts included) equal those without
+    accumulation: the parameter bytes, plus the scalar metrics."""
+    from lepton_jax.train.edge import dp_step_bytes
+
+    config = small_config(**{"model.features": "(4, 8)", "model.hidden": 16, "model.dropout": 0.0})
+    shape = {"example_shape": (8, 8, 1), "num_classes": 10}
+    params = split_model(build_model(config.model, input_shape=(8, 8, 1), num_classes=10, seed=0))[1]
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    one = dp_step_bytes(config, **shape, axes={"data": 8})
+    config.grad_accum_steps = 4
+    text = dp_step_bytes(config, **shape, axes={"data": 8}, hlo=True)
+    four = collective_breakdown(text)  # (opcode, bytes x the trip counts of the loops around it)
+    assert {op for op, _ in four} == {"all-reduce"}
+    assert len([n for _, n in four if n >= param_bytes]) == 1  # one gradient all-reduce, not one per micro-batch
+    assert 0 <= sum(n for _, n in four) - param_bytes <= 64 and 0 <= one - param_bytes <= 16  # + metric scalars
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +164,7 @@ def mesh_runs(lake_root, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_same_parameters_on_every_mesh(mesh_runs):
     """Same config, four meshes: parameters after 19 steps agree to float32 reduction-order noise."""
     reference = mesh_runs["one"][1]["final_state"].params
@@ -146,19 +176,22 @@ def test_same_parameters_on_every_mesh(mesh_runs):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_restore_fsdp_checkpoint_onto_a_two_device_data_parallel_mesh(mesh_runs):
     workdir, result = mesh_runs["fsdp8"]
     final = result["final_state"]
-    mesh2 = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": 2}))
+    mesh2 = make_mesh(mesh_config({"data": -1}, num_devices=2))
+    items = {"params": final.params, "train": {"opt_state": final.opt_state, "step": final.step, "rng": final.rng}}
     ckpt = Checkpointer(workdir / "checkpoints", create=False)
-    restored, _ = ckpt.restore(abstract_like(final, jax.sharding.NamedSharding(mesh2, P())))
+    restored, _ = ckpt.restore(abstract_like(items, jax.sharding.NamedSharding(mesh2, P())))
     ckpt.close()
-    leaf = restored.params["hidden"]["kernel"]
+    leaf = restored["params"]["hidden"]["kernel"]
     assert leaf.sharding.mesh.devices.size == 2 and leaf.sharding.spec == P()
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(final), strict=True):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(items), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(mesh_runs):
     workdir, _ = mesh_runs["dp8"]
     other = build_model(ml_collections.ConfigDict({"name": "cnn", "hidden": 32}), input_shape=(8, 8, 1),
@@ -170,6 +203,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(mesh_runs):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_match_one_process_of_eight(mesh_runs, lake_root, tmp_path):
     workdir = tmp_path / "mp"
     cmd = [sys.executable, "-m", "lepton_jax.cli", "launch", "--num-processes", "2", "--devices-per-process", "4",

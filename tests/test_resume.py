@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lepton_jax import tracking
-from lepton_jax.train.loop import train_and_evaluate
+from lepton_jax.checkpoint import Checkpointer
+from lepton_jax.train.loop import Hook, train, train_and_evaluate
 from tests.conftest import DEFAULT_CONFIG, small_config
 
 OVERRIDES = {"num_epochs": 2, "eval_every_steps": 4}  # 38 steps, a checkpoint every 4
@@ -56,6 +57,7 @@ def _assert_same_params(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_is_bit_identical(uninterrupted, lake_root, tmp_path):
     reference_dir, reference = uninterrupted
     workdir = tmp_path / "killed"
@@ -72,6 +74,30 @@ def test_sigkill_then_restart_is_bit_identical(uninterrupted, lake_root, tmp_pat
     assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)
 
 
+def test_sigterm_at_many_steps_saves_the_step_it_stops_at(uninterrupted, lake_root, tmp_path):
+    """SIGTERM arriving at different points of the loop (plain steps, log-fetch steps, evaluation/checkpoint steps):
+    each time the run returns cleanly with the step it stopped at saved and latest; resuming after all of them
+    finishes with the parameters of an uninterrupted run. One compiled strategy serves every restart."""
+    _, reference = uninterrupted
+    workdir, strategy = tmp_path / "many", reference["strategy"]
+    stops = []
+    for target in (1, 3, 7, 9, 12, 15):  # stops land on plain, log-fetch (10) and eval/checkpoint (4, 8, 16) steps
+        kill = Hook(lambda ctx, t=target: os.kill(os.getpid(), signal.SIGTERM) if ctx.step == t else None, every=1,
+                    at_end=False, name="kill")
+        out = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False, hooks=[kill],
+                    strategy=strategy)
+        assert out.get("preempted"), (target, out["steps"])
+        ckpt = Checkpointer(workdir / "checkpoints", create=False)
+        assert ckpt.latest_step() == out["steps"] and out["steps"] in (target, target + 1)
+        ckpt.close()
+        stops.append(out["steps"])
+    assert len(set(stops)) == len(stops)
+    resumed = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False, strategy=strategy)
+    _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+    assert [r["step"] for r in tracking.read_metrics(workdir) if r.get("preempted")] == stops
+
+
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, lake_root, tmp_path):
     _, reference = uninterrupted
     workdir = tmp_path / "preempted"

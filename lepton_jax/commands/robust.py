@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 @functools.lru_cache(maxsize=8)
 def _apply_for(graphdef):
     """One apply per model structure, so repeated evaluations reuse the compiled attacks."""
-    from lepton_jax.train.step import make_apply
+    from lepton_jax.models.functional import make_apply
 
     return make_apply(graphdef)
 
@@ -47,43 +47,34 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
                  output: str | Path | None = None) -> dict[str, Any]:
     """Restores a run's checkpoint and evaluates its robustness; writes and returns the results."""
     import jax
-    import ml_collections
-    from flax import nnx
 
     from lepton_jax import tracking
-    from lepton_jax.checkpoint import abstract_like, open_checkpoints
-    from lepton_jax.data.transforms import INPUT, LABEL, input_spec, prepare_batch
+    from lepton_jax.checkpoint import open_checkpoints, read_run, restore_params
+    from lepton_jax.data.transforms import INPUT, LABEL, prepare_batch
     from lepton_jax.errors import ConfigError
     from lepton_jax.lake import Lake
-    from lepton_jax.models import build_model
-    from lepton_jax.parallel import batch_sharding, make_mesh, replicated
-    from lepton_jax.parallel.mesh import data_parallel_size
+    from lepton_jax.parallel import batch_sharding, make_mesh
+    from lepton_jax.parallel.mesh import data_parallel_size, mesh_config
     from lepton_jax.robust.evaluate import accuracy_curve, evaluate_robustness, save_curve_png, standard_attacks
-    from lepton_jax.serve.predictor import read_run
-    from lepton_jax.train.state import split_model
 
     workdir = Path(workdir)
     config, run_info = read_run(workdir)
-    robust = config.get("robust") or ml_collections.ConfigDict()
-    norm = norm or robust.get("norm", "linf")
-    epsilons = list(epsilons or [float(robust.get("epsilon", 0.1))])
+    robust = config.robust
+    norm = norm or robust.norm
+    epsilons = list(epsilons or [float(robust.epsilon)])
     if any(e < 0 for e in epsilons) or steps < 1 or restarts < 1:
         raise ConfigError("robust-eval: need epsilons >= 0, --steps >= 1 and --restarts >= 1")
     data = run_info["data"]
     schema = data["schema"]
-    example_shape = tuple(input_spec(schema)["example_shape"])
-    mesh = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": -1}))
+    mesh = make_mesh(mesh_config({"data": -1}))
     sharding = batch_sharding(mesh)
     batch_size += (-batch_size) % data_parallel_size(mesh)
-    abstract_model = nnx.eval_shape(lambda: build_model(config.model, input_shape=example_shape,
-                                                        num_classes=len(schema["label_names"]), seed=config.seed))
-    graphdef, abstract_params = split_model(abstract_model)
-    ckpt = open_checkpoints(workdir / "checkpoints")
-    try:
-        step = ckpt.resolve_step(step if step is not None else ckpt.latest_step())
-        params = ckpt.restore_params(abstract_like(abstract_params, replicated(mesh)), step)
-    finally:
+    if step is None:  # robust evaluation defaults to the latest checkpoint
+        ckpt = open_checkpoints(workdir / "checkpoints")
+        step = ckpt.latest_step()
         ckpt.close()
+    built, params, step = restore_params(workdir, step, mesh)
+    graphdef = built.graphdef
     examples = prepare_batch(Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all(),
                              schema)
     x, y = examples[INPUT], examples[LABEL]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a config; extra --config.KEY=VALUE arguments override it")
-    train.add_argument("--config", required=True, help="configs/<name>.py")
+    train.add_argument("--config", required=True, help="configs/<name>.py, or configs/<name>.py:ARG for a variant")
     train.add_argument("--workdir", required=True, help="run directory (same dir + same config resumes)")
     train.add_argument("--lake", default=None, help="lake directory (default: config.data.lake)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars or summaries")
@@ -43,16 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def train_command(args: argparse.Namespace) -> int:
     from lepton_jax.config import load_config
     from lepton_jax.parallel.distributed import initialize
-    from lepton_jax.train.loop import train_and_evaluate
+    from lepton_jax.train.loop import train
+    from lepton_jax.train.validate import validate_config
 
     config = load_config(args.config, args.overrides)
+    validate_config(config)  # before joining a job or touching devices: one line, exit 2
     initialize()
-    if config.get("edge") is not None and config.edge.nodes > 1:  # local SGD / DiLoCo over a `nodes` axis
-        from lepton_jax.train.edge import train_edge
-
-        train_edge(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
-    else:
-        train_and_evaluate(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)
+    train(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)  # picks the strategy
     return 0
 
 

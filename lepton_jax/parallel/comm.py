@@ -5,9 +5,10 @@ compiled (SPMD-partitioned, per-device) program, the bytes of its operands, i.e.
 collective each time the program runs. An all-reduce of a float32 parameter tree therefore counts the tree's bytes
 once (not the ~2(n-1)/n a ring implementation puts on each link), an all-gather counts the local shard it sends,
 a reduce-scatter the full local buffer it reduces. Asynchronous pairs (``all-reduce-start`` / ``all-reduce-done``)
-are counted once, at the start. A collective inside a loop or a conditional is counted once per appearance in the
-text, so programs whose collectives run a data-dependent number of times (a sync inside ``lax.cond``) must be
-compiled and counted separately.
+are counted once, at the start. A collective inside a ``while`` loop (``lax.scan``, ``fori_loop``) counts once per
+iteration: the loop's ``known_trip_count`` (nested loops multiply); a loop without a known trip count counts once.
+Both branches of a conditional are counted, so programs whose collectives run a data-dependent number of times (a
+sync inside ``lax.cond``) must be compiled and counted separately.
 
 Usage::
 
@@ -32,6 +33,10 @@ DTYPE_BYTES = {
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 def shape_bytes(shape: str) -> int:
@@ -75,14 +80,23 @@ def _split_instruction(rest: str) -> tuple[str, str, str] | None:
 
 
 def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
-    """``(opcode, operand bytes per device)`` for every collective instruction in ``hlo_text``, in text order.
+    """``(opcode, operand bytes per device)`` for every collective instruction in ``hlo_text``, in text order, each
+    multiplied by the number of times it runs (the trip counts of the loops around it).
 
     Operands are resolved by name to the shapes they were defined with (compiled HLO prints operands without their
     shapes); ``-start`` variants are reported under the base opcode and ``-done`` halves are skipped.
     """
     shapes: dict[str, str] = {}
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str, str]] = []  # (opcode, operands, computation)
+    calls: dict[str, list[tuple[str, int]]] = {}  # computation -> [(callee, times per call)]
+    order: list[str] = []
+    current = ""
     for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("(", 1)[0]:
+            current = header.group(1)
+            order.append(current)
+            continue
         match = _INSTRUCTION.match(line)
         if not match:
             continue
@@ -92,15 +106,31 @@ def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
             continue
         shape, opcode, operands = parts
         shapes[name] = shape
+        trip = 1
+        if opcode == "while":
+            count = _TRIP_COUNT.search(rest)
+            trip = int(count.group(1)) if count else 1
+        callees = [(c, trip if opcode == "while" else 1) for c in _CALLEE.findall(rest)]
+        for group in _BRANCHES.findall(rest):
+            callees += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
+        calls.setdefault(current, []).extend(callees)
         base = opcode.removesuffix("-start")
         if base in COLLECTIVES and not opcode.endswith("-done"):
-            found.append((base, operands))
+            found.append((base, operands, current))
+    # callees are printed before their callers and ENTRY last: propagate run counts from the end
+    runs: dict[str, int] = dict.fromkeys(order, 0)
+    if order:
+        runs[order[-1]] = 1
+    for computation in reversed(order):
+        for callee, times in calls.get(computation, []):
+            if callee in runs:
+                runs[callee] += runs[computation] * times
     out = []
-    for opcode, operands in found:
+    for opcode, operands, computation in found:
         names = _OPERAND.findall(operands)
         # operands by name; an older printer inlines their shapes instead
         nbytes = sum(shape_bytes(shapes.get(n, "")) for n in names) if names else shape_bytes(operands)
-        out.append((opcode, nbytes))
+        out.append((opcode, nbytes * max(1, runs.get(computation, 1))))
     return out
 
 

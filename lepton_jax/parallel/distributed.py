@@ -4,8 +4,12 @@
 
 * with ``LEPTON_COORDINATOR`` / ``LEPTON_NUM_PROCESSES`` / ``LEPTON_PROCESS_ID`` set (the local launcher, or any
   scheduler you script), it connects explicitly;
-* on clusters JAX recognises (SLURM, Open MPI, Kubernetes JobSets, TPU pods) it lets JAX auto-detect everything;
-* otherwise it does nothing: a single process uses its local devices.
+* otherwise it calls ``jax.distributed.initialize()`` with no arguments, so JAX's own cluster detection (every kind
+  JAX supports: SLURM, Open MPI, Kubernetes/GKE, Cloud TPU pods, ``JAX_COORDINATOR_ADDRESS``, ...) decides; where
+  it finds no cluster a single process uses its local devices.
+
+It returns at once when JAX is already initialised (by this function or by the caller), and treats a process whose
+JAX backend is already in use (a notebook that touched devices first) as a single process.
 
 CPU processes exchange collectives over gloo, so a multi-process job runs on one laptop for development and tests.
 Call it before anything touches JAX devices.
@@ -27,34 +31,30 @@ import jax
 COORDINATOR = "LEPTON_COORDINATOR"
 NUM_PROCESSES = "LEPTON_NUM_PROCESSES"
 PROCESS_ID = "LEPTON_PROCESS_ID"
-_CLUSTER_HINTS = (("SLURM_NTASKS", 1), ("OMPI_COMM_WORLD_SIZE", 1), ("JAX_COORDINATOR_ADDRESS", None))
-_initialized = False
 
 
 def initialize(timeout_s: int = 300) -> bool:
-    """Joins the multi-process job if there is one; returns True when ``jax.distributed`` was initialised."""
-    global _initialized
-    if _initialized:
+    """Joins the multi-process job if there is one; returns True when ``jax.distributed`` is initialised."""
+    if jax.distributed.is_initialized():
         return True
     with contextlib.suppress(AttributeError, KeyError, ValueError):  # gloo: CPU collectives across processes
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     coordinator = os.environ.get(COORDINATOR)
-    if coordinator:
-        jax.distributed.initialize(coordinator, num_processes=int(os.environ[NUM_PROCESSES]),
-                                   process_id=int(os.environ[PROCESS_ID]), initialization_timeout=timeout_s)
-    elif any(_cluster_size(name, minimum) for name, minimum in _CLUSTER_HINTS):
-        jax.distributed.initialize(initialization_timeout=timeout_s)
-    else:
+    try:
+        if coordinator:
+            jax.distributed.initialize(coordinator, num_processes=int(os.environ[NUM_PROCESSES]),
+                                       process_id=int(os.environ[PROCESS_ID]), initialization_timeout=timeout_s)
+        else:
+            jax.distributed.initialize(initialization_timeout=timeout_s)
+    except ValueError as e:  # JAX detected no cluster (no coordinator address): one process
+        if coordinator or "coordinator_address" not in str(e):
+            raise
         return False
-    _initialized = True
+    except RuntimeError as e:  # the backend is already in use in this process: too late to join, one process
+        if coordinator or "must be called before" not in str(e):
+            raise
+        return False
     return True
-
-
-def _cluster_size(name: str, minimum: int | None) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return False
-    return minimum is None or (value.isdigit() and int(value) > minimum)
 
 
 def free_port() -> int:

@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import struct
@@ -35,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lepton_jax.errors import ConfigError
-from lepton_jax.parallel.mesh import make_mesh
+from lepton_jax.parallel.mesh import make_mesh, mesh_config
 
 NODES = "nodes"
 DELTA_DTYPES = ("float32", "bfloat16", "int8")
@@ -77,11 +76,10 @@ def edge_mesh(nodes: int, devices: list | None = None) -> Mesh:
         if nodes % processes or nodes // processes != len(devices) // processes:
             raise ConfigError(f"edge.nodes={nodes} must equal the {len(devices)} devices of the {processes} "
                               "processes (one node per device)")
-        return make_mesh(ml_collections.ConfigDict({"axes": {NODES: nodes // processes},
-                                                    "dcn_axes": {NODES: processes}}), devices)
+        return make_mesh(mesh_config({NODES: nodes // processes}, dcn_axes={NODES: processes}), devices)
     if nodes > len(devices):
         raise ConfigError(f"edge.nodes={nodes} needs {nodes} devices (one per node), but {len(devices)} are present")
-    return make_mesh(ml_collections.ConfigDict({"axes": {NODES: nodes}, "num_devices": nodes}), devices)
+    return make_mesh(mesh_config({NODES: nodes}, num_devices=nodes), devices)
 
 
 def init_state(params: Any, inner_tx: optax.GradientTransformation, outer_tx: optax.GradientTransformation,

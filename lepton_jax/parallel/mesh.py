@@ -17,6 +17,13 @@ from jax.sharding import PartitionSpec as P
 from lepton_jax.errors import ConfigError
 
 DATA_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "nodes")  # every axis name the library gives a meaning to
+
+
+def mesh_config(axes: dict[str, int], num_devices: int = -1, dcn_axes: dict[str, int] | None = None
+                ) -> ml_collections.ConfigDict:
+    """A complete ``mesh`` config section (what :func:`make_mesh` reads)."""
+    return ml_collections.ConfigDict({"axes": dict(axes), "num_devices": num_devices, "dcn_axes": dict(dcn_axes or {})})
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
@@ -26,13 +33,16 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
     the sizes across processes.
     """
     devices = list(jax.devices() if devices is None else devices)
-    num = int(config.get("num_devices", -1))
+    unknown = sorted(set(dict(config.axes)) - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"mesh.axes names {unknown}; axis names are {', '.join(MESH_AXES)}")
+    num = int(config.num_devices)
     if num > 0:
         if num > len(devices):
             raise ConfigError(f"mesh.num_devices={num} but only {len(devices)} devices are present")
         devices = devices[:num]
     axes = dict(config.axes)
-    dcn = dict(config.get("dcn_axes", None) or {})
+    dcn = dict(config.dcn_axes or {})
     processes = len({d.process_index for d in devices})
     per_mesh = len(devices) // processes if dcn else len(devices)  # mesh.axes cover one host when dcn is set
     sizes = list(axes.values())

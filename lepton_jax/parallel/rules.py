@@ -36,12 +36,12 @@ def rules_from_config(config: ml_collections.ConfigDict | None) -> tuple[Rules, 
     """(rules, min_size) from ``config.sharding`` (``rules``: a preset name or a list of pairs)."""
     if config is None:
         return PRESETS["dp"], 0
-    rules = config.get("rules", "dp")
+    rules = config.rules
     if isinstance(rules, str):
         if rules not in PRESETS:
             raise ConfigError(f"unknown sharding.rules preset {rules!r}; presets: {', '.join(PRESETS)}")
         rules = PRESETS[rules]
-    return tuple((str(a), None if b is None else str(b)) for a, b in rules), int(config.get("min_size", 0))
+    return tuple((str(a), None if b is None else str(b)) for a, b in rules), int(config.min_size)
 
 
 def logical_axes(model: nnx.Module) -> Any:

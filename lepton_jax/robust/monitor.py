@@ -31,6 +31,7 @@ class OverfittingMonitor:
         self.fgsm = AttackSpec("fgsm", kind="fgsm")
         self.pgd = AttackSpec(f"pgd{pgd_steps}", steps=pgd_steps, step_size=2.5 / pgd_steps)
         self.gap, self.drop, self.early_stop = gap, drop, early_stop
+        self.flags = True  # False: only measure (dev PGD accuracy for checkpoint selection), never flag
         self.key = jax.random.PRNGKey(seed)
         self.history: list[float] = []
 
@@ -43,26 +44,29 @@ class OverfittingMonitor:
         self.history.append(pgd)
         gap, drop = fgsm - pgd, best - pgd
         flagged = gap > self.gap or drop > self.drop
-        return {"co_fgsm_accuracy": fgsm, "co_pgd_accuracy": pgd, "co_gap": gap, "co_drop": drop,
-                "co_flagged": bool(flagged), "co_stop": bool(flagged and self.early_stop)}
+        return {"co_fgsm_accuracy": fgsm, "co_pgd_accuracy": pgd, "dev_pgd_accuracy": pgd, "co_gap": gap,
+                "co_drop": drop, "co_flagged": bool(flagged and self.flags),
+                "co_stop": bool(flagged and self.flags and self.early_stop)}
 
 
 def make_overfitting_monitor(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, source, schema: dict,
                              sharding: NamedSharding | None = None) -> OverfittingMonitor | None:
-    """The monitor a config asks for: ``None`` unless ``config.robust`` selects a single-step objective with
-    ``monitor`` on. ``source`` is a held-out split (the loop's dev source); its first ``monitor_examples``
-    examples form the batch."""
+    """The monitor a config asks for: flagging catastrophic overfitting when ``config.robust`` selects a
+    single-step objective with ``monitor`` on; measuring only (``dev_pgd_accuracy``) when the objective is
+    adversarial or ``checkpoint.best_metric`` is ``dev_pgd_accuracy``; otherwise ``None``. ``source`` is a
+    held-out split (the loop's dev source); its first ``monitor_examples`` examples form the batch."""
     from lepton_jax.data.transforms import INPUT, LABEL, prepare_batch
-    from lepton_jax.robust.objectives import SINGLE_STEP, default_robust_config
-    from lepton_jax.train.step import make_apply
+    from lepton_jax.models.functional import make_apply
+    from lepton_jax.robust.objectives import SINGLE_STEP
 
-    rc = default_robust_config()
-    rc.update((config.get("robust") or ml_collections.ConfigDict()).to_dict())
-    if rc.objective not in SINGLE_STEP or not rc.monitor:
+    rc = config.robust
+    flags = rc.objective in SINGLE_STEP and rc.monitor
+    if not flags and rc.objective == "standard" and config.checkpoint.best_metric != "dev_pgd_accuracy":
         return None
     n = min(len(source), int(rc.monitor_examples))
     batch = prepare_batch(source.__getitems__(np.arange(n)), schema)
-    return OverfittingMonitor(make_apply(graphdef), batch[INPUT], batch[LABEL], epsilon=rc.epsilon,
-                              norm=rc.norm, gap=rc.monitor_gap, drop=rc.monitor_drop,
-                              early_stop=rc.monitor_early_stop, seed=int(config.get("seed", 0)),
-                              sharding=sharding)
+    monitor = OverfittingMonitor(make_apply(graphdef), batch[INPUT], batch[LABEL], epsilon=rc.epsilon,
+                                 norm=rc.norm, gap=rc.monitor_gap, drop=rc.monitor_drop,
+                                 early_stop=rc.monitor_early_stop, seed=int(config.seed), sharding=sharding)
+    monitor.flags = bool(flags)
+    return monitor

@@ -25,6 +25,7 @@ results do not depend on the mesh, and ε = 0 (or β = 0) reproduces the standar
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,8 @@ from flax import nnx
 
 from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError
+from lepton_jax.models.functional import cross_entropy, make_apply
 from lepton_jax.robust import attacks
-from lepton_jax.train.state import TrainState
-from lepton_jax.train.step import cross_entropy, make_apply
 
 Batch = dict[str, jax.Array]
 OBJECTIVES = ("standard", "fgsm", "fgsm_rs", "pgd", "free", "trades")
@@ -75,15 +75,15 @@ def check_robust_config(rc: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"unknown robust.objective {rc.objective!r}; use one of {', '.join(OBJECTIVES)}")
     if rc.norm not in attacks.NORMS:
         raise ConfigError(f"unknown robust.norm {rc.norm!r}; use linf or l2")
-    if rc.get("attack_loss", "ce") not in attacks.LOSSES:
+    if rc.attack_loss not in attacks.LOSSES:
         raise ConfigError(f"unknown robust.attack_loss {rc.attack_loss!r}; use ce or cw")
-    if rc.epsilon < 0 or rc.step_size <= 0 or rc.steps < 1 or rc.get("free_replays", 1) < 1:
+    if rc.epsilon < 0 or rc.step_size <= 0 or rc.steps < 1 or rc.free_replays < 1:
         raise ConfigError("robust: need epsilon >= 0, step_size > 0, steps >= 1, free_replays >= 1")
 
 
 def make_adversarial_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                 robust_config: ml_collections.ConfigDict, input_box: attacks.Box = (0.0, 1.0)
-                                ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+                                ) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
     """``train_step(state, batch) -> (state, metrics)`` for ``robust_config.objective``.
 
     Metrics: the standard keys (loss, accuracy on the inputs the loss is computed on, grad_norm, param_norm,
@@ -145,7 +145,7 @@ def make_adversarial_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransf
             "delta_norm": jnp.mean(attacks.perturbation_norm(x_adv - x, norm)),
         }
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: Any, batch: Batch):
         x, y = batch[INPUT], batch[LABEL]
         key = jax.random.fold_in(state.rng, state.step)
         attack_key = jax.random.fold_in(key, _ATTACK_TAG)

@@ -57,8 +57,8 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
     ``eval_split`` the artifact is compared with the float model on that split of the run's lake table (accuracy of
     both and top-1 agreement), and the result is saved in the manifest.
     """
+    from lepton_jax.models.functional import make_predict
     from lepton_jax.serve.predictor import Predictor
-    from lepton_jax.train.step import make_predict
 
     if quantize not in (None, "int8"):
         raise ExportError(f"unknown quantisation {quantize!r}; expected none or 'int8'")

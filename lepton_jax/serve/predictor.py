@@ -11,20 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from lepton_jax import tracking
-from lepton_jax.checkpoint import abstract_like, open_checkpoints
-from lepton_jax.config import from_dict
+from lepton_jax.checkpoint import read_run, restore_params
 from lepton_jax.data.transforms import INPUT, input_array, input_spec, prepare_batch
-from lepton_jax.errors import CheckpointError, InputError
-from lepton_jax.models import build_model
+from lepton_jax.errors import InputError
+from lepton_jax.models.functional import make_predict
 from lepton_jax.parallel import batch_sharding, make_mesh, replicated
-from lepton_jax.parallel.mesh import data_parallel_size
-from lepton_jax.train.state import split_model
-from lepton_jax.train.step import make_predict
+from lepton_jax.parallel.mesh import data_parallel_size, mesh_config
+
+__all__ = ["Predictor", "load_npy", "read_run"]
 
 
 class Predictor:
@@ -46,20 +43,11 @@ class Predictor:
                      batch_size: int = 256) -> Predictor:
         """Restores the best (or given) checkpoint of a finished or running training run."""
         workdir = Path(workdir)
-        config, run_info = read_run(workdir)
-        schema = run_info["data"]["schema"]
-        mesh = make_mesh(ml_collections.ConfigDict({"axes": {"data": -1}, "num_devices": -1}), devices)
-        abstract_model = nnx.eval_shape(lambda: build_model(
-            config.model, input_shape=tuple(input_spec(schema)["example_shape"]),
-            num_classes=len(schema["label_names"]), seed=config.seed))
-        graphdef, abstract_params = split_model(abstract_model)
-        ckpt = open_checkpoints(workdir / "checkpoints")
-        try:
-            step = ckpt.resolve_step(step)
-            params = ckpt.restore_params(abstract_like(abstract_params, replicated(mesh)), step)
-        finally:
-            ckpt.close()
-        return cls(graphdef, params, schema=schema, mesh=mesh, batch_size=batch_size, step=step)
+        _, run_info = read_run(workdir)
+        mesh = make_mesh(mesh_config({"data": -1}), devices)
+        built, params, step = restore_params(workdir, step, mesh)
+        return cls(built.graphdef, params, schema=run_info["data"]["schema"], mesh=mesh, batch_size=batch_size,
+                   step=step)
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -106,19 +94,6 @@ class Predictor:
         logits = self.logits(raw, name)
         probs = np.asarray(jax.nn.softmax(logits, axis=-1))
         return {"class": logits.argmax(-1), "probability": probs}
-
-
-def read_run(workdir: Path) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-    """The resolved config and provenance saved by a training run."""
-    try:
-        config = from_dict(tracking.read_json(workdir / tracking.CONFIG_FILE))
-        run_info = tracking.read_json(workdir / tracking.RUN_FILE)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{workdir} is not a training run directory (missing {Path(e.filename).name}); "
-                              "pass the --workdir of a `lepton-jax train` run") from e
-    except ValueError as e:
-        raise CheckpointError(f"run directory {workdir} has a corrupt config or run.json: {e}") from e
-    return config, run_info
 
 
 def load_npy(path: str | Path) -> np.ndarray:

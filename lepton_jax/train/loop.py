@@ -1,9 +1,18 @@
-"""The training loop: lake -> Grain -> sharded jitted steps -> dev eval -> Orbax checkpoints -> test report.
+"""The training loop: one loop for every strategy (synchronous data parallel with any objective, edge local SGD /
+DiLoCo), with hooks for evaluation, monitors, profiling and checkpointing.
 
-Side effects (files, progress bars, signals, printing) live here; the math lives in :mod:`lepton_jax.train.step`.
+``train(config, workdir)`` is the library entry point (the CLI, sweeps and notebooks all call it): it validates the
+config, opens the lake table, picks the strategy (:func:`lepton_jax.train.strategy.make_strategy`) and runs
+:class:`Loop`. The loop owns resume, logging, NaN/inf handling, hooks, preemption and the final report, once.
 A workdir holds one experiment: rerunning with the same workdir and config resumes from the latest checkpoint
-(parameters, optimizer state, rng, step and the Grain iterator position), so a resumed run produces the same
-parameters and metrics as an uninterrupted one. SIGTERM (preemption) saves a checkpoint and returns cleanly.
+(every state item, the rng, the step and the Grain iterator position), so a resumed run produces the same
+parameters and metrics as an uninterrupted one. SIGTERM (preemption) at any moment ends the run after the current
+step with that step saved (evaluating first only if an evaluation was due there) and a clean return; with several
+processes all agree on the step.
+
+Off the critical path: input batches are prepared and placed on devices in a background thread
+(:mod:`lepton_jax.train.prefetch`), logged metrics are copied to the host asynchronously and read one step later,
+and checkpoints are written asynchronously by Orbax.
 """
 
 from __future__ import annotations
@@ -17,36 +26,36 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from lepton_jax import tracking
-from lepton_jax.checkpoint import Checkpointer, abstract_like
-from lepton_jax.data import LakeDataSource, to_global, train_dataset
-from lepton_jax.data.transforms import input_spec
+from lepton_jax.checkpoint import from_config
+from lepton_jax.data import LakeDataSource
 from lepton_jax.errors import ConfigError, TrainingDivergedError
-from lepton_jax.eval import metrics as eval_metrics
 from lepton_jax.lake import Lake
-from lepton_jax.models import build_model
-from lepton_jax.parallel import batch_sharding, make_mesh, replicated
-from lepton_jax.parallel.mesh import data_parallel_size
-from lepton_jax.parallel.rules import (
-    logical_axes,
-    named_shardings,
-    param_specs,
-    rules_from_config,
-    sharding_table,
-    state_shardings,
-)
-from lepton_jax.robust.monitor import make_overfitting_monitor
 from lepton_jax.train import perf
-from lepton_jax.train.optim import make_optimizer, make_schedule
-from lepton_jax.train.state import count_params, create_state, split_model
-from lepton_jax.train.step import build_train_step, make_predict, optimizer_updates_per_step
+from lepton_jax.train.hooks import (
+    Hook,
+    RunContext,
+    checkpoint_hook,
+    dev_eval_hook,
+    evaluate,
+    monitor_hook,
+    profiler_hook,
+    report,
+    save,
+)
+from lepton_jax.train.prefetch import Prefetcher
+from lepton_jax.train.strategy import Strategy, make_strategy
+from lepton_jax.train.validate import validate_config
+
+__all__ = ["Hook", "Loop", "Preemption", "RunContext", "train", "train_and_evaluate"]
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (only where signals can be handled)."""
+    """Turns SIGTERM into a flag the loop reads once per step (only where signals can be handled). With several
+    processes :meth:`check` agrees across them (any process signalled = all stop at the same step)."""
 
     def __init__(self):
         self.requested = False
@@ -60,242 +69,196 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
+    def check(self) -> bool:
+        flag = self.requested
+        if jax.process_count() > 1:
+            flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+        return flag
+
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       lake_root: str | Path | None = None, devices: list | None = None,
-                       progress: bool = True) -> dict[str, Any]:
-    """Trains ``config`` on its lake table and evaluates it; returns a summary (also saved in ``workdir``).
+class Loop:
+    """One run of a strategy in a workdir; add hooks before :meth:`run`."""
 
-    The summary holds ``preempted=True`` (and no test metrics) when SIGTERM stopped the run early.
-    """
-    lake = Lake(lake_root or config.data.lake)
-    version = config.data.version if config.data.version > 0 else None
-    table = lake.table(config.data.table, version)
-    schema = table.schema
-    label_names = table.label_names
-    mesh = make_mesh(config.mesh, devices)
-    dp = data_parallel_size(mesh)
-    accum = int(config.get("grad_accum_steps", 1))
-    if config.batch_size % (dp * accum):
-        raise ConfigError(f"batch_size {config.batch_size} is not divisible by {dp} data-parallel devices x "
-                          f"{accum} gradient-accumulation steps (mesh {dict(mesh.shape)})")
-    train_src = LakeDataSource(table.reader("train"))
-    dev_src = LakeDataSource(table.reader("dev"))
-    test_src = LakeDataSource(table.reader("test"))
-    steps_per_epoch = len(train_src) // config.batch_size
-    total_steps = steps_per_epoch * config.num_epochs
-    eval_every = int(config.get("eval_every_steps", 0)) or steps_per_epoch
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, strategy: Strategy, *,
+                 schema: dict[str, Any], sources: dict[str, LakeDataSource], data_info: dict[str, Any],
+                 progress: bool = True, stop_after_step: int | None = None):
+        self.config, self.workdir, self.strategy = config, Path(workdir), strategy
+        self.schema, self.sources, self.data_info = schema, sources, data_info
+        self.progress, self.stop_after_step = progress, stop_after_step
+        self.eval_every = config.eval_every_steps or strategy.steps_per_epoch
+        self._user_hooks: list[Hook] = []
 
-    def new_model() -> nnx.Module:
-        return build_model(config.model, input_shape=tuple(input_spec(schema)["example_shape"]),
-                           num_classes=len(label_names), seed=config.seed)
+    def add_hook(self, fn: Any, every: int = 1, *, at_end: bool = False, name: str = "") -> Hook:
+        """Runs ``fn(ctx) -> dict | None`` after every ``every``-th step (before the checkpoint of that step, so
+        the metrics it returns are saved with it); ``at_end`` also runs it after the last step."""
+        hook = fn if isinstance(fn, Hook) else Hook(fn, every, at_end=at_end, name=name or getattr(fn, "__name__", ""))
+        self._user_hooks.append(hook)
+        return hook
 
-    abstract_model = nnx.eval_shape(new_model)
-    graphdef, abstract_params = split_model(abstract_model)
-    rules, min_size = rules_from_config(config.get("sharding"))
-    specs = param_specs(logical_axes(abstract_model), abstract_params, rules, mesh, min_size)
-    param_sh = named_shardings(specs, mesh)
-    updates_per_step = optimizer_updates_per_step(config)
-    tx = make_optimizer(config.optim, total_steps * updates_per_step)
-    schedule = make_schedule(config.optim, total_steps * updates_per_step)
+    def _hooks(self, run: tracking.RunDir) -> list[Hook]:
+        from lepton_jax.robust.monitor import make_overfitting_monitor
 
-    def init_state():
-        return create_state(split_model(new_model())[1], tx, config.seed)
+        s, every = self.strategy, self.eval_every
+        hooks = [profiler_hook(run.path / "profile", self.config.profile_start_step, self.config.profile_steps),
+                 dev_eval_hook(every)]
+        monitor = make_overfitting_monitor(self.config, s.built.graphdef, self.sources["dev"], self.schema,
+                                           s.eval_sharding)
+        if monitor is not None:
+            hooks.append(monitor_hook(monitor, every))
+        return [h for h in hooks if h is not None] + self._user_hooks + [checkpoint_hook(every)]
 
-    state_sh = state_shardings(jax.eval_shape(init_state), param_sh, mesh)
-    state = jax.jit(init_state, out_shardings=state_sh)()  # parameters are created already sharded
-    repl, data_sh = replicated(mesh), batch_sharding(mesh)
-    train_step = jax.jit(build_train_step(config, graphdef, tx), in_shardings=(state_sh, data_sh),
-                         out_shardings=(state_sh, repl), donate_argnums=0)
-    predict = jax.jit(make_predict(graphdef), in_shardings=(param_sh, data_sh), out_shardings=data_sh)
-    # single-step adversarial training (FGSM, FGSM-RS, free): watch for catastrophic overfitting at every evaluation
-    monitor = make_overfitting_monitor(config, graphdef, dev_src, schema, data_sh)
-    eval_batch = config.get("eval_batch_size", 256)
-    eval_batch += (-eval_batch) % dp
+    def run(self) -> dict[str, Any]:
+        config, s = self.config, self.strategy
+        run = tracking.RunDir(self.workdir)
+        run.check_same_config(config)
+        run.start(config, extra={"data": self.data_info, "seed": config.seed, "mesh": dict(s.mesh.shape),
+                                 "strategy": s.name, "num_params": s.built.num_params, **s.run_info()})
+        ckpt = from_config(run.checkpoint_dir, config.checkpoint)
+        batches = Prefetcher(s.batches(self.sources["train"], self.schema), s.data_sharding, config.prefetch)
+        ctx = RunContext(config=config, run=run, ckpt=ckpt, strategy=s, schema=self.schema, sources=self.sources,
+                         batches=batches, progress=self.progress, data_version=self.data_info["version"])
+        ctx.say(f"lake {self.data_info['lake']} table {self.data_info['table']} v{self.data_info['version']}: "
+                + ", ".join(f"{k} {len(v)}" for k, v in self.sources.items()) + " examples")
+        ctx.say(f"model {config.model.name}: {s.built.num_params:,} parameters; strategy {s.name}; "
+                f"{s.total_steps} steps of batch {config.batch_size}; {s.describe()}")
+        state = s.init_state()
+        start_step = 0
+        if ckpt.latest_step() is not None:  # same workdir, same config: continue where the last run stopped
+            items, data_state = ckpt.restore(s.abstract_items())
+            state = s.from_items(items)
+            batches.set_state(data_state)
+            start_step = int(jax.device_get(state.step))
+            run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
+            run.log(step=start_step, resumed_from_step=start_step)
+            ctx.say(f"resuming from checkpoint step {start_step} in {run.checkpoint_dir}")
+        hooks = self._hooks(run)
+        try:
+            return self._loop(ctx, state, start_step, hooks)
+        finally:
+            batches.close()
 
-    run = tracking.RunDir(workdir)
-    run.check_same_config(config)
-    data_info = {"lake": str(lake.root.resolve()), "table": table.table, "version": table.version,
-                 "schema": schema, "source_sha256": table.record["lineage"]["source"]["sha256"]}
-    run.start(config, extra={"data": data_info, "seed": config.seed, "mesh": dict(mesh.shape),
-                             "num_params": count_params(abstract_params)})
-    ckpt = Checkpointer(run.checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep,
-                        best_metric="dev_accuracy")
-    _say(progress, f"lake {lake.root} table {table.table} v{table.version}: train {len(train_src)}, "
-                   f"dev {len(dev_src)}, test {len(test_src)} examples")
-    _say(progress, f"model {config.model.name}: {count_params(abstract_params):,} parameters; "
-                   f"{total_steps} steps of batch {config.batch_size}; parameter sharding:\n"
-                   f"{sharding_table(abstract_params, specs, mesh)}")
+    def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook]) -> dict[str, Any]:
+        config, s, run = self.config, self.strategy, ctx.run
+        log_every = config.log_every_steps
+        pending: list = []  # device metrics of steps not yet sent to the host
+        in_flight: list[tuple[int, list]] = []  # (last step, metrics) being copied to the host
+        flops = None
+        last_log = time.perf_counter()
+        stopped, ctx.step, ctx.state = None, start_step, state
 
-    batches = iter(train_dataset(train_src, global_batch_size=config.batch_size, seed=config.seed,
-                                 num_epochs=config.num_epochs, schema=schema))
-    start_step = 0
-    if ckpt.latest_step() is not None:  # same workdir, same config: continue where the last run stopped
-        state, data_state = ckpt.restore(abstract_like(state, state_sh))
-        batches.set_state(data_state)
-        start_step = int(jax.device_get(state.step))
-        run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
-        run.log(step=start_step, resumed_from_step=start_step)
-        _say(progress, f"resuming from checkpoint step {start_step} in {run.checkpoint_dir}")
-
-    history: dict[str, list] = {"step": [], "loss": [], "dev_accuracy": []}
-    log_every = max(1, int(config.get("log_every_steps", 10)))
-    pending: list = []
-    flops = None
-    if perf.peak_flops() is not None:  # FLOPs only matter where an MFU can be stated (accelerators)
-        flops = perf.compiled_flops(train_step, state, to_global(next(iter(train_dataset(
-            train_src, global_batch_size=config.batch_size, seed=config.seed, num_epochs=1, schema=schema))),
-            data_sh))
-    profile = Profiler(run.path / "profile", int(config.get("profile_start_step", 0)),
-                       int(config.get("profile_steps", 0)))
-    stopped_early = None
-    start = last_log = time.perf_counter()
-    with Preemption() as preemption, tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                                           disable=not progress or jax.process_index() != 0) as bar:
-        for step in range(start_step + 1, total_steps + 1):
-            profile.before(step)
-            state, step_metrics = train_step(state, to_global(next(batches), data_sh))
-            profile.after(step, state)
-            pending.append(step_metrics)
-            epoch = (step - 1) // steps_per_epoch + 1
-            boundary = step % eval_every == 0 or step == total_steps or preemption.requested
-            if len(pending) == log_every or boundary:
-                fetched = jax.device_get(pending)
+        def flush(upto: int) -> None:
+            nonlocal last_log
+            while in_flight and in_flight[0][0] <= upto:
+                end, window = in_flight.pop(0)
+                fetched = s.fetch_metrics(window)
                 now = time.perf_counter()
-                step_time = (now - last_log) / len(fetched)
-                last_log = now
-                history["step"] += list(range(step - len(fetched) + 1, step + 1))
-                history["loss"] += [float(m["loss"]) for m in fetched]
+                step_time, last_log = (now - last_log) / len(fetched), now
+                losses = [m["loss"] for m in fetched]
+                ctx.history["step"] += list(range(end - len(fetched) + 1, end + 1))
+                ctx.history["loss"] += losses
                 mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 timing = {"step_time_s": step_time, "examples_per_s": config.batch_size / step_time}
                 utilisation = perf.mfu(flops, 1.0 / step_time)
                 if utilisation is not None:
                     timing["mfu"] = utilisation
-                run.log(step=step, epoch=epoch, lr=float(schedule((step - 1) * updates_per_step)),
-                        **{f"train_{k}": v for k, v in mean.items()}, **timing)
-                if not all(np.isfinite(m["loss"]) for m in fetched):
-                    _stop_on_divergence(run, ckpt, state, step, predict, dev_src, schema, eval_batch, data_sh,
-                                        batches)
-                bar.set_postfix(epoch=epoch, loss=f"{mean['loss']:.4f}")
+                run.log(step=end, epoch=(end - 1) // s.steps_per_epoch + 1,
+                        lr=float(s.schedule((end - 1) * s.updates_per_step)),
+                        **{f"train_{k}": v for k, v in mean.items()}, **s.step_info(end), **timing)
+                bar.set_postfix(epoch=(end - 1) // s.steps_per_epoch + 1, loss=f"{mean['loss']:.4f}")
                 bar.update(len(fetched))
-                pending = []
-            if boundary:
-                dev = _evaluate(predict, state.params, dev_src, schema, eval_batch, data_sh)
-                history["dev_accuracy"].append(dev["accuracy"])
-                run.log(step=step, epoch=epoch, dev_loss=dev["loss"], dev_accuracy=dev["accuracy"],
-                        elapsed_s=time.perf_counter() - start)
-                ckpt.save(state, {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]},
-                          data_state=batches.get_state())
-                if progress and jax.process_index() == 0:
-                    bar.write(f"step {step} (epoch {epoch}): train loss {history['loss'][-1]:.4f}  "
-                              f"dev loss {dev['loss']:.4f}  dev accuracy {dev['accuracy']:.4f}")
-                if monitor is not None:
-                    co = monitor(state.params)
-                    run.log(step=step, epoch=epoch, **co)
-                    if co["co_flagged"]:
-                        _say(progress, f"step {step}: catastrophic overfitting suspected: dev FGSM accuracy "
-                                       f"{co['co_fgsm_accuracy']:.3f}, PGD accuracy {co['co_pgd_accuracy']:.3f}"
-                                       + ("; stopping (robust.monitor_early_stop)" if co["co_stop"] else ""))
-                    if co["co_stop"]:
-                        stopped_early = "catastrophic_overfitting"
-            if preemption.requested:
-                ckpt.close()
-                run.log(step=step, preempted=True)
-                run.close()
-                _say(progress, f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
-                return {"preempted": True, "steps": step, "history": history, "final_state": state}
-            if stopped_early:
-                break
-    summary, best_params, report = finish_run(
-        run, ckpt, abstract_params=abstract_like(state.params, param_sh), predict=predict, test_src=test_src,
-        schema=schema, eval_batch=eval_batch, data_sharding=data_sh, history=history,
-        train_seconds=time.perf_counter() - start, steps=int(jax.device_get(state.step)),
-        data_version=table.version, extra={"stopped_early": stopped_early} if stopped_early else None,
-        progress=progress)
-    best_step = summary["best_step"]
-    _say(progress, f"\ntest classification report (checkpoint step {best_step}, best dev accuracy):\n"
-                   f"{report['report_text']}")
-    _say(progress, f"test accuracy {report['accuracy']:.4f}\nwrote {Path(workdir)}/: config.json run.json "
-                   "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
-    return {**summary, "history": history, "params": best_params, "final_state": state, "report": report}
+                if not all(np.isfinite(losses)):
+                    self._diverged(ctx)
+
+        with Preemption() as preemption, tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step",
+                                               disable=not self.progress or jax.process_index() != 0) as bar:
+            for step in range(start_step + 1, s.total_steps + 1):
+                batch = next(ctx.batches)
+                if flops is None and perf.peak_flops() is not None:  # MFU only where the device peak is known
+                    flops = s.flops(state, batch)
+                state, step_metrics = s.step(state, batch)
+                state = s.after_step(state, step)
+                ctx.state, ctx.step, ctx.epoch = state, step, (step - 1) // s.steps_per_epoch + 1
+                pending.append(step_metrics)
+                preempted = preemption.check() or step == self.stop_after_step  # read once per step
+                last = step == s.total_steps
+                due = [h for h in hooks if h.due(step, last)]
+                sync = last or preempted or any(h.name != "profiler" for h in due)
+                if len(pending) >= log_every or sync:
+                    for m in pending:
+                        for v in m.values():
+                            v.copy_to_host_async()
+                    in_flight.append((step, pending))
+                    pending = []
+                flush(step if sync else step - 1)  # without a sync point, read the previous window only
+                ctx.metrics = {}
+                for hook in due:
+                    out = hook.fn(ctx)
+                    if out:
+                        ctx.metrics.update(out)
+                        run.log(step=step, epoch=ctx.epoch, **out)
+                if preempted:
+                    save(ctx)  # no-op when the checkpoint hook already saved this step
+                    ctx.ckpt.close()
+                    run.log(step=step, preempted=True)
+                    run.close()
+                    ctx.say(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+                    return {"preempted": True, "steps": step, "history": ctx.history, "final_state": state,
+                            "strategy": s, **s.summary_extra()}
+                if ctx.stop_reason:
+                    stopped = ctx.stop_reason
+                    break
+        summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
+            for_summary=True)} if stopped else s.summary_extra(for_summary=True))
+        ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
+                f"{config.checkpoint.best_metric}):\n{result['report_text']}")
+        ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "
+                "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
+        return {**summary, "history": ctx.history, "params": best_params, "final_state": state, "report": result,
+                "strategy": s, **s.summary_extra()}
+
+    def _diverged(self, ctx: RunContext) -> None:
+        """A non-finite loss ends the run: checkpoint the state (with dev metrics) for inspection, then raise."""
+        dev = evaluate(ctx, ctx.strategy.eval_params(ctx.state))
+        ctx.metrics = {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}
+        save(ctx)
+        ctx.ckpt.close()
+        ctx.run.log(step=ctx.step, diverged=True)
+        ctx.run.close()
+        raise TrainingDivergedError(f"training diverged: the loss became NaN or inf by step {ctx.step} (see "
+                                    f"{ctx.run.path / tracking.METRICS_FILE}); the state is saved in "
+                                    f"{ctx.run.checkpoint_dir}/{ctx.step}. Lower optim.lr, enable optim.clip_norm "
+                                    "(edge: lower edge.outer_lr), or check the data")
 
 
-def finish_run(run: tracking.RunDir, ckpt: Checkpointer, *, abstract_params: Any, predict, test_src: LakeDataSource,
-               schema: dict[str, Any], eval_batch: int, data_sharding, history: dict[str, list],
-               train_seconds: float, steps: int, data_version: int, extra: dict[str, Any] | None = None,
-               progress: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    """The end of a run: restores the best checkpoint (by dev accuracy), evaluates it on the test split, writes
-    report.txt/json, confusion_matrix.png and summary.json, and closes the run and checkpointer.
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: str | Path | None = None,
+          devices: list | None = None, progress: bool = True, hooks: tuple[Hook, ...] | list[Hook] = (),
+          strategy: Strategy | None = None, stop_after_step: int | None = None) -> dict[str, Any]:
+    """Trains ``config`` on its lake table with the strategy it selects and evaluates it; returns a summary (also
+    saved in ``workdir``) with ``history``, ``params`` (best checkpoint), ``final_state`` and ``report``.
 
-    Returns ``(summary, best_params, report)``; ``extra`` entries are added to the summary."""
-    ckpt.wait()
-    best_step = ckpt.best_step()
-    best_params = ckpt.restore_params(abstract_params, best_step)
-    ckpt.close()
-    label_names = list(schema["label_names"])
-    outputs = eval_metrics.evaluate_split(predict, best_params, test_src, schema=schema,
-                                          global_batch_size=eval_batch, sharding=data_sharding, progress=progress)
-    report = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
-    test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
-    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(run.path) if "dev_accuracy" in r]
-                   + history["dev_accuracy"], default=None)
-    summary = {"test_accuracy": report["accuracy"], "test_loss": test_loss, "best_step": best_step,
-               "best_dev_accuracy": best_dev, "train_seconds": train_seconds, "steps": steps,
-               "data_version": data_version, **(extra or {})}
-    run.log(**summary)
-    if run.is_writer:
-        out = run.path
-        (out / "report.txt").write_text(report["report_text"])
-        tracking.write_json_atomic(out / "report.json", {k: report[k] for k in ("accuracy", "report",
-                                                                                 "confusion_matrix")})
-        eval_metrics.save_confusion_matrix(report["confusion_matrix"], label_names, out / "confusion_matrix.png",
-                                           title=f"test split, step {best_step}: accuracy {report['accuracy']:.4f}")
-        tracking.write_json_atomic(out / "summary.json", summary)
-        run.update_run_info(finished=True, summary=summary)
-    run.close()
-    return summary, best_params, report
+    ``hooks`` are added to the loop (see :mod:`lepton_jax.train.hooks`). ``strategy`` reuses the compiled
+    programs of an earlier run of the same config (tests, sweeps). ``stop_after_step`` stops like a preemption
+    after that step. The summary holds ``preempted=True`` (and no test metrics) when SIGTERM stopped the run."""
+    validate_config(config)
+    lake = Lake(lake_root or config.data.lake)
+    table = lake.table(config.data.table, config.data.version if config.data.version > 0 else None)
+    schema = table.schema
+    sources = {split: LakeDataSource(table.reader(split)) for split in ("train", "dev", "test")}
+    if strategy is None:
+        strategy = make_strategy(config, schema, sources["train"], devices)
+    elif strategy.config.to_dict() != config.to_dict():
+        raise ConfigError("the strategy passed to train() was built for another config")
+    data_info = {"lake": str(lake.root.resolve()), "table": table.table, "version": table.version,
+                 "schema": schema, "source_sha256": table.record["lineage"]["source"]["sha256"]}
+    loop = Loop(config, workdir, strategy, schema=schema, sources=sources, data_info=data_info, progress=progress,
+                stop_after_step=stop_after_step)
+    for hook in hooks:
+        loop.add_hook(hook)
+    return loop.run()
 
 
-class Profiler:
-    """Traces ``steps`` steps starting at ``start_step`` (after warm-up) into ``directory`` (TensorBoard/Perfetto)."""
-
-    def __init__(self, directory: Path, start_step: int, steps: int):
-        self.directory, self.start, self.stop = directory, start_step, start_step + steps
-        self.enabled = steps > 0 and jax.process_index() == 0
-
-    def before(self, step: int) -> None:
-        if self.enabled and step == self.start:
-            jax.profiler.start_trace(str(self.directory))
-
-    def after(self, step: int, state) -> None:
-        if self.enabled and step == self.stop - 1:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-
-
-def _stop_on_divergence(run, ckpt, state, step, predict, dev_src, schema, eval_batch, data_sh, batches) -> None:
-    """A non-finite loss ends the run: checkpoint the state for inspection, then raise a clear error."""
-    dev = _evaluate(predict, state.params, dev_src, schema, eval_batch, data_sh)
-    ckpt.save(state, {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}, data_state=batches.get_state())
-    ckpt.close()
-    run.log(step=step, diverged=True)
-    run.close()
-    raise TrainingDivergedError(f"training diverged: the loss became NaN or inf by step {step} (see "
-                                f"{run.path / tracking.METRICS_FILE}); the state is saved in "
-                                f"{run.checkpoint_dir}/{step}. Lower optim.lr, enable optim.clip_norm, or check "
-                                "the data")
-
-
-def _evaluate(predict, params, source, schema, batch_size, sharding) -> dict[str, float]:
-    out = eval_metrics.evaluate_split(predict, params, source, schema=schema, global_batch_size=batch_size,
-                                      sharding=sharding)
-    return eval_metrics.summary_metrics(out["logits"], out["labels"])
-
-
-def _say(enabled: bool, message: str) -> None:
-    if enabled and jax.process_index() == 0:
-        print(message, flush=True)
+train_and_evaluate = train  # the earlier name, kept for notebooks and scripts

@@ -3,45 +3,67 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError
+from lepton_jax.models.functional import cross_entropy, make_apply, make_predict
 from lepton_jax.train.state import TrainState
 
+__all__ = ["build_train_step", "cross_entropy", "make_apply", "make_predict", "make_train_step",
+           "optimizer_updates_per_step"]
+
 Batch = dict[str, jax.Array]
+DATA = "data"
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def make_apply(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-    """``apply(params, x, train=False, rngs=None) -> logits``: the model as a pure function of its params."""
-
-    def apply(params, x, *, train: bool = False, rngs: jax.Array | None = None) -> jax.Array:
-        return nnx.merge(graphdef, params)(x, train=train, rngs=rngs)
-
-    return apply
-
-
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1, *,
+                    mesh: Mesh | None = None, param_specs: Any = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """One optimizer step on a global batch. Dropout keys derive from (rng, step) only, so the result does not
-    depend on how the batch is sharded. With ``grad_accum_steps`` k > 1 the batch is processed as k micro-batches
-    in a ``lax.scan`` (rows i, i+k, i+2k, ... form micro-batch i, so no rows move between devices) and the mean
-    gradient is applied once."""
+    """One optimizer step on a global batch. Dropout keys derive from (rng, step) only, so without accumulation
+    the result does not depend on how the batch is sharded.
+
+    With ``grad_accum_steps`` k > 1 the batch is processed as k micro-batches in a ``lax.scan`` (rows i, i+k,
+    i+2k, ... form micro-batch i, so no rows move between devices) and the mean gradient is applied once. On a
+    data-parallel ``mesh`` (parameters replicated, a ``data`` axis of size G > 1) each device accumulates the
+    gradient of its own rows *unreduced* (``shard_map``), so the cross-device reduction happens once per step,
+    after the scan, not once per micro-batch. Device g's dropout key is ``fold_in(micro-batch key, g)``: with
+    dropout, accumulated steps then depend on G (without dropout they do not). With sharded parameters (FSDP,
+    tensor) the partitioner reduces (reduce-scatters) each micro-batch's gradient, as ZeRO-style FSDP does."""
     apply = make_apply(graphdef)
+    # pure data parallelism (every mesh axis of size > 1 is `data`, parameters replicated): accumulate per-device
+    # gradients inside shard_map and reduce once after the loop
+    replicated = param_specs is None or all(s == P() for s in jax.tree.leaves(param_specs,
+                                                                               is_leaf=lambda x: isinstance(x, P)))
+    pure_dp = (mesh is not None and grad_accum_steps > 1 and replicated
+               and all(n == 1 or a == DATA for a, n in mesh.shape.items()) and mesh.shape.get(DATA, 1) > 1)
+    groups = mesh.shape[DATA] if pure_dp else 1
 
     def loss_fn(params, batch: Batch, key: jax.Array):
         logits = apply(params, batch[INPUT], train=True, rngs=key)
         return cross_entropy(logits, batch[LABEL]), logits
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    local_grads = None
+    if pure_dp:
+        from lepton_jax.parallel.edge import shard_map
+
+        def local(params, mb, micro_key):
+            (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(micro_key, jax.lax.axis_index(DATA)))
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == mb[LABEL])
+            return loss[None], accuracy[None], jax.tree.map(lambda x: x[None], grads)
+
+        # check=False: the gradient of the replicated params stays per-device (with replication checking, JAX would
+        # insert a psum for it here, i.e. inside the micro-batch loop)
+        local_grads = shard_map(local, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(DATA), P(DATA), P(DATA)),
+                                check=False)
 
     def gradients(params, batch: Batch, key: jax.Array):
         if grad_accum_steps == 1:
@@ -49,16 +71,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
             return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"]), grads
         k = grad_accum_steps
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+        if local_grads is None:  # the partitioner reduces each micro-batch's gradient (FSDP: a reduce-scatter)
+            def body(total, inputs):
+                index, mb = inputs
+                (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(key, index))
+                accuracy = jnp.mean(jnp.argmax(logits, -1) == mb[LABEL])
+                return jax.tree.map(jnp.add, total, grads), (loss, accuracy)
 
-        def body(total, inputs):
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            total, (losses, accuracies) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+            return losses.mean(), accuracies.mean(), jax.tree.map(lambda t: t / k, total)
+
+        def body(total, inputs):  # per-device gradients, unreduced: no collective inside the loop
             index, mb = inputs
-            (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(key, index))
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == mb["label"])
-            return jax.tree.map(jnp.add, total, grads), (loss, accuracy)
+            loss, accuracy, grads = local_grads(params, mb, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, total, grads), (loss.mean(), accuracy.mean())
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(lambda x: jnp.zeros((groups, *x.shape), x.dtype), params)
         total, (losses, accuracies) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-        return losses.mean(), accuracies.mean(), jax.tree.map(lambda g: g / k, total)
+        return losses.mean(), accuracies.mean(), jax.tree.map(lambda t: t.sum(0) / (k * groups), total)
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
@@ -77,17 +108,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     return train_step
 
 
-def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
+                     mesh: Mesh | None = None, param_specs: Any = None
                      ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step a config asks for: standard, or an adversarial objective from ``config.robust``.
 
     Inputs are scaled to the [0, 1] box (see :mod:`lepton_jax.data.transforms`), which is the attack's input box.
     """
-    robust = config.get("robust")
-    objective = robust.get("objective", "standard") if robust is not None else "standard"
-    accum = int(config.get("grad_accum_steps", 1))
+    robust = config.robust
+    objective = robust.objective
+    accum = int(config.grad_accum_steps)
     if objective == "standard":
-        return make_train_step(graphdef, tx, accum)
+        return make_train_step(graphdef, tx, accum, mesh=mesh, param_specs=param_specs)
     if accum != 1:
         raise ConfigError(f"robust.objective {objective!r} does not support grad_accum_steps={accum} (its attack "
                           "and update run on the whole batch); set grad_accum_steps=1 or lower batch_size")
@@ -100,13 +132,5 @@ def optimizer_updates_per_step(config) -> int:
     """Optimizer updates one train step makes: ``robust.free_replays`` for free adversarial training (its replays
     each update the parameters), otherwise 1. Learning-rate schedules count updates, so they span
     ``steps x updates_per_step``."""
-    robust = config.get("robust")
-    if robust is not None and robust.get("objective", "standard") == "free":
-        return int(robust.get("free_replays", 1))
-    return 1
-
-
-def make_predict(graphdef: nnx.GraphDef) -> Callable[[object, jax.Array], jax.Array]:
-    """``predict(params, x) -> logits`` in inference mode (no dropout)."""
-    apply = make_apply(graphdef)
-    return lambda params, x: apply(params, x, train=False)
+    robust = config.robust
+    return int(robust.free_replays) if robust.objective == "free" else 1

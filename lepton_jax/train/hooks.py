@@ -1,0 +1,164 @@
+"""Hooks: work the loop runs every n steps (and, with ``at_end``, at the last step and on preemption).
+
+``fn(ctx) -> dict | None``; a returned dict is logged at that step and merged into ``ctx.metrics`` (so the
+checkpoint hook, which runs last, saves it with the checkpoint and best-by-metric sees it). Built in: dev evaluation,
+the catastrophic-overfitting monitor, the profiler window and checkpointing; the end-of-run report is
+:func:`report`. Add your own with ``Loop.add_hook(fn, every=n)`` or ``train(..., hooks=[Hook(fn, every=n)])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lepton_jax import tracking
+from lepton_jax.checkpoint import Checkpointer
+from lepton_jax.data import LakeDataSource
+from lepton_jax.eval import metrics as eval_metrics
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What hooks and the report see: the run, its checkpoints, the strategy, data and the live state."""
+
+    config: Any
+    run: tracking.RunDir
+    ckpt: Checkpointer
+    strategy: Any
+    schema: dict[str, Any]
+    sources: dict[str, LakeDataSource]
+    batches: Any
+    progress: bool
+    state: Any = None
+    step: int = 0
+    epoch: int = 0
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # this step's hook metrics
+    history: dict[str, list] = dataclasses.field(default_factory=lambda: {"step": [], "loss": [],
+                                                                          "dev_accuracy": []})
+    stop_reason: str | None = None  # a hook sets it to end training after this step
+    start_time: float = dataclasses.field(default_factory=time.perf_counter)
+    data_version: int = 0
+
+    def say(self, message: str) -> None:
+        if self.progress and jax.process_index() == 0:
+            print(message, flush=True)
+
+
+@dataclasses.dataclass
+class Hook:
+    fn: Callable[[RunContext], dict[str, Any] | None]
+    every: int  # run after every `every`-th step (0: only at the end / on preemption when at_end)
+    at_end: bool = True
+    name: str = ""
+
+    def due(self, step: int, last: bool) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (last and self.at_end)
+
+
+def evaluate(ctx: RunContext, params: Any, split: str = "dev") -> dict[str, float]:
+    s = ctx.strategy
+    out = eval_metrics.evaluate_split(s.predict, params, ctx.sources[split], schema=ctx.schema,
+                                      global_batch_size=s.eval_batch, sharding=s.eval_sharding)
+    return eval_metrics.summary_metrics(out["logits"], out["labels"])
+
+
+def dev_eval_hook(every: int) -> Hook:
+    def fn(ctx: RunContext) -> dict[str, Any]:
+        dev = evaluate(ctx, ctx.strategy.eval_params(ctx.state))
+        ctx.history["dev_accuracy"].append(dev["accuracy"])
+        loss = ctx.history["loss"][-1] if ctx.history["loss"] else float("nan")
+        ctx.say(f"step {ctx.step} (epoch {ctx.epoch}): train loss {loss:.4f}  dev loss {dev['loss']:.4f}  "
+                f"dev accuracy {dev['accuracy']:.4f}")
+        return {"dev_loss": dev["loss"], "dev_accuracy": dev["accuracy"],
+                "elapsed_s": time.perf_counter() - ctx.start_time}
+
+    return Hook(fn, every, name="dev_eval")
+
+
+def monitor_hook(monitor: Callable[[Any], dict[str, Any]], every: int) -> Hook:
+    """The catastrophic-overfitting monitor (:mod:`lepton_jax.robust.monitor`); a flagged step is never best, and
+    with ``robust.monitor_early_stop`` training stops."""
+
+    def fn(ctx: RunContext) -> dict[str, Any]:
+        co = monitor(ctx.strategy.eval_params(ctx.state))
+        if co["co_flagged"]:
+            ctx.say(f"step {ctx.step}: catastrophic overfitting suspected: dev FGSM accuracy "
+                    f"{co['co_fgsm_accuracy']:.3f}, PGD accuracy {co['co_pgd_accuracy']:.3f}"
+                    + ("; stopping (robust.monitor_early_stop)" if co["co_stop"] else ""))
+        if co["co_stop"]:
+            ctx.stop_reason = "catastrophic_overfitting"
+        return co
+
+    return Hook(fn, every, name="co_monitor")
+
+
+def checkpoint_hook(every: int) -> Hook:
+    """Saves the state with this step's hook metrics (asynchronously: off the critical path)."""
+
+    def fn(ctx: RunContext) -> None:
+        save(ctx)
+
+    return Hook(fn, every, name="checkpoint")
+
+
+def save(ctx: RunContext) -> None:
+    metrics = {k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | bool)} or None
+    ctx.ckpt.save(ctx.step, ctx.strategy.items(ctx.state), metrics, data_state=ctx.batches.get_state())
+
+
+def profiler_hook(directory: Path, start_step: int, steps: int) -> Hook | None:
+    """Traces steps ``start_step .. start_step + steps - 1`` into ``directory`` (TensorBoard/Perfetto)."""
+    if steps <= 0 or jax.process_index() != 0:
+        return None
+    first, last = max(0, start_step - 1), start_step + steps - 1
+
+    def fn(ctx: RunContext) -> None:
+        if ctx.step == first:
+            jax.block_until_ready(ctx.state)
+            jax.profiler.start_trace(str(directory))
+        elif ctx.step == last:
+            jax.block_until_ready(ctx.state)
+            jax.profiler.stop_trace()
+
+    return Hook(fn, 1, at_end=False, name="profiler")
+
+
+def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """The end of a run: restores the best checkpoint (by ``checkpoint.best_metric``; the latest when none is
+    eligible), evaluates it on the test split, writes report.txt/json, confusion_matrix.png and summary.json, and
+    closes the run and checkpointer. Returns ``(summary, best_params, report)``."""
+    ckpt, run = ctx.ckpt, ctx.run
+    ckpt.wait()
+    best_step = ckpt.best_step() or ckpt.latest_step()
+    best_params = ckpt.restore_params(ctx.strategy.built.abstract_params, best_step)
+    ckpt.close()
+    label_names = list(ctx.schema["label_names"])
+    s = ctx.strategy
+    outputs = eval_metrics.evaluate_split(s.predict, best_params, ctx.sources["test"], schema=ctx.schema,
+                                          global_batch_size=s.eval_batch, sharding=s.eval_sharding,
+                                          progress=ctx.progress)
+    result = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
+    test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
+    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(run.path) if "dev_accuracy" in r]
+                   + ctx.history["dev_accuracy"], default=None)
+    summary = {"test_accuracy": result["accuracy"], "test_loss": test_loss, "best_step": best_step,
+               "best_metric": ctx.config.checkpoint.best_metric, "best_dev_accuracy": best_dev,
+               "train_seconds": time.perf_counter() - ctx.start_time, "steps": ctx.step,
+               "data_version": ctx.data_version, **(extra or {})}
+    run.log(**summary)
+    if run.is_writer:
+        out = run.path
+        (out / "report.txt").write_text(result["report_text"])
+        tracking.write_json_atomic(out / "report.json", {k: result[k] for k in ("accuracy", "report",
+                                                                                 "confusion_matrix")})
+        eval_metrics.save_confusion_matrix(result["confusion_matrix"], label_names, out / "confusion_matrix.png",
+                                           title=f"test split, step {best_step}: accuracy {result['accuracy']:.4f}")
+        tracking.write_json_atomic(out / "summary.json", summary)
+        run.update_run_info(finished=True, summary=summary)
+    run.close()
+    return summary, best_params, result

@@ -1,0 +1,53 @@
+"""Retention as Orbax really applies it (latest N and best K independently), and resume picking the latest step."""
+
+import jax.numpy as jnp
+import pytest
+
+from lepton_jax.checkpoint import Checkpointer
+
+
+def _save(ckpt, step, metrics):
+    ckpt.save(step, {"params": {"w": jnp.full((3,), float(step))}, "train": {"step": jnp.int32(step)}}, metrics)
+
+
+@pytest.mark.parametrize("reopen", [False, True])
+def test_low_scoring_latest_survives_and_best_is_kept(tmp_path, reopen):
+    """The issue's scenario: dev accuracies 0.90, 0.95, 0.50, 0.60 at steps 1-4 with latest 2 + best 1: the old
+    best-only retention left [1, 2]; now the latest two (3, 4) and the best (2) stay, on disk and after reopening."""
+    ckpt = Checkpointer(tmp_path, keep_latest=2, keep_best=1, async_save=False)
+    for step, accuracy in zip([1, 2, 3, 4], [0.90, 0.95, 0.50, 0.60], strict=True):
+        _save(ckpt, step, {"dev_accuracy": accuracy})
+    ckpt.close()
+    if reopen:
+        ckpt = Checkpointer(tmp_path, keep_latest=2, keep_best=1, create=False)
+    assert ckpt.steps() == [2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["2", "3", "4"]
+    assert ckpt.latest_step() == 4 and ckpt.best_step() == 2
+
+
+def test_resume_restores_the_latest_step_not_the_best(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_latest=1, keep_best=1, async_save=False)
+    _save(ckpt, 5, {"dev_accuracy": 0.9})
+    _save(ckpt, 6, {"dev_accuracy": 0.1})
+    _save(ckpt, 7, None)  # a preemption save without an evaluation
+    abstract = {"params": {"w": jnp.zeros(3)}, "train": {"step": jnp.int32(0)}}
+    items, _ = ckpt.restore(abstract)
+    assert int(items["train"]["step"]) == 7 and float(items["params"]["w"][0]) == 7.0
+    assert ckpt.steps() == [5, 7] and ckpt.best_step() == 5
+    ckpt.close()
+
+
+def test_flagged_step_is_never_best_and_best_metric_is_configurable(tmp_path):
+    ckpt = Checkpointer(tmp_path / "a", keep_latest=1, keep_best=1, best_metric="dev_pgd_accuracy",
+                        async_save=False)
+    _save(ckpt, 1, {"dev_accuracy": 0.9, "dev_pgd_accuracy": 0.30})
+    _save(ckpt, 2, {"dev_accuracy": 0.99, "dev_pgd_accuracy": 0.95, "co_flagged": True})  # catastrophic overfitting
+    _save(ckpt, 3, {"dev_accuracy": 0.95, "dev_pgd_accuracy": 0.20})
+    assert ckpt.best_step() == 1 and ckpt.steps() == [1, 3]
+    ckpt.close()
+    low = Checkpointer(tmp_path / "b", keep_latest=1, keep_best=1, best_metric="dev_loss", best_mode="min",
+                       async_save=False)
+    for step, loss in [(1, 0.5), (2, 0.2), (3, 0.9)]:
+        _save(low, step, {"dev_loss": loss})
+    assert low.best_step() == 2 and low.steps() == [2, 3]
+    low.close()
