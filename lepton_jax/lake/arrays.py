@@ -130,18 +130,69 @@ def file_digests(path: Path) -> dict[str, dict[str, int | str]]:
     return out
 
 
-def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES) -> ts.TensorStore:
+def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES, *, context: ts.Context | None = None
+               ) -> ts.TensorStore:
     """Opens an existing array for reading, turning TensorStore errors into a LakeError naming the path.
 
     Lake arrays are immutable, so cached data (the shard indices above all) is never re-validated against the file.
+    Arrays opened with one shared ``context`` (see :func:`read_context`) share one cache pool.
     """
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
-            "context": {"cache_pool": {"total_bytes_limit": int(cache_bytes)}},
             "recheck_cached_data": False, "recheck_cached_metadata": False}
+    if context is None:
+        spec["context"] = {"cache_pool": {"total_bytes_limit": int(cache_bytes)}}
     try:
-        return ts.open(spec, open=True, read=True).result()
+        return ts.open(spec, open=True, read=True, context=context).result()
     except ValueError as e:
         raise LakeError(f"cannot open lake array {path}: {e}; run `lepton-jax lake verify` or re-ingest") from e
+
+
+def read_context(cache_bytes: int = READ_CACHE_BYTES) -> ts.Context:
+    """One TensorStore context (cache pool of ``cache_bytes``) for every fragment of a split."""
+    return ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
+
+
+def read_many(requests: list[tuple[ts.TensorStore, np.ndarray, str]], parts: int = READ_PARTS) -> list[np.ndarray]:
+    """Reads ``store[index]`` for every ``(store, sorted index array, path)``, all requests in flight at once (each
+    index split into pieces so that at least ``parts`` requests run concurrently)."""
+    futures = []
+    per = max(1, -(-parts // max(len(requests), 1)))
+    try:
+        for store, index, _ in requests:
+            k = per if index.size >= 2 * per else 1
+            futures.append([store[piece].read() for piece in np.array_split(index, k)])
+        out = []
+        for fs in futures:
+            out.append(np.concatenate([f.result() for f in fs]) if len(fs) > 1 else fs[0].result())
+        return out
+    except (ValueError, IndexError) as e:
+        paths = ", ".join(sorted({p for _, _, p in requests}))
+        raise LakeError(f"corrupt lake array {paths}: {e}") from e
+
+
+class ArrayWriter:
+    """A new array of known ``shape`` written from consecutive blocks along axis 0 (bounded memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, *,
+                 target_shard_bytes: int = TARGET_SHARD_BYTES):
+        if path.exists():
+            raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
+        self.path, self.shape = path, tuple(int(s) for s in shape)
+        self.store = ts.open(zarr3_spec(path, self.shape, dtype, target_shard_bytes), create=True).result()
+        self.hash = hashlib.sha256(f"{np.dtype(dtype).str}{self.shape}".encode())
+        self.rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        self.store[self.rows:self.rows + block.shape[0]].write(block).result()
+        self.hash.update(np.ascontiguousarray(block).tobytes())
+        self.rows += block.shape[0]
+
+    def close(self) -> str:
+        """fsyncs the array's files and returns its content digest."""
+        if self.rows != self.shape[0]:
+            raise LakeError(f"internal error: wrote {self.rows} rows of {self.shape[0]} to {self.path}")
+        fsync_tree(self.path)
+        return self.hash.hexdigest()
 
 
 def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "", parts: int = READ_PARTS) -> np.ndarray:
