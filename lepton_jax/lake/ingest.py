@@ -138,8 +138,8 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
         return IngestResult(base, created=False, report=base.record["stats"].get("cleaning", {}))
     if appending and not plan["fragments"]:
         _discard(lake, table, commit_id)
-        if cleaning["quarantined"] and set(cleaning) - _COUNT_KEYS <= {"duplicate"}:
-            return IngestResult(base, created=False, report=cleaning)  # everything is in the table already
+        if cleaning["quarantined"] and set(cleaning) - _COUNT_KEYS <= {"duplicate", "conflicting_labels", "leak"}:
+            return IngestResult(base, created=False, report=cleaning)  # the table holds all of it already
     if plan["kept"] == 0 and not (appending and plan["fragments"]):
         raise LakeError(f"source {plan['uri']}: every example was rejected "
                         f"({ {k: v for k, v in cleaning.items() if k not in _COUNT_KEYS} }); nothing to commit")
@@ -178,7 +178,7 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
             version = lake.publish(table, commit_id, splits=frags, schema=schema, lineage=lineage, stats=stats,
                                    quarantine=plan["quarantine"], parent=on.version if on else
                                    (base.version if base else 0), retries=0 if appending else retries,
-                                   rebase=same_ingest)
+                                   rebase=same_ingest, keep_on_conflict=appending)
             break
         except CommitConflictError:
             if not appending or retries <= 0:
@@ -227,7 +227,7 @@ def _run(jobs: list[ChunkJob], workers: int, progress: bool, uri: str) -> Iterat
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc=f"ingest {uri}", unit="chunk")
+        bar = tqdm(total=len(jobs), desc=f"ingest {uri}", unit="chunk", disable=None)  # None: only on a terminal
     try:
         if workers == 1 or len(jobs) == 1:
             for job in jobs:
@@ -332,7 +332,7 @@ class _Driver:
                 reason, detail = "conflicting_labels", f"{ident}: the same content as {where} with another label"
                 if hit.state == NEW:
                     self.index.mark_conflict(h)
-                    self._drop(hit.frag, hit.row, "conflicting_labels",
+                    self._drop(hit.fragment, hit.row, "conflicting_labels",
                                f"{hit.ident}: the same content as {ident} with another label", hit.index, hit.ident,
                                h, hit.label)
             elif self.source_split and hit.split != split:

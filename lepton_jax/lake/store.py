@@ -404,7 +404,8 @@ class Lake:
     def publish(self, table: str, commit_id: str, *, splits: dict[str, list[dict[str, Any]]],
                 schema: dict[str, Any], lineage: dict[str, Any], stats: dict[str, Any] | None = None,
                 quarantine: dict[str, Any] | None = None, parent: int | None = None, retries: int = 0,
-                rebase: Callable[[TableVersion], TableVersion | None] | None = None) -> TableVersion:
+                rebase: Callable[[TableVersion], TableVersion | None] | None = None,
+                keep_on_conflict: bool = False) -> TableVersion:
         """Publishes a version whose splits are the given fragments (new ones under ``data/<commit_id>/``, and any
         fragments of earlier versions, which are shared, not copied).
 
@@ -412,6 +413,7 @@ class Lake:
         another writer has published ``parent + 1`` meanwhile, raises :class:`CommitConflictError` and removes the
         data it wrote — unless ``retries`` > 0: then it re-reads the latest version, asks ``rebase(latest)`` whether
         the commit is still wanted (a returned version means "no, use this one"), and publishes on top of it.
+        ``keep_on_conflict`` leaves the data in place on a conflict (the caller rebuilds the record and retries).
         """
         check_name("table", table)
         if parent is None:
@@ -442,7 +444,8 @@ class Lake:
                 return TableVersion(self, table, record)
             except CommitConflictError:
                 if retries <= 0:
-                    shutil.rmtree(commit_dir, ignore_errors=True)
+                    if not keep_on_conflict:
+                        shutil.rmtree(commit_dir, ignore_errors=True)
                     raise
                 retries -= 1
                 latest = self.table(table)
@@ -545,8 +548,10 @@ class Lake:
         except BaseException:
             shutil.rmtree(commit_dir, ignore_errors=True)
             raise
-        return self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version, retries=retries,
-                            **body)
+        version = self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version,
+                               retries=retries, **body)
+        crash_point("committed")
+        return version
 
     def _copy_fragment(self, table: str, rel: str, reader: SplitReader, start: int, stop: int, label_array: str,
                        crash: bool) -> dict[str, Any]:
@@ -568,10 +573,12 @@ class Lake:
             if crash and a == start:
                 crash_point("shard")
         entry: dict[str, Any] = {"path": rel, "num_examples": stop - start, "arrays": {}}
-        for name, w in writers.items():
+        for k, (name, w) in enumerate(writers.items()):
             entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": metas[name]["dtype"],
                                      "shape": [stop - start, *metas[name]["shape"][1:]], "sha256": w.close(),
                                      "files": arrays.file_digests(base / name)}
+            if crash and k == 0:
+                crash_point("array")
         payload = np.concatenate(hash_parts).tobytes()
         with open(base / ROW_HASHES, "wb") as f:
             f.write(payload)
