@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--bits", type=int, default=None, choices=[8, 16],
                         help="images: 8 (default; deeper images are quarantined, never clipped) or 16 (uint16)")
     ingest.add_argument("--workers", type=int, default=1, help="processes that decode and write chunks (one commit)")
+    ingest.add_argument("--chunk", type=int, default=None,
+                        help="images: files per chunk (default 2048); csv: windows per chunk (default 65536)")
     ingest.add_argument("--label-names", default=None, metavar="NAME,...",
                         help="the label domain; examples with other labels are quarantined")
     ingest.add_argument("--window", type=int, default=None, help="csv: rows per example")
@@ -127,9 +129,15 @@ def ingest_command(args: argparse.Namespace) -> int:
 
     lake = Lake(args.lake)
     write_mode, image_mode = _parse_modes(args.mode)
+    if args.chunk is not None and args.chunk < 1:
+        raise LakeError(f"--chunk must be at least 1, got {args.chunk}")
+    kind = args.source.partition(":")[0]
+    chunk = {"images": {"chunk_files": args.chunk}, "csv": {"chunk_windows": args.chunk}}.get(kind, {})
+    if args.chunk is not None and not chunk:
+        raise LakeError(f"--chunk applies to images: and csv: sources (npz sources chunk by shard file), not {kind}")
     source = make_source(args.source, size=_parse_size(args.resize), mode=image_mode, bits=args.bits,
                          window=args.window, stride=args.stride, label_column=args.label_column,
-                         series_column=args.series_column)
+                         series_column=args.series_column, **chunk)
     if args.workers < 1:
         raise LakeError(f"--workers must be at least 1, got {args.workers}")
     label_names = [n for n in args.label_names.split(",") if n] if args.label_names else None

@@ -23,6 +23,7 @@ from lepton_jax.errors import LakeError
 
 TARGET_SHARD_BYTES = 64 * 2**20
 READ_PARTS = 4  # concurrent TensorStore requests per batched random read
+WRITE_SHARDS_IN_FLIGHT = 4  # shard writes encoded concurrently (bounded: each holds a shard's worth of memory)
 READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
 
 
@@ -32,11 +33,27 @@ def examples_per_shard(shape: tuple[int, ...], dtype: np.dtype, target_shard_byt
     return int(max(1, min(shape[0], target_shard_bytes // example_bytes)))
 
 
+SMALL_EXAMPLE_BYTES = 64  # examples this small (labels, a few features) share inner chunks of about 4 KiB
+
+
+def inner_chunk_examples(shape: tuple[int, ...], dtype: np.dtype, per_shard: int) -> int:
+    """Examples per inner chunk: one (a random read is one byte range) unless examples are tiny, like labels,
+    which are read whole anyway; then as many as fill about 4 KiB, dividing the shard evenly."""
+    example_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+    if example_bytes > SMALL_EXAMPLE_BYTES:
+        return 1
+    per = max(1, min(per_shard, 4096 // example_bytes))
+    while per_shard % per:
+        per -= 1
+    return per
+
+
 def zarr3_spec(path: str | Path, shape: tuple[int, ...], dtype: np.dtype,
                target_shard_bytes: int = TARGET_SHARD_BYTES) -> dict:
     """The TensorStore spec for a new sharded, compressed, checksummed zarr v3 array at a local path."""
     example_shape = list(shape[1:])
     per_shard = examples_per_shard(shape, dtype, target_shard_bytes)
+    per_chunk = inner_chunk_examples(shape, dtype, per_shard)
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},
@@ -48,7 +65,7 @@ def zarr3_spec(path: str | Path, shape: tuple[int, ...], dtype: np.dtype,
             "codecs": [{
                 "name": "sharding_indexed",
                 "configuration": {
-                    "chunk_shape": [1, *example_shape],
+                    "chunk_shape": [per_chunk, *example_shape],
                     "codecs": [
                         {"name": "bytes", "configuration": {"endian": "little"}},
                         {"name": "zstd", "configuration": {"level": 3}},
@@ -84,11 +101,17 @@ def write_array(path: Path, array: np.ndarray, *, target_shard_bytes: int = TARG
         raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
     store = ts.open(zarr3_spec(path, array.shape, array.dtype, target_shard_bytes), create=True).result()
     per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes)
+    pending = []
     for i, start in enumerate(range(0, array.shape[0], per_shard)):
         stop = min(start + per_shard, array.shape[0])
-        store[start:stop].write(array[start:stop]).result()
-        if after_shard is not None:
+        pending.append(store[start:stop].write(array[start:stop]))
+        if after_shard is not None:  # the fault-injection hook needs shard i complete
+            pending.pop().result()
             after_shard(i)
+        elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
+            pending.pop(0).result()
+    for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
+        future.result()
     fsync_tree(path)
     return content_digest(array)
 

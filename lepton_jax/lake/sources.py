@@ -505,8 +505,8 @@ def make_source(spec: str, **options: Any) -> Source:
     ``window``, ``stride``, ``label_column``, ``series_column``). Options that are ``None`` are ignored."""
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
-    allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode", "bits"},
-               "csv": {"window", "stride", "label_column", "series_column"}}
+    allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode", "bits", "chunk_files"},
+               "csv": {"window", "stride", "label_column", "series_column", "chunk_windows"}}
     if kind not in allowed or (kind != "digits" and not arg) or (kind == "digits" and arg):
         raise LakeError(f"unknown source {spec!r}; use 'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' or "
                         "'csv:PATH'")
