@@ -253,3 +253,46 @@ def test_bad_inputs_are_one_line_errors_or_quarantined_never_partial(tmp_path, c
     images = np.concatenate([tv.reader(s).read()["image"] for s in tv.splits])
     assert images.max() > 255 and any(np.array_equal(im[..., 0], deep) for im in images)  # kept, not clipped
     capsys.readouterr()
+
+
+def test_a_version_1_table_stays_readable_and_takes_appends(tmp_path):
+    """Records written before fragments (format lepton-lake/1: one array per split) still read, verify, time-travel,
+    and an append lists the old array as the split's first fragment."""
+    import hashlib
+    import json
+
+    from lepton_jax.lake import arrays
+
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 30)
+    root = tmp_path / "lake"
+    split = {}
+    for name, value in (("image", x), ("label", y.astype(np.int32))):
+        rel = f"data/c1/train/{name}"
+        digest = arrays.write_array(root / "t" / rel, value, target_shard_bytes=SHARD_BYTES)
+        split[name] = {"path": rel, "dtype": value.dtype.name, "shape": list(value.shape), "sha256": digest,
+                       "files": arrays.file_digests(root / "t" / rel)}
+    record = {"format": "lepton-lake/1", "table": "t", "version": 1, "parent": None, "commit_id": "c1", "time": 0.0,
+              "schema": {"arrays": {"image": {"dtype": "uint8", "example_shape": [8, 8, 1],
+                                              "value_range": [0.0, 255.0]}},
+                         "label_array": "label", "label_names": ["0", "1", "2"]},
+              "lineage": {"source": {"sha256": hashlib.sha256(b"v1").hexdigest(), "uri": "x", "name": "npz"},
+                          "split": {"from_source": True}},
+              "stats": {"splits": {"train": {"num_examples": 30, "class_counts": np.bincount(y, minlength=3).tolist(),
+                                             "image": {"mean": float(x.mean()), "std": float(x.std()),
+                                                       "min": float(x.min()), "max": float(x.max())}}}},
+              "splits": {"train": {"num_examples": 30, "arrays": split}}, "quarantine": {"num_examples": 0}}
+    (root / "t" / "_log").mkdir(parents=True)
+    (root / "t" / "_log" / "00000001.json").write_text(json.dumps(record))
+    lake = Lake(root, target_shard_bytes=SHARD_BYTES)
+    assert lake.verify() == [] and np.array_equal(lake.table("t").reader("train").read()["image"], x)
+    new = rng.integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
+    (tmp_path / "new").mkdir()
+    np.savez(tmp_path / "new" / "a.npz", x=np.concatenate([new, x[:2]]), y=np.concatenate([rng.integers(0, 3, 10),
+                                                                                           y[:2]]),
+             split=np.full(12, "train"))
+    v2 = ingest(lake, "t", NpzSource(tmp_path / "new", split_key="split"), mode="append").version
+    assert [f["path"] for f in v2.fragments("train")][0] == "data/c1/train"
+    assert np.array_equal(v2.reader("train").read()["image"], np.concatenate([x, new]))  # the 2 repeats dropped
+    assert v2.record["stats"]["splits"]["train"]["num_examples"] == 40
+    assert lake.verify() == [] and lake.table("t", 1).record["format"] == "lepton-lake/1"

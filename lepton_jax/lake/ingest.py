@@ -146,6 +146,10 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
     schema = plan["schema"]
     if base is not None and not allow_schema_change:
         _check_schema_unchanged(base, schema)
+    if appending:  # the appended version's declared ranges cover the old data and the new
+        for name, meta in schema["arrays"].items():
+            old = base.schema["arrays"][name]["value_range"]
+            meta["value_range"] = [min(old[0], meta["value_range"][0]), max(old[1], meta["value_range"][1])]
     transforms = [*plan["transforms"],
                   {"name": "drop_non_finite", "dropped": cleaning.get("non_finite", 0)},
                   {"name": "check_value_range", "dropped": cleaning.get("out_of_range", 0),
@@ -162,7 +166,9 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
         lineage["appended_to"] = base.version
 
     def assemble(on: TableVersion | None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-        frags: dict[str, list[dict[str, Any]]] = {s: list(on.fragments(s)) for s in on.splits} if on else {}
+        frags: dict[str, list[dict[str, Any]]] = {}
+        for s in on.splits if on else []:  # version-1 fragments get their statistics partials in the new record
+            frags[s] = [f if "stats" in f else {**f, "stats": _partials(on, s, f)} for f in on.fragments(s)]
         for split, new in plan["fragments"].items():
             frags.setdefault(split, []).extend(new)
         num_classes = len(schema["label_names"])
