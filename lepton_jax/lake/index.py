@@ -30,7 +30,7 @@ class Hit(NamedTuple):
 class HashIndex:
     """``hash -> (label, split, state, fragment, row, source index, id)`` in a temporary SQLite file."""
 
-    def __init__(self, directory: str | Path | None = None, cache_mib: int = 64):
+    def __init__(self, directory: str | Path | None = None, cache_mib: int = 32):
         self._dir = tempfile.TemporaryDirectory(prefix="lake-index-", dir=directory)
         self.db = sqlite3.connect(Path(self._dir.name) / "index.sqlite")
         for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{int(cache_mib) * 1024}",
