@@ -237,7 +237,7 @@ def test_bad_inputs_are_one_line_errors_or_quarantined_never_partial(tmp_path, c
     Image.fromarray(deep).save(folder / "dog" / "deep.png")
     base = ["lake", "ingest", "--lake", lake, "--source", f"images:{folder}", "--splits", "train=0.5,test=0.5",
             "--label-names", "cat,dog"]
-    assert main([*base, "--table", "rgb", "--mode", "RGB", "--workers", "2"]) == 0
+    assert main([*base, "--table", "rgb", "--mode", "RGB", "--workers", "2", "--chunk", "10"]) == 0  # 4 chunks
     tv = Lake(lake).table("rgb")
     reasons = {e["id"]: e["reason"] for e in tv.quarantine()}
     assert reasons["cat/notes.txt"] == "not_an_image" and reasons["cat/broken.png"] == "unreadable"

@@ -20,6 +20,7 @@ import multiprocessing
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -243,10 +244,14 @@ def _run(jobs: list[ChunkJob], workers: int, progress: bool, uri: str) -> Iterat
             return
         # spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child would inherit broken
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for result in pool.map(process_chunk, jobs):
-                yield result
-                if bar is not None:
-                    bar.update(1)
+            try:
+                for result in pool.map(process_chunk, jobs):
+                    yield result
+                    if bar is not None:
+                        bar.update(1)
+            except BrokenProcessPool as e:
+                raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {uri}; "
+                                "nothing was committed") from e
     finally:
         if bar is not None:
             bar.close()
