@@ -93,6 +93,9 @@ def test_append_shares_fragments_and_compact_keeps_content(tmp_path):
     assert v3.record["stats"] == v2.record["stats"] and v3.quarantine() == v2.quarantine()
     assert lake.compact("t").version == 3  # nothing left to merge
     assert lake.verify() == [] and lake.gc(grace_seconds=0).removed == []  # every version still referenced
+    # the latest version holds more than its last source: overwriting with that source is a new version
+    again = ingest(lake, "t", NpzSource(tmp_path / "b"), splits={"train": 0.8, "test": 0.2})
+    assert again.created and sum(again.version.num_examples(s) for s in again.version.splits) == 23
     # plain zarr-python reads every fragment of the appended version byte-identically
     frags = [f for s in v2.splits for f in v2.fragments(s)]
     paths = [str(tmp_path / "lake" / "t" / f["arrays"]["image"]["path"]) for f in frags]

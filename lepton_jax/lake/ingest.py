@@ -128,7 +128,9 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
 
     def same_ingest(latest: TableVersion) -> TableVersion | None:
         old = latest.record["lineage"]
-        same = (not appending and old["source"]["sha256"] == plan["digest"] and old["split"] == split_params
+        holds_only_its_source = old.get("mode", "overwrite") == "overwrite"  # not an append (or its compaction)
+        same = (not appending and holds_only_its_source and old["source"]["sha256"] == plan["digest"]
+                and old["split"] == split_params
                 and old.get("labeller", "source labels") == labeller_spec)
         if same:
             rebased_onto.append(latest)
