@@ -80,24 +80,24 @@ def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dic
 
 
 def _moments(value: np.ndarray) -> dict[str, Any]:
-    """count/sum/sumsq/min/max of every value, in bounded memory: exact via a histogram for 8/16-bit integers,
-    in float64 blocks of 2**20 values otherwise."""
+    """count/sum/sumsq/min/max of every value, in bounded memory (blocks of 2**20 values): exact integer sums for
+    integers of up to 16 bits, float64 otherwise."""
     flat = value.reshape(-1)
-    if flat.dtype in (np.uint8, np.int8, np.uint16, np.int16, np.bool_):
-        offset = {np.dtype(np.int8): 128, np.dtype(np.int16): 32768}.get(flat.dtype, 0)
-        counts = np.bincount(flat.view(np.uint8) if flat.dtype == np.bool_ else
-                             (flat.astype(np.int32) + offset) if offset else flat)
-        values = np.arange(counts.shape[0], dtype=np.float64) - offset
-        present = np.flatnonzero(counts)
-        return {"count": int(flat.size), "sum": float(counts @ values), "sumsq": float(counts @ values ** 2),
-                "min": float(values[present[0]]), "max": float(values[present[-1]])}
-    acc = {"count": int(flat.size), "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf}
+    exact = flat.dtype == np.bool_ or (np.issubdtype(flat.dtype, np.integer) and flat.dtype.itemsize <= 2)
+    total, squares = 0, 0
+    fsum, fsq = 0.0, 0.0
     for start in range(0, flat.size, 2**20):
-        v = flat[start:start + 2**20].astype(np.float64)
-        acc["sum"] += float(v.sum())
-        acc["sumsq"] += float(v @ v)
-        acc["min"], acc["max"] = min(acc["min"], float(v.min())), max(acc["max"], float(v.max()))
-    return acc
+        block = flat[start:start + 2**20]
+        if exact:
+            v = block.astype(np.int64)
+            total += int(v.sum())
+            squares += int((v * v).sum())
+        else:
+            v = block.astype(np.float64)
+            fsum += float(v.sum())
+            fsq += float(v @ v)
+    return {"count": int(flat.size), "sum": float(total) if exact else fsum,
+            "sumsq": float(squares) if exact else fsq, "min": float(flat.min()), "max": float(flat.max())}
 
 
 def merge_partials(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
