@@ -299,3 +299,23 @@ def test_a_version_1_table_stays_readable_and_takes_appends(tmp_path):
     assert np.array_equal(v2.reader("train").read()["image"], np.concatenate([x, new]))  # the 2 repeats dropped
     assert v2.record["stats"]["splits"]["train"]["num_examples"] == 40
     assert lake.verify() == [] and lake.table("t", 1).record["format"] == "lepton-lake/1"
+
+
+def test_chunk_split_is_seeded_stratified_and_unbiased():
+    from lepton_jax.lake.chunks import chunk_split
+
+    labels = np.repeat(np.arange(10), 51)
+    fractions = {"train": 0.7, "dev": 0.15, "test": 0.15}
+    totals = dict.fromkeys(fractions, 0)
+    for chunk in range(40):
+        parts = chunk_split(labels, fractions, seed=3, chunk=chunk)
+        assert all(np.array_equal(parts[s], chunk_split(labels, fractions, seed=3, chunk=chunk)[s]) for s in parts)
+        assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(labels.size))
+        for s, idx in parts.items():
+            assert np.all(np.abs(np.bincount(labels[idx], minlength=10) - 51 * fractions[s]) < 1)  # stratified
+            totals[s] += idx.size
+    other_seed = chunk_split(labels, fractions, seed=4, chunk=0)["train"]
+    assert not np.array_equal(chunk_split(labels, fractions, seed=3, chunk=0)["train"], other_seed)
+    # systematic rounding: over many chunks no split gets more than its share (largest-remainder rounding would give
+    # train 36 of every 51, i.e. +120 here)
+    assert all(abs(totals[s] - 40 * 510 * f) < 60 for s, f in fractions.items()), totals

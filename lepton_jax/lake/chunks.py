@@ -21,7 +21,6 @@ from lepton_jax.lake.store import DATA_DIR, Lake
 # A labelling function sees one example (array name -> values) and the source's label name (or None) and returns
 # the example's label name, or None to abstain (the example goes to the quarantine as 'unlabelled').
 LabelFn = Callable[[dict[str, np.ndarray], "str | None"], "str | None"]
-CHUNK_SEED_STRIDE = 7919  # chunk k splits with seed + k * this (chunk 0: exactly the seed)
 
 
 @dataclasses.dataclass
@@ -40,6 +39,7 @@ class ChunkJob:
     labeller: LabelFn | None = None
     label_names: list[str] | None = None
     crash: bool = False
+    single: bool = False  # the source is this one chunk
 
 
 def process_chunk(job: ChunkJob) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
             check_name("split", name)
     elif kept.size:
         split_index = {s: kept[idx] for s, idx in chunk_split(labels[kept], job.fractions or {}, job.seed,
-                                                              job.chunk).items() if idx.size}
+                                                              job.chunk, single=job.single).items() if idx.size}
     else:
         split_index = {}
     lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes)
@@ -93,18 +93,31 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
             "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
 
 
-def chunk_split(labels: np.ndarray, fractions: dict[str, float], seed: int, chunk: int) -> dict[str, np.ndarray]:
-    """Stratified split of one chunk, seeded by ``seed`` and the chunk's position (deterministic for any number of
-    workers). A chunk too small to stratify falls back to a seeded random split with the same fractions."""
-    chunk_seed = seed + chunk * CHUNK_SEED_STRIDE
-    try:
-        return stratified_split(labels, fractions, chunk_seed)
-    except LakeError:
-        if not np.isclose(sum(fractions.values()), 1.0) or any(f <= 0 for f in fractions.values()):
-            raise
-    order = np.random.default_rng([seed, chunk]).permutation(labels.shape[0])
-    bounds = np.round(np.cumsum([0.0, *fractions.values()]) * labels.shape[0]).astype(int)
-    return {name: np.sort(order[bounds[k]:bounds[k + 1]]) for k, name in enumerate(fractions)}
+def chunk_split(labels: np.ndarray, fractions: dict[str, float], seed: int, chunk: int, *, single: bool = False
+                ) -> dict[str, np.ndarray]:
+    """Stratified split of one chunk, deterministic from ``seed``, the chunk's position and its labels (so for any
+    number of workers). A source in one chunk (``single``) is split by scikit-learn's ``train_test_split`` exactly as
+    before fragments existed; a chunk of a multi-chunk source by :func:`stratified_counts` (numpy only, so worker
+    processes do not pay scikit-learn's import)."""
+    if single:
+        return stratified_split(labels, fractions, seed)
+    return stratified_counts(labels, fractions, np.random.default_rng([seed, chunk]))
+
+
+def stratified_counts(labels: np.ndarray, fractions: dict[str, float], rng: np.random.Generator
+                      ) -> dict[str, np.ndarray]:
+    """Sorted indices per split: each class's examples, in a random order, cut at the split fractions with
+    systematic rounding (one random offset per class), so every split gets within one example per class of its
+    share and exactly its share in expectation — no split is favoured across many chunks."""
+    cumulative = np.cumsum(np.asarray(list(fractions.values()), dtype=np.float64))[:-1]
+    out: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n = members.size
+        cuts = np.r_[0, np.minimum(np.floor(cumulative * n + rng.random()), n).astype(int), n]
+        for k in range(len(fractions)):
+            out[k].append(members[cuts[k]:cuts[k + 1]])
+    return {name: np.sort(np.concatenate(parts)) for name, parts in zip(fractions, out, strict=True)}
 
 
 def _check_structure(data: SourceData) -> None:

@@ -80,7 +80,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
         raise LakeError(f"source {source.uri} comes in {len(tasks)} chunks: a labelling function needs the label "
                         "names up front (label_names=[...])")
     split_params: dict[str, Any] = {"fractions": dict(splits or DEFAULT_SPLITS), "seed": int(seed),
-                                    "stratified_by": "label", "per": "chunk"}
+                                    "stratified_by": "label", "per": "chunk",
+                                    "method": "sklearn.train_test_split" if len(tasks) == 1 else "stratified_counts"}
     fractions = split_params["fractions"]
     if not np.isclose(sum(fractions.values()), 1.0) or any(f <= 0 for f in fractions.values()):
         raise LakeError(f"split fractions must be positive and sum to 1, got {fractions}")
@@ -89,7 +90,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     labeller_spec = _labeller_spec(label_map, labeller, label_names)
     commit_id = lake.new_commit_id()
     jobs = [ChunkJob(task, k, str(lake.root), table, commit_id, lake.target_shard_bytes, fractions, int(seed),
-                     label_map, labeller, label_names, crash=k == 0) for k, task in enumerate(tasks)]
+                     label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
+            for k, task in enumerate(tasks)]
     try:
         with HashIndex() as index:
             if appending:
