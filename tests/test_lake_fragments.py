@@ -98,11 +98,11 @@ def test_append_shares_fragments_and_compact_keeps_content(tmp_path):
     assert again.created and sum(again.version.num_examples(s) for s in again.version.splits) == 23
     # plain zarr-python reads every fragment of the appended version byte-identically
     frags = [f for s in v2.splits for f in v2.fragments(s)]
-    paths = [str(tmp_path / "lake" / "t" / f["arrays"]["image"]["path"]) for f in frags]
+    paths = [str(tmp_path / "lake" / "t" / f["arrays"][name]["path"]) for name in ("image", "label") for f in frags]
     code = ("import sys, zarr\nfor p in sys.argv[1:]:\n    sys.stdout.buffer.write(zarr.open_array(p, mode='r')[:]"
             ".tobytes())\n")
     out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, check=True).stdout
-    assert out == b"".join(v2.reader(s).read()["image"].tobytes() for s in v2.splits)
+    assert out == b"".join(v2.reader(s).read()[name].tobytes() for name in ("image", "label") for s in v2.splits)
 
 
 def test_chunks_in_two_workers_give_the_same_version_and_cross_chunk_dedup(tmp_path):
@@ -319,3 +319,23 @@ def test_chunk_split_is_seeded_stratified_and_unbiased():
     # systematic rounding: over many chunks no split gets more than its share (largest-remainder rounding would give
     # train 36 of every 51, i.e. +120 here)
     assert all(abs(totals[s] - 40 * 510 * f) < 60 for s, f in fractions.items()), totals
+
+
+def test_verify_checks_row_hashes_and_the_logical_digest(tmp_path):
+    import json
+
+    lake = Lake(tmp_path / "lake", target_shard_bytes=SHARD_BYTES)
+    tv = ingest(lake, "t", NpzSource(_shards(tmp_path / "a", [1, 2])), splits={"train": 0.5, "test": 0.5}).version
+    first, second = tv.fragments("train")
+    hashes = tmp_path / "lake" / "t" / first["row_hashes"]["path"]
+    good = hashes.read_bytes()
+    hashes.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    assert [p.path for p in lake.verify()] == [first["row_hashes"]["path"]]
+    hashes.write_bytes(good)
+    record_path = tmp_path / "lake" / "t" / "_log" / "00000001.json"
+    record = json.loads(record_path.read_text())
+    frags = record["splits"]["train"]["fragments"]
+    frags[0], frags[1] = frags[1], frags[0]  # every file intact, but the split's rows in another order
+    record_path.write_text(json.dumps(record))
+    assert [(p.path, p.message) for p in lake.verify()] == [("train", "logical content digest differs from the "
+                                                                      "commit record")]

@@ -651,11 +651,20 @@ class Lake:
             stored = read_row_hashes(self.root / tv.table, frag, label_array)
         except LakeError as e:
             return [Problem(tv.table, tv.version, meta["path"], str(e))]
-        if recompute:
+        if recompute:  # block by block: bounded memory however large the fragment
             reader = SplitReader(self.root, tv.table, tv.version, frag["path"], {"fragments": [frag]},
                                  cache_bytes=8 * 2**20)
-            if not np.array_equal(row_hashes(reader.read(), label_array), stored):
-                return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data")]
+            row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
+                            for m in frag["arrays"].values())
+            rows = max(1, 16 * 2**20 // max(1, row_bytes))
+            start = 0
+            for block in reader.iter_blocks(rows):
+                n = next(iter(block.values())).shape[0]
+                if not np.array_equal(row_hashes(block, label_array), stored[start:start + n]):
+                    return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data")]
+                start += n
+            if start != stored.shape[0]:
+                return [Problem(tv.table, tv.version, meta["path"], f"{stored.shape[0]} row hashes for {start} rows")]
         return []
 
     def _verify_array(self, tv: TableVersion, meta: dict[str, Any], content: bool) -> list[Problem]:
