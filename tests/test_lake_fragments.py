@@ -105,7 +105,7 @@ def test_append_shares_fragments_and_compact_keeps_content(tmp_path):
     assert out == b"".join(v2.reader(s).read()[name].tobytes() for name in ("image", "label") for s in v2.splits)
 
 
-def test_chunks_in_two_workers_give_the_same_version_and_cross_chunk_dedup(tmp_path):
+def test_chunks_in_two_workers_give_the_same_version_and_cross_chunk_dedup(tmp_path, capsys):
     folder = _shards(tmp_path / "src", [5, 6, 7, 8], n=40)
     # cross-chunk: part002 repeats two examples of part000 (one with the same label, one with another)
     with np.load(folder / "part000.npz") as a, np.load(folder / "part002.npz") as b:
@@ -130,6 +130,10 @@ def test_chunks_in_two_workers_give_the_same_version_and_cross_chunk_dedup(tmp_p
     assert Lake(tmp_path / "lake2").verify() == []
     rewritten = [f["path"].rsplit("/", 1)[1] for s in two.splits for f in two.fragments(s) if f["path"][-1] == "r"]
     assert "000000r" in rewritten and "000002r" in rewritten  # chunk 0's fragment rewritten without the row
+    assert main(["lake", "compact", "--lake", str(tmp_path / "lake2"), "--table", "t"]) == 0
+    assert "fragments {'test': 4, 'train': 4} -> {'test': 1, 'train': 1}" in capsys.readouterr().out
+    compacted = Lake(tmp_path / "lake2").table("t")
+    assert all(_rows(compacted, s) == _rows(two, s) for s in two.splits) and compacted.version == 2
 
 
 WRITER = """
