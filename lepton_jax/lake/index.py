@@ -28,7 +28,8 @@ class Hit(NamedTuple):
 
 
 class HashIndex:
-    """``hash -> (label, split, state, fragment, row, source index, id)`` in a temporary SQLite file."""
+    """``hash -> (label, split, state, fragment, row, source index, id)`` in a temporary SQLite file under
+    ``directory`` (default: the system's temp directory)."""
 
     def __init__(self, directory: str | Path | None = None, cache_mib: int = 32):
         self._dir = tempfile.TemporaryDirectory(prefix="lake-index-", dir=directory)

@@ -93,7 +93,11 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
                      label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
             for k, task in enumerate(tasks)]
     try:
-        with HashIndex() as index:
+        commit_dir = lake.root / table / DATA_DIR / commit_id
+        commit_dir.mkdir(parents=True)
+        # the index lives in the commit's own directory: removed when the ingest ends, and a SIGKILLed ingest's
+        # index is collected with the rest of its data by gc (a temp dir elsewhere would be left behind)
+        with HashIndex(commit_dir) as index:
             if appending:
                 _index_table(index, base)
             state = _Driver(lake, table, commit_id, index, base if appending else None)
