@@ -4,18 +4,24 @@ Random access compares, on the same examples and the same Grain pipeline as trai
 seeded per-epoch shuffle, one index array per batch, one batched read per batch), three sources: the lake
 (TensorStore zarr v3, sharded, zstd, crc32c), Grain's ``ArrayRecordDataSource`` over an ArrayRecord file holding the
 same examples (``group_size:1``, one record per example), and a numpy memmap of the raw bytes (the page-cache limit).
-Everything is read from a warm page cache after one untimed pass.
+Everything is read from a warm page cache after one untimed pass. The lake is timed twice: "uncached" opens the split
+with a TensorStore cache exactly the size of its shard indices (no floor), so every example is read from its shard and
+decoded on every access; "cached" uses the default 64 MiB cache. ``--fragments K`` ingests the data as K appends (K
+fragments per split) to time reads across fragments; the layout is printed.
 
     .venv/bin/python scripts/bench_lake.py            # ~1-2 minutes on 2 CPU cores
     .venv/bin/python scripts/bench_lake.py --examples 20000 --batches 50   # quicker
 
-Needs the ``bench`` extra (array-record).
+Needs the ``bench`` extra (array-record). The work directory is a temp dir, removed at the end (unless ``--dir``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +45,7 @@ def _examples(n: int, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np
 
 
 def _throughput(read_batch, n: int, batch: int, batches: int, seed: int, threads: int) -> float:
-    ds = ShuffledBatches(n, batch, seed).map(read_batch)
+    ds = ShuffledBatches(n, batch, seed).repeat().map(read_batch)  # any number of batches, epoch after epoch
     it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)))
     next(it)  # warm-up: opens files, fills the shard-index cache
     start = time.perf_counter()
@@ -58,29 +64,48 @@ def main() -> None:
     parser.add_argument("--read-threads", type=int, default=4, help="Grain read threads (the same for every source)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per source (median)")
     parser.add_argument("--commits", type=int, default=40, help="versions to accumulate for commit latency")
-    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--fragments", type=int, default=1,
+                        help="ingest as this many appends, so each split has this many fragments")
+    parser.add_argument("--dir", default=None, help="work directory, kept (default: a temp dir, removed)")
     args = parser.parse_args()
+    if args.examples < 2 * args.batch or args.fragments < 1:
+        sys.exit(f"error: --examples must be at least 2 x --batch ({2 * args.batch}) and --fragments >= 1")
     from array_record.python.array_record_data_source import ArrayRecordDataSource
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    work = Path(args.dir or tempfile.mkdtemp(prefix="bench_lake_"))
+    work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_lake_"))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    try:
+        _run(args, work, ArrayRecordDataSource, ArrayRecordWriter)
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: Path, ArrayRecordDataSource, ArrayRecordWriter) -> None:  # noqa: N803 (classes passed in)
     images, labels = _examples(args.examples, (args.size, args.size), seed=0)
     mb = images.nbytes / 2**20
     print(f"{args.examples} examples of {images.shape[1:]} uint8 ({mb:.1f} MiB), batch {args.batch}, "
           f"{args.repeats} x {args.batches} timed batches per source, work dir {work}")
 
     # -- ingest ----------------------------------------------------------------------------------------------------
-    np.savez(work / "src.npz", x=images, y=labels)
+    parts = np.array_split(np.arange(args.examples), args.fragments)
+    for k, idx in enumerate(parts):
+        (work / f"src{k}").mkdir()
+        np.savez(work / f"src{k}" / "part.npz", x=images[idx], y=labels[idx])
     import sklearn.model_selection  # noqa: F401  (a one-time ~2 s import the split needs; not ingest throughput)
 
     lake = Lake(work / "lake")
     start = time.perf_counter()
-    tv = ingest(lake, "bench", NpzSource(work / "src.npz", value_range=(0, 255)),
-                splits={"train": 0.98, "test": 0.02}).version
+    for k in range(args.fragments):
+        tv = ingest(lake, "bench", NpzSource(work / f"src{k}", value_range=(0, 255)),
+                    splits={"train": 0.98, "test": 0.02}, mode="append").version
     ingest_s = time.perf_counter() - start
-    print(f"ingest (validate, dedup, split, write, fsync, digest, commit): {ingest_s:.2f} s = "
-          f"{mb / ingest_s:.1f} MiB/s")
+    print(f"ingest (validate, dedup, split, write, fsync, digest, commit; {args.fragments} commit(s)): "
+          f"{ingest_s:.2f} s = {mb / ingest_s:.1f} MiB/s")
+    print(f"layout: fragments per split {({s: len(tv.fragments(s)) for s in tv.splits})}, "
+          f"examples per split {({s: tv.num_examples(s) for s in tv.splits})}")
 
     # the same examples, in the lake's train order, as ArrayRecord and as raw bytes for a memmap
     train = tv.reader("train").read()
@@ -96,8 +121,13 @@ def main() -> None:
     # The lake twice: with a cache just big enough for the shard index (every read decodes its chunk from the file:
     # the regime of a dataset much larger than memory), and with the default cache, which here holds most of the
     # decoded split after a few passes (the regime of a dataset that fits).
-    index_bytes = 16 * n + 4  # one (offset, length) uint64 pair per inner chunk, plus its crc32c
-    lake_src = LakeDataSource(tv.reader("train", cache_bytes=max(4 * 2**20, 2 * index_bytes)))
+    index_bytes = 0  # one (offset, length) uint64 pair per inner chunk, plus a crc32c, per shard of every fragment
+    for frag in tv.fragments("train"):
+        meta = frag["arrays"]["image"]
+        shards = len([f for f in meta["files"] if f != "zarr.json"])
+        index_bytes += 16 * meta["shape"][0] + 4 * shards
+    lake_src = LakeDataSource(tv.reader("train", cache_bytes=index_bytes))
+    print(f"uncached lake: cache of {index_bytes} bytes = the shard indices of the train split (no floor)")
     lake_cached_src = LakeDataSource(tv.reader("train"))
     ar_src = ArrayRecordDataSource([str(work / "train.array_record")])
     shape = train["image"].shape[1:]
@@ -155,6 +185,7 @@ def main() -> None:
           f"versions 1-{k} median {statistics.median(latencies[:k]) * 1e3:.1f} ms, "
           f"versions {len(latencies) - k + 1}-{len(latencies)} median {statistics.median(latencies[-k:]) * 1e3:.1f} ms")
     print(f"versions in the table: {len(lake.versions('latency'))}")
+    print(f"layout: 1 process, {args.read_threads} Grain read threads, {os.cpu_count()} CPUs visible")
 
 
 if __name__ == "__main__":

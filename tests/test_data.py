@@ -87,3 +87,39 @@ def test_batch_larger_than_split_is_rejected(table):
     with pytest.raises(ConfigError, match="batch size 5000 exceeds the 1257 training examples"):
         train_dataset(LakeDataSource(table.reader("train")), global_batch_size=5000, seed=0, num_epochs=1,
                       schema=table.schema)
+
+
+@pytest.fixture(scope="module")
+def fragmented(table, tmp_path_factory):
+    """The digits train split again, ingested as three shards: one logical split made of three fragments."""
+    from lepton_jax.lake import NpzSource, ingest
+
+    root = tmp_path_factory.mktemp("fragmented")
+    train = table.reader("train").read()
+    for k, idx in enumerate(np.array_split(np.arange(len(train["label"])), 3)):
+        np.savez(root / f"part{k}.npz", x=train["image"][idx], y=train["label"][idx],
+                 split=np.full(idx.size, "train"))
+    source = NpzSource(root, label_names=table.label_names, value_range=(0, 16), split_key="split")
+    return ingest(Lake(root / "lake"), "digits", source).version
+
+
+def test_fragments_read_as_one_split_and_stream_resume_and_shard_like_one(table, fragmented):
+    reader = fragmented.reader("train")
+    assert reader.num_fragments == 3 and len(reader) == table.num_examples("train")
+    whole = table.reader("train").read()
+    idx = np.random.default_rng(0).permutation(len(reader))[:300]  # random, unsorted, crossing fragments
+    got = LakeDataSource(reader).__getitems__(idx)
+    assert all(np.array_equal(got[k], whole[k][idx]) for k in whole)
+    assert np.array_equal(reader.read(5)["image"], whole["image"][5])
+    assert all(np.array_equal(reader.read(slice(400, 900))[k], whole[k][400:900]) for k in whole)
+    # the same stream as the one-fragment table, the exact resume, and the same per-host rows
+    one, _ = _stream(table, 4)
+    three, it = _stream(fragmented, 4)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(one, three, strict=True) for k in a)
+    state = it.get_state()
+    expected = [next(it)["label"] for _ in range(2)]
+    _, resumed = _stream(fragmented, 0)
+    resumed.set_state(state)
+    assert all(np.array_equal(next(resumed)["label"], want) for want in expected)
+    parts = [_stream(fragmented, 1, process_index=i, process_count=2)[0][0] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["input"] for p in parts]), one[0]["input"])

@@ -74,8 +74,8 @@ def test_cleaning_drops_non_finite_and_duplicates(tmp_path):
 
 def test_zarr_python_reads_lake_arrays_without_lepton(lake_root):
     table = Lake(lake_root).table("digits")
-    meta = table.record["splits"]["dev"]["arrays"]["image"]
-    path = lake_root / "digits" / meta["path"]
+    (fragment,) = table.fragments("dev")
+    path = lake_root / "digits" / fragment["arrays"]["image"]["path"]
     code = ("import sys, zarr, numpy as np; a = zarr.open_array(sys.argv[1], mode='r')[:]; "
             "sys.stdout.buffer.write(a.tobytes())")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, check=True).stdout
@@ -108,7 +108,7 @@ def test_bad_names_and_missing_tables(tmp_path, lake_root):
 def test_flipped_byte_in_a_shard_is_detected(tmp_path):
     lake = Lake(tmp_path)
     ingest(lake, "digits", DigitsSource())
-    meta = lake.table("digits").record["splits"]["test"]["arrays"]["image"]
+    meta = lake.table("digits").fragments("test")[0]["arrays"]["image"]
     shard = next((tmp_path / "digits" / meta["path"] / "c").rglob("*"))
     while shard.is_dir():
         shard = next(shard.iterdir())
@@ -124,5 +124,5 @@ def test_corrupt_commit_record_is_reported(tmp_path):
     ingest(lake, "digits", DigitsSource())
     record = tmp_path / "digits" / "_log" / "00000001.json"
     record.write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(LakeError, match="is not a lepton-lake/1 record"):
+    with pytest.raises(LakeError, match="is not a lepton-lake record"):
         lake.table("digits")

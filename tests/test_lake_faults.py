@@ -159,7 +159,7 @@ def test_pinned_reader_sees_identical_bytes_while_another_process_commits_and_co
 
 
 def _shard(tv, split, array, index=0):
-    meta = tv.record["splits"][split]["arrays"][array]
+    meta = tv.fragments(split)[0]["arrays"][array]
     rel = sorted(f for f in meta["files"] if f != "zarr.json")[index]
     return tv.lake.root / tv.table / meta["path"] / rel, f"{meta['path']}/{rel}"
 
@@ -184,7 +184,7 @@ def test_damaged_shard_index_is_detected(damaged):
     data = bytearray(path.read_bytes())
     data[-6] ^= 0x01  # the index (with its crc32c) sits at the end of the shard
     path.write_bytes(bytes(data))
-    meta_path = damaged.record["splits"]["test"]["arrays"]["image"]["path"]
+    meta_path = damaged.fragments("test")[0]["arrays"]["image"]["path"]
     with pytest.raises(LakeError, match=f"corrupt lake array {meta_path}"):
         damaged.reader("test").read(np.arange(5))
     problems = damaged.lake.verify()
@@ -222,7 +222,7 @@ def test_content_change_with_valid_checksums_is_caught_by_content_digest(damaged
 def test_missing_or_unsafe_paths_in_a_record_are_errors(damaged):
     record_path = damaged.lake.root / "t" / "_log" / "00000001.json"
     record = json.loads(record_path.read_text())
-    record["splits"]["train"]["arrays"]["image"]["path"] = "data/../../../etc"
+    record["splits"]["train"]["fragments"][0]["arrays"]["image"]["path"] = "data/../../../etc"
     record_path.write_text(json.dumps(record))
     with pytest.raises(LakeError, match="unsafe array path"):
         damaged.lake.table("t").reader("train").read(0)

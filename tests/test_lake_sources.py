@@ -165,8 +165,8 @@ def test_zarr_python_reads_every_array_of_a_version_without_lepton(tmp_path):
     x[0, 0, 0] = np.nan
     src = _npz(tmp_path / "s.npz", x, np.arange(50) % 2)
     tv = ingest(Lake(tmp_path / "lake", target_shard_bytes=256), "t", NpzSource(src)).version
-    metas = [m for e in tv.record["splits"].values() for m in e["arrays"].values()]
-    metas += list(tv.record["quarantine"]["arrays"].values())
+    frags = [f for s in tv.splits for f in tv.fragments(s)] + tv.record["quarantine"]["fragments"]
+    metas = [m for f in frags for m in f["arrays"].values()]
     paths = [str(tmp_path / "lake" / "t" / m["path"]) for m in metas]
     code = ("import hashlib, json, sys, zarr\n"
             "out = {}\n"
@@ -178,8 +178,9 @@ def test_zarr_python_reads_every_array_of_a_version_without_lepton(tmp_path):
     out = json.loads(subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, check=True,
                                     text=True).stdout)
     readers = [tv.reader(s) for s in tv.splits] + [tv.quarantine_reader()]
-    ours = {str(tmp_path / "lake" / "t" / r.entry["arrays"][n]["path"]): v
+    ours = {str(tmp_path / "lake" / "t" / r.fragments[0]["arrays"][n]["path"]): v
             for r in readers for n, v in r.read().items()}
+    assert all(r.num_fragments == 1 for r in readers)
     assert len(ours) == len(paths) == 9  # 3 splits x (image, label) + quarantine (image, label, source_index)
     for path, value in ours.items():
         assert out[path] == [str(value.dtype), list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()]

@@ -1,4 +1,4 @@
-"""`lepton-jax lake ...`: ingest, list, inspect, verify and garbage-collect lake tables."""
+"""`lepton-jax lake ...`: ingest (overwrite or append), list, inspect, compact, verify and garbage-collect tables."""
 
 from __future__ import annotations
 
@@ -19,7 +19,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--splits", default=None, metavar="NAME=FRACTION,...",
                         help="split fractions (default train=0.7,dev=0.15,test=0.15)")
     ingest.add_argument("--resize", default=None, metavar="WxH", help="images: resize every image to W x H")
-    ingest.add_argument("--mode", default=None, choices=["L", "RGB"], help="images: grey (L, default) or RGB")
+    ingest.add_argument("--mode", action="append", default=[], choices=["overwrite", "append", "L", "RGB"],
+                        help="overwrite (default: the version holds exactly this source) or append (add this "
+                             "source's new examples as new fragments, sharing the rest); images: grey (L, default) "
+                             "or RGB. May be given twice, e.g. --mode append --mode RGB")
+    ingest.add_argument("--bits", type=int, default=None, choices=[8, 16],
+                        help="images: 8 (default; deeper images are quarantined, never clipped) or 16 (uint16)")
+    ingest.add_argument("--workers", type=int, default=1, help="processes that decode and write chunks (one commit)")
+    ingest.add_argument("--chunk", type=int, default=None,
+                        help="images: files per chunk (default 2048); csv: windows per chunk (default 65536)")
+    ingest.add_argument("--label-names", default=None, metavar="NAME,...",
+                        help="the label domain; examples with other labels are quarantined")
     ingest.add_argument("--window", type=int, default=None, help="csv: rows per example")
     ingest.add_argument("--stride", type=int, default=None, help="csv: rows between window starts (default: window)")
     ingest.add_argument("--label-column", default=None, help="csv: the label column (default: label)")
@@ -31,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--allow-schema-change", action="store_true",
                         help="allow dtypes or example shapes to differ from the latest version")
     ingest.set_defaults(handler=ingest_command)
+    compact = lake.add_parser("compact", help="merge a table's fragments into a new version with identical content")
+    compact.add_argument("--lake", required=True)
+    compact.add_argument("--table", required=True)
+    compact.add_argument("--target-fragment-mib", type=float, default=1024.0,
+                         help="raw size of each merged fragment (default 1024)")
+    compact.set_defaults(handler=compact_command)
     ls = lake.add_parser("ls", help="list tables and their versions")
     ls.add_argument("--lake", required=True)
     ls.add_argument("--table", default=None, help="show one table's versions in detail")
@@ -97,25 +113,69 @@ def _parse_label_map(text: str | None) -> dict[str, str] | None:
     return dict(pairs)
 
 
+def _parse_modes(modes: list[str]) -> tuple[str, str | None]:
+    from lepton_jax.errors import LakeError
+
+    write = [m for m in modes if m in ("overwrite", "append")]
+    image = [m for m in modes if m in ("L", "RGB")]
+    if len(write) > 1 or len(image) > 1:
+        raise LakeError(f"--mode takes at most one of overwrite/append and one of L/RGB, got {modes}")
+    return (write[0] if write else "overwrite"), (image[0] if image else None)
+
+
 def ingest_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LakeError
     from lepton_jax.lake import Lake, ingest, make_source
 
     lake = Lake(args.lake)
-    source = make_source(args.source, size=_parse_size(args.resize), mode=args.mode, window=args.window,
-                         stride=args.stride, label_column=args.label_column, series_column=args.series_column)
+    write_mode, image_mode = _parse_modes(args.mode)
+    if args.chunk is not None and args.chunk < 1:
+        raise LakeError(f"--chunk must be at least 1, got {args.chunk}")
+    kind = args.source.partition(":")[0]
+    chunk = {"images": {"chunk_files": args.chunk}, "csv": {"chunk_windows": args.chunk}}.get(kind, {})
+    if args.chunk is not None and not chunk:
+        raise LakeError(f"--chunk applies to images: and csv: sources (npz sources chunk by shard file), not {kind}")
+    source = make_source(args.source, size=_parse_size(args.resize), mode=image_mode, bits=args.bits,
+                         window=args.window, stride=args.stride, label_column=args.label_column,
+                         series_column=args.series_column, **chunk)
+    if args.workers < 1:
+        raise LakeError(f"--workers must be at least 1, got {args.workers}")
+    label_names = [n for n in args.label_names.split(",") if n] if args.label_names else None
     result = ingest(lake, args.table, source, splits=_parse_splits(args.splits), seed=args.seed,
-                    label_map=_parse_label_map(args.label_map), retries=args.retries,
-                    allow_schema_change=args.allow_schema_change)
+                    label_map=_parse_label_map(args.label_map), label_names=label_names, retries=args.retries,
+                    allow_schema_change=args.allow_schema_change, mode=write_mode, workers=args.workers,
+                    progress=True)
     tv = result.version
     counts = ", ".join(f"{s} {tv.num_examples(s)}" for s in tv.splits)
     if result.created:
-        print(f"committed {lake.root}/{tv.table} version {tv.version}: {counts}; cleaning: {result.report}")
+        frags = sum(len(tv.fragments(s)) for s in tv.splits)
+        print(f"committed {lake.root}/{tv.table} version {tv.version} ({tv.record['lineage'].get('mode')}, "
+              f"{frags} fragment(s)): {counts}; cleaning: {result.report}")
         quarantined = tv.quarantine()
         if quarantined:
             print(f"quarantined {len(quarantined)} example(s); see `lepton-jax lake show --lake {lake.root} "
                   f"--table {tv.table} --version {tv.version}`")
     else:
         print(f"unchanged: {lake.root}/{tv.table} version {tv.version} already holds this source ({counts})")
+    return 0
+
+
+def compact_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LakeError
+    from lepton_jax.lake import Lake
+
+    if not args.target_fragment_mib > 0:
+        raise LakeError(f"--target-fragment-mib must be positive, got {args.target_fragment_mib}")
+    lake = Lake(args.lake)
+    old = lake.table(args.table)
+    new = lake.compact(args.table, target_fragment_bytes=int(args.target_fragment_mib * 2**20))
+    before = {s: len(old.fragments(s)) for s in old.splits}
+    if new.version == old.version:
+        print(f"nothing to compact: {args.table}@{old.version} has fragments {before}")
+        return 0
+    after = {s: len(new.fragments(s)) for s in new.splits}
+    print(f"compacted {args.table}@{old.version} -> version {new.version}: fragments {before} -> {after}; "
+          "logical content digests unchanged")
     return 0
 
 
@@ -166,8 +226,10 @@ def show_command(args: argparse.Namespace) -> int:
     print(f"lineage: {json.dumps(r['lineage'], sort_keys=True)}")
     for split, entry in r["splits"].items():
         st = r["stats"].get("splits", {}).get(split, {})
-        shards = sum(len([f for f in m.get("files", {}) if f != "zarr.json"]) for m in entry["arrays"].values())
-        print(f"split {split}: {entry['num_examples']} examples, {shards} shard file(s), "
+        frags = tv.fragments(split)
+        shards = sum(len([f for f in m.get("files", {}) if f != "zarr.json"]) for fr in frags
+                     for m in fr["arrays"].values())
+        print(f"split {split}: {entry['num_examples']} examples, {len(frags)} fragment(s), {shards} shard file(s), "
               f"class counts {st.get('class_counts')}")
         for name in r["schema"]["arrays"]:
             if name in st:

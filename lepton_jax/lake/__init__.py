@@ -1,5 +1,6 @@
-"""The data lake: versioned tables of TensorStore zarr v3 arrays with atomic commits, validated ingest from several
-sources, verification and garbage collection."""
+"""The data lake: versioned tables of immutable fragments (TensorStore zarr v3 arrays) with atomic commits,
+append-only versions and compaction, streaming validated ingest from several sources, verification and garbage
+collection."""
 
 from lepton_jax.lake.ingest import IngestResult, ingest
 from lepton_jax.lake.sources import (

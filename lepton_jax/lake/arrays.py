@@ -23,6 +23,7 @@ from lepton_jax.errors import LakeError
 
 TARGET_SHARD_BYTES = 64 * 2**20
 READ_PARTS = 4  # concurrent TensorStore requests per batched random read
+WRITE_SHARDS_IN_FLIGHT = 4  # shard writes encoded concurrently (bounded: each holds a shard's worth of memory)
 READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
 
 
@@ -32,11 +33,27 @@ def examples_per_shard(shape: tuple[int, ...], dtype: np.dtype, target_shard_byt
     return int(max(1, min(shape[0], target_shard_bytes // example_bytes)))
 
 
+SMALL_EXAMPLE_BYTES = 64  # examples this small (labels, a few features) share inner chunks of about 4 KiB
+
+
+def inner_chunk_examples(shape: tuple[int, ...], dtype: np.dtype, per_shard: int) -> int:
+    """Examples per inner chunk: one (a random read is one byte range) unless examples are tiny, like labels,
+    which are read whole anyway; then as many as fill about 4 KiB, dividing the shard evenly."""
+    example_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
+    if example_bytes > SMALL_EXAMPLE_BYTES:
+        return 1
+    per = max(1, min(per_shard, 4096 // example_bytes))
+    while per_shard % per:
+        per -= 1
+    return per
+
+
 def zarr3_spec(path: str | Path, shape: tuple[int, ...], dtype: np.dtype,
                target_shard_bytes: int = TARGET_SHARD_BYTES) -> dict:
     """The TensorStore spec for a new sharded, compressed, checksummed zarr v3 array at a local path."""
     example_shape = list(shape[1:])
     per_shard = examples_per_shard(shape, dtype, target_shard_bytes)
+    per_chunk = inner_chunk_examples(shape, dtype, per_shard)
     return {
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(path)},
@@ -48,7 +65,7 @@ def zarr3_spec(path: str | Path, shape: tuple[int, ...], dtype: np.dtype,
             "codecs": [{
                 "name": "sharding_indexed",
                 "configuration": {
-                    "chunk_shape": [1, *example_shape],
+                    "chunk_shape": [per_chunk, *example_shape],
                     "codecs": [
                         {"name": "bytes", "configuration": {"endian": "little"}},
                         {"name": "zstd", "configuration": {"level": 3}},
@@ -84,11 +101,17 @@ def write_array(path: Path, array: np.ndarray, *, target_shard_bytes: int = TARG
         raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
     store = ts.open(zarr3_spec(path, array.shape, array.dtype, target_shard_bytes), create=True).result()
     per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes)
+    pending = []
     for i, start in enumerate(range(0, array.shape[0], per_shard)):
         stop = min(start + per_shard, array.shape[0])
-        store[start:stop].write(array[start:stop]).result()
-        if after_shard is not None:
+        pending.append(store[start:stop].write(array[start:stop]))
+        if after_shard is not None:  # the fault-injection hook needs shard i complete
+            pending.pop().result()
             after_shard(i)
+        elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
+            pending.pop(0).result()
+    for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
+        future.result()
     fsync_tree(path)
     return content_digest(array)
 
@@ -130,18 +153,69 @@ def file_digests(path: Path) -> dict[str, dict[str, int | str]]:
     return out
 
 
-def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES) -> ts.TensorStore:
+def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES, *, context: ts.Context | None = None
+               ) -> ts.TensorStore:
     """Opens an existing array for reading, turning TensorStore errors into a LakeError naming the path.
 
     Lake arrays are immutable, so cached data (the shard indices above all) is never re-validated against the file.
+    Arrays opened with one shared ``context`` (see :func:`read_context`) share one cache pool.
     """
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
-            "context": {"cache_pool": {"total_bytes_limit": int(cache_bytes)}},
             "recheck_cached_data": False, "recheck_cached_metadata": False}
+    if context is None:
+        spec["context"] = {"cache_pool": {"total_bytes_limit": int(cache_bytes)}}
     try:
-        return ts.open(spec, open=True, read=True).result()
+        return ts.open(spec, open=True, read=True, context=context).result()
     except ValueError as e:
         raise LakeError(f"cannot open lake array {path}: {e}; run `lepton-jax lake verify` or re-ingest") from e
+
+
+def read_context(cache_bytes: int = READ_CACHE_BYTES) -> ts.Context:
+    """One TensorStore context (cache pool of ``cache_bytes``) for every fragment of a split."""
+    return ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
+
+
+def read_many(requests: list[tuple[ts.TensorStore, np.ndarray, str]], parts: int = READ_PARTS) -> list[np.ndarray]:
+    """Reads ``store[index]`` for every ``(store, sorted index array, path)``, all requests in flight at once (each
+    index split into pieces so that at least ``parts`` requests run concurrently)."""
+    futures = []
+    per = max(1, -(-parts // max(len(requests), 1)))
+    try:
+        for store, index, _ in requests:
+            k = per if index.size >= 2 * per else 1
+            futures.append([store[piece].read() for piece in np.array_split(index, k)])
+        out = []
+        for fs in futures:
+            out.append(np.concatenate([f.result() for f in fs]) if len(fs) > 1 else fs[0].result())
+        return out
+    except (ValueError, IndexError) as e:
+        paths = ", ".join(sorted({p for _, _, p in requests}))
+        raise LakeError(f"corrupt lake array {paths}: {e}") from e
+
+
+class ArrayWriter:
+    """A new array of known ``shape`` written from consecutive blocks along axis 0 (bounded memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, *,
+                 target_shard_bytes: int = TARGET_SHARD_BYTES):
+        if path.exists():
+            raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
+        self.path, self.shape = path, tuple(int(s) for s in shape)
+        self.store = ts.open(zarr3_spec(path, self.shape, dtype, target_shard_bytes), create=True).result()
+        self.hash = hashlib.sha256(f"{np.dtype(dtype).str}{self.shape}".encode())
+        self.rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        self.store[self.rows:self.rows + block.shape[0]].write(block).result()
+        self.hash.update(np.ascontiguousarray(block).tobytes())
+        self.rows += block.shape[0]
+
+    def close(self) -> str:
+        """fsyncs the array's files and returns its content digest."""
+        if self.rows != self.shape[0]:
+            raise LakeError(f"internal error: wrote {self.rows} rows of {self.shape[0]} to {self.path}")
+        fsync_tree(self.path)
+        return self.hash.hexdigest()
 
 
 def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "", parts: int = READ_PARTS) -> np.ndarray:

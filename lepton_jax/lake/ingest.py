@@ -1,170 +1,435 @@
-"""Ingest: read a source → validate → label → clean → split → compute statistics → commit.
+"""Ingest: stream a source chunk by chunk → validate → label → clean → split → write fragments → one commit.
 
 Every example either lands in exactly one split or in the version's quarantine with a reason — never silently
-dropped. Reasons: ``unreadable``/``shape``/``mixed_labels`` (from the source), ``unlabelled`` and ``label_domain``
-(labelling), ``non_finite``, ``out_of_range``, ``duplicate`` (same content and label as a kept example),
-``conflicting_labels`` (same content, different labels: every copy is quarantined) and ``leak`` (same content as an
-example the source put in another split). Re-ingesting identical source content with identical parameters creates
-no new version.
+dropped. Reasons: ``unreadable``/``not_an_image``/``bit_depth``/``shape``/``mixed_labels``/``malformed_row`` (from
+the source), ``unlabelled`` and ``label_domain`` (labelling), ``non_finite``, ``out_of_range``, ``duplicate`` (same
+content and label as a kept example, or as an example the table already holds), ``conflicting_labels`` (same content,
+different labels: every copy this ingest holds is quarantined) and ``leak`` (same content as an example in another
+split). Re-ingesting identical source content with identical parameters creates no new version.
+
+Memory stays bounded: chunks are processed one at a time per worker (``workers`` processes, chunk order preserved),
+the exact dedup / leak check across chunks and against the table uses an on-disk hash index, and statistics combine
+per-fragment partial sums. ``mode="append"`` adds fragments to the latest version's and shares the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+import multiprocessing
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
 
-from lepton_jax.errors import LakeError
+from lepton_jax.errors import CommitConflictError, LakeError
+from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split
 from lepton_jax.lake.faults import crash_point
-from lepton_jax.lake.sources import Source, SourceData
-from lepton_jax.lake.store import Lake, TableVersion, check_name
+from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
+from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
+from lepton_jax.lake.sources import Source, source_tasks
+from lepton_jax.lake.store import DATA_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
-# A labelling function sees one example (array name -> values) and the source's label name (or None) and returns
-# the example's label name, or None to abstain (the example goes to the quarantine as 'unlabelled').
-LabelFn = Callable[[dict[str, np.ndarray], "str | None"], "str | None"]
+MODES = ("overwrite", "append")
+
+__all__ = ["DEFAULT_SPLITS", "IngestResult", "LabelFn", "ingest", "stratified_split"]
 
 
 @dataclasses.dataclass
 class IngestResult:
     version: TableVersion
-    created: bool  # False when the identical source was already the latest version
+    created: bool  # False when the identical source was already the latest version (or an append added nothing)
     report: dict[str, Any]
 
 
 def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] | None = None, seed: int = 0,
            label_map: dict[str, str] | None = None, labeller: LabelFn | None = None,
-           label_names: list[str] | None = None, retries: int = 0,
-           allow_schema_change: bool = False) -> IngestResult:
+           label_names: list[str] | None = None, retries: int = 0, allow_schema_change: bool = False,
+           mode: str = "overwrite", workers: int = 1, progress: bool = False) -> IngestResult:
     """Reads ``source`` into a new version of ``table`` (or returns the latest if it holds the same content).
 
+    ``mode="overwrite"``: the new version holds exactly this source. ``mode="append"``: it holds the latest
+    version's fragments (shared, not copied) plus this source's examples that the table does not hold yet.
     Labels come from the source, or from ``label_map`` (source label name -> label name; unmapped examples are
-    quarantined) or a ``labeller`` function. ``label_names`` fixes the label domain (default: the names seen).
-    ``retries`` > 0 makes a commit that loses a race with another writer re-check for a no-op and commit on top of
-    the winner. A table's array dtypes and example shapes may only change with ``allow_schema_change``.
+    quarantined) or a ``labeller`` function. ``label_names`` fixes the label domain (default: the names seen; an
+    append uses the table's). ``retries`` > 0 makes a commit that loses a race with another writer re-check and
+    commit on top of the winner. A table's array dtypes and example shapes may only change with
+    ``allow_schema_change`` (never in an append). ``workers`` > 1 decodes and writes chunks in that many processes.
     """
     if label_map is not None and labeller is not None:
         raise LakeError("give either a label map or a labelling function, not both")
-    data = source.load()
-    _check_structure(data)
-    split_params: dict[str, Any] = ({"from_source": True} if data.split is not None else
-                                    {"fractions": dict(splits or DEFAULT_SPLITS), "seed": int(seed),
-                                     "stratified_by": "label"})
+    if mode not in MODES:
+        raise LakeError(f"ingest mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if workers < 1:
+        raise LakeError(f"--workers must be at least 1, got {workers}")
+    check_name("table", table)
+    base = lake.table(table) if lake.versions(table) else None
+    appending = mode == "append" and base is not None
+    if appending:
+        if allow_schema_change:
+            raise LakeError("an append cannot change the table's schema; ingest with --mode overwrite instead")
+        label_names = list(label_names) if label_names is not None else base.label_names
+        if label_names != base.label_names:
+            raise LakeError(f"an append must keep the table's label names {base.label_names}, got {label_names}")
+    tasks = list(source_tasks(source))
+    if labeller is not None and label_names is None and len(tasks) > 1:
+        raise LakeError(f"source {source.uri} comes in {len(tasks)} chunks: a labelling function needs the label "
+                        "names up front (label_names=[...])")
+    split_params: dict[str, Any] = {"fractions": dict(splits or DEFAULT_SPLITS), "seed": int(seed),
+                                    "stratified_by": "label", "per": "chunk",
+                                    "method": "sklearn.train_test_split" if len(tasks) == 1 else "stratified_counts"}
+    fractions = split_params["fractions"]
+    if not np.isclose(sum(fractions.values()), 1.0) or any(f <= 0 for f in fractions.values()):
+        raise LakeError(f"split fractions must be positive and sum to 1, got {fractions}")
+    for name in fractions:
+        check_name("split", name)
     labeller_spec = _labeller_spec(label_map, labeller, label_names)
-    source_digest = data.digest()
+    commit_id = lake.new_commit_id()
+    jobs = [ChunkJob(task, k, str(lake.root), table, commit_id, lake.target_shard_bytes, fractions, int(seed),
+                     label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
+            for k, task in enumerate(tasks)]
+    try:
+        commit_dir = lake.root / table / DATA_DIR / commit_id
+        commit_dir.mkdir(parents=True)
+        # the index lives in the commit's own directory: removed when the ingest ends, and a SIGKILLed ingest's
+        # index is collected with the rest of its data by gc (a temp dir elsewhere would be left behind)
+        with HashIndex(commit_dir) as index:
+            if appending:
+                _index_table(index, base)
+            state = _Driver(lake, table, commit_id, index, base if appending else None)
+            for result in _run(jobs, workers, progress, source.uri):
+                state.add(result)
+            plan = state.finish()
+        result = _commit(lake, table, source, plan, base, appending, split_params, labeller_spec, retries,
+                         allow_schema_change)
+    except BaseException:
+        _discard(lake, table, commit_id)
+        raise
+    crash_point("committed")
+    return result
 
+
+def _discard(lake: Lake, table: str, commit_id: str) -> None:
+    """Removes a failed ingest's data, and the table's directories if that leaves them empty (a failed first
+    ingest writes nothing)."""
+    shutil.rmtree(lake.root / table / DATA_DIR / commit_id, ignore_errors=True)
+    for d in (lake.root / table / DATA_DIR, lake.root / table):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: TableVersion | None,
+            appending: bool, split_params: dict[str, Any], labeller_spec: Any, retries: int,
+            allow_schema_change: bool) -> IngestResult:
+    commit_id, cleaning = plan["commit_id"], plan["cleaning"]
+    if plan["source_split"]:
+        split_params = {"from_source": True}
     rebased_onto: list[TableVersion] = []
 
     def same_ingest(latest: TableVersion) -> TableVersion | None:
         old = latest.record["lineage"]
-        same = (old["source"]["sha256"] == source_digest and old["split"] == split_params
+        holds_only_its_source = old.get("mode", "overwrite") == "overwrite"  # not an append (or its compaction)
+        same = (not appending and holds_only_its_source and old["source"]["sha256"] == plan["digest"]
+                and old["split"] == split_params
                 and old.get("labeller", "source labels") == labeller_spec)
         if same:
             rebased_onto.append(latest)
         return latest if same else None
 
-    if lake.versions(table):
-        latest = lake.table(table)
-        if same_ingest(latest):
-            return IngestResult(latest, created=False, report=latest.record["stats"].get("cleaning", {}))
+    if base is not None and same_ingest(base):
+        _discard(lake, table, commit_id)
+        return IngestResult(base, created=False, report=base.record["stats"].get("cleaning", {}))
+    if appending and not plan["fragments"]:
+        _discard(lake, table, commit_id)
+        if cleaning["quarantined"] and set(cleaning) - _COUNT_KEYS <= {"duplicate", "conflicting_labels", "leak"}:
+            return IngestResult(base, created=False, report=cleaning)  # the table holds all of it already
+    if plan["kept"] == 0 and not (appending and plan["fragments"]):
+        raise LakeError(f"source {plan['uri']}: every example was rejected "
+                        f"({ {k: v for k, v in cleaning.items() if k not in _COUNT_KEYS} }); nothing to commit")
+    schema = plan["schema"]
+    if base is not None and not allow_schema_change:
+        _check_schema_unchanged(base, schema)
+    if appending:  # the appended version's declared ranges cover the old data and the new
+        for name, meta in schema["arrays"].items():
+            old = base.schema["arrays"][name]["value_range"]
+            meta["value_range"] = [min(old[0], meta["value_range"][0]), max(old[1], meta["value_range"][1])]
+    transforms = [*plan["transforms"],
+                  {"name": "drop_non_finite", "dropped": cleaning.get("non_finite", 0)},
+                  {"name": "check_value_range", "dropped": cleaning.get("out_of_range", 0),
+                   "ranges": {k: v["value_range"] for k, v in schema["arrays"].items()}},
+                  {"name": "dedup_exact", "key": "sha256(example)", "index": "on-disk, whole dataset" +
+                   (" and table" if appending else ""),
+                   "dropped": cleaning.get("duplicate", 0) + cleaning.get("conflicting_labels", 0)},
+                  {"name": "no_cross_split_leak", "key": "sha256(example)", "dropped": cleaning.get("leak", 0)}]
+    lineage = {"source": {"name": source.name, "uri": plan["uri"], "sha256": plan["digest"],
+                          "chunks": plan["chunks"]},
+               "transforms": transforms, "labeller": labeller_spec, "split": split_params,
+               "mode": "append" if appending else "overwrite"}
+    if appending:
+        lineage["appended_to"] = base.version
 
-    quarantine: list[dict[str, Any]] = [{**r, "index": None, "sha256": None} for r in data.rejected]
-    labels, names, rejects = _label(data, label_map, labeller, label_names)
-    keep, hashes, clean_rejects = _clean(data, labels, names)
-    rejects.update(clean_rejects)
-    for i, (reason, detail) in sorted(rejects.items()):
-        keep[i] = False
-        quarantine.append({"id": data.example_id(i), "index": int(i), "reason": reason, "detail": detail,
-                           "label": names[labels[i]] if labels[i] >= 0 else None, "sha256": hashes[i]})
-    kept = np.flatnonzero(keep)
-    if kept.size == 0:
-        raise LakeError(f"source {data.uri}: every example was rejected ({_count(quarantine)}); nothing to commit")
+    def assemble(on: TableVersion | None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+        frags: dict[str, list[dict[str, Any]]] = {}
+        for s in on.splits if on else []:  # version-1 fragments get their statistics partials in the new record
+            frags[s] = [f if "stats" in f else {**f, "stats": _partials(on, s, f)} for f in on.fragments(s)]
+        for split, new in plan["fragments"].items():
+            frags.setdefault(split, []).extend(new)
+        num_classes = len(schema["label_names"])
+        stats = {"cleaning": cleaning,
+                 "splits": {s: combine_stats([_partials(on, s, f) for f in fs], num_classes)
+                            for s, fs in frags.items()}}
+        return frags, stats
 
-    if data.split is not None:
-        split_index = {str(s): kept[data.split[kept] == s] for s in dict.fromkeys(data.split[kept].tolist())}
-        for name in split_index:
-            check_name("split", name)
-    else:
-        split_index = {s: kept[idx] for s, idx in stratified_split(labels[kept], split_params["fractions"],
-                                                                   seed).items()}
-    _assert_no_leak(split_index, hashes)
-    split_arrays = {s: {**{k: v[idx] for k, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
-                    for s, idx in split_index.items()}
-
-    schema = {
-        "arrays": {name: {"dtype": value.dtype.name, "example_shape": list(value.shape[1:]),
-                          "value_range": [float(x) for x in data.value_ranges[name]]}
-                   for name, value in data.arrays.items()},
-        "label_array": "label",
-        "label_names": names,
-    }
-    if lake.versions(table) and not allow_schema_change:
-        _check_schema_unchanged(lake.table(table), schema)
-    cleaning = {"examples_in": int(len(data.labels) + len(data.rejected)), "examples_out": int(kept.size),
-                "quarantined": len(quarantine), **_count(quarantine)}
-    lineage = {
-        "source": {"name": source.name, "uri": data.uri, "sha256": source_digest},
-        "transforms": [*data.transforms,
-                       {"name": "drop_non_finite", "dropped": cleaning.get("non_finite", 0)},
-                       {"name": "check_value_range", "dropped": cleaning.get("out_of_range", 0),
-                        "ranges": {k: v["value_range"] for k, v in schema["arrays"].items()}},
-                       {"name": "dedup_exact", "key": "sha256(example)",
-                        "dropped": cleaning.get("duplicate", 0) + cleaning.get("conflicting_labels", 0)},
-                       {"name": "no_cross_split_leak", "key": "sha256(example)", "dropped": cleaning.get("leak", 0)}],
-        "labeller": labeller_spec,
-        "split": split_params,
-    }
-    stats = {"cleaning": cleaning, "splits": {s: _stats(arrs, len(names)) for s, arrs in split_arrays.items()}}
-    q_rows = [e for e in quarantine if e["index"] is not None]
-    for row, e in enumerate(q_rows):
-        e["row"] = row
-    q_idx = np.asarray([e["index"] for e in q_rows], dtype=np.int64)
-    q_arrays = ({**{k: v[q_idx] for k, v in data.arrays.items()}, "label": labels[q_idx].astype(np.int32),
-                 "source_index": q_idx} if q_rows else {})
-    version = lake.commit(table, split_arrays, schema=schema, lineage=lineage, stats=stats,
-                          quarantine={"entries": quarantine, "arrays": q_arrays}, retries=retries,
-                          rebase=same_ingest)
-    crash_point("committed")
+    on = base if appending else None
+    while True:
+        frags, stats = assemble(on)
+        try:
+            version = lake.publish(table, commit_id, splits=frags, schema=schema, lineage=lineage, stats=stats,
+                                   quarantine=plan["quarantine"], parent=on.version if on else
+                                   (base.version if base else 0), retries=0 if appending else retries,
+                                   rebase=same_ingest, keep_on_conflict=appending)
+            break
+        except CommitConflictError:
+            if not appending or retries <= 0:
+                raise
+            retries -= 1
+            latest = lake.table(table)
+            _check_no_overlap(lake, table, latest, on, plan)
+            on = latest
     created = not rebased_onto
     return IngestResult(version, created=created,
                         report=cleaning if created else version.record["stats"].get("cleaning", {}))
 
 
-def _count(quarantine: list[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for e in quarantine:
-        counts[e["reason"]] = counts.get(e["reason"], 0) + 1
-    return dict(sorted(counts.items()))
+_COUNT_KEYS = {"examples_in", "examples_out", "quarantined"}
 
 
-def _check_structure(data: SourceData) -> None:
-    """Errors that concern the whole source rather than single examples."""
-    sizes = {name: value.shape[0] for name, value in data.arrays.items()}
-    sizes["labels"] = data.labels.shape[0]
-    if data.ids is not None:
-        sizes["ids"] = len(data.ids)
-    if data.split is not None:
-        sizes["split"] = data.split.shape[0]
-    if len(set(sizes.values())) != 1:
-        raise LakeError(f"source {data.uri}: arrays disagree on the number of examples: {sizes}")
-    if sizes["labels"] == 0:
-        raise LakeError(f"source {data.uri} holds no examples")
-    for name, value in data.arrays.items():
-        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
-            raise LakeError(f"source {data.uri}: array {name!r} has non-numeric dtype {value.dtype}")
-        if value.ndim < 2:
-            raise LakeError(f"source {data.uri}: array {name!r} needs an example axis plus at least one more, got "
-                            f"shape {value.shape}")
-        if name not in data.value_ranges:
-            raise LakeError(f"source {data.uri}: array {name!r} has no declared value range")
-        if name == "label":
-            raise LakeError(f"source {data.uri}: 'label' is reserved for the label array")
-    if not np.issubdtype(data.labels.dtype, np.integer) or data.labels.ndim != 1:
-        raise LakeError(f"source {data.uri}: labels must be a 1-D integer array, got {data.labels.dtype} "
-                        f"{data.labels.shape}")
+def _partials(on: TableVersion | None, split: str, frag: dict[str, Any]) -> dict[str, Any]:
+    if "stats" in frag:
+        return frag["stats"]
+    split_stats = (on.record.get("stats", {}).get("splits", {}).get(split, {})) if on else {}
+    sizes = {name: int(np.prod(m["example_shape"])) for name, m in on.schema["arrays"].items()} if on else {}
+    return legacy_partials(split_stats, sizes)
+
+
+def _check_no_overlap(lake: Lake, table: str, latest: TableVersion, on: TableVersion | None,
+                      plan: dict[str, Any]) -> None:
+    """A racing append won: ours may go on top only if none of our rows' contents arrived with it."""
+    if on is not None and latest.schema != on.schema:
+        raise CommitConflictError(f"table {table!r} changed its schema in version {latest.version} while this "
+                                  "append ran; re-run the append")
+    seen = {f["path"] for s in on.splits for f in on.fragments(s)} if on else set()
+    theirs: set[bytes] = set()
+    for split in latest.splits:
+        for frag in latest.fragments(split):
+            if frag["path"] not in seen:
+                theirs.update(h.tobytes() for h in read_row_hashes(lake.root / table, frag))
+    ours = {h.tobytes() for frags in plan["fragments"].values() for f in frags
+            for h in read_row_hashes(lake.root / table, f)}
+    if theirs & ours:
+        raise CommitConflictError(f"table {table!r} version {latest.version} was appended meanwhile with "
+                                  f"{len(theirs & ours)} example(s) this append also holds; re-run the append")
+
+
+def _run(jobs: list[ChunkJob], workers: int, progress: bool, uri: str) -> Iterator[dict[str, Any]]:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc=f"ingest {uri}", unit="chunk", disable=None)  # None: only on a terminal
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                yield process_chunk(job)
+                if bar is not None:
+                    bar.update(1)
+            return
+        # spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child would inherit broken
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                for result in pool.map(process_chunk, jobs):
+                    yield result
+                    if bar is not None:
+                        bar.update(1)
+            except BrokenProcessPool as e:
+                raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {uri}; "
+                                "nothing was committed") from e
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _index_table(index: HashIndex, base: TableVersion) -> None:
+    """Loads the hashes the table holds (from its fragments' row-hash files) as the starting index."""
+    root = base.lake.root / base.table
+    for split in base.splits:
+        for frag in base.fragments(split):
+            hashes = read_row_hashes(root, frag)
+            reader = SplitReader(base.lake.root, base.table, base.version, split, {"fragments": [frag]})
+            labels = reader.read()["label"] if "label" in frag["arrays"] else np.full(len(hashes), -1)
+            index.add((h.tobytes(), int(lab), split, TABLE, -1, -1, -1, "")
+                      for h, lab in zip(hashes, labels, strict=True))
+
+
+class _Driver:
+    """Cross-chunk decisions in chunk order, against the on-disk index; then the rewrites they need."""
+
+    def __init__(self, lake: Lake, table: str, commit_id: str, index: HashIndex, base: TableVersion | None):
+        self.lake, self.table, self.commit_id, self.index, self.base = lake, table, commit_id, index, base
+        self.fragments: list[tuple[str, dict[str, Any]]] = []  # (split, entry) in order
+        self.drops: dict[int, dict[int, tuple[str, str, int, str]]] = {}  # fragment -> row -> rejection
+        self.entries: list[dict[str, Any]] = []
+        self.late: list[dict[str, Any]] = []  # rejections decided here (rows written by a worker)
+        self.q_fragments: list[dict[str, Any]] = []
+        self.q_rows = 0
+        self.offset = 0
+        self.examples_in = 0
+        self.digests: list[str] = []
+        self.first: dict[str, Any] | None = None
+        self.names: list[str] = []
+        self.ranges: dict[str, list[float]] = {}
+        self.source_split: bool | None = None
+
+    def add(self, r: dict[str, Any]) -> None:
+        if self.first is None:
+            self.first = r
+        elif r["arrays"] != self.first["arrays"]:
+            raise LakeError(f"source {r['uri']}: chunk {r['chunk']} has arrays {r['arrays']}, the first chunk "
+                            f"{self.first['arrays']}; every example must have one shape and dtype")
+        longer, shorter = sorted((self.names, r["names"]), key=len, reverse=True)
+        if longer[:len(shorter)] != shorter:
+            raise LakeError(f"source {r['uri']}: chunk {r['chunk']} has label names {r['names']}, earlier chunks "
+                            f"{self.names}")
+        self.names = list(longer)
+        if self.source_split is None:
+            self.source_split = r["source_split"]
+        elif self.source_split != r["source_split"]:
+            raise LakeError(f"source {r['uri']}: chunk {r['chunk']} disagrees with earlier chunks on whether the "
+                            "source assigns splits")
+        for k, (lo, hi) in r["ranges"].items():
+            have = self.ranges.setdefault(k, [lo, hi])
+            have[0], have[1] = min(have[0], lo), max(have[1], hi)
+        self.digests.append(r["digest"])
+        self.examples_in += r["n"] + r["n_source_rejected"]
+        offset = self.offset
+        for e in r["entries"]:
+            self.entries.append({**e, "index": None if e["index"] is None else e["index"] + offset})
+        if r["q_arrays"] is not None:
+            q = dict(r["q_arrays"])
+            q["source_index"] = q["source_index"] + offset
+            rows = {int(i): self.q_rows + k for k, i in enumerate(q["source_index"])}
+            for e in self.entries[len(self.entries) - len(r["entries"]):]:
+                if e["index"] is not None:
+                    e["row"] = rows[e["index"]]
+            self._write_quarantine_fragment(q)
+        for split, f in r["fragments"].items():
+            fid = len(self.fragments)
+            self.fragments.append((split, f["entry"]))
+            self._decide(fid, split, f, offset, r["has_ids"])
+        self.offset += r["n"]
+
+    def _decide(self, fid: int, split: str, f: dict[str, Any], offset: int, has_ids: bool) -> None:
+        keys = [h.tobytes() for h in f["hashes"]]
+        hits = self.index.lookup(keys)
+        new = []
+        for row, h in enumerate(keys):
+            label, source = int(f["labels"][row]), int(f["source"][row]) + offset
+            ident = f["ids"][row] if f["ids"] is not None else f"example {source}"
+            hit = hits.get(h)
+            if hit is None:
+                new.append((h, label, split, NEW, fid, row, source, ident))
+                continue
+            where = (f"{hit.ident}" if hit.state != TABLE else
+                     f"an example of {self.table}@{self.base.version} split {hit.split!r}")
+            if hit.state == CONFLICT or hit.label != label:
+                reason, detail = "conflicting_labels", f"{ident}: the same content as {where} with another label"
+                if hit.state == NEW:
+                    self.index.mark_conflict(h)
+                    self._drop(hit.fragment, hit.row, "conflicting_labels",
+                               f"{hit.ident}: the same content as {ident} with another label", hit.index, hit.ident,
+                               h, hit.label)
+            elif self.source_split and hit.split != split:
+                reason, detail = "leak", f"{ident} in split {split!r} has the same content as {where} in split " \
+                                         f"{hit.split!r}"
+            else:
+                reason, detail = "duplicate", f"{ident} duplicates {where}"
+            self._drop(fid, row, reason, detail, source, ident, h, label)
+        self.index.add(new)
+
+    def _drop(self, fid: int, row: int, reason: str, detail: str, source: int, ident: str, h: bytes,
+              label: int) -> None:
+        self.drops.setdefault(fid, {})[row] = source
+        self.late.append({"fid": fid, "row": row, "reason": reason, "detail": detail, "index": source, "id": ident,
+                          "sha256": h.hex(), "label": label})
+
+    def _write_quarantine_fragment(self, named: dict[str, np.ndarray]) -> None:
+        rel = f"{DATA_DIR}/{self.commit_id}/{QUARANTINE}/{len(self.q_fragments):06d}"
+        self.q_fragments.append(self.lake.write_fragment(self.table, rel, named))
+        self.q_rows += int(named["label"].shape[0])
+
+    def finish(self) -> dict[str, Any]:
+        """Rewrites fragments that lost rows to a later decision, and returns the commit plan."""
+        if self.first is None:
+            raise LakeError("the source yielded no chunks")
+        rewritten: dict[int, dict[str, Any] | None] = {}
+        q_named: list[dict[str, np.ndarray]] = []
+        where: dict[tuple[int, int], int] = {}
+        q_row = self.q_rows
+        for fid, rows in sorted(self.drops.items()):
+            split, entry = self.fragments[fid]
+            hashes = read_row_hashes(self.lake.root / self.table, entry)
+            data = SplitReader(self.lake.root, self.table, 0, split, {"fragments": [entry]}).read()
+            mask = np.ones(hashes.shape[0], dtype=bool)
+            mask[list(rows)] = False
+            dropped = np.flatnonzero(~mask)
+            q = {k: v[dropped] for k, v in data.items()}
+            q["source_index"] = np.asarray([rows[int(i)] for i in dropped], dtype=np.int64)
+            for k, i in enumerate(dropped):
+                where[(fid, int(i))] = q_row + k
+            q_row += dropped.size
+            q_named.append(q)
+            shutil.rmtree(self.lake.root / self.table / entry["path"])
+            rewritten[fid] = (self.lake.write_fragment(self.table, entry["path"] + "r",
+                                                       {k: v[mask] for k, v in data.items()}, hashes=hashes[mask])
+                              if mask.any() else None)
+        if q_named:
+            self._write_quarantine_fragment({k: np.concatenate([q[k] for q in q_named]) for k in q_named[0]})
+        names = self.names
+        for e in self.late:
+            self.entries.append({"id": e["id"], "index": e["index"], "reason": e["reason"], "detail": e["detail"],
+                                 "sha256": e["sha256"], "row": where[(e["fid"], e["row"])],
+                                 "label": names[e["label"]] if 0 <= e["label"] < len(names) else None})
+        fragments: dict[str, list[dict[str, Any]]] = {}
+        for fid, (split, entry) in enumerate(self.fragments):
+            entry = rewritten.get(fid, entry)
+            if entry is not None:
+                fragments.setdefault(split, []).append(entry)
+        quarantine = self.lake.write_quarantine_entries(self.table, self.commit_id, self.entries)
+        if self.q_fragments:
+            quarantine["fragments"] = self.q_fragments
+            quarantine["num_rows"] = self.q_rows
+        kept = sum(int(f["num_examples"]) for fs in fragments.values() for f in fs)
+        counts: dict[str, int] = {}
+        for e in self.entries:
+            counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+        cleaning = {"examples_in": self.examples_in, "examples_out": kept, "quarantined": len(self.entries),
+                    **dict(sorted(counts.items()))}
+        first = self.first
+        ranges = {k: [float(v) for v in r] for k, r in self.ranges.items()}
+        schema = {"arrays": {name: {"dtype": dtype, "example_shape": shape, "value_range": ranges[name]}
+                             for name, (dtype, shape) in first["arrays"].items()},
+                  "label_array": "label", "label_names": names}
+        digest = self.digests[0] if len(self.digests) == 1 else hashlib.sha256(
+            "".join(self.digests).encode()).hexdigest()
+        return {"commit_id": self.commit_id, "fragments": fragments, "quarantine": quarantine,
+                "cleaning": cleaning, "kept": kept, "schema": schema, "digest": digest, "chunks": len(self.digests),
+                "uri": first["uri"], "transforms": first["transforms"], "source_split": bool(self.source_split)}
 
 
 def _labeller_spec(label_map: dict[str, str] | None, labeller: LabelFn | None,
@@ -182,110 +447,6 @@ def _labeller_spec(label_map: dict[str, str] | None, labeller: LabelFn | None,
     return spec
 
 
-def _label(data: SourceData, label_map: dict[str, str] | None, labeller: LabelFn | None,
-           label_names: list[str] | None) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
-    """Final label per example (-1 = none), the label names, and label rejections by example index."""
-    n = data.labels.shape[0]
-    src = data.labels
-    rejects: dict[int, tuple[str, str]] = {}
-    src_names: list[str | None] = []
-    for i in range(n):
-        if 0 <= src[i] < len(data.label_names):
-            src_names.append(data.label_names[src[i]])
-        else:
-            src_names.append(None)
-            if label_map is None and labeller is None:
-                rejects[i] = ("label_domain", f"{data.example_id(i)}: label index {int(src[i])} outside "
-                                              f"[0, {len(data.label_names)})")
-    if label_map is not None:
-        assigned = [label_map.get(s) if s is not None else None for s in src_names]
-        for i, (s, a) in enumerate(zip(src_names, assigned, strict=True)):
-            if a is None and i not in rejects:
-                rejects[i] = ("unlabelled", f"{data.example_id(i)}: source label {s!r} is not in the label map")
-    elif labeller is not None:
-        assigned = [labeller({k: v[i] for k, v in data.arrays.items()}, src_names[i]) for i in range(n)]
-        for i, a in enumerate(assigned):
-            if a is None:
-                rejects[i] = ("unlabelled", f"{data.example_id(i)}: the labelling function abstained")
-    else:
-        assigned = src_names
-    names = list(label_names) if label_names is not None else (
-        list(data.label_names) if label_map is None and labeller is None
-        else sorted({str(a) for a in assigned if a is not None}))
-    index = {name: k for k, name in enumerate(names)}
-    labels = np.full(n, -1, dtype=np.int64)
-    for i, a in enumerate(assigned):
-        if a is None or i in rejects:
-            continue
-        if str(a) not in index:
-            rejects[i] = ("label_domain", f"{data.example_id(i)}: label {a!r} is outside the label domain {names}")
-            continue
-        labels[i] = index[str(a)]
-    return labels, names, rejects
-
-
-def _example_hashes(data: SourceData) -> list[str]:
-    n = data.labels.shape[0]
-    out = []
-    for i in range(n):
-        h = hashlib.sha256()
-        for name in sorted(data.arrays):
-            h.update(np.ascontiguousarray(data.arrays[name][i]).tobytes())
-        out.append(h.hexdigest())
-    return out
-
-
-def _clean(data: SourceData, labels: np.ndarray, names: list[str]
-           ) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
-    """Finite values, value ranges, exact duplicates, conflicting labels and cross-split leaks."""
-    n = labels.shape[0]
-    keep = labels >= 0
-    rejects: dict[int, tuple[str, str]] = {}
-    for name, value in data.arrays.items():
-        flat = value.reshape(n, -1)
-        if np.issubdtype(value.dtype, np.floating):
-            for i in np.flatnonzero(~np.isfinite(flat).all(axis=1) & keep):
-                rejects.setdefault(int(i), ("non_finite", f"{data.example_id(int(i))}: {name!r} holds NaN or inf"))
-        lo, hi = data.value_ranges[name]
-        with np.errstate(invalid="ignore"):
-            out = ((flat < lo) | (flat > hi)).any(axis=1) & keep
-        for i in np.flatnonzero(out):
-            rejects.setdefault(int(i), ("out_of_range", f"{data.example_id(int(i))}: {name!r} has values in "
-                                                        f"[{flat[i].min()}, {flat[i].max()}], outside the declared "
-                                                        f"range [{lo}, {hi}]"))
-    hashes = _example_hashes(data)
-    first: dict[str, int] = {}
-    conflicted: set[str] = set()
-    for i in range(n):
-        if not keep[i] or i in rejects:
-            continue
-        j = first.setdefault(hashes[i], i)
-        if j == i:
-            continue
-        if labels[j] != labels[i]:
-            conflicted.add(hashes[i])
-        elif data.split is not None and data.split[j] != data.split[i]:
-            rejects[i] = ("leak", f"{data.example_id(i)} in split {data.split[i]!r} has the same content as "
-                                  f"{data.example_id(j)} in split {data.split[j]!r}")
-        else:
-            rejects[i] = ("duplicate", f"{data.example_id(i)} duplicates {data.example_id(j)}")
-    for h in conflicted:
-        copies = [i for i in range(n) if hashes[i] == h and keep[i]]
-        seen = sorted({names[labels[i]] for i in copies})
-        for i in copies:
-            rejects[i] = ("conflicting_labels", f"{data.example_id(i)}: the same content occurs with labels {seen}")
-    return keep.copy(), hashes, rejects
-
-
-def _assert_no_leak(split_index: dict[str, np.ndarray], hashes: list[str]) -> None:
-    owner: dict[str, str] = {}
-    for split, idx in split_index.items():
-        for i in idx:
-            if owner.setdefault(hashes[i], split) != split:
-                raise LakeError(f"internal error: example content {hashes[i][:12]} is in splits "
-                                f"{owner[hashes[i]]!r} and {split!r}")
-
-
 def _check_schema_unchanged(latest: TableVersion, schema: dict[str, Any]) -> None:
     old = {k: (v["dtype"], v["example_shape"]) for k, v in latest.schema["arrays"].items()}
     new = {k: (v["dtype"], v["example_shape"]) for k, v in schema["arrays"].items()}
@@ -294,37 +455,3 @@ def _check_schema_unchanged(latest: TableVersion, schema: dict[str, Any]) -> Non
                         "pass allow_schema_change=True (--allow-schema-change) to change a table's schema")
 
 
-def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
-    """Sorted example indices per split, stratified by label and reproducible from ``seed``."""
-    from sklearn.model_selection import train_test_split  # imported here: it is slow and only needed to split
-
-    total = sum(fractions.values())
-    if not np.isclose(total, 1.0) or any(f <= 0 for f in fractions.values()):
-        raise LakeError(f"split fractions must be positive and sum to 1, got {fractions}")
-    remaining = np.arange(labels.shape[0])
-    out: dict[str, np.ndarray] = {}
-    left = 1.0
-    names = list(fractions)
-    for i, name in enumerate(names[:-1]):
-        share = fractions[name] / left
-        try:
-            taken, remaining = train_test_split(remaining, train_size=share, stratify=labels[remaining],
-                                                random_state=seed + i)
-        except ValueError as e:
-            raise LakeError(f"cannot split {labels.shape[0]} examples into {fractions} stratified by label "
-                            f"(class counts {np.bincount(labels).tolist()}): {e}") from e
-        out[name] = np.sort(taken)
-        left -= fractions[name]
-    out[names[-1]] = np.sort(remaining)
-    return out
-
-
-def _stats(arrays_: dict[str, np.ndarray], num_classes: int) -> dict[str, Any]:
-    stats: dict[str, Any] = {"num_examples": int(arrays_["label"].shape[0]),
-                             "class_counts": np.bincount(arrays_["label"], minlength=num_classes).tolist()}
-    for name, value in arrays_.items():
-        if name == "label":
-            continue
-        v = value.astype(np.float64)
-        stats[name] = {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
-    return stats

@@ -13,6 +13,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +45,10 @@ class SourceData:
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     split: np.ndarray | None = None
 
+    def load(self) -> SourceData:
+        """Already loaded: a :class:`SourceData` is its own chunk task."""
+        return self
+
     def example_id(self, i: int) -> str:
         return self.ids[i] if self.ids is not None else f"example {i}"
 
@@ -52,7 +59,7 @@ class SourceData:
         for name in sorted(self.arrays):
             value = np.ascontiguousarray(self.arrays[name])
             h.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
-            h.update(value.tobytes())
+            h.update(value.reshape(-1).view(np.uint8))  # the same bytes as tobytes(), without a copy
         h.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
         h.update("\0".join(self.label_names).encode())
         if self.rejected or self.transforms:
@@ -63,6 +70,9 @@ class SourceData:
 
 
 class Source(Protocol):
+    """A source: ``name``, ``uri`` and ``load()``. A source may also stream: ``tasks()`` returns picklable chunk
+    tasks, each with ``load() -> SourceData`` (ingest then runs them one at a time per worker process)."""
+
     name: str
     uri: str
 
@@ -109,8 +119,67 @@ class DigitsSource(SklearnSource):
         super().__init__("digits")
 
 
+def source_tasks(source: Source) -> list[Any]:
+    """The chunks ``source`` streams as: its ``tasks()`` (picklable objects with ``load() -> SourceData``, one
+    chunk each, in order) or, for a source without ``tasks``, the source itself (one chunk)."""
+    tasks = getattr(source, "tasks", None)
+    return list(tasks()) if tasks is not None else [source]
+
+
+def concat(parts: list[SourceData]) -> SourceData:
+    """The chunks of a source as one :class:`SourceData` (for ``load()`` of a chunked source; in memory)."""
+    first = parts[0]
+    names = max((p.label_names for p in parts), key=len)
+    ids = None
+    if any(p.ids is not None for p in parts):
+        ids = [i for k, p in enumerate(parts) for i in (p.ids if p.ids is not None else
+                                                         [f"chunk {k} example {j}" for j in range(len(p.labels))])]
+    ranges = {k: (min(p.value_ranges[k][0] for p in parts), max(p.value_ranges[k][1] for p in parts))
+              for k in first.value_ranges}
+    kept = [p for p in parts if p.labels.shape[0]]
+    if not kept:
+        raise LakeError(f"source {first.uri} holds no readable examples")
+    return SourceData({k: np.concatenate([p.arrays[k] for p in kept]) for k in kept[0].arrays},
+                      np.concatenate([p.labels for p in kept]), names, ranges, first.uri, ids=ids,
+                      rejected=[r for p in parts for r in p.rejected], transforms=first.transforms,
+                      split=None if first.split is None else np.concatenate([p.split for p in kept]))
+
+
+def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    keys = {feature_key, label_key} | ({split_key} if split_key else set())
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise LakeError(f"npz source {path} is a single .npy array, not an .npz archive of named arrays")
+            missing = keys - set(data.files)
+            if missing:
+                raise LakeError(f"npz source {path} lacks {sorted(missing)}; it has {data.files}")
+            features, labels = data[feature_key], data[label_key]
+            split = data[split_key].astype(str) if split_key else None
+    except LakeError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise LakeError(f"cannot read npz source {path} (not a valid .npz archive, or ragged or object arrays, "
+                        f"which are not supported; every example must have one shape): {e}") from e
+    if features.dtype.kind in "USOV" or not (np.issubdtype(features.dtype, np.number) or features.dtype == bool):
+        raise LakeError(f"npz source {path}: features {feature_key!r} have dtype {features.dtype}; lake arrays "
+                        "must be numeric (convert strings to numbers first)")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise LakeError(f"npz source {path}: labels {label_key!r} must be a 1-D integer array, "
+                        f"got {labels.dtype} with shape {labels.shape}")
+    if features.ndim < 2:
+        raise LakeError(f"npz source {path}: features {feature_key!r} must have an example axis and "
+                        f"at least one more, got shape {features.shape}")
+    if features.shape[0] != labels.shape[0]:
+        raise LakeError(f"npz source {path}: {features.shape[0]} examples in {feature_key!r} but "
+                        f"{labels.shape[0]} labels in {label_key!r}")
+    return features, labels, split
+
+
 class NpzSource:
-    """A ``.npz`` file with a feature array and an integer label array (and optionally a split name per example)."""
+    """A ``.npz`` file, or a directory of ``.npz`` shards (read one shard per chunk, in name order), each with a
+    feature array and an integer label array (and optionally a split name per example)."""
 
     name = "npz"
 
@@ -122,158 +191,305 @@ class NpzSource:
         self.feature_key, self.label_key, self.split_key = feature_key, label_key, split_key
         self.label_names, self.value_range = label_names, value_range
 
-    def load(self) -> SourceData:
-        if not self.path.is_file():
+    def tasks(self) -> list[NpzShard]:
+        if self.path.is_dir():
+            files = sorted(self.path.glob("*.npz"))
+            if not files:
+                raise LakeError(f"npz source {self.path} is a directory without .npz files")
+        elif self.path.is_file():
+            files = [self.path]
+        else:
             raise LakeError(f"npz source {self.path} does not exist")
-        keys = {self.feature_key, self.label_key} | ({self.split_key} if self.split_key else set())
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
-                missing = keys - set(data.files)
-                if missing:
-                    raise LakeError(f"npz source {self.path} lacks {sorted(missing)}; it has {data.files}")
-                features, labels = data[self.feature_key], data[self.label_key]
-                split = data[self.split_key].astype(str) if self.split_key else None
-        except (OSError, ValueError) as e:
-            raise LakeError(f"cannot read npz source {self.path} (ragged or object arrays are not supported; "
-                            f"every example must have one shape): {e}") from e
-        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
-            raise LakeError(f"npz source {self.path}: labels {self.label_key!r} must be a 1-D integer array, "
-                            f"got {labels.dtype} with shape {labels.shape}")
-        if features.ndim < 2:
-            raise LakeError(f"npz source {self.path}: features {self.feature_key!r} must have an example axis and "
-                            f"at least one more, got shape {features.shape}")
+        sharded = self.path.is_dir()
+        return [NpzShard(f, self.uri, self.feature_key, self.label_key, self.label_names, self.value_range,
+                         self.split_key, sharded) for f in files]
+
+    def load(self) -> SourceData:
+        return concat([t.load() for t in self.tasks()])
+
+
+@dataclasses.dataclass
+class NpzShard:
+    """One ``.npz`` file of an :class:`NpzSource` (one chunk)."""
+
+    path: Path
+    uri: str
+    feature_key: str
+    label_key: str
+    label_names: list[str] | None
+    value_range: tuple[float, float] | None
+    split_key: str | None
+    sharded: bool
+
+    def load(self) -> SourceData:
+        features, labels, split = _read_npz(self.path, self.feature_key, self.label_key, self.split_key)
         names = self.label_names or [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
         finite = features[np.isfinite(features)] if np.issubdtype(features.dtype, np.floating) else features
         value_range = self.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
+        ids = [f"{self.path.name}[{i}]" for i in range(labels.shape[0])] if self.sharded else None
         return SourceData({"image": features}, labels.astype(np.int64), names, {"image": value_range}, self.uri,
-                          split=split)
+                          ids=ids, split=split)
+
+
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class ImageFolderSource:
-    """A folder of images with one subfolder per label: ``ROOT/<label>/<file>.png`` (any format Pillow reads).
+    """A folder of images with one subfolder per label: ``ROOT/<label>/<file>`` (JPEG, PNG, any format Pillow
+    reads), streamed in chunks of ``chunk_files`` files.
 
     Images are converted to ``mode`` (``L``: grey, one channel; ``RGB``: three) and, with ``size=(width, height)``,
-    resized (bilinear). Without ``size`` every image must have the shape most of them have; the others, and files
-    Pillow cannot read, are rejected into the quarantine with their file named.
+    resized (bilinear). ``bits=8`` stores uint8 and quarantines images with more than 8 bits per channel (reason
+    ``bit_depth``: never silently clipped); ``bits=16`` stores uint16 (8-bit images scaled by 257, exactly). Without
+    ``size`` every image must have the shape most of them have (found by reading headers first); the others, files
+    that are not images (``not_an_image``) and images Pillow cannot read (``unreadable``) go to the quarantine with
+    their file named.
     """
 
     name = "images"
 
-    def __init__(self, root: str | Path, size: tuple[int, int] | None = None, mode: str = "L"):
+    def __init__(self, root: str | Path, size: tuple[int, int] | None = None, mode: str = "L", bits: int = 8,
+                 chunk_files: int = 2048):
         if mode not in ("L", "RGB"):
             raise LakeError(f"image mode must be 'L' or 'RGB', got {mode!r}")
+        if bits not in (8, 16):
+            raise LakeError(f"image bits must be 8 or 16, got {bits!r}")
         self.root, self.size, self.mode = Path(root), (tuple(int(s) for s in size) if size else None), mode
+        self.bits, self.chunk_files = int(bits), max(1, int(chunk_files))
         self.uri = f"file://{self.root.resolve()}"
 
-    def load(self) -> SourceData:
-        from PIL import Image, UnidentifiedImageError
-
+    def _files(self) -> tuple[list[str], list[tuple[str, int]]]:
         if not self.root.is_dir():
             raise LakeError(f"image folder {self.root} does not exist")
         label_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not label_dirs:
             raise LakeError(f"image folder {self.root} has no label subfolders (expected ROOT/<label>/<image>)")
-        images, labels, ids, rejected = [], [], [], []
-        for label, folder in enumerate(label_dirs):
-            for file in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                rel = file.relative_to(self.root).as_posix()
-                try:
-                    with Image.open(file) as im:
-                        im = im.convert(self.mode)
-                        if self.size:
-                            im = im.resize(self.size, Image.Resampling.BILINEAR)
-                        pixels = np.asarray(im, dtype=np.uint8)
-                except (OSError, UnidentifiedImageError, ValueError) as e:
-                    rejected.append({"id": rel, "reason": "unreadable", "detail": f"Pillow cannot read {rel}: {e}",
-                                     "label": folder.name})
-                    continue
-                images.append(pixels.reshape(*pixels.shape[:2], -1))
-                labels.append(label)
-                ids.append(rel)
-        shapes = collections.Counter(im.shape for im in images)
-        if not shapes:
+        files = [(f.relative_to(self.root).as_posix(), k) for k, d in enumerate(label_dirs)
+                 for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        return [d.name for d in label_dirs], files
+
+    def _majority_shape(self, files: list[tuple[str, int]]) -> tuple[int, ...] | None:
+        from PIL import Image
+
+        counts: collections.Counter = collections.Counter()
+        for rel, _ in files:
+            try:
+                with Image.open(self.root / rel) as im:
+                    counts[(im.size[1], im.size[0])] += 1
+            except Exception:  # noqa: BLE001 - unreadable files are quarantined when the chunk is decoded
+                continue
+        if not counts:
+            return None
+        (h, w), _ = max(counts.items(), key=lambda kv: kv[1])  # ties: the first seen (Counter keeps insertion order)
+        return (h, w, 3 if self.mode == "RGB" else 1)
+
+    def tasks(self) -> list[ImageChunk]:
+        names, files = self._files()
+        if not files:
+            raise LakeError(f"image folder {self.root} holds no files")
+        shape = None if self.size else self._majority_shape(files)
+        if not self.size and shape is None:
             raise LakeError(f"image folder {self.root} holds no readable images")
-        shape = max(shapes, key=lambda s: (shapes[s], -[im.shape for im in images].index(s)))
-        keep = [i for i, im in enumerate(images) if im.shape == shape]
-        names = [p.name for p in label_dirs]
-        for i in (i for i, im in enumerate(images) if im.shape != shape):
-            rejected.append({"id": ids[i], "reason": "shape", "label": names[labels[i]],
-                             "detail": f"{ids[i]} has shape {list(images[i].shape)}, the others "
-                                       f"{list(shape)}; pass a resize size"})
-        transforms: list[dict[str, Any]] = [{"name": "decode", "library": "Pillow", "mode": self.mode}]
+        return [ImageChunk(self.root, self.uri, files[i:i + self.chunk_files], names, self.size, self.mode,
+                           self.bits, shape) for i in range(0, len(files), self.chunk_files)]
+
+    def load(self) -> SourceData:
+        return concat([t.load() for t in self.tasks()])
+
+
+@dataclasses.dataclass
+class ImageChunk:
+    """Some files of an :class:`ImageFolderSource` (one chunk)."""
+
+    root: Path
+    uri: str
+    files: list[tuple[str, int]]
+    names: list[str]
+    size: tuple[int, int] | None
+    mode: str
+    bits: int
+    shape: tuple[int, ...] | None
+
+    def load(self) -> SourceData:
+        dtype = np.uint16 if self.bits == 16 else np.uint8
+        images, labels, ids, rejected = [], [], [], []
+        for rel, label in self.files:
+            pixels, why = self._decode(rel)
+            if why is not None:
+                rejected.append({"id": rel, "label": self.names[label], **why})
+                continue
+            if self.shape is not None and pixels.shape != tuple(self.shape):
+                rejected.append({"id": rel, "reason": "shape", "label": self.names[label],
+                                 "detail": f"{rel} has shape {list(pixels.shape)}, the others "
+                                           f"{list(self.shape)}; pass a resize size"})
+                continue
+            images.append(pixels)
+            labels.append(label)
+            ids.append(rel)
+        channels = 3 if self.mode == "RGB" else 1
+        shape = tuple(self.shape) if self.shape else (self.size[1], self.size[0], channels)
+        transforms: list[dict[str, Any]] = [{"name": "decode", "library": "Pillow", "mode": self.mode,
+                                             "bits": self.bits}]
         if self.size:
             transforms.append({"name": "resize", "size": list(self.size), "resample": "bilinear"})
-        return SourceData({"image": np.stack([images[i] for i in keep])}, np.asarray([labels[i] for i in keep]),
-                          names, {"image": (0.0, 255.0)}, self.uri, ids=[ids[i] for i in keep],
-                          rejected=rejected, transforms=transforms)
+        stacked = np.stack(images) if images else np.zeros((0, *shape), dtype)
+        top = 65535.0 if self.bits == 16 else 255.0
+        return SourceData({"image": stacked}, np.asarray(labels, dtype=np.int64), list(self.names),
+                          {"image": (0.0, top)}, self.uri, ids=ids, rejected=rejected, transforms=transforms)
+
+    def _decode(self, rel: str) -> tuple[np.ndarray | None, dict[str, str] | None]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.root / rel
+        try:
+            with Image.open(path) as im:
+                deep = im.mode in _HIGH_DEPTH_MODES or _png_bit_depth(path) == 16
+                if deep and self.bits == 8:
+                    return None, {"reason": "bit_depth",
+                                  "detail": f"{rel} has more than 8 bits per channel (mode {im.mode}); pass "
+                                            "--bits 16 to keep it as uint16 (it is never clipped to 8 bits)"}
+                if deep and im.mode not in _HIGH_DEPTH_MODES:
+                    return None, {"reason": "bit_depth",
+                                  "detail": f"{rel} is a 16-bit colour image, which Pillow reads only as 8 bits "
+                                            "per channel; convert it to 16-bit grey or 8-bit colour"}
+                if deep:
+                    im = im.convert("I")
+                    if self.size:
+                        im = im.resize(self.size, Image.Resampling.BILINEAR)
+                    values = np.asarray(im)
+                    if values.min() < 0 or values.max() > 65535:
+                        return None, {"reason": "bit_depth",
+                                      "detail": f"{rel} has values outside 0..65535 (mode {im.mode})"}
+                    pixels = values.astype(np.uint16)[..., None]
+                    if self.mode == "RGB":
+                        pixels = np.repeat(pixels, 3, axis=-1)
+                    return pixels, None
+                im = im.convert(self.mode)
+                if self.size:
+                    im = im.resize(self.size, Image.Resampling.BILINEAR)
+                pixels = np.asarray(im, dtype=np.uint8)
+        except UnidentifiedImageError as e:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                return None, {"reason": "unreadable", "detail": f"Pillow cannot read {rel}: {e}"}
+            return None, {"reason": "not_an_image", "detail": f"{rel} is not an image Pillow recognises: {e}"}
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            return None, {"reason": "unreadable", "detail": f"Pillow cannot read {rel}: {e}"}
+        pixels = pixels.reshape(*pixels.shape[:2], -1)
+        if self.bits == 16:
+            pixels = pixels.astype(np.uint16) * 257
+        return pixels, None
+
+
+def _png_bit_depth(path: Path) -> int | None:
+    """The bit depth in a PNG's header (Pillow reads 16-bit colour PNGs as 8-bit RGB without saying so)."""
+    with open(path, "rb") as f:
+        head = f.read(25)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
 
 
 class CsvWindowSource:
-    """A CSV of sensor readings, one row per time step, cut into fixed-length windows.
+    """A CSV of sensor readings, one row per time step, cut into fixed-length windows; streamed (bounded memory:
+    one window of rows per series at a time, ``chunk_windows`` windows per chunk).
 
     Columns: ``label_column`` (the activity/state at that step), optionally ``series_column`` (windows never cross
     from one series into the next), and numeric ``feature_columns`` (default: all other columns except
     ``time``/``timestamp``). Each window of ``window`` rows, every ``stride`` rows, becomes one example ``signal``
-    of shape (window, features) labelled with its rows' label; a window whose rows disagree on the label, or with an
-    unparsable cell (read as NaN), goes to the quarantine naming its rows.
+    of shape (window, features) labelled with its rows' label; a window whose rows disagree on the label
+    (``mixed_labels``), holds a row with missing or extra cells (``malformed_row``), or has an unparsable cell (read
+    as NaN: ``non_finite``) goes to the quarantine naming its rows.
     """
 
     name = "csv"
 
     def __init__(self, path: str | Path, window: int, stride: int | None = None, label_column: str = "label",
-                 series_column: str | None = None, feature_columns: list[str] | None = None):
+                 series_column: str | None = None, feature_columns: list[str] | None = None,
+                 chunk_windows: int = 65536):
         if window < 1 or (stride is not None and stride < 1):
             raise LakeError(f"window and stride must be positive, got window={window}, stride={stride}")
         self.path, self.window, self.stride = Path(path), int(window), int(stride or window)
         self.label_column, self.series_column, self.feature_columns = label_column, series_column, feature_columns
+        self.chunk_windows = max(1, int(chunk_windows))
         self.uri = f"file://{self.path.resolve()}"
 
-    def load(self) -> SourceData:
+    def _header(self) -> tuple[list[str], list[str], list[str]]:
+        """Columns, feature columns and the sorted label names (one streaming pass over the label column)."""
         if not self.path.is_file():
             raise LakeError(f"csv source {self.path} does not exist")
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        columns = list(rows[0]) if rows else []
-        required = [self.label_column] + ([self.series_column] if self.series_column else [])
-        missing = [c for c in required + (self.feature_columns or []) if c not in columns]
-        if missing:
-            raise LakeError(f"csv source {self.path} lacks column(s) {missing}; it has {columns}")
+        try:
+            with open(self.path, newline="") as f:
+                reader = csv.reader(f)
+                columns = next(reader, [])
+                required = [self.label_column] + ([self.series_column] if self.series_column else [])
+                missing = [c for c in required + (self.feature_columns or []) if c not in columns]
+                if missing:
+                    raise LakeError(f"csv source {self.path} lacks column(s) {missing}; it has {columns}")
+                at = columns.index(self.label_column)
+                labels = {row[at] for row in reader if len(row) == len(columns) and row[at] != ""}
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise LakeError(f"cannot read csv source {self.path}: {e}") from e
         features = self.feature_columns or [c for c in columns if c not in required and c not in ("time", "timestamp")]
         if not features:
             raise LakeError(f"csv source {self.path} has no feature columns besides {required}")
-        values = np.array([[_to_float(r[c]) for c in features] for r in rows], dtype=np.float32).reshape(-1,
-                                                                                                       len(features))
-        step_labels = [r[self.label_column] for r in rows]
-        series = [r[self.series_column] for r in rows] if self.series_column else [""] * len(rows)
-        names = sorted(set(step_labels))
-        windows, labels, ids, rejected = [], [], [], []
-        start = 0
-        while start < len(rows):
-            end = start  # rows [start, end) form one series
-            while end < len(rows) and series[end] == series[start]:
-                end += 1
-            for a in range(start, end - self.window + 1, self.stride):
-                b = a + self.window
-                rid = f"rows {a + 2}-{b + 1}"  # as a spreadsheet numbers them (header is row 1)
-                window_labels = sorted(set(step_labels[a:b]))
-                if len(window_labels) > 1:
-                    rejected.append({"id": rid, "reason": "mixed_labels",
-                                     "detail": f"{rid} of {self.path.name} span labels {window_labels}"})
-                    continue
-                windows.append(values[a:b])
-                labels.append(names.index(window_labels[0]))
-                ids.append(rid)
-            start = end
-        if not windows:
-            raise LakeError(f"csv source {self.path} yields no windows of {self.window} rows")
-        signal = np.stack(windows)
-        finite = signal[np.isfinite(signal)]
-        value_range = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        return columns, features, sorted(labels)
+
+    def tasks(self) -> Iterator[SourceData]:
+        columns, features, names = self._header()
+        at = {c: k for k, c in enumerate(columns)}
         transforms = [{"name": "window", "window": self.window, "stride": self.stride, "features": features,
                        "label_column": self.label_column, "series_column": self.series_column,
                        "label_rule": "all rows of a window share the label"}]
-        return SourceData({"signal": signal}, np.asarray(labels, dtype=np.int64), names, {"signal": value_range},
-                          self.uri, ids=ids, rejected=rejected, transforms=transforms)
+        windows, labels, ids, rejected = [], [], [], []
+        emitted = False
+
+        def chunk() -> SourceData:
+            signal = (np.stack(windows) if windows else np.zeros((0, self.window, len(features)), np.float32))
+            finite = signal[np.isfinite(signal)]
+            value_range = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            return SourceData({"signal": signal}, np.asarray(labels, dtype=np.int64), names, {"signal": value_range},
+                              self.uri, ids=list(ids), rejected=list(rejected), transforms=transforms)
+
+        buf: collections.deque = collections.deque(maxlen=self.window)
+        series, pos = None, 0
+        with open(self.path, newline="") as f:
+            reader = csv.reader(f)
+            next(reader, None)
+            for line, row in enumerate(reader, start=2):  # spreadsheet numbering: the header is row 1
+                ok = len(row) == len(columns) and row[at[self.label_column]] != ""
+                key = row[at[self.series_column]] if self.series_column and ok else (series if not ok else "")
+                if ok and key != series:
+                    buf.clear()
+                    series, pos = key, 0
+                values = np.array([_to_float(row[at[c]]) if ok else np.nan for c in features], dtype=np.float32)
+                buf.append((line, ok, row[at[self.label_column]] if ok else None, values, len(row)))
+                pos += 1
+                if pos >= self.window and (pos - self.window) % self.stride == 0:
+                    rid = f"rows {buf[0][0]}-{buf[-1][0]}"
+                    bad = [(ln, n) for ln, good, _, _, n in buf if not good]
+                    window_labels = sorted({lab for _, good, lab, _, _ in buf if good})
+                    if bad:
+                        rejected.append({"id": rid, "reason": "malformed_row",
+                                         "detail": f"{rid} of {self.path.name}: row {bad[0][0]} has {bad[0][1]} "
+                                                   f"cell(s), the header {len(columns)} (or an empty label)"})
+                    elif len(window_labels) > 1:
+                        rejected.append({"id": rid, "reason": "mixed_labels",
+                                         "detail": f"{rid} of {self.path.name} span labels {window_labels}"})
+                    else:
+                        windows.append(np.stack([v for _, _, _, v, _ in buf]))
+                        labels.append(names.index(window_labels[0]))
+                        ids.append(rid)
+                    if len(windows) + len(rejected) >= self.chunk_windows:
+                        yield chunk()
+                        emitted = True
+                        windows, labels, ids, rejected = [], [], [], []
+        if windows or rejected or not emitted:
+            if not windows and not emitted and not rejected:
+                raise LakeError(f"csv source {self.path} yields no windows of {self.window} rows")
+            yield chunk()
+
+    def load(self) -> SourceData:
+        return concat(list(self.tasks()))
 
 
 def _to_float(cell: str) -> float:
@@ -284,12 +500,13 @@ def _to_float(cell: str) -> float:
 
 
 def make_source(spec: str, **options: Any) -> Source:
-    """``digits``, ``sklearn:NAME``, ``npz:PATH``, ``images:DIR`` (option ``size``) or ``csv:PATH`` (options
+    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards), ``images:DIR`` (options
+    ``size``, ``mode``, ``bits``) or ``csv:PATH`` (options
     ``window``, ``stride``, ``label_column``, ``series_column``). Options that are ``None`` are ignored."""
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
-    allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode"},
-               "csv": {"window", "stride", "label_column", "series_column"}}
+    allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode", "bits", "chunk_files"},
+               "csv": {"window", "stride", "label_column", "series_column", "chunk_windows"}}
     if kind not in allowed or (kind != "digits" and not arg) or (kind == "digits" and arg):
         raise LakeError(f"unknown source {spec!r}; use 'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' or "
                         "'csv:PATH'")

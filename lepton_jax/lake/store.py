@@ -2,11 +2,16 @@
 
 Layout of a lake rooted at ``ROOT``::
 
-    ROOT/<table>/_log/00000001.json                  one commit record per version (append-only)
-    ROOT/<table>/data/<commit-id>/<split>/<array>/   zarr v3 arrays, written once
-    ROOT/<table>/data/<commit-id>/_quarantine/...    rejected examples of that commit (entries + arrays)
+    ROOT/<table>/_log/00000001.json                        one commit record per version (append-only)
+    ROOT/<table>/data/<commit-id>/<split>/<frag>/<array>/  a fragment's zarr v3 arrays, written once
+    ROOT/<table>/data/<commit-id>/<split>/<frag>/_rows.sha256   its row hashes (32 bytes per row)
+    ROOT/<table>/data/<commit-id>/_quarantine/...          rejected examples of that commit (entries + fragments)
 
-A commit writes its arrays under a fresh ``data/<commit-id>/``, fsyncs them, and then publishes the record with
+A version's record lists, per split, the fragments (by path relative to the table) whose concatenation is the split.
+An append's record lists the previous version's fragments plus the new ones, so old data is never copied; compaction
+publishes a version whose fragments are merged and whose logical content digest is unchanged.
+
+A commit writes its fragments under a fresh ``data/<commit-id>/``, fsyncs them, and then publishes the record with
 ``os.link`` from an fsynced temp file, an exclusive create: if another writer already published that version, the
 link fails and this writer gets a :class:`CommitConflictError` (or, when asked to retry, re-reads the latest version
 and publishes on top of it). Readers list ``_log`` and see only whole versions; a crash before the link leaves the
@@ -19,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -33,29 +37,34 @@ import numpy as np
 from lepton_jax.errors import CommitConflictError, LakeError
 from lepton_jax.lake import arrays
 from lepton_jax.lake.faults import crash_point
+from lepton_jax.lake.fragments import (
+    _NAME,
+    LABEL,
+    ROW_HASHES,
+    check_name,
+    commit_dirs,
+    content_sha256,
+    logical_arrays,
+    merge_partials,
+    partial_stats,
+    read_row_hashes,
+    row_hashes,
+    safe_relpath,
+    split_fragments,
+    write_fragment,
+)
 
-FORMAT = "lepton-lake/1"
+FORMAT = "lepton-lake/2"
+FORMATS = ("lepton-lake/1", FORMAT)  # version 1: one array per split and array, no fragments (still read)
 LOG_DIR = "_log"
 DATA_DIR = "data"
 QUARANTINE = "_quarantine"
 TEMP_PREFIX = ".commit-"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+__all__ = ["FORMAT", "GcReport", "Lake", "Problem", "SplitReader", "TableVersion", "check_name"]
 
 
-def check_name(kind: str, name: str) -> str:
-    """Table, split and array names become path components: no separators, no ``..``."""
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
-        raise LakeError(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.' "
-                        "(no path separators, no '..')")
-    return name
-
-
-def _safe_relpath(rel: str) -> str:
-    """A path from a commit record must stay inside its table directory."""
-    parts = Path(rel).parts
-    if Path(rel).is_absolute() or any(p in ("..", "") for p in parts) or not parts or parts[0] != DATA_DIR:
-        raise LakeError(f"commit record names an unsafe array path {rel!r}")
-    return rel
+_safe_relpath = safe_relpath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +94,14 @@ class TableVersion:
     def num_examples(self, split: str) -> int:
         return int(self._split(split)["num_examples"])
 
+    def fragments(self, split: str) -> list[dict[str, Any]]:
+        """The fragments whose concatenation is ``split``, in order (each with ``path``, ``num_examples`` and
+        per array ``path``, ``dtype``, ``shape``, ``sha256`` and file digests)."""
+        return split_fragments(self._split(split))
+
     def reader(self, split: str, *, cache_bytes: int = arrays.READ_CACHE_BYTES) -> SplitReader:
-        """Random access to ``split``; ``cache_bytes`` bounds TensorStore's cache of shard indices and decoded
-        chunks (a split that fits is served from memory after its first epoch)."""
+        """Random access to ``split`` as one logical array per name across its fragments; ``cache_bytes`` bounds
+        TensorStore's cache of shard indices and decoded chunks (shared by the fragments)."""
         return SplitReader(self.lake.root, self.table, self.version, split, self._split(split),
                            cache_bytes=cache_bytes)
 
@@ -111,7 +125,7 @@ class TableVersion:
     def quarantine_reader(self) -> SplitReader | None:
         """Rejected examples that had the table's shape (arrays plus ``label``, -1 if none, and ``source_index``)."""
         q = self.record.get("quarantine") or {}
-        if not q.get("arrays"):
+        if not q.get("arrays") and not q.get("fragments"):
             return None
         return SplitReader(self.lake.root, self.table, self.version, QUARANTINE, q)
 
@@ -123,87 +137,155 @@ class TableVersion:
 
 
 class SplitReader:
-    """Random access to one split of a pinned table version. Picklable; opens TensorStore lazily.
+    """Random access to one split of a pinned table version: one logical array per name over the split's fragments.
+    Picklable; opens TensorStore lazily (one cache pool for all fragments).
 
     Opening checks that every file the commit record lists exists with its recorded size, so a missing or truncated
     shard is an error naming the file rather than fill values; flipped bytes fail the crc32c checks on read.
     """
 
-    #: Arrays of at most this many bytes (labels, small features) are read whole on first use, checked against
-    #: their content digest, and then served from memory: one chunk per example is the right layout for images but
-    #: costs a TensorStore chunk lookup per 4-byte label.
+    #: Arrays of at most this many bytes in total (labels, small features) are read whole on first use, checked
+    #: against their content digests, and then served from memory: one chunk per example is the right layout for
+    #: images but costs a TensorStore chunk lookup per 4-byte label.
     SMALL_ARRAY_BYTES = 16 * 2**20
 
     def __init__(self, root: Path, table: str, version: int, split: str, entry: dict[str, Any], *,
                  cache_bytes: int = arrays.READ_CACHE_BYTES):
         self.root, self.table, self.version, self.split = Path(root), table, version, split
         self.entry, self.cache_bytes = entry, int(cache_bytes)
-        self._stores: dict[str, Any] | None = None
+        self.fragments = split_fragments(entry) if "fragments" in entry or "arrays" in entry else []
+        sizes = [int(f["num_examples"]) for f in self.fragments]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._stores: list[dict[str, Any]] | None = None
         self._in_memory: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
-        return int(self.entry["num_examples"])
+        return int(self.offsets[-1])
 
     @property
     def array_names(self) -> list[str]:
-        return list(self.entry["arrays"])
+        return list(self.fragments[0]["arrays"]) if self.fragments else []
 
-    def _open(self) -> dict[str, Any]:
+    @property
+    def num_fragments(self) -> int:
+        return len(self.fragments)
+
+    def _open(self) -> list[dict[str, Any]]:
         if self._stores is None:
-            stores = {}
-            for name, meta in self.entry["arrays"].items():
-                path = self.root / self.table / _safe_relpath(meta["path"])
-                for rel, info in meta.get("files", {}).items():
-                    file = path / rel
-                    size = file.stat().st_size if file.is_file() else None
-                    if size != info["bytes"]:
-                        state = "is missing" if size is None else f"has {size} bytes, not {info['bytes']}"
-                        raise LakeError(f"lake file {file} {state} (table {self.table!r} version {self.version}); "
-                                        "run `lepton-jax lake verify`")
-                store = arrays.open_array(path, self.cache_bytes)
-                if "files" not in meta:  # records written before file digests: at least every shard must exist
-                    for rel in arrays.shard_keys(store):
-                        if not (path / rel).is_file():
-                            raise LakeError(f"lake file {path / rel} is missing (table {self.table!r} version "
-                                            f"{self.version}); run `lepton-jax lake verify`")
-                if list(store.shape) != list(meta["shape"]) or store.dtype.numpy_dtype != np.dtype(meta["dtype"]):
-                    raise LakeError(f"lake array {meta['path']} has shape {list(store.shape)} "
-                                    f"{store.dtype.numpy_dtype}, but its commit record says {meta['shape']} "
-                                    f"{meta['dtype']}")
-                stores[name] = store
-            self._stores = stores
-            for name, meta in self.entry["arrays"].items():
-                if int(np.prod(meta["shape"])) * np.dtype(meta["dtype"]).itemsize <= self.SMALL_ARRAY_BYTES:
-                    value = arrays.read(stores[name], path=meta["path"])
+            context = arrays.read_context(self.cache_bytes)
+            stores = [{name: self._open_array(meta, context) for name, meta in frag["arrays"].items()}
+                      for frag in self.fragments]
+            for name in self.array_names:
+                metas = [frag["arrays"][name] for frag in self.fragments]
+                total = sum(int(np.prod(m["shape"])) * np.dtype(m["dtype"]).itemsize for m in metas)
+                if total > self.SMALL_ARRAY_BYTES:
+                    continue
+                parts = []
+                for meta, st in zip(metas, stores, strict=True):
+                    value = arrays.read(st[name], path=meta["path"])
                     if arrays.content_digest(value) != meta["sha256"]:
                         raise LakeError(f"lake array {meta['path']} does not match the digest in its commit "
                                         "record: the data was modified after commit")
-                    self._in_memory[name] = value
+                    parts.append(value)
+                self._in_memory[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            self._stores = stores
         return self._stores
+
+    def _open_array(self, meta: dict[str, Any], context) -> Any:
+        path = self.root / self.table / _safe_relpath(meta["path"])
+        for rel, info in meta.get("files", {}).items():
+            file = path / rel
+            size = file.stat().st_size if file.is_file() else None
+            if size != info["bytes"]:
+                state = "is missing" if size is None else f"has {size} bytes, not {info['bytes']}"
+                raise LakeError(f"lake file {file} {state} (table {self.table!r} version {self.version}); "
+                                "run `lepton-jax lake verify`")
+        store = arrays.open_array(path, context=context)
+        if "files" not in meta:  # records written before file digests: at least every shard must exist
+            for rel in arrays.shard_keys(store):
+                if not (path / rel).is_file():
+                    raise LakeError(f"lake file {path / rel} is missing (table {self.table!r} version "
+                                    f"{self.version}); run `lepton-jax lake verify`")
+        if list(store.shape) != list(meta["shape"]) or store.dtype.numpy_dtype != np.dtype(meta["dtype"]):
+            raise LakeError(f"lake array {meta['path']} has shape {list(store.shape)} "
+                            f"{store.dtype.numpy_dtype}, but its commit record says {meta['shape']} "
+                            f"{meta['dtype']}")
+        return store
 
     def read(self, index=slice(None)) -> dict[str, np.ndarray]:
         """Reads ``index`` (int, slice or integer array) from every array of the split.
 
         Integer arrays are read in sorted order (TensorStore then walks each shard once; about 3x faster for random
-        batches) and returned in the order asked for."""
+        batches), as concurrent requests over the fragments they touch, and returned in the order asked for."""
         stores = self._open()
+        n = len(self)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step == 1:
+                return self._read_range(stores, start, max(start, stop))
+            index = np.arange(start, stop, step)
+        scalar = np.ndim(index) == 0
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for split {self.split!r} with {n} examples")
+        idx = np.where(idx < 0, idx + n, idx)
         inverse = None
-        if isinstance(index, np.ndarray) and index.ndim == 1 and index.size > 1:
-            index, inverse = np.unique(index, return_inverse=True)
-        out = {name: self._in_memory[name][index] if name in self._in_memory
-               else arrays.read(store, index, path=self.entry["arrays"][name]["path"])
-               for name, store in stores.items()}
-        return out if inverse is None else {name: value[inverse] for name, value in out.items()}
+        if idx.size > 1:
+            idx, inverse = np.unique(idx, return_inverse=True)
+        out = {name: value[idx] for name, value in self._in_memory.items()}
+        rest = [name for name in self.array_names if name not in out]
+        if rest:
+            frag = np.searchsorted(self.offsets, idx, side="right") - 1
+            bounds = np.searchsorted(frag, np.arange(len(self.fragments) + 1))
+            hit = [f for f in range(len(self.fragments)) if bounds[f + 1] > bounds[f]]
+            for name in rest:
+                requests = [(stores[f][name], idx[bounds[f]:bounds[f + 1]] - self.offsets[f],
+                             self.fragments[f]["arrays"][name]["path"]) for f in hit]
+                parts = arrays.read_many(requests)
+                out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if inverse is not None:
+            out = {name: value[inverse.reshape(-1)] for name, value in out.items()}
+        return {name: value[0] for name, value in out.items()} if scalar else out
+
+    def _read_range(self, stores: list[dict[str, Any]], start: int, stop: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {name: value[start:stop] for name, value in self._in_memory.items()}
+        for name in self.array_names:
+            if name in out:
+                continue
+            if start >= stop:
+                meta = self.fragments[0]["arrays"][name]
+                out[name] = np.zeros((0, *meta["shape"][1:]), meta["dtype"])
+                continue
+            futures = []
+            for f, frag in enumerate(self.fragments):
+                a, b = max(start, int(self.offsets[f])), min(stop, int(self.offsets[f + 1]))
+                if a < b:
+                    lo = int(self.offsets[f])
+                    futures.append((stores[f][name][a - lo:b - lo].read(), frag["arrays"][name]["path"]))
+            try:
+                parts = [fut.result() for fut, _ in futures]
+            except (ValueError, IndexError) as e:
+                raise LakeError(f"corrupt lake array {', '.join(p for _, p in futures)}: {e}") from e
+            out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out
 
     def read_all(self, verify: bool = True) -> dict[str, np.ndarray]:
-        """Reads the whole split; with ``verify`` the content digests are checked against the commit record."""
+        """Reads the whole split; with ``verify`` every fragment's content digest is checked against the record."""
         data = self.read()
         if verify:
             for name, value in data.items():
-                if arrays.content_digest(value) != self.entry["arrays"][name]["sha256"]:
-                    raise LakeError(f"lake array {self.entry['arrays'][name]['path']} does not match the digest "
-                                    "in its commit record: the data was modified after commit")
+                for f, frag in enumerate(self.fragments):
+                    meta = frag["arrays"][name]
+                    if arrays.content_digest(value[self.offsets[f]:self.offsets[f + 1]]) != meta["sha256"]:
+                        raise LakeError(f"lake array {meta['path']} does not match the digest in its commit "
+                                        "record: the data was modified after commit")
         return data
+
+    def iter_blocks(self, rows: int) -> Any:
+        """The split as consecutive blocks of at most ``rows`` examples (bounded memory), fragment by fragment."""
+        for f in range(len(self.fragments)):
+            for start in range(int(self.offsets[f]), int(self.offsets[f + 1]), rows):
+                yield self.read(slice(start, min(start + rows, int(self.offsets[f + 1]))))
 
     def __getstate__(self):
         return {**self.__dict__, "_stores": None, "_in_memory": {}}
@@ -267,8 +349,9 @@ class Lake:
                 record = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise LakeError(f"commit record {path} is unreadable ({e}); the lake is corrupt") from e
-        if record.get("format") != FORMAT or record.get("version") != version:
-            raise LakeError(f"commit record {path} is not a {FORMAT} record for version {version}")
+        if not isinstance(record, dict) or record.get("format") not in FORMATS or record.get("version") != version:
+            raise LakeError(f"commit record {path} is not a lepton-lake record (formats {', '.join(FORMATS)}) for "
+                            f"version {version}")
         return TableVersion(self, table, record)
 
     def _record_path(self, table: str, version: int) -> Path:
@@ -276,29 +359,71 @@ class Lake:
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
-    def commit(self, table: str, splits: dict[str, dict[str, np.ndarray]], *, schema: dict[str, Any],
-               lineage: dict[str, Any], stats: dict[str, Any] | None = None, parent: int | None = None,
-               quarantine: dict[str, Any] | None = None, retries: int = 0,
-               rebase: Callable[[TableVersion], TableVersion | None] | None = None) -> TableVersion:
-        """Writes ``splits`` (split -> array name -> array) as a new version and publishes it atomically.
+    @staticmethod
+    def new_commit_id() -> str:
+        """A fresh, unique directory name for a commit's data."""
+        return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+
+    def write_fragment(self, table: str, rel: str, named: dict[str, np.ndarray], *, label_array: str = LABEL,
+                       crash: bool = False, hashes: np.ndarray | None = None) -> dict[str, Any]:
+        """Writes one fragment at ``<table>/<rel>`` (``rel`` = ``data/<commit-id>/...``); returns its entry."""
+        _safe_relpath(rel)
+        for part in rel.split("/")[1:]:
+            check_name("fragment path component", part)
+        return write_fragment(self.root / check_name("table", table), rel, named,
+                              target_shard_bytes=self.target_shard_bytes, label_array=label_array, crash=crash,
+                              hashes=hashes)
+
+    def write_quarantine_entries(self, table: str, commit_id: str, entries: list[dict[str, Any]]
+                                 ) -> dict[str, Any]:
+        """Writes a commit's quarantine list; returns ``{"num_examples", "reasons", "entries"}`` for its record."""
+        reasons: dict[str, int] = {}
+        for e in entries:
+            reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
+        out: dict[str, Any] = {"num_examples": len(entries), "reasons": dict(sorted(reasons.items()))}
+        if not entries:
+            return out
+        base = self.root / table / DATA_DIR / commit_id / QUARANTINE
+        base.mkdir(parents=True, exist_ok=True)
+        payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
+        (base / "entries.jsonl").write_bytes(payload)
+        out["entries"] = {"path": f"{DATA_DIR}/{commit_id}/{QUARANTINE}/entries.jsonl",
+                          "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+        return out
+
+    def split_entry(self, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL
+                    ) -> dict[str, Any]:
+        """A split's record entry from its fragments: example count, logical arrays, logical content digest."""
+        if not fragments:
+            raise LakeError("a split needs at least one fragment")
+        return {"num_examples": sum(int(f["num_examples"]) for f in fragments),
+                "arrays": logical_arrays(fragments),
+                "content_sha256": content_sha256(self.root / table, fragments, label_array),
+                "fragments": fragments}
+
+    def publish(self, table: str, commit_id: str, *, splits: dict[str, list[dict[str, Any]]],
+                schema: dict[str, Any], lineage: dict[str, Any], stats: dict[str, Any] | None = None,
+                quarantine: dict[str, Any] | None = None, parent: int | None = None, retries: int = 0,
+                rebase: Callable[[TableVersion], TableVersion | None] | None = None,
+                keep_on_conflict: bool = False) -> TableVersion:
+        """Publishes a version whose splits are the given fragments (new ones under ``data/<commit_id>/``, and any
+        fragments of earlier versions, which are shared, not copied).
 
         ``parent`` is the version this commit builds on (default: the latest when called; 0 = an empty table). If
         another writer has published ``parent + 1`` meanwhile, raises :class:`CommitConflictError` and removes the
         data it wrote — unless ``retries`` > 0: then it re-reads the latest version, asks ``rebase(latest)`` whether
         the commit is still wanted (a returned version means "no, use this one"), and publishes on top of it.
-
-        ``quarantine`` holds the rejected examples: ``{"entries": [dict, ...], "arrays": {name: array}}``.
+        ``keep_on_conflict`` leaves the data in place on a conflict (the caller rebuilds the record and retries).
         """
         check_name("table", table)
         if parent is None:
             versions = self.versions(table)
             parent = versions[-1] if versions else 0
-        commit_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         commit_dir = self.root / table / DATA_DIR / commit_id
+        label_array = schema.get("label_array", LABEL)
         try:
-            split_entries = {split: self._write_split(table, commit_id, check_name("split", split), named)
-                             for split, named in splits.items()}
-            quarantine_entry = self._write_quarantine(table, commit_id, quarantine or {})
+            split_entries = {check_name("split", split): self.split_entry(table, frags, label_array)
+                             for split, frags in splits.items()}
             if commit_dir.exists():
                 arrays.fsync_tree(commit_dir)
                 for d in (commit_dir.parent, commit_dir.parent.parent):
@@ -311,7 +436,7 @@ class Lake:
             version = parent + 1
             record = {"format": FORMAT, "table": table, "version": version, "parent": parent or None,
                       "commit_id": commit_id, "time": time.time(), "schema": schema, "lineage": lineage,
-                      "stats": stats or {}, "splits": split_entries, "quarantine": quarantine_entry}
+                      "stats": stats or {}, "splits": split_entries, "quarantine": quarantine or {}}
             if commit_dir.exists():  # a long-running commit refreshes its age so gc's grace period counts from now
                 os.utime(commit_dir)
             try:
@@ -319,7 +444,8 @@ class Lake:
                 return TableVersion(self, table, record)
             except CommitConflictError:
                 if retries <= 0:
-                    shutil.rmtree(commit_dir, ignore_errors=True)
+                    if not keep_on_conflict:
+                        shutil.rmtree(commit_dir, ignore_errors=True)
                     raise
                 retries -= 1
                 latest = self.table(table)
@@ -329,47 +455,36 @@ class Lake:
                     return existing
                 parent = latest.version
 
-    def _write_array(self, table: str, rel: str, value: np.ndarray, first: bool) -> dict[str, Any]:
-        path = self.root / table / rel
-        hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
-        digest = arrays.write_array(path, value, target_shard_bytes=self.target_shard_bytes, after_shard=hook)
-        if first:
-            crash_point("array")
-        return {"path": rel, "dtype": value.dtype.name, "shape": list(value.shape), "sha256": digest,
-                "files": arrays.file_digests(path)}
+    def commit(self, table: str, splits: dict[str, dict[str, np.ndarray]], *, schema: dict[str, Any],
+               lineage: dict[str, Any], stats: dict[str, Any] | None = None, parent: int | None = None,
+               quarantine: dict[str, Any] | None = None, retries: int = 0,
+               rebase: Callable[[TableVersion], TableVersion | None] | None = None) -> TableVersion:
+        """Writes ``splits`` (split -> array name -> array), one fragment each, as a new version and publishes it
+        atomically (see :meth:`publish` for ``parent``, ``retries`` and ``rebase``).
 
-    def _write_split(self, table: str, commit_id: str, split: str, named: dict[str, np.ndarray]) -> dict[str, Any]:
-        sizes = {name: value.shape[0] for name, value in named.items()}
-        if len(set(sizes.values())) != 1:
-            raise LakeError(f"split {split!r}: arrays must share their first axis, got {sizes}")
-        entry: dict[str, Any] = {"num_examples": int(next(iter(sizes.values()))), "arrays": {}}
-        for name, value in named.items():
-            first = not (self.root / table / DATA_DIR / commit_id).exists()
-            rel = f"{DATA_DIR}/{commit_id}/{split}/{check_name('array', name)}"
-            entry["arrays"][name] = self._write_array(table, rel, value, first)
-        return entry
-
-    def _write_quarantine(self, table: str, commit_id: str, quarantine: dict[str, Any]) -> dict[str, Any]:
-        entries = list(quarantine.get("entries", []))
-        reasons: dict[str, int] = {}
-        for e in entries:
-            reasons[e["reason"]] = reasons.get(e["reason"], 0) + 1
-        out: dict[str, Any] = {"num_examples": len(entries), "reasons": reasons}
-        if not entries:
-            return out
-        base = self.root / table / DATA_DIR / commit_id / QUARANTINE
-        base.mkdir(parents=True)
-        payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
-        (base / "entries.jsonl").write_bytes(payload)
-        out["entries"] = {"path": f"{DATA_DIR}/{commit_id}/{QUARANTINE}/entries.jsonl",
-                          "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
-        named = quarantine.get("arrays") or {}
-        if named and next(iter(named.values())).shape[0]:
-            out["arrays"] = {name: self._write_array(table, f"{DATA_DIR}/{commit_id}/{QUARANTINE}/"
-                                                     f"{check_name('array', name)}", value, False)
-                             for name, value in named.items()}
-            out["num_rows"] = int(next(iter(named.values())).shape[0])
-        return out
+        ``quarantine`` holds the rejected examples: ``{"entries": [dict, ...], "arrays": {name: array}}``.
+        """
+        check_name("table", table)
+        commit_id = self.new_commit_id()
+        commit_dir = self.root / table / DATA_DIR / commit_id
+        label_array = schema.get("label_array", LABEL)
+        try:
+            fragments = {}
+            for k, (split, named) in enumerate(splits.items()):
+                rel = f"{DATA_DIR}/{commit_id}/{check_name('split', split)}/00000"
+                fragments[split] = [self.write_fragment(table, rel, named, label_array=label_array, crash=k == 0)]
+            q = quarantine or {}
+            q_entry = self.write_quarantine_entries(table, commit_id, list(q.get("entries", [])))
+            named = q.get("arrays") or {}
+            if named and next(iter(named.values())).shape[0]:
+                q_entry["fragments"] = [self.write_fragment(table, f"{DATA_DIR}/{commit_id}/{QUARANTINE}/00000",
+                                                            named, label_array=label_array)]
+                q_entry["num_rows"] = int(next(iter(named.values())).shape[0])
+        except BaseException:
+            shutil.rmtree(commit_dir, ignore_errors=True)
+            raise
+        return self.publish(table, commit_id, splits=fragments, schema=schema, lineage=lineage, stats=stats,
+                            quarantine=q_entry, parent=parent, retries=retries, rebase=rebase)
 
     def _publish(self, table: str, version: int, record: dict[str, Any]) -> None:
         log = self.root / table / LOG_DIR
@@ -391,41 +506,166 @@ class Lake:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    # -- compaction --------------------------------------------------------------------------------------------------
+
+    def compact(self, table: str, *, target_fragment_bytes: int = 2**30, retries: int = 0) -> TableVersion:
+        """Publishes a new version of ``table`` whose splits hold the latest version's rows, in the same order, in
+        fewer, larger fragments (up to ``target_fragment_bytes`` of raw data each), streaming block by block.
+
+        The new version's logical content digest of every split must equal the old one's, or nothing is published.
+        Older versions stay readable (time travel) until their data is unreferenced and collected. Returns the
+        latest version unchanged if no split has more than one fragment to merge."""
+        old = self.table(table)
+        if all(len(old.fragments(s)) <= 1 for s in old.splits):
+            return old
+        commit_id = self.new_commit_id()
+        commit_dir = self.root / table / DATA_DIR / commit_id
+        label_array = old.schema.get("label_array", LABEL)
+        splits: dict[str, list[dict[str, Any]]] = {}
+        try:
+            for k, split in enumerate(old.splits):
+                frags = old.fragments(split)
+                if len(frags) <= 1:
+                    splits[split] = frags
+                    continue
+                reader = old.reader(split, cache_bytes=8 * 2**20)
+                row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
+                                for m in frags[0]["arrays"].values())
+                per_frag = max(1, int(target_fragment_bytes) // max(row_bytes, 1))
+                splits[split] = []
+                for j, start in enumerate(range(0, len(reader), per_frag)):
+                    stop = min(start + per_frag, len(reader))
+                    rel = f"{DATA_DIR}/{commit_id}/{split}/{j:05d}"
+                    splits[split].append(self._copy_fragment(table, rel, reader, start, stop, label_array,
+                                                             crash=k == 0 and j == 0))
+            body = {key: old.record[key] for key in ("schema", "stats", "quarantine")}
+            lineage = {**old.record["lineage"], "compacted_from": old.version}
+            for split, frags in splits.items():
+                new = content_sha256(self.root / table, frags, label_array)
+                if new != old.record["splits"][split].get("content_sha256", new):
+                    raise LakeError(f"internal error: compacting {table!r} split {split!r} changed its content "
+                                    "digest; nothing was published")
+        except BaseException:
+            shutil.rmtree(commit_dir, ignore_errors=True)
+            raise
+        version = self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version,
+                               retries=retries, **body)
+        crash_point("committed")
+        return version
+
+    def _copy_fragment(self, table: str, rel: str, reader: SplitReader, start: int, stop: int, label_array: str,
+                       crash: bool) -> dict[str, Any]:
+        """Writes rows ``[start, stop)`` of ``reader`` as one new fragment, in one pass of bounded-size blocks."""
+        base = self.root / table / rel
+        metas = reader.fragments[0]["arrays"]
+        row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize for m in metas.values())
+        block_rows = max(1, 16 * 2**20 // max(1, row_bytes))
+        writers = {name: arrays.ArrayWriter(base / check_name("array", name), (stop - start, *m["shape"][1:]),
+                                            np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes)
+                   for name, m in metas.items()}
+        stats_parts, hash_parts = [], []
+        for a in range(start, stop, block_rows):
+            block = reader.read(slice(a, min(a + block_rows, stop)))
+            for name, w in writers.items():
+                w.write(block[name])
+            stats_parts.append(partial_stats(block, label_array))
+            hash_parts.append(row_hashes(block, label_array))
+            if crash and a == start:
+                crash_point("shard")
+        entry: dict[str, Any] = {"path": rel, "num_examples": stop - start, "arrays": {}}
+        for k, (name, w) in enumerate(writers.items()):
+            entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": metas[name]["dtype"],
+                                     "shape": [stop - start, *metas[name]["shape"][1:]], "sha256": w.close(),
+                                     "files": arrays.file_digests(base / name)}
+            if crash and k == 0:
+                crash_point("array")
+        payload = np.concatenate(hash_parts).tobytes()
+        with open(base / ROW_HASHES, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        arrays.fsync_dir(base)
+        entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
+                               "sha256": hashlib.sha256(payload).hexdigest()}
+        entry["stats"] = merge_partials(stats_parts)
+        return entry
+
     # -- checking and cleaning up ------------------------------------------------------------------------------------
 
     def verify(self, table: str | None = None, version: int | None = None, *,
                content: bool = True) -> list[Problem]:
-        """Re-checks every file digest (and, with ``content``, every array's content digest) of every version of
-        ``table`` (default: all tables; ``version`` narrows to one). Returns every problem found; empty = intact."""
+        """Re-checks every file digest (and, with ``content``, every array's content digest and every split's
+        logical content digest) of every version of ``table`` (default: all tables; ``version`` narrows to one).
+        Fragments shared by several versions are checked once. Returns every problem found; empty = intact."""
         problems: list[Problem] = []
         tables = [check_name("table", table)] if table else self.tables()
         if table and not self.versions(table):
             self.table(table)  # raises the 'no such table' error
         for name in tables:
+            checked: dict[str, list[str]] = {}  # fragment path -> problems found in it
             for v in ([int(version)] if version is not None else self.versions(name)):
                 try:
                     tv = self.table(name, v)
                 except LakeError as e:
                     problems.append(Problem(name, v, str(self._record_path(name, v)), str(e)))
                     continue
-                problems += self._verify_version(tv, content)
+                problems += self._verify_version(tv, content, checked)
         return problems
 
-    def _verify_version(self, tv: TableVersion, content: bool) -> list[Problem]:
+    def _verify_version(self, tv: TableVersion, content: bool, checked: dict[str, list[str]]) -> list[Problem]:
         problems: list[Problem] = []
-        entries = [(split, e) for split, e in tv.record["splits"].items()]
         q = tv.record.get("quarantine") or {}
-        if q.get("arrays"):
-            entries.append((QUARANTINE, q))
         if q.get("entries"):
             try:
                 tv.quarantine()
             except LakeError as e:
                 problems.append(Problem(tv.table, tv.version, q["entries"]["path"], str(e)))
-        for _, entry in entries:
-            for meta in entry["arrays"].values():
-                problems += self._verify_array(tv, meta, content)
+        groups = [(split, split_fragments(e)) for split, e in tv.record["splits"].items()]
+        if q.get("arrays") or q.get("fragments"):
+            groups.append((QUARANTINE, split_fragments({**q, "num_examples": q.get("num_rows", 0)})))
+        label_array = tv.schema.get("label_array", LABEL)
+        for split, frags in groups:
+            bad_before = len(problems)
+            for frag in frags:
+                if frag["path"] not in checked:
+                    found = [p for meta in frag["arrays"].values() for p in self._verify_array(tv, meta, content)]
+                    found += self._verify_row_hashes(tv, frag, label_array, content and not found)
+                    checked[frag["path"]] = [(p.path, p.message) for p in found]
+                problems += [Problem(tv.table, tv.version, path, msg) for path, msg in checked[frag["path"]]]
+            expected = tv.record["splits"].get(split, {}).get("content_sha256") if split != QUARANTINE else None
+            if content and expected and len(problems) == bad_before:
+                try:
+                    if content_sha256(self.root / tv.table, frags, label_array) != expected:
+                        problems.append(Problem(tv.table, tv.version, split,
+                                                "logical content digest differs from the commit record"))
+                except LakeError as e:
+                    problems.append(Problem(tv.table, tv.version, split, str(e)))
         return problems
+
+    def _verify_row_hashes(self, tv: TableVersion, frag: dict[str, Any], label_array: str,
+                           recompute: bool) -> list[Problem]:
+        meta = frag.get("row_hashes")
+        if meta is None:
+            return []
+        try:
+            stored = read_row_hashes(self.root / tv.table, frag, label_array)
+        except LakeError as e:
+            return [Problem(tv.table, tv.version, meta["path"], str(e))]
+        if recompute:  # block by block: bounded memory however large the fragment
+            reader = SplitReader(self.root, tv.table, tv.version, frag["path"], {"fragments": [frag]},
+                                 cache_bytes=8 * 2**20)
+            row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
+                            for m in frag["arrays"].values())
+            rows = max(1, 16 * 2**20 // max(1, row_bytes))
+            start = 0
+            for block in reader.iter_blocks(rows):
+                n = next(iter(block.values())).shape[0]
+                if not np.array_equal(row_hashes(block, label_array), stored[start:start + n]):
+                    return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data")]
+                start += n
+            if start != stored.shape[0]:
+                return [Problem(tv.table, tv.version, meta["path"], f"{stored.shape[0]} row hashes for {start} rows")]
+        return []
 
     def _verify_array(self, tv: TableVersion, meta: dict[str, Any], content: bool) -> list[Problem]:
         problems: list[Problem] = []
@@ -462,7 +702,8 @@ class Lake:
     def gc(self, grace_seconds: float = 3600.0, *, table: str | None = None, dry_run: bool = False) -> GcReport:
         """Removes commit data no version record references (left by crashed or conflicting writers) and stale
         temp records, but only what is older than ``grace_seconds`` (so in-flight commits are never touched).
-        Every published version stays readable."""
+        Every published version stays readable: a commit directory is live while any version lists one of its
+        fragments (appends share fragments of earlier commits)."""
         report = GcReport([], 0, [])
         now = time.time()
         for name in ([check_name("table", table)] if table else self.tables()):
@@ -471,7 +712,8 @@ class Lake:
             candidates += sorted((base / LOG_DIR).glob(TEMP_PREFIX + "*"))
             live: set[str] = set()
             for v in self.versions(name):  # read after listing: a commit published meanwhile is seen as live
-                live.add(self.table(name, v).record["commit_id"])
+                record = self.table(name, v).record
+                live |= commit_dirs(record) | {record["commit_id"]}
             for path in candidates:
                 if path.parent.name == DATA_DIR and path.name in live:
                     continue

@@ -1,0 +1,261 @@
+"""One chunk of an ingest, as a worker process runs it: load → validate → label → clean → split → write fragments.
+
+Everything here sees only its chunk; the driver (:mod:`lepton_jax.lake.ingest`) decides across chunks and against
+the table (exact dedup, conflicting labels, leaks) with the on-disk hash index, in chunk order, so the result does
+not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from lepton_jax.errors import LakeError
+from lepton_jax.lake.fragments import check_name, row_hashes
+from lepton_jax.lake.sources import SourceData
+from lepton_jax.lake.store import DATA_DIR, Lake
+
+# A labelling function sees one example (array name -> values) and the source's label name (or None) and returns
+# the example's label name, or None to abstain (the example goes to the quarantine as 'unlabelled').
+LabelFn = Callable[[dict[str, np.ndarray], "str | None"], "str | None"]
+
+
+@dataclasses.dataclass
+class ChunkJob:
+    """What a worker needs to process one chunk (picklable)."""
+
+    task: Any  # has .load() -> SourceData
+    chunk: int
+    root: str
+    table: str
+    commit_id: str
+    target_shard_bytes: int
+    fractions: dict[str, float] | None
+    seed: int
+    label_map: dict[str, str] | None = None
+    labeller: LabelFn | None = None
+    label_names: list[str] | None = None
+    crash: bool = False
+    single: bool = False  # the source is this one chunk
+
+
+def process_chunk(job: ChunkJob) -> dict[str, Any]:
+    """Loads, validates, labels, cleans (within the chunk), splits and writes one chunk's fragments.
+
+    Returns what the driver needs: per split the fragment entry with its rows' hashes, labels and source indices
+    (local to the chunk), the quarantine entries and rows of examples rejected here, and the chunk's digest, schema
+    and label names."""
+    data = job.task.load()
+    _check_structure(data)
+    n = int(data.labels.shape[0])
+    if n:
+        labels, names, rejects = _label(data, job.label_map, job.labeller, job.label_names)
+        keep, hashes, clean_rejects = _clean(data, labels, names)
+        rejects.update(clean_rejects)
+    else:  # every example of the chunk was rejected by the source
+        labels, keep, hashes, rejects = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, 32), np.uint8), {}
+        names = list(job.label_names if job.label_names is not None else data.label_names)
+    entries: list[dict[str, Any]] = [{**r, "index": None, "sha256": None} for r in data.rejected]
+    for i, (reason, detail) in sorted(rejects.items()):
+        keep[i] = False
+        entries.append({"id": data.example_id(i), "index": int(i), "reason": reason, "detail": detail,
+                        "label": names[labels[i]] if labels[i] >= 0 else None, "sha256": hashes[i].tobytes().hex()})
+    kept = np.flatnonzero(keep)
+    if data.split is not None:
+        split_index = {str(s): kept[data.split[kept] == s] for s in dict.fromkeys(data.split[kept].tolist())}
+        for name in split_index:
+            check_name("split", name)
+    elif kept.size:
+        split_index = {s: kept[idx] for s, idx in chunk_split(labels[kept], job.fractions or {}, job.seed,
+                                                              job.chunk, single=job.single).items() if idx.size}
+    else:
+        split_index = {}
+    lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes)
+    fragments = {}
+    for k, (split, idx) in enumerate(split_index.items()):
+        named = {**{name: v[idx] for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
+        rel = f"{DATA_DIR}/{job.commit_id}/{split}/{job.chunk:06d}"
+        entry = lake.write_fragment(job.table, rel, named, crash=job.crash and k == 0, hashes=hashes[idx])
+        fragments[split] = {"entry": entry, "hashes": hashes[idx], "labels": labels[idx].astype(np.int32),
+                            "source": idx.astype(np.int64),
+                            "ids": [data.ids[i] for i in idx] if data.ids is not None else None}
+    q_idx = np.asarray([e["index"] for e in entries if e["index"] is not None], dtype=np.int64)
+    q_arrays = ({**{k: v[q_idx] for k, v in data.arrays.items()}, "label": labels[q_idx].astype(np.int32),
+                 "source_index": q_idx} if q_idx.size else None)
+    return {"chunk": job.chunk, "digest": data.digest(), "n": n, "n_source_rejected": len(data.rejected),
+            "source_split": data.split is not None,
+            "uri": data.uri, "names": names, "transforms": data.transforms, "has_ids": data.ids is not None,
+            "arrays": {k: (v.dtype.name, list(v.shape[1:])) for k, v in data.arrays.items()},
+            "ranges": {k: tuple(float(x) for x in r) for k, r in data.value_ranges.items()},
+            "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
+
+
+def chunk_split(labels: np.ndarray, fractions: dict[str, float], seed: int, chunk: int, *, single: bool = False
+                ) -> dict[str, np.ndarray]:
+    """Stratified split of one chunk, deterministic from ``seed``, the chunk's position and its labels (so for any
+    number of workers). A source in one chunk (``single``) is split by scikit-learn's ``train_test_split`` exactly as
+    before fragments existed; a chunk of a multi-chunk source by :func:`stratified_counts` (numpy only, so worker
+    processes do not pay scikit-learn's import)."""
+    if single:
+        return stratified_split(labels, fractions, seed)
+    return stratified_counts(labels, fractions, np.random.default_rng([seed, chunk]))
+
+
+def stratified_counts(labels: np.ndarray, fractions: dict[str, float], rng: np.random.Generator
+                      ) -> dict[str, np.ndarray]:
+    """Sorted indices per split: each class's examples, in a random order, cut at the split fractions with
+    systematic rounding (one random offset per class), so every split gets within one example per class of its
+    share and exactly its share in expectation — no split is favoured across many chunks."""
+    cumulative = np.cumsum(np.asarray(list(fractions.values()), dtype=np.float64))[:-1]
+    out: list[list[np.ndarray]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n = members.size
+        cuts = np.r_[0, np.minimum(np.floor(cumulative * n + rng.random()), n).astype(int), n]
+        for k in range(len(fractions)):
+            out[k].append(members[cuts[k]:cuts[k + 1]])
+    return {name: np.sort(np.concatenate(parts)) for name, parts in zip(fractions, out, strict=True)}
+
+
+def _check_structure(data: SourceData) -> None:
+    """Errors that concern the whole source rather than single examples."""
+    sizes = {name: value.shape[0] for name, value in data.arrays.items()}
+    sizes["labels"] = data.labels.shape[0]
+    if data.ids is not None:
+        sizes["ids"] = len(data.ids)
+    if data.split is not None:
+        sizes["split"] = data.split.shape[0]
+    if len(set(sizes.values())) != 1:
+        raise LakeError(f"source {data.uri}: arrays disagree on the number of examples: {sizes}")
+    if sizes["labels"] == 0 and not data.rejected:
+        raise LakeError(f"source {data.uri} holds no examples")
+    for name, value in data.arrays.items():
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+            raise LakeError(f"source {data.uri}: array {name!r} has non-numeric dtype {value.dtype} (strings and "
+                            "objects cannot be stored; convert them to numbers first)")
+        if value.ndim < 2:
+            raise LakeError(f"source {data.uri}: array {name!r} needs an example axis plus at least one more, got "
+                            f"shape {value.shape}")
+        if name not in data.value_ranges:
+            raise LakeError(f"source {data.uri}: array {name!r} has no declared value range")
+        if name == "label":
+            raise LakeError(f"source {data.uri}: 'label' is reserved for the label array")
+    if not np.issubdtype(data.labels.dtype, np.integer) or data.labels.ndim != 1:
+        raise LakeError(f"source {data.uri}: labels must be a 1-D integer array, got {data.labels.dtype} "
+                        f"{data.labels.shape}")
+
+
+def _label(data: SourceData, label_map: dict[str, str] | None, labeller: LabelFn | None,
+           label_names: list[str] | None) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
+    """Final label per example (-1 = none), the label names, and label rejections by example index."""
+    n = data.labels.shape[0]
+    src = data.labels
+    rejects: dict[int, tuple[str, str]] = {}
+    src_names: list[str | None] = []
+    for i in range(n):
+        if 0 <= src[i] < len(data.label_names):
+            src_names.append(data.label_names[src[i]])
+        else:
+            src_names.append(None)
+            if label_map is None and labeller is None:
+                rejects[i] = ("label_domain", f"{data.example_id(i)}: label index {int(src[i])} outside "
+                                              f"[0, {len(data.label_names)})")
+    if label_map is not None:
+        assigned = [label_map.get(s) if s is not None else None for s in src_names]
+        for i, (s, a) in enumerate(zip(src_names, assigned, strict=True)):
+            if a is None and i not in rejects:
+                rejects[i] = ("unlabelled", f"{data.example_id(i)}: source label {s!r} is not in the label map")
+    elif labeller is not None:
+        assigned = [labeller({k: v[i] for k, v in data.arrays.items()}, src_names[i]) for i in range(n)]
+        for i, a in enumerate(assigned):
+            if a is None:
+                rejects[i] = ("unlabelled", f"{data.example_id(i)}: the labelling function abstained")
+    else:
+        assigned = src_names
+    names = list(label_names) if label_names is not None else (
+        list(data.label_names) if label_map is None and labeller is None
+        else sorted({str(a) for a in assigned if a is not None}))
+    index = {name: k for k, name in enumerate(names)}
+    labels = np.full(n, -1, dtype=np.int64)
+    for i, a in enumerate(assigned):
+        if a is None or i in rejects:
+            continue
+        if str(a) not in index:
+            rejects[i] = ("label_domain", f"{data.example_id(i)}: label {a!r} is outside the label domain {names}")
+            continue
+        labels[i] = index[str(a)]
+    return labels, names, rejects
+
+
+def _clean(data: SourceData, labels: np.ndarray, names: list[str]
+           ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
+    """Finite values, value ranges, exact duplicates, conflicting labels and cross-split leaks."""
+    n = labels.shape[0]
+    keep = labels >= 0
+    rejects: dict[int, tuple[str, str]] = {}
+    for name, value in data.arrays.items():
+        flat = value.reshape(n, -1)
+        if np.issubdtype(value.dtype, np.floating):
+            for i in np.flatnonzero(~np.isfinite(flat).all(axis=1) & keep):
+                rejects.setdefault(int(i), ("non_finite", f"{data.example_id(int(i))}: {name!r} holds NaN or inf"))
+        lo, hi = data.value_ranges[name]
+        with np.errstate(invalid="ignore"):  # per-row extremes: no temporary as large as the chunk
+            low, high = (flat.min(axis=1), flat.max(axis=1)) if flat.shape[1] else (np.zeros(n), np.zeros(n))
+            out = ((low < lo) | (high > hi)) & keep
+        for i in np.flatnonzero(out):
+            rejects.setdefault(int(i), ("out_of_range", f"{data.example_id(int(i))}: {name!r} has values in "
+                                                        f"[{flat[i].min()}, {flat[i].max()}], outside the declared "
+                                                        f"range [{lo}, {hi}]"))
+    hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
+    keys = [h.tobytes() for h in hashes]
+    first: dict[bytes, int] = {}
+    conflicted: set[bytes] = set()
+    for i in range(n):
+        if not keep[i] or i in rejects:
+            continue
+        j = first.setdefault(keys[i], i)
+        if j == i:
+            continue
+        if labels[j] != labels[i]:
+            conflicted.add(keys[i])
+        elif data.split is not None and data.split[j] != data.split[i]:
+            rejects[i] = ("leak", f"{data.example_id(i)} in split {data.split[i]!r} has the same content as "
+                                  f"{data.example_id(j)} in split {data.split[j]!r}")
+        else:
+            rejects[i] = ("duplicate", f"{data.example_id(i)} duplicates {data.example_id(j)}")
+    for h in conflicted:
+        copies = [i for i in range(n) if keys[i] == h and keep[i]]
+        seen = sorted({names[labels[i]] for i in copies})
+        for i in copies:
+            rejects[i] = ("conflicting_labels", f"{data.example_id(i)}: the same content occurs with labels {seen}")
+    return keep.copy(), hashes, rejects
+
+
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Sorted example indices per split, stratified by label and reproducible from ``seed``."""
+    from sklearn.model_selection import train_test_split  # imported here: it is slow and only needed to split
+
+    total = sum(fractions.values())
+    if not np.isclose(total, 1.0) or any(f <= 0 for f in fractions.values()):
+        raise LakeError(f"split fractions must be positive and sum to 1, got {fractions}")
+    remaining = np.arange(labels.shape[0])
+    out: dict[str, np.ndarray] = {}
+    left = 1.0
+    names = list(fractions)
+    for i, name in enumerate(names[:-1]):
+        share = fractions[name] / left
+        try:
+            taken, remaining = train_test_split(remaining, train_size=share, stratify=labels[remaining],
+                                                random_state=seed + i)
+        except ValueError as e:
+            raise LakeError(f"cannot split {labels.shape[0]} examples into {fractions} stratified by label "
+                            f"(class counts {np.bincount(labels).tolist()}): {e}") from e
+        out[name] = np.sort(taken)
+        left -= fractions[name]
+    out[names[-1]] = np.sort(remaining)
+    return out
+
+

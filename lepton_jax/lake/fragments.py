@@ -1,0 +1,257 @@
+"""Fragments: the immutable unit a table version is made of.
+
+A fragment is a set of zarr v3 arrays that share axis 0 (one logical slice of a split), written once under
+``data/<commit-id>/<split>/<fragment>/<array>/``, plus ``_rows.sha256``: the sha256 of every row's content (its
+non-label arrays, in sorted name order), 32 raw bytes per row. A split of a version is the concatenation of its
+fragments in the order the record lists them. Records name fragments by their path relative to the table, never by
+listing a directory, so the same record works on a filesystem and on an object store.
+
+The row hashes serve three things without reading the data: the exact-dedup and leak index of an append (what does
+the table already hold?), the split's logical ``content_sha256`` (independent of how rows are cut into fragments, so
+compaction provably keeps it), and per-fragment statistics partials that combine exactly into version statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lepton_jax.errors import LakeError
+from lepton_jax.lake import arrays
+from lepton_jax.lake.faults import crash_point
+
+ROW_HASHES = "_rows.sha256"
+LABEL = "label"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def safe_relpath(rel: str) -> str:
+    """A path from a commit record must stay inside its table directory (``data/...``, no ``..``)."""
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or any(p in ("..", "") for p in parts) or not parts or parts[0] != "data":
+        raise LakeError(f"commit record names an unsafe array path {rel!r}")
+    return rel
+
+
+def check_name(kind: str, name: str) -> str:
+    """Table, split and array names become path components: no separators, no ``..``."""
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise LakeError(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.' "
+                        "(no path separators, no '..')")
+    return name
+
+
+def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
+    """``(n, 32)`` uint8: sha256 of each row's bytes over the non-label arrays in sorted name order."""
+    names = sorted(k for k in named if k != label_array)
+    n = int(next(iter(named.values())).shape[0])
+    flats = [np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8) for k in names]
+    out = np.empty((n, 32), dtype=np.uint8)
+    if len(flats) == 1:
+        rows = flats[0]
+        for i in range(n):
+            out[i] = np.frombuffer(hashlib.sha256(rows[i]).digest(), np.uint8)
+    else:
+        for i in range(n):
+            h = hashlib.sha256()
+            for f in flats:
+                h.update(f[i])
+            out[i] = np.frombuffer(h.digest(), np.uint8)
+    return out
+
+
+def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dict[str, Any]:
+    """Sums that combine exactly across fragments: examples, class counts, and per array count/sum/sumsq/min/max."""
+    labels = named.get(label_array)
+    out: dict[str, Any] = {"num_examples": int(next(iter(named.values())).shape[0])}
+    if labels is not None:
+        out["class_counts"] = np.bincount(labels[labels >= 0]).tolist() if labels.size else []
+    for name, value in named.items():
+        if name == label_array or value.size == 0:
+            continue
+        out[name] = _moments(value)
+    return out
+
+
+def _moments(value: np.ndarray) -> dict[str, Any]:
+    """count/sum/sumsq/min/max of every value, in bounded memory (blocks of 2**20 values): exact integer sums for
+    integers of up to 16 bits, float64 otherwise."""
+    flat = value.reshape(-1)
+    exact = flat.dtype == np.bool_ or (np.issubdtype(flat.dtype, np.integer) and flat.dtype.itemsize <= 2)
+    total, squares = 0, 0
+    fsum, fsq = 0.0, 0.0
+    for start in range(0, flat.size, 2**20):
+        block = flat[start:start + 2**20]
+        if exact:
+            v = block.astype(np.int64)
+            total += int(v.sum())
+            squares += int((v * v).sum())
+        else:
+            v = block.astype(np.float64)
+            fsum += float(v.sum())
+            fsq += float(v @ v)
+    return {"count": int(flat.size), "sum": float(total) if exact else fsum,
+            "sumsq": float(squares) if exact else fsq, "min": float(flat.min()), "max": float(flat.max())}
+
+
+def merge_partials(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The partials of the concatenation of fragments with ``parts``."""
+    out: dict[str, Any] = {"num_examples": 0}
+    for p in parts:
+        out["num_examples"] += p["num_examples"]
+        if "class_counts" in p:
+            have = out.setdefault("class_counts", [])
+            have += [0] * (len(p["class_counts"]) - len(have))
+            for k, c in enumerate(p["class_counts"]):
+                have[k] += c
+        for name, s in p.items():
+            if isinstance(s, dict):
+                acc = out.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
+                acc["count"] += s["count"]
+                acc["sum"] += s["sum"]
+                acc["sumsq"] += s["sumsq"]
+                acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
+    return out
+
+
+def combine_stats(partials: Iterable[dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    """Version statistics (examples, class counts, per array mean/std/min/max) from fragment partials."""
+    total = {"num_examples": 0, "class_counts": [0] * num_classes}
+    sums: dict[str, dict[str, float]] = {}
+    for p in partials:
+        total["num_examples"] += p["num_examples"]
+        for k, c in enumerate(p.get("class_counts", [])):
+            if k >= len(total["class_counts"]):
+                total["class_counts"] += [0] * (k + 1 - len(total["class_counts"]))
+            total["class_counts"][k] += c
+        for name, s in p.items():
+            if not isinstance(s, dict):
+                continue
+            acc = sums.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
+            acc["count"] += s["count"]
+            acc["sum"] += s["sum"]
+            acc["sumsq"] += s["sumsq"]
+            acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
+    for name, acc in sums.items():
+        mean = acc["sum"] / max(acc["count"], 1)
+        var = max(acc["sumsq"] / max(acc["count"], 1) - mean * mean, 0.0)
+        total[name] = {"mean": mean, "std": float(np.sqrt(var)), "min": acc["min"], "max": acc["max"]}
+    return total
+
+
+def legacy_partials(split_stats: dict[str, Any], values_per_example: dict[str, int]) -> dict[str, Any]:
+    """Partials recovered from a version-1 record's split statistics (mean/std over every value)."""
+    out: dict[str, Any] = {"num_examples": int(split_stats.get("num_examples", 0)),
+                           "class_counts": list(split_stats.get("class_counts", []))}
+    for name, s in split_stats.items():
+        if isinstance(s, dict) and "mean" in s:
+            count = max(1, out["num_examples"] * values_per_example.get(name, 1))
+            out[name] = {"count": count, "sum": s["mean"] * count, "sumsq": (s["std"] ** 2 + s["mean"] ** 2) * count,
+                         "min": s["min"], "max": s["max"]}
+    return out
+
+
+def write_fragment(table_dir: Path, rel: str, named: dict[str, np.ndarray], *,
+                   target_shard_bytes: int = arrays.TARGET_SHARD_BYTES, label_array: str = LABEL,
+                   crash: bool = False, hashes: np.ndarray | None = None) -> dict[str, Any]:
+    """Writes one fragment at ``table_dir/rel`` (arrays, then the row hashes), fsyncs it, returns its record entry.
+
+    ``crash`` passes the ``shard`` and ``array`` fault-injection points (the first fragment of a commit)."""
+    sizes = {name: value.shape[0] for name, value in named.items()}
+    if len(set(sizes.values())) != 1:
+        raise LakeError(f"fragment {rel}: arrays must share their first axis, got {sizes}")
+    entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
+    for k, (name, value) in enumerate(named.items()):
+        first = crash and k == 0
+        path = table_dir / rel / check_name("array", name)
+        hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
+        digest = arrays.write_array(path, value, target_shard_bytes=target_shard_bytes, after_shard=hook)
+        if first:
+            crash_point("array")
+        entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape),
+                                 "sha256": digest, "files": arrays.file_digests(path)}
+    hashes = row_hashes(named, label_array) if hashes is None else hashes
+    payload = np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()
+    hash_file = table_dir / rel / ROW_HASHES
+    with open(hash_file, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    arrays.fsync_dir(table_dir / rel)
+    entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
+                           "sha256": hashlib.sha256(payload).hexdigest()}
+    entry["stats"] = partial_stats(named, label_array)
+    return entry
+
+
+def split_fragments(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fragments of a split entry; a version-1 entry (arrays at the top) is one fragment without row hashes."""
+    if "fragments" in entry:
+        return list(entry["fragments"])
+    first = next(iter(entry["arrays"].values()))["path"]
+    rows = entry["num_rows"] if "num_rows" in entry else entry.get("num_examples", 0)  # quarantine: rows != entries
+    return [{"path": first.rsplit("/", 1)[0], "num_examples": int(rows), "arrays": entry["arrays"]}]
+
+
+def logical_arrays(fragments: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{name: {"dtype", "shape"}}`` of the concatenation of ``fragments``; errors if they disagree."""
+    out: dict[str, dict[str, Any]] = {}
+    for frag in fragments:
+        for name, meta in frag["arrays"].items():
+            have = out.setdefault(name, {"dtype": meta["dtype"], "shape": [0, *meta["shape"][1:]]})
+            if have["dtype"] != meta["dtype"] or have["shape"][1:] != list(meta["shape"][1:]):
+                raise LakeError(f"fragment {frag['path']} has {name!r} {meta['dtype']} {meta['shape'][1:]}, the "
+                                f"others {have['dtype']} {have['shape'][1:]}")
+            have["shape"][0] += int(meta["shape"][0])
+    return out
+
+
+def read_row_hashes(table_dir: Path, frag: dict[str, Any], label_array: str = LABEL) -> np.ndarray:
+    """A fragment's ``(n, 32)`` row hashes: from its hash file (checked against the record), or computed from the
+    data for version-1 fragments."""
+    meta = frag.get("row_hashes")
+    if meta is None:
+        named = {name: arrays.read(arrays.open_array(table_dir / safe_relpath(m["path"])), path=m["path"])
+                 for name, m in frag["arrays"].items()}
+        return row_hashes(named, label_array)
+    path = table_dir / safe_relpath(meta["path"])
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise LakeError(f"row hashes {path} are unreadable ({e}); run `lepton-jax lake verify`") from e
+    if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise LakeError(f"row hashes {path} do not match the digest in their commit record")
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, 32)
+
+
+def content_sha256(table_dir: Path, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
+    """The split's logical content digest: sha256 over every row hash in order, and over the label array's bytes.
+    The same rows in the same order give the same digest however they are cut into fragments."""
+    rows, labels = hashlib.sha256(), hashlib.sha256()
+    for frag in fragments:
+        rows.update(read_row_hashes(table_dir, frag, label_array).tobytes())
+        if label_array in frag["arrays"]:
+            m = frag["arrays"][label_array]
+            labels.update(np.ascontiguousarray(arrays.read(arrays.open_array(table_dir / safe_relpath(m["path"])),
+                                                           path=m["path"])).tobytes())
+    return hashlib.sha256(rows.digest() + labels.digest()).hexdigest()
+
+
+def commit_dirs(record: dict[str, Any]) -> set[str]:
+    """The ``data/<commit-id>`` directories a record references (fragments of any commit, quarantine)."""
+    paths = []
+    for entry in record.get("splits", {}).values():
+        paths += [m["path"] for frag in split_fragments(entry) for m in frag["arrays"].values()]
+    q = record.get("quarantine") or {}
+    if q.get("entries"):
+        paths.append(q["entries"]["path"])
+    for frag in q.get("fragments", []):
+        paths += [m["path"] for m in frag["arrays"].values()]
+    paths += [m["path"] for m in (q.get("arrays") or {}).values()]
+    return {p.split("/")[1] for p in paths if p.count("/") >= 1}
