@@ -23,7 +23,8 @@ from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 TOKEN = "s3cret-token"
 CONFIG = ServeConfig(max_batch_size=16, max_delay_ms=2.0, max_queue_rows=64, request_timeout_s=30.0,
                      max_body_bytes=64 * 1024, max_request_rows=64, replicas=2, token=TOKEN, drift_window=256,
-                     drift_min_samples=200, drift_threshold=0.25, warm_up_on_startup=False)
+                     drift_min_samples=200, drift_threshold=0.25, drift_interval_s=0.05,
+                     warm_up_on_startup=False)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,11 @@ def test_bad_inputs_get_4xx_with_a_message_and_count_as_errors(served):
     nan = good["inputs"][0]["data"][:]
     nan[3] = float("nan")
     cases = [
-        ("shape", 400, with_input(shape=[2, 4, 8]), "expected [N, 8, 8, 1]"),
+        ("shape", 400, with_input(shape=[2, 4, 8], data=[0.0] * 64), "expected [N, 8, 8, 1]"),
         ("shape", 400, with_input(shape=[3, 8, 8]), "data has 128 values but shape [3, 8, 8] needs 192"),
-        ("datatype", 400, with_input(datatype="BYTES"), "datatype 'BYTES' is not supported; expected FP32"),
+        ("datatype", 400, with_input(datatype="BYTES"), "BYTES data must be strings"),
+        ("datatype", 400, with_input(datatype="BYTES", data=["a"] * 128), "datatype 'BYTES' is not supported; "
+                                                                          "expected FP32"),
         ("datatype", 400, with_input(data=["a"] * 128), "not numbers of datatype FP32"),
         ("non_finite", 400, with_input(data=nan), "1 example(s) contain NaN or inf"),
         ("range", 400, with_input(data=[255.0] * 128), "trained on [0.0, 16.0]"),
@@ -112,7 +115,8 @@ def test_bad_inputs_get_4xx_with_a_message_and_count_as_errors(served):
         ("bad_request", 400, json.dumps({"instances": [1]}), "expected a KServe v2 inference request"),
         ("too_large", 413, json.dumps(infer_request(np.full((200, 8, 8), 12.345678))),
          "exceeds the limit of 65536 bytes"),
-        ("too_large", 413, json.dumps(infer_request(np.zeros((65, 8, 8)))), "65 rows exceed this server's limit"),
+        ("too_large", 413, json.dumps(infer_request(np.zeros((65, 8, 8)))), "holds 4160 elements; this server "
+                                                                             "takes at most 4096 per request"),
     ]
     before = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
     with httpx.Client(headers={**headers, "Content-Type": "application/json"}, timeout=30) as http:
@@ -196,14 +200,26 @@ def test_drift_gauges(served, splits, caplog):
     report = drift_report(reference, held_out, Predictor.from_workdir(served["workdir"]).predict(held_out)["class"])
     assert report["max_group"] < 0.1 and report["predictions"] < 0.1
     shifted = np.roll(held_out, 3, axis=2)  # digits moved 3 pixels to the right
+    drift = served["server"].deployments["digits"].drift
+
+    def settled(client, seen):  # the background task has folded everything served into the window
+        deadline = time.monotonic() + 30
+        while (drift.observed < seen + 256 or drift._pending or drift.age_s > 1.0) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        return client.metrics()
+
     with Client(url, token=TOKEN) as client:
+        seen = drift.observed
         for start in range(0, 256, 32):
             client.infer("digits", held_out[start:start + 32])
-        calm = client.metrics()
+        calm = settled(client, seen)
         with caplog.at_level(logging.WARNING, logger="lepton_jax.serve.drift"):
             for start in range(0, 256, 32):
                 client.infer("digits", shifted[start:start + 32])
-        drifted = client.metrics()
+            drifted = settled(client, seen + 256)
+    assert metric(drifted, "lepton_drift_window_examples") == 256  # the count window
+    assert 0 <= metric(drifted, "lepton_drift_age_seconds") < 5
     groups = ["r0c0", "r0c1", "r1c0", "r1c1"]
     assert max(metric(calm, "lepton_input_drift_psi", group=g) for g in groups) < 0.1
     assert metric(calm, "lepton_prediction_drift_psi") < 0.1
