@@ -262,6 +262,254 @@ def test_queue_overflow_gives_429_not_a_hang(served, splits):
     assert httpx.get(url + "/v2/health/ready", timeout=10).status_code == 200
 
 
+def test_stock_tritonclient_binary_default_json_mode_and_gzip(served, splits):
+    """NVIDIA's tritonclient[http], as users run it: defaults (binary tensors both ways), JSON mode, compression."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    rows = splits["test"]["image"][:24].reshape(-1, 8, 8, 1).astype(np.float32)
+    direct = Predictor.from_workdir(served["workdir"]).predict(rows)
+    labels = served["server"].deployments["digits"].model.label_names
+    headers = served["headers"]
+    client = triton.InferenceServerClient(served["url"].removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("digits", headers=headers)
+        assert client.is_model_ready("digits", "1", headers=headers)
+        assert "binary_tensor_data" in client.get_server_metadata(headers=headers)["extensions"]
+        meta = client.get_model_metadata("digits", headers=headers)
+        assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 8, 8, 1]}]
+        assert [o["name"] for o in meta["outputs"]] == ["probabilities", "class", "label"]
+        config = client.get_model_config("digits", headers=headers)
+        assert config["max_batch_size"] == 64 and config["input"][0]["dims"] == [8, 8, 1]
+        assert config["instance_group"][0]["count"] == 2
+        for mode in ("default", "json", "gzip", "int64"):
+            data = rows.astype(np.int64) if mode == "int64" else rows
+            tensor = triton.InferInput("image", list(data.shape), "INT64" if mode == "int64" else "FP32")
+            tensor.set_data_from_numpy(data, binary_data=mode != "json")
+            outputs = [triton.InferRequestedOutput(n, binary_data=False) for n in ("probabilities", "class", "label")]
+            result = client.infer("digits", [tensor], request_id=f"r-{mode}", headers=dict(headers),  # it mutates them
+                                  outputs=outputs if mode == "json" else None,
+                                  request_compression_algorithm="gzip" if mode == "gzip" else None)
+            response = result.get_response()
+            assert response["id"] == f"r-{mode}" and response["model_version"] == "1"
+            binary = [o["name"] for o in response["outputs"] if "binary_data_size" in o.get("parameters", {})]
+            assert binary == ([] if mode == "json" else ["probabilities", "class", "label"]), mode
+            np.testing.assert_allclose(result.as_numpy("probabilities"), direct["probability"], atol=1e-5)
+            np.testing.assert_array_equal(result.as_numpy("class"), direct["class"])
+            got = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
+            assert got == [labels[c] for c in direct["class"]]
+        bad = triton.InferInput("image", [2, 4, 8], "FP32")
+        bad.set_data_from_numpy(np.zeros((2, 4, 8), np.float32))
+        with pytest.raises(InferenceServerException, match=r"does not match the model; expected \[N, 8, 8, 1\]"):
+            client.infer("digits", [bad], headers=dict(headers))
+    finally:
+        client.close()
+
+
+def raw_http(url: str, request: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One request written byte for byte on a fresh connection (for headers httpx will not send)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    headers = {k.lower(): v for k, v in headers.items()}
+    if headers.get("transfer-encoding") == "chunked":
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            if int(size, 16) == 0:
+                break
+            out, rest = out + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+        body = out
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_malformed_requests_get_4xx_kserve_errors_and_the_server_stays_healthy(served):
+    import gzip
+    import zlib
+
+    url, auth = served["url"], served["headers"]
+    good = infer_request(np.zeros((1, 8, 8)))
+
+    def inp(**changes):
+        body = json.loads(json.dumps(good))
+        body["inputs"][0].update(changes)
+        return json.dumps(body).encode()
+
+    def top(**changes):
+        return json.dumps({**good, **changes}).encode()
+
+    zeros = [0.0] * 64
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 256}}]}).encode()
+    blob = np.zeros(64, np.float32).tobytes()
+
+    def binary(json_part: bytes, data: bytes, length: str | None = None) -> tuple[bytes, dict[str, str]]:
+        return json_part + data, {"Inference-Header-Content-Length": length or str(len(json_part))}
+
+    def binary_input(**params):
+        return json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32",
+                                       "parameters": params}]}).encode()
+
+    infer = "/v2/models/digits/infer"
+    cases: list[tuple[str, str, bytes | None, dict[str, str], str]] = [
+        # (method, path, body, extra headers, what)  -- types
+        ("POST", infer, inp(shape=[True, 8, 8]), {}, "bool in shape"),
+        ("POST", infer, inp(shape=[1.0, 8, 8]), {}, "float in shape"),
+        ("POST", infer, inp(shape="1,8,8"), {}, "string shape"),
+        ("POST", infer, inp(shape=[-1, 8, 8]), {}, "negative size"),
+        ("POST", infer, inp(shape=[[1], 8, 8]), {}, "nested shape"),
+        ("POST", infer, inp(data=[True] * 64), {}, "bool data"),
+        ("POST", infer, inp(data=[True] + zeros[1:]), {}, "one bool among numbers"),
+        ("POST", infer, inp(data=None), {}, "null data"),
+        ("POST", infer, inp(data={"a": 1}), {}, "object data"),
+        ("POST", infer, inp(data=[[0.0] * 8] * 7 + [0.0] * 8), {}, "lists mixed with numbers"),
+        ("POST", infer, inp(datatype="INT64", data=[0.5] * 64), {}, "fractions for INT64"),
+        ("POST", infer, inp(datatype="INT64", data=[10 ** 30] * 64), {}, "integer overflow"),
+        ("POST", infer, inp(datatype=None), {}, "no datatype"),
+        ("POST", infer, inp(datatype="fp32"), {}, "lower-case datatype"),
+        ("POST", infer, inp(datatype="BOOL", data=[False] * 64), {}, "BOOL input"),
+        ("POST", infer, inp(name=None), {}, "no input name"),
+        ("POST", infer, inp(name=7), {}, "numeric input name"),
+        ("POST", infer, inp(name="pixels"), {}, "unknown input name"),
+        ("POST", infer, top(inputs=[]), {}, "no inputs"),
+        ("POST", infer, top(inputs={"name": "image"}), {}, "inputs not a list"),
+        ("POST", infer, top(inputs=good["inputs"] * 2), {}, "two inputs"),
+        ("POST", infer, b"[1, 2, 3]", {}, "top-level array"),
+        ("POST", infer, b'"hello"', {}, "top-level string"),
+        ("POST", infer, top(id=5), {}, "numeric id"),
+        ("POST", infer, top(parameters=[1]), {}, "parameters not an object"),
+        ("POST", infer, top(outputs=[{"name": "logits"}]), {}, "unknown output"),
+        ("POST", infer, top(outputs="class"), {}, "outputs not a list"),
+        # shapes and values
+        ("POST", infer, inp(shape=[1, 8, 8, 1, 1, 1, 1, 1, 1]), {}, "rank 9"),
+        ("POST", infer, inp(shape=[0, 8, 8], data=[]), {}, "zero rows"),
+        ("POST", infer, inp(shape=[10 ** 12, 8, 8]), {}, "a trillion rows"),
+        ("POST", infer, inp(data=zeros[:63]), {}, "63 values for 64"),
+        ("POST", infer, json.dumps(good).replace("0.0", "NaN", 1).encode(), {}, "NaN"),
+        ("POST", infer, json.dumps(good).replace("0.0", "-Infinity", 1).encode(), {}, "-Infinity"),
+        ("POST", infer, inp(data=[-1.0] * 64), {}, "out of range"),
+        # depth and size
+        ("POST", infer, b"[" * 100_000 + b"]" * 100_000, {}, "100,000 levels deep"),
+        ("POST", infer, b"[" * 5_000 + b"]" * 5_000, {}, "5,000 levels deep (within the size limit)"),
+        ("POST", infer, inp(data=[[[[[[[[[[[0.0] * 64]]]]]]]]]]), {}, "data nested 11 deep"),
+        ("POST", infer, b'{"a":' * 3000 + b"1" + b"}" * 3000, {}, "deep objects"),
+        ("POST", infer, b"{" + b" " * 70_000 + b"}", {}, "over the body limit"),
+        ("POST", infer, b"", {}, "empty body"),
+        # encodings
+        ("POST", infer, b'{"inputs": "\xff\xfe"}', {}, "invalid UTF-8"),
+        ("POST", infer, json.dumps(good).encode("utf-16"), {}, "UTF-16"),
+        ("POST", infer, json.dumps(good).encode(), {"Content-Encoding": "br"}, "brotli"),
+        ("POST", infer, b"not gzip at all", {"Content-Encoding": "gzip"}, "broken gzip"),
+        ("POST", infer, gzip.compress(json.dumps(good).encode())[:-12], {"Content-Encoding": "gzip"}, "cut gzip"),
+        ("POST", infer, zlib.compress(b" " * 5_000_000), {"Content-Encoding": "deflate"}, "deflate bomb"),
+        # paths and methods
+        ("GET", "/nope", None, {}, "unknown route"),
+        ("GET", "/v2/models/digits/infer", None, {}, "GET on infer"),
+        ("POST", "/v2/health/live", b"{}", {}, "POST on a probe"),
+        ("DELETE", "/v2/models/digits", None, {}, "DELETE on metadata"),
+        ("POST", "/v2/models/nope/infer", json.dumps(good).encode(), {}, "unknown model"),
+        ("POST", "/v2/models/digits/versions/9/infer", json.dumps(good).encode(), {}, "unknown version"),
+        ("GET", "/v2/models/nope/config", None, {}, "config of an unknown model"),
+        ("GET", "/v2/models/digits/versions/9/ready", None, {}, "readiness of an unknown version"),
+        # the binary tensor extension
+        ("POST", infer, *binary(header, blob, "abc"), "non-numeric header length"),
+        ("POST", infer, *binary(header, blob, str(len(header) + 10_000)), "header length past the body"),
+        ("POST", infer, *binary(header, blob + b"\0" * 4), "extra binary bytes"),
+        ("POST", infer, *binary(header, blob[:-4]), "short binary data"),
+        ("POST", infer, *binary(binary_input(binary_data_size=True), blob), "bool binary_data_size"),
+        ("POST", infer, *binary(binary_input(binary_data_size=-4), blob), "negative binary_data_size"),
+        ("POST", infer, *binary(header, blob, str(len(header) - 5)), "header length cuts the JSON"),
+        ("POST", infer, *binary(json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8], "datatype": "FP32",
+                                                        "data": zeros, "parameters": {"binary_data_size": 256}}]}
+                                           ).encode(), blob), "both data and binary"),
+        ("POST", infer, *binary(json.dumps({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                                                        "parameters": {"binary_data_size": 6}}]}).encode(),
+                                b"\x09\0\0\0ab"), "BYTES element past its end"),
+        ("POST", infer, *binary(inp(), b""), "binary header but no binary input... and no bytes"),
+    ]
+    cases[-1] = ("POST", infer, *binary(binary_input(), blob), "neither data nor binary_data_size")
+    with Client(url, token=TOKEN) as c:
+        before = c.metrics()
+    failures = []
+    with httpx.Client(base_url=url, headers=auth, timeout=30) as http:
+        for method, path, body, headers, what in cases:
+            response = http.request(method, path, content=body, headers=headers)
+            error = response.json().get("error") if response.headers.get("content-type") == "application/json" \
+                else None
+            if not (400 <= response.status_code < 500 and isinstance(error, str) and error):
+                failures.append((what, response.status_code, response.text[:200]))
+        # a Content-Length that is not a number, and a chunked body over the limit, sent byte for byte
+        status, headers, body = raw_http(url, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+                                              b"Authorization: Bearer " + TOKEN.encode() + b"\r\nTransfer-Encoding: "
+                                              b"chunked\r\n\r\n" + b"%x\r\n" % 80_000 + b"[" * 80_000
+                                              + b"\r\n0\r\n\r\n")
+        assert status == 413 and "exceeds the limit" in json.loads(body)["error"]
+        assert len(cases) >= 60 and not failures, failures
+        assert http.get("/v2/health/ready").status_code == 200  # still healthy
+        assert http.post(infer, json=good).status_code == 200
+        full = infer_request(np.zeros((65, 8, 8)))
+    with Client(url, token=TOKEN) as c:
+        after = c.metrics()
+    def server_errors(text):
+        return sum(float(v) for v in re.findall(r'^lepton_requests_total\{[^}]*code="5\d\d"\} (\S+)', text, re.M))
+    assert server_errors(after) == server_errors(before)  # (the 503 before warm-up is the fixture's)
+    assert sum(float(v) for v in re.findall(r"^lepton_errors_total\{[^}]*\} (\S+)", after, re.M)) - \
+        sum(float(v) for v in re.findall(r"^lepton_errors_total\{[^}]*\} (\S+)", before, re.M)) == len(cases) + 1
+    del full
+
+
+def test_429_carries_retry_after_and_a_request_that_never_fits_gets_413(served):
+    dep = served["server"].deployments["digits"]
+    assert dep.max_rows == min(CONFIG.max_request_rows, CONFIG.max_queue_rows) == 64
+    assert dep.body_limit == 64 * 1024  # configured here; derived when not (see test_derived_body_limit)
+    response = httpx.post(served["url"] + "/v2/models/digits/infer", headers=served["headers"], timeout=10,
+                          json=infer_request(np.zeros((65, 8, 8)).round()))
+    assert response.status_code == 413 and "split the request" in response.json()["error"]
+    gate = threading.Event()
+    for replica in dep.batcher.replicas:
+        replica.executor.submit(gate.wait, 60)
+    try:
+        async def flood():
+            async with httpx.AsyncClient(headers=served["headers"], timeout=60) as http:
+                body = infer_request(np.zeros((16, 8, 8)))
+                return await asyncio.gather(*(http.post(served["url"] + "/v2/models/digits/infer", json=body)
+                                              for _ in range(12)))
+        task = threading.Thread(target=lambda: results.extend(asyncio.run(flood())))
+        results: list[httpx.Response] = []
+        task.start()
+        deadline = time.monotonic() + 30
+        while len(results) < 12 and time.monotonic() < deadline:
+            if dep.batcher.queued_rows >= CONFIG.max_queue_rows - 16:
+                break
+            time.sleep(0.01)
+        time.sleep(0.3)
+    finally:
+        gate.set()
+    task.join(timeout=60)
+    refused = [r for r in results if r.status_code == 429]
+    assert refused and all(r.headers["retry-after"] == "1" and "retry later" in r.json()["error"] for r in refused)
+    assert {r.status_code for r in results} == {200, 429}
+
+
+def test_derived_body_limit():
+    from lepton_jax.serve.server import JSON_BYTES_PER_VALUE
+
+    class Model:
+        cells = 64
+    limit = ServedModel.body_limit(Model(), ServeConfig(max_request_rows=1024, max_queue_rows=4096))
+    assert limit == 1024 * 64 * JSON_BYTES_PER_VALUE + 65536  # ~1.7 MB, not a fixed 4 MB
+    biggest = json.dumps(infer_request(np.full((1024, 8, 8), -1.2345678901234567e-05, np.float64)))
+    assert len(biggest) < limit
+
+
 def test_graceful_drain_finishes_in_flight_requests(served, splits):
     """Last in this module: shuts the server down while requests are running; all of them complete."""
     url, server, uv = served["url"], served["server"], served["uvicorn"]

@@ -120,7 +120,7 @@ def decode_request(body: bytes, header_length: str | None = None, *, max_element
         raise RequestError(400, "bad_json", f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels; a v2 "
                                             "request needs 3 plus the tensor's rank")
     try:
-        doc = json.loads(body)
+        doc = json.loads(body.decode("utf-8"))  # RFC 8259: UTF-8 only (json.loads(bytes) would guess UTF-16/32)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(400, "bad_json", f"request body is not valid JSON ({e}); expected a KServe v2 inference "
                                             'request {"inputs": [{"name", "shape", "datatype", "data"}]}') from e

@@ -64,7 +64,7 @@ log = logging.getLogger("lepton_jax.serve")
 
 __all__ = ["ModelServer", "RequestError", "ServeConfig", "ServedModel", "run_server"]
 
-JSON_BYTES_PER_VALUE = 24  # the longest JSON float ("-1.2345678901234567e-05") and its separator
+JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 
 
 @dataclasses.dataclass
