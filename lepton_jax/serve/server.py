@@ -587,6 +587,14 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
             timer.daemon = True
             timer.start()
 
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for server in self.servers:  # stop accepting ...
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            await asyncio.sleep(0.25)  # ... but read and answer what already arrived on accepted connections
+            await super().shutdown(sockets)  # then close idle connections and wait for in-flight requests
+
     return Server(config)
 
 
