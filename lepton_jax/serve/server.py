@@ -262,9 +262,10 @@ class _Deployment:
                                       threshold=config.drift_threshold, report=self._report_drift(metrics, name))
             metrics.drift_age.labels(name).set_function(lambda: self.drift.age_s)
             metrics.drift_examples.labels(name).set_function(lambda: self.drift.num_examples)
+        self.on_batch = self._on_batch(metrics, name)
         self.batcher = DynamicBatcher(model.make_replicas(config.replicas, devices),
                                       max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000,
-                                      max_queue_rows=config.max_queue_rows, on_batch=self._on_batch(metrics, name),
+                                      max_queue_rows=config.max_queue_rows, on_batch=self.on_batch,
                                       on_queue=metrics.queue_depth.labels(name).set)
         for replica in self.batcher.replicas:
             metrics.replica_inflight.labels(name, replica.name).set_function(lambda r=replica: r.inflight_rows)
@@ -452,7 +453,7 @@ class ModelServer:
             large = len(body) > self.config.inline_parse_bytes
             decoded, rows = await self._run(large, self._decode, *args)
             try:
-                probabilities = await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
+                probabilities = await self.predict(dep, rows)
             except QueueFullError as e:
                 raise RequestError(429, "queue_full", str(e), headers={"Retry-After": "1"}) from e
             except TimeoutError as e:
@@ -473,6 +474,10 @@ class ModelServer:
         return response
 
     # -- helpers ---------------------------------------------------------------------------------------------
+    async def predict(self, dep: _Deployment, rows: np.ndarray) -> np.ndarray:
+        """Probabilities for validated ``rows``: through the dynamic batcher here (Ray Serve overrides this)."""
+        return await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
+
     async def _run(self, offload: bool, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the codec thread pool when ``offload`` (a large body), else inline (cheaper)."""
         if not offload:
