@@ -487,7 +487,7 @@ def test_429_carries_retry_after_and_a_request_that_never_fits_gets_413(served):
         task.start()
         deadline = time.monotonic() + 60
         refusals = metric(served["server"].metrics.render().decode(), "lepton_errors_total", kind="queue_full")
-        while time.monotonic() < deadline:  # 2 batches held by the replicas + 4 queued (64 rows); 6 refused
+        while time.monotonic() < deadline:  # at most 2 batches held by the replicas + 4 queued (64 rows)
             text = served["server"].metrics.render().decode()
             if metric(text, "lepton_errors_total", kind="queue_full") - refusals >= 6:
                 break
@@ -497,7 +497,8 @@ def test_429_carries_retry_after_and_a_request_that_never_fits_gets_413(served):
     task.join(timeout=60)
     refused = [r for r in results if r.status_code == 429]
     assert refused and all(r.headers["retry-after"] == "1" and "retry later" in r.json()["error"] for r in refused)
-    assert [r.status_code for r in results].count(429) == 6 and [r.status_code for r in results].count(200) == 6
+    statuses = [r.status_code for r in results]  # at most 6 fit; at least 4 (the queue's 64 rows) are taken
+    assert statuses.count(429) >= 6 and statuses.count(200) >= 4 and len(statuses) == 12
 
 
 def test_derived_body_limit():

@@ -44,6 +44,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers
 
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in codec worker processes, re-raised in the server
+        return type(self), (self.status, self.kind, self.message, self.headers)
+
 
 @dataclasses.dataclass
 class Tensor:
@@ -73,14 +76,16 @@ class InferRequest:
         return default
 
 
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
 def json_depth(raw: bytes) -> int:
     """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings do not count); no parsing."""
     text = _STRING.sub(b'""', raw) if b'"' in raw else raw
-    codes = np.frombuffer(text, np.uint8)
-    if not codes.size:
+    brackets = np.frombuffer(text.translate(None, _NOT_BRACKETS), np.uint8)
+    if not brackets.size:
         return 0
-    depth = np.cumsum(_OPEN[codes].astype(np.int32) - _CLOSE[codes], dtype=np.int32)
-    return int(depth.max())
+    return int(np.cumsum(_OPEN[brackets].astype(np.int32) - _CLOSE[brackets]).max())
 
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
@@ -297,3 +302,56 @@ def _to_binary(tensor: Tensor) -> bytes:
 def error_body(message: str) -> bytes:
     """The KServe v2 error body ``{"error": message}``."""
     return json.dumps({"error": message}).encode()
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: one input of ``example_shape`` per row, raw values in ``value_range`` (picklable)."""
+
+    model: str
+    input_name: str
+    example_shape: tuple[int, ...]
+    value_range: tuple[float, float]
+
+    def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
+        """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
+        want = f"[N, {', '.join(map(str, self.example_shape))}]"
+        if len(request.inputs) != 1 or request.inputs[0].name != self.input_name:
+            names = [t.name for t in request.inputs]
+            raise RequestError(400, "bad_request", f"unknown input(s) {names}; model {self.model!r} takes one "
+                                                   f"input named {self.input_name!r} of shape {want}")
+        tensor = request.inputs[0]
+        name = tensor.name
+        if tensor.datatype not in NUMERIC:
+            raise RequestError(400, "datatype", f"input {name!r}: datatype {tensor.datatype!r} is not supported; "
+                                                f"expected FP32 (or another numeric type: {', '.join(NUMERIC)})")
+        shape, example = list(tensor.shape), list(self.example_shape)
+        if shape[1:] == example[:-1] and example[-1] == 1:
+            shape = [*shape, 1]
+        if shape[1:] != example or not shape or shape[0] < 1:
+            raise RequestError(400, "shape", f"input {name!r}: shape {tensor.shape} does not match the model; "
+                                             f"expected {want} with N >= 1")
+        if shape[0] > max_rows:
+            raise RequestError(413, "too_large", f"input {name!r}: {shape[0]} rows exceed this server's limit of "
+                                                 f"{max_rows} rows per request; split the request")
+        values = tensor.data
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values.reshape(shape[0], -1))).any(axis=1).sum())
+            raise RequestError(400, "non_finite", f"input {name!r}: {bad} example(s) contain NaN or inf; expected "
+                                                  f"finite values in {list(self.value_range)}")
+        rows = values.reshape(shape).astype(np.float32)
+        lo, hi = self.value_range
+        if rows.min() < lo or rows.max() > hi:
+            raise RequestError(400, "range", f"input {name!r}: values span [{rows.min()}, {rows.max()}] but the "
+                                             f"model was trained on [{lo}, {hi}] (raw units of the lake table)")
+        return rows
+
+
+def decode_rows(body: bytes, header_length: str | None, encoding: str | None, *, spec: InputSpec, body_limit: int,
+                max_rows: int) -> tuple[InferRequest, np.ndarray]:
+    """Body bytes -> (the request without its input data, validated rows): everything a server does before the
+    model, as one picklable function so that a worker process can do it off the server's event loop and GIL."""
+    body = decompress(body, encoding, body_limit)
+    request = decode_request(body, header_length, max_elements=max_rows * math.prod(spec.example_shape))
+    rows = spec.rows(request, max_rows)
+    return dataclasses.replace(request, inputs=[]), rows

@@ -25,14 +25,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import logging
 import math
+import multiprocessing
 import signal
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,12 +52,11 @@ from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, Q
 from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.kserve import (
     HEADER_LENGTH,
-    NUMERIC,
     InferRequest,
+    InputSpec,
     RequestError,
     Tensor,
-    decode_request,
-    decompress,
+    decode_rows,
     encode_response,
 )
 from lepton_jax.serve.metrics import ServerMetrics
@@ -74,6 +75,9 @@ class ServeConfig:
     ``max_body_bytes=None`` derives the body limit from the largest legal request: ``max_request_rows`` rows
     written as JSON at :data:`JSON_BYTES_PER_VALUE` bytes per value, plus 64 KiB. A request with more rows than
     ``min(max_request_rows, max_queue_rows)`` can never be queued and gets 413.
+
+    Bodies over ``inline_parse_bytes`` are decoded (and their answers encoded) in ``codec_processes`` worker
+    processes, so neither the event loop nor the GIL is held while megabytes of JSON are parsed; 0 uses threads.
     """
 
     max_batch_size: int = 32
@@ -91,8 +95,8 @@ class ServeConfig:
     drift_min_samples: int = 200
     drift_threshold: float = 0.25
     drift_interval_s: float = 1.0
-    inline_parse_bytes: int = 16 << 10
-    parse_threads: int = 2
+    inline_parse_bytes: int = 64 << 10
+    codec_processes: int = 1
     warm_up_on_startup: bool = True
 
 
@@ -197,38 +201,13 @@ class ServedModel:
             return int(serve.max_body_bytes)
         return min(serve.max_request_rows, serve.max_queue_rows) * self.cells * JSON_BYTES_PER_VALUE + (64 << 10)
 
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.name, self.input_name, self.example_shape, self.value_range)
+
     def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
         """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
-        want = f"[N, {', '.join(map(str, self.example_shape))}]"
-        if len(request.inputs) != 1 or request.inputs[0].name != self.input_name:
-            names = [t.name for t in request.inputs]
-            raise RequestError(400, "bad_request", f"unknown input(s) {names}; model {self.name!r} takes one input "
-                                                   f"named {self.input_name!r} of shape {want}")
-        tensor = request.inputs[0]
-        name = tensor.name
-        if tensor.datatype not in NUMERIC:
-            raise RequestError(400, "datatype", f"input {name!r}: datatype {tensor.datatype!r} is not supported; "
-                                                f"expected FP32 (or another numeric type: {', '.join(NUMERIC)})")
-        shape, example = list(tensor.shape), list(self.example_shape)
-        if shape[1:] == example[:-1] and example[-1] == 1:
-            shape = [*shape, 1]
-        if shape[1:] != example or not shape or shape[0] < 1:
-            raise RequestError(400, "shape", f"input {name!r}: shape {tensor.shape} does not match the model; "
-                                             f"expected {want} with N >= 1")
-        if shape[0] > max_rows:
-            raise RequestError(413, "too_large", f"input {name!r}: {shape[0]} rows exceed this server's limit of "
-                                                 f"{max_rows} rows per request; split the request")
-        values = tensor.data
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            bad = int((~np.isfinite(values.reshape(shape[0], -1))).any(axis=1).sum())
-            raise RequestError(400, "non_finite", f"input {name!r}: {bad} example(s) contain NaN or inf; expected "
-                                                  f"finite values in {list(self.value_range)}")
-        rows = values.reshape(shape).astype(np.float32)
-        lo, hi = self.value_range
-        if rows.min() < lo or rows.max() > hi:
-            raise RequestError(400, "range", f"input {name!r}: values span [{rows.min()}, {rows.max()}] but the "
-                                             f"model was trained on [{lo}, {hi}] (raw units of the lake table)")
-        return rows
+        return self.spec.rows(request, max_rows)
 
     def outputs(self, probabilities: np.ndarray) -> list[Tensor]:
         """The model's outputs for ``probabilities`` (N, C): probabilities, class index and label name."""
@@ -310,7 +289,11 @@ class ModelServer:
         self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
         self._ready = threading.Event()
         self._draining = False
-        self._pool = ThreadPoolExecutor(max_workers=self.config.parse_threads, thread_name_prefix="kserve-codec")
+        if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
+            self._pool: Executor = ProcessPoolExecutor(self.config.codec_processes,
+                                                       mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
         self.accepted = self.answered = 0
         versioned = "/v2/models/{name}/versions/{version}"
         routes = [Route("/v2/health/live", self.live, methods=["GET"]),
@@ -377,6 +360,8 @@ class ModelServer:
     async def _lifespan(self, app: Starlette):
         for dep in self.deployments.values():
             dep.batcher.start()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, math.prod, (1,))  # start the codec workers before traffic
         drift_tasks = [asyncio.create_task(d.drift_loop(self.config.drift_interval_s), name=f"drift-{n}")
                        for n, d in self.deployments.items() if d.drift]
         if self.config.warm_up_on_startup:
@@ -449,9 +434,10 @@ class ModelServer:
             if dep.batcher.draining:
                 raise RequestError(503, "unavailable", "the server is shutting down")
             body = await self._read_body(request, dep.body_limit)
-            args = (dep, body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"))
             large = len(body) > self.config.inline_parse_bytes
-            decoded, rows = await self._run(large, self._decode, *args)
+            decoded, rows = await self._run(large, functools.partial(
+                decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows),
+                body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"))
             try:
                 probabilities = await self.predict(dep, rows)
             except QueueFullError as e:
@@ -460,8 +446,9 @@ class ModelServer:
                 raise RequestError(504, "timeout", f"no result within {self.config.request_timeout_s} s") from e
             except DrainingError as e:
                 raise RequestError(503, "unavailable", str(e)) from e
-            content, headers = await self._run(large or rows.shape[0] > 64, self._encode, dep, decoded,
-                                               probabilities)
+            content, headers = await self._run(rows.shape[0] > 256, functools.partial(
+                encode_response, model_name=dep.model.name, model_version=dep.model.version),
+                decoded, dep.model.outputs(probabilities))
             response = Response(content, headers=headers)
         except RequestError as e:
             response = self._error(e)
@@ -479,22 +466,10 @@ class ModelServer:
         return await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
 
     async def _run(self, offload: bool, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on the codec thread pool when ``offload`` (a large body), else inline (cheaper)."""
+        """``fn(*args)`` in the codec worker pool when ``offload`` (a large body), else inline (cheaper)."""
         if not offload:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    @staticmethod
-    def _decode(dep: _Deployment, body: bytes, header_length: str | None,
-                encoding: str | None) -> tuple[InferRequest, np.ndarray]:
-        body = decompress(body, encoding, dep.body_limit)
-        decoded = decode_request(body, header_length, max_elements=dep.max_rows * dep.model.cells)
-        return decoded, dep.model.rows(decoded, dep.max_rows)
-
-    @staticmethod
-    def _encode(dep: _Deployment, decoded: InferRequest, probabilities: np.ndarray) -> tuple[bytes, dict[str, str]]:
-        return encode_response(decoded, dep.model.outputs(probabilities), model_name=dep.model.name,
-                               model_version=dep.model.version)
 
     def _resolve(self, request: Request) -> _Deployment:
         """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
