@@ -80,7 +80,10 @@ _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def json_depth(raw: bytes) -> int:
-    """The deepest nesting of ``[``/``{`` in a JSON text (brackets inside strings do not count); no parsing."""
+    """An upper bound of the nesting of ``[``/``{`` in a JSON text, exact above :data:`MAX_JSON_DEPTH` (brackets
+    inside strings do not count); no parsing."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # cannot nest deeper than it has brackets
+        return raw.count(b"[") + raw.count(b"{")
     text = _STRING.sub(b'""', raw) if b'"' in raw else raw
     brackets = np.frombuffer(text.translate(None, _NOT_BRACKETS), np.uint8)
     if not brackets.size:

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -250,10 +251,12 @@ class _Deployment:
             metrics.replica_inflight.labels(name, replica.name).set_function(lambda r=replica: r.inflight_rows)
 
     def _on_batch(self, metrics: ServerMetrics, name: str):
+        batch_size, queue_time = metrics.batch_size.labels(name), metrics.queue_time.labels(name)
+
         def on_batch(info: BatchInfo) -> None:
-            metrics.batch_size.labels(name).observe(info.size)
+            batch_size.observe(info.size)
             for wait in info.queue_times:
-                metrics.queue_time.labels(name).observe(wait)
+                queue_time.observe(wait)
             metrics.replica_batches.labels(name, info.replica).inc()
             metrics.replica_rows.labels(name, info.replica).inc(info.size)
             if self.drift:
@@ -360,8 +363,11 @@ class ModelServer:
     async def _lifespan(self, app: Starlette):
         for dep in self.deployments.values():
             dep.batcher.start()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, math.prod, (1,))  # start the codec workers before traffic
+        try:  # start the codec workers before traffic
+            await asyncio.get_running_loop().run_in_executor(self._pool, math.prod, (1,))
+        except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":` (spawn re-imports it)
+            log.warning("codec worker processes did not start; decoding large bodies on threads instead")
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
         drift_tasks = [asyncio.create_task(d.drift_loop(self.config.drift_interval_s), name=f"drift-{n}")
                        for n, d in self.deployments.items() if d.drift]
         if self.config.warm_up_on_startup:
@@ -455,10 +461,18 @@ class ModelServer:
         except Exception as e:  # a bug or a failed batch: report it, keep serving
             log.exception("inference failed")
             response = self._error(RequestError(500, "internal", f"internal error: {type(e).__name__}: {e}"))
-        self.metrics.requests.labels(label, str(response.status_code)).inc()
+        self._counted(label, response.status_code).inc()
         if response.status_code == 200:
-            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+            self._latency(label).observe(time.perf_counter() - start)
         return response
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019  (one server object per process; bounded)
+    def _counted(self, model: str, code: int) -> Any:
+        return self.metrics.requests.labels(model, str(code))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019
+    def _latency(self, model: str) -> Any:
+        return self.metrics.latency.labels(model)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     async def predict(self, dep: _Deployment, rows: np.ndarray) -> np.ndarray:
