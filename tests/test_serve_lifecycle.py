@@ -66,7 +66,8 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
                     await asyncio.sleep(0.05)
                 return signalled
 
-            load = loadgen.drive("127.0.0.1", port, lambda i: request, TOTAL, CONCURRENCY, on_response=done.append)
+            load = loadgen.drive("127.0.0.1", port, lambda i: request, TOTAL, CONCURRENCY, on_response=done.append,
+                                 keep_body=True)
             return await asyncio.gather(load, terminate_and_probe())
 
         outcomes, signalled = asyncio.run(asyncio.wait_for(main(), timeout=180))
@@ -80,7 +81,8 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
     statuses = [o.status for o in outcomes]
     refused = [o for o in outcomes if o.error and o.error.startswith("refused")]
     lost = [o for o in outcomes if o.error and o.error.startswith("lost")]
-    assert set(statuses) <= {200, 0}, sorted(set(statuses))  # nothing but answers and refusals
+    # nothing but answers and refusals
+    assert set(statuses) <= {200, 0}, [(o.status, o.body) for o in outcomes if o.status not in (200, 0)][:3]
     # the server's own count: every request it accepted was answered, and each answer reached its client
     accepted, answered = map(int, re.search(r"drained: answered (\d+) of (\d+) accepted", text).groups()[::-1])
     ok = statuses.count(200)
@@ -91,7 +93,7 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
     assert ok + len(refused) + len(lost) == TOTAL and ok >= TOTAL // 5 and refused  # load outlasted the grace
     # readiness said "draining" during the grace period while inference still answered 200
     draining = [p for p in probes if p.status == 503 and json.loads(p.body)["error"] == "draining"]
-    assert draining and draining[0].start - signalled < 0.5
+    assert draining and draining[0].start - signalled < GRACE_S, [(p.start - signalled, p.status) for p in probes]
     assert any(o.status == 200 and o.start > draining[0].end for o in outcomes)
     # --log-level info reaches our loggers even though absl configured logging first
     for line in ("warm-up done", "SIGTERM: serving on for 1.0 s", "draining: readiness answers 503", "drained:"):

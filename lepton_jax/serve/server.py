@@ -26,10 +26,12 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import hmac
 import logging
 import math
 import multiprocessing
+import re
 import signal
 import threading
 import time
@@ -59,6 +61,7 @@ from lepton_jax.serve.kserve import (
     Tensor,
     decode_rows,
     encode_response,
+    error_body,
 )
 from lepton_jax.serve.metrics import ServerMetrics
 
@@ -66,6 +69,7 @@ log = logging.getLogger("lepton_jax.serve")
 
 __all__ = ["ModelServer", "RequestError", "ServeConfig", "ServedModel", "run_server"]
 
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 
 
@@ -337,6 +341,16 @@ class ModelServer:
             await self._starlette(scope, receive, send)
             return
         self.accepted += 1
+        if scope["method"] == "POST" and (match := _INFER_PATH.fullmatch(scope["path"])):  # the hot path, direct
+            status, headers, content = await self._infer(match[1], match[2], scope, receive)
+            raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            raw.append((b"content-length", str(len(content)).encode()))
+            if self._draining:
+                raw.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": content})
+            self.answered += 1
+            return
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start" and self._draining:
@@ -353,6 +367,8 @@ class ModelServer:
         for dep in self.deployments.values():
             lo = dep.model.value_range[0]
             dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32))
+        gc.collect()
+        gc.freeze()  # the imported libraries and compiled model stay out of later collections (no 100 ms pauses)
         self._ready.set()
         if not self._draining:
             self.metrics.ready.set(1)
@@ -430,20 +446,29 @@ class ModelServer:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def infer(self, request: Request) -> Response:
+        """The inference route as a Starlette endpoint (``handle`` answers POSTs to it without Starlette)."""
+        status, headers, content = await self._infer(request.path_params["name"], request.path_params.get("version"),
+                                                     request.scope, request.receive)
+        return Response(content, status_code=status, headers=headers)
+
+    async def _infer(self, name: str, version: str | None, scope: dict[str, Any],
+                     receive: Any) -> tuple[int, dict[str, str], bytes]:
+        """One inference request on raw ASGI: (status, headers, body); never raises."""
         start = time.perf_counter()
-        name = request.path_params["name"]
         label = name if name in self.deployments else "unknown"
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}  # ASGI: lower-case names
         try:
-            dep = self._resolve(request)
+            self._authorize_header(headers.get("authorization", ""))
+            dep = self._named(name, version)
             if not self._ready.is_set():
                 raise RequestError(503, "unavailable", "the server is warming up; poll /v2/health/ready")
             if dep.batcher.draining:
                 raise RequestError(503, "unavailable", "the server is shutting down")
-            body = await self._read_body(request, dep.body_limit)
+            body = await self._read_body(receive, dep.body_limit, headers.get("content-length"))
             large = len(body) > self.config.inline_parse_bytes
             decoded, rows = await self._run(large, functools.partial(
                 decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows),
-                body, request.headers.get(HEADER_LENGTH), request.headers.get("content-encoding"))
+                body, headers.get(HEADER_LENGTH), headers.get("content-encoding"))
             try:
                 probabilities = await self.predict(dep, rows)
             except QueueFullError as e:
@@ -452,19 +477,20 @@ class ModelServer:
                 raise RequestError(504, "timeout", f"no result within {self.config.request_timeout_s} s") from e
             except DrainingError as e:
                 raise RequestError(503, "unavailable", str(e)) from e
-            content, headers = await self._run(rows.shape[0] > 256, functools.partial(
+            content, out_headers = await self._run(rows.shape[0] > 256, functools.partial(
                 encode_response, model_name=dep.model.name, model_version=dep.model.version),
                 decoded, dep.model.outputs(probabilities))
-            response = Response(content, headers=headers)
+            status = 200
         except RequestError as e:
-            response = self._error(e)
+            status, out_headers, content = self._error_parts(e)
         except Exception as e:  # a bug or a failed batch: report it, keep serving
             log.exception("inference failed")
-            response = self._error(RequestError(500, "internal", f"internal error: {type(e).__name__}: {e}"))
-        self._counted(label, response.status_code).inc()
-        if response.status_code == 200:
+            status, out_headers, content = self._error_parts(
+                RequestError(500, "internal", f"internal error: {type(e).__name__}: {e}"))
+        self._counted(label, status).inc()
+        if status == 200:
             self._latency(label).observe(time.perf_counter() - start)
-        return response
+        return status, out_headers, content
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019  (one server object per process; bounded)
     def _counted(self, model: str, code: int) -> Any:
@@ -488,50 +514,63 @@ class ModelServer:
     def _resolve(self, request: Request) -> _Deployment:
         """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
         self._check_auth(request)
-        name = request.path_params["name"]
+        return self._named(request.path_params["name"], request.path_params.get("version"))
+
+    def _named(self, name: str, version: str | None) -> _Deployment:
         if name not in self.deployments:
             raise RequestError(404, "unknown_model", f"unknown model {name!r}; this server serves: "
                                                      f"{', '.join(sorted(self.deployments))}")
         dep = self.deployments[name]
-        version = request.path_params.get("version")
         if version is not None and version != dep.model.version:
             raise RequestError(404, "unknown_model", f"model {name!r} has no version {version!r} on this "
                                                      f"server; it serves version {dep.model.version}")
         return dep
 
     def _check_auth(self, request: Request) -> None:
+        self._authorize_header(request.headers.get("authorization", ""))
+
+    def _authorize_header(self, header: str) -> None:
         token = self.config.token
         if not token:
             return
-        header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise RequestError(401, "unauthorized", "missing or wrong bearer token: send 'Authorization: Bearer "
                                                     "<token>'")
 
     @staticmethod
-    async def _read_body(request: Request, limit: int) -> bytes:
-        length = request.headers.get("content-length")
+    async def _read_body(receive: Any, limit: int, length: str | None) -> bytes:
+        """The request body from ASGI ``receive``, refused (413) as soon as it is known to exceed ``limit``."""
         too_large = RequestError(413, "too_large", f"request body exceeds the limit of {limit} bytes; send fewer "
                                                    "rows per request")
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None:
             if not length.isdigit():
                 raise RequestError(400, "bad_request", f"Content-Length {length!r} is not a byte count")
-            raise too_large
+            if int(length) > limit:
+                raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "disconnect", "the client went away before sending its body")
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise too_large
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-    def _error(self, error: RequestError) -> Response:
+    def _error_parts(self, error: RequestError) -> tuple[int, dict[str, str], bytes]:
         self.metrics.errors.labels(error.kind).inc()
-        headers = dict(error.headers or {})
+        headers = {"content-type": "application/json", **(error.headers or {})}
         if error.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return JSONResponse({"error": error.message}, status_code=error.status, headers=headers or None)
+        return error.status, headers, error_body(error.message)
+
+    def _error(self, error: RequestError) -> Response:
+        status, headers, content = self._error_parts(error)
+        return Response(content, status_code=status, headers=headers)
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         """Starlette's own 404 (no such route) and 405 (wrong method), as KServe error bodies."""
