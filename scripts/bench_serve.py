@@ -1,6 +1,6 @@
 """Serving benchmark: batched vs unbatched vs a bare Starlette+uvicorn endpoint at c=32, and head-of-line blocking.
 
-    .venv/bin/python scripts/bench_serve.py [--workdir runs/digits_cnn] [--requests 3000] [--repeats 3]
+    .venv/bin/python scripts/bench_serve.py [--workdir runs/digits_cnn] [--requests 5000] [--repeats 5]
 
 Without --workdir it ingests digits into a temporary lake and trains a short run (3 epochs). Three servers run
 as separate processes, pinned with ``sched_setaffinity`` (as ``taskset`` does) to one CPU while the load generator
@@ -194,9 +194,9 @@ def summary(values: list[float], fmt: str = "{:.1f}") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="a trained run (default: train a short one)")
-    parser.add_argument("--requests", type=int, default=3000, help="1-row requests per throughput run")
+    parser.add_argument("--requests", type=int, default=5000, help="1-row requests per throughput run")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every measurement")
     parser.add_argument("--hol-requests", type=int, default=300, help="1-row requests per head-of-line run")
     parser.add_argument("--serve", choices=sorted(MODES), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

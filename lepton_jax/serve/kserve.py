@@ -357,4 +357,5 @@ def decode_rows(body: bytes, header_length: str | None, encoding: str | None, *,
     body = decompress(body, encoding, body_limit)
     request = decode_request(body, header_length, max_elements=max_rows * math.prod(spec.example_shape))
     rows = spec.rows(request, max_rows)
-    return dataclasses.replace(request, inputs=[]), rows
+    request.inputs = []  # the data is in rows now; do not send it back from a worker process
+    return request, rows

@@ -206,7 +206,7 @@ class ServedModel:
             return int(serve.max_body_bytes)
         return min(serve.max_request_rows, serve.max_queue_rows) * self.cells * JSON_BYTES_PER_VALUE + (64 << 10)
 
-    @property
+    @functools.cached_property
     def spec(self) -> InputSpec:
         return InputSpec(self.name, self.input_name, self.example_shape, self.value_range)
 
@@ -636,5 +636,6 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
 
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                            access_log=log_level.lower() in ("debug", "trace"),
                             timeout_graceful_shutdown=server.config.drain_timeout_s)
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
