@@ -28,6 +28,7 @@ import json
 import os
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -187,6 +188,40 @@ def head_of_line_run(port: int, small: list[bytes], large: bytes, n: int, loaded
             "large_ok": big.count(200)}
 
 
+def ray_runs(workdir: Path, tmp: Path, args: argparse.Namespace, small: list[bytes], server_cpus: set[int] | None,
+             client_cpus: set[int] | None) -> list[dict[str, float]]:
+    """The batched model on Ray Serve (`lepton-jax serve --backend ray`, local Ray), after the other modes."""
+    from lepton_jax.serve.registry import Registry
+
+    registry = Registry(tmp / "ray-lake")
+    registry.register("digits", workdir)
+    port = free_port()
+    cmd = [sys.executable, "-m", "lepton_jax.cli", "serve", "--backend", "ray", "--lake", str(tmp / "ray-lake"),
+           "--model", "digits@1", "--port", str(port), "--replicas", str(args.ray_replicas),
+           "--num-cpus-per-replica", "0.5", "--max-batch-size", "32", "--max-delay-ms", "2", "--log-level", "warning"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    if client_cpus:
+        os.sched_setaffinity(0, set(os.sched_getaffinity(0)) | (server_cpus or set()))
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus))
+                            if server_cpus else None)
+    try:
+        if client_cpus:
+            os.sched_setaffinity(0, client_cpus)
+        wait_ready(port, proc)
+        out = []
+        for r in range(args.repeats):
+            run = throughput_run(port, proc.pid, small, args.requests, args.concurrency)
+            out.append(run)
+            print(f"  repeat {r + 1}/{args.repeats} ray       {run['rps']:8.0f} req/s", flush=True)
+        return out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def summary(values: list[float], fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(np.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
@@ -198,6 +233,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every measurement")
     parser.add_argument("--hol-requests", type=int, default=300, help="1-row requests per head-of-line run")
+    parser.add_argument("--ray-replicas", type=int, default=0,
+                        help="also measure `lepton-jax serve --backend ray` with this many replicas (0: skip)")
     parser.add_argument("--serve", choices=sorted(MODES), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,6 +284,8 @@ def main() -> None:
                     results[mode].append(throughput_run(port, proc.pid, small, args.requests, args.concurrency))
                     print(f"  repeat {r + 1}/{args.repeats} {mode:9s} {results[mode][-1]['rps']:8.0f} req/s",
                           flush=True)
+            if args.ray_replicas:
+                results["ray"] = ray_runs(workdir, Path(tmp), args, small, server_cpus, client_cpus)
             hol: dict[bool, list[dict[str, float]]] = {False: [], True: []}
             proc, port = servers["batched"]
             for r in range(args.repeats):
@@ -271,6 +310,14 @@ def main() -> None:
               f"{summary([x['p50'] for x in rs]):>20s} {summary([x['p99'] for x in rs]):>20s} "
               f"{summary([x['server_cpu_ms'] for x in rs], '{:.3f}'):>20s} "
               f"{summary([x['client_cpu_ms'] for x in rs], '{:.3f}'):>20s} {batch:>12s}")
+    if "ray" in results:
+        rs = results["ray"]
+        print(f"  {'Ray Serve, ' + str(args.ray_replicas) + ' replicas (@serve.batch 32)':36s} "
+              f"{summary([x['rps'] for x in rs], '{:.0f}'):>22s} {summary([x['p50'] for x in rs]):>20s} "
+              f"{summary([x['p99'] for x in rs]):>20s} {'(many processes)':>20s} "
+              f"{summary([x['client_cpu_ms'] for x in rs], '{:.3f}'):>20s}")
+        ratio_r = [r["rps"] / b["rps"] for r, b in zip(rs, results["batched"], strict=False)]
+        print(f"  throughput Ray Serve / one-process batched: {summary(ratio_r, '{:.2f}')}x")
     ratio_u = [b["rps"] / u["rps"] for b, u in zip(results["batched"], results["unbatched"], strict=True)]
     ratio_b = [b["rps"] / u["rps"] for b, u in zip(results["batched"], results["bare"], strict=True)]
     print(f"  throughput batched / unbatched:  {summary(ratio_u, '{:.2f}')}x   (goal >= 3x)")

@@ -110,5 +110,14 @@ def run_ray(lake_root: str | Path, refs: Sequence[str], config: ServeConfig, *, 
 
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(application(lake_root, refs, config, num_cpus=num_cpus), name="lepton_jax", route_prefix="/",
-              blocking=True)
+    try:
+        serve.run(application(lake_root, refs, config, num_cpus=num_cpus), name="lepton_jax", route_prefix="/",
+                  blocking=True)
+    except KeyboardInterrupt:
+        log.info("interrupted: removing the application")
+    finally:
+        if address is None:  # our own local Ray: stop it all
+            serve.shutdown()
+            ray.shutdown()
+        else:  # a shared cluster: remove only this application
+            serve.delete("lepton_jax")

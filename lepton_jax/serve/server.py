@@ -394,7 +394,7 @@ class ModelServer:
         for task in drift_tasks:
             task.cancel()
         await asyncio.gather(*drift_tasks, return_exceptions=True)
-        self._pool.shutdown(wait=False)
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         log.info("drained: answered %d of %d accepted requests; %s", self.answered, self.accepted,
                  {n: d.batcher.stats() for n, d in self.deployments.items()})
 
