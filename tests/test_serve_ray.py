@@ -16,7 +16,7 @@ from lepton_jax.serve.server import ServeConfig
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:os.fork:RuntimeWarning")
-def test_ray_serve_deployment_answers_kserve_v2_like_the_predictor(trained_run, lake_root, tmp_path):
+def test_ray_serve_deployment_answers_kserve_v2_like_the_predictor(trained_run, tmp_path):
     ray = pytest.importorskip("ray")
     import tritonclient.http as triton
     from ray import serve
