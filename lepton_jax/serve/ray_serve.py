@@ -52,6 +52,7 @@ class KServeReplica:
         models = [ServedModel.from_registry(lake_root, ref) for ref in refs]
         self.config = dataclasses.replace(config, replicas=1, warm_up_on_startup=False)
         self.server = _RayModelServer(models, self.config, self)
+        self.server.freeze_gc_after_warm_up = True  # this replica process is ours
         self.server.warm_up()  # compile every bucket before Ray routes traffic here
         self.batched.set_max_batch_size(self.config.max_batch_size)
         self.batched.set_batch_wait_timeout_s(self.config.max_delay_ms / 1000)

@@ -302,6 +302,7 @@ class ModelServer:
         else:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
         self.accepted = self.answered = 0
+        self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
         versioned = "/v2/models/{name}/versions/{version}"
         routes = [Route("/v2/health/live", self.live, methods=["GET"]),
                   Route("/v2/health/ready", self.ready_endpoint, methods=["GET"]),
@@ -367,8 +368,9 @@ class ModelServer:
         for dep in self.deployments.values():
             lo = dep.model.value_range[0]
             dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32))
-        gc.collect()
-        gc.freeze()  # the imported libraries and compiled model stay out of later collections (no 100 ms pauses)
+        if self.freeze_gc_after_warm_up:  # the process is ours (run_server, a Ray replica): no 100 ms gc pauses
+            gc.collect()
+            gc.freeze()  # the imported libraries and compiled model stay out of later collections
         self._ready.set()
         if not self._draining:
             self.metrics.ready.set(1)
@@ -635,6 +637,7 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
     """Serves ``server.app`` with uvicorn until SIGINT/SIGTERM, drains (see :class:`ServeConfig`), then exits."""
     import uvicorn
 
+    server.freeze_gc_after_warm_up = True
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
                             access_log=log_level.lower() in ("debug", "trace"),
                             timeout_graceful_shutdown=server.config.drain_timeout_s)
