@@ -88,8 +88,8 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
     ok = statuses.count(200)
     probes_answered = sum(1 for p in probes if p.status)
     assert answered == accepted == ok + probes_answered + startup_answers, (answered, accepted, ok, text[-2000:])
-    # so a request without a response (a reset of a connection still in the kernel's accept queue when the
-    # listener closed) was never accepted
+    # so a request without a response (its connection reset before the server read it, e.g. still in the
+    # kernel's accept queue when the listener closed) was never accepted
     assert ok + len(refused) + len(lost) == TOTAL and ok >= TOTAL // 5 and refused  # load outlasted the grace
     # readiness said "draining" during the grace period while inference still answered 200
     draining = [p for p in probes if p.status == 503 and json.loads(p.body)["error"] == "draining"]
