@@ -118,3 +118,31 @@ def test_timeout_drops_a_queued_request_and_drain_finishes_running_ones():
     out = run(main())
     np.testing.assert_array_equal(out, np.full((2, 1), 2))
     assert all(5 not in b for b in fn.batches)  # the timed-out request never ran
+
+
+def test_a_large_request_does_not_hold_up_a_small_one_behind_it():
+    """Chunks of queued requests are taken round robin: a 1-row request waits for one chunk, not forty."""
+    fn = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=4, max_delay_s=0.0, max_queue_rows=1000)
+        batcher.start()
+        fn.gate.clear()
+        first = asyncio.ensure_future(batcher.infer(np.full((4, 1), 1, np.float32), timeout_s=30))
+        while not batcher.replicas[0].inflight_rows:
+            await asyncio.sleep(0.001)
+        large = asyncio.ensure_future(batcher.infer(np.full((160, 1), 2, np.float32), timeout_s=30))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(batcher.infer(np.full((1, 1), 3, np.float32), timeout_s=30))
+        await asyncio.sleep(0.01)
+        fn.gate.set()
+        outs = await asyncio.gather(first, large, small)
+        await batcher.drain()
+        return outs
+
+    first, large, small = run(main())
+    np.testing.assert_array_equal(large, np.full((160, 1), 4))
+    assert small[0, 0] == 6
+    order = [b[0, 0] for b in fn.batches]
+    assert order.index(3) == 2  # after the running batch and one chunk of the large request
+    assert len(fn.batches) == 1 + 40 + 1

@@ -51,10 +51,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     srv.add_argument("--max-queue-rows", type=int, default=1024, help="queued rows beyond which requests get 429")
     srv.add_argument("--timeout-s", type=float, default=10.0, help="per-request timeout (504)")
-    srv.add_argument("--max-body-mb", type=float, default=4.0, help="request body limit (413)")
+    srv.add_argument("--max-request-rows", type=int, default=1024,
+                     help="rows per request (413 beyond it, or beyond --max-queue-rows)")
+    srv.add_argument("--max-body-mb", type=float, default=None,
+                     help="request body limit (413); default: the largest legal request as JSON, plus 64 KiB")
+    srv.add_argument("--drain-grace-s", type=float, default=5.0,
+                     help="after SIGTERM: seconds of serving with readiness 503 before the listener closes")
     srv.add_argument("--token-env", default="LEPTON_SERVE_TOKEN",
                      help="environment variable holding a bearer token; when set, requests must carry it")
-    srv.add_argument("--log-level", default="info")
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    srv.add_argument("--backend", default="uvicorn", choices=["uvicorn", "ray"],
+                     help="uvicorn: this process; ray: a Ray Serve application (replicas across a Ray cluster)")
+    srv.add_argument("--ray-address", default=None,
+                     help="with --backend ray: the cluster to join (e.g. auto); default: start a local Ray")
+    srv.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --backend ray")
     srv.set_defaults(handler=serve_command)
 
 
@@ -139,19 +149,45 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_logging(level: str) -> None:
+    """Our loggers at ``level`` on stderr, whatever absl or a library configured on the root logger first."""
+    import logging
+
+    logger = logging.getLogger("lepton_jax")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_lepton_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler._lepton_cli = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import logging
 
+    from lepton_jax.errors import LeptonError
     from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, run_server
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     token = os.environ.get(args.token_env) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logging.getLogger("lepton_jax.serve").warning("binding %s without a token: anyone who can reach this "
                                                       "address can use the model", args.host)
+    for flag in ("max_batch_size", "max_queue_rows", "max_request_rows", "replicas"):
+        if getattr(args, flag) < 1:
+            raise LeptonError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     config = ServeConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                          max_queue_rows=args.max_queue_rows, request_timeout_s=args.timeout_s,
-                         max_body_bytes=int(args.max_body_mb * (1 << 20)), replicas=args.replicas, token=token)
+                         max_request_rows=args.max_request_rows,
+                         max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * (1 << 20)),
+                         replicas=args.replicas, token=token, drain_grace_s=args.drain_grace_s)
+    if args.backend == "ray":
+        from lepton_jax.serve.ray_serve import run_ray
+
+        run_ray(args.lake, args.model, config, host=args.host, port=args.port, address=args.ray_address,
+                num_cpus=args.num_cpus_per_replica)
+        return 0
     models = [ServedModel.from_registry(args.lake, ref) for ref in args.model]
     run_server(ModelServer(models, config), host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -5,6 +5,9 @@ A batch is dispatched when it holds ``max_batch_size`` rows or its oldest reques
 on different devices compute concurrently while the event loop keeps accepting requests. Batches are padded up to a
 fixed set of bucket sizes (powers of two up to ``max_batch_size``) so each replica compiles once per bucket.
 
+Fairness: a request larger than ``max_batch_size`` is cut into chunks, and batches take chunks round robin over
+the queued requests, so a 1-row request waits behind one chunk of each large request ahead of it, not all of them.
+
 Back-pressure: the queue holds at most ``max_queue_rows`` rows; a request that does not fit raises
 :class:`QueueFullError` at once (HTTP 429). A request that waits longer than its timeout raises
 :class:`asyncio.TimeoutError` and is dropped from the queue if it has not started.
@@ -93,7 +96,7 @@ class DynamicBatcher:
         self.max_queue_rows = int(max_queue_rows)
         self.buckets = bucket_sizes(self.max_batch_size)
         self._on_batch, self._on_queue = on_batch, on_queue
-        self._queue: collections.deque[_Item] = collections.deque()
+        self._queue: collections.deque[collections.deque[_Item]] = collections.deque()  # per request, round robin
         self.queued_rows = 0
         self._round_robin = itertools.count()
         self._task: asyncio.Task | None = None
@@ -119,9 +122,10 @@ class DynamicBatcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(DrainingError("the server shut down before this request ran"))
+        for request in self._queue:
+            for item in request:
+                if not item.future.done():
+                    item.future.set_exception(DrainingError("the server shut down before this request ran"))
         self._queue.clear()
         for replica in self.replicas:
             replica.close()
@@ -151,7 +155,7 @@ class DynamicBatcher:
         now = time.monotonic()
         items = [_Item(rows[i:i + self.max_batch_size], loop.create_future(), now)
                  for i in range(0, n, self.max_batch_size)]
-        self._queue.extend(items)
+        self._queue.append(collections.deque(items))
         self._set_queued(self.queued_rows + n)
         self._wake.set()
         futures = [item.future for item in items]
@@ -169,10 +173,12 @@ class DynamicBatcher:
     def _cancel(self, items: list[_Item]) -> None:
         for item in items:
             item.future.cancel()
-        queued = [item for item in items if item in self._queue]
-        for item in queued:
-            self._queue.remove(item)
-        self._set_queued(self.queued_rows - sum(item.rows.shape[0] for item in queued))
+        for request in self._queue:
+            if any(item in items for item in request):
+                queued = [item for item in request if item in items]
+                self._queue.remove(request)
+                self._set_queued(self.queued_rows - sum(item.rows.shape[0] for item in queued))
+                return
 
     def _set_queued(self, rows: int) -> None:
         self.queued_rows = rows
@@ -186,7 +192,7 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             replica = await self._free_replica()
-            deadline = self._queue[0].enqueued + self.max_delay_s if self._queue else 0.0
+            deadline = self._queue[0][0].enqueued + self.max_delay_s if self._queue else 0.0
             while self._queue and self.queued_rows < self.max_batch_size and not self._draining:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
@@ -214,17 +220,22 @@ class DynamicBatcher:
             await self._free.wait()
 
     def _take(self) -> list[_Item]:
-        batch, rows = [], 0
+        batch, rows, dropped = [], 0, 0
         while self._queue:
-            item = self._queue[0]
-            if item.future.done():  # timed out while queued
+            request = self._queue[0]
+            item = request[0]
+            if item.future.done():  # timed out or cancelled while queued
+                dropped += sum(i.rows.shape[0] for i in request)
                 self._queue.popleft()
                 continue
             if batch and rows + item.rows.shape[0] > self.max_batch_size:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(request.popleft())
             rows += item.rows.shape[0]
-        self._set_queued(self.queued_rows - rows)
+            self._queue.popleft()
+            if request:  # its next chunk waits for one chunk of every other queued request
+                self._queue.append(request)
+        self._set_queued(self.queued_rows - rows - dropped)
         return batch
 
     async def _run(self, replica: Replica, batch: list[_Item]) -> None:

@@ -12,8 +12,10 @@ Common reading: < 0.1 no shift, 0.1-0.25 moderate, > 0.25 a shift worth acting o
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -84,52 +86,104 @@ def drift_report(reference: dict[str, Any], raw: np.ndarray, predicted: np.ndarr
 
 
 class DriftMonitor:
-    """A sliding window over live inputs and predictions, compared with a reference; thread-safe.
+    """Incremental histograms of live inputs and predictions over a sliding window, compared with a reference.
+
+    The serving hot path only calls :meth:`observe`, which queues a reference to the batch (bounded: when updates
+    fall behind, the oldest queued batches are dropped and counted in ``dropped``). :meth:`update`, run by a
+    background task, bins the queued batches, adds them to the window's per-group histograms, evicts what falls
+    out of the window (by count, ``window`` examples, and by age, ``window_s`` seconds) by subtracting its counts,
+    and recomputes PSI from the histograms: O(new examples + groups x bins), never the whole window.
 
     ``report(kind, name, value)`` is called with each recomputed PSI (kind ``"input"`` per group, ``"prediction"``),
     e.g. to set Prometheus gauges. Crossing ``threshold`` upwards logs one warning per feature group.
     """
 
     def __init__(self, reference: dict[str, Any], *, model: str = "model", window: int = 1000,
-                 min_samples: int = 200, threshold: float = 0.25,
-                 report: Callable[[str, str, float], None] | None = None):
+                 window_s: float | None = None, min_samples: int = 200, threshold: float = 0.25,
+                 max_pending: int = 256, report: Callable[[str, str, float], None] | None = None):
         self.reference, self.model = reference, model
         self.window, self.min_samples, self.threshold = int(window), int(min_samples), float(threshold)
+        self.window_s = window_s
         self._report = report
         self._names = list(reference["groups"])
         self._ref_groups = np.asarray([reference["groups"][n] for n in self._names], np.float64)
         self._ref_classes = np.asarray(reference["predicted_classes"], np.float64)
-        self._bins = np.zeros((self.window, len(self._names)), np.int16)
-        self._classes = np.zeros(self.window, np.int32)
-        self._seen = 0
+        self._bins = int(reference["bins"])
+        self._counts = np.zeros((len(self._names), self._bins), np.int64)
+        self._class_counts = np.zeros(self._ref_classes.size, np.int64)
+        self._chunks: collections.deque[tuple[float, np.ndarray, np.ndarray]] = collections.deque()
+        self._filled = 0
+        self._pending: collections.deque[tuple[float, np.ndarray, np.ndarray]] = collections.deque(
+            maxlen=int(max_pending))
+        self.observed = 0
+        self.dropped = 0
         self._alerting: set[str] = set()
         self._lock = threading.Lock()
         self.latest: dict[str, Any] = {}
+        self.updated_at: float | None = None  # time.monotonic() of the last PSI computation
 
-    def observe(self, raw: np.ndarray, predicted: np.ndarray) -> dict[str, Any] | None:
-        """Adds a batch to the window; returns the current PSI values once ``min_samples`` have been seen."""
+    def observe(self, raw: np.ndarray, predicted: np.ndarray) -> None:
+        """Queues a served batch for the next :meth:`update` (cheap: no binning, no PSI)."""
+        if len(self._pending) == self._pending.maxlen:
+            self.dropped += self._pending[0][1].shape[0]
+        self._pending.append((time.monotonic(), raw, np.asarray(predicted)))
+        self.observed += raw.shape[0]
+
+    @property
+    def age_s(self) -> float:
+        """Seconds since the PSI values were last recomputed (inf before the first time)."""
+        return float("inf") if self.updated_at is None else time.monotonic() - self.updated_at
+
+    def update(self) -> dict[str, Any] | None:
+        """Folds queued batches into the window and recomputes PSI; returns it once ``min_samples`` are in."""
         ref = self.reference
-        idx = bin_indices(group_features(raw, ref["grid"]), ref["value_range"], ref["bins"])[-self.window:]
-        predicted = np.asarray(predicted)[-self.window:]
         with self._lock:
-            pos = (self._seen + np.arange(idx.shape[0])) % self.window
-            self._bins[pos] = idx
-            self._classes[pos] = predicted
-            self._seen += idx.shape[0]
-            filled = min(self._seen, self.window)
-            if filled < self.min_samples:
+            while self._pending:
+                t, raw, predicted = self._pending.popleft()
+                idx = bin_indices(group_features(raw, ref["grid"]), ref["value_range"], self._bins)[-self.window:]
+                predicted = predicted[-self.window:].astype(np.int64)
+                self._add(t, idx, predicted, +1)
+            self._evict()
+            if self._filled < self.min_samples:
                 return None
-            bins, classes = self._bins[:filled], self._classes[:filled]
-            groups = {name: psi(self._ref_groups[g], np.bincount(bins[:, g], minlength=ref["bins"]))
-                      for g, name in enumerate(self._names)}
-            pred = psi(self._ref_classes, np.bincount(classes, minlength=self._ref_classes.size))
-            self.latest = {"groups": groups, "predictions": pred, "num_examples": filled}
-            self._alert({**{f"input {n}": v for n, v in groups.items()}, "predicted classes": pred}, filled)
+            groups = {name: psi(self._ref_groups[g], self._counts[g]) for g, name in enumerate(self._names)}
+            pred = psi(self._ref_classes, self._class_counts)
+            self.latest = {"groups": groups, "predictions": pred, "num_examples": self._filled}
+            self.updated_at = time.monotonic()
+            self._alert({**{f"input {n}": v for n, v in groups.items()}, "predicted classes": pred}, self._filled)
         if self._report:
             for name, value in groups.items():
                 self._report("input", name, value)
             self._report("prediction", "classes", pred)
         return self.latest
+
+    @property
+    def num_examples(self) -> int:
+        return self._filled
+
+    def _add(self, t: float, idx: np.ndarray, predicted: np.ndarray, sign: int) -> None:
+        for g in range(idx.shape[1]):
+            self._counts[g] += sign * np.bincount(idx[:, g], minlength=self._bins)
+        self._class_counts += sign * np.bincount(predicted, minlength=self._class_counts.size)
+        self._filled += sign * idx.shape[0]
+        if sign > 0:
+            self._chunks.append((t, idx, predicted))
+
+    def _evict(self) -> None:
+        cutoff = None if self.window_s is None else time.monotonic() - self.window_s
+        while self._chunks:
+            t, idx, predicted = self._chunks[0]
+            excess = self._filled - self.window
+            if cutoff is not None and t < cutoff:
+                excess = idx.shape[0]
+            if excess <= 0:
+                break
+            take = min(excess, idx.shape[0])
+            self._add(t, idx[:take], predicted[:take], -1)
+            if take == idx.shape[0]:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = (t, idx[take:], predicted[take:])
 
     def _alert(self, values: dict[str, float], filled: int) -> None:
         for name, value in values.items():

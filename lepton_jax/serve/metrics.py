@@ -37,6 +37,11 @@ class ServerMetrics:
         self.prediction_drift = Gauge("lepton_prediction_drift_psi",
                                       "PSI of live predicted classes vs. predictions on the training data", ["model"],
                                       registry=r)
+        self.drift_age = Gauge("lepton_drift_age_seconds", "Seconds since the drift PSI gauges were recomputed "
+                               "(a background task; +Inf before the window has its minimum of examples)", ["model"],
+                               registry=r)
+        self.drift_examples = Gauge("lepton_drift_window_examples", "Served examples in the drift window now",
+                                    ["model"], registry=r)
         self.ready = Gauge("lepton_ready", "1 when warm-up is done and the server takes requests", registry=r)
 
     def render(self) -> bytes:

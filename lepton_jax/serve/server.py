@@ -1,19 +1,23 @@
 """A model server speaking the KServe v2 (Open Inference) protocol over HTTP: an ASGI app (Starlette) for uvicorn.
 
-Endpoints::
+Endpoints (JSON bodies; inference also takes and returns the binary tensor extension, as ``tritonclient`` sends
+by default)::
 
     GET  /v2/health/live                 200 while the process runs
-    GET  /v2/health/ready                200 once every model is warmed up (compiled for every batch bucket), else 503
-    GET  /v2                             server metadata
-    GET  /v2/models/{name}               model metadata: input/output names, datatypes, shapes, label names
-    GET  /v2/models/{name}/ready
-    POST /v2/models/{name}/infer         (also /v2/models/{name}/versions/{version}/infer)
+    GET  /v2/health/ready                200 once every model is warmed up, 503 while warming up or draining
+    GET  /v2                             server metadata (extensions: binary_tensor_data, model_configuration)
+    GET  /v2/models/{name}[/versions/{v}]         model metadata: inputs, outputs, datatypes, shapes, label names
+    GET  /v2/models/{name}[/versions/{v}]/config  Triton-style model configuration (batching, instances)
+    GET  /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}[/versions/{v}]/infer
     GET  /metrics                        Prometheus text format
 
 Requests go through a :class:`~lepton_jax.serve.batcher.DynamicBatcher` per model, whose replicas sit on separate
-devices. Bad requests get a 4xx JSON body ``{"error": "..."}`` that says what was expected; every failure
-increments ``lepton_errors_total{kind=...}``. With a token configured, every endpoint except the health probes needs
-``Authorization: Bearer <token>``.
+devices. Large bodies are decoded and answers encoded on a thread pool, so the event loop keeps answering small
+requests. Every refusal -- bad input, unknown route, wrong method, a full queue -- is a 4xx with a KServe error body
+``{"error": "..."}`` and increments ``lepton_errors_total{kind=...}``. On SIGTERM the server first reports
+"draining" on readiness while still serving (``drain_grace_s``), then stops accepting, finishes what it holds and
+exits. With a token configured, every endpoint except the health probes needs ``Authorization: Bearer <token>``.
 """
 
 from __future__ import annotations
@@ -21,19 +25,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import gc
 import hmac
-import json
 import logging
 import math
+import multiprocessing
+import re
+import signal
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import jax
 import numpy as np
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -41,40 +53,56 @@ from starlette.routing import Route
 from lepton_jax.data.transforms import input_array, input_spec
 from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, QueueFullError, Replica
 from lepton_jax.serve.drift import DriftMonitor
+from lepton_jax.serve.kserve import (
+    HEADER_LENGTH,
+    InferRequest,
+    InputSpec,
+    RequestError,
+    Tensor,
+    decode_rows,
+    encode_response,
+    error_body,
+)
 from lepton_jax.serve.metrics import ServerMetrics
 
 log = logging.getLogger("lepton_jax.serve")
 
-DATATYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "INT8": np.int8, "INT16": np.int16,
-             "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-             "UINT64": np.uint64}
+__all__ = ["ModelServer", "RequestError", "ServeConfig", "ServedModel", "run_server"]
+
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 
 
 @dataclasses.dataclass
 class ServeConfig:
-    """Batching, back-pressure, limits and monitoring of a :class:`ModelServer`."""
+    """Batching, back-pressure, limits, lifecycle and monitoring of a :class:`ModelServer`.
+
+    ``max_body_bytes=None`` derives the body limit from the largest legal request: ``max_request_rows`` rows
+    written as JSON at :data:`JSON_BYTES_PER_VALUE` bytes per value, plus 64 KiB. A request with more rows than
+    ``min(max_request_rows, max_queue_rows)`` can never be queued and gets 413.
+
+    Bodies over ``inline_parse_bytes`` are decoded (and their answers encoded) in ``codec_processes`` worker
+    processes, so neither the event loop nor the GIL is held while megabytes of JSON are parsed; 0 uses threads.
+    """
 
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
     max_queue_rows: int = 1024
     request_timeout_s: float = 10.0
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int | None = None
     max_request_rows: int = 1024
     replicas: int = 1
     token: str | None = None
+    drain_grace_s: float = 5.0
     drain_timeout_s: float = 30.0
     drift_window: int = 1000
+    drift_window_s: float | None = None
     drift_min_samples: int = 200
     drift_threshold: float = 0.25
+    drift_interval_s: float = 1.0
+    inline_parse_bytes: int = 64 << 10
+    codec_processes: int = 1
     warm_up_on_startup: bool = True
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP status, error kind (a metrics label) and a message for the caller."""
-
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(message)
-        self.status, self.kind, self.message = status, kind, message
 
 
 class ServedModel:
@@ -137,107 +165,106 @@ class ServedModel:
             replicas.append(Replica(f"{i}:{device.platform}{device.id}", run))
         return replicas
 
+    @property
+    def cells(self) -> int:
+        return math.prod(self.example_shape)
+
     def metadata(self) -> dict[str, Any]:
+        """KServe v2 model metadata."""
         return {"name": self.name, "versions": [self.version], "platform": f"jax_{jax.default_backend()}",
                 "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.example_shape]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.label_names)]},
-                            {"name": "class", "datatype": "INT64", "shape": [-1]}],
+                            {"name": "class", "datatype": "INT64", "shape": [-1]},
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
                 "parameters": {"label_names": self.label_names, "value_range": list(self.value_range),
                                "units": "raw values of the training lake table", **self.info}}
 
-    def parse(self, body: Any, max_rows: int) -> np.ndarray:
-        """A KServe v2 request body -> validated float32 rows ``(N, *example_shape)``."""
-        expected = (f'expected a KServe v2 inference request {{"inputs": [{{"name": "{self.input_name}", '
-                    f'"shape": [N, {", ".join(map(str, self.example_shape))}], "datatype": "FP32", "data": [...]}}]}}')
-        if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1 \
-                or not isinstance(body["inputs"][0], dict):
-            raise RequestError(400, "bad_request", f"malformed request: {expected}")
-        spec = body["inputs"][0]
-        name = spec.get("name")
-        if name != self.input_name:
-            raise RequestError(400, "bad_request", f"unknown input {name!r}; model {self.name!r} takes one input "
-                                                   f"named {self.input_name!r}")
-        datatype = spec.get("datatype")
-        if datatype not in DATATYPES:
-            raise RequestError(400, "datatype", f"input {name!r}: datatype {datatype!r} is not supported; expected "
-                                                f"FP32 (or another numeric type: {', '.join(DATATYPES)})")
-        shape = spec.get("shape")
-        want = f"[N, {', '.join(map(str, self.example_shape))}]"
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise RequestError(400, "shape", f"input {name!r}: shape {shape!r} is not a list of sizes; expected {want}")
-        example = list(self.example_shape)
-        if shape[1:] == example[:-1] and example[-1] == 1:
-            shape = [*shape, 1]
-        if shape[1:] != example or not shape or shape[0] < 1:
-            raise RequestError(400, "shape", f"input {name!r}: shape {spec['shape']} does not match the model; "
-                                             f"expected {want} with N >= 1")
-        if shape[0] > max_rows:
-            raise RequestError(413, "too_large", f"input {name!r}: {shape[0]} rows exceed this server's limit of "
-                                                 f"{max_rows} rows per request; split the request")
-        try:
-            values = np.asarray(spec.get("data"))
-        except ValueError as e:
-            raise RequestError(400, "datatype", f"input {name!r}: data is not a (nested) list of numbers: {e}") from e
-        if values.dtype.kind not in "biuf":
-            raise RequestError(400, "datatype", f"input {name!r}: data holds {values.dtype.kind!r}-kind values, not "
-                                                f"numbers of datatype {datatype}")
-        if values.size != math.prod(shape):
-            raise RequestError(400, "shape", f"input {name!r}: data has {values.size} values but shape "
-                                             f"{spec['shape']} needs {math.prod(spec['shape'])}")
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            bad = int((~np.isfinite(values.reshape(shape[0], -1))).any(axis=1).sum())
-            raise RequestError(400, "non_finite", f"input {name!r}: {bad} example(s) contain NaN or inf; expected "
-                                                  f"finite values in {list(self.value_range)}")
-        if np.dtype(DATATYPES[datatype]).kind in "iu" and values.dtype.kind == "f" \
-                and not np.all(values == np.round(values)):
-            raise RequestError(400, "datatype", f"input {name!r}: datatype {datatype} but data holds fractions")
-        rows = values.reshape(shape).astype(np.float32)
-        lo, hi = self.value_range
-        if rows.min() < lo or rows.max() > hi:
-            raise RequestError(400, "range", f"input {name!r}: values span [{rows.min()}, {rows.max()}] but the "
-                                             f"model was trained on [{lo}, {hi}] (raw units of the lake table)")
-        return rows
+    def config(self, serve: ServeConfig) -> dict[str, Any]:
+        """Triton-style model configuration (``GET /v2/models/{name}/config``); dims exclude the batch axis."""
+        return {"name": self.name, "platform": f"jax_{jax.default_backend()}", "backend": "lepton_jax",
+                "version_policy": {"specific": {"versions": [self.version]}},
+                "max_batch_size": min(serve.max_request_rows, serve.max_queue_rows),
+                "input": [{"name": self.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NONE",
+                           "dims": list(self.example_shape)}],
+                "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(self.label_names)],
+                            "label_filename": ""},
+                           {"name": "class", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
+                           {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}],
+                "dynamic_batching": {"preferred_batch_size": [b for b in _buckets(serve.max_batch_size)],
+                                     "max_queue_delay_microseconds": int(serve.max_delay_ms * 1000),
+                                     "default_queue_policy": {"max_queue_size": serve.max_queue_rows,
+                                                              "default_timeout_microseconds":
+                                                                  int(serve.request_timeout_s * 1e6)}},
+                "instance_group": [{"name": f"{self.name}_0", "kind": f"KIND_{jax.default_backend().upper()}",
+                                    "count": serve.replicas}],
+                "parameters": {"value_range": {"string_value": f"{self.value_range[0]},{self.value_range[1]}"},
+                               "label_names": {"string_value": ",".join(self.label_names)}}}
 
-    def response(self, probabilities: np.ndarray, request_id: Any) -> dict[str, Any]:
-        n, c = probabilities.shape
-        out = {"model_name": self.name, "model_version": self.version,
-               "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [n, c],
-                            "data": probabilities.reshape(-1).tolist()},
-                           {"name": "class", "datatype": "INT64", "shape": [n],
-                            "data": probabilities.argmax(-1).tolist()}]}
-        if request_id is not None:
-            out["id"] = request_id
-        return out
+    def body_limit(self, serve: ServeConfig) -> int:
+        """The request body limit: configured, or derived from the largest legal request as JSON."""
+        if serve.max_body_bytes is not None:
+            return int(serve.max_body_bytes)
+        return min(serve.max_request_rows, serve.max_queue_rows) * self.cells * JSON_BYTES_PER_VALUE + (64 << 10)
+
+    @functools.cached_property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.name, self.input_name, self.example_shape, self.value_range)
+
+    def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
+        """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
+        return self.spec.rows(request, max_rows)
+
+    def outputs(self, probabilities: np.ndarray) -> list[Tensor]:
+        """The model's outputs for ``probabilities`` (N, C): probabilities, class index and label name."""
+        classes = probabilities.argmax(-1).astype(np.int64)
+        labels = np.empty(classes.shape, object)
+        labels[:] = [self.label_names[c].encode() for c in classes]
+        n = probabilities.shape[0]
+        return [Tensor("probabilities", "FP32", list(probabilities.shape), probabilities.astype(np.float32)),
+                Tensor("class", "INT64", [n], classes), Tensor("label", "BYTES", [n], labels)]
+
+
+def _buckets(max_batch_size: int) -> list[int]:
+    from lepton_jax.serve.batcher import bucket_sizes
+
+    return bucket_sizes(max_batch_size)
 
 
 class _Deployment:
-    """A served model with its batcher and drift monitor."""
+    """A served model with its batcher, drift monitor and limits."""
 
     def __init__(self, model: ServedModel, config: ServeConfig, metrics: ServerMetrics,
                  devices: Sequence[Any] | None):
         self.model = model
+        self.max_rows = min(config.max_request_rows, config.max_queue_rows)
+        self.body_limit = model.body_limit(config)
         name = model.name
         self.drift = None
         if model.reference:
             self.drift = DriftMonitor(model.reference, model=name, window=config.drift_window,
-                                      min_samples=config.drift_min_samples, threshold=config.drift_threshold,
-                                      report=self._report_drift(metrics, name))
+                                      window_s=config.drift_window_s, min_samples=config.drift_min_samples,
+                                      threshold=config.drift_threshold, report=self._report_drift(metrics, name))
+            metrics.drift_age.labels(name).set_function(lambda: self.drift.age_s)
+            metrics.drift_examples.labels(name).set_function(lambda: self.drift.num_examples)
+        self.on_batch = self._on_batch(metrics, name)
         self.batcher = DynamicBatcher(model.make_replicas(config.replicas, devices),
                                       max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000,
-                                      max_queue_rows=config.max_queue_rows, on_batch=self._on_batch(metrics, name),
+                                      max_queue_rows=config.max_queue_rows, on_batch=self.on_batch,
                                       on_queue=metrics.queue_depth.labels(name).set)
         for replica in self.batcher.replicas:
             metrics.replica_inflight.labels(name, replica.name).set_function(lambda r=replica: r.inflight_rows)
 
     def _on_batch(self, metrics: ServerMetrics, name: str):
+        batch_size, queue_time = metrics.batch_size.labels(name), metrics.queue_time.labels(name)
+
         def on_batch(info: BatchInfo) -> None:
-            metrics.batch_size.labels(name).observe(info.size)
+            batch_size.observe(info.size)
             for wait in info.queue_times:
-                metrics.queue_time.labels(name).observe(wait)
+                queue_time.observe(wait)
             metrics.replica_batches.labels(name, info.replica).inc()
             metrics.replica_rows.labels(name, info.replica).inc(info.size)
             if self.drift:
-                self.drift.observe(info.inputs, info.outputs.argmax(-1))
+                self.drift.observe(info.inputs, info.outputs.argmax(-1))  # queued; binned by the drift task
         return on_batch
 
     @staticmethod
@@ -248,6 +275,15 @@ class _Deployment:
             else:
                 metrics.prediction_drift.labels(name).set(value)
         return report
+
+    async def drift_loop(self, interval_s: float) -> None:
+        """Folds served batches into the drift window every ``interval_s``, on a worker thread."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.drift.update)
+            except Exception:  # monitoring must never take serving down
+                log.exception("drift update failed for model %s", self.model.name)
 
 
 class ModelServer:
@@ -260,18 +296,71 @@ class ModelServer:
         self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
         self._ready = threading.Event()
         self._draining = False
-        self.app = Starlette(routes=[
-            Route("/v2/health/live", self.live), Route("/v2/health/ready", self.ready_endpoint),
-            Route("/v2", self.server_metadata), Route("/v2/models/{name}", self.model_metadata),
-            Route("/v2/models/{name}/ready", self.model_ready),
-            Route("/v2/models/{name}/infer", self.infer, methods=["POST"]),
-            Route("/v2/models/{name}/versions/{version}/infer", self.infer, methods=["POST"]),
-            Route("/metrics", self.metrics_endpoint),
-        ], lifespan=self._lifespan)
+        if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
+            self._pool: Executor = ProcessPoolExecutor(self.config.codec_processes,
+                                                       mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
+        self.accepted = self.answered = 0
+        self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
+        versioned = "/v2/models/{name}/versions/{version}"
+        routes = [Route("/v2/health/live", self.live, methods=["GET"]),
+                  Route("/v2/health/ready", self.ready_endpoint, methods=["GET"]),
+                  Route("/v2", self.server_metadata, methods=["GET"]),
+                  Route("/metrics", self.metrics_endpoint, methods=["GET"])]
+        for prefix in ("/v2/models/{name}", versioned):
+            routes += [Route(prefix, self.model_metadata, methods=["GET"]),
+                       Route(prefix + "/config", self.model_config, methods=["GET"]),
+                       Route(prefix + "/ready", self.model_ready, methods=["GET"]),
+                       Route(prefix + "/infer", self.infer, methods=["POST"])]
+        self._starlette = Starlette(routes=routes, lifespan=self._lifespan,
+                                    exception_handlers={HTTPException: self._http_error, Exception: self._crash})
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set() and not self._draining
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Readiness turns 503 "draining" and responses carry ``Connection: close``; requests are still served."""
+        if not self._draining:
+            self._draining = True
+            self.metrics.ready.set(0)
+            log.info("draining: readiness answers 503; still serving requests")
+
+    @property
+    def app(self) -> _ASGIApp:
+        """The ASGI application."""
+        return _ASGIApp(self)
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """ASGI entry: counts requests in and answers out; while draining, asks clients to close."""
+        if scope["type"] != "http":
+            await self._starlette(scope, receive, send)
+            return
+        self.accepted += 1
+        if scope["method"] == "POST" and (match := _INFER_PATH.fullmatch(scope["path"])):  # the hot path, direct
+            status, headers, content = await self._infer(match[1], match[2], scope, receive)
+            raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            raw.append((b"content-length", str(len(content)).encode()))
+            if self._draining:
+                raw.append((b"connection", b"close"))
+            await send({"type": "http.response.start", "status": status, "headers": raw})
+            await send({"type": "http.response.body", "body": content})
+            self.answered += 1
+            return
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and self._draining:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.answered += 1
+            await send(message)
+
+        await self._starlette(scope, receive, send_wrapper)
 
     def warm_up(self) -> None:
         """Compiles every batch bucket on every replica, then marks the server ready (blocking; thread-safe)."""
@@ -279,8 +368,12 @@ class ModelServer:
         for dep in self.deployments.values():
             lo = dep.model.value_range[0]
             dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32))
+        if self.freeze_gc_after_warm_up:  # the process is ours (run_server, a Ray replica): no 100 ms gc pauses
+            gc.collect()
+            gc.freeze()  # the imported libraries and compiled model stay out of later collections
         self._ready.set()
-        self.metrics.ready.set(1)
+        if not self._draining:
+            self.metrics.ready.set(1)
         log.info("warm-up done in %.1f s: %s", time.perf_counter() - start,
                  {n: d.batcher.buckets for n, d in self.deployments.items()})
 
@@ -288,13 +381,24 @@ class ModelServer:
     async def _lifespan(self, app: Starlette):
         for dep in self.deployments.values():
             dep.batcher.start()
+        try:  # start the codec workers before traffic
+            await asyncio.get_running_loop().run_in_executor(self._pool, math.prod, (1,))
+        except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":` (spawn re-imports it)
+            log.warning("codec worker processes did not start; decoding large bodies on threads instead")
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
+        drift_tasks = [asyncio.create_task(d.drift_loop(self.config.drift_interval_s), name=f"drift-{n}")
+                       for n, d in self.deployments.items() if d.drift]
         if self.config.warm_up_on_startup:
             threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
         yield
-        self._draining = True
-        self.metrics.ready.set(0)
+        self.begin_drain()
         await asyncio.gather(*(d.batcher.drain(self.config.drain_timeout_s) for d in self.deployments.values()))
-        log.info("drained: %s", {n: d.batcher.stats() for n, d in self.deployments.items()})
+        for task in drift_tasks:
+            task.cancel()
+        await asyncio.gather(*drift_tasks, return_exceptions=True)
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        log.info("drained: answered %d of %d accepted requests; %s", self.answered, self.accepted,
+                 {n: d.batcher.stats() for n, d in self.deployments.items()})
 
     # -- endpoints -------------------------------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -307,121 +411,234 @@ class ModelServer:
         return JSONResponse({"ready": False, "error": reason}, status_code=503)
 
     async def server_metadata(self, request: Request) -> Response:
-        if (denied := self._authorize(request)) is not None:
-            return denied
         from lepton_jax import __version__
 
-        return JSONResponse({"name": "lepton_jax", "version": __version__, "extensions": [],
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return self._error(e)
+        return JSONResponse({"name": "lepton_jax", "version": __version__,
+                             "extensions": ["binary_tensor_data", "model_configuration"],
                              "models": sorted(self.deployments)})
 
     async def model_metadata(self, request: Request) -> Response:
         try:
-            self._check_auth(request)
-            return JSONResponse(self._deployment(request.path_params["name"]).model.metadata())
+            return JSONResponse(self._resolve(request).model.metadata())
+        except RequestError as e:
+            return self._error(e)
+
+    async def model_config(self, request: Request) -> Response:
+        try:
+            return JSONResponse(self._resolve(request).model.config(self.config))
         except RequestError as e:
             return self._error(e)
 
     async def model_ready(self, request: Request) -> Response:
         try:
-            self._check_auth(request)
-            self._deployment(request.path_params["name"])
+            dep = self._resolve(request)
         except RequestError as e:
             return self._error(e)
-        return JSONResponse({"name": request.path_params["name"], "ready": self.ready},
-                            status_code=200 if self.ready else 503)
+        return JSONResponse({"name": dep.model.name, "ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        if (denied := self._authorize(request)) is not None:
-            return denied
+        try:
+            self._check_auth(request)
+        except RequestError as e:
+            return self._error(e)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def infer(self, request: Request) -> Response:
+        """The inference route as a Starlette endpoint (``handle`` answers POSTs to it without Starlette)."""
+        status, headers, content = await self._infer(request.path_params["name"], request.path_params.get("version"),
+                                                     request.scope, request.receive)
+        return Response(content, status_code=status, headers=headers)
+
+    async def _infer(self, name: str, version: str | None, scope: dict[str, Any],
+                     receive: Any) -> tuple[int, dict[str, str], bytes]:
+        """One inference request on raw ASGI: (status, headers, body); never raises."""
         start = time.perf_counter()
-        name = request.path_params["name"]
         label = name if name in self.deployments else "unknown"
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}  # ASGI: lower-case names
         try:
-            self._check_auth(request)
-            dep = self._deployment(name)
-            version = request.path_params.get("version")
-            if version is not None and version != dep.model.version:
-                raise RequestError(404, "unknown_model", f"model {name!r} has no version {version!r} on this "
-                                                         f"server; it serves version {dep.model.version}")
-            if not self.ready:
-                raise RequestError(503, "unavailable", "the server is draining" if self._draining else
-                                   "the server is warming up; poll /v2/health/ready")
-            body = await self._read_json(request)
-            rows = dep.model.parse(body, self.config.max_request_rows)
+            self._authorize_header(headers.get("authorization", ""))
+            dep = self._named(name, version)
+            if not self._ready.is_set():
+                raise RequestError(503, "unavailable", "the server is warming up; poll /v2/health/ready")
+            if dep.batcher.draining:
+                raise RequestError(503, "unavailable", "the server is shutting down")
+            body = await self._read_body(receive, dep.body_limit, headers.get("content-length"))
+            large = len(body) > self.config.inline_parse_bytes
+            decoded, rows = await self._run(large, functools.partial(
+                decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows),
+                body, headers.get(HEADER_LENGTH), headers.get("content-encoding"))
             try:
-                probabilities = await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
+                probabilities = await self.predict(dep, rows)
             except QueueFullError as e:
-                raise RequestError(429, "queue_full", str(e)) from e
+                raise RequestError(429, "queue_full", str(e), headers={"Retry-After": "1"}) from e
             except TimeoutError as e:
                 raise RequestError(504, "timeout", f"no result within {self.config.request_timeout_s} s") from e
             except DrainingError as e:
                 raise RequestError(503, "unavailable", str(e)) from e
-            response = JSONResponse(dep.model.response(probabilities, body.get("id")))
+            content, out_headers = await self._run(rows.shape[0] > 256, functools.partial(
+                encode_response, model_name=dep.model.name, model_version=dep.model.version),
+                decoded, dep.model.outputs(probabilities))
+            status = 200
         except RequestError as e:
-            response = self._error(e)
+            status, out_headers, content = self._error_parts(e)
         except Exception as e:  # a bug or a failed batch: report it, keep serving
             log.exception("inference failed")
-            response = self._error(RequestError(500, "internal", f"internal error: {type(e).__name__}: {e}"))
-        self.metrics.requests.labels(label, str(response.status_code)).inc()
-        if response.status_code == 200:
-            self.metrics.latency.labels(label).observe(time.perf_counter() - start)
-        return response
+            status, out_headers, content = self._error_parts(
+                RequestError(500, "internal", f"internal error: {type(e).__name__}: {e}"))
+        self._counted(label, status).inc()
+        if status == 200:
+            self._latency(label).observe(time.perf_counter() - start)
+        return status, out_headers, content
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019  (one server object per process; bounded)
+    def _counted(self, model: str, code: int) -> Any:
+        return self.metrics.requests.labels(model, str(code))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019
+    def _latency(self, model: str) -> Any:
+        return self.metrics.latency.labels(model)
 
     # -- helpers ---------------------------------------------------------------------------------------------
-    def _deployment(self, name: str) -> _Deployment:
+    async def predict(self, dep: _Deployment, rows: np.ndarray) -> np.ndarray:
+        """Probabilities for validated ``rows``: through the dynamic batcher here (Ray Serve overrides this)."""
+        return await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
+
+    async def _run(self, offload: bool, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the codec worker pool when ``offload`` (a large body), else inline (cheaper)."""
+        if not offload:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _resolve(self, request: Request) -> _Deployment:
+        """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
+        self._check_auth(request)
+        return self._named(request.path_params["name"], request.path_params.get("version"))
+
+    def _named(self, name: str, version: str | None) -> _Deployment:
         if name not in self.deployments:
             raise RequestError(404, "unknown_model", f"unknown model {name!r}; this server serves: "
                                                      f"{', '.join(sorted(self.deployments))}")
-        return self.deployments[name]
+        dep = self.deployments[name]
+        if version is not None and version != dep.model.version:
+            raise RequestError(404, "unknown_model", f"model {name!r} has no version {version!r} on this "
+                                                     f"server; it serves version {dep.model.version}")
+        return dep
 
     def _check_auth(self, request: Request) -> None:
+        self._authorize_header(request.headers.get("authorization", ""))
+
+    def _authorize_header(self, header: str) -> None:
         token = self.config.token
         if not token:
             return
-        header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise RequestError(401, "unauthorized", "missing or wrong bearer token: send 'Authorization: Bearer "
                                                     "<token>'")
 
-    def _authorize(self, request: Request) -> Response | None:
-        try:
-            self._check_auth(request)
-        except RequestError as e:
-            return self._error(e)
-        return None
-
-    async def _read_json(self, request: Request) -> Any:
-        limit = self.config.max_body_bytes
-        length = request.headers.get("content-length")
+    @staticmethod
+    async def _read_body(receive: Any, limit: int, length: str | None) -> bytes:
+        """The request body from ASGI ``receive``, refused (413) as soon as it is known to exceed ``limit``."""
         too_large = RequestError(413, "too_large", f"request body exceeds the limit of {limit} bytes; send fewer "
                                                    "rows per request")
-        if length and length.isdigit() and int(length) > limit:
-            raise too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+        if length is not None:
+            if not length.isdigit():
+                raise RequestError(400, "bad_request", f"Content-Length {length!r} is not a byte count")
+            if int(length) > limit:
                 raise too_large
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(400, "bad_json", f"request body is not valid JSON ({e}); expected a KServe v2 "
-                                                'inference request {"inputs": [{"name", "shape", "datatype", '
-                                                '"data"}]}') from e
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "disconnect", "the client went away before sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _error_parts(self, error: RequestError) -> tuple[int, dict[str, str], bytes]:
+        self.metrics.errors.labels(error.kind).inc()
+        headers = {"content-type": "application/json", **(error.headers or {})}
+        if error.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return error.status, headers, error_body(error.message)
 
     def _error(self, error: RequestError) -> Response:
-        self.metrics.errors.labels(error.kind).inc()
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-        return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
+        status, headers, content = self._error_parts(error)
+        return Response(content, status_code=status, headers=headers)
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        """Starlette's own 404 (no such route) and 405 (wrong method), as KServe error bodies."""
+        if exc.status_code == 404:
+            error = RequestError(404, "no_route", f"no endpoint {request.url.path}; see /v2 (KServe v2 protocol)")
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = RequestError(405, "method", f"{request.method} is not allowed on {request.url.path}; use "
+                                                f"{allowed}", headers=exc.headers)
+        else:
+            error = RequestError(exc.status_code, "http", str(exc.detail), headers=exc.headers)
+        return self._error(error)
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return self._error(RequestError(500, "internal", f"internal error: {type(exc).__name__}"))
+
+
+class _ASGIApp:
+    """``ModelServer.handle`` as an ASGI 3 callable (uvicorn tells ASGI 2 from 3 by ``__call__``)."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self.server.handle(scope, receive, send)
+
+
+def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> Any:
+    """A ``uvicorn.Server`` with a drain phase: the first SIGTERM/SIGINT starts it, the grace period ends it.
+
+    During the grace period readiness answers 503 "draining" and every response asks its client to close the
+    connection, so no keep-alive connection is idle when the listener closes; then uvicorn stops accepting,
+    finishes in-flight requests and runs the lifespan shutdown (the batchers drain). A second signal skips the
+    rest of the grace period.
+    """
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if model_server.draining or self.should_exit or grace_s <= 0:
+                super().handle_exit(sig, frame)
+                return
+            log.info("%s: serving on for %.1f s while readiness answers 503", signal.Signals(sig).name, grace_s)
+            model_server.begin_drain()
+            timer = threading.Timer(grace_s, lambda: setattr(self, "should_exit", True))
+            timer.daemon = True
+            timer.start()
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            for server in self.servers:  # stop accepting ...
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            await asyncio.sleep(0.25)  # ... but read and answer what already arrived on accepted connections
+            await super().shutdown(sockets)  # then close idle connections and wait for in-flight requests
+
+    return Server(config)
 
 
 def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serves ``server.app`` with uvicorn until SIGINT/SIGTERM, then drains in-flight requests."""
+    """Serves ``server.app`` with uvicorn until SIGINT/SIGTERM, drains (see :class:`ServeConfig`), then exits."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
-                                  timeout_graceful_shutdown=server.config.drain_timeout_s)).run()
+    server.freeze_gc_after_warm_up = True
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                            access_log=log_level.lower() in ("debug", "trace"),
+                            timeout_graceful_shutdown=server.config.drain_timeout_s)
+    graceful_uvicorn(config, server, server.config.drain_grace_s).run()

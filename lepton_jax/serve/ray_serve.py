@@ -1,0 +1,124 @@
+"""Scale-out on Ray Serve: the same KServe v2 routes, with Ray's batching (``@serve.batch``) and replicas.
+
+Each Ray Serve replica is a process (on any node of the Ray cluster) that loads the registry models, compiles
+every batch bucket, and answers HTTP through the same Starlette application as ``lepton-jax serve`` (same
+routes, validation, binary tensors and error bodies) -- only the step from validated rows to probabilities goes
+through Ray's ``@serve.batch`` instead of this package's :class:`~lepton_jax.serve.batcher.DynamicBatcher`.
+Ray's proxy spreads requests over the replicas; ``num_replicas`` (or Ray's autoscaling config) sets how many.
+
+    lepton-jax serve --backend ray --lake LAKE --model digits@production --replicas 4          # local Ray
+    lepton-jax serve --backend ray --ray-address auto ...                                       # a Ray cluster
+
+``/metrics`` on a Ray deployment shows the counters of whichever replica answered; use Ray's own metrics for the
+deployment as a whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from lepton_jax.serve.batcher import BatchInfo
+from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, _Deployment
+
+log = logging.getLogger("lepton_jax.serve.ray")
+
+
+class _RayModelServer(ModelServer):
+    """A :class:`ModelServer` whose ``predict`` hands rows to the Ray replica's batched method."""
+
+    def __init__(self, models: Sequence[ServedModel], config: ServeConfig, replica: KServeReplica):
+        super().__init__(models, config)
+        self._replica = replica
+
+    async def predict(self, dep: _Deployment, rows: np.ndarray) -> np.ndarray:
+        return await self._replica.batched((dep.model.name, rows))
+
+
+@serve.deployment
+@serve.ingress()
+class KServeReplica:
+    """One Ray Serve replica: registry models, compiled, behind the KServe v2 application."""
+
+    def __init__(self, lake_root: str, refs: Sequence[str], config: ServeConfig):
+        models = [ServedModel.from_registry(lake_root, ref) for ref in refs]
+        self.config = dataclasses.replace(config, replicas=1, warm_up_on_startup=False)
+        self.server = _RayModelServer(models, self.config, self)
+        self.server.freeze_gc_after_warm_up = True  # this replica process is ours
+        self.server.warm_up()  # compile every bucket before Ray routes traffic here
+        self.batched.set_max_batch_size(self.config.max_batch_size)
+        self.batched.set_batch_wait_timeout_s(self.config.max_delay_ms / 1000)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self.server.app
+
+    async def check_health(self) -> None:
+        if not self.server.ready:
+            raise RuntimeError("not ready")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def batched(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
+        """Ray's batching: requests (model name, rows) gathered by Ray, run per model in bucketed chunks."""
+        results: list[np.ndarray | None] = [None] * len(items)
+        for name in {name for name, _ in items}:
+            picked = [i for i, (n, _) in enumerate(items) if n == name]
+            dep = self.server.deployments[name]
+            rows = np.concatenate([items[i][1] for i in picked])
+            start = time.monotonic()
+            outputs = await asyncio.to_thread(_run_bucketed, dep, rows)
+            dep.on_batch(BatchInfo(dep.batcher.replicas[0].name, rows.shape[0], rows.shape[0], [0.0] * len(picked),
+                                   rows, outputs))
+            offset = 0
+            for i in picked:
+                k = items[i][1].shape[0]
+                results[i] = outputs[offset:offset + k]
+                offset += k
+            log.debug("batch of %d rows for %s in %.1f ms", rows.shape[0], name, (time.monotonic() - start) * 1e3)
+        return results  # type: ignore[return-value]
+
+
+def _run_bucketed(dep: _Deployment, rows: np.ndarray) -> np.ndarray:
+    """``rows`` through the replica's jitted function in chunks padded to the compiled bucket sizes."""
+    batcher = dep.batcher
+    replica, size = batcher.replicas[0], batcher.max_batch_size
+    outs = []
+    for i in range(0, rows.shape[0], size):
+        chunk = rows[i:i + size]
+        outs.append(replica.run_padded(chunk, next(b for b in batcher.buckets if b >= chunk.shape[0])))
+    return np.concatenate(outs)
+
+
+def application(lake_root: str | Path, refs: Sequence[str], config: ServeConfig, *,
+                num_cpus: float = 1.0) -> Any:
+    """The Ray Serve application (``serve.run`` it): ``config.replicas`` replicas of :class:`KServeReplica`."""
+    return KServeReplica.options(num_replicas=config.replicas, ray_actor_options={"num_cpus": num_cpus},
+                                 max_ongoing_requests=max(64, 4 * config.max_batch_size)).bind(
+        str(lake_root), list(refs), config)
+
+
+def run_ray(lake_root: str | Path, refs: Sequence[str], config: ServeConfig, *, host: str = "127.0.0.1",
+            port: int = 8000, address: str | None = None, num_cpus: float = 1.0) -> None:
+    """Starts (or joins, with ``address``) a Ray cluster, serves the models on it, and blocks until Ctrl-C."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(application(lake_root, refs, config, num_cpus=num_cpus), name="lepton_jax", route_prefix="/",
+                  blocking=True)
+    except KeyboardInterrupt:
+        log.info("interrupted: removing the application")
+    finally:
+        if address is None:  # our own local Ray: stop it all
+            serve.shutdown()
+            ray.shutdown()
+        else:  # a shared cluster: remove only this application
+            serve.delete("lepton_jax")
