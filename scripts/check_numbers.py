@@ -9,6 +9,7 @@ The claims live in docs/numbers.toml, one ``[[claim]]`` table per quoted number:
     id       a name for the number
     doc      the file that quotes it (relative to the repository root)
     text     the quoted text with ``{value}`` where the number stands; it must occur exactly once in ``doc``
+             (white space matches any white space, so the text may wrap)
     artifact the file under the repository root that holds the measured value (written by ``reproduce.sh``)
     json     a dotted key into the artifact (JSON), or ``pattern``: a regex with one group over the artifact's text
     scale    multiplies the artifact value before comparing (100 for a percentage; default 1)
@@ -85,8 +86,13 @@ def load_claims(path: Path) -> list[Claim]:
 
 
 def _text_regex(text: str) -> re.Pattern:
+    """The claim's text as a regex: ``{value}`` captures the number; any run of white space matches any other (so
+    a quoted sentence may wrap anywhere in the Markdown source)."""
+    def literal(part: str) -> str:
+        return r"\s+".join(re.escape(word) for word in re.split(r"\s+", part))
+
     head, tail = text.split("{value}", 1)
-    return re.compile(re.escape(head) + NUMBER + re.escape(tail))
+    return re.compile(literal(head) + NUMBER + literal(tail))
 
 
 def _measured(claim: Claim, root: Path) -> float:
