@@ -1,7 +1,18 @@
-"""Writes the notebooks in experiments/ (run from the repo root); edit here, then regenerate."""
+"""Writes the notebooks in experiments/ (run from the repo root); edit here, then regenerate.
+
+    .venv/bin/python scripts/make_notebooks.py            # write the notebooks (no outputs)
+    .venv/bin/python scripts/make_notebooks.py --execute  # and run them, storing outputs (what GitHub shows)
+"""
+
+import argparse
+import shutil
+import tempfile
 
 import nbformat
+from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 INSTALL = '''# Installs lepton_jax into this kernel when it is missing (Colab, a fresh environment): clone the repo,
 # open this notebook from inside the checkout, and this cell runs `pip install -e <checkout>`.
@@ -29,7 +40,7 @@ import numpy as np
 from lepton_jax import runs
 from lepton_jax.config import load_config
 from lepton_jax.lake import DigitsSource, Lake, ingest
-from lepton_jax.train.loop import train_and_evaluate
+from lepton_jax.train.loop import train
 
 work = Path("research_demo")
 lake = Lake(work / "lake")
@@ -56,20 +67,20 @@ assert not same_test  # the two seeds put different examples in the test split''
     new_code_cell('''results = {}
 for lr in (3e-3, 3e-4):
     config = load_config(CONFIG, ["num_epochs=2", "data.version=1", f"optim.lr={lr}"])
-    results[lr] = train_and_evaluate(config, work / f"lr_{lr}", lake_root=lake.root, progress=False)
+    results[lr] = train(config, work / f"lr_{lr}", lake_root=lake.root, progress=False)
     print(f"lr={lr}: test accuracy {results[lr]['test_accuracy']:.4f}")
 assert all(r["data_version"] == 1 for r in results.values())
 assert results[3e-3]["test_accuracy"] > 0.5'''),
-    new_code_cell('''summaries = [runs.run_summary(p) for p in runs.find_runs(work)]
-differences = runs.config_differences(summaries)
-print(runs.table(summaries, differences))
-assert differences == ["optim.lr"]
-runs.plot_curves(runs.find_runs(work), work / "curves.png")'''),
-    new_code_cell('''from IPython.display import Image
+    new_code_cell('''from IPython.display import Image, Markdown, display
 
+summaries = [runs.run_summary(p) for p in runs.find_runs(work)]
+differences = runs.config_differences(summaries)
+display(Markdown(runs.table(summaries, differences)))
+assert differences == ["optim.lr"]
+runs.plot_curves(runs.find_runs(work), work / "curves.png")
 Image(str(work / "curves.png"))'''),
 ])
-nbformat.write(research, "experiments/research.ipynb")
+NOTEBOOKS = {"experiments/research.ipynb": research}
 
 quick = new_notebook(cells=[
     new_markdown_cell("# lepton_jax quickstart\n\nThe whole pipeline on scikit-learn's bundled digits, on a laptop "
@@ -86,10 +97,13 @@ import lepton_jax
 from lepton_jax.config import load_config
 from lepton_jax.data import prepare_batch
 from lepton_jax.lake import DigitsSource, Lake, ingest
-from lepton_jax.robust.evaluate import evaluate_robustness, standard_attacks
+from IPython.display import Image, display
+
+from lepton_jax import runs
+from lepton_jax.models.functional import make_apply
+from lepton_jax.robust.evaluate import accuracy_curve, evaluate_robustness, save_curve_png, standard_attacks
 from lepton_jax.serve import Predictor
-from lepton_jax.train.loop import train_and_evaluate
-from lepton_jax.train.step import make_apply
+from lepton_jax.train.loop import train
 
 places = [Path.cwd(), *Path.cwd().parents, Path(lepton_jax.__file__).resolve().parents[1]]
 CONFIG = next(p / "configs" / "digits_cnn.py" for p in places if (p / "configs" / "digits_cnn.py").exists())
@@ -103,10 +117,14 @@ print("lineage:", table.record["lineage"]["source"]["uri"], table.record["lineag
 assert sum(table.num_examples(s) for s in table.splits) == 1797'''),
     new_markdown_cell("## 2. Train (a short run: 5 epochs)"),
     new_code_cell('''config = load_config(CONFIG, ["num_epochs=5"])
-result = train_and_evaluate(config, work / "run", lake_root=lake.root, progress=False)
+result = train(config, work / "run", lake_root=lake.root, progress=False)
 print(f"test accuracy {result['test_accuracy']:.4f} (best dev {result['best_dev_accuracy']:.4f})")
 print(result["report"]["report_text"])
 assert result["test_accuracy"] > 0.9'''),
+    new_markdown_cell("Learning curves (training loss every 10 steps, dev accuracy per epoch) and the test confusion "
+                      "matrix, from the files the run wrote."),
+    new_code_cell('''runs.plot_curves([work / "run"], work / "curves.png")
+display(Image(str(work / "curves.png")), Image(str(work / "run" / "confusion_matrix.png"), width=420))'''),
     new_markdown_cell("## 3. Robust evaluation: how much does a small L∞ perturbation hurt?"),
     new_code_cell('''predictor = Predictor.from_workdir(work / "run")
 test = table.reader("test").read_all()
@@ -117,6 +135,12 @@ for name, accuracy in robust["accuracy"].items():
     print(f"{name:>14s}: {accuracy:.4f}")
 print("warnings:", robust["warnings"] or "none")
 assert robust["accuracy"]["worst"] <= robust["accuracy"]["clean"]'''),
+    new_markdown_cell("Accuracy against the perturbation budget ε (worst case over FGSM and PGD at each ε)."),
+    new_code_cell('''curve = accuracy_curve(make_apply(predictor.graphdef), predictor.params, x, test["label"],
+                       [0.0, 0.05, 0.1, 0.15, 0.2], attacks_=standard_attacks(steps=10, restarts=1))
+save_curve_png({"standard training": curve}, work / "robustness.png", title="digits CNN, L∞")
+assert curve["worst"][0] >= curve["worst"][-1]
+Image(str(work / "robustness.png"), width=480)'''),
     new_markdown_cell("## 4. Predict raw examples from the best checkpoint"),
     new_code_cell('''raw = test["image"][:8, ..., 0]  # (8, 8, 8) values in 0..16, as the source delivers them
 out = predictor.predict(raw)
@@ -124,4 +148,26 @@ print("predicted:", out["class"].tolist())
 print("true:     ", test["label"][:8].tolist())
 assert np.mean(out["class"] == test["label"][:8]) >= 0.75'''),
 ])
-nbformat.write(quick, "experiments/quickstart.ipynb")
+NOTEBOOKS["experiments/quickstart.ipynb"] = quick
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
+    args = parser.parse_args()
+    for path, notebook in NOTEBOOKS.items():
+        notebook.metadata["kernelspec"] = KERNELSPEC
+        notebook.metadata["language_info"] = {"name": "python"}
+        if args.execute:  # in a scratch directory, so the demo lakes and runs are not left in the checkout
+            scratch = tempfile.mkdtemp(prefix="notebook-")
+            try:
+                NotebookClient(notebook, timeout=900, kernel_name="python3",
+                               resources={"metadata": {"path": scratch}}).execute()
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        nbformat.write(notebook, path)
+        print("wrote", path, "(executed)" if args.execute else "")
+
+
+if __name__ == "__main__":
+    main()

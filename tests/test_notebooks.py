@@ -19,6 +19,12 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") == "stream" for o in outputs)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    # quickstart: learning curves, confusion matrix, robustness curve; research: the runs' curves (+ a Markdown table)
+    assert len(images) >= {"quickstart": 3, "research": 1}[path.stem]
+    if path.stem == "research":
+        assert any(o.get("data", {}).get("text/markdown", "").startswith("| run") for o in outputs)
 
 
 def test_there_are_notebooks():
