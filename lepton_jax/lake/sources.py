@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lepton_jax import plugins
 from lepton_jax.errors import LakeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -285,14 +286,21 @@ def _to_float(cell: str) -> float:
 
 def make_source(spec: str, **options: Any) -> Source:
     """``digits``, ``sklearn:NAME``, ``npz:PATH``, ``images:DIR`` (option ``size``) or ``csv:PATH`` (options
-    ``window``, ``stride``, ``label_column``, ``series_column``). Options that are ``None`` are ignored."""
+    ``window``, ``stride``, ``label_column``, ``series_column``), or a plug-in by import path,
+    ``package.module:MySource`` (called with the options given; see :mod:`lepton_jax.plugins`), whose ``load()``
+    returns a :class:`SourceData`. Options that are ``None`` are ignored."""
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
     allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode"},
                "csv": {"window", "stride", "label_column", "series_column"}}
+    if kind not in allowed and plugins.is_import_path(spec):
+        try:
+            return plugins.load_object(spec, "source")(**options)
+        except TypeError as e:
+            raise LakeError(f"source {spec!r} rejected its options {options}: {e}") from e
     if kind not in allowed or (kind != "digits" and not arg) or (kind == "digits" and arg):
-        raise LakeError(f"unknown source {spec!r}; use 'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' or "
-                        "'csv:PATH'")
+        raise LakeError(f"unknown source {spec!r}; use 'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR', "
+                        "'csv:PATH' or an import path package.module:Source")
     extra = set(options) - allowed[kind]
     if extra:
         raise LakeError(f"source {kind!r} takes no option(s) {sorted(extra)}")
