@@ -8,7 +8,8 @@ Only process 0 writes. Every file is written atomically (temp file + rename) so 
 TensorBoard tags are grouped (``train/loss``, ``dev/accuracy``, ``test/accuracy``, ``perf/step_time_s``); the end of
 a run adds the test metrics, the hparams (flattened config with the final metrics) and the confusion matrix image.
 After a resume the writer purges the events a killed run logged past its last checkpoint (``purge_step``), so no
-step appears twice.
+step appears twice. With ``config.tracking.wandb`` the same scalars, the summary and the image go to Weights & Biases
+(one run id per workdir, resumed); W&B keeps what it received before a crash, since its steps only increase.
 """
 
 from __future__ import annotations

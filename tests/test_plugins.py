@@ -3,10 +3,10 @@ every command that rebuilds the model, and bad import paths give one clear line.
 
 import json
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
 
 from lepton_jax.cli import main
 from lepton_jax.data.transforms import input_array
@@ -58,8 +58,11 @@ def get_config():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::DeprecationWarning:starlette")
 def test_custom_model_and_source_through_every_command(tmp_path, monkeypatch, capsys):
+    with warnings.catch_warnings():  # starlette asks for httpx2, which is not needed here
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
     (tmp_path / "plugmod.py").write_text(textwrap.dedent(PLUGIN))
     (tmp_path / "plug_config.py").write_text(CONFIG)
     monkeypatch.syspath_prepend(str(tmp_path))

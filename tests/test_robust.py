@@ -308,9 +308,10 @@ def sin_noise_apply(params, x, *, train=False, rngs=None):
     return mlp_apply(params, x) + 0.05 * jnp.sin(1e4 * (x.reshape(x.shape[0], -1) @ _PROJECTION))
 
 
+@pytest.mark.slow
 def test_transfer_attack_exposes_noisy_gradients(mlp, test_set):
     x, y = test_set
-    specs = standard_attacks(10, 1)
+    specs = standard_attacks(10, 1)[:2]  # FGSM and PGD-10
     noisy = evaluate_robustness(sin_noise_apply, mlp, x, y, epsilon=0.1, attacks_=specs,
                                 surrogates=[Surrogate(mlp_apply, mlp)])
     acc = noisy["accuracy"]
