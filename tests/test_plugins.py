@@ -77,6 +77,7 @@ def test_custom_model_and_source_through_every_command(tmp_path, monkeypatch, ca
     assert main(["eval", "--workdir", str(workdir)]) == 0
     assert "accuracy" in capsys.readouterr().out
     table = Lake(lake).table("mydigits")
+    assert table.record["lineage"]["source"]["name"] == "plugmod:Digits"  # recorded with the table
     x = np.asarray(table.reader("test").read_all()[input_array(table.schema)][:3], np.float32)
     np.save(tmp_path / "x.npy", x)
     assert main(["predict", "--workdir", str(workdir), "--input", str(tmp_path / "x.npy"), "--output",

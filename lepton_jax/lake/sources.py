@@ -295,9 +295,11 @@ def make_source(spec: str, **options: Any) -> Source:
                "csv": {"window", "stride", "label_column", "series_column"}}
     if kind not in allowed and plugins.is_import_path(spec):
         try:
-            return plugins.load_object(spec, "source")(**options)
+            source = plugins.load_object(spec, "source")(**options)
         except TypeError as e:
             raise LakeError(f"source {spec!r} rejected its options {options}: {e}") from e
+        source.name = spec  # the table's lineage records the import path that made it
+        return source
     if kind not in allowed or (kind != "digits" and not arg) or (kind == "digits" and arg):
         raise LakeError(f"unknown source {spec!r}; use 'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR', "
                         "'csv:PATH' or an import path package.module:Source")
