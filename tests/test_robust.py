@@ -311,18 +311,31 @@ def sin_noise_apply(params, x, *, train=False, rngs=None):
 @pytest.mark.slow
 def test_transfer_attack_exposes_noisy_gradients(mlp, test_set):
     x, y = test_set
-    specs = standard_attacks(10, 1)[:2]  # FGSM and PGD-10
+    specs = standard_attacks(10, 1)[:2] + (AttackSpec("square", kind="square", steps=300),)  # FGSM, PGD-10, Square
     noisy = evaluate_robustness(sin_noise_apply, mlp, x, y, epsilon=0.1, attacks_=specs,
                                 surrogates=[Surrogate(mlp_apply, mlp)])
     acc = noisy["accuracy"]
     print({k: round(v, 3) for k, v in acc.items()})
     assert acc["clean"] > 0.85 and acc["transfer"] < acc["pgd10"] - 0.2  # white-box PGD is fooled by the noise
-    assert any("transfer attack transfer" in w and "strongest white-box" in w for w in noisy["warnings"])
-    assert acc["worst"] <= acc["transfer"] and acc["worst"] >= acc["transfer"] - 0.05  # drops to the transfer's
+    assert acc["square"] < acc["pgd10"] - 0.2  # so is it not the gradient-free Square attack
+    for name in ("transfer", "square"):
+        assert any(f"gradient-free attack {name} " in w and "strongest white-box" in w for w in noisy["warnings"])
+    assert acc["worst"] <= min(acc["transfer"], acc["square"])
+    assert acc["worst"] >= min(acc["transfer"], acc["square"]) - 0.05  # drops to the gradient-free attacks'
     honest = evaluate_robustness(mlp_apply, mlp, x, y, epsilon=0.1, attacks_=specs,
                                  surrogates=[Surrogate(mlp_apply, mlp, "t", specs[1])])
     assert honest["accuracy"]["t"] == honest["accuracy"]["pgd10"]  # the model as its own surrogate: white-box PGD
-    assert not any("transfer" in w for w in honest["warnings"]), honest["warnings"]
+    assert not any("gradient-free" in w for w in honest["warnings"]), honest["warnings"]
+
+
+def test_square_attack_stays_in_the_ball_and_box_and_never_helps(mlp, test_set):
+    x, y = test_set[0][:64], test_set[1][:64]
+    x_adv = jax.jit(lambda p, x, y, k: attacks.square_linf(mlp_apply, p, x, y, k, epsilon=0.1, queries=50))(
+        mlp, x, y, jax.random.PRNGKey(0))
+    assert float(jnp.max(jnp.abs(x_adv - x))) <= 0.1 + 1e-6 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    clean = np.asarray(jnp.argmax(mlp_apply(mlp, x), -1) == y)
+    adversarial = np.asarray(jnp.argmax(mlp_apply(mlp, x_adv), -1) == y)
+    assert adversarial.mean() < clean.mean()
 
 
 @pytest.mark.parametrize("kwargs,message", [({"epsilon": float("nan")}, "finite"), ({"epsilon": -0.1}, ">= 0"),
@@ -340,7 +353,7 @@ def test_robust_eval_cli_bad_inputs_exit_2_with_one_line(trained_run, lake_root,
 
     workdir = str(trained_run[0])
     for args in (["--epsilons", "nan"], ["--epsilons", "inf"], ["--epsilons", "-1"], ["--batch-size", "0"],
-                 ["--curve", "0", "nan"], ["--steps", "0"]):
+                 ["--curve", "0", "nan"], ["--steps", "0"], ["--square", "-1"], ["--square", "10", "--norm", "l2"]):
         assert main(["robust-eval", "--workdir", workdir, "--output", str(tmp_path / "out"), *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: robust evaluation") and len(err.splitlines()) == 1, err

@@ -1,10 +1,11 @@
 """`lepton-jax robust-eval`: robust accuracy of a run's checkpoint on a split of its pinned lake version.
 
     lepton-jax robust-eval --workdir runs/x [--epsilons 0.1 0.2] [--norm linf] [--steps 20] [--restarts 3]
-                           [--surrogate runs/standard]
+                           [--square 300] [--surrogate runs/standard]
 
-Reports clean, FGSM, PGD-k, PGD-k × restarts, PGD-k (CW loss), a transfer attack from each ``--surrogate`` run
-(PGD-k crafted on its best checkpoint) and the per-example worst case at each ε, plus the
+Reports clean, FGSM, PGD-k, PGD-k × restarts, PGD-k (CW loss), with ``--square Q`` the gradient-free Square attack
+(Q queries), a transfer attack from each ``--surrogate`` run (PGD-k crafted on its best checkpoint) and the
+per-example worst case at each ε, plus the
 accuracy-vs-ε curve and gradient-masking warnings; writes ``robust.json`` and ``accuracy_vs_eps.png`` (atomically)
 into ``--output`` (default ``WORKDIR/robust``).
 """
@@ -31,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ε values of the accuracy-vs-ε curve (default: 8 points up to 2× the largest ε)")
     p.add_argument("--seed", type=int, default=0, help="attack key")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--square", type=int, default=0, metavar="QUERIES",
+                   help="also run the gradient-free Square attack (L∞) with this many queries, e.g. 300 (0 = off)")
     p.add_argument("--surrogate", action="append", default=[], metavar="WORKDIR",
                    help="a run (e.g. standardly trained) whose PGD examples are replayed: a transfer attack in the "
                         "worst case, with a warning when it beats white-box PGD (repeatable)")
@@ -49,7 +52,8 @@ def _apply_for(graphdef):
 def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, norm: str | None = None,
                  split: str = "test", step: int | None = None, steps: int = 20, restarts: int = 3,
                  curve: list[float] | None = None, seed: int = 0, batch_size: int = 256,
-                 output: str | Path | None = None, surrogates: list[str | Path] = ()) -> dict[str, Any]:
+                 output: str | Path | None = None, surrogates: list[str | Path] = (), square: int = 0
+                 ) -> dict[str, Any]:
     """Restores a run's checkpoint and evaluates its robustness (with transfer attacks from the best checkpoints
     of the ``surrogates`` runs); writes and returns the results."""
     import jax
@@ -77,6 +81,9 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
     norm = norm or robust.norm
     epsilons = list(epsilons or [float(robust.epsilon)])
     check_eval_inputs(list(epsilons) + list(curve or []), batch_size, steps=steps, restarts=restarts)
+    if square < 0 or (square and norm != "linf"):
+        raise ConfigError(f"robust evaluation: --square takes a number of queries >= 0 and norm linf, got {square} "
+                          f"with norm {norm}")
     data = run_info["data"]
     schema = data["schema"]
     mesh = make_mesh(mesh_config({"data": -1}))
@@ -93,6 +100,8 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
     x, y = examples[INPUT], examples[LABEL]
     apply = _apply_for(graphdef)
     attacks_ = standard_attacks(steps, restarts)
+    if square:
+        attacks_ += (AttackSpec("square", kind="square", steps=square),)
     surrogate_runs, surrogates_ = [], []
     for i, path in enumerate(surrogates):
         s_built, s_params, s_step = restore_params(Path(path), None, mesh)
@@ -129,7 +138,8 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
 def robust_eval_command(args: argparse.Namespace) -> int:
     result = evaluate_run(args.workdir, epsilons=args.epsilons, norm=args.norm, split=args.split, step=args.step,
                           steps=args.steps, restarts=args.restarts, curve=args.curve, seed=args.seed,
-                          batch_size=args.batch_size, output=args.output, surrogates=args.surrogate)
+                          batch_size=args.batch_size, output=args.output, surrogates=args.surrogate,
+                          square=args.square)
     print(f"{args.workdir} checkpoint step {result['step']}, split {result['split']} ({result['n']} examples), "
           f"norm {result['norm']}:")
     for eps, r in result["results"].items():

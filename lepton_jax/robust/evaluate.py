@@ -39,7 +39,7 @@ class AttackSpec:
     """One attack of an evaluation. ``step_size`` is a fraction of ε."""
 
     name: str
-    kind: str = "pgd"  # fgsm | pgd
+    kind: str = "pgd"  # fgsm | pgd | square (gradient-free, L∞: ``steps`` is its number of queries)
     steps: int = 10
     step_size: float = 0.25
     restarts: int = 1
@@ -86,11 +86,13 @@ def _compiled_attack(apply: Callable, kind: str, loss: str, random_init: bool, n
     def run(params, x, y, key, epsilon, step_size, steps, restarts):
         if kind == "fgsm":
             x_adv = attacks.fgsm(apply, params, x, y, epsilon=epsilon, norm=norm, box=box, loss=loss)
+        elif kind == "square":
+            x_adv = attacks.square_linf(apply, params, x, y, key, epsilon=epsilon, box=box, queries=steps)
         elif kind == "pgd":
             x_adv = attacks.pgd(apply, params, x, y, key, epsilon=epsilon, norm=norm, box=box, steps=steps,
                                 step_size=step_size, random_init=random_init, restarts=restarts, loss=loss)
         else:
-            raise ValueError(f"unknown attack kind {kind!r}; use fgsm or pgd")
+            raise ValueError(f"unknown attack kind {kind!r}; use fgsm, pgd or square")
         return jnp.argmax(apply(params, x_adv, train=False), -1) == y
 
     return jax.jit(run)
@@ -205,6 +207,8 @@ def evaluate_robustness(apply: Callable, params: Any, x: np.ndarray, y: np.ndarr
     attacks_ = tuple(attacks_ or standard_attacks())
     check_eval_inputs([epsilon], batch_size)
     _check_names(attacks_, surrogates)
+    if norm != "linf" and any(s.kind == "square" for s in attacks_):
+        raise ConfigError("robust evaluation: the Square attack is L∞ only; drop it for norm l2")
     key = jax.random.PRNGKey(0) if key is None else key
     kw = dict(norm=norm, box=box, batch_size=batch_size, sharding=sharding)
     clean, grad_norms = clean_diagnostics(apply, params, x, y, batch_size=batch_size, sharding=sharding)
@@ -250,20 +254,21 @@ def masking_warnings(result: dict[str, Any], attacks_: Sequence[AttackSpec], *, 
     * accuracy at a box-filling radius stays above ``large_epsilon_max`` (any input is reachable there);
     * some examples have zero or non-finite input gradients (saturated softmax, non-differentiable layers);
     * repeating an attack with the same key changes the results (randomness the evaluation does not control);
-    * a transfer attack from a surrogate beats every white-box iterative attack by more than ``tolerance`` (the
-      evaluated model's own gradients should be the better guide: noisy, shattered or masked gradients).
+    * a gradient-free attack (a transfer attack from a surrogate, or Square) beats every white-box iterative attack
+      by more than ``tolerance`` (the evaluated model's own gradients should be the better guide: noisy, shattered
+      or masked gradients).
     """
     acc, diag = result["accuracy"], result.get("diagnostics", {})
     out = []
     single = [s.name for s in attacks_ if s.kind == "fgsm"]
     multi = [s.name for s in attacks_ if s.kind == "pgd"]
     strongest = min(multi, key=lambda m: acc[m], default=None)
-    for t in result.get("transfer", ()):
+    gradient_free = [*result.get("transfer", ()), *(s.name for s in attacks_ if s.kind == "square")]
+    for t in gradient_free:
         if strongest is not None and acc[t] + tolerance < acc[strongest]:
-            out.append(f"gradient masking? the transfer attack {t} ({acc[t]:.3f}) beats the strongest white-box "
+            out.append(f"gradient masking? the gradient-free attack {t} ({acc[t]:.3f}) beats the strongest white-box "
                        f"attack {strongest} ({acc[strongest]:.3f}) at eps={result['epsilon']:g}: the model's own "
-                       "gradients mislead the attacks (noisy, shattered or masked); the worst case includes the "
-                       "transfer attack")
+                       "gradients mislead the attacks (noisy, shattered or masked); the worst case includes it")
     for s in single:
         for m in multi:
             if acc[s] + tolerance < acc[m]:
