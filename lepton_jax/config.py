@@ -1,8 +1,10 @@
 """Experiment configs: Python files with ``get_config() -> ml_collections.ConfigDict`` plus dotted overrides.
 
-A config file is the single source of truth for hyper-parameters; the resolved config (after overrides) is saved
-beside every run. Overrides look like ``--config.optim.lr=3e-4`` and must name an existing key; values are parsed as
-Python literals and must match the type already in the config (ints widen to floats).
+A config is a file path (``configs/digits_cnn.py``) or the name of a config shipped in the package
+(``digits_cnn``: ``lepton_jax/configs/digits_cnn.py``, so it works from a pip install with no checkout), optionally
+followed by ``:ARG``. A config file is the single source of truth for hyper-parameters; the resolved config (after
+overrides) is saved beside every run. Overrides look like ``--config.optim.lr=3e-4`` and must name an existing key;
+values are parsed as Python literals and must match the type already in the config (ints widen to floats).
 """
 
 from __future__ import annotations
@@ -19,15 +21,36 @@ import ml_collections
 from lepton_jax.errors import ConfigError
 
 OVERRIDE_PREFIX = "--config."
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in the package (``lepton_jax/configs/<name>.py``)."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve_config(spec: str | Path) -> tuple[Path, str | None]:
+    """A config argument -> (file, ``get_config`` argument or None). ``spec`` is a path (``configs/x.py``,
+    ``configs/x.py:arg``) or a packaged config's name (``x``, ``x:arg``); an existing file wins over a name."""
+    path, arg = split_config_arg(spec)
+    if path.is_file():
+        return path, arg
+    name, _, name_arg = str(spec).partition(":")
+    name = name.removesuffix(".py")
+    if name.isidentifier():
+        packaged = PACKAGED_CONFIGS / f"{name}.py"
+        if packaged.is_file():
+            return packaged, name_arg or None
+    raise ConfigError(f"config {str(spec)!r} is neither a config file nor a packaged config; pass a path "
+                      f"(configs/<name>.py) or one of: {', '.join(packaged_configs())}")
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``get_config()`` from a Python file and applies ``key=value`` overrides (without the prefix).
+    """Loads ``get_config()`` from a config file or packaged config name (see :func:`resolve_config`) and applies
+    ``key=value`` overrides (without the prefix).
 
-    ``file.py:arg`` (big_vision style) calls ``get_config(arg)``: one file, several named variants."""
-    path, arg = split_config_arg(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config configs/<name>.py")
+    ``file.py:arg`` / ``name:arg`` (big_vision style) calls ``get_config(arg)``: one file, several named variants."""
+    path, arg = resolve_config(path)
     spec = importlib.util.spec_from_file_location(f"lepton_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -23,11 +23,13 @@ def run_summary(workdir: Path) -> dict[str, Any]:
     config = tracking.flatten(tracking.read_json(workdir / tracking.CONFIG_FILE))
     info = tracking.read_json(workdir / tracking.RUN_FILE) if (workdir / tracking.RUN_FILE).exists() else {}
     metrics = tracking.read_metrics(workdir)
-    dev = [m["dev_accuracy"] for m in metrics if "dev_accuracy" in m]
+    dev = [m["dev_accuracy"] for m in metrics if m.get("dev_accuracy") is not None]
     final = next((m for m in reversed(metrics) if "test_accuracy" in m), {})
     steps = max((m.get("step", 0) for m in metrics), default=0)
     data = info.get("data", {})
+    devices, processes = len(info.get("devices", [])), info.get("process_count")
     return {"run": str(workdir), "config": config, "data": f"{data.get('table', '?')}@{data.get('version', '?')}",
+            "layout": f"{devices or '?'} × {processes or '?'}",
             "git": (info.get("git_revision") or "?")[:12], "steps": steps,
             "best_dev_accuracy": max(dev) if dev else None, "test_accuracy": final.get("test_accuracy"),
             "finished": bool(info.get("finished"))}
@@ -40,11 +42,14 @@ def config_differences(summaries: list[dict[str, Any]]) -> list[str]:
 
 
 def table(summaries: list[dict[str, Any]], extra_keys: list[str] = ()) -> str:
-    """A markdown table: run, differing config values, data version, git revision and results."""
-    header = ["run", *extra_keys, "data", "git", "steps", "best dev acc", "test acc", "finished"]
+    """A markdown table: run, differing config values, data version, layout (devices × processes; ``devices`` counts
+    all processes' devices), git revision and results."""
+    header = ["run", *extra_keys, "data", "devices × processes", "git", "steps", "best dev acc", "test acc",
+              "finished"]
     rows = [header, ["---"] * len(header)]
     for s in summaries:
-        rows.append([Path(s["run"]).name, *(repr(s["config"].get(k)) for k in extra_keys), s["data"], s["git"],
+        rows.append([Path(s["run"]).name, *(repr(s["config"].get(k)) for k in extra_keys), s["data"], s["layout"],
+                     s["git"],
                      str(s["steps"]), _fmt(s["best_dev_accuracy"]), _fmt(s["test_accuracy"]),
                      "yes" if s["finished"] else "no"])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
@@ -58,8 +63,8 @@ def plot_curves(workdirs: list[Path], path: Path) -> None:
     loss_ax, dev_ax = fig.subplots(1, 2)
     for workdir in workdirs:
         metrics = tracking.read_metrics(workdir)
-        train = [(m["step"], m["train_loss"]) for m in metrics if "train_loss" in m]
-        dev = [(m["step"], m["dev_accuracy"]) for m in metrics if "dev_accuracy" in m]
+        train = [(m["step"], m["train_loss"]) for m in metrics if m.get("train_loss") is not None]
+        dev = [(m["step"], m["dev_accuracy"]) for m in metrics if m.get("dev_accuracy") is not None]
         if train:
             loss_ax.plot(*zip(*train, strict=True), label=workdir.name)
         if dev:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from lepton_jax import runs, tracking
-from lepton_jax.config import load_config
+from lepton_jax.config import load_config, resolve_config
 from lepton_jax.errors import ConfigError
 
 
 def sweep_points(config_path: str | Path) -> list[dict[str, Any]]:
-    """The override dicts a config file's ``get_sweep()`` declares."""
+    """The override dicts a config file's (or packaged config's) ``get_sweep()`` declares."""
+    config_path, _ = resolve_config(config_path)
     spec = importlib.util.spec_from_file_location("lepton_sweep_config", config_path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,12 +1,24 @@
-"""Run directories: the resolved config, provenance (git revision, package versions, seeds) and JSON-lines metrics.
+"""Run directories: the resolved config, provenance (git revision, package versions, seeds) and JSON-lines metrics,
+mirrored to TensorBoard and optionally Weights & Biases.
 
 Only process 0 writes. Every file is written atomically (temp file + rename) so a crash never leaves a torn one.
+
+``metrics.jsonl`` is strict JSON, one record per line with a ``kind`` (``train``, ``eval``, ``summary``,
+``resume``, ``event``); a non-finite value is written as ``null`` and its key listed under ``nonfinite``.
+TensorBoard tags are grouped (``train/loss``, ``dev/accuracy``, ``test/accuracy``, ``perf/step_time_s``); the end of
+a run adds the test metrics, the hparams (flattened config with the final metrics) and the confusion matrix image.
+After a resume the writer purges the events a killed run logged past its last checkpoint (``purge_step``), so no
+step appears twice. With ``config.tracking.wandb`` the same scalars, the summary and the image go to Weights & Biases
+(one run id per workdir, resumed); W&B keeps what it received before a crash, since its steps only increase.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import importlib.util
 import json
+import math
 import os
 import platform
 import subprocess
@@ -29,6 +41,52 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 TIMING_KEYS = ("elapsed_s", "train_seconds", "step_time_s", "examples_per_s", "mfu")
+KINDS = ("train", "eval", "summary", "resume", "event", "other")
+WANDB_MODES = ("online", "offline", "disabled")
+_GROUPS = {"train_": "train/", "dev_": "dev/", "test_": "test/", "co_": "monitor/"}
+
+
+def check_tracking_config(tc: ml_collections.ConfigDict) -> None:
+    """One-line :class:`ConfigError` for a bad ``config.tracking`` section (or W&B asked for but not installed)."""
+    if tc.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"unknown tracking.wandb_mode {tc.wandb_mode!r}; use one of {', '.join(WANDB_MODES)}")
+    if tc.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("tracking.wandb is on but wandb is not installed: pip install 'lepton_jax[wandb]'")
+
+
+def record_kind(record: dict[str, Any]) -> str:
+    """What a metrics record is, from its keys: train (step metrics), eval (dev evaluation, monitors), summary
+    (end of run), resume, event (preempted, diverged) or other."""
+    if "resumed_from_step" in record:
+        return "resume"
+    if "preempted" in record or "diverged" in record:
+        return "event"
+    if "test_accuracy" in record:
+        return "summary"
+    if any(k.startswith("train_") for k in record):
+        return "train"
+    if any(k.startswith(("dev_", "co_")) for k in record):
+        return "eval"
+    return "other"
+
+
+def tensorboard_tag(key: str, kind: str) -> str:
+    """The grouped tag of a metric: ``train_loss`` -> ``train/loss``, ``dev_accuracy`` -> ``dev/accuracy``,
+    timings -> ``perf/…``; other keys go under their record's group (``lr`` -> ``train/lr``)."""
+    for prefix, group in _GROUPS.items():
+        if key.startswith(prefix):
+            return group + key[len(prefix):]
+    if key in TIMING_KEYS:
+        return f"perf/{key}"
+    return {"train": "train/", "eval": "dev/", "summary": "test/"}.get(kind, "run/") + key
+
+
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with non-finite floats replaced by ``None`` and their keys listed under ``nonfinite``."""
+    bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -111,6 +169,10 @@ class RunDir:
         self.path = Path(workdir)
         self.is_writer = jax.process_index() == 0
         self._tb = None
+        self._wandb = None
+        self._tracking: dict[str, Any] = {"tensorboard": True, "wandb": False}
+        self._config: dict[str, Any] = {}
+        self._purge_step: int | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -130,10 +192,13 @@ class RunDir:
                               "use a new --workdir, or the same config to resume")
 
     def start(self, config: ml_collections.ConfigDict, extra: dict[str, Any] | None = None) -> None:
+        """Writes config.json and run.json and sets up the writers ``config.tracking`` asks for."""
         if not self.is_writer:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path / CONFIG_FILE, config_lib.to_dict(config))
+        self._config = config_lib.to_dict(config)
+        self._tracking = dict(self._config["tracking"])
+        write_json_atomic(self.path / CONFIG_FILE, self._config)
         write_json_atomic(self.path / RUN_FILE, provenance(extra))
 
     def update_run_info(self, **fields: Any) -> None:
@@ -143,45 +208,116 @@ class RunDir:
         info.update(fields)
         write_json_atomic(self.path / RUN_FILE, info)
 
-    def log(self, **metrics: Any) -> None:
-        """Appends one JSON line (flushed, so a crash loses at most the line being written) and writes the
-        numeric values with a ``step`` to TensorBoard event files in ``<workdir>/tensorboard``."""
+    def log(self, kind: str | None = None, **metrics: Any) -> None:
+        """Appends one strict-JSON line with its ``kind`` (inferred from the keys when not given; flushed, so a
+        crash loses at most the line being written) and, when it has a ``step``, writes its numeric values to
+        TensorBoard (grouped tags) and W&B."""
         if not self.is_writer:
             return
         record = {k: _to_python(v) for k, v in metrics.items()}
+        kind = kind or record_kind(record)
+        if kind not in KINDS:
+            raise ValueError(f"unknown metrics kind {kind!r}; use one of {KINDS}")
         with open(self.path / METRICS_FILE, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(json.dumps({"kind": kind, **strict_record(record)}, sort_keys=True, allow_nan=False) + "\n")
             f.flush()
         if "step" in record:
+            scalars = {tensorboard_tag(k, kind): v for k, v in record.items()
+                       if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+                       and (k != "epoch" or kind == "train")}  # epoch once per step, with the train metrics
+            self._write_scalars(scalars, record["step"])
+
+    def log_final(self, step: int, summary: dict[str, Any], image: Path | None = None) -> None:
+        """The end of a run in TensorBoard and W&B: the test metrics at ``step``, the hparams (flattened config)
+        with the final metrics, and the confusion matrix ``image`` (a PNG)."""
+        if not self.is_writer:
+            return
+        final = {tensorboard_tag(k, "summary"): v for k, v in summary.items()
+                 if k.startswith("test_") and isinstance(v, int | float)}
+        if summary.get("best_dev_accuracy") is not None:
+            final["dev/best_accuracy"] = summary["best_dev_accuracy"]
+        if summary.get("best_step") is not None:
+            final["run/best_step"] = summary["best_step"]
+        self._write_scalars({k: v for k, v in final.items() if k.startswith("test/")}, step)
+        pixels = None
+        if image is not None and Path(image).exists():
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(image) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        if self._tracking["tensorboard"]:
             writer = self._tensorboard()
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    writer.add_scalar(key, value, record["step"])
+            if pixels is not None:
+                writer.add_image("test/confusion_matrix", pixels, step, dataformats="HWC")
+            writer.add_hparams(hparams(self._config), {f"hparam/{k}": float(v) for k, v in final.items()},
+                               name="hparams", global_step=step)
             writer.flush()
+        if self._tracking["wandb"]:
+            run = self._wandb_run()
+            run.summary.update(final)
+            if pixels is not None:
+                import wandb
+
+                run.log({"test/confusion_matrix": wandb.Image(pixels)}, step=step)
+
+    def _write_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if not scalars:
+            return
+        if self._tracking["tensorboard"]:
+            writer = self._tensorboard()
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, step)
+            writer.flush()
+        if self._tracking["wandb"]:
+            self._wandb_run().log(scalars, step=step)
 
     def _tensorboard(self):
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.path / TENSORBOARD_DIR), flush_secs=30)
+            # after a resume, purge what a killed run wrote past its last checkpoint
+            self._tb = SummaryWriter(str(self.path / TENSORBOARD_DIR), flush_secs=30, purge_step=self._purge_step)
         return self._tb
+
+    def _wandb_run(self):
+        if self._wandb is None:
+            import wandb
+
+            t = self._tracking
+            run_id = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]  # the same run on resume
+            self._wandb = wandb.init(project=t["wandb_project"], mode=t["wandb_mode"], dir=str(self.path),
+                                     name=self.path.name, id=run_id, resume="allow", config=self._config)
+        return self._wandb
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drops metric lines logged after ``after_step`` (by a run that died before its next checkpoint)."""
+        """Drops metric lines logged after ``after_step`` (by a run that died before its next checkpoint); the
+        TensorBoard writer then purges that run's events from ``after_step + 1`` on."""
         if not self.is_writer:
             return
+        self._purge_step = after_step + 1
         path = self.path / METRICS_FILE
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.path)
         with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            f.writelines(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in kept)
         os.replace(tmp, path)
+
+
+def hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as TensorBoard hparams: flattened, values int/float/str/bool (sequences and None as text)."""
+    out = {}
+    for key, value in flatten(config).items():
+        out[key] = value if isinstance(value, int | float | str | bool) else json.dumps(value)
+    return out
 
 
 def result_provenance(configs: list[str], data: str) -> str:

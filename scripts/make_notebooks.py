@@ -14,19 +14,44 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
-INSTALL = '''# Installs lepton_jax into this kernel when it is missing (Colab, a fresh environment): clone the repo,
-# open this notebook from inside the checkout, and this cell runs `pip install -e <checkout>`.
+INSTALL = '''# Makes lepton_jax importable in this kernel (Colab, a fresh environment) and checks jax.
+# - already installed: nothing to do;
+# - opened inside a clone (locally, or on Colab after `!git clone <repository URL>` and `%cd lepton_jax`):
+#   `pip install -e <clone>`;
+# - elsewhere: set SOURCE (or the LEPTON_JAX_SOURCE variable) to pip arguments, e.g.
+#   "git+<repository URL>" or the path of a built wheel.
+# A preinstalled jax (Colab's) is kept when it satisfies jax>=0.10; pip upgrades an older one to the CPU build. On a
+# GPU runtime with too old a jax: `pip install -U "jax[cuda13]"` (or "lepton_jax[cuda]"), then restart the runtime.
+import importlib
+import importlib.metadata
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
 
+SOURCE = os.environ.get("LEPTON_JAX_SOURCE", "")
+MIN_JAX = (0, 10)
+
 if importlib.util.find_spec("lepton_jax") is None:
     here = pathlib.Path.cwd()
-    repo = next((p for p in [here, *here.parents] if (p / "pyproject.toml").exists()), None)
-    if repo is None:
-        raise RuntimeError("lepton_jax is not installed: clone the repository and open this notebook inside it")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", str(repo)])'''
+    clone = next((p for p in [here, *here.parents] if (p / "pyproject.toml").exists() and (p / "lepton_jax").is_dir()),
+                 None)
+    if clone is not None:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-e", str(clone)])
+    elif SOURCE:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *SOURCE.split()])
+    else:
+        raise RuntimeError("lepton_jax is not installed: `!git clone <repository URL>` then `%cd lepton_jax` and rerun "
+                           "this cell, or set SOURCE to pip arguments (git+<repository URL>, or a wheel)")
+    importlib.invalidate_caches()
+jax_version = importlib.metadata.version("jax")
+if tuple(int(part) for part in jax_version.split(".")[:2]) < MIN_JAX:
+    raise RuntimeError(f"jax {jax_version} is older than 0.10: `pip install -U jax` (CPU) or "
+                       "`pip install -U 'jax[cuda13]'` (GPU), then restart the kernel")
+import lepton_jax  # noqa: E402
+
+print(f"lepton_jax {lepton_jax.__version__} from {pathlib.Path(lepton_jax.__file__).parent}, jax {jax_version}")'''
 
 research = new_notebook(cells=[
     new_markdown_cell("# Comparing lake versions and runs\n\nTwo versions of the digits table (different split "
@@ -44,11 +69,7 @@ from lepton_jax.train.loop import train
 
 work = Path("research_demo")
 lake = Lake(work / "lake")
-import lepton_jax
-
-# the configs/ folder of the checkout: next to this notebook, or beside the installed package
-places = [Path.cwd(), *Path.cwd().parents, Path(lepton_jax.__file__).resolve().parents[1]]
-CONFIG = next(p / "configs" / "digits_cnn.py" for p in places if (p / "configs" / "digits_cnn.py").exists())'''),
+CONFIG = "digits_cnn"  # a config shipped in the package, by name (a path to a config file works too)'''),
     new_markdown_cell("## Two versions of one table\n\nRe-ingesting the same source with another split seed "
                       "commits a new version; the old one stays readable (time travel)."),
     new_code_cell('''v1 = ingest(lake, "digits", DigitsSource(), seed=0).version
@@ -92,21 +113,18 @@ quick = new_notebook(cells=[
 
 import jax
 import numpy as np
-
-import lepton_jax
-from lepton_jax.config import load_config
-from lepton_jax.data import prepare_batch
-from lepton_jax.lake import DigitsSource, Lake, ingest
 from IPython.display import Image, display
 
 from lepton_jax import runs
+from lepton_jax.config import load_config
+from lepton_jax.data import prepare_batch
+from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.models.functional import make_apply
 from lepton_jax.robust.evaluate import accuracy_curve, evaluate_robustness, save_curve_png, standard_attacks
 from lepton_jax.serve import Predictor
 from lepton_jax.train.loop import train
 
-places = [Path.cwd(), *Path.cwd().parents, Path(lepton_jax.__file__).resolve().parents[1]]
-CONFIG = next(p / "configs" / "digits_cnn.py" for p in places if (p / "configs" / "digits_cnn.py").exists())
+CONFIG = "digits_cnn"  # a config shipped in the package, by name (a path to a config file works too)
 work = Path("quickstart_demo")
 print("devices:", jax.devices())'''),
     new_markdown_cell("## 1. Lake: ingest, validate, split, commit"),

@@ -37,7 +37,7 @@ def test_wrong_type_names_expected_type():
 
 
 def test_missing_and_broken_config_files(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="neither a config file nor a packaged config.*digits_cnn"):
         load_config(tmp_path / "none.py")
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(:\n")
@@ -84,3 +84,22 @@ def test_config_file_argument_variants(tmp_path):
     assert load_config(f"{path}:big").size == 2 and load_config(path).size == 1
     with pytest.raises(ConfigError, match="takes no argument"):
         load_config(f"{DEFAULT_CONFIG.with_name('edge_diloco.py')}:big")
+
+
+def test_packaged_configs_by_name_and_by_path(tmp_path, monkeypatch):
+    from lepton_jax.config import packaged_configs
+
+    by_path = load_config(DEFAULT_CONFIG, ["num_epochs=2"])
+    monkeypatch.chdir(tmp_path)  # outside the checkout: names resolve inside the package
+    by_name = load_config("digits_cnn", ["num_epochs=2"])
+    assert by_name.to_dict() == by_path.to_dict()
+    assert load_config("digits_cnn.py").num_epochs == by_path.num_epochs + 28
+    assert {"digits_cnn", "iris_mlp", "robust_free"} <= set(packaged_configs())
+    (tmp_path / "digits_cnn").mkdir()  # a folder of that name is not a config file: the name still resolves
+    assert load_config("digits_cnn").model.name == "cnn"
+    local = tmp_path / "mine.py"  # an existing file wins
+    local.write_text("import ml_collections\ndef get_config(arg=None):\n    return ml_collections.ConfigDict("
+                     "{'arg': arg})\n")
+    assert load_config("mine.py:x").arg == "x"
+    with pytest.raises(ConfigError, match="neither a config file nor a packaged config"):
+        load_config("no_such_config")

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lepton_jax"
 # lowest first; a module may import its own layer's siblings (without cycles) and any lower layer
 LAYERS = [
-    {"errors", "config"},
+    {"errors", "config", "plugins"},
     {"lake", "tracking"},
     {"data"},
     {"models"},
@@ -16,7 +16,7 @@ LAYERS = [
     {"checkpoint", "robust"},
     {"train"},
     {"serve", "runs", "sweep"},
-    {"commands", "cli", "__init__", "__main__"},
+    {"commands", "cli", "__init__", "__main__", "configs"},
 ]
 
 

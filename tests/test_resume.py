@@ -72,6 +72,12 @@ def test_sigkill_then_restart_is_bit_identical(uninterrupted, lake_root, tmp_pat
     _assert_same_params(resumed["final_state"], reference["final_state"])
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()  # the killed run's events past its checkpoint are purged: each step once
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in tracking.read_metrics(reference_dir)
+                                                              if "train_loss" in r]
 
 
 def test_sigterm_at_many_steps_saves_the_step_it_stops_at(uninterrupted, lake_root, tmp_path):

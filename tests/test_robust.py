@@ -19,6 +19,7 @@ from lepton_jax.models import build_model
 from lepton_jax.robust import attacks
 from lepton_jax.robust.evaluate import (
     AttackSpec,
+    Surrogate,
     accuracy_curve,
     attack_correct,
     evaluate_robustness,
@@ -297,6 +298,72 @@ def test_gradient_masking_models_trigger_the_warnings(mlp, test_set):
     quantized = warnings_of(quantized_apply, tuple(dataclasses.replace(s, random_init=False) for s in specs))
     assert "exactly zero input gradient" in quantized and "every input in the box is reachable" in quantized
     assert "non-reproducible" in warnings_of(noisy_apply)
+
+
+_PROJECTION = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (64, 10)))
+
+
+def sin_noise_apply(params, x, *, train=False, rngs=None):
+    """Noisy gradients: ``logits + 0.05·sin(1e4·Rx)`` barely moves the logits but swamps the input gradient."""
+    return mlp_apply(params, x) + 0.05 * jnp.sin(1e4 * (x.reshape(x.shape[0], -1) @ _PROJECTION))
+
+
+@pytest.mark.slow
+def test_transfer_attack_exposes_noisy_gradients(mlp, test_set):
+    x, y = test_set
+    specs = standard_attacks(10, 1)[:2] + (AttackSpec("square", kind="square", steps=300),)  # FGSM, PGD-10, Square
+    noisy = evaluate_robustness(sin_noise_apply, mlp, x, y, epsilon=0.1, attacks_=specs,
+                                surrogates=[Surrogate(mlp_apply, mlp)])
+    acc = noisy["accuracy"]
+    print({k: round(v, 3) for k, v in acc.items()})
+    assert acc["clean"] > 0.85 and acc["transfer"] < acc["pgd10"] - 0.2  # white-box PGD is fooled by the noise
+    assert acc["square"] < acc["pgd10"] - 0.2  # so is it not the gradient-free Square attack
+    for name in ("transfer", "square"):
+        assert any(f"gradient-free attack {name} " in w and "strongest white-box" in w for w in noisy["warnings"])
+    assert acc["worst"] <= min(acc["transfer"], acc["square"])
+    assert acc["worst"] >= min(acc["transfer"], acc["square"]) - 0.05  # drops to the gradient-free attacks'
+    honest = evaluate_robustness(mlp_apply, mlp, x, y, epsilon=0.1, attacks_=specs,
+                                 surrogates=[Surrogate(mlp_apply, mlp, "t", specs[1])])
+    assert honest["accuracy"]["t"] == honest["accuracy"]["pgd10"]  # the model as its own surrogate: white-box PGD
+    assert not any("gradient-free" in w for w in honest["warnings"]), honest["warnings"]
+
+
+def test_square_attack_stays_in_the_ball_and_box_and_never_helps(mlp, test_set):
+    x, y = test_set[0][:64], test_set[1][:64]
+    x_adv = jax.jit(lambda p, x, y, k: attacks.square_linf(mlp_apply, p, x, y, k, epsilon=0.1, queries=50))(
+        mlp, x, y, jax.random.PRNGKey(0))
+    assert float(jnp.max(jnp.abs(x_adv - x))) <= 0.1 + 1e-6 and float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+    clean = np.asarray(jnp.argmax(mlp_apply(mlp, x), -1) == y)
+    adversarial = np.asarray(jnp.argmax(mlp_apply(mlp, x_adv), -1) == y)
+    assert adversarial.mean() < clean.mean()
+
+
+@pytest.mark.parametrize("kwargs,message", [({"epsilon": float("nan")}, "finite"), ({"epsilon": -0.1}, ">= 0"),
+                                            ({"batch_size": 0}, "batch size")])
+def test_robust_evaluation_rejects_bad_inputs(mlp, test_set, kwargs, message):
+    from lepton_jax.errors import ConfigError
+
+    x, y = test_set
+    with pytest.raises(ConfigError, match=message):
+        evaluate_robustness(mlp_apply, mlp, x[:8], y[:8], **{"epsilon": 0.1, **kwargs})
+
+
+def test_robust_eval_cli_bad_inputs_exit_2_with_one_line(trained_run, lake_root, tmp_path, capsys):
+    from lepton_jax.cli import main
+
+    workdir = str(trained_run[0])
+    for args in (["--epsilons", "nan"], ["--epsilons", "inf"], ["--epsilons", "-1"], ["--batch-size", "0"],
+                 ["--curve", "0", "nan"], ["--steps", "0"], ["--square", "-1"], ["--square", "10", "--norm", "l2"]):
+        assert main(["robust-eval", "--workdir", workdir, "--output", str(tmp_path / "out"), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: robust evaluation") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    for override in ("robust.monitor_examples=0", "robust.eval_restarts=0", "robust.eval_steps=0"):
+        assert main(["train", "--config", str(ROOT / "configs" / "robust_fgsm.py"), "--workdir",
+                     str(tmp_path / "run"), "--lake", str(lake_root), f"--config.{override}"]) == 2, override
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: robust") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_catastrophic_overfitting_monitor(mlp, test_set, tiny_cnn, lake_root):

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     compare.set_defaults(handler=compare_command)
 
     sweep = sub.add_parser("sweep", help="run a config's get_sweep() points, each in its own workdir")
-    sweep.add_argument("--config", required=True)
+    sweep.add_argument("--config", required=True, help="a packaged config's name or a config file")
     sweep.add_argument("--workdir", required=True, help="parent directory of the sweep's runs")
     sweep.add_argument("--lake", default=None)
     sweep.add_argument("--processes", type=int, default=1, help="run N points at once in local processes")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a config; extra --config.KEY=VALUE arguments override it")
-    train.add_argument("--config", required=True, help="configs/<name>.py, or configs/<name>.py:ARG for a variant")
+    train.add_argument("--config", required=True,
+                       help="a packaged config's name (digits_cnn) or a file (configs/<name>.py); :ARG for a variant")
     train.add_argument("--workdir", required=True, help="run directory (same dir + same config resumes)")
     train.add_argument("--lake", default=None, help="lake directory (default: config.data.lake)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars or summaries")

@@ -1,4 +1,11 @@
-"""Flax NNX models, built by name from the config's ``model`` section."""
+"""Flax NNX models, built from the config's ``model`` section by name or by import path.
+
+``model.name`` is a built-in name (``cnn``, ``mlp``, ``resnet``, ``tcn``, ``vit``), a name added in this process with
+:func:`register_model`, or an import path ``package.module:Class`` (see :mod:`lepton_jax.plugins`). A model is any
+``nnx.Module`` whose constructor takes ``input_shape``, ``num_classes``, ``rngs`` and the other ``model`` keys as
+keyword arguments and whose ``__call__(x, train=...)`` returns logits; give it logical axis names (see
+:mod:`lepton_jax.models.layers`) to shard it beyond data parallelism.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from collections.abc import Callable
 import ml_collections
 from flax import nnx
 
+from lepton_jax import plugins
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.cnn import CNN
 from lepton_jax.models.mlp import MLP
@@ -22,10 +30,28 @@ def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ..
                 seed: int) -> nnx.Module:
     """Builds ``config.name`` with the remaining ``config`` fields as keyword arguments."""
     kwargs = {k: v for k, v in config.to_dict().items() if k != "name"}
-    if config.name not in MODELS:
-        raise ConfigError(f"unknown model {config.name!r}; known models: {', '.join(sorted(MODELS))}")
+    factory = model_factory(config.name)
     try:
-        return MODELS[config.name](input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed),
+        return factory(input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed),
                                    **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {config.name!r} rejected its config {kwargs}: {e}") from e
+
+
+def register_model(name: str, factory: Callable[..., nnx.Module]) -> None:
+    """Makes ``model.name=name`` build ``factory`` in this process (a notebook, a script). Commands that run in
+    another process (``lepton-jax eval``, ``serve`` ...) rebuild models from the saved config, so for those use an
+    import path (``model.name="my_pkg.models:Tiny"``) instead."""
+    if plugins.is_import_path(name) or not name.isidentifier():
+        raise ConfigError(f"register_model: {name!r} must be a plain identifier (import paths need no registration)")
+    MODELS[name] = factory
+
+
+def model_factory(name: str) -> Callable[..., nnx.Module]:
+    """The class or function ``model.name`` names (built-in, registered, or ``package.module:Class``)."""
+    if name in MODELS:
+        return MODELS[name]
+    if plugins.is_import_path(name):
+        return plugins.load_object(name, "model")
+    raise ConfigError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}, or an import path "
+                      "package.module:Class")

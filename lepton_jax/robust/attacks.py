@@ -1,4 +1,5 @@
-"""Adversarial attacks in raw input space: FGSM/FGM and PGD (random start, restarts), L∞ and L2.
+"""Adversarial attacks in raw input space: FGSM/FGM and PGD (random start, restarts), L∞ and L2, and the
+gradient-free Square attack (L∞).
 
 The threat model is a norm (``"linf"`` or ``"l2"``), a radius ε and an input box (``(lo, hi)``, or ``None`` for
 no box). For this project's images the box is [0, 1] (:mod:`lepton_jax.data.transforms`); any normalisation
@@ -212,6 +213,59 @@ def pgd(apply: Callable[..., jax.Array], params: Any, x: jax.Array, labels: jax.
         return jnp.where(_per_example(better, x), xa, bx), jnp.where(better, v, bv), jnp.where(better, s, bs)
 
     return jax.lax.fori_loop(1, restarts, merge, run(0))[0]
+
+
+_SQUARE_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # per 10,000 queries (the paper's)
+
+
+def square_linf(apply: Callable[..., jax.Array], params: Any, x: jax.Array, labels: jax.Array, key: jax.Array, *,
+                epsilon: jax.Array | float, box: Box = (0.0, 1.0), queries: int | jax.Array = 300,
+                p_init: float = 0.1) -> jax.Array:
+    """The Square attack (Andriushchenko et al. 2020), L∞, untargeted: random search with the CW margin that uses
+    only the model's outputs (no gradients), so noisy, shattered or masked gradients do not stop it.
+
+    It starts from vertical stripes of ±ε and, per query, redraws one random square window (all channels) of the
+    perturbation as ±ε, keeping the change where it raises the margin loss of an example not yet misclassified.
+    The window covers a fraction ``p`` of the pixels, halved on the paper's schedule (scaled to ``queries``).
+    Inputs ``(N, H, W, C)``, ``(N, H, W)`` or ``(N, F)`` (treated as an F × 1 image).
+    """
+    shape = x.shape
+    img = x.reshape(shape[0], shape[1], shape[2] if x.ndim > 2 else 1, -1)
+    n, h, w, c = img.shape
+    objective = attack_objective("cw", labels)
+
+    def loss(z: jax.Array) -> jax.Array:
+        return objective(apply(params, z.reshape(shape), train=False))
+
+    def clip(z: jax.Array) -> jax.Array:
+        return z if box is None else jnp.clip(z, box[0], box[1])
+
+    k_init, k_loop = jax.random.split(key)
+    signs = jax.random.rademacher(k_init, (n, 1, w, c), x.dtype)
+    start = clip(img + epsilon * signs)
+    queries = jnp.asarray(queries)
+    thresholds = jnp.asarray(_SQUARE_SCHEDULE, jnp.float32) * queries / 10_000
+
+    def body(i, carry):
+        best, best_loss = carry
+        k_row, k_col, k_sign = jax.random.split(jax.random.fold_in(k_loop, i), 3)
+        p = p_init * 0.5 ** jnp.sum(i > thresholds)
+        size = jnp.clip(jnp.round(jnp.sqrt(p * h * w)), 1, min(h, w)).astype(jnp.int32)
+        row = jax.random.randint(k_row, (n, 1), 0, h - size + 1)
+        col = jax.random.randint(k_col, (n, 1), 0, w - size + 1)
+        rows, cols = jnp.arange(h)[None], jnp.arange(w)[None]
+        in_rows = (rows >= row) & (rows < row + size)
+        in_cols = (cols >= col) & (cols < col + size)
+        window = in_rows[:, :, None, None] & in_cols[:, None, :, None]
+        values = epsilon * jax.random.rademacher(k_sign, (n, 1, 1, c), x.dtype)
+        candidate = clip(img + jnp.where(window, values, best - img))
+        candidate_loss = loss(candidate)
+        better = (candidate_loss > best_loss) & (best_loss <= 0)  # stop once an example is misclassified
+        return (jnp.where(better[:, None, None, None], candidate, best),
+                jnp.where(better, candidate_loss, best_loss))
+
+    best, _ = jax.lax.fori_loop(0, queries, body, (start, loss(start)))
+    return best.reshape(shape)
 
 
 def _inference(apply: Callable[..., jax.Array], params: Any) -> Callable[[jax.Array], jax.Array]:

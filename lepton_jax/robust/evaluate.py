@@ -1,5 +1,11 @@
-"""Robust evaluation a reviewer can trust: clean, FGSM, PGD-k, PGD-k × restarts, the per-example worst case over
-all attacks, accuracy-vs-ε curves, and automatic warnings for signs of gradient masking.
+"""Robust evaluation a reviewer can trust: clean, FGSM, PGD-k, PGD-k × restarts, transfer attacks from surrogate
+models, the per-example worst case over all attacks, accuracy-vs-ε curves, and automatic warnings for signs of
+gradient masking.
+
+A transfer attack crafts PGD examples on a *surrogate* (e.g. a standardly trained model of the same task) and
+replays them against the evaluated model. It needs no gradient of the evaluated model, so it is immune to masked,
+noisy or shattered gradients; when it beats the white-box attacks, their numbers are not to be trusted (the
+evaluation warns) and the worst case, which includes it, falls to at most its accuracy.
 
 The attacks are compiled once per (model, attack family, norm, box), with ε, step size, steps and restarts as
 traced arguments, and run on fixed-size batches (the last one padded), optionally placed on a batch sharding.
@@ -24,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lepton_jax import tracking
+from lepton_jax.errors import ConfigError
 from lepton_jax.robust import attacks
 
 
@@ -32,12 +39,33 @@ class AttackSpec:
     """One attack of an evaluation. ``step_size`` is a fraction of ε."""
 
     name: str
-    kind: str = "pgd"  # fgsm | pgd
+    kind: str = "pgd"  # fgsm | pgd | square (gradient-free, L∞: ``steps`` is its number of queries)
     steps: int = 10
     step_size: float = 0.25
     restarts: int = 1
     random_init: bool = True
     loss: str = "ce"
+
+
+@dataclasses.dataclass(frozen=True)
+class Surrogate:
+    """A model whose white-box adversarial examples (``spec``, a PGD or FGSM attack) are replayed against the
+    evaluated model: a transfer attack named ``name``."""
+
+    apply: Callable
+    params: Any
+    name: str = "transfer"
+    spec: AttackSpec = AttackSpec("transfer", steps=20, step_size=0.125)
+
+
+def check_eval_inputs(epsilons: Sequence[float], batch_size: int, *, steps: int = 1, restarts: int = 1) -> None:
+    """One-line :class:`ConfigError` for radii that are not finite and >= 0, or sizes < 1."""
+    bad = [e for e in epsilons if not (math.isfinite(float(e)) and float(e) >= 0)]
+    if bad:
+        raise ConfigError(f"robust evaluation: epsilons must be finite and >= 0, got {', '.join(map(str, bad))}")
+    for name, value in (("batch size", batch_size), ("steps", steps), ("restarts", restarts)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"robust evaluation: {name} must be an integer >= 1, got {value!r}")
 
 
 def standard_attacks(steps: int = 20, restarts: int = 3) -> tuple[AttackSpec, ...]:
@@ -58,12 +86,32 @@ def _compiled_attack(apply: Callable, kind: str, loss: str, random_init: bool, n
     def run(params, x, y, key, epsilon, step_size, steps, restarts):
         if kind == "fgsm":
             x_adv = attacks.fgsm(apply, params, x, y, epsilon=epsilon, norm=norm, box=box, loss=loss)
+        elif kind == "square":
+            x_adv = attacks.square_linf(apply, params, x, y, key, epsilon=epsilon, box=box, queries=steps)
         elif kind == "pgd":
             x_adv = attacks.pgd(apply, params, x, y, key, epsilon=epsilon, norm=norm, box=box, steps=steps,
                                 step_size=step_size, random_init=random_init, restarts=restarts, loss=loss)
         else:
-            raise ValueError(f"unknown attack kind {kind!r}; use fgsm or pgd")
+            raise ValueError(f"unknown attack kind {kind!r}; use fgsm, pgd or square")
         return jnp.argmax(apply(params, x_adv, train=False), -1) == y
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_transfer(source_apply: Callable, target_apply: Callable, kind: str, loss: str, random_init: bool,
+                       norm: str, box: attacks.Box) -> Callable:
+    """``fn(source_params, target_params, x, y, key, epsilon, step_size, steps, restarts) -> correct``: the
+    attack runs on the source (surrogate) model, the correctness is the target's."""
+
+    def run(source_params, target_params, x, y, key, epsilon, step_size, steps, restarts):
+        if kind == "fgsm":
+            x_adv = attacks.fgsm(source_apply, source_params, x, y, epsilon=epsilon, norm=norm, box=box, loss=loss)
+        else:
+            x_adv = attacks.pgd(source_apply, source_params, x, y, key, epsilon=epsilon, norm=norm, box=box,
+                                steps=steps, step_size=step_size, random_init=random_init, restarts=restarts,
+                                loss=loss)
+        return jnp.argmax(target_apply(target_params, x_adv, train=False), -1) == y
 
     return jax.jit(run)
 
@@ -110,6 +158,19 @@ def attack_correct(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, s
     return np.concatenate(out)
 
 
+def transfer_correct(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, surrogate: Surrogate, *,
+                     epsilon: float, norm: str = "linf", box: attacks.Box = (0.0, 1.0), key: jax.Array,
+                     batch_size: int = 256, sharding: NamedSharding | None = None) -> np.ndarray:
+    """Per-example correctness of ``apply`` on adversarial examples crafted on the surrogate (a transfer attack)."""
+    spec = surrogate.spec
+    fn = _compiled_transfer(surrogate.apply, apply, spec.kind, spec.loss, spec.random_init, norm, box)
+    source, target = _place_params(surrogate.params, sharding), _place_params(params, sharding)
+    settings = (jnp.float32(epsilon), jnp.float32(spec.step_size), jnp.int32(spec.steps), jnp.int32(spec.restarts))
+    out = [np.asarray(fn(source, target, xb, yb, jax.random.fold_in(key, i), *settings))[:valid]
+           for i, xb, yb, valid in _batches(x, y, batch_size, sharding)]
+    return np.concatenate(out)
+
+
 def clean_diagnostics(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 256,
                       sharding: NamedSharding | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Clean per-example correctness and the L2 norm of each example's input gradient (CE loss)."""
@@ -133,8 +194,10 @@ def evaluate_robustness(apply: Callable, params: Any, x: np.ndarray, y: np.ndarr
                         norm: str = "linf", box: attacks.Box = (0.0, 1.0),
                         attacks_: Sequence[AttackSpec] | None = None, key: jax.Array | None = None,
                         batch_size: int = 256, sharding: NamedSharding | None = None,
-                        checks: bool = True, tolerance: float = 0.02) -> dict[str, Any]:
-    """Accuracy clean, under each attack and under the per-example worst case over all attacks, at ``epsilon``.
+                        checks: bool = True, tolerance: float = 0.02,
+                        surrogates: Sequence[Surrogate] = ()) -> dict[str, Any]:
+    """Accuracy clean, under each attack, under a transfer attack from each of ``surrogates``, and under the
+    per-example worst case over all of them, at ``epsilon``.
 
     With ``checks`` it also runs the gradient-masking diagnostics (see :func:`masking_warnings`): the strongest
     attack at a box-filling radius, input-gradient norms, and a repeat of one attack with the same key.
@@ -142,14 +205,20 @@ def evaluate_robustness(apply: Callable, params: Any, x: np.ndarray, y: np.ndarr
     "warnings"}``.
     """
     attacks_ = tuple(attacks_ or standard_attacks())
+    check_eval_inputs([epsilon], batch_size)
+    _check_names(attacks_, surrogates)
+    if norm != "linf" and any(s.kind == "square" for s in attacks_):
+        raise ConfigError("robust evaluation: the Square attack is L∞ only; drop it for norm l2")
     key = jax.random.PRNGKey(0) if key is None else key
     kw = dict(norm=norm, box=box, batch_size=batch_size, sharding=sharding)
     clean, grad_norms = clean_diagnostics(apply, params, x, y, batch_size=batch_size, sharding=sharding)
     correct = {"clean": clean}
     for spec in attacks_:  # one key for all: PGD-k × R then contains PGD-k as its first restart
         correct[spec.name] = attack_correct(apply, params, x, y, spec, epsilon=epsilon, key=key, **kw)
+    for surrogate in surrogates:
+        correct[surrogate.name] = transfer_correct(apply, params, x, y, surrogate, epsilon=epsilon, key=key, **kw)
     correct["worst"] = np.logical_and.reduce([correct[k] for k in correct])
-    result = {"epsilon": float(epsilon), "norm": norm, "n": int(len(y)),
+    result = {"epsilon": float(epsilon), "norm": norm, "n": int(len(y)), "transfer": [s.name for s in surrogates],
               "accuracy": {k: float(v.mean()) for k, v in correct.items()}, "correct": correct}
     if checks:
         iterative = [s for s in attacks_ if s.kind == "pgd"]
@@ -170,6 +239,12 @@ def evaluate_robustness(apply: Callable, params: Any, x: np.ndarray, y: np.ndarr
     return result
 
 
+def _check_names(attacks_: Sequence[AttackSpec], surrogates: Sequence[Surrogate]) -> None:
+    names = ["clean", "worst"] + [s.name for s in attacks_] + [s.name for s in surrogates]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"robust evaluation: attack names must be unique (and not clean/worst), got {names}")
+
+
 def masking_warnings(result: dict[str, Any], attacks_: Sequence[AttackSpec], *, tolerance: float = 0.02,
                      large_epsilon_max: float = 0.05) -> list[str]:
     """Signs that the reported robustness may come from gradient masking rather than from the model.
@@ -178,12 +253,22 @@ def masking_warnings(result: dict[str, Any], attacks_: Sequence[AttackSpec], *, 
       single step as a special case, so they should be at least as strong);
     * accuracy at a box-filling radius stays above ``large_epsilon_max`` (any input is reachable there);
     * some examples have zero or non-finite input gradients (saturated softmax, non-differentiable layers);
-    * repeating an attack with the same key changes the results (randomness the evaluation does not control).
+    * repeating an attack with the same key changes the results (randomness the evaluation does not control);
+    * a gradient-free attack (a transfer attack from a surrogate, or Square) beats every white-box iterative attack
+      by more than ``tolerance`` (the evaluated model's own gradients should be the better guide: noisy, shattered
+      or masked gradients).
     """
     acc, diag = result["accuracy"], result.get("diagnostics", {})
     out = []
     single = [s.name for s in attacks_ if s.kind == "fgsm"]
     multi = [s.name for s in attacks_ if s.kind == "pgd"]
+    strongest = min(multi, key=lambda m: acc[m], default=None)
+    gradient_free = [*result.get("transfer", ()), *(s.name for s in attacks_ if s.kind == "square")]
+    for t in gradient_free:
+        if strongest is not None and acc[t] + tolerance < acc[strongest]:
+            out.append(f"gradient masking? the gradient-free attack {t} ({acc[t]:.3f}) beats the strongest white-box "
+                       f"attack {strongest} ({acc[strongest]:.3f}) at eps={result['epsilon']:g}: the model's own "
+                       "gradients mislead the attacks (noisy, shattered or masked); the worst case includes it")
     for s in single:
         for m in multi:
             if acc[s] + tolerance < acc[m]:
@@ -207,7 +292,7 @@ def masking_warnings(result: dict[str, Any], attacks_: Sequence[AttackSpec], *, 
 def accuracy_curve(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, epsilons: Sequence[float], *,
                    norm: str = "linf", box: attacks.Box = (0.0, 1.0), attacks_: Sequence[AttackSpec] | None = None,
                    key: jax.Array | None = None, batch_size: int = 256,
-                   sharding: NamedSharding | None = None) -> dict[str, Any]:
+                   sharding: NamedSharding | None = None, surrogates: Sequence[Surrogate] = ()) -> dict[str, Any]:
     """Worst-case accuracy over ``attacks_`` at each ε (sorted ascending).
 
     An example broken at a smaller radius is broken at every larger one (the smaller ball lies inside the larger),
@@ -216,16 +301,18 @@ def accuracy_curve(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, e
     """
     attacks_ = tuple(attacks_ or standard_attacks())
     key = jax.random.PRNGKey(0) if key is None else key
+    check_eval_inputs(epsilons, batch_size)
     eps = sorted(float(e) for e in epsilons)
     alive = np.ones(len(y), bool)
-    worst, per_attack = [], {s.name: [] for s in attacks_}
+    names = [s.name for s in attacks_] + [s.name for s in surrogates]
+    worst, per_attack = [], {name: [] for name in names}
     for e in eps:
         r = evaluate_robustness(apply, params, x, y, epsilon=e, norm=norm, box=box, attacks_=attacks_, key=key,
-                                batch_size=batch_size, sharding=sharding, checks=False)
+                                batch_size=batch_size, sharding=sharding, checks=False, surrogates=surrogates)
         alive &= r["correct"]["worst"]
         worst.append(float(alive.mean()))
-        for s in attacks_:
-            per_attack[s.name].append(r["accuracy"][s.name])
+        for name in names:
+            per_attack[name].append(r["accuracy"][name])
     return {"epsilons": eps, "norm": norm, "worst": worst, "per_attack": per_attack}
 
 

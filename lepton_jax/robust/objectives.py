@@ -24,6 +24,7 @@ results do not depend on the mesh, and ε = 0 (or β = 0) reproduces the standar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -77,8 +78,16 @@ def check_robust_config(rc: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"unknown robust.norm {rc.norm!r}; use linf or l2")
     if rc.attack_loss not in attacks.LOSSES:
         raise ConfigError(f"unknown robust.attack_loss {rc.attack_loss!r}; use ce or cw")
-    if rc.epsilon < 0 or rc.step_size <= 0 or rc.steps < 1 or rc.free_replays < 1:
-        raise ConfigError("robust: need epsilon >= 0, step_size > 0, steps >= 1, free_replays >= 1")
+    if not math.isfinite(rc.epsilon) or rc.epsilon < 0 or rc.step_size <= 0 or rc.steps < 1 or rc.free_replays < 1:
+        raise ConfigError("robust: need a finite epsilon >= 0, step_size > 0, steps >= 1, free_replays >= 1; got "
+                          f"epsilon={rc.epsilon}, step_size={rc.step_size}, steps={rc.steps}, "
+                          f"free_replays={rc.free_replays}")
+    for key in ("monitor_examples", "eval_steps", "eval_restarts"):
+        if rc[key] < 1:
+            raise ConfigError(f"robust.{key} must be >= 1, got {rc[key]}")
+    for key in ("monitor_gap", "monitor_drop"):
+        if not math.isfinite(rc[key]):  # negative values are allowed: they flag every evaluation
+            raise ConfigError(f"robust.{key} must be finite, got {rc[key]}")
 
 
 def make_adversarial_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

@@ -144,7 +144,7 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[s
                                           progress=ctx.progress)
     result = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
     test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
-    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(run.path) if "dev_accuracy" in r]
+    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(run.path) if r.get("dev_accuracy") is not None]
                    + ctx.history["dev_accuracy"], default=None)
     summary = {"test_accuracy": result["accuracy"], "test_loss": test_loss, "best_step": best_step,
                "best_metric": ctx.config.checkpoint.best_metric, "best_dev_accuracy": best_dev,
@@ -160,5 +160,6 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[s
                                            title=f"test split, step {best_step}: accuracy {result['accuracy']:.4f}")
         tracking.write_json_atomic(out / "summary.json", summary)
         run.update_run_info(finished=True, summary=summary)
+        run.log_final(ctx.step, summary, image=out / "confusion_matrix.png")  # TensorBoard / W&B
     run.close()
     return summary, best_params, result

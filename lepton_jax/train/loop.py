@@ -140,6 +140,7 @@ class Loop:
             return self._loop(ctx, state, start_step, hooks)
         finally:
             batches.close()
+            run.close()  # flushes TensorBoard and finishes W&B even when the run fails (no-op after the report)
 
     def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook]) -> dict[str, Any]:
         config, s, run = self.config, self.strategy, ctx.run

@@ -11,6 +11,7 @@ from lepton_jax.parallel.edge import DELTA_DTYPES
 from lepton_jax.parallel.mesh import MESH_AXES
 from lepton_jax.parallel.rules import rules_from_config
 from lepton_jax.robust.objectives import check_robust_config
+from lepton_jax.tracking import check_tracking_config
 from lepton_jax.train.optim import DECAYS, OPTIMIZERS, SCHEDULES
 
 EDGE_SPLITS = ("iid", "label")
@@ -58,6 +59,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0 <= o.final_lr_frac <= 1 or not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1 or o.momentum >= 1:
         raise ConfigError("optim: need 0 <= final_lr_frac <= 1, 0 <= b1, b2 < 1 and 0 <= momentum < 1")
     check_robust_config(config.robust)
+    check_tracking_config(config.tracking)
     e = config.edge
     _positive(config, "edge.nodes", "edge.sync_every", "edge.fragments", "edge.outer_lr")
     if e.split not in EDGE_SPLITS:

@@ -6,9 +6,10 @@ Command:   lepton-jax train --config configs/robust_free.py --workdir runs/robus
 Runtime:   about 15 s of training on the 2-core CPU.
 Expected:  robustness between FGSM-RS and PGD-AT at about the cost of the standard row (docs/robustness.md).
 
-One train step applies m optimizer updates, so the epochs are divided by m (10 -> 3, as in the paper: the same
-number of updates as the other rows) and the schedule is constant after warmup: the loop sizes decaying schedules
-for one update per step.
+One train step applies m optimizer updates, so the epochs are divided by m as in the paper, rounded up: 3 epochs
+× m = 4 replays make 12 epochs' worth of optimizer updates, 1.2× the 10 of the other rows (2 epochs would make 8).
+Learning-rate schedules count optimizer updates (steps × m), so warmup_steps = 200 means 200 updates (50 steps);
+the rate is constant after warmup, as in the paper.
 """
 
 import ml_collections

@@ -81,5 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.edge.fragments = 1  # F > 1: the k-th sync sends parameter group k mod F (streaming)
     config.edge.split = "iid"  # iid | label (non-IID: each node holds a few classes)
 
+    config.tracking = ml_collections.ConfigDict()  # metrics.jsonl is always written; these are extra writers
+    config.tracking.tensorboard = True  # workdir/tensorboard: train/, dev/, test/ scalars, hparams, confusion matrix
+    config.tracking.wandb = False  # Weights & Biases (pip install 'lepton_jax[wandb]')
+    config.tracking.wandb_project = "lepton_jax"
+    config.tracking.wandb_mode = "offline"  # online | offline (sync later with `wandb sync`) | disabled
+
     config.robust = default_robust_config()  # objective "standard" = ordinary training
     return config

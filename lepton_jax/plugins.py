@@ -1,0 +1,44 @@
+"""Plug-ins by import path: ``"my_pkg.models:Tiny"`` names the attribute ``Tiny`` of module ``my_pkg.models``.
+
+A model (``model.name``) or a lake source (``lepton-jax lake ingest --source``) given as an import path is stored in
+the run's config or the table's lineage as that string, so every later command (eval, predict, robust-eval, the
+registry, serve, export) rebuilds it the same way, in any process where the module is importable (installed, on
+``PYTHONPATH``, or in the working directory). Names registered in a live Python process
+(:func:`lepton_jax.models.register_model`) only exist in that process; use an import path for anything that runs in
+another one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any
+
+from lepton_jax.errors import ConfigError
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+
+
+def is_import_path(name: str) -> bool:
+    """``pkg.module:Attr`` (module and attribute are dotted Python identifiers)."""
+    return bool(_IMPORT_PATH.match(name))
+
+
+def load_object(path: str, what: str = "object") -> Any:
+    """The object ``module:attr`` names; a :class:`ConfigError` (one line) when the module or attribute is missing."""
+    if not is_import_path(path):
+        raise ConfigError(f"{what} {path!r} is not an import path; write package.module:Name")
+    module_name, attr = path.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{what} {path!r}: cannot import {module_name!r} ({e}); install it or put its folder on "
+                          "PYTHONPATH") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{what} {path!r} is a {type(obj).__name__}, not a class or function")
+    return obj
