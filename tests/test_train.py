@@ -25,6 +25,9 @@ def test_default_job_end_to_end(trained_run):
     assert run["finished"] and run["data"]["version"] == 1 and run["seed"] == 0
     assert {"jax", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain"} <= set(run["packages"])
     assert "git_revision" in run and run["mesh"] == {"data": 8}
+    phases = run["loop_time_s"]  # where the loop's main thread spent its time (scripts/bench_train.py prints it)
+    assert {"input_wait", "step_dispatch", "metrics_fetch_and_log", "hook:dev_eval", "hook:checkpoint"} <= set(phases)
+    assert phases == result["loop_time_s"] and 0 < sum(phases.values()) < result["train_seconds"]
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 3
     metrics = tracking.read_metrics(workdir)
     dev = [m["dev_accuracy"] for m in metrics if "dev_accuracy" in m]

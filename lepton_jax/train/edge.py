@@ -41,7 +41,7 @@ from lepton_jax.parallel.build import build
 from lepton_jax.parallel.comm import compiled_bytes
 from lepton_jax.parallel.edge import NODES, EdgeState
 from lepton_jax.train.optim import make_optimizer, make_schedule
-from lepton_jax.train.strategy import Strategy
+from lepton_jax.train.strategy import Strategy, grain_read_options
 
 SPLITS = ("iid", "label")
 
@@ -83,7 +83,8 @@ def node_partitions(num_examples: int, nodes: int, split: str, seed: int, labels
 
 def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_batch: int, seed: int,
                  num_epochs: int | None, schema: dict[str, Any], process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, read_options: grain.ReadOptions | None = None
+                 ) -> grain.IterDataset:
     """Global batches of ``nodes x per_node_batch`` rows, node k's block drawn from its own partition row (shuffled
     differently each epoch); this process reads only its rows (its nodes' blocks)."""
     nodes, m = partitions.shape
@@ -98,7 +99,7 @@ def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_bat
     ds = (ShuffledBatches(m, per_node_batch, seed)
           .repeat(num_epochs)
           .map(load))
-    return ds.to_iter_dataset()
+    return ds.to_iter_dataset(read_options)
 
 
 class EdgeStrategy(Strategy):
@@ -182,7 +183,8 @@ class EdgeStrategy(Strategy):
 
     def batches(self, source: LakeDataSource, schema: dict[str, Any]) -> Any:
         return iter(node_dataset(source, self.partitions, per_node_batch=self.per_node, seed=self.config.seed,
-                                 num_epochs=self.config.num_epochs, schema=schema))
+                                 num_epochs=self.config.num_epochs, schema=schema,
+                                 read_options=grain_read_options(self.config.prefetch)))
 
     def step(self, state: EdgeState, batch: Any) -> tuple[EdgeState, dict[str, jax.Array]]:
         return self.inner_step(state, batch)

@@ -149,6 +149,13 @@ class Loop:
         flops = None
         last_log = time.perf_counter()
         stopped, ctx.step, ctx.state = None, start_step, state
+        clock = ctx.loop_time  # wall seconds of the loop's main thread by phase (run.json: loop_time_s)
+        tick = time.perf_counter
+
+        def spent(phase: str, since: float) -> float:
+            now = tick()
+            clock[phase] = clock.get(phase, 0.0) + now - since
+            return now
 
         def flush(upto: int) -> None:
             nonlocal last_log
@@ -176,14 +183,18 @@ class Loop:
         with Preemption() as preemption, tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step",
                                                disable=not self.progress or jax.process_index() != 0) as bar:
             for step in range(start_step + 1, s.total_steps + 1):
+                t = tick()
                 batch = next(ctx.batches)
+                t = spent("input_wait", t)
                 if flops is None and perf.peak_flops() is not None:  # MFU only where the device peak is known
                     flops = s.flops(state, batch)
                 state, step_metrics = s.step(state, batch)
                 state = s.after_step(state, step)
+                t = spent("step_dispatch", t)
                 ctx.state, ctx.step, ctx.epoch = state, step, (step - 1) // s.steps_per_epoch + 1
                 pending.append(step_metrics)
                 preempted = preemption.check() or step == self.stop_after_step  # read once per step
+                t = spent("preemption_check", t)
                 last = step == s.total_steps
                 due = [h for h in hooks if h.due(step, last)]
                 sync = last or preempted or any(h.name != "profiler" for h in due)
@@ -194,12 +205,14 @@ class Loop:
                     in_flight.append((step, pending))
                     pending = []
                 flush(step if sync else step - 1)  # without a sync point, read the previous window only
+                t = spent("metrics_fetch_and_log", t)
                 ctx.metrics = {}
                 for hook in due:
                     out = hook.fn(ctx)
                     if out:
                         ctx.metrics.update(out)
                         run.log(step=step, epoch=ctx.epoch, **out)
+                    t = spent(f"hook:{hook.name}", t)
                 if preempted:
                     save(ctx)  # no-op when the checkpoint hook already saved this step
                     ctx.ckpt.close()
@@ -211,6 +224,8 @@ class Loop:
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
                     break
+        loop_time = {k: round(v, 4) for k, v in clock.items()}
+        run.update_run_info(loop_time_s=loop_time)
         summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
             for_summary=True)} if stopped else s.summary_extra(for_summary=True))
         ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
@@ -218,7 +233,7 @@ class Loop:
         ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "
                 "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
         return {**summary, "history": ctx.history, "params": best_params, "final_state": state, "report": result,
-                "strategy": s, **s.summary_extra()}
+                "strategy": s, "loop_time_s": loop_time, **s.summary_extra()}
 
     def _diverged(self, ctx: RunContext) -> None:
         """A non-finite loss ends the run: checkpoint the state (with dev metrics) for inspection, then raise."""
