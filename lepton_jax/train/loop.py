@@ -18,6 +18,7 @@ and checkpoints are written asynchronously by Orbax.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,22 +55,32 @@ __all__ = ["Hook", "Loop", "Preemption", "RunContext", "train", "train_and_evalu
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop reads once per step (only where signals can be handled). With several
-    processes :meth:`check` agrees across them (any process signalled = all stop at the same step)."""
+    """SIGTERM as a flag the loop reads once per step (:meth:`check`).
+
+    One process: a Python SIGTERM handler sets the flag (only where signals can be handled). Several processes:
+    JAX's preemption sync service (``multihost_utils.reached_preemption_sync_point``, on by default with
+    ``jax.distributed``) takes the signal on whichever process gets it, agrees in the background on the first step
+    every process can still reach, and :meth:`check` turns true on all processes at that same step, with no
+    per-step collective. Without that service, a per-step all-gather of the local flag agrees instead."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._sync = jax.process_count() > 1 and _preemption_service()
+        self.agreement = ("JAX preemption sync" if self._sync else
+                          "all-gathered flag" if jax.process_count() > 1 else "one process")
 
     def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
+        if not self._sync and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def check(self) -> bool:
+    def check(self, step: int) -> bool:
+        if self._sync:
+            return multihost_utils.reached_preemption_sync_point(step)
         flag = self.requested
         if jax.process_count() > 1:
             flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
@@ -78,6 +89,12 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service() -> bool:
+    from jax._src import distributed  # the only handle on whether the service runs (no public accessor)
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 class Loop:
@@ -193,7 +210,7 @@ class Loop:
                 t = spent("step_dispatch", t)
                 ctx.state, ctx.step, ctx.epoch = state, step, (step - 1) // s.steps_per_epoch + 1
                 pending.append(step_metrics)
-                preempted = preemption.check() or step == self.stop_after_step  # read once per step
+                preempted = preemption.check(step) or step == self.stop_after_step  # read once per step
                 t = spent("preemption_check", t)
                 last = step == s.total_steps
                 due = [h for h in hooks if h.due(step, last)]
@@ -219,6 +236,8 @@ class Loop:
                     run.log(step=step, preempted=True)
                     run.close()
                     ctx.say(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+                    print(f"lepton_jax: preempted at step {step} (process {jax.process_index()} of "
+                          f"{jax.process_count()}; {preemption.agreement})", file=sys.stderr, flush=True)
                     return {"preempted": True, "steps": step, "history": ctx.history, "final_state": state,
                             "strategy": s, **s.summary_extra()}
                 if ctx.stop_reason:
