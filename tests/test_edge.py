@@ -14,6 +14,7 @@ import pytest
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.config import load_config
+from lepton_jax.errors import ConfigError
 from lepton_jax.models import build_model
 from lepton_jax.parallel import edge as edge_math
 from lepton_jax.parallel.comm import collective_breakdown, collective_bytes
@@ -21,6 +22,7 @@ from lepton_jax.train.edge import EdgeStrategy, _schema, dp_step_bytes, make_gra
 from lepton_jax.train.loop import train
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import make_train_step
+from lepton_jax.train.validate import validate_config
 from tests.conftest import ROOT
 
 EDGE_CONFIG = ROOT / "configs" / "edge_diloco.py"
@@ -116,6 +118,58 @@ def test_low_precision_deltas_keep_the_rounding_error_for_the_next_sync():
             np.testing.assert_array_equal(error, delta - rounded)
         else:  # int8 is dequantized before averaging, so the applied mean is exactly that of (delta - residual)
             np.testing.assert_allclose(-got, (delta - error).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_partial_participation_averages_over_the_nodes_that_join_and_the_others_keep_their_parameters():
+    """A sync with participation weights: the outer step uses the mean delta of the joining nodes only, they take
+    the new outer parameters, a node that misses keeps its own parameters (and its bf16 residual); with nobody
+    joining nothing changes; all nodes joining is the ordinary sync."""
+    rng = np.random.default_rng(3)
+    nodes, lr, mu = 4, 0.7, 0.9
+    params = {"a": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float32)}
+    mesh = edge_math.edge_mesh(nodes)
+    outer_tx = edge_math.outer_optimizer(lr, mu)
+    local = {k: (v + rng.normal(scale=0.1, size=(nodes, *v.shape))).astype(np.float32) for k, v in params.items()}
+    state = edge_math.init_state(jax.tree.map(jnp.asarray, params), optax.sgd(0.1), outer_tx, nodes, seed=0)
+    state = state.replace(node_params=jax.tree.map(jnp.asarray, local))
+    mask = np.array([1, 0, 1, 0], np.float32)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+        sync = jax.jit(edge_math.make_sync(outer_tx, mesh, delta_dtype=dtype, weights=lambda step: jnp.asarray(mask)))
+        out = sync(state)
+        for k in params:
+            delta = params[k] - local[k][mask > 0].mean(0)  # first outer Nesterov step: theta - lr (1 + mu) delta
+            expected = params[k] - lr * (1 + mu) * delta
+            np.testing.assert_allclose(np.asarray(out.params[k]), expected, rtol=tol, atol=tol)
+            got_local = np.asarray(out.node_params[k])
+            for n in range(nodes):
+                if mask[n]:
+                    np.testing.assert_array_equal(got_local[n], np.asarray(out.params[k]))
+                else:  # missed the round: untouched parameters and residual
+                    np.testing.assert_array_equal(got_local[n], local[k][n])
+                    assert not np.asarray(out.error[k])[n].any()
+            if dtype == "bfloat16":
+                assert np.asarray(out.error[k])[mask > 0].any()
+    nobody = jax.jit(edge_math.make_sync(outer_tx, mesh, weights=lambda step: jnp.zeros((nodes,))))(state)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(nobody.params[k]), params[k])
+        np.testing.assert_array_equal(np.asarray(nobody.node_params[k]), local[k])
+    everyone = jax.jit(edge_math.make_sync(outer_tx, mesh, weights=lambda step: jnp.ones((nodes,))))(state)
+    plain = jax.jit(edge_math.make_sync(outer_tx, mesh))(state)
+    for a, b in zip(jax.tree.leaves(everyone), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_participation_is_a_deterministic_draw_per_seed_and_round():
+    draw = jax.jit(edge_math.participants, static_argnums=(0, 2, 3))
+    rounds = np.stack([np.asarray(draw(7, r, 4, 0.3)) for r in range(200)])
+    np.testing.assert_array_equal(rounds, np.stack([np.asarray(draw(7, r, 4, 0.3)) for r in range(200)]))
+    assert set(np.unique(rounds)) == {0.0, 1.0}
+    assert 0.6 < rounds.mean() < 0.8  # each node joins with probability 0.7
+    assert len({tuple(r) for r in rounds}) > 4  # the draw changes with the round
+    assert not np.array_equal(rounds, np.stack([np.asarray(draw(8, r, 4, 0.3)) for r in range(200)]))
+    assert np.asarray(draw(7, 3, 4, 0.0)).tolist() == [1.0] * 4
+    with pytest.raises(ConfigError, match="skip_prob"):
+        validate_config(_config(**{"edge.skip_prob": 1.0}))
 
 
 HLO = """

@@ -158,7 +158,12 @@ class EdgeStrategy(Strategy):
         self.num_params, self.param_bytes = built.num_params, built.param_bytes
 
     def _compile_sync(self, leaves):
-        sync = edge_math.make_sync(self.outer_tx, self.mesh, leaves, self.edge.delta_dtype)
+        e, seed = self.edge, self.config.seed
+        weights = None
+        if e.skip_prob > 0:  # round r = the sync after inner steps r*H+1 .. (r+1)*H (the final sync: the last round)
+            def weights(step):
+                return edge_math.participants(seed, (step - 1) // e.sync_every, e.nodes, e.skip_prob)
+        sync = edge_math.make_sync(self.outer_tx, self.mesh, leaves, e.delta_dtype, weights=weights)
         return jax.jit(sync, in_shardings=(self.shardings,), out_shardings=self.shardings,
                        donate_argnums=0).lower(self.abstract).compile()
 
@@ -222,7 +227,9 @@ class EdgeStrategy(Strategy):
     def describe(self) -> str:
         e, comm = self.edge, self.communication()
         return (f"edge: {e.nodes} nodes, sync every {e.sync_every} steps ({e.split} split, {e.delta_dtype} deltas, "
-                f"{e.fragments} fragment(s)), {e.nodes} x {self.per_node} rows per step; collective bytes per "
+                f"{e.fragments} fragment(s)"
+                + (f", each node misses a sync with probability {e.skip_prob}" if e.skip_prob else "")
+                + f"), {e.nodes} x {self.per_node} rows per step; collective bytes per "
                 f"device: inner step {self.inner_bytes:,}, sync {self.sync_bytes}, whole run {comm['bytes_total']:,}")
 
     def summary_extra(self, for_summary: bool = False) -> dict[str, Any]:
