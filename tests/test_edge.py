@@ -17,7 +17,7 @@ from lepton_jax.config import load_config
 from lepton_jax.errors import ConfigError
 from lepton_jax.models import build_model
 from lepton_jax.parallel import edge as edge_math
-from lepton_jax.parallel.comm import collective_breakdown, collective_bytes
+from lepton_jax.parallel.comm import collective_breakdown, collective_bytes, wire_breakdown
 from lepton_jax.train.edge import EdgeStrategy, _schema, dp_step_bytes, make_grad_fn, node_partitions
 from lepton_jax.train.loop import train
 from lepton_jax.train.state import create_state, split_model
@@ -251,6 +251,26 @@ def test_communication_bytes(programs):
     diloco_over_h = f32.bytes_through(h, total_steps=100)
     assert diloco_over_h == params
     assert dp * h / diloco_over_h == pytest.approx(h, rel=1e-3)
+    # on the wire (ring model, 4 nodes): the float32 all-reduce sends 2*3/4 of the parameters, the bfloat16
+    # all-gather 3 x half of them: the same link bytes for half the payload
+    assert f32.sync_wire == [params * 3 // 2]
+    assert bf16.sync_wire == [params * 3 // 2]
+    assert bf16.bytes_through(h, total_steps=100, wire=True) == f32.bytes_through(h, total_steps=100, wire=True)
+    assert dp_step_bytes(f32.config, example_shape=(8, 8, 1), num_classes=10, axes={"data": 4}, wire=True) == \
+        pytest.approx(1.5 * dp, abs=12)
+
+
+def test_ring_wire_bytes_from_group_sizes():
+    text = HLO.replace("channel_id=1,", "channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}},").replace(
+        "dimensions={0}\n", "dimensions={0}, replica_groups=[2,4]<=[8]\n", 1)
+    rows = {r["opcode"]: r for r in wire_breakdown(text)}
+    assert rows["all-reduce"]["group_size"] == 4 and rows["all-gather"]["group_size"] == 4
+    assert rows["all-reduce"]["ring_wire_bytes"] == 2 * 3 / 4 * (120 + 16)
+    assert rows["all-gather"]["ring_wire_bytes"] == 3 * 4  # s8[2,2] shard sent to 3 others
+    assert rows["collective-permute"]["group_size"] == 2 and rows["collective-permute"]["ring_wire_bytes"] == 16
+    assert rows["reduce-scatter"]["group_size"] is None and rows["reduce-scatter"]["ring_wire_bytes"] == 16
+    mesh_form = "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_0','axis_2'}"
+    assert wire_breakdown(HLO.replace("channel_id=1,", f"channel_id=1, {mesh_form},"))[0]["group_size"] == 4
 
 
 def test_node_partitions_iid_and_by_label():

@@ -38,7 +38,7 @@ from lepton_jax.errors import ConfigError
 from lepton_jax.models.functional import cross_entropy, make_apply, make_predict
 from lepton_jax.parallel import edge as edge_math
 from lepton_jax.parallel.build import build
-from lepton_jax.parallel.comm import compiled_bytes
+from lepton_jax.parallel.comm import compiled_bytes, wire_bytes
 from lepton_jax.parallel.edge import NODES, EdgeState
 from lepton_jax.train.optim import make_optimizer, make_schedule
 from lepton_jax.train.strategy import Strategy, grain_read_options
@@ -154,6 +154,10 @@ class EdgeStrategy(Strategy):
         self.inner_bytes = compiled_bytes(self.inner_step)
         self.sync_bytes = [compiled_bytes(s) for s in self.syncs]
         self.full_sync_bytes = compiled_bytes(self.full_sync)
+        # what each device sends under the ring model (an all-gather of bf16/int8 deltas grows with the nodes)
+        self.inner_wire = wire_bytes(self.inner_step.as_text())
+        self.sync_wire = [wire_bytes(s.as_text()) for s in self.syncs]
+        self.full_sync_wire = wire_bytes(self.full_sync.as_text())
         self.eval_batch = config.eval_batch_size + (-config.eval_batch_size) % edge.nodes
         self.num_params, self.param_bytes = built.num_params, built.param_bytes
 
@@ -219,7 +223,9 @@ class EdgeStrategy(Strategy):
     def communication(self) -> dict[str, Any]:
         return {"inner_step_bytes": self.inner_bytes, "sync_bytes": self.sync_bytes,
                 "full_sync_bytes": self.full_sync_bytes, "param_bytes": self.param_bytes,
-                "bytes_total": self.bytes_through(self.total_steps)}
+                "bytes_total": self.bytes_through(self.total_steps),
+                "ring_wire_sync_bytes": self.sync_wire,
+                "ring_wire_bytes_total": self.bytes_through(self.total_steps, wire=True)}
 
     def run_info(self) -> dict[str, Any]:
         return {"edge": self.edge.to_dict(), "communication": self.communication()}
@@ -234,7 +240,8 @@ class EdgeStrategy(Strategy):
 
     def summary_extra(self, for_summary: bool = False) -> dict[str, Any]:
         if for_summary:
-            return {"bytes_communicated": self.bytes_through(self.total_steps)}
+            return {"bytes_communicated": self.bytes_through(self.total_steps),
+                    "ring_wire_bytes": self.bytes_through(self.total_steps, wire=True)}
         return {"communication": self.communication(), "program": self}
 
     def flops(self, state: EdgeState, batch: Any) -> float | None:
@@ -244,22 +251,24 @@ class EdgeStrategy(Strategy):
         value = (analysis or {}).get("flops")
         return float(value) if value and value > 0 else None
 
-    def bytes_through(self, step: int, total_steps: int | None = None) -> int:
-        """Collective bytes per device sent by steps 1..``step`` (inner steps and syncs)."""
+    def bytes_through(self, step: int, total_steps: int | None = None, *, wire: bool = False) -> int:
+        """Collective bytes per device by steps 1..``step`` (inner steps and syncs): payload, or with ``wire``
+        the bytes sent under the ring model (:func:`lepton_jax.parallel.comm.wire_bytes`)."""
         total_steps = self.total_steps if total_steps is None else total_steps
         h, f = self.edge.sync_every, self.edge.fragments
-        total = self.inner_bytes * step + sum(self.sync_bytes[edge_math.fragment_for_sync(k, f)]
-                                              for k in range(step // h))
+        inner, syncs, full = ((self.inner_wire, self.sync_wire, self.full_sync_wire) if wire else
+                              (self.inner_bytes, self.sync_bytes, self.full_sync_bytes))
+        total = inner * step + sum(syncs[edge_math.fragment_for_sync(k, f)] for k in range(step // h))
         if step == total_steps and step % h:
-            total += self.full_sync_bytes
+            total += full
         return total
 
 
 def dp_step_bytes(config: ml_collections.ConfigDict, *, example_shape: tuple[int, ...], num_classes: int,
                   axes: dict[str, int], rules: str = "dp", min_size: int = 0, devices: list | None = None,
-                  hlo: bool = False) -> int | str:
-    """Collective bytes per device of one synchronous train step of ``config`` on a mesh with ``axes`` (``hlo``:
-    the compiled program's text instead)."""
+                  hlo: bool = False, wire: bool = False) -> int | str:
+    """Collective bytes per device of one synchronous train step of ``config`` on a mesh with ``axes`` (``wire``:
+    bytes sent under the ring model instead of payload; ``hlo``: the compiled program's text instead)."""
     from lepton_jax.parallel.mesh import batch_sharding, make_mesh, mesh_config
     from lepton_jax.parallel.rules import state_shardings
     from lepton_jax.train.state import create_state
@@ -279,7 +288,9 @@ def dp_step_bytes(config: ml_collections.ConfigDict, *, example_shape: tuple[int
     compiled = jax.jit(build_train_step(config, graphdef, tx, mesh=mesh, param_specs=built.specs),
                        in_shardings=(state_sh, data_sh),
                        out_shardings=(state_sh, NamedSharding(mesh, P()))).lower(abstract_state, batch).compile()
-    return compiled.as_text() if hlo else compiled_bytes(compiled)
+    if hlo:
+        return compiled.as_text()
+    return wire_bytes(compiled.as_text()) if wire else compiled_bytes(compiled)
 
 
 def communication_report(config: ml_collections.ConfigDict, *, example_shape: tuple[int, ...], num_classes: int,
