@@ -98,3 +98,34 @@ def test_nan_loss_stops_with_a_message_and_a_checkpoint(lake_root, tmp_path):
     diverged = [r for r in tracking.read_metrics(tmp_path / "nan") if r.get("diverged")]
     assert len(diverged) == 1
     assert (tmp_path / "nan" / "checkpoints" / str(diverged[0]["step"])).is_dir()
+
+
+def test_runs_saved_before_newer_config_keys_still_restore_and_predict(trained_run, tmp_path):
+    """An older run's config.json lacks keys the base config gained later (checkpoint.best_*, edge.skip_prob):
+    reading the run fills them from the base config, saved values win, dict-valued settings are not merged."""
+    import shutil
+
+    from lepton_jax.checkpoint import read_run, restore_params
+    from lepton_jax.config import saved_config
+
+    workdir, result = trained_run
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    for key in ("best_metric", "best_mode", "keep_best"):
+        del saved["checkpoint"][key]
+    del saved["edge"]["skip_prob"]
+    del saved["optim"]["momentum"]
+    (old / "config.json").write_text(json.dumps(saved))
+    config, _ = read_run(old)
+    assert config.checkpoint.best_metric == "dev_accuracy" and config.checkpoint.best_mode == "max"
+    assert config.edge.skip_prob == 0.0 and config.optim.momentum == 0.0
+    assert config.num_epochs == 3 and config.checkpoint.keep_latest == saved["checkpoint"]["keep_latest"]
+    _, params, step = restore_params(old)
+    assert step == result["best_step"]
+    predictor = Predictor.from_workdir(old)
+    for a, b in zip(jax.tree.leaves(predictor.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    merged = saved_config({"mesh": {"axes": {"fsdp": 2}}, "model": {"name": "my_pkg.models:Tiny", "width": 3}})
+    assert merged.mesh.axes.to_dict() == {"fsdp": 2} and merged.mesh.num_devices == -1
+    assert merged.model.width == 3 and merged.model.hidden == 128
