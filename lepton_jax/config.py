@@ -173,7 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
 def saved_config(data: dict) -> ml_collections.ConfigDict:
     """A config as a run saved it (``config.json``), with every key added to the base config since then filled in
     from the base config (e.g. ``checkpoint.best_metric`` for runs older than it). Saved values always win; only
-    config sections (never dict-valued settings such as ``mesh.axes``) are merged key by key."""
+    config sections are merged key by key (never ``model``, whose keys depend on the model, nor mappings such as
+    ``mesh.axes``)."""
     def merge(defaults: ml_collections.ConfigDict, saved: dict, prefix: str) -> dict:
         out = dict(saved)
         for key, value in defaults.items():
@@ -187,4 +188,6 @@ def saved_config(data: dict) -> ml_collections.ConfigDict:
     return from_dict(merge(base_config(), data, ""))
 
 
-DICT_SETTINGS = ("mesh.axes", "mesh.dcn_axes")  # values that are whole mappings (never merged with a default)
+# taken whole from the saved run, never merged with the base config's: mappings of user-chosen names, and the model
+# section (each model has its own keyword arguments)
+DICT_SETTINGS = ("mesh.axes", "mesh.dcn_axes", "model")

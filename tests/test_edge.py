@@ -41,6 +41,7 @@ def _tiny_model():
     return split_model(model)
 
 
+@pytest.mark.slow
 def test_h1_local_sgd_with_outer_lr_1_equals_data_parallel():
     """H = 1, inner SGD, outer SGD(lr 1): every step averages the nodes' SGD steps, i.e. one SGD step on the mean
     gradient of the global batch."""

@@ -22,6 +22,7 @@ def lake(tmp_path_factory):
     return Lake(root / "lake")
 
 
+@pytest.mark.slow
 def test_sensor_windows_train_a_temporal_cnn_and_serve(lake, tmp_path):
     table = lake.table("activity")
     assert input_array(table.schema) == "signal" and table.schema["arrays"]["signal"]["example_shape"] == [32, 3]

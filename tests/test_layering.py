@@ -16,7 +16,7 @@ LAYERS = [
     {"checkpoint", "robust"},
     {"train"},
     {"serve", "runs", "sweep"},
-    {"commands", "cli", "__init__"},
+    {"commands", "cli", "__init__", "__main__"},
 ]
 
 

@@ -62,6 +62,7 @@ def test_predictor_restores_best_checkpoint_and_matches_test_accuracy(trained_ru
     assert accuracy == result["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_same_loss_curve_on_one_and_eight_devices(lake_root, tmp_path):
     curves = {}
     for n in (1, 8):
@@ -72,6 +73,7 @@ def test_same_loss_curve_on_one_and_eight_devices(lake_root, tmp_path):
     assert curves[1]["history"]["loss"][-1] < 0.85 * curves[1]["history"]["loss"][0]  # it learns (in warmup)
 
 
+@pytest.mark.slow
 def test_identical_runs_write_identical_metrics_and_tensorboard_events(trained_run, lake_root, tmp_path):
     workdir, result = trained_run
     again = train_and_evaluate(small_config(), tmp_path / "again", lake_root=lake_root, progress=False)
@@ -128,4 +130,4 @@ def test_runs_saved_before_newer_config_keys_still_restore_and_predict(trained_r
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     merged = saved_config({"mesh": {"axes": {"fsdp": 2}}, "model": {"name": "my_pkg.models:Tiny", "width": 3}})
     assert merged.mesh.axes.to_dict() == {"fsdp": 2} and merged.mesh.num_devices == -1
-    assert merged.model.width == 3 and merged.model.hidden == 128
+    assert merged.model.to_dict() == {"name": "my_pkg.models:Tiny", "width": 3}  # a model's own keys only
