@@ -2,8 +2,9 @@
 
 Prints, measured in one run on the same device(s), model and batch:
   * steps/s of lepton_jax's jitted train step vs. a minimal step (goal: ratio >= 0.97);
-  * examples/s of the full loop (Grain input from the lake, logging, dev eval + async checkpoint each epoch) vs. the
-    bare lepton_jax step (goal: ratio >= 0.9);
+  * steps/s of the full loop (Grain input from the lake, logging, dev eval + async checkpoint every
+    --checkpoint-every steps) vs. the same strategy's bare jitted step, interleaved repeats (goal: ratio >= 0.9),
+    with process CPU time per step and where the loop's main thread spent its time (--profile N: a cProfile too);
   * model FLOPs per step from XLA's cost analysis, and MFU where the device's peak is known.
 
     .venv/bin/python scripts/bench_train.py --config configs/digits_cnn.py --batch 64 --profile 25
