@@ -176,13 +176,15 @@ def open_checkpoints(directory: str | Path, best_metric: str | None = "dev_accur
 
 
 def read_run(workdir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """The resolved config and provenance (``run.json``) a training run saved in ``workdir``."""
+    """The resolved config and provenance (``run.json``) a training run saved in ``workdir``; keys the base config
+    gained after the run was saved are filled from it (:func:`lepton_jax.config.saved_config`), so older runs still
+    restore, evaluate and predict."""
     from lepton_jax import tracking
-    from lepton_jax.config import from_dict
+    from lepton_jax.config import saved_config
 
     workdir = Path(workdir)
     try:
-        config = from_dict(tracking.read_json(workdir / tracking.CONFIG_FILE))
+        config = saved_config(tracking.read_json(workdir / tracking.CONFIG_FILE))
         run_info = tracking.read_json(workdir / tracking.RUN_FILE)
     except FileNotFoundError as e:
         raise CheckpointError(f"{workdir} is not a training run directory (missing {Path(e.filename).name}); "

@@ -179,3 +179,38 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
 def from_dict(data: dict) -> ml_collections.ConfigDict:
     """Rebuilds a config saved with :func:`to_dict` (lists come back as tuples where the config used them)."""
     return ml_collections.ConfigDict(data)
+
+
+BASE_CONFIG = "digits_cnn.py"  # the complete base config: every key the library reads, with its default
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """``get_config()`` of the base config (shipped in the package where present, else the repository's configs/)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "configs", here.parent / "configs"):
+        if (folder / BASE_CONFIG).is_file():
+            return load_config(folder / BASE_CONFIG)
+    raise ConfigError(f"the base config {BASE_CONFIG} is missing from the installation")
+
+
+def saved_config(data: dict) -> ml_collections.ConfigDict:
+    """A config as a run saved it (``config.json``), with every key added to the base config since then filled in
+    from the base config (e.g. ``checkpoint.best_metric`` for runs older than it). Saved values always win; only
+    config sections are merged key by key (never ``model``, whose keys depend on the model, nor mappings such as
+    ``mesh.axes``)."""
+    def merge(defaults: ml_collections.ConfigDict, saved: dict, prefix: str) -> dict:
+        out = dict(saved)
+        for key, value in defaults.items():
+            if key not in saved:
+                out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+            elif (isinstance(value, ml_collections.ConfigDict) and isinstance(saved[key], dict)
+                  and f"{prefix}{key}" not in DICT_SETTINGS):
+                out[key] = merge(value, saved[key], f"{prefix}{key}.")
+        return out
+
+    return from_dict(merge(base_config(), data, ""))
+
+
+# taken whole from the saved run, never merged with the base config's: mappings of user-chosen names, and the model
+# section (each model has its own keyword arguments)
+DICT_SETTINGS = ("mesh.axes", "mesh.dcn_axes", "model")

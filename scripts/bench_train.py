@@ -2,17 +2,20 @@
 
 Prints, measured in one run on the same device(s), model and batch:
   * steps/s of lepton_jax's jitted train step vs. a minimal step (goal: ratio >= 0.97);
-  * examples/s of the full loop (Grain input from the lake, logging, dev eval + async checkpoint each epoch) vs. the
-    bare lepton_jax step (goal: ratio >= 0.9);
+  * steps/s of the full loop (Grain input from the lake, logging, dev eval + async checkpoint every
+    --checkpoint-every steps) vs. the same strategy's bare jitted step, interleaved repeats (goal: ratio >= 0.9),
+    with process CPU time per step and where the loop's main thread spent its time (--profile N: a cProfile too);
   * model FLOPs per step from XLA's cost analysis, and MFU where the device's peak is known.
 
-    .venv/bin/python scripts/bench_train.py --config configs/digits_cnn.py --batch 64 --epochs 30
+    .venv/bin/python scripts/bench_train.py --config configs/digits_cnn.py --batch 64 --profile 25
     .venv/bin/python scripts/bench_train.py --config configs/digits_vit.py     # also digits_resnet.py
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import tempfile
 import time
@@ -25,13 +28,16 @@ from flax import nnx
 
 from lepton_jax import tracking
 from lepton_jax.config import load_config
+from lepton_jax.data import LakeDataSource, to_global
 from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.models import build_model
 from lepton_jax.train import perf
+from lepton_jax.train.hooks import Hook
 from lepton_jax.train.loop import train_and_evaluate
 from lepton_jax.train.optim import decay_mask, make_optimizer
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import build_train_step
+from lepton_jax.train.strategy import make_strategy
 
 
 def interleaved_rates(sides: dict, batch, steps: int, repeats: int) -> dict[str, list[float]]:
@@ -84,7 +90,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per side (interleaved)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of the full-loop run")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs of each full-loop run")
+    parser.add_argument("--loop-repeats", type=int, default=5, help="timed full-loop runs (each followed by the "
+                        "bare step for as many steps)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N top entries of a cProfile of the last full-loop run")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between dev eval + checkpoint")
     args = parser.parse_args()
     overrides = [f"batch_size={args.batch}", f"num_epochs={args.epochs}", f"eval_every_steps={args.checkpoint_every}"]
@@ -126,20 +136,76 @@ def main() -> None:
         print(f"MFU: no peak FLOP/s known for {device.device_kind!r} (see lepton_jax/train/perf.py)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        ingest(Lake(f"{tmp}/lake"), "digits", DigitsSource())
-        result = train_and_evaluate(config, f"{tmp}/run", lake_root=f"{tmp}/lake", progress=False)
-        evals = [r for r in tracking.read_metrics(f"{tmp}/run") if "elapsed_s" in r]
-    # steady state: from the first evaluation (compilation done) to the last; includes the later evaluations,
-    # async checkpoints, Grain reads from the lake and metric logging
-    if len(evals) < 2:
-        print("full loop: too few evaluations to time the steady state; raise --epochs or lower --checkpoint-every")
-        return
-    first, last = evals[0], evals[-1]
-    loop_rate = (last["step"] - first["step"]) * args.batch / (last["elapsed_s"] - first["elapsed_s"])
-    print(f"full loop {loop_rate:.0f} examples/s over steps {first['step']}..{last['step']} (Grain from the lake, "
-          f"logging, dev eval + async checkpoint every {config.eval_every_steps} steps) vs bare step "
-          f"{ours_rate * args.batch:.0f} examples/s: ratio {loop_rate / (ours_rate * args.batch):.3f} (goal >= 0.9)")
+        full_loop_vs_step(config, args, tmp)
+
+
+def full_loop_vs_step(config, args, tmp: str) -> None:
+    """The full loop against the bare step it runs, interleaved: each repeat trains the config in a fresh workdir
+    (the strategy, i.e. every compiled program, is shared, so no repeat compiles) and then runs the same strategy's
+    jitted step alone on one device-resident batch for as many steps as the loop's timed window. The window runs
+    from the first dev evaluation (compilation and start-up done) to the last one (the final step) and includes
+    Grain reads from the lake with the prefetch thread, metric logging every ``log_every_steps``, and the dev
+    evaluations + asynchronous checkpoints inside it; start-up, resume checks and the final test report are
+    outside. With ``--profile`` the main thread of the last loop repeat is profiled (cProfile) and summarised."""
+    ingest(Lake(f"{tmp}/lake"), "digits", DigitsSource())
+    table = Lake(f"{tmp}/lake").table(config.data.table)
+    strategy = make_strategy(config, table.schema, LakeDataSource(table.reader("train")))
+    host = next(strategy.batches(LakeDataSource(table.reader("train")), table.schema))
+    batch = to_global(host, strategy.data_sharding)
+    state = strategy.init_state()
+    state, _ = strategy.step(state, batch)  # compile once for the bare side
+    jax.block_until_ready(state)
+    loop_rates, step_rates, loop_cpu, step_cpu, profile = [], [], [], [], None
+    for repeat in range(args.loop_repeats + 1):  # repeat 0 compiles eval/checkpoint paths: not timed
+        profiler = cProfile.Profile() if args.profile and repeat == args.loop_repeats else None
+        if profiler:
+            profiler.enable()
+        clock: dict[int, float] = {}  # step -> process CPU seconds, at the evaluation steps (no extra sync)
+        hook = Hook(lambda ctx, clock=clock: clock.__setitem__(ctx.step, time.process_time()), config.eval_every_steps,
+                    name="bench_cpu_clock")
+        result = train_and_evaluate(config, f"{tmp}/run{repeat}", lake_root=f"{tmp}/lake", progress=False,
+                                    strategy=strategy, hooks=[hook])
+        if profiler:
+            profiler.disable()
+            profile = profiler
+        evals = [r for r in tracking.read_metrics(f"{tmp}/run{repeat}") if "elapsed_s" in r]
+        if len(evals) < 2:
+            sys.exit("full loop: fewer than two evaluations to time; raise --epochs or lower --checkpoint-every")
+        first, last = evals[0], evals[-1]
+        steps = last["step"] - first["step"]
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            state, metrics = strategy.step(state, batch)
+        jax.block_until_ready((state, metrics))
+        bare = steps / (time.perf_counter() - start)
+        if repeat:
+            loop_rates.append(steps / (last["elapsed_s"] - first["elapsed_s"]))
+            step_rates.append(bare)
+            loop_cpu.append((clock[last["step"]] - clock[first["step"]]) / steps)
+            step_cpu.append((time.process_time() - cpu) / steps)
+    ratios = [a / b for a, b in zip(loop_rates, step_rates, strict=True)]
+    print(f"full loop steps/s {spread(loop_rates)} over steps {first['step']}..{last['step']} of each run (Grain "
+          f"from the lake + prefetch thread, logging every {config.log_every_steps} steps, dev eval + async "
+          f"checkpoint every {config.eval_every_steps} steps); bare step of the same strategy steps/s "
+          f"{spread(step_rates)}")
+    print(f"full loop / bare step: ratio of medians {np.median(loop_rates) / np.median(step_rates):.3f}; per "
+          f"interleaved pair: median {np.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) "
+          "(goal >= 0.9)")
+    cpu_ratios = [b / a for a, b in zip(loop_cpu, step_cpu, strict=True)]
+    print(f"process CPU time per step (all threads; less sensitive to other users' load): full loop "
+          f"{1e3 * np.median(loop_cpu):.2f} ms, bare step {1e3 * np.median(step_cpu):.2f} ms: bare/loop median "
+          f"{np.median(cpu_ratios):.3f} (min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})")
     print(f"(the loop reached test accuracy {result['test_accuracy']:.4f})")
+    phases = result["loop_time_s"]
+    total = sum(phases.values())
+    print(f"where the loop's main thread spent its {total:.2f} s in the last run ({result['steps']} steps, "
+          "start-up and final report excluded; step_dispatch includes waiting when XLA's queue is full, "
+          "metrics_fetch_and_log includes waiting for the step whose metrics are read):")
+    for name, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<24} {seconds:7.3f} s {seconds / total:6.1%}")
+    if profile is not None:
+        print("profile of the last loop repeat (main thread, cProfile, by cumulative time):")
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ if step seeds; then
 fi
 if step train; then
   echo "== training benchmark (README)"
-  $PY scripts/bench_train.py | tee results/bench_train.txt
+  $PY scripts/bench_train.py --profile 12 | tee results/bench_train.txt
+  echo "== collective bytes per sharding layout (README)"
+  $PY scripts/comm_table.py | tee results/comm_table.txt
 fi
 if step lake; then
   echo "== lake benchmark (docs/lake.md)"

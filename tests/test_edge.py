@@ -14,13 +14,15 @@ import pytest
 from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer, abstract_like
 from lepton_jax.config import load_config
+from lepton_jax.errors import ConfigError
 from lepton_jax.models import build_model
 from lepton_jax.parallel import edge as edge_math
-from lepton_jax.parallel.comm import collective_breakdown, collective_bytes
+from lepton_jax.parallel.comm import collective_breakdown, collective_bytes, wire_breakdown
 from lepton_jax.train.edge import EdgeStrategy, _schema, dp_step_bytes, make_grad_fn, node_partitions
 from lepton_jax.train.loop import train
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import make_train_step
+from lepton_jax.train.validate import validate_config
 from tests.conftest import ROOT
 
 EDGE_CONFIG = ROOT / "configs" / "edge_diloco.py"
@@ -39,6 +41,7 @@ def _tiny_model():
     return split_model(model)
 
 
+@pytest.mark.slow
 def test_h1_local_sgd_with_outer_lr_1_equals_data_parallel():
     """H = 1, inner SGD, outer SGD(lr 1): every step averages the nodes' SGD steps, i.e. one SGD step on the mean
     gradient of the global batch."""
@@ -116,6 +119,58 @@ def test_low_precision_deltas_keep_the_rounding_error_for_the_next_sync():
             np.testing.assert_array_equal(error, delta - rounded)
         else:  # int8 is dequantized before averaging, so the applied mean is exactly that of (delta - residual)
             np.testing.assert_allclose(-got, (delta - error).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_partial_participation_averages_over_the_nodes_that_join_and_the_others_keep_their_parameters():
+    """A sync with participation weights: the outer step uses the mean delta of the joining nodes only, they take
+    the new outer parameters, a node that misses keeps its own parameters (and its bf16 residual); with nobody
+    joining nothing changes; all nodes joining is the ordinary sync."""
+    rng = np.random.default_rng(3)
+    nodes, lr, mu = 4, 0.7, 0.9
+    params = {"a": rng.normal(size=(6, 5)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float32)}
+    mesh = edge_math.edge_mesh(nodes)
+    outer_tx = edge_math.outer_optimizer(lr, mu)
+    local = {k: (v + rng.normal(scale=0.1, size=(nodes, *v.shape))).astype(np.float32) for k, v in params.items()}
+    state = edge_math.init_state(jax.tree.map(jnp.asarray, params), optax.sgd(0.1), outer_tx, nodes, seed=0)
+    state = state.replace(node_params=jax.tree.map(jnp.asarray, local))
+    mask = np.array([1, 0, 1, 0], np.float32)
+    for dtype, tol in (("float32", 1e-5), ("bfloat16", 1e-2)):
+        sync = jax.jit(edge_math.make_sync(outer_tx, mesh, delta_dtype=dtype, weights=lambda step: jnp.asarray(mask)))
+        out = sync(state)
+        for k in params:
+            delta = params[k] - local[k][mask > 0].mean(0)  # first outer Nesterov step: theta - lr (1 + mu) delta
+            expected = params[k] - lr * (1 + mu) * delta
+            np.testing.assert_allclose(np.asarray(out.params[k]), expected, rtol=tol, atol=tol)
+            got_local = np.asarray(out.node_params[k])
+            for n in range(nodes):
+                if mask[n]:
+                    np.testing.assert_array_equal(got_local[n], np.asarray(out.params[k]))
+                else:  # missed the round: untouched parameters and residual
+                    np.testing.assert_array_equal(got_local[n], local[k][n])
+                    assert not np.asarray(out.error[k])[n].any()
+            if dtype == "bfloat16":
+                assert np.asarray(out.error[k])[mask > 0].any()
+    nobody = jax.jit(edge_math.make_sync(outer_tx, mesh, weights=lambda step: jnp.zeros((nodes,))))(state)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(nobody.params[k]), params[k])
+        np.testing.assert_array_equal(np.asarray(nobody.node_params[k]), local[k])
+    everyone = jax.jit(edge_math.make_sync(outer_tx, mesh, weights=lambda step: jnp.ones((nodes,))))(state)
+    plain = jax.jit(edge_math.make_sync(outer_tx, mesh))(state)
+    for a, b in zip(jax.tree.leaves(everyone), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_participation_is_a_deterministic_draw_per_seed_and_round():
+    draw = jax.jit(edge_math.participants, static_argnums=(0, 2, 3))
+    rounds = np.stack([np.asarray(draw(7, r, 4, 0.3)) for r in range(200)])
+    np.testing.assert_array_equal(rounds, np.stack([np.asarray(draw(7, r, 4, 0.3)) for r in range(200)]))
+    assert set(np.unique(rounds)) == {0.0, 1.0}
+    assert 0.6 < rounds.mean() < 0.8  # each node joins with probability 0.7
+    assert len({tuple(r) for r in rounds}) > 4  # the draw changes with the round
+    assert not np.array_equal(rounds, np.stack([np.asarray(draw(8, r, 4, 0.3)) for r in range(200)]))
+    assert np.asarray(draw(7, 3, 4, 0.0)).tolist() == [1.0] * 4
+    with pytest.raises(ConfigError, match="skip_prob"):
+        validate_config(_config(**{"edge.skip_prob": 1.0}))
 
 
 HLO = """
@@ -197,6 +252,26 @@ def test_communication_bytes(programs):
     diloco_over_h = f32.bytes_through(h, total_steps=100)
     assert diloco_over_h == params
     assert dp * h / diloco_over_h == pytest.approx(h, rel=1e-3)
+    # on the wire (ring model, 4 nodes): the float32 all-reduce sends 2*3/4 of the parameters, the bfloat16
+    # all-gather 3 x half of them: the same link bytes for half the payload
+    assert f32.sync_wire == [params * 3 // 2]
+    assert bf16.sync_wire == [params * 3 // 2]
+    assert bf16.bytes_through(h, total_steps=100, wire=True) == f32.bytes_through(h, total_steps=100, wire=True)
+    assert dp_step_bytes(f32.config, example_shape=(8, 8, 1), num_classes=10, axes={"data": 4}, wire=True) == \
+        pytest.approx(1.5 * dp, abs=12)
+
+
+def test_ring_wire_bytes_from_group_sizes():
+    text = HLO.replace("channel_id=1,", "channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}},").replace(
+        "dimensions={0}\n", "dimensions={0}, replica_groups=[2,4]<=[8]\n", 1)
+    rows = {r["opcode"]: r for r in wire_breakdown(text)}
+    assert rows["all-reduce"]["group_size"] == 4 and rows["all-gather"]["group_size"] == 4
+    assert rows["all-reduce"]["ring_wire_bytes"] == 2 * 3 / 4 * (120 + 16)
+    assert rows["all-gather"]["ring_wire_bytes"] == 3 * 4  # s8[2,2] shard sent to 3 others
+    assert rows["collective-permute"]["group_size"] == 2 and rows["collective-permute"]["ring_wire_bytes"] == 16
+    assert rows["reduce-scatter"]["group_size"] is None and rows["reduce-scatter"]["ring_wire_bytes"] == 16
+    mesh_form = "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_0','axis_2'}"
+    assert wire_breakdown(HLO.replace("channel_id=1,", f"channel_id=1, {mesh_form},"))[0]["group_size"] == 4
 
 
 def test_node_partitions_iid_and_by_label():

@@ -22,6 +22,7 @@ def lake(tmp_path_factory):
     return Lake(root / "lake")
 
 
+@pytest.mark.slow
 def test_sensor_windows_train_a_temporal_cnn_and_serve(lake, tmp_path):
     table = lake.table("activity")
     assert input_array(table.schema) == "signal" and table.schema["arrays"]["signal"]["example_shape"] == [32, 3]
@@ -35,6 +36,7 @@ def test_sensor_windows_train_a_temporal_cnn_and_serve(lake, tmp_path):
     assert np.mean(predicted == test["label"]) == pytest.approx(result["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_tabular_features_train_an_mlp(lake, tmp_path):
     table = lake.table("iris")
     batch = prepare_batch(table.reader("train").read(np.arange(4)), table.schema)

@@ -11,6 +11,7 @@ from tests.conftest import ROOT
 NOTEBOOKS = sorted((ROOT / "experiments").glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path: Path, tmp_path):
     notebook = nbformat.read(path, as_version=4)

@@ -105,6 +105,7 @@ def test_mesh_and_rule_errors():
         rules_from_config(ml_collections.ConfigDict({"rules": "zero3", "min_size": 0}))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     model = build_model(ml_collections.ConfigDict({"name": "cnn", "dropout": 0.0}), input_shape=(8, 8, 1),
                         num_classes=10, seed=0)
@@ -221,6 +222,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(mesh_runs, lak
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
     config = ml_collections.ConfigDict({"name": "vit", "depth": 1, "dtype": "bfloat16"})
     graphdef, params = split_model(build_model(config, input_shape=(8, 8, 1), num_classes=10, seed=0))

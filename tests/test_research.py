@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from lepton_jax.cli import main
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_two_point_sweep_then_compare(capsys, lake_root, tmp_path, monkeypatch):
     config = tmp_path / "sweep.py"
     config.write_text(

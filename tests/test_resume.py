@@ -1,6 +1,7 @@
 """Preemption and crashes: SIGKILL after a checkpoint and SIGTERM mid-run both resume to the exact same result."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,3 +122,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, lake_root, 
     if step < 38:  # resuming finishes with the same parameters as a run that was never interrupted
         resumed = train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
         _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(lake_root, tmp_path):
+    """Two processes (gloo on 127.0.0.1, 2 devices each); SIGTERM reaches process 1 only. Both must stop after the
+    same step, save it (a multi-process Orbax save completes only if both take part) and exit 0."""
+    from lepton_jax.parallel.distributed import COORDINATOR, NUM_PROCESSES, PROCESS_ID, free_port
+
+    workdir, port = tmp_path / "mp", free_port()
+    cmd = _cli(workdir, lake_root) + ["--config.num_epochs=6", "--config.mesh.axes={'data': 2}",
+                                      "--config.mesh.dcn_axes={'data': 2}"]
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, **{COORDINATOR: f"127.0.0.1:{port}", NUM_PROCESSES: "2", PROCESS_ID: str(index),
+                                  "JAX_PLATFORMS": "cpu"})
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        _wait_for_checkpoint(workdir, procs[0], minimum_step=4)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    stopped = [re.findall(r"preempted at step (\d+) .*; JAX preemption sync\)", err) for _, err in outputs]
+    assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
+    step = int(stopped[0][0])
+    assert step < 6 * (1257 // 64)
+    assert [r["step"] for r in tracking.read_metrics(workdir) if r.get("preempted")] == [step]
+    assert (workdir / "checkpoints" / str(step) / "commit_success.txt").exists()
+    ckpt = Checkpointer(workdir / "checkpoints", create=False)
+    assert ckpt.latest_step() == step
+    ckpt.close()
+    assert not (workdir / "summary.json").exists()

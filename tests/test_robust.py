@@ -190,6 +190,7 @@ def _one_step(step_fn, params, tx, batch):
     return jax.jit(step_fn)(state, batch)
 
 
+@pytest.mark.slow
 def test_trades_beta_zero_and_fgsm_rs_epsilon_zero_equal_the_standard_step(tiny_cnn):
     graphdef, params, tx, batch = tiny_cnn
     ref_state, ref_metrics = _one_step(make_train_step(graphdef, tx), params, tx, batch)
@@ -218,6 +219,7 @@ def test_each_objective_is_a_standard_step(tiny_cnn, objective):
 
 # --- meshes and keys --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_attack_on_an_eight_device_sharded_batch_equals_one_device(mlp, test_set):
     x, y = (a[:128] for a in test_set)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
@@ -419,6 +421,7 @@ def test_pgd_at_beats_standard_training_under_pgd(trained_run, lake_root, tmp_pa
 
 # --- the training loop: overfitting monitor, free-AT schedule, unsupported combinations ---------------------------
 
+@pytest.mark.slow
 def test_loop_runs_the_overfitting_monitor_and_counts_free_replays_in_the_schedule(lake_root, tmp_path):
     from lepton_jax import tracking
     from lepton_jax.train.loop import train_and_evaluate

@@ -25,6 +25,9 @@ def test_default_job_end_to_end(trained_run):
     assert run["finished"] and run["data"]["version"] == 1 and run["seed"] == 0
     assert {"jax", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain"} <= set(run["packages"])
     assert "git_revision" in run and run["mesh"] == {"data": 8}
+    phases = run["loop_time_s"]  # where the loop's main thread spent its time (scripts/bench_train.py prints it)
+    assert {"input_wait", "step_dispatch", "metrics_fetch_and_log", "hook:dev_eval", "hook:checkpoint"} <= set(phases)
+    assert phases == result["loop_time_s"] and 0 < sum(phases.values()) < result["train_seconds"]
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 3
     metrics = tracking.read_metrics(workdir)
     dev = [m["dev_accuracy"] for m in metrics if "dev_accuracy" in m]
@@ -59,6 +62,7 @@ def test_predictor_restores_best_checkpoint_and_matches_test_accuracy(trained_ru
     assert accuracy == result["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_same_loss_curve_on_one_and_eight_devices(lake_root, tmp_path):
     curves = {}
     for n in (1, 8):
@@ -69,6 +73,7 @@ def test_same_loss_curve_on_one_and_eight_devices(lake_root, tmp_path):
     assert curves[1]["history"]["loss"][-1] < 0.85 * curves[1]["history"]["loss"][0]  # it learns (in warmup)
 
 
+@pytest.mark.slow
 def test_identical_runs_write_identical_metrics_and_tensorboard_events(trained_run, lake_root, tmp_path):
     workdir, result = trained_run
     again = train_and_evaluate(small_config(), tmp_path / "again", lake_root=lake_root, progress=False)
@@ -95,3 +100,34 @@ def test_nan_loss_stops_with_a_message_and_a_checkpoint(lake_root, tmp_path):
     diverged = [r for r in tracking.read_metrics(tmp_path / "nan") if r.get("diverged")]
     assert len(diverged) == 1
     assert (tmp_path / "nan" / "checkpoints" / str(diverged[0]["step"])).is_dir()
+
+
+def test_runs_saved_before_newer_config_keys_still_restore_and_predict(trained_run, tmp_path):
+    """An older run's config.json lacks keys the base config gained later (checkpoint.best_*, edge.skip_prob):
+    reading the run fills them from the base config, saved values win, dict-valued settings are not merged."""
+    import shutil
+
+    from lepton_jax.checkpoint import read_run, restore_params
+    from lepton_jax.config import saved_config
+
+    workdir, result = trained_run
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    for key in ("best_metric", "best_mode", "keep_best"):
+        del saved["checkpoint"][key]
+    del saved["edge"]["skip_prob"]
+    del saved["optim"]["momentum"]
+    (old / "config.json").write_text(json.dumps(saved))
+    config, _ = read_run(old)
+    assert config.checkpoint.best_metric == "dev_accuracy" and config.checkpoint.best_mode == "max"
+    assert config.edge.skip_prob == 0.0 and config.optim.momentum == 0.0
+    assert config.num_epochs == 3 and config.checkpoint.keep_latest == saved["checkpoint"]["keep_latest"]
+    _, params, step = restore_params(old)
+    assert step == result["best_step"]
+    predictor = Predictor.from_workdir(old)
+    for a, b in zip(jax.tree.leaves(predictor.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    merged = saved_config({"mesh": {"axes": {"fsdp": 2}}, "model": {"name": "my_pkg.models:Tiny", "width": 3}})
+    assert merged.mesh.axes.to_dict() == {"fsdp": 2} and merged.mesh.num_devices == -1
+    assert merged.model.to_dict() == {"name": "my_pkg.models:Tiny", "width": 3}  # a model's own keys only

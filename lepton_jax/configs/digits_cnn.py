@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.edge.delta_dtype = "float32"  # float32 | bfloat16 | int8 (error feedback for the low-precision ones)
     config.edge.fragments = 1  # F > 1: the k-th sync sends parameter group k mod F (streaming)
     config.edge.split = "iid"  # iid | label (non-IID: each node holds a few classes)
+    config.edge.skip_prob = 0.0  # partial participation: each node misses each sync round with this probability
 
     config.tracking = ml_collections.ConfigDict()  # metrics.jsonl is always written; these are extra writers
     config.tracking.tensorboard = True  # workdir/tensorboard: train/, dev/, test/ scalars, hparams, confusion matrix

@@ -66,15 +66,18 @@ class ShuffledBatches(grain.MapDataset):
 
 def train_dataset(source: LakeDataSource, *, global_batch_size: int, seed: int, num_epochs: int | None,
                   schema: dict[str, Any], process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
-    """Shuffled (differently each epoch), batched, preprocessed host-local batches with checkpointable state."""
+                  process_count: int | None = None, read_options: grain.ReadOptions | None = None
+                  ) -> grain.IterDataset:
+    """Shuffled (differently each epoch), batched, preprocessed host-local batches with checkpointable state.
+    ``read_options`` goes to Grain (``num_threads=0`` reads in the caller's thread, for a caller that prefetches
+    in its own thread; the iterator state is the same either way)."""
     if global_batch_size > len(source):
         raise ConfigError(f"batch size {global_batch_size} exceeds the {len(source)} training examples")
     rows = host_slice(global_batch_size, process_index, process_count)
     ds = (ShuffledBatches(len(source), global_batch_size, seed)
           .repeat(num_epochs)
           .map(lambda idx: prepare_batch(source.__getitems__(idx[rows]), schema)))
-    return ds.to_iter_dataset()
+    return ds.to_iter_dataset(read_options)
 
 
 def eval_batches(source: LakeDataSource, *, global_batch_size: int, schema: dict[str, Any]

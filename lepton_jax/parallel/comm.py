@@ -15,6 +15,11 @@ Usage::
     compiled = jax.jit(step).lower(state, batch).compile()
     collective_bytes(compiled.as_text())          # int
     collective_breakdown(compiled.as_text())      # [(opcode, bytes), ...]
+    wire_bytes(compiled.as_text())                # bytes each device sends under the ring model
+
+Payload and wire bytes differ: for a group of n devices a ring all-reduce sends 2(n-1)/n of its buffer, but an
+all-gather sends (n-1) times the local shard, so gathering bfloat16 deltas at n = 4 puts as many bytes on each link as
+an all-reduce of the float32 ones (:func:`wire_breakdown`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _CALLEE = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=[^{]*)?\s*\{([^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([\d,]+)\]<=")
+_GROUPS = re.compile(r"replica_groups=\{\{([\d,\s]*)\}")
 
 
 def shape_bytes(shape: str) -> int:
@@ -79,13 +87,8 @@ def _split_instruction(rest: str) -> tuple[str, str, str] | None:
     return shape, match.group(1), rest[start + 1:]
 
 
-def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
-    """``(opcode, operand bytes per device)`` for every collective instruction in ``hlo_text``, in text order, each
-    multiplied by the number of times it runs (the trip counts of the loops around it).
-
-    Operands are resolved by name to the shapes they were defined with (compiled HLO prints operands without their
-    shapes); ``-start`` variants are reported under the base opcode and ``-done`` halves are skipped.
-    """
+def _collectives(hlo_text: str) -> list[tuple[str, int, int | None]]:
+    """(opcode, operand bytes x runs, group size) per collective instruction (see :func:`collective_breakdown`)."""
     shapes: dict[str, str] = {}
     found: list[tuple[str, str, str]] = []  # (opcode, operands, computation)
     calls: dict[str, list[tuple[str, int]]] = {}  # computation -> [(callee, times per call)]
@@ -116,7 +119,7 @@ def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
         calls.setdefault(current, []).extend(callees)
         base = opcode.removesuffix("-start")
         if base in COLLECTIVES and not opcode.endswith("-done"):
-            found.append((base, operands, current))
+            found.append((base, operands, current, _group_size(rest)))
     # callees are printed before their callers and ENTRY last: propagate run counts from the end
     runs: dict[str, int] = dict.fromkeys(order, 0)
     if order:
@@ -126,12 +129,74 @@ def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
             if callee in runs:
                 runs[callee] += runs[computation] * times
     out = []
-    for opcode, operands, computation in found:
+    for opcode, operands, computation, group in found:
         names = _OPERAND.findall(operands)
         # operands by name; an older printer inlines their shapes instead
         nbytes = sum(shape_bytes(shapes.get(n, "")) for n in names) if names else shape_bytes(operands)
-        out.append((opcode, nbytes * max(1, runs.get(computation, 1))))
+        out.append((opcode, nbytes * max(1, runs.get(computation, 1)), group))
     return out
+
+
+def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
+    """``(opcode, operand bytes per device)`` for every collective instruction in ``hlo_text``, in text order, each
+    multiplied by the number of times it runs (the trip counts of the loops around it).
+
+    Operands are resolved by name to the shapes they were defined with (compiled HLO prints operands without their
+    shapes); ``-start`` variants are reported under the base opcode and ``-done`` halves are skipped.
+    """
+    return [(opcode, nbytes) for opcode, nbytes, _ in _collectives(hlo_text)]
+
+
+def _group_size(attributes: str) -> int | None:
+    """Devices per replica group of a collective: ``replica_groups={{0,1,2,3},...}``, the iota form
+    ``replica_groups=[groups,size]<=[...]`` or the mesh form ``replica_groups=mesh['axis_0'=4,...] {'axis_0'}``;
+    collective-permute pairs count as groups of 2; None when absent."""
+    mesh = _MESH_GROUPS.search(attributes)  # newer printer: the mesh's axes, then the axes the collective spans
+    if mesh:
+        sizes = {name: int(n) for name, n in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        size = 1
+        for name in re.findall(r"'([^']+)'", mesh.group(2)):
+            size *= sizes.get(name, 1)
+        return size
+    iota = _IOTA_GROUPS.search(attributes)
+    if iota:
+        return int(iota.group(1).split(",")[-1])
+    explicit = _GROUPS.search(attributes)
+    if explicit:
+        first = explicit.group(1)
+        return len([x for x in first.split(",") if x.strip()]) if first.strip() else None
+    if "source_target_pairs=" in attributes:
+        return 2
+    return None
+
+
+def ring_bytes(opcode: str, payload: float, group: int | None) -> float:
+    """Bytes one device sends for a collective with operand bytes ``payload`` over a group of ``group`` devices,
+    with ring algorithms: all-reduce 2(n-1)/n of its buffer (reduce-scatter + all-gather), all-gather (n-1) times
+    its shard, reduce-scatter and all-to-all (n-1)/n of the buffer, collective-permute/broadcast the buffer."""
+    if group is None or group <= 1:
+        return float(payload) if group is None else 0.0
+    n = group
+    if opcode == "all-reduce":
+        return 2 * (n - 1) / n * payload
+    if opcode == "all-gather":
+        return (n - 1) * payload
+    if opcode in ("reduce-scatter", "all-to-all", "ragged-all-to-all"):
+        return (n - 1) / n * payload
+    return float(payload)
+
+
+def wire_breakdown(hlo_text: str) -> list[dict[str, Any]]:
+    """Per collective: opcode, payload bytes per device (as :func:`collective_breakdown`), group size and the bytes a
+    device sends under the ring model (:func:`ring_bytes`). Payload compares what each device contributes; the ring
+    bytes are what crosses its link, which for an all-gather grows with the group size."""
+    return [{"opcode": op, "payload_bytes": nbytes, "group_size": group,
+             "ring_wire_bytes": ring_bytes(op, nbytes, group)} for op, nbytes, group in _collectives(hlo_text)]
+
+
+def wire_bytes(hlo_text: str) -> int:
+    """Total bytes a device sends through the collectives of ``hlo_text`` under the ring model."""
+    return round(sum(row["ring_wire_bytes"] for row in wire_breakdown(hlo_text)))
 
 
 def collective_bytes(hlo_text: str) -> int:

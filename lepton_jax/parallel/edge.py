@@ -135,10 +135,25 @@ def make_inner_step(grad_fn: GradFn, inner_tx: optax.GradientTransformation, mes
     return inner_step
 
 
-def _average_delta(delta: jax.Array, error: jax.Array, dtype: str, nodes: int) -> tuple[jax.Array, jax.Array]:
-    """The mean over nodes of ``delta`` sent in ``dtype`` (with error feedback), and the node's new residual."""
+def participants(seed: int, sync_round: jax.Array, nodes: int, skip_prob: float) -> jax.Array:
+    """Which nodes take part in sync round ``sync_round`` (float 0/1 per node): each misses independently with
+    probability ``skip_prob``, drawn from ``(seed, round)`` only, so every node and every rerun agrees."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0x5EED), sync_round)
+    return jax.random.bernoulli(key, 1.0 - skip_prob, (nodes,)).astype(jnp.float32)
+
+
+def _average_delta(delta: jax.Array, error: jax.Array, dtype: str, nodes: int, weights: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """The mean over nodes of ``delta`` sent in ``dtype`` (with error feedback), and the node's new residual.
+    With ``weights`` (0/1 per node, every node holding the same vector) the mean is over the nodes with weight 1
+    (zero when there are none); a node with weight 0 still takes part in the collective (sending a delta that is
+    ignored) and keeps its residual."""
+    me = None if weights is None else weights[jax.lax.axis_index(NODES)]
+    count = None if weights is None else jnp.maximum(weights.sum(), 1.0)
     if dtype == "float32":
-        return jax.lax.pmean(delta, NODES), error
+        if weights is None:
+            return jax.lax.pmean(delta, NODES), error
+        return jax.lax.psum(delta * me, NODES) / count, error
     corrected = delta + error
     if dtype == "bfloat16":
         sent = corrected.astype(jnp.bfloat16)
@@ -146,38 +161,58 @@ def _average_delta(delta: jax.Array, error: jax.Array, dtype: str, nodes: int) -
         # gathered as raw 16-bit words and summed in float32: an all-reduce would accumulate in bfloat16, and XLA's
         # CPU backend promotes bfloat16 collectives to float32 on the wire
         words = jax.lax.all_gather(jax.lax.bitcast_convert_type(sent, jnp.uint16), NODES)
-        return jax.lax.bitcast_convert_type(words, jnp.bfloat16).astype(jnp.float32).sum(0) / nodes, residual
+        values = jax.lax.bitcast_convert_type(words, jnp.bfloat16).astype(jnp.float32)
+        if weights is None:
+            return values.sum(0) / nodes, residual
+        return jnp.tensordot(weights, values, axes=1) / count, jnp.where(me > 0, residual, error)
     scale = jnp.max(jnp.abs(corrected)) / 127.0
     scale = jnp.where(scale > 0, scale, 1.0)
     sent = jnp.clip(jnp.round(corrected / scale), -127, 127).astype(jnp.int8)
     gathered = jax.lax.all_gather(sent, NODES).astype(jnp.float32)  # int8 sums would overflow: gather, then add
     scales = jax.lax.all_gather(scale, NODES)
-    mean = jnp.tensordot(scales, gathered, axes=1) / nodes
-    return mean, corrected - sent.astype(jnp.float32) * scale
+    residual = corrected - sent.astype(jnp.float32) * scale
+    if weights is None:
+        return jnp.tensordot(scales, gathered, axes=1) / nodes, residual
+    return jnp.tensordot(scales * weights, gathered, axes=1) / count, jnp.where(me > 0, residual, error)
 
 
 def make_sync(outer_tx: optax.GradientTransformation, mesh: Mesh, leaves: Sequence[int] | None = None,
-              delta_dtype: str = "float32") -> Callable[[EdgeState], EdgeState]:
+              delta_dtype: str = "float32", *, weights: Callable[[jax.Array], jax.Array] | None = None
+              ) -> Callable[[EdgeState], EdgeState]:
     """The sync of parameter leaves ``leaves`` (indices into ``jax.tree.leaves(params)``; None = all): average
-    the deltas over nodes, take an outer optimizer step, copy the result back to every node."""
+    the deltas over nodes, take an outer optimizer step, copy the result back to every node.
+
+    Partial participation: ``weights(step) -> (nodes,)`` 0/1 marks the nodes that take part in the sync after inner
+    step ``step`` (e.g. :func:`participants` of the round). The deltas are averaged over those nodes only and only
+    they receive the new outer parameters; a node that misses the round keeps its local parameters, inner optimizer
+    state and error-feedback residual and keeps training, so its next delta spans every step since it last synced.
+    When no node takes part the outer parameters and optimizer state stay as they were."""
     if delta_dtype not in DELTA_DTYPES:
         raise ConfigError(f"unknown edge.delta_dtype {delta_dtype!r}; use one of {', '.join(DELTA_DTYPES)}")
     nodes = mesh.shape[NODES]
 
-    def per_node(outer, outer_opt, local, error):
-        new_outer, new_opt, new_error = [], [], []
+    def per_node(outer, outer_opt, local, error, w):
+        w = None if weights is None else w
+        joined = None if w is None else w[jax.lax.axis_index(NODES)] > 0
+        anyone = None if w is None else w.sum() > 0
+        new_outer, new_opt, new_local, new_error = [], [], [], []
         for p, s, x, e in zip(outer, outer_opt, _local(local), _local(error), strict=True):
-            mean, e = _average_delta(p - x, e, delta_dtype, nodes)
-            updates, s = outer_tx.update(mean, s, p)
-            new_outer.append(optax.apply_updates(p, updates))
-            new_opt.append(s)
+            mean, e = _average_delta(p - x, e, delta_dtype, nodes, w)
+            updates, new_s = outer_tx.update(mean, s, p)
+            new_p = optax.apply_updates(p, updates)
+            if w is not None:
+                new_p = jnp.where(anyone, new_p, p)
+                new_s = jax.tree.map(lambda a, b: jnp.where(anyone, a, b), new_s, s)
+            new_outer.append(new_p)
+            new_opt.append(new_s)
+            new_local.append(new_p if w is None else jnp.where(joined, new_p, x))
             new_error.append(e)
-        return new_outer, new_opt, _stack(new_outer), _stack(new_error)
+        return new_outer, new_opt, _stack(new_local), _stack(new_error)
 
     split = P(NODES)
     # every node computes the same outer update from the same averaged delta, so the P() outputs are replicated by
     # construction (all_gather results are not inferred as replicated, hence check=False)
-    mapped = shard_map(per_node, mesh=mesh, in_specs=(P(), P(), split, split),
+    mapped = shard_map(per_node, mesh=mesh, in_specs=(P(), P(), split, split, P()),
                        out_specs=(P(), P(), split, split), check=False)
 
     def sync(state: EdgeState) -> EdgeState:
@@ -185,8 +220,9 @@ def make_sync(outer_tx: optax.GradientTransformation, mesh: Mesh, leaves: Sequen
         local, error = jax.tree.leaves(state.node_params), jax.tree.leaves(state.error)
         chosen = list(range(len(outer))) if leaves is None else list(leaves)
         pick = lambda xs: [xs[i] for i in chosen]  # noqa: E731
+        w = jnp.ones((nodes,), jnp.float32) if weights is None else weights(state.step)
         new_outer, new_opt, new_local, new_error = mapped(pick(outer), pick(state.outer_opt_state), pick(local),
-                                                          pick(error))
+                                                          pick(error), w)
         outer_opt = list(state.outer_opt_state)
         for j, i in enumerate(chosen):
             outer[i], outer_opt[i], local[i], error[i] = new_outer[j], new_opt[j], new_local[j], new_error[j]

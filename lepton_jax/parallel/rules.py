@@ -26,8 +26,10 @@ PRESETS: dict[str, Rules] = {
     "dp": (),
     # fully sharded data parallelism: split one large dimension of each kernel over 'fsdp'
     "fsdp": (("embed", "fsdp"), ("mlp", "fsdp"), ("conv_out", "fsdp"), ("conv_in", "fsdp"), ("heads", "fsdp")),
-    # FSDP + tensor parallelism (Megatron-style: hidden/heads over 'tensor', model width over 'fsdp')
-    "fsdp_tp": (("mlp", "tensor"), ("heads", "tensor"), ("conv_out", "tensor"), ("embed", "fsdp"),
+    # FSDP + tensor parallelism (Megatron-style: hidden/heads over 'tensor', model width over 'fsdp'). Convolutions
+    # are FSDP-only here: splitting every conv's output channels over 'tensor' (without alternating column/row
+    # splits) all-gathered activations around each conv (scripts/comm_table.py prints both layouts' bytes)
+    "fsdp_tp": (("mlp", "tensor"), ("heads", "tensor"), ("embed", "fsdp"), ("conv_out", "fsdp"),
                 ("conv_in", "fsdp"), ("mlp", "fsdp")),
 }
 

@@ -38,10 +38,10 @@ from lepton_jax.errors import ConfigError
 from lepton_jax.models.functional import cross_entropy, make_apply, make_predict
 from lepton_jax.parallel import edge as edge_math
 from lepton_jax.parallel.build import build
-from lepton_jax.parallel.comm import compiled_bytes
+from lepton_jax.parallel.comm import compiled_bytes, wire_bytes
 from lepton_jax.parallel.edge import NODES, EdgeState
 from lepton_jax.train.optim import make_optimizer, make_schedule
-from lepton_jax.train.strategy import Strategy
+from lepton_jax.train.strategy import Strategy, grain_read_options
 
 SPLITS = ("iid", "label")
 
@@ -83,7 +83,8 @@ def node_partitions(num_examples: int, nodes: int, split: str, seed: int, labels
 
 def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_batch: int, seed: int,
                  num_epochs: int | None, schema: dict[str, Any], process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, read_options: grain.ReadOptions | None = None
+                 ) -> grain.IterDataset:
     """Global batches of ``nodes x per_node_batch`` rows, node k's block drawn from its own partition row (shuffled
     differently each epoch); this process reads only its rows (its nodes' blocks)."""
     nodes, m = partitions.shape
@@ -98,7 +99,7 @@ def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_bat
     ds = (ShuffledBatches(m, per_node_batch, seed)
           .repeat(num_epochs)
           .map(load))
-    return ds.to_iter_dataset()
+    return ds.to_iter_dataset(read_options)
 
 
 class EdgeStrategy(Strategy):
@@ -153,11 +154,20 @@ class EdgeStrategy(Strategy):
         self.inner_bytes = compiled_bytes(self.inner_step)
         self.sync_bytes = [compiled_bytes(s) for s in self.syncs]
         self.full_sync_bytes = compiled_bytes(self.full_sync)
+        # what each device sends under the ring model (an all-gather of bf16/int8 deltas grows with the nodes)
+        self.inner_wire = wire_bytes(self.inner_step.as_text())
+        self.sync_wire = [wire_bytes(s.as_text()) for s in self.syncs]
+        self.full_sync_wire = wire_bytes(self.full_sync.as_text())
         self.eval_batch = config.eval_batch_size + (-config.eval_batch_size) % edge.nodes
         self.num_params, self.param_bytes = built.num_params, built.param_bytes
 
     def _compile_sync(self, leaves):
-        sync = edge_math.make_sync(self.outer_tx, self.mesh, leaves, self.edge.delta_dtype)
+        e, seed = self.edge, self.config.seed
+        weights = None
+        if e.skip_prob > 0:  # round r = the sync after inner steps r*H+1 .. (r+1)*H (the final sync: the last round)
+            def weights(step):
+                return edge_math.participants(seed, (step - 1) // e.sync_every, e.nodes, e.skip_prob)
+        sync = edge_math.make_sync(self.outer_tx, self.mesh, leaves, e.delta_dtype, weights=weights)
         return jax.jit(sync, in_shardings=(self.shardings,), out_shardings=self.shardings,
                        donate_argnums=0).lower(self.abstract).compile()
 
@@ -182,7 +192,8 @@ class EdgeStrategy(Strategy):
 
     def batches(self, source: LakeDataSource, schema: dict[str, Any]) -> Any:
         return iter(node_dataset(source, self.partitions, per_node_batch=self.per_node, seed=self.config.seed,
-                                 num_epochs=self.config.num_epochs, schema=schema))
+                                 num_epochs=self.config.num_epochs, schema=schema,
+                                 read_options=grain_read_options(self.config.prefetch)))
 
     def step(self, state: EdgeState, batch: Any) -> tuple[EdgeState, dict[str, jax.Array]]:
         return self.inner_step(state, batch)
@@ -212,7 +223,9 @@ class EdgeStrategy(Strategy):
     def communication(self) -> dict[str, Any]:
         return {"inner_step_bytes": self.inner_bytes, "sync_bytes": self.sync_bytes,
                 "full_sync_bytes": self.full_sync_bytes, "param_bytes": self.param_bytes,
-                "bytes_total": self.bytes_through(self.total_steps)}
+                "bytes_total": self.bytes_through(self.total_steps),
+                "ring_wire_sync_bytes": self.sync_wire,
+                "ring_wire_bytes_total": self.bytes_through(self.total_steps, wire=True)}
 
     def run_info(self) -> dict[str, Any]:
         return {"edge": self.edge.to_dict(), "communication": self.communication()}
@@ -220,12 +233,15 @@ class EdgeStrategy(Strategy):
     def describe(self) -> str:
         e, comm = self.edge, self.communication()
         return (f"edge: {e.nodes} nodes, sync every {e.sync_every} steps ({e.split} split, {e.delta_dtype} deltas, "
-                f"{e.fragments} fragment(s)), {e.nodes} x {self.per_node} rows per step; collective bytes per "
+                f"{e.fragments} fragment(s)"
+                + (f", each node misses a sync with probability {e.skip_prob}" if e.skip_prob else "")
+                + f"), {e.nodes} x {self.per_node} rows per step; collective bytes per "
                 f"device: inner step {self.inner_bytes:,}, sync {self.sync_bytes}, whole run {comm['bytes_total']:,}")
 
     def summary_extra(self, for_summary: bool = False) -> dict[str, Any]:
         if for_summary:
-            return {"bytes_communicated": self.bytes_through(self.total_steps)}
+            return {"bytes_communicated": self.bytes_through(self.total_steps),
+                    "ring_wire_bytes": self.bytes_through(self.total_steps, wire=True)}
         return {"communication": self.communication(), "program": self}
 
     def flops(self, state: EdgeState, batch: Any) -> float | None:
@@ -235,22 +251,24 @@ class EdgeStrategy(Strategy):
         value = (analysis or {}).get("flops")
         return float(value) if value and value > 0 else None
 
-    def bytes_through(self, step: int, total_steps: int | None = None) -> int:
-        """Collective bytes per device sent by steps 1..``step`` (inner steps and syncs)."""
+    def bytes_through(self, step: int, total_steps: int | None = None, *, wire: bool = False) -> int:
+        """Collective bytes per device by steps 1..``step`` (inner steps and syncs): payload, or with ``wire``
+        the bytes sent under the ring model (:func:`lepton_jax.parallel.comm.wire_bytes`)."""
         total_steps = self.total_steps if total_steps is None else total_steps
         h, f = self.edge.sync_every, self.edge.fragments
-        total = self.inner_bytes * step + sum(self.sync_bytes[edge_math.fragment_for_sync(k, f)]
-                                              for k in range(step // h))
+        inner, syncs, full = ((self.inner_wire, self.sync_wire, self.full_sync_wire) if wire else
+                              (self.inner_bytes, self.sync_bytes, self.full_sync_bytes))
+        total = inner * step + sum(syncs[edge_math.fragment_for_sync(k, f)] for k in range(step // h))
         if step == total_steps and step % h:
-            total += self.full_sync_bytes
+            total += full
         return total
 
 
 def dp_step_bytes(config: ml_collections.ConfigDict, *, example_shape: tuple[int, ...], num_classes: int,
                   axes: dict[str, int], rules: str = "dp", min_size: int = 0, devices: list | None = None,
-                  hlo: bool = False) -> int | str:
-    """Collective bytes per device of one synchronous train step of ``config`` on a mesh with ``axes`` (``hlo``:
-    the compiled program's text instead)."""
+                  hlo: bool = False, wire: bool = False) -> int | str:
+    """Collective bytes per device of one synchronous train step of ``config`` on a mesh with ``axes`` (``wire``:
+    bytes sent under the ring model instead of payload; ``hlo``: the compiled program's text instead)."""
     from lepton_jax.parallel.mesh import batch_sharding, make_mesh, mesh_config
     from lepton_jax.parallel.rules import state_shardings
     from lepton_jax.train.state import create_state
@@ -270,7 +288,9 @@ def dp_step_bytes(config: ml_collections.ConfigDict, *, example_shape: tuple[int
     compiled = jax.jit(build_train_step(config, graphdef, tx, mesh=mesh, param_specs=built.specs),
                        in_shardings=(state_sh, data_sh),
                        out_shardings=(state_sh, NamedSharding(mesh, P()))).lower(abstract_state, batch).compile()
-    return compiled.as_text() if hlo else compiled_bytes(compiled)
+    if hlo:
+        return compiled.as_text()
+    return wire_bytes(compiled.as_text()) if wire else compiled_bytes(compiled)
 
 
 def communication_report(config: ml_collections.ConfigDict, *, example_shape: tuple[int, ...], num_classes: int,

@@ -43,6 +43,7 @@ class RunContext:
     stop_reason: str | None = None  # a hook sets it to end training after this step
     start_time: float = dataclasses.field(default_factory=time.perf_counter)
     data_version: int = 0
+    loop_time: dict[str, float] = dataclasses.field(default_factory=dict)  # main-thread seconds by loop phase
 
     def say(self, message: str) -> None:
         if self.progress and jax.process_index() == 0:

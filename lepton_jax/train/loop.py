@@ -18,6 +18,7 @@ and checkpoints are written asynchronously by Orbax.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,22 +55,32 @@ __all__ = ["Hook", "Loop", "Preemption", "RunContext", "train", "train_and_evalu
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop reads once per step (only where signals can be handled). With several
-    processes :meth:`check` agrees across them (any process signalled = all stop at the same step)."""
+    """SIGTERM as a flag the loop reads once per step (:meth:`check`).
+
+    One process: a Python SIGTERM handler sets the flag (only where signals can be handled). Several processes:
+    JAX's preemption sync service (``multihost_utils.reached_preemption_sync_point``, on by default with
+    ``jax.distributed``) takes the signal on whichever process gets it, agrees in the background on the first step
+    every process can still reach, and :meth:`check` turns true on all processes at that same step, with no
+    per-step collective. Without that service, a per-step all-gather of the local flag agrees instead."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._sync = jax.process_count() > 1 and _preemption_service()
+        self.agreement = ("JAX preemption sync" if self._sync else
+                          "all-gathered flag" if jax.process_count() > 1 else "one process")
 
     def __enter__(self) -> Preemption:
-        if threading.current_thread() is threading.main_thread():
+        if not self._sync and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def check(self) -> bool:
+    def check(self, step: int) -> bool:
+        if self._sync:
+            return multihost_utils.reached_preemption_sync_point(step)
         flag = self.requested
         if jax.process_count() > 1:
             flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
@@ -78,6 +89,12 @@ class Preemption:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def _preemption_service() -> bool:
+    from jax._src import distributed  # the only handle on whether the service runs (no public accessor)
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 class Loop:
@@ -150,6 +167,13 @@ class Loop:
         flops = None
         last_log = time.perf_counter()
         stopped, ctx.step, ctx.state = None, start_step, state
+        clock = ctx.loop_time  # wall seconds of the loop's main thread by phase (run.json: loop_time_s)
+        tick = time.perf_counter
+
+        def spent(phase: str, since: float) -> float:
+            now = tick()
+            clock[phase] = clock.get(phase, 0.0) + now - since
+            return now
 
         def flush(upto: int) -> None:
             nonlocal last_log
@@ -177,14 +201,18 @@ class Loop:
         with Preemption() as preemption, tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step",
                                                disable=not self.progress or jax.process_index() != 0) as bar:
             for step in range(start_step + 1, s.total_steps + 1):
+                t = tick()
                 batch = next(ctx.batches)
+                t = spent("input_wait", t)
                 if flops is None and perf.peak_flops() is not None:  # MFU only where the device peak is known
                     flops = s.flops(state, batch)
                 state, step_metrics = s.step(state, batch)
                 state = s.after_step(state, step)
+                t = spent("step_dispatch", t)
                 ctx.state, ctx.step, ctx.epoch = state, step, (step - 1) // s.steps_per_epoch + 1
                 pending.append(step_metrics)
-                preempted = preemption.check() or step == self.stop_after_step  # read once per step
+                preempted = preemption.check(step) or step == self.stop_after_step  # read once per step
+                t = spent("preemption_check", t)
                 last = step == s.total_steps
                 due = [h for h in hooks if h.due(step, last)]
                 sync = last or preempted or any(h.name != "profiler" for h in due)
@@ -195,23 +223,29 @@ class Loop:
                     in_flight.append((step, pending))
                     pending = []
                 flush(step if sync else step - 1)  # without a sync point, read the previous window only
+                t = spent("metrics_fetch_and_log", t)
                 ctx.metrics = {}
                 for hook in due:
                     out = hook.fn(ctx)
                     if out:
                         ctx.metrics.update(out)
                         run.log(step=step, epoch=ctx.epoch, **out)
+                    t = spent(f"hook:{hook.name}", t)
                 if preempted:
                     save(ctx)  # no-op when the checkpoint hook already saved this step
                     ctx.ckpt.close()
                     run.log(step=step, preempted=True)
                     run.close()
                     ctx.say(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+                    print(f"lepton_jax: preempted at step {step} (process {jax.process_index()} of "
+                          f"{jax.process_count()}; {preemption.agreement})", file=sys.stderr, flush=True)
                     return {"preempted": True, "steps": step, "history": ctx.history, "final_state": state,
                             "strategy": s, **s.summary_extra()}
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
                     break
+        loop_time = {k: round(v, 4) for k, v in clock.items()}
+        run.update_run_info(loop_time_s=loop_time)
         summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
             for_summary=True)} if stopped else s.summary_extra(for_summary=True))
         ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
@@ -219,7 +253,7 @@ class Loop:
         ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "
                 "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
         return {**summary, "history": ctx.history, "params": best_params, "final_state": state, "report": result,
-                "strategy": s, **s.summary_extra()}
+                "strategy": s, "loop_time_s": loop_time, **s.summary_extra()}
 
     def _diverged(self, ctx: RunContext) -> None:
         """A non-finite loss ends the run: checkpoint the state (with dev metrics) for inspection, then raise."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -24,6 +25,13 @@ from lepton_jax.parallel.rules import sharding_table, state_shardings
 from lepton_jax.train.optim import make_optimizer, make_schedule
 from lepton_jax.train.state import TrainState, create_state
 from lepton_jax.train.step import build_train_step, make_predict, optimizer_updates_per_step
+
+
+def grain_read_options(prefetch: int) -> grain.ReadOptions | None:
+    """With the loop's own prefetch thread (``prefetch > 0``) Grain reads in that thread: its default pool of 16
+    reader threads polling futures only adds CPU time that the step, on a CPU backend, competes for (measured with
+    ``scripts/bench_train.py --profile``)."""
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if prefetch > 0 else None
 
 
 class Strategy:
@@ -143,7 +151,8 @@ class SyncStrategy(Strategy):
 
     def batches(self, source: LakeDataSource, schema: dict[str, Any]) -> Any:
         return iter(train_dataset(source, global_batch_size=self.config.batch_size, seed=self.config.seed,
-                                  num_epochs=self.config.num_epochs, schema=schema))
+                                  num_epochs=self.config.num_epochs, schema=schema,
+                                  read_options=grain_read_options(self.config.prefetch)))
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         return self._step(state, batch)

@@ -66,6 +66,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"unknown edge.split {e.split!r}; use {' or '.join(EDGE_SPLITS)}")
     if e.delta_dtype not in DELTA_DTYPES:
         raise ConfigError(f"unknown edge.delta_dtype {e.delta_dtype!r}; use one of {', '.join(DELTA_DTYPES)}")
+    if not 0 <= e.skip_prob < 1:
+        raise ConfigError(f"edge.skip_prob must be in [0, 1) (the probability a node misses a sync round), got "
+                          f"{e.skip_prob}")
     if e.nodes > 1:
         if config.batch_size % e.nodes:
             raise ConfigError(f"batch_size {config.batch_size} is not divisible by edge.nodes={e.nodes}")
