@@ -31,7 +31,7 @@ from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
 from lepton_jax.lake.sources import Source, source_tasks
-from lepton_jax.lake.store import DATA_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
+from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
 MODES = ("overwrite", "append")
@@ -120,9 +120,11 @@ def _discard(lake: Lake, table: str, commit_id: str) -> None:
     """Removes a failed ingest's data, and the table's directories if that leaves them empty (a failed first
     ingest writes nothing)."""
     shutil.rmtree(lake.root / table / DATA_DIR / commit_id, ignore_errors=True)
-    for d in (lake.root / table / DATA_DIR, lake.root / table):
+    for d in (lake.root / table / DATA_DIR, lake.root / table / LEASE_DIR, lake.root / table):
         try:
             d.rmdir()
+        except FileNotFoundError:
+            continue
         except OSError:
             break
 

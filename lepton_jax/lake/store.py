@@ -565,18 +565,30 @@ class Lake:
         path = leases / f"{commit_id}.json"
         info = {"commit_id": commit_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "pid_start": _process_start(os.getpid()), "time": time.time()}
-        write_file(path, json.dumps(info).encode())
+        for attempt in range(5):  # another writer's or gc's removal of an empty _leases/ may race this create
+            try:
+                write_file(path, json.dumps(info).encode())
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
+                make_dirs(leases)
         try:
             yield lambda: os.utime(path)
         finally:
             path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                leases.rmdir()
+            for d in (leases, leases.parent):  # a table that got no data (a failed first commit) leaves nothing
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
-    def _live_leases(self, table: str, grace_seconds: float) -> set[str]:
-        """Commit ids whose writer still holds its lease: a process alive on this host (same pid and start time),
-        or, for another host, a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)``."""
+    def _leases(self, table: str, grace_seconds: float) -> tuple[set[str], set[str]]:
+        """Commit ids whose writer still holds its lease (a process alive on this host, with the same pid and start
+        time, or, for another host, a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)``), and the
+        commit ids of leases found expired (their writers died)."""
         live: set[str] = set()
+        dead: set[str] = set()
         leases = self.root / table / LEASE_DIR
         for path in sorted(leases.glob("*.json")) if leases.is_dir() else []:
             try:
@@ -588,11 +600,11 @@ class Lake:
                 info, age = None, 0.0  # half-written or unreadable: assume live
             pid = info.get("pid") if isinstance(info, dict) else None
             if isinstance(pid, int) and info.get("host") == socket.gethostname():
-                if _pid_alive(pid) and _process_start(pid) == info.get("pid_start"):
-                    live.add(path.stem)
-            elif age < max(grace_seconds, MIN_GRACE_SECONDS):
-                live.add(path.stem)
-        return live
+                alive = _pid_alive(pid) and _process_start(pid) == info.get("pid_start")
+            else:
+                alive = age < max(grace_seconds, MIN_GRACE_SECONDS)
+            (live if alive else dead).add(path.stem)
+        return live, dead
 
     # -- compaction --------------------------------------------------------------------------------------------------
 
@@ -838,7 +850,7 @@ class Lake:
             candidates += sorted((base / LOG_DIR).glob(TEMP_PREFIX + "*"))
             # order matters: leases are read after listing (a listed directory's writer took its lease before
             # creating it) and records after leases (a writer publishes its record before releasing its lease)
-            leased = self._live_leases(name, grace)
+            leased, expired = self._leases(name, grace)
             broken = self.check_log(name)
             if broken:
                 raise LakeError(f"not collecting table {name!r}: {broken[0]}; run `lepton-jax lake verify`")
@@ -866,11 +878,12 @@ class Lake:
                     continue
                 report.removed.append(rel)
                 report.bytes_freed += size
-            if not dry_run:  # leases of dead writers whose data is gone
-                leases = base / LEASE_DIR
-                for path in sorted(leases.glob("*.json")) if leases.is_dir() else []:
-                    if path.stem not in leased and not (base / DATA_DIR / path.stem).exists():
-                        path.unlink(missing_ok=True)
+            if not dry_run:  # expired leases (dead writers) whose data is gone
+                for cid in sorted(expired):
+                    if not (base / DATA_DIR / cid).exists():
+                        (base / LEASE_DIR / f"{cid}.json").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    (base / LEASE_DIR).rmdir()
         if failed:
             raise LakeError(f"gc could not remove {len(failed)} path(s), e.g. {failed[0]} "
                             f"(removed {len(report.removed)})")
