@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from lepton_jax.errors import LeptonError
-from lepton_jax.lake.publish import publish_new
-from lepton_jax.lake.uri import local_root
 
 MODELS_DIR = "_models"
 STAGES_DIR = "_stages"
@@ -83,6 +81,8 @@ class Registry:
     """Named, versioned models under ``<lake>/_models``."""
 
     def __init__(self, lake_root: str | Path):
+        from lepton_jax.lake.uri import local_root
+
         self.lake_root = local_root(lake_root)
         self.root = self.lake_root / MODELS_DIR
 
@@ -215,4 +215,6 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
 def _publish(path: Path, record: dict[str, Any]) -> bool:
     """Exclusive create of ``path`` with ``record``: False if another writer published it first (the lake's
     publishing, :func:`lepton_jax.lake.publish.publish_new`)."""
+    from lepton_jax.lake.publish import publish_new
+
     return publish_new(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
