@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, ingest
 from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
+from lepton_jax.lake.storage import open_storage
 
 WRITER = """
 import sys
@@ -258,3 +260,32 @@ def test_a_file_uri_is_a_local_lake(tmp_path):
     with pytest.raises(LakeError, match="absolute path"):
         Lake("file://relative/lake")
     assert Lake(f"./{tmp_path.name}:x").root.name == f"{tmp_path.name}:x"  # a ':' in a relative path is fine
+
+
+# -- the storage interface -------------------------------------------------------------------------------------------
+
+RACER = """
+import sys
+from lepton_jax.lake.storage import open_storage
+storage = open_storage(sys.argv[1])
+sys.stdin.readline()  # all racers start together
+print(storage.create("t/_log/00000001.json", sys.argv[2].encode()))
+"""
+
+
+def test_local_storage_create_if_absent_admits_exactly_one_of_many_racing_processes(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), f"writer {k}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for k in range(6)]
+    time.sleep(0.5)
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(outs) == ["False"] * 5 + ["True"], outs
+    winner = outs.index("True")
+    storage = open_storage(tmp_path)
+    assert storage.read("t/_log/00000001.json") == f"writer {winner}".encode()
+    assert storage.list("t/_log/") == ["00000001.json"]  # no temp file left behind
+    assert storage.list("t/nothing/") == [] and storage.list("") == ["t"]
+    with pytest.raises(LakeError, match="invalid lake key"):
+        storage.read("t/../../etc/passwd")

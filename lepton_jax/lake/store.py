@@ -55,8 +55,8 @@ from lepton_jax.lake.fragments import (
     split_fragments,
     write_fragment,
 )
-from lepton_jax.lake.publish import make_dirs, publish_new, write_file
-from lepton_jax.lake.uri import local_root
+from lepton_jax.lake.publish import make_dirs, write_file
+from lepton_jax.lake.storage import open_storage
 
 FORMAT = "lepton-lake/2"
 FORMATS = ("lepton-lake/1", FORMAT)  # version 1: one array per split and array, no fragments (still read)
@@ -325,19 +325,18 @@ class Lake:
     """A directory of versioned tables. ``target_shard_bytes`` sizes the shard files of new commits."""
 
     def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES):
-        self.root = local_root(root)
+        self.storage = open_storage(root)  # records, markers: through the storage interface
+        self.root = self.storage.root
         self.target_shard_bytes = int(target_shard_bytes)
 
     def tables(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / LOG_DIR).is_dir() and _NAME.match(p.name))
+        """Tables with anything in their log (a table whose records were all removed is still named, by its
+        ``_used`` markers, so ``verify`` can report it)."""
+        return [n for n in self.storage.list("") if _NAME.match(n) and self.storage.list(f"{n}/{LOG_DIR}/")]
 
     def versions(self, table: str) -> list[int]:
-        log = self.root / check_name("table", table) / LOG_DIR
-        if not log.is_dir():
-            return []
-        return sorted(int(p.stem) for p in log.glob("*.json") if p.stem.isdigit())
+        names = self.storage.list(f"{check_name('table', table)}/{LOG_DIR}/")
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def table(self, table: str, version: int | None = None) -> TableVersion:
         """The committed version ``version`` of ``table`` (default: the latest)."""
@@ -352,9 +351,8 @@ class Lake:
             raise LakeError(f"table {table!r} has no version {version}; versions: {versions}")
         path = self._record_path(table, version)
         try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            record = json.loads(self.storage.read(self._record_key(table, version)))
+        except (OSError, ValueError) as e:
             raise LakeError(f"commit record {path} is unreadable ({e}); the lake is corrupt") from e
         if not isinstance(record, dict) or record.get("format") not in FORMATS or record.get("version") != version:
             raise LakeError(f"commit record {path} is not a lepton-lake record (formats {', '.join(FORMATS)}) for "
@@ -363,6 +361,13 @@ class Lake:
 
     def _record_path(self, table: str, version: int) -> Path:
         return self.root / table / LOG_DIR / f"{version:08d}.json"
+
+    @staticmethod
+    def _record_key(table: str, version: int) -> str:
+        return f"{table}/{LOG_DIR}/{version:08d}.json"
+
+    def _used_versions(self, table: str) -> list[int]:
+        return sorted(int(n) for n in self.storage.list(f"{table}/{LOG_DIR}/{USED_DIR}/") if n.isdigit())
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
@@ -534,14 +539,13 @@ class Lake:
         """Publishes ``record`` as ``version``: an exclusive create of ``_log/<version>.json``, then the marker
         ``_log/_used/<version>`` (version numbers are never reused: a marker without its record means the record
         was removed, and this refuses to publish that number again)."""
-        log = self.root / table / LOG_DIR
-        if (log / USED_DIR / f"{version:08d}").exists() and not self._record_path(table, version).exists():
+        if version in self._used_versions(table) and version not in self.versions(table):
             raise LakeError(f"table {table!r} version {version} was published before and its record "
                             f"{self._record_path(table, version)} is gone; the log is damaged, nothing was "
                             "published (run `lepton-jax lake verify`)")
         payload = json.dumps(record, indent=1, sort_keys=True).encode()
-        if not publish_new(self._record_path(table, version), payload,
-                           temp_prefix=f"{TEMP_PREFIX}{record['commit_id']}-"):
+        if not self.storage.create(self._record_key(table, version), payload,
+                                   temp_prefix=f"{TEMP_PREFIX}{record['commit_id']}-"):
             raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
                                       "re-read the latest version and commit on top of it")
         self._mark_used(table, version)
@@ -549,11 +553,7 @@ class Lake:
         arrays.fsync_dir(self.root)  # the table directory's entry, on a table's first commit
 
     def _mark_used(self, table: str, version: int) -> None:
-        used = self.root / table / LOG_DIR / USED_DIR
-        make_dirs(used)
-        with contextlib.suppress(FileExistsError):
-            write_file(used / f"{version:08d}", b"")
-        arrays.fsync_dir(used)
+        self.storage.create(f"{table}/{LOG_DIR}/{USED_DIR}/{version:08d}", b"")
 
     @contextlib.contextmanager
     def lease(self, table: str, commit_id: str) -> Iterator[Callable[[], None]]:
@@ -565,12 +565,12 @@ class Lake:
         path = leases / f"{commit_id}.json"
         info = {"commit_id": commit_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "pid_start": _process_start(os.getpid()), "time": time.time()}
-        for attempt in range(5):  # another writer's or gc's removal of an empty _leases/ may race this create
+        for attempt in range(20):  # another writer's removal of an empty _leases/ may race this create
             try:
                 write_file(path, json.dumps(info).encode())
                 break
             except FileNotFoundError:
-                if attempt == 4:
+                if attempt == 19:
                     raise
                 make_dirs(leases)
         try:
@@ -808,8 +808,7 @@ class Lake:
         previous version as its parent, and every version number ever published (``_log/_used``) still present."""
         problems: list[Problem] = []
         versions = self.versions(table)
-        used_dir = self.root / table / LOG_DIR / USED_DIR
-        used = sorted(int(p.name) for p in used_dir.iterdir() if p.name.isdigit()) if used_dir.is_dir() else []
+        used = self._used_versions(table)
         top = max([*versions, *used], default=0)
         missing = sorted(set(range(1, top + 1)) - set(versions))
         for v in missing:
@@ -882,8 +881,6 @@ class Lake:
                 for cid in sorted(expired):
                     if not (base / DATA_DIR / cid).exists():
                         (base / LEASE_DIR / f"{cid}.json").unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    (base / LEASE_DIR).rmdir()
         if failed:
             raise LakeError(f"gc could not remove {len(failed)} path(s), e.g. {failed[0]} "
                             f"(removed {len(report.removed)})")
