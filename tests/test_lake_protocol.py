@@ -289,3 +289,19 @@ def test_local_storage_create_if_absent_admits_exactly_one_of_many_racing_proces
     assert storage.list("t/nothing/") == [] and storage.list("") == ["t"]
     with pytest.raises(LakeError, match="invalid lake key"):
         storage.read("t/../../etc/passwd")
+
+
+def test_a_compaction_that_loses_the_race_to_an_append_publishes_nothing(tmp_path):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 2)  # two fragments per split: something to compact
+    extra = _source(_npz(tmp_path / "extra.npz", 5))
+
+    class Racing(Lake):
+        def publish(self, *args, **kwargs):
+            ingest(Lake(self.root, target_shard_bytes=1024), "t", extra, mode="append")
+            return super().publish(*args, **kwargs)
+
+    with pytest.raises(LakeError, match="while it was being compacted"):
+        Racing(lake.root).compact("t", retries=3)
+    after = Lake(lake.root)
+    assert after.versions("t") == [1, 2, 3] and after.table("t").record["lineage"]["mode"] == "append"
+    assert after.verify() == [] and len({p.name for p in (lake.root / "t" / "data").iterdir()}) == 3

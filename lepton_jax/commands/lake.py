@@ -276,9 +276,13 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def gc_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LakeError
     from lepton_jax.lake import Lake
 
-    report = Lake(args.lake).gc(args.grace_seconds, table=args.table, dry_run=args.dry_run, force=args.force)
+    try:
+        report = Lake(args.lake).gc(args.grace_seconds, table=args.table, dry_run=args.dry_run, force=args.force)
+    except OSError as e:
+        raise LakeError(f"gc of lake {args.lake} failed: {e}") from e
     verb = "would remove" if args.dry_run else "removed"
     for path in report.removed:
         print(f"{verb} {path}")

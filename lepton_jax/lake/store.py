@@ -650,7 +650,7 @@ class Lake:
                 shutil.rmtree(commit_dir, ignore_errors=True)
                 raise
             version = self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version,
-                                   retries=retries, **body)
+                                   retries=retries, rebase=_recompact, **body)
         crash_point("committed")
         return version
 
@@ -885,6 +885,12 @@ class Lake:
             raise LakeError(f"gc could not remove {len(failed)} path(s), e.g. {failed[0]} "
                             f"(removed {len(report.removed)})")
         return report
+
+
+def _recompact(latest: TableVersion) -> TableVersion | None:
+    """A compaction that lost the race holds the old head's rows only: publishing it on top would drop the winner's."""
+    raise CommitConflictError(f"table {latest.table!r} got version {latest.version} while it was being compacted; "
+                              "nothing was published (run `lake compact` again)")
 
 
 def _remove(path: Path) -> None:
