@@ -238,6 +238,11 @@ def test_lake_ls_lists_every_readable_version_and_names_the_unreadable(tmp_path,
     assert lines[1].startswith("UNREADABLE t@2: commit record") and len(lines) == 3
     err = out.err.strip().splitlines()
     assert len(err) == 1 and "t@2" in err[0]
+    path.write_text("[]")  # valid JSON, not a record; and the table named explicitly, its latest record bad
+    (lake.root / "t" / "_log" / "00000003.json").write_text("{}")
+    assert main(["lake", "ls", "--lake", str(lake.root), "--table", "t"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("t@1 ") and [x[:16] for x in lines[1:]] == ["UNREADABLE t@2: ", "UNREADABLE t@3: "]
 
 
 # -- lake roots ------------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def ls_command(args: argparse.Namespace) -> int:
 
     lake = Lake(args.lake)
     tables = [args.table] if args.table else lake.tables()
-    if args.table:
+    if args.table and not lake.versions(args.table):
         lake.table(args.table)  # the 'no such table' error
     if not tables:
         print(f"lake {lake.root} has no tables")
