@@ -92,7 +92,7 @@ def test_writer_killed_at_any_point_leaves_the_previous_or_the_new_version(tmp_p
         if versions == [1, 2]:
             assert _rows(lake.table("t", 2)) == _source_rows(second)
         assert lake.verify() == [], name
-        report = lake.gc(grace_seconds=0)
+        report = lake.gc(grace_seconds=0, force=True)
         data_dirs = {p.name for p in (root / "t" / "data").iterdir()}
         assert data_dirs == _live_commit_ids(lake), name
         assert not list((root / "t" / "_log").glob(".commit-*")), name
@@ -147,7 +147,7 @@ def test_pinned_reader_sees_identical_bytes_while_another_process_commits_and_co
     shutil.copytree(live, orphan)
     for p in [orphan, *orphan.rglob("*")]:
         os.utime(p, (1, 1))
-    code = WRITER + "print(lake.gc(0).removed)\n"
+    code = WRITER + "print(lake.gc(0, force=True).removed)\n"
     out = subprocess.run([sys.executable, "-c", code, str(root), "0", str(SHARD_BYTES), str(second)],
                          capture_output=True, check=True, text=True).stdout
     assert "19700101T000000-deadbeef0000" in out and not orphan.exists()

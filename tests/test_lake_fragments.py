@@ -92,7 +92,7 @@ def test_append_shares_fragments_and_compact_keeps_content(tmp_path):
         assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert v3.record["stats"] == v2.record["stats"] and v3.quarantine() == v2.quarantine()
     assert lake.compact("t").version == 3  # nothing left to merge
-    assert lake.verify() == [] and lake.gc(grace_seconds=0).removed == []  # every version still referenced
+    assert lake.verify() == [] and lake.gc(grace_seconds=0, force=True).removed == []  # every version still referenced
     # the latest version holds more than its last source: overwriting with that source is a new version
     again = ingest(lake, "t", NpzSource(tmp_path / "b"), splits={"train": 0.8, "test": 0.2})
     assert again.created and sum(again.version.num_examples(s) for s in again.version.splits) == 23
@@ -184,7 +184,7 @@ def test_killed_append_or_compact_leaves_previous_or_new_version_and_racing_appe
             expected = sorted(before[2] + (_source_rows(extra) if kind == "append" else []))
             assert sorted(_rows(lake.table("t", 3))) == expected, (kind, point)
         assert lake.verify() == [], (kind, point)
-        lake.gc(grace_seconds=0)
+        lake.gc(grace_seconds=0, force=True)
         assert lake.verify() == [], (kind, point)
     for p in racers:
         assert p.wait(timeout=180) == 0, p.stderr.read().decode()

@@ -199,7 +199,7 @@ def test_cli_ingests_new_sources_and_inspects_verifies_collects(tmp_path, capsys
     out = capsys.readouterr().out
     assert "version 1  parent -" in out and "unreadable: Pillow cannot read cat/broken.png" in out
     assert main(["lake", "verify", "--lake", lake]) == 0 and "ok: 2 version(s) in 2 table(s)" in capsys.readouterr().out
-    assert main(["lake", "gc", "--lake", lake, "--grace-seconds", "0"]) == 0
+    assert main(["lake", "gc", "--lake", lake, "--grace-seconds", "0", "--force"]) == 0
     assert "removed 0 unreferenced path(s)" in capsys.readouterr().out
     for argv, message in [(["show", "--table", "pets", "--version", "7"], "has no version 7"),
                           (["ingest", "--table", "x", "--source", "images:/nope"], "does not exist"),

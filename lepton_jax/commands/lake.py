@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lake = sub.add_parser("lake", help="data lake: ingest, inspect, verify and clean up tables").add_subparsers(
         dest="lake_command", required=True)
     ingest = lake.add_parser("ingest", help="read a source into a new table version")
-    ingest.add_argument("--lake", required=True, help="lake directory")
+    ingest.add_argument("--lake", required=True, help="lake directory (object-store URIs are not supported yet)")
     ingest.add_argument("--source", default="digits",
                         help="'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' (DIR/<label>/<image>) or 'csv:PATH'")
     ingest.add_argument("--table", default="digits")
@@ -72,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gc.add_argument("--lake", required=True)
     gc.add_argument("--table", default=None, help="default: every table")
     gc.add_argument("--grace-seconds", type=float, default=3600.0,
-                    help="keep unreferenced files younger than this (in-flight commits); default 3600")
+                    help="keep unreferenced files younger than this; default 3600, at least 60 without --force "
+                         "(live writers' leases are honoured either way)")
+    gc.add_argument("--force", action="store_true", help="allow a grace period below the 60 s minimum (even 0)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed")
     gc.set_defaults(handler=gc_command)
 
@@ -180,19 +182,30 @@ def compact_command(args: argparse.Namespace) -> int:
 
 
 def ls_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LakeError
     from lepton_jax.lake import Lake
 
     lake = Lake(args.lake)
     tables = [args.table] if args.table else lake.tables()
+    if args.table and not lake.versions(args.table):
+        lake.table(args.table)  # the 'no such table' error
     if not tables:
         print(f"lake {lake.root} has no tables")
+    bad = []
     for table in tables:
-        for version in lake.versions(table) or [None]:
-            tv = lake.table(table, version)  # version None on an unknown table raises the 'no such table' error
-            counts = ", ".join(f"{s}={tv.num_examples(s)}" for s in tv.splits)
-            src = tv.record["lineage"]["source"]
-            print(f"{table}@{tv.version}  {counts}  labels={len(tv.label_names)}  source={src['uri']} "
-                  f"sha256={src['sha256'][:12]}")
+        for version in lake.versions(table):
+            try:
+                tv = lake.table(table, version)
+                counts = ", ".join(f"{s}={tv.num_examples(s)}" for s in tv.splits)
+                src = tv.record["lineage"]["source"]
+                line = (f"{table}@{tv.version}  {counts}  labels={len(tv.label_names)}  source={src['uri']} "
+                        f"sha256={src['sha256'][:12]}")
+            except (LakeError, KeyError, TypeError, AttributeError) as e:
+                bad.append(f"{table}@{version}")
+                line = f"UNREADABLE {table}@{version}: {e if isinstance(e, LakeError) else f'malformed record ({e!r})'}"
+            print(line)
+    if bad:
+        raise LakeError(f"{len(bad)} version(s) could not be read: {', '.join(bad)} (run `lepton-jax lake verify`)")
     return 0
 
 
@@ -263,9 +276,13 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def gc_command(args: argparse.Namespace) -> int:
+    from lepton_jax.errors import LakeError
     from lepton_jax.lake import Lake
 
-    report = Lake(args.lake).gc(args.grace_seconds, table=args.table, dry_run=args.dry_run)
+    try:
+        report = Lake(args.lake).gc(args.grace_seconds, table=args.table, dry_run=args.dry_run, force=args.force)
+    except OSError as e:
+        raise LakeError(f"gc of lake {args.lake} failed: {e}") from e
     verb = "would remove" if args.dry_run else "removed"
     for path in report.removed:
         print(f"{verb} {path}")

@@ -31,7 +31,7 @@ from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
 from lepton_jax.lake.sources import Source, source_tasks
-from lepton_jax.lake.store import DATA_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
+from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
 MODES = ("overwrite", "append")
@@ -93,19 +93,22 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
                      label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
             for k, task in enumerate(tasks)]
     try:
-        commit_dir = lake.root / table / DATA_DIR / commit_id
-        commit_dir.mkdir(parents=True)
-        # the index lives in the commit's own directory: removed when the ingest ends, and a SIGKILLed ingest's
-        # index is collected with the rest of its data by gc (a temp dir elsewhere would be left behind)
-        with HashIndex(commit_dir) as index:
-            if appending:
-                _index_table(index, base)
-            state = _Driver(lake, table, commit_id, index, base if appending else None)
-            for result in _run(jobs, workers, progress, source.uri):
-                state.add(result)
-            plan = state.finish()
-        result = _commit(lake, table, source, plan, base, appending, split_params, labeller_spec, retries,
-                         allow_schema_change)
+        # the lease keeps gc off this commit's data until it is published (or given up)
+        with lake.lease(table, commit_id) as renew_lease:
+            commit_dir = lake.root / table / DATA_DIR / commit_id
+            commit_dir.mkdir(parents=True)
+            # the index lives in the commit's own directory: removed when the ingest ends, and a SIGKILLed ingest's
+            # index is collected with the rest of its data by gc (a temp dir elsewhere would be left behind)
+            with HashIndex(commit_dir) as index:
+                if appending:
+                    _index_table(index, base)
+                state = _Driver(lake, table, commit_id, index, base if appending else None)
+                for result in _run(jobs, workers, progress, source.uri):
+                    state.add(result)
+                    renew_lease()
+                plan = state.finish()
+            result = _commit(lake, table, source, plan, base, appending, split_params, labeller_spec, retries,
+                             allow_schema_change)
     except BaseException:
         _discard(lake, table, commit_id)
         raise
@@ -117,9 +120,11 @@ def _discard(lake: Lake, table: str, commit_id: str) -> None:
     """Removes a failed ingest's data, and the table's directories if that leaves them empty (a failed first
     ingest writes nothing)."""
     shutil.rmtree(lake.root / table / DATA_DIR / commit_id, ignore_errors=True)
-    for d in (lake.root / table / DATA_DIR, lake.root / table):
+    for d in (lake.root / table / DATA_DIR, lake.root / table / LEASE_DIR, lake.root / table):
         try:
             d.rmdir()
+        except FileNotFoundError:
+            continue
         except OSError:
             break
 
@@ -140,7 +145,10 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
                 and old.get("labeller", "source labels") == labeller_spec)
         if same:
             rebased_onto.append(latest)
-        return latest if same else None
+            return latest
+        if latest is not base and not allow_schema_change:  # a racing writer won: re-check against its version
+            _check_schema_unchanged(latest, plan["schema"])
+        return None
 
     if base is not None and same_ingest(base):
         _discard(lake, table, commit_id)

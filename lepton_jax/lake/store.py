@@ -20,15 +20,17 @@ previous version as the latest, and its unreferenced data is removed by :meth:`L
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
-import tempfile
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ from lepton_jax.lake.fragments import (
     split_fragments,
     write_fragment,
 )
+from lepton_jax.lake.publish import make_dirs, write_file
+from lepton_jax.lake.storage import open_storage
 
 FORMAT = "lepton-lake/2"
 FORMATS = ("lepton-lake/1", FORMAT)  # version 1: one array per split and array, no fragments (still read)
@@ -60,6 +64,9 @@ LOG_DIR = "_log"
 DATA_DIR = "data"
 QUARANTINE = "_quarantine"
 TEMP_PREFIX = ".commit-"
+USED_DIR = "_used"  # _log/_used/<version>: an empty marker per version number ever published (never reused)
+LEASE_DIR = "_leases"  # _leases/<commit-id>.json: a writer's lease on its commit directory, held until it published
+MIN_GRACE_SECONDS = 60.0  # gc's smallest grace period without force=True
 
 __all__ = ["FORMAT", "GcReport", "Lake", "Problem", "SplitReader", "TableVersion", "check_name"]
 
@@ -318,19 +325,18 @@ class Lake:
     """A directory of versioned tables. ``target_shard_bytes`` sizes the shard files of new commits."""
 
     def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES):
-        self.root = Path(root)
+        self.storage = open_storage(root)  # records, markers: through the storage interface
+        self.root = self.storage.root
         self.target_shard_bytes = int(target_shard_bytes)
 
     def tables(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if (p / LOG_DIR).is_dir() and _NAME.match(p.name))
+        """Tables with anything in their log (a table whose records were all removed is still named, by its
+        ``_used`` markers, so ``verify`` can report it)."""
+        return [n for n in self.storage.list("") if _NAME.match(n) and self.storage.list(f"{n}/{LOG_DIR}/")]
 
     def versions(self, table: str) -> list[int]:
-        log = self.root / check_name("table", table) / LOG_DIR
-        if not log.is_dir():
-            return []
-        return sorted(int(p.stem) for p in log.glob("*.json") if p.stem.isdigit())
+        names = self.storage.list(f"{check_name('table', table)}/{LOG_DIR}/")
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def table(self, table: str, version: int | None = None) -> TableVersion:
         """The committed version ``version`` of ``table`` (default: the latest)."""
@@ -345,9 +351,8 @@ class Lake:
             raise LakeError(f"table {table!r} has no version {version}; versions: {versions}")
         path = self._record_path(table, version)
         try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+            record = json.loads(self.storage.read(self._record_key(table, version)))
+        except (OSError, ValueError) as e:
             raise LakeError(f"commit record {path} is unreadable ({e}); the lake is corrupt") from e
         if not isinstance(record, dict) or record.get("format") not in FORMATS or record.get("version") != version:
             raise LakeError(f"commit record {path} is not a lepton-lake record (formats {', '.join(FORMATS)}) for "
@@ -356,6 +361,13 @@ class Lake:
 
     def _record_path(self, table: str, version: int) -> Path:
         return self.root / table / LOG_DIR / f"{version:08d}.json"
+
+    @staticmethod
+    def _record_key(table: str, version: int) -> str:
+        return f"{table}/{LOG_DIR}/{version:08d}.json"
+
+    def _used_versions(self, table: str) -> list[int]:
+        return sorted(int(n) for n in self.storage.list(f"{table}/{LOG_DIR}/{USED_DIR}/") if n.isdigit())
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
@@ -440,6 +452,7 @@ class Lake:
             if commit_dir.exists():  # a long-running commit refreshes its age so gc's grace period counts from now
                 os.utime(commit_dir)
             try:
+                self._check_written(table, commit_id, split_entries, quarantine or {})
                 self._publish(table, version, record)
                 return TableVersion(self, table, record)
             except CommitConflictError:
@@ -449,11 +462,46 @@ class Lake:
                     raise
                 retries -= 1
                 latest = self.table(table)
-                existing = rebase(latest) if rebase is not None else None
+                try:  # every check the caller ran against the old head runs again against the new one
+                    existing = rebase(latest) if rebase is not None else None
+                except BaseException:
+                    if not keep_on_conflict:
+                        shutil.rmtree(commit_dir, ignore_errors=True)
+                    raise
                 if existing is not None:
                     shutil.rmtree(commit_dir, ignore_errors=True)
                     return existing
                 parent = latest.version
+            except LakeError:
+                if not keep_on_conflict:
+                    shutil.rmtree(commit_dir, ignore_errors=True)
+                raise
+
+    def _check_written(self, table: str, commit_id: str, splits: dict[str, dict[str, Any]],
+                       quarantine: dict[str, Any]) -> None:
+        """Right before publishing: every file this commit wrote still exists with its recorded size (a record
+        never names data that is not there, whatever happened to the directory meanwhile)."""
+        prefix = f"{DATA_DIR}/{commit_id}/"
+        groups = [split_fragments(e) for e in splits.values()]
+        if quarantine.get("fragments"):
+            groups.append(quarantine["fragments"])
+        files: list[tuple[str, int]] = []
+        for frag in (f for g in groups for f in g if f["path"].startswith(prefix)):
+            for meta in frag["arrays"].values():
+                files += [(f"{meta['path']}/{rel}", int(info["bytes"])) for rel, info in meta.get("files", {}).items()]
+            if frag.get("row_hashes"):
+                files.append((frag["row_hashes"]["path"], int(frag["row_hashes"]["bytes"])))
+        if quarantine.get("entries", {}).get("path", "").startswith(prefix):
+            files.append((quarantine["entries"]["path"], int(quarantine["entries"]["bytes"])))
+        base = self.root / table
+        for rel, size in files:
+            try:
+                ok = (base / rel).stat().st_size == size
+            except FileNotFoundError:
+                ok = False
+            if not ok:
+                raise LakeError(f"commit {commit_id} of table {table!r}: {rel} is missing or changed before it was "
+                                "published (removed by `lake gc --force`?); nothing was published")
 
     def commit(self, table: str, splits: dict[str, dict[str, np.ndarray]], *, schema: dict[str, Any],
                lineage: dict[str, Any], stats: dict[str, Any] | None = None, parent: int | None = None,
@@ -468,43 +516,95 @@ class Lake:
         commit_id = self.new_commit_id()
         commit_dir = self.root / table / DATA_DIR / commit_id
         label_array = schema.get("label_array", LABEL)
-        try:
-            fragments = {}
-            for k, (split, named) in enumerate(splits.items()):
-                rel = f"{DATA_DIR}/{commit_id}/{check_name('split', split)}/00000"
-                fragments[split] = [self.write_fragment(table, rel, named, label_array=label_array, crash=k == 0)]
-            q = quarantine or {}
-            q_entry = self.write_quarantine_entries(table, commit_id, list(q.get("entries", [])))
-            named = q.get("arrays") or {}
-            if named and next(iter(named.values())).shape[0]:
-                q_entry["fragments"] = [self.write_fragment(table, f"{DATA_DIR}/{commit_id}/{QUARANTINE}/00000",
-                                                            named, label_array=label_array)]
-                q_entry["num_rows"] = int(next(iter(named.values())).shape[0])
-        except BaseException:
-            shutil.rmtree(commit_dir, ignore_errors=True)
-            raise
-        return self.publish(table, commit_id, splits=fragments, schema=schema, lineage=lineage, stats=stats,
-                            quarantine=q_entry, parent=parent, retries=retries, rebase=rebase)
+        with self.lease(table, commit_id):
+            try:
+                fragments = {}
+                for k, (split, named) in enumerate(splits.items()):
+                    rel = f"{DATA_DIR}/{commit_id}/{check_name('split', split)}/00000"
+                    fragments[split] = [self.write_fragment(table, rel, named, label_array=label_array, crash=k == 0)]
+                q = quarantine or {}
+                q_entry = self.write_quarantine_entries(table, commit_id, list(q.get("entries", [])))
+                named = q.get("arrays") or {}
+                if named and next(iter(named.values())).shape[0]:
+                    q_entry["fragments"] = [self.write_fragment(table, f"{DATA_DIR}/{commit_id}/{QUARANTINE}/00000",
+                                                                named, label_array=label_array)]
+                    q_entry["num_rows"] = int(next(iter(named.values())).shape[0])
+            except BaseException:
+                shutil.rmtree(commit_dir, ignore_errors=True)
+                raise
+            return self.publish(table, commit_id, splits=fragments, schema=schema, lineage=lineage, stats=stats,
+                                quarantine=q_entry, parent=parent, retries=retries, rebase=rebase)
 
     def _publish(self, table: str, version: int, record: dict[str, Any]) -> None:
-        log = self.root / table / LOG_DIR
-        log.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=log)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            crash_point("record")
+        """Publishes ``record`` as ``version``: an exclusive create of ``_log/<version>.json``, then the marker
+        ``_log/_used/<version>`` (version numbers are never reused: a marker without its record means the record
+        was removed, and this refuses to publish that number again)."""
+        if version in self._used_versions(table) and version not in self.versions(table):
+            raise LakeError(f"table {table!r} version {version} was published before and its record "
+                            f"{self._record_path(table, version)} is gone; the log is damaged, nothing was "
+                            "published (run `lepton-jax lake verify`)")
+        payload = json.dumps(record, indent=1, sort_keys=True).encode()
+        if not self.storage.create(self._record_key(table, version), payload,
+                                   temp_prefix=f"{TEMP_PREFIX}{record['commit_id']}-"):
+            raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
+                                      "re-read the latest version and commit on top of it")
+        self._mark_used(table, version)
+        make_dirs(self.root)
+        arrays.fsync_dir(self.root)  # the table directory's entry, on a table's first commit
+
+    def _mark_used(self, table: str, version: int) -> None:
+        self.storage.create(f"{table}/{LOG_DIR}/{USED_DIR}/{version:08d}", b"")
+
+    @contextlib.contextmanager
+    def lease(self, table: str, commit_id: str) -> Iterator[Callable[[], None]]:
+        """Holds a lease on ``data/<commit_id>`` while a writer writes and publishes it: :meth:`gc` never removes
+        data (or temp records) of a commit whose lease is live. Yields ``touch()``, which renews the lease (for
+        writers on other hosts, whose liveness gc can only judge by age). Take it before creating the directory."""
+        leases = self.root / check_name("table", table) / LEASE_DIR
+        make_dirs(leases)
+        path = leases / f"{commit_id}.json"
+        info = {"commit_id": commit_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "pid_start": _process_start(os.getpid()), "time": time.time()}
+        for attempt in range(20):  # another writer's removal of an empty _leases/ may race this create
             try:
-                os.link(tmp, self._record_path(table, version))
-            except FileExistsError as e:
-                raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
-                                          "re-read the latest version and commit on top of it") from e
-            crash_point("published")
-            arrays.fsync_dir(log)
+                write_file(path, json.dumps(info).encode())
+                break
+            except FileNotFoundError:
+                if attempt == 19:
+                    raise
+                make_dirs(leases)
+        try:
+            yield lambda: os.utime(path)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            for d in (leases, leases.parent):  # a table that got no data (a failed first commit) leaves nothing
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+    def _leases(self, table: str, grace_seconds: float) -> tuple[set[str], set[str]]:
+        """Commit ids whose writer still holds its lease (a process alive on this host, with the same pid and start
+        time, or, for another host, a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)``), and the
+        commit ids of leases found expired (their writers died)."""
+        live: set[str] = set()
+        dead: set[str] = set()
+        leases = self.root / table / LEASE_DIR
+        for path in sorted(leases.glob("*.json")) if leases.is_dir() else []:
+            try:
+                age = time.time() - path.stat().st_mtime
+                info = json.loads(path.read_bytes())
+            except FileNotFoundError:
+                continue  # released meanwhile: the writer published or gave up
+            except (OSError, ValueError):
+                info, age = None, 0.0  # half-written or unreadable: assume live
+            pid = info.get("pid") if isinstance(info, dict) else None
+            if isinstance(pid, int) and info.get("host") == socket.gethostname():
+                alive = _pid_alive(pid) and _process_start(pid) == info.get("pid_start")
+            else:
+                alive = age < max(grace_seconds, MIN_GRACE_SECONDS)
+            (live if alive else dead).add(path.stem)
+        return live, dead
 
     # -- compaction --------------------------------------------------------------------------------------------------
 
@@ -522,34 +622,35 @@ class Lake:
         commit_dir = self.root / table / DATA_DIR / commit_id
         label_array = old.schema.get("label_array", LABEL)
         splits: dict[str, list[dict[str, Any]]] = {}
-        try:
-            for k, split in enumerate(old.splits):
-                frags = old.fragments(split)
-                if len(frags) <= 1:
-                    splits[split] = frags
-                    continue
-                reader = old.reader(split, cache_bytes=8 * 2**20)
-                row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
-                                for m in frags[0]["arrays"].values())
-                per_frag = max(1, int(target_fragment_bytes) // max(row_bytes, 1))
-                splits[split] = []
-                for j, start in enumerate(range(0, len(reader), per_frag)):
-                    stop = min(start + per_frag, len(reader))
-                    rel = f"{DATA_DIR}/{commit_id}/{split}/{j:05d}"
-                    splits[split].append(self._copy_fragment(table, rel, reader, start, stop, label_array,
-                                                             crash=k == 0 and j == 0))
-            body = {key: old.record[key] for key in ("schema", "stats", "quarantine")}
-            lineage = {**old.record["lineage"], "compacted_from": old.version}
-            for split, frags in splits.items():
-                new = content_sha256(self.root / table, frags, label_array)
-                if new != old.record["splits"][split].get("content_sha256", new):
-                    raise LakeError(f"internal error: compacting {table!r} split {split!r} changed its content "
-                                    "digest; nothing was published")
-        except BaseException:
-            shutil.rmtree(commit_dir, ignore_errors=True)
-            raise
-        version = self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version,
-                               retries=retries, **body)
+        with self.lease(table, commit_id):
+            try:
+                for k, split in enumerate(old.splits):
+                    frags = old.fragments(split)
+                    if len(frags) <= 1:
+                        splits[split] = frags
+                        continue
+                    reader = old.reader(split, cache_bytes=8 * 2**20)
+                    row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
+                                    for m in frags[0]["arrays"].values())
+                    per_frag = max(1, int(target_fragment_bytes) // max(row_bytes, 1))
+                    splits[split] = []
+                    for j, start in enumerate(range(0, len(reader), per_frag)):
+                        stop = min(start + per_frag, len(reader))
+                        rel = f"{DATA_DIR}/{commit_id}/{split}/{j:05d}"
+                        splits[split].append(self._copy_fragment(table, rel, reader, start, stop, label_array,
+                                                                 crash=k == 0 and j == 0))
+                body = {key: old.record[key] for key in ("schema", "stats", "quarantine")}
+                lineage = {**old.record["lineage"], "compacted_from": old.version}
+                for split, frags in splits.items():
+                    new = content_sha256(self.root / table, frags, label_array)
+                    if new != old.record["splits"][split].get("content_sha256", new):
+                        raise LakeError(f"internal error: compacting {table!r} split {split!r} changed its content "
+                                        "digest; nothing was published")
+            except BaseException:
+                shutil.rmtree(commit_dir, ignore_errors=True)
+                raise
+            version = self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version,
+                                   retries=retries, rebase=_recompact, **body)
         crash_point("committed")
         return version
 
@@ -602,12 +703,15 @@ class Lake:
         if table and not self.versions(table):
             self.table(table)  # raises the 'no such table' error
         for name in tables:
+            broken = self.check_log(name)
+            problems += broken if version is None else [p for p in broken if p.version == int(version)]
             checked: dict[str, list[str]] = {}  # fragment path -> problems found in it
             for v in ([int(version)] if version is not None else self.versions(name)):
                 try:
                     tv = self.table(name, v)
                 except LakeError as e:
-                    problems.append(Problem(name, v, str(self._record_path(name, v)), str(e)))
+                    if not any(p.version == v for p in broken):  # (check_log named it already)
+                        problems.append(Problem(name, v, str(self._record_path(name, v)), str(e)))
                     continue
                 problems += self._verify_version(tv, content, checked)
         return problems
@@ -699,48 +803,140 @@ class Lake:
                 bad("", str(e))
         return problems
 
-    def gc(self, grace_seconds: float = 3600.0, *, table: str | None = None, dry_run: bool = False) -> GcReport:
+    def check_log(self, table: str) -> list[Problem]:
+        """Checks ``table``'s history itself: versions contiguous from 1, every record readable and naming the
+        previous version as its parent, and every version number ever published (``_log/_used``) still present."""
+        problems: list[Problem] = []
+        versions = self.versions(table)
+        used = self._used_versions(table)
+        top = max([*versions, *used], default=0)
+        missing = sorted(set(range(1, top + 1)) - set(versions))
+        for v in missing:
+            what = "the latest version" if v == top else f"between versions {v - 1 or '-'} and {v + 1}"
+            problems.append(Problem(table, v, str(self._record_path(table, v)),
+                                    f"gap in the log: the record of version {v} ({what}) is missing"))
+        for v in versions:
+            try:
+                record = self.table(table, v).record
+            except LakeError as e:
+                problems.append(Problem(table, v, str(self._record_path(table, v)), f"unreadable record: {e}"))
+                continue
+            parent = record.get("parent") or 0
+            if parent != v - 1:
+                problems.append(Problem(table, v, str(self._record_path(table, v)),
+                                        f"broken chain: parent is {parent or 'none'}, not version {v - 1 or 'none'}"))
+        return problems
+
+    def gc(self, grace_seconds: float = 3600.0, *, table: str | None = None, dry_run: bool = False,
+           force: bool = False) -> GcReport:
         """Removes commit data no version record references (left by crashed or conflicting writers) and stale
-        temp records, but only what is older than ``grace_seconds`` (so in-flight commits are never touched).
-        Every published version stays readable: a commit directory is live while any version lists one of its
-        fragments (appends share fragments of earlier commits)."""
+        temp records, but never data of a commit whose writer holds a live lease (:meth:`lease`), and only what is
+        older than ``grace_seconds`` (at least :data:`MIN_GRACE_SECONDS` unless ``force``). Every published version
+        stays readable: a commit directory is live while any version lists one of its fragments. A table whose log
+        has a gap or an unreadable record is not collected (its liveness cannot be known): that is an error."""
+        grace = float(grace_seconds)
+        if not math.isfinite(grace) or grace < 0:
+            raise LakeError(f"gc grace period must be a finite number of seconds >= 0, got {grace_seconds}")
+        if grace < MIN_GRACE_SECONDS and not force:
+            raise LakeError(f"gc grace period {grace:g} s is below the minimum {MIN_GRACE_SECONDS:g} s; pass "
+                            "force=True (--force) to use it (live writers' leases are still honoured)")
         report = GcReport([], 0, [])
+        failed: list[str] = []
         now = time.time()
         for name in ([check_name("table", table)] if table else self.tables()):
             base = self.root / name
             candidates = sorted((base / DATA_DIR).iterdir()) if (base / DATA_DIR).is_dir() else []
             candidates += sorted((base / LOG_DIR).glob(TEMP_PREFIX + "*"))
+            # order matters: leases are read after listing (a listed directory's writer took its lease before
+            # creating it) and records after leases (a writer publishes its record before releasing its lease)
+            leased, expired = self._leases(name, grace)
+            broken = self.check_log(name)
+            if broken:
+                raise LakeError(f"not collecting table {name!r}: {broken[0]}; run `lepton-jax lake verify`")
             live: set[str] = set()
-            for v in self.versions(name):  # read after listing: a commit published meanwhile is seen as live
+            for v in self.versions(name):
                 record = self.table(name, v).record
                 live |= commit_dirs(record) | {record["commit_id"]}
             for path in candidates:
-                if path.parent.name == DATA_DIR and path.name in live:
+                cid = path.name if path.parent.name == DATA_DIR else path.name[len(TEMP_PREFIX):].rsplit("-", 1)[0]
+                if path.parent.name == DATA_DIR and cid in live:
                     continue
                 rel = path.relative_to(self.root).as_posix()
-                if now - _newest_mtime(path) < grace_seconds:
-                    report.kept_young.append(rel)
+                try:
+                    young = cid in leased or now - _newest_mtime(path) < grace
+                    if young:
+                        report.kept_young.append(rel)
+                        continue
+                    size = _tree_bytes(path)
+                    if not dry_run:
+                        _remove(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile by its writer (a failed commit cleans up after itself)
+                except OSError as e:
+                    failed.append(f"{rel}: {e.strerror or e}")
                     continue
-                size = _tree_bytes(path)
-                if not dry_run:
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
                 report.removed.append(rel)
                 report.bytes_freed += size
+            if not dry_run:  # expired leases (dead writers) whose data is gone
+                for cid in sorted(expired):
+                    if not (base / DATA_DIR / cid).exists():
+                        (base / LEASE_DIR / f"{cid}.json").unlink(missing_ok=True)
+        if failed:
+            raise LakeError(f"gc could not remove {len(failed)} path(s), e.g. {failed[0]} "
+                            f"(removed {len(report.removed)})")
         return report
+
+
+def _recompact(latest: TableVersion) -> TableVersion | None:
+    """A compaction that lost the race holds the old head's rows only: publishing it on top would drop the winner's."""
+    raise CommitConflictError(f"table {latest.table!r} got version {latest.version} while it was being compacted; "
+                              "nothing was published (run `lake compact` again)")
+
+
+def _remove(path: Path) -> None:
+    """Removes a file or a tree; files vanishing meanwhile are fine, other errors raise ``OSError``."""
+    if path.is_dir() and not path.is_symlink():
+        def onerror(func, p, exc_info):
+            if not isinstance(exc_info[1], FileNotFoundError):
+                raise exc_info[1]
+        shutil.rmtree(path, onerror=onerror)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _newest_mtime(path: Path) -> float:
     newest = path.lstat().st_mtime
     if path.is_dir():
         for p in path.rglob("*"):
-            newest = max(newest, p.lstat().st_mtime)
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, p.lstat().st_mtime)
     return newest
 
 
 def _tree_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size if p.is_file() else 0
+    return total
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def _process_start(pid: Any) -> int | None:
+    """The start time of process ``pid`` in clock ticks since boot (tells a reused pid apart), None if unknown."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,7 +81,9 @@ class Registry:
     """Named, versioned models under ``<lake>/_models``."""
 
     def __init__(self, lake_root: str | Path):
-        self.lake_root = Path(lake_root)
+        from lepton_jax.lake.uri import local_root
+
+        self.lake_root = local_root(lake_root)
         self.root = self.lake_root / MODELS_DIR
 
     def names(self) -> list[str]:
@@ -213,23 +213,8 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
 
 
 def _publish(path: Path, record: dict[str, Any]) -> bool:
-    """Exclusive create of ``path`` with ``record``: False if another writer published it first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".publish-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Exclusive create of ``path`` with ``record``: False if another writer published it first (the lake's
+    publishing, :func:`lepton_jax.lake.publish.publish_new`)."""
+    from lepton_jax.lake.publish import publish_new
+
+    return publish_new(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())

@@ -1,0 +1,312 @@
+"""The commit protocol's edges: gc next to live writers, rebase checks, log continuity, record publishing, roots."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lepton_jax.cli import main
+from lepton_jax.errors import LakeError
+from lepton_jax.lake import Lake, NpzSource, ingest
+from lepton_jax.lake.faults import ENV
+from lepton_jax.lake.publish import publish_new
+from lepton_jax.lake.storage import open_storage
+
+WRITER = """
+import sys
+from lepton_jax.lake import Lake, NpzSource, ingest
+lake = Lake(sys.argv[1], target_shard_bytes=1024)
+for path in sys.argv[2:]:
+    ingest(lake, "t", NpzSource(path, value_range=(0, 255), split_key="split"), mode="append", retries=3)
+"""
+
+
+def _npz(path, seed, n=64, shape=(8, 8, 1)):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    np.savez(path, x=x, y=np.arange(n) % 3, split=np.where(np.arange(n) % 4 == 0, "test", "train"))
+    return path
+
+
+def _source(path):
+    return NpzSource(path, value_range=(0, 255), split_key="split")
+
+
+def _lake_with_versions(root, tmp_path, n):
+    lake = Lake(root, target_shard_bytes=1024)
+    for k in range(n):
+        ingest(lake, "t", _source(_npz(tmp_path / f"s{k}.npz", k)), mode="append")
+    return Lake(root)
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# -- gc next to a live writer ----------------------------------------------------------------------------------------
+
+def test_gc_looping_next_to_a_writer_never_removes_data_a_version_publishes(tmp_path, capsys):
+    root = tmp_path / "lake"
+    sources = [_npz(tmp_path / f"a{k}.npz", k) for k in range(11)]
+    ingest(Lake(root, target_shard_bytes=1024), "t", _source(sources[0]))
+    # a writer SIGKILLed after writing its data: a dead lease and an orphan that gc must still collect
+    subprocess.run([sys.executable, "-c", WRITER, str(root), str(sources[1])], env={**os.environ, ENV: "data"},
+                   capture_output=True)
+    orphans = {p.name for p in (root / "t" / "data").iterdir()} - {Lake(root).table("t").record["commit_id"]}
+    assert len(orphans) == 1 and list((root / "t" / "_leases").glob("*.json"))
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), *map(str, sources[1:])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rounds = 0
+    while writer.poll() is None or rounds < 2:  # gc as aggressive as allowed, and with --force
+        grace = ["--grace-seconds", "60"] if rounds % 2 else ["--grace-seconds", "0", "--force"]
+        assert main(["lake", "gc", "--lake", str(root), *grace]) == 0, capsys.readouterr().err
+        rounds += 1
+    assert writer.wait() == 0, writer.stderr.read().decode()
+    lake = Lake(root)
+    assert lake.versions("t") == list(range(1, 12))  # 10 appends published, one after the other
+    assert lake.verify() == []  # every file of every version is there and matches its digests
+    assert not orphans & {p.name for p in (root / "t" / "data").iterdir()}  # the dead writer's data was collected
+    assert not (root / "t" / "_leases").exists()
+    assert rounds >= 10, rounds
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grace-seconds", "0"], "below the minimum 60 s"),
+    (["--grace-seconds", "59"], "below the minimum 60 s"),
+    (["--grace-seconds", "-1"], "finite number of seconds >= 0"),
+    (["--grace-seconds", "nan"], "finite number of seconds >= 0"),
+    (["--grace-seconds", "nan", "--force"], "finite number of seconds >= 0"),
+    (["--grace-seconds", "-5", "--force"], "finite number of seconds >= 0"),
+])
+def test_gc_refuses_a_grace_period_it_cannot_honour(tmp_path, capsys, argv, message):
+    root = _lake_with_versions(tmp_path / "lake", tmp_path, 1).root
+    assert main(["lake", "gc", "--lake", str(root), *argv]) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_gc_keeps_data_of_a_live_lease_and_the_writer_rechecks_its_files(tmp_path):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    with lake.lease("t", "20000101T000000-0123456789ab"):
+        orphan = lake.root / "t" / "data" / "20000101T000000-0123456789ab"
+        orphan.mkdir()
+        os.utime(orphan, (1, 1))
+        assert lake.gc(0, force=True).removed == [] and orphan.exists()
+    assert lake.gc(0, force=True).removed == ["t/data/20000101T000000-0123456789ab"]
+    # a commit whose data vanished before its record was linked publishes nothing (one clear error)
+    src = _source(_npz(tmp_path / "b.npz", 9))
+
+    class Vanishing(Lake):  # the image shards of the new fragment disappear between writing and publishing
+        def publish(self, table, commit_id, **kwargs):
+            for shard in (self.root / table / "data" / commit_id / "train").glob("*/image/c/*"):
+                shutil.rmtree(shard)
+            return super().publish(table, commit_id, **kwargs)
+
+    with pytest.raises(LakeError, match="missing or changed before it was published"):
+        ingest(Vanishing(lake.root, target_shard_bytes=1024), "t", src, mode="append")
+    assert Lake(lake.root).versions("t") == [1] and Lake(lake.root).verify() == []
+
+
+# -- rebase re-runs the checks ---------------------------------------------------------------------------------------
+
+def test_a_first_ingest_that_loses_the_race_is_checked_against_the_winners_schema(tmp_path):
+    root = tmp_path / "lake"
+    small, large = _npz(tmp_path / "s.npz", 0), _npz(tmp_path / "l.npz", 1, shape=(6, 6))
+
+    class Racing(Lake):  # the other writer commits exactly between this one's checks and its publish
+        raced = False
+
+        def publish(self, *args, **kwargs):
+            if not Racing.raced:
+                Racing.raced = True
+                ingest(Lake(self.root), "t", _source(large))
+            return super().publish(*args, **kwargs)
+
+    with pytest.raises(LakeError, match="has arrays .* this source gives"):
+        ingest(Racing(root), "t", _source(small), retries=3)
+    lake = Lake(root)
+    assert lake.versions("t") == [1] and lake.table("t").schema["arrays"]["image"]["example_shape"] == [6, 6]
+    assert {p.name for p in (root / "t" / "data").iterdir()} == {lake.table("t").record["commit_id"]}
+
+
+def test_concurrent_first_ingests_of_different_schemas_commit_exactly_one(tmp_path):
+    root = tmp_path / "lake"
+    cmd = [sys.executable, "-m", "lepton_jax", "lake", "ingest", "--lake", str(root), "--table", "t", "--source"]
+    procs = [subprocess.Popen([*cmd, f"npz:{_npz(tmp_path / f'{k}.npz', k, shape=shape)}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, shape in enumerate([(8, 8, 1), (6, 6)])]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    err = next(e for rc, e in results if rc == 2).strip().splitlines()
+    assert len(err) == 1 and "this source gives" in err[0] and "--allow-schema-change" in err[0], err
+    assert Lake(root).versions("t") == [1] and Lake(root).verify() == []
+
+
+# -- the log: continuity, chain, no reused version numbers -------------------------------------------------------------
+
+def test_verify_names_a_missing_middle_record_and_gc_refuses_to_collect(tmp_path, capsys):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 3)
+    (lake.root / "t" / "_log" / "00000002.json").unlink()
+    assert main(["lake", "verify", "--lake", str(lake.root), "--files-only"]) == 2
+    out = capsys.readouterr().out
+    assert "BAD t@2" in out and "gap in the log: the record of version 2 (between versions 1 and 3)" in out
+    assert main(["lake", "gc", "--lake", str(lake.root)]) == 2
+    assert "not collecting table 't'" in _one_error_line(capsys)
+
+
+def test_a_removed_latest_record_is_named_and_its_version_number_never_reused(tmp_path, capsys):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 3)
+    (lake.root / "t" / "_log" / "00000003.json").unlink()
+    assert main(["lake", "verify", "--lake", str(lake.root), "--files-only"]) == 2
+    assert "record of version 3 (the latest version) is missing" in capsys.readouterr().out
+    assert main(["lake", "ingest", "--lake", str(lake.root), "--table", "t", "--mode", "append",
+                 "--source", f"npz:{_npz(tmp_path / 'new.npz', 7)}"]) == 2
+    assert "version 3 was published before" in _one_error_line(capsys)
+    assert Lake(lake.root).versions("t") == [1, 2]
+
+
+def test_verify_names_a_broken_parent_chain(tmp_path):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 2)
+    path = lake.root / "t" / "_log" / "00000002.json"
+    record = json.loads(path.read_text())
+    path.chmod(0o644)
+    path.write_text(json.dumps({**record, "parent": None}))
+    problems = [str(p) for p in lake.verify(content=False)]
+    assert problems == [f"t@2: {path}: broken chain: parent is none, not version 1"]
+
+
+# -- publishing records ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_records_are_readable_like_data_and_respect_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        lake = _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    finally:
+        os.umask(old)
+    record = lake.root / "t" / "_log" / "00000001.json"
+    data = next(p for p in (lake.root / "t" / "data").rglob("*") if p.is_file())
+    assert record.stat().st_mode & 0o777 == mode == data.stat().st_mode & 0o777
+
+
+def test_without_hard_links_publishing_falls_back_to_an_exclusive_create(tmp_path, monkeypatch):
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert publish_new(tmp_path / "r.json", b"first") is True
+    assert publish_new(tmp_path / "r.json", b"second") is False  # still exclusive: never overwritten
+    assert (tmp_path / "r.json").read_bytes() == b"first" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 2)  # a whole lake works without hard links
+    assert lake.versions("t") == [1, 2] and lake.verify() == []
+
+
+def test_a_tables_first_commit_fsyncs_its_log_and_the_directories_above(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    root = tmp_path / "lake"
+    _lake_with_versions(root, tmp_path, 1)
+    for d in (root, root / "t", root / "t" / "_log"):
+        assert str(d) in synced, d
+    # the log directory is synced after the record is linked (the temp file was synced before)
+    log = str(root / "t" / "_log")
+    assert max(i for i, p in enumerate(synced) if p == log) > min(i for i, p in enumerate(synced) if "/.commit-" in p)
+
+
+def test_lake_ls_lists_every_readable_version_and_names_the_unreadable(tmp_path, capsys):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 3)
+    path = lake.root / "t" / "_log" / "00000002.json"
+    path.chmod(0o644)
+    path.write_text("{not json")
+    assert main(["lake", "ls", "--lake", str(lake.root)]) == 2
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith("t@1 ") and lines[2].startswith("t@3 ")
+    assert lines[1].startswith("UNREADABLE t@2: commit record") and len(lines) == 3
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and "t@2" in err[0]
+    path.write_text("[]")  # valid JSON, not a record; and the table named explicitly, its latest record bad
+    (lake.root / "t" / "_log" / "00000003.json").write_text("{}")
+    assert main(["lake", "ls", "--lake", str(lake.root), "--table", "t"]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("t@1 ") and [x[:16] for x in lines[1:]] == ["UNREADABLE t@2: ", "UNREADABLE t@3: "]
+
+
+# -- lake roots ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri", ["s3://bucket/lake", "gs://bucket/lake", "memory://lake", "ftp://host/lake", "s3:lake"])
+def test_unsupported_lake_uris_are_refused_and_nothing_is_created(tmp_path, monkeypatch, capsys, uri):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--table", "t", "--source", "sklearn:iris"]
+    for command in (["lake", "ingest", "--lake", uri, *argv], ["lake", "ls", "--lake", uri],
+                    ["registry", "ls", "--lake", uri]):
+        assert main(command) == 2
+        line = _one_error_line(capsys)
+        assert "is not supported" in line and "local directory" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_uri_is_a_local_lake(tmp_path):
+    _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    assert Lake(f"file://{tmp_path / 'lake'}").versions("t") == [1]
+    with pytest.raises(LakeError, match="absolute path"):
+        Lake("file://relative/lake")
+    assert Lake(f"./{tmp_path.name}:x").root.name == f"{tmp_path.name}:x"  # a ':' in a relative path is fine
+
+
+# -- the storage interface -------------------------------------------------------------------------------------------
+
+RACER = """
+import sys
+from lepton_jax.lake.storage import open_storage
+storage = open_storage(sys.argv[1])
+sys.stdin.readline()  # all racers start together
+print(storage.create("t/_log/00000001.json", sys.argv[2].encode()))
+"""
+
+
+def test_local_storage_create_if_absent_admits_exactly_one_of_many_racing_processes(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), f"writer {k}"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for k in range(6)]
+    time.sleep(0.5)
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(outs) == ["False"] * 5 + ["True"], outs
+    winner = outs.index("True")
+    storage = open_storage(tmp_path)
+    assert storage.read("t/_log/00000001.json") == f"writer {winner}".encode()
+    assert storage.list("t/_log/") == ["00000001.json"]  # no temp file left behind
+    assert storage.list("t/nothing/") == [] and storage.list("") == ["t"]
+    with pytest.raises(LakeError, match="invalid lake key"):
+        storage.read("t/../../etc/passwd")
+
+
+def test_a_compaction_that_loses_the_race_to_an_append_publishes_nothing(tmp_path):
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 2)  # two fragments per split: something to compact
+    extra = _source(_npz(tmp_path / "extra.npz", 5))
+
+    class Racing(Lake):
+        def publish(self, *args, **kwargs):
+            ingest(Lake(self.root, target_shard_bytes=1024), "t", extra, mode="append")
+            return super().publish(*args, **kwargs)
+
+    with pytest.raises(LakeError, match="while it was being compacted"):
+        Racing(lake.root).compact("t", retries=3)
+    after = Lake(lake.root)
+    assert after.versions("t") == [1, 2, 3] and after.table("t").record["lineage"]["mode"] == "append"
+    assert after.verify() == [] and len({p.name for p in (lake.root / "t" / "data").iterdir()}) == 3
