@@ -223,6 +223,9 @@ def show_command(args: argparse.Namespace) -> int:
     print(f"labels: {tv.label_names}")
     for name, meta in r["schema"]["arrays"].items():
         print(f"array {name}: {meta['dtype']} example shape {meta['example_shape']} range {meta['value_range']}")
+        for c, (lo, hi) in enumerate(meta.get("column_ranges", [])):  # tabular: scaled per column
+            label = meta["columns"][c] if "columns" in meta else f"column {c}"
+            print(f"  {label}: range [{lo:.6g}, {hi:.6g}]")
     print(f"lineage: {json.dumps(r['lineage'], sort_keys=True)}")
     for split, entry in r["splits"].items():
         st = r["stats"].get("splits", {}).get(split, {})

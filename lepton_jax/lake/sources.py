@@ -32,7 +32,9 @@ class SourceData:
 
     Optional: ``ids`` names each example (file, rows) for error messages and the quarantine; ``rejected`` lists
     examples the source could not load (``{"id", "reason", "detail"}``); ``transforms`` the source's preprocessing
-    steps with their parameters; ``split`` a split name per example when the source assigns splits itself.
+    steps with their parameters; ``split`` a split name per example when the source assigns splits itself;
+    ``column_ranges`` a ``(C, 2)`` array of ``[lo, hi]`` per entry of an array's last axis (tabular features, scaled
+    per column; each column range inside the array's ``value_ranges`` entry) and ``column_names`` their names.
     """
 
     arrays: dict[str, np.ndarray]
@@ -44,6 +46,8 @@ class SourceData:
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     split: np.ndarray | None = None
+    column_ranges: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    column_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def load(self) -> SourceData:
         """Already loaded: a :class:`SourceData` is its own chunk task."""
@@ -85,7 +89,8 @@ _SKLEARN = ("digits", "iris", "wine", "breast_cancer")
 class SklearnSource:
     """One of scikit-learn's bundled datasets (``digits``, ``iris``, ``wine``, ``breast_cancer``); no download.
 
-    ``digits`` gives ``image`` (N, 8, 8, 1) uint8 in 0..16; the others give ``features`` (N, F) float32.
+    ``digits`` gives ``image`` (N, 8, 8, 1) uint8 in 0..16; the others give ``features`` (N, F) float32 with each
+    column's min/max as its range (``column_ranges``) and scikit-learn's feature names.
     """
 
     def __init__(self, dataset: str = "digits"):
@@ -108,8 +113,11 @@ class SklearnSource:
             return SourceData({"image": images.astype(np.uint8)[..., None]}, labels, names,
                               {"image": (0.0, 16.0)}, self.uri)
         features = bunch.data.astype(np.float32)
+        columns = np.stack([features.min(axis=0), features.max(axis=0)], axis=1).astype(np.float64)
         return SourceData({"features": features}, labels, names,
-                          {"features": (float(features.min()), float(features.max()))}, self.uri)
+                          {"features": (float(features.min()), float(features.max()))}, self.uri,
+                          column_ranges={"features": columns},
+                          column_names={"features": [str(n) for n in bunch.feature_names]})
 
 
 class DigitsSource(SklearnSource):
@@ -136,13 +144,17 @@ def concat(parts: list[SourceData]) -> SourceData:
                                                          [f"chunk {k} example {j}" for j in range(len(p.labels))])]
     ranges = {k: (min(p.value_ranges[k][0] for p in parts), max(p.value_ranges[k][1] for p in parts))
               for k in first.value_ranges}
+    columns = {k: np.stack([np.minimum.reduce([p.column_ranges[k][:, 0] for p in parts]),
+                            np.maximum.reduce([p.column_ranges[k][:, 1] for p in parts])], axis=1)
+               for k in first.column_ranges}
     kept = [p for p in parts if p.labels.shape[0]]
     if not kept:
         raise LakeError(f"source {first.uri} holds no readable examples")
     return SourceData({k: np.concatenate([p.arrays[k] for p in kept]) for k in kept[0].arrays},
                       np.concatenate([p.labels for p in kept]), names, ranges, first.uri, ids=ids,
                       rejected=[r for p in parts for r in p.rejected], transforms=first.transforms,
-                      split=None if first.split is None else np.concatenate([p.split for p in kept]))
+                      split=None if first.split is None else np.concatenate([p.split for p in kept]),
+                      column_ranges=columns, column_names=first.column_names)
 
 
 def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | None

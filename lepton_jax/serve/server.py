@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lepton_jax.data.transforms import input_array, input_spec
+from lepton_jax.data.transforms import input_array, input_bounds, input_spec, out_of_range, scale
 from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, QueueFullError, Replica
 from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.metrics import ServerMetrics
@@ -85,7 +85,7 @@ class ServedModel:
         self.name, self.version, self.schema = name, str(version), schema
         self.graphdef, self.params = graphdef, jax.device_get(params)
         self.reference, self.info = reference, dict(info or {})
-        spec = input_spec(schema)
+        spec = self.input_spec = input_spec(schema)
         self.example_shape = tuple(spec["example_shape"])
         self.value_range = tuple(float(v) for v in spec["value_range"])
         self.label_names = list(schema["label_names"])
@@ -120,11 +120,11 @@ class ServedModel:
 
         devices = list(devices or jax.devices())
         apply = make_predict(self.graphdef)
-        lo, hi = self.value_range
+        lo, hi = input_bounds(self.input_spec)  # per column for tabular tables (data.transforms, as in training)
 
         @jax.jit
         def probabilities(params, raw):
-            return jax.nn.softmax(apply(params, (raw - lo) / (hi - lo)).astype(np.float32), axis=-1)
+            return jax.nn.softmax(apply(params, scale(raw, lo, hi)).astype(np.float32), axis=-1)
 
         replicas = []
         for i in range(count):
@@ -143,6 +143,8 @@ class ServedModel:
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.label_names)]},
                             {"name": "class", "datatype": "INT64", "shape": [-1]}],
                 "parameters": {"label_names": self.label_names, "value_range": list(self.value_range),
+                               **({"column_ranges": self.input_spec["column_ranges"]}
+                                  if "column_ranges" in self.input_spec else {}),
                                "units": "raw values of the training lake table", **self.info}}
 
     def parse(self, body: Any, max_rows: int) -> np.ndarray:
@@ -192,10 +194,9 @@ class ServedModel:
                 and not np.all(values == np.round(values)):
             raise RequestError(400, "datatype", f"input {name!r}: datatype {datatype} but data holds fractions")
         rows = values.reshape(shape).astype(np.float32)
-        lo, hi = self.value_range
-        if rows.min() < lo or rows.max() > hi:
-            raise RequestError(400, "range", f"input {name!r}: values span [{rows.min()}, {rows.max()}] but the "
-                                             f"model was trained on [{lo}, {hi}] (raw units of the lake table)")
+        why = out_of_range(rows, self.input_spec)
+        if why is not None:
+            raise RequestError(400, "range", f"input {name!r}: {why} (raw units of the lake table)")
         return rows
 
     def response(self, probabilities: np.ndarray, request_id: Any) -> dict[str, Any]:
