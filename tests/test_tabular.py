@@ -56,6 +56,11 @@ def test_column_ranges_recorded_and_checked_at_ingest(table_lake):
     assert "column 0" in entry["detail"]
     transform = [t for t in result.version.record["lineage"]["transforms"] if t["name"] == "check_value_range"][0]
     assert transform["column_ranges"]["features"] == spec["column_ranges"]
+    train = result.version.reader("train").read_all()["features"].astype(np.float64)
+    stats = result.version.record["stats"]["splits"]["train"]["features"]["columns"]  # per-column statistics
+    np.testing.assert_allclose(stats["mean"], train.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(stats["std"], train.std(0), rtol=1e-6)
+    np.testing.assert_allclose(stats["max"], train.max(0))
 
 
 def test_training_inputs_scaled_per_column(table_lake):

@@ -236,7 +236,11 @@ def show_command(args: argparse.Namespace) -> int:
               f"class counts {st.get('class_counts')}")
         for name in r["schema"]["arrays"]:
             if name in st:
-                print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in st[name].items()))
+                print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in st[name].items() if k != "columns"))
+                if "columns" in st[name]:
+                    cols = st[name]["columns"]
+                    print(f"  {name} per column: mean " + " ".join(f"{v:.4g}" for v in cols["mean"])
+                          + " | std " + " ".join(f"{v:.4g}" for v in cols["std"]))
     quarantined = tv.quarantine()
     print(f"quarantine: {len(quarantined)} example(s) {(r.get('quarantine') or {}).get('reasons', {})}")
     for e in quarantined[:20]:
