@@ -19,5 +19,8 @@ from lepton_jax.config import sibling_config
 def get_config() -> ml_collections.ConfigDict:
     config = sibling_config(__file__, "iris_mlp")
     config.data.table = "breast_cancer"
-    config.num_epochs = 100  # chosen by dev accuracy among 60/100 epochs, dropout 0.1/0.3, (64, 64)/(32,) hidden
+    # chosen by best dev accuracy (seeds 0-2) among 60/100 epochs, dropout 0.1/0.3, hidden (64, 64)/(32,),
+    # weight decay 1e-4/1e-2
+    config.num_epochs = 100
+    config.optim.weight_decay = 1e-2
     return config
