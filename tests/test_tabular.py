@@ -153,6 +153,15 @@ def test_served_and_exported_models_use_the_same_per_column_transform(tabular_ru
         edge.predict(np.array([[5.0, 0.5, 10.0]], np.float32))
 
 
+def test_registry_keeps_a_per_column_drift_reference(tabular_run, tmp_path):
+    from lepton_jax.serve.registry import Registry
+
+    entry = Registry(tmp_path).register("tab", tabular_run[0])
+    assert entry.reference["feature"] == "column" and list(entry.reference["groups"]) == COLUMNS
+    assert entry.record["input"]["column_ranges"] == Lake(entry.record["data"]["lake"]).table("tab").schema[
+        "arrays"]["features"]["column_ranges"]
+
+
 def test_drift_reference_per_column():
     rng = np.random.default_rng(0)
     ranges = np.stack([np.zeros(3), SCALES], 1)
