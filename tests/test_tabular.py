@@ -175,3 +175,21 @@ def test_drift_reference_per_column():
     report = drift_report(ref, live, np.zeros(500, int))
     assert report["groups"]["tiny"] > 0.25
     assert report["groups"]["unit"] < 0.1 and report["groups"]["huge"] < 0.1
+
+
+def test_cli_ingests_npz_features_per_column(tmp_path, capsys):
+    from lepton_jax.cli import main
+
+    x = TableSource(n=50).x
+    np.savez(tmp_path / "tab.npz", x=x, y=(x[:, 0] > SCALES[0] / 2).astype(np.int64))
+    lake = tmp_path / "lake"
+    src = f"npz:{tmp_path / 'tab.npz'}"
+    assert main(["lake", "ingest", "--lake", str(lake), "--table", "plain", "--source", src]) == 0
+    assert "column_ranges" not in Lake(lake).table("plain").schema["arrays"]["image"]  # the default: one range
+    assert main(["lake", "ingest", "--lake", str(lake), "--table", "tab", "--source", src, "--per-column"]) == 0
+    ranges = Lake(lake).table("tab").schema["arrays"]["image"]["column_ranges"]
+    np.testing.assert_allclose(ranges, np.stack([x.min(0), x.max(0)], 1), rtol=1e-6)
+    capsys.readouterr()
+    assert main(["lake", "ingest", "--lake", str(lake), "--table", "d", "--source", "digits", "--per-column"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "per_column" in err[0]

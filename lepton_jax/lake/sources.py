@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -70,6 +71,9 @@ class SourceData:
             h.update(json.dumps([self.rejected, self.transforms], sort_keys=True).encode())
         if self.split is not None:
             h.update("\0".join(str(s) for s in self.split).encode())
+        if self.column_ranges:  # the same values scaled per column are another table
+            h.update(json.dumps({k: np.asarray(v, np.float64).tolist() for k, v in sorted(self.column_ranges.items())}
+                                ).encode())
         return h.hexdigest()
 
 
@@ -197,11 +201,12 @@ class NpzSource:
 
     def __init__(self, path: str | Path, feature_key: str = "x", label_key: str = "y",
                  label_names: list[str] | None = None, value_range: tuple[float, float] | None = None,
-                 split_key: str | None = None):
+                 split_key: str | None = None, per_column: bool = False):
         self.path = Path(path)
         self.uri = f"file://{self.path.resolve()}"
         self.feature_key, self.label_key, self.split_key = feature_key, label_key, split_key
         self.label_names, self.value_range = label_names, value_range
+        self.per_column = per_column  # 2-D (N, F) tabular features: one range per column (the data's min/max)
 
     def tasks(self) -> list[NpzShard]:
         if self.path.is_dir():
@@ -214,7 +219,7 @@ class NpzSource:
             raise LakeError(f"npz source {self.path} does not exist")
         sharded = self.path.is_dir()
         return [NpzShard(f, self.uri, self.feature_key, self.label_key, self.label_names, self.value_range,
-                         self.split_key, sharded) for f in files]
+                         self.split_key, sharded, self.per_column) for f in files]
 
     def load(self) -> SourceData:
         return concat([t.load() for t in self.tasks()])
@@ -232,6 +237,7 @@ class NpzShard:
     value_range: tuple[float, float] | None
     split_key: str | None
     sharded: bool
+    per_column: bool = False
 
     def load(self) -> SourceData:
         features, labels, split = _read_npz(self.path, self.feature_key, self.label_key, self.split_key)
@@ -239,8 +245,21 @@ class NpzShard:
         finite = features[np.isfinite(features)] if np.issubdtype(features.dtype, np.floating) else features
         value_range = self.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
         ids = [f"{self.path.name}[{i}]" for i in range(labels.shape[0])] if self.sharded else None
+        columns = {}
+        if self.per_column:
+            if features.ndim != 2:
+                raise LakeError(f"npz source {self.path}: per-column ranges need 2-D (examples, columns) features, "
+                                f"got shape {features.shape}")
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its range becomes (lo, lo)
+                f64 = features.astype(np.float64)
+                f64[~np.isfinite(f64)] = np.nan
+                col = np.stack([np.nanmin(f64, axis=0), np.nanmax(f64, axis=0)], axis=1) if features.shape[0] \
+                    else np.zeros((features.shape[1], 2))
+            col = np.nan_to_num(col, nan=float(value_range[0]))
+            columns = {"image": np.clip(col, float(value_range[0]), float(value_range[1]))}
         return SourceData({"image": features}, labels.astype(np.int64), names, {"image": value_range}, self.uri,
-                          ids=ids, split=split)
+                          ids=ids, split=split, column_ranges=columns)
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -512,12 +531,14 @@ def _to_float(cell: str) -> float:
 
 
 def make_source(spec: str, **options: Any) -> Source:
-    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards), ``images:DIR`` (options
+    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards; option ``per_column``),
+    ``images:DIR`` (options
     ``size``, ``mode``, ``bits``) or ``csv:PATH`` (options
     ``window``, ``stride``, ``label_column``, ``series_column``). Options that are ``None`` are ignored."""
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
-    allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode", "bits", "chunk_files"},
+    allowed = {"digits": set(), "sklearn": set(), "npz": {"per_column"},
+               "images": {"size", "mode", "bits", "chunk_files"},
                "csv": {"window", "stride", "label_column", "series_column", "chunk_windows"}}
     if kind not in allowed or (kind != "digits" and not arg) or (kind == "digits" and arg):
         raise LakeError(f"unknown source {spec!r}; use 'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' or "
@@ -530,7 +551,7 @@ def make_source(spec: str, **options: Any) -> Source:
     if kind == "sklearn":
         return SklearnSource(arg)
     if kind == "npz":
-        return NpzSource(arg)
+        return NpzSource(arg, **options)
     if kind == "images":
         return ImageFolderSource(arg, **options)
     if "window" not in options:
