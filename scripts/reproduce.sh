@@ -2,7 +2,7 @@
 # Regenerates every number, table and figure quoted in README.md and docs/, in order, into results/.
 # Each step prints the git revision and the lake data version it used. Takes about an hour on a 2-core CPU.
 #   bash scripts/reproduce.sh            # everything
-#   bash scripts/reproduce.sh default    # one step: default | seeds | train | lake | serve | robust | edge
+#   bash scripts/reproduce.sh default    # one step: default | seeds | train | lake | serve | robust | edge | tabular
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make .venv/.installed >/dev/null
@@ -45,6 +45,10 @@ fi
 if step edge && [ -f scripts/edge_study.py ]; then
   echo "== edge training study (docs/edge.md)"
   $PY scripts/edge_study.py --out results/edge
+fi
+if step tabular; then
+  echo "== tabular tables against a standardised logistic regression (README)"
+  $PY scripts/tabular_baselines.py --tables iris wine breast_cancer --out results/tabular_baselines.json
 fi
 if [ -z "$ONLY" ]; then
   echo "== every quoted number against its artifact (docs/numbers.toml)"

@@ -12,7 +12,8 @@ from tests.conftest import ROOT
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 # input shape and classes of each table the configs train on (the lake schema supplies them in a real run)
-TABLES = {"digits": ((8, 8, 1), 10), "iris": ((4,), 3), "activity": ((32, 3), 4)}
+TABLES = {"digits": ((8, 8, 1), 10), "iris": ((4,), 3), "activity": ((32, 3), 4), "wine": ((13,), 3),
+          "breast_cancer": ((30,), 2)}
 
 
 def _schema(table):

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="images: files per chunk (default 2048); csv: windows per chunk (default 65536)")
     ingest.add_argument("--label-names", default=None, metavar="NAME,...",
                         help="the label domain; examples with other labels are quarantined")
+    ingest.add_argument("--per-column", action="store_true",
+                        help="npz: 2-D tabular features get one range per column (scaled and checked per column)")
     ingest.add_argument("--window", type=int, default=None, help="csv: rows per example")
     ingest.add_argument("--stride", type=int, default=None, help="csv: rows between window starts (default: window)")
     ingest.add_argument("--label-column", default=None, help="csv: the label column (default: label)")
@@ -139,7 +141,7 @@ def ingest_command(args: argparse.Namespace) -> int:
         raise LakeError(f"--chunk applies to images: and csv: sources (npz sources chunk by shard file), not {kind}")
     source = make_source(args.source, size=_parse_size(args.resize), mode=image_mode, bits=args.bits,
                          window=args.window, stride=args.stride, label_column=args.label_column,
-                         series_column=args.series_column, **chunk)
+                         series_column=args.series_column, per_column=args.per_column or None, **chunk)
     if args.workers < 1:
         raise LakeError(f"--workers must be at least 1, got {args.workers}")
     label_names = [n for n in args.label_names.split(",") if n] if args.label_names else None
@@ -236,6 +238,9 @@ def show_command(args: argparse.Namespace) -> int:
     print(f"labels: {tv.label_names}")
     for name, meta in r["schema"]["arrays"].items():
         print(f"array {name}: {meta['dtype']} example shape {meta['example_shape']} range {meta['value_range']}")
+        for c, (lo, hi) in enumerate(meta.get("column_ranges", [])):  # tabular: scaled per column
+            label = meta["columns"][c] if "columns" in meta else f"column {c}"
+            print(f"  {label}: range [{lo:.6g}, {hi:.6g}]")
     print(f"lineage: {json.dumps(r['lineage'], sort_keys=True)}")
     for split, entry in r["splits"].items():
         st = r["stats"].get("splits", {}).get(split, {})
@@ -246,7 +251,11 @@ def show_command(args: argparse.Namespace) -> int:
               f"class counts {st.get('class_counts')}")
         for name in r["schema"]["arrays"]:
             if name in st:
-                print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in st[name].items()))
+                print(f"  {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in st[name].items() if k != "columns"))
+                if "columns" in st[name]:
+                    cols = st[name]["columns"]
+                    print(f"  {name} per column: mean " + " ".join(f"{v:.4g}" for v in cols["mean"])
+                          + " | std " + " ".join(f"{v:.4g}" for v in cols["std"]))
     quarantined = tv.quarantine()
     print(f"quarantine: {len(quarantined)} example(s) {(r.get('quarantine') or {}).get('reasons', {})}")
     for e in quarantined[:20]:

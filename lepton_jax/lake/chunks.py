@@ -90,6 +90,8 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
             "uri": data.uri, "names": names, "transforms": data.transforms, "has_ids": data.ids is not None,
             "arrays": {k: (v.dtype.name, list(v.shape[1:])) for k, v in data.arrays.items()},
             "ranges": {k: tuple(float(x) for x in r) for k, r in data.value_ranges.items()},
+            "column_ranges": {k: np.asarray(r, np.float64) for k, r in data.column_ranges.items()},
+            "column_names": {k: list(v) for k, v in data.column_names.items()},
             "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
 
 
@@ -143,6 +145,20 @@ def _check_structure(data: SourceData) -> None:
             raise LakeError(f"source {data.uri}: array {name!r} has no declared value range")
         if name == "label":
             raise LakeError(f"source {data.uri}: 'label' is reserved for the label array")
+        if name in data.column_ranges:
+            columns = np.asarray(data.column_ranges[name], np.float64)
+            if columns.shape != (value.shape[-1], 2) or not np.isfinite(columns).all() \
+                    or (columns[:, 0] > columns[:, 1]).any():
+                raise LakeError(f"source {data.uri}: array {name!r} needs one finite [lo, hi] per column of its last "
+                                f"axis ({value.shape[-1]}), got column ranges of shape {columns.shape}")
+            lo, hi = data.value_ranges[name]
+            if columns[:, 0].min() < lo or columns[:, 1].max() > hi:
+                raise LakeError(f"source {data.uri}: array {name!r} has column ranges outside its value range "
+                                f"[{lo}, {hi}]")
+        names = data.column_names.get(name)
+        if names is not None and len(names) != value.shape[-1]:
+            raise LakeError(f"source {data.uri}: array {name!r} has {value.shape[-1]} columns but "
+                            f"{len(names)} column names")
     if not np.issubdtype(data.labels.dtype, np.integer) or data.labels.ndim != 1:
         raise LakeError(f"source {data.uri}: labels must be a 1-D integer array, got {data.labels.dtype} "
                         f"{data.labels.shape}")
@@ -209,6 +225,16 @@ def _clean(data: SourceData, labels: np.ndarray, names: list[str]
             rejects.setdefault(int(i), ("out_of_range", f"{data.example_id(int(i))}: {name!r} has values in "
                                                         f"[{flat[i].min()}, {flat[i].max()}], outside the declared "
                                                         f"range [{lo}, {hi}]"))
+        if name in data.column_ranges and n:
+            columns = np.asarray(data.column_ranges[name], np.float64)
+            cols = value.reshape(-1, value.shape[-1]).reshape(n, -1, value.shape[-1])
+            with np.errstate(invalid="ignore"):
+                bad = ((cols < columns[:, 0]) | (cols > columns[:, 1])).any(axis=1) & keep[:, None]
+            for i in np.flatnonzero(bad.any(axis=1)):
+                c = int(np.flatnonzero(bad[i])[0])
+                rejects.setdefault(int(i), ("out_of_range", f"{data.example_id(int(i))}: {name!r} column {c} "
+                                                            f"holds values outside its declared range "
+                                                            f"[{columns[c, 0]}, {columns[c, 1]}]"))
     hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
     keys = [h.tobytes() for h in hashes]
     first: dict[bytes, int] = {}

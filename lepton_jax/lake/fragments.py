@@ -96,8 +96,37 @@ def _moments(value: np.ndarray) -> dict[str, Any]:
             v = block.astype(np.float64)
             fsum += float(v.sum())
             fsq += float(v @ v)
-    return {"count": int(flat.size), "sum": float(total) if exact else fsum,
-            "sumsq": float(squares) if exact else fsq, "min": float(flat.min()), "max": float(flat.max())}
+    out = {"count": int(flat.size), "sum": float(total) if exact else fsum,
+           "sumsq": float(squares) if exact else fsq, "min": float(flat.min()), "max": float(flat.max())}
+    if value.ndim == 2:  # a tabular array (one axis per example): per-column partials too
+        out["columns"] = _column_moments(value)
+    return out
+
+
+def _column_moments(value: np.ndarray) -> dict[str, list[float]]:
+    """Per-column (last axis) sum/sumsq/min/max of a 2-D array in float64, in blocks of about 2**20 values."""
+    rows = max(1, 2**20 // max(1, value.shape[1]))
+    total = np.zeros(value.shape[1])
+    squares = np.zeros(value.shape[1])
+    for start in range(0, value.shape[0], rows):
+        v = value[start:start + rows].astype(np.float64)
+        total += v.sum(axis=0)
+        squares += (v * v).sum(axis=0)
+    return {"sum": total.tolist(), "sumsq": squares.tolist(), "min": value.min(axis=0).astype(float).tolist(),
+            "max": value.max(axis=0).astype(float).tolist()}
+
+
+def _merge_columns(acc: dict[str, Any], s: dict[str, Any], first: bool) -> None:
+    """Adds part ``s``'s per-column partials into ``acc`` (None once a part lacks them: e.g. version-1 fragments)."""
+    cols = s.get("columns")
+    have = acc.get("columns")
+    if cols is None or (have is None and not first):
+        acc["columns"] = None
+    elif have is None:
+        acc["columns"] = {k: list(v) for k, v in cols.items()}
+    else:
+        for k, op in (("sum", np.add), ("sumsq", np.add), ("min", np.minimum), ("max", np.maximum)):
+            have[k] = op(have[k], cols[k]).tolist()
 
 
 def merge_partials(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -112,16 +141,22 @@ def merge_partials(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 have[k] += c
         for name, s in p.items():
             if isinstance(s, dict):
+                first = name not in out
                 acc = out.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
                 acc["count"] += s["count"]
                 acc["sum"] += s["sum"]
                 acc["sumsq"] += s["sumsq"]
                 acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
+                _merge_columns(acc, s, first)
+    for s in out.values():
+        if isinstance(s, dict) and "columns" in s and s["columns"] is None:
+            del s["columns"]
     return out
 
 
 def combine_stats(partials: Iterable[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    """Version statistics (examples, class counts, per array mean/std/min/max) from fragment partials."""
+    """Version statistics (examples, class counts, per array mean/std/min/max, and for a tabular 2-D array the same
+    per column under ``columns``) from fragment partials."""
     total = {"num_examples": 0, "class_counts": [0] * num_classes}
     sums: dict[str, dict[str, float]] = {}
     for p in partials:
@@ -133,15 +168,24 @@ def combine_stats(partials: Iterable[dict[str, Any]], num_classes: int) -> dict[
         for name, s in p.items():
             if not isinstance(s, dict):
                 continue
+            first = name not in sums
             acc = sums.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
             acc["count"] += s["count"]
             acc["sum"] += s["sum"]
             acc["sumsq"] += s["sumsq"]
             acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
+            _merge_columns(acc, s, first)
     for name, acc in sums.items():
         mean = acc["sum"] / max(acc["count"], 1)
         var = max(acc["sumsq"] / max(acc["count"], 1) - mean * mean, 0.0)
         total[name] = {"mean": mean, "std": float(np.sqrt(var)), "min": acc["min"], "max": acc["max"]}
+        cols = acc.get("columns")
+        if cols is not None:  # tabular arrays: per-column mean/std/min/max
+            rows = acc["count"] / max(len(cols["sum"]), 1)
+            col_mean = np.asarray(cols["sum"]) / max(rows, 1)
+            col_var = np.maximum(np.asarray(cols["sumsq"]) / max(rows, 1) - col_mean**2, 0.0)
+            total[name]["columns"] = {"mean": col_mean.tolist(), "std": np.sqrt(col_var).tolist(),
+                                      "min": cols["min"], "max": cols["max"]}
     return total
 
 

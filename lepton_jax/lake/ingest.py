@@ -167,10 +167,21 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
         for name, meta in schema["arrays"].items():
             old = base.schema["arrays"][name]["value_range"]
             meta["value_range"] = [min(old[0], meta["value_range"][0]), max(old[1], meta["value_range"][1])]
+            old_cols = base.schema["arrays"][name].get("column_ranges")
+            if ("column_ranges" in meta) != (old_cols is not None):
+                raise LakeError(f"an append must keep how array {name!r} is scaled: the table has "
+                                f"{'per-column' if old_cols is not None else 'one'} value range(s), this source "
+                                f"{'per-column' if 'column_ranges' in meta else 'one'}")
+            if old_cols is not None:
+                meta["column_ranges"] = [[min(a[0], b[0]), max(a[1], b[1])]
+                                         for a, b in zip(old_cols, meta["column_ranges"], strict=True)]
     transforms = [*plan["transforms"],
                   {"name": "drop_non_finite", "dropped": cleaning.get("non_finite", 0)},
                   {"name": "check_value_range", "dropped": cleaning.get("out_of_range", 0),
-                   "ranges": {k: v["value_range"] for k, v in schema["arrays"].items()}},
+                   "ranges": {k: v["value_range"] for k, v in schema["arrays"].items()},
+                   **({"column_ranges": {k: v["column_ranges"] for k, v in schema["arrays"].items()
+                                         if "column_ranges" in v}}
+                      if any("column_ranges" in v for v in schema["arrays"].values()) else {})},
                   {"name": "dedup_exact", "key": "sha256(example)", "index": "on-disk, whole dataset" +
                    (" and table" if appending else ""),
                    "dropped": cleaning.get("duplicate", 0) + cleaning.get("conflicting_labels", 0)},
@@ -302,6 +313,8 @@ class _Driver:
         self.first: dict[str, Any] | None = None
         self.names: list[str] = []
         self.ranges: dict[str, list[float]] = {}
+        self.column_ranges: dict[str, np.ndarray] = {}
+        self.column_names: dict[str, list[str]] = {}
         self.source_split: bool | None = None
 
     def add(self, r: dict[str, Any]) -> None:
@@ -323,6 +336,15 @@ class _Driver:
         for k, (lo, hi) in r["ranges"].items():
             have = self.ranges.setdefault(k, [lo, hi])
             have[0], have[1] = min(have[0], lo), max(have[1], hi)
+        if set(r["column_ranges"]) != set(self.first["column_ranges"]):
+            raise LakeError(f"source {r['uri']}: chunk {r['chunk']} declares column ranges for "
+                            f"{sorted(r['column_ranges'])}, the first chunk for {sorted(self.first['column_ranges'])}")
+        for k, cols in r["column_ranges"].items():
+            have_cols = self.column_ranges.get(k)
+            self.column_ranges[k] = cols.copy() if have_cols is None else np.stack(
+                [np.minimum(have_cols[:, 0], cols[:, 0]), np.maximum(have_cols[:, 1], cols[:, 1])], axis=1)
+        for k, names in r["column_names"].items():
+            self.column_names.setdefault(k, names)
         self.digests.append(r["digest"])
         self.examples_in += r["n"] + r["n_source_rejected"]
         offset = self.offset
@@ -433,6 +455,10 @@ class _Driver:
         schema = {"arrays": {name: {"dtype": dtype, "example_shape": shape, "value_range": ranges[name]}
                              for name, (dtype, shape) in first["arrays"].items()},
                   "label_array": "label", "label_names": names}
+        for name, cols in self.column_ranges.items():  # tabular arrays: scaled and validated per column
+            schema["arrays"][name]["column_ranges"] = cols.tolist()
+            if name in self.column_names:
+                schema["arrays"][name]["columns"] = self.column_names[name]
         digest = self.digests[0] if len(self.digests) == 1 else hashlib.sha256(
             "".join(self.digests).encode()).hexdigest()
         return {"commit_id": self.commit_id, "fragments": fragments, "quarantine": quarantine,

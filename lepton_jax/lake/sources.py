@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -33,7 +34,9 @@ class SourceData:
 
     Optional: ``ids`` names each example (file, rows) for error messages and the quarantine; ``rejected`` lists
     examples the source could not load (``{"id", "reason", "detail"}``); ``transforms`` the source's preprocessing
-    steps with their parameters; ``split`` a split name per example when the source assigns splits itself.
+    steps with their parameters; ``split`` a split name per example when the source assigns splits itself;
+    ``column_ranges`` a ``(C, 2)`` array of ``[lo, hi]`` per entry of an array's last axis (tabular features, scaled
+    per column; each column range inside the array's ``value_ranges`` entry) and ``column_names`` their names.
     """
 
     arrays: dict[str, np.ndarray]
@@ -45,6 +48,8 @@ class SourceData:
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     split: np.ndarray | None = None
+    column_ranges: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    column_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def load(self) -> SourceData:
         """Already loaded: a :class:`SourceData` is its own chunk task."""
@@ -67,6 +72,9 @@ class SourceData:
             h.update(json.dumps([self.rejected, self.transforms], sort_keys=True).encode())
         if self.split is not None:
             h.update("\0".join(str(s) for s in self.split).encode())
+        if self.column_ranges:  # the same values scaled per column are another table
+            h.update(json.dumps({k: np.asarray(v, np.float64).tolist() for k, v in sorted(self.column_ranges.items())}
+                                ).encode())
         return h.hexdigest()
 
 
@@ -86,7 +94,8 @@ _SKLEARN = ("digits", "iris", "wine", "breast_cancer")
 class SklearnSource:
     """One of scikit-learn's bundled datasets (``digits``, ``iris``, ``wine``, ``breast_cancer``); no download.
 
-    ``digits`` gives ``image`` (N, 8, 8, 1) uint8 in 0..16; the others give ``features`` (N, F) float32.
+    ``digits`` gives ``image`` (N, 8, 8, 1) uint8 in 0..16; the others give ``features`` (N, F) float32 with each
+    column's min/max as its range (``column_ranges``) and scikit-learn's feature names.
     """
 
     def __init__(self, dataset: str = "digits"):
@@ -109,8 +118,11 @@ class SklearnSource:
             return SourceData({"image": images.astype(np.uint8)[..., None]}, labels, names,
                               {"image": (0.0, 16.0)}, self.uri)
         features = bunch.data.astype(np.float32)
+        columns = np.stack([features.min(axis=0), features.max(axis=0)], axis=1).astype(np.float64)
         return SourceData({"features": features}, labels, names,
-                          {"features": (float(features.min()), float(features.max()))}, self.uri)
+                          {"features": (float(features.min()), float(features.max()))}, self.uri,
+                          column_ranges={"features": columns},
+                          column_names={"features": [str(n) for n in bunch.feature_names]})
 
 
 class DigitsSource(SklearnSource):
@@ -137,13 +149,17 @@ def concat(parts: list[SourceData]) -> SourceData:
                                                          [f"chunk {k} example {j}" for j in range(len(p.labels))])]
     ranges = {k: (min(p.value_ranges[k][0] for p in parts), max(p.value_ranges[k][1] for p in parts))
               for k in first.value_ranges}
+    columns = {k: np.stack([np.minimum.reduce([p.column_ranges[k][:, 0] for p in parts]),
+                            np.maximum.reduce([p.column_ranges[k][:, 1] for p in parts])], axis=1)
+               for k in first.column_ranges}
     kept = [p for p in parts if p.labels.shape[0]]
     if not kept:
         raise LakeError(f"source {first.uri} holds no readable examples")
     return SourceData({k: np.concatenate([p.arrays[k] for p in kept]) for k in kept[0].arrays},
                       np.concatenate([p.labels for p in kept]), names, ranges, first.uri, ids=ids,
                       rejected=[r for p in parts for r in p.rejected], transforms=first.transforms,
-                      split=None if first.split is None else np.concatenate([p.split for p in kept]))
+                      split=None if first.split is None else np.concatenate([p.split for p in kept]),
+                      column_ranges=columns, column_names=first.column_names)
 
 
 def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | None
@@ -186,11 +202,12 @@ class NpzSource:
 
     def __init__(self, path: str | Path, feature_key: str = "x", label_key: str = "y",
                  label_names: list[str] | None = None, value_range: tuple[float, float] | None = None,
-                 split_key: str | None = None):
+                 split_key: str | None = None, per_column: bool = False):
         self.path = Path(path)
         self.uri = f"file://{self.path.resolve()}"
         self.feature_key, self.label_key, self.split_key = feature_key, label_key, split_key
         self.label_names, self.value_range = label_names, value_range
+        self.per_column = per_column  # 2-D (N, F) tabular features: one range per column (the data's min/max)
 
     def tasks(self) -> list[NpzShard]:
         if self.path.is_dir():
@@ -203,7 +220,7 @@ class NpzSource:
             raise LakeError(f"npz source {self.path} does not exist")
         sharded = self.path.is_dir()
         return [NpzShard(f, self.uri, self.feature_key, self.label_key, self.label_names, self.value_range,
-                         self.split_key, sharded) for f in files]
+                         self.split_key, sharded, self.per_column) for f in files]
 
     def load(self) -> SourceData:
         return concat([t.load() for t in self.tasks()])
@@ -221,6 +238,7 @@ class NpzShard:
     value_range: tuple[float, float] | None
     split_key: str | None
     sharded: bool
+    per_column: bool = False
 
     def load(self) -> SourceData:
         features, labels, split = _read_npz(self.path, self.feature_key, self.label_key, self.split_key)
@@ -228,8 +246,21 @@ class NpzShard:
         finite = features[np.isfinite(features)] if np.issubdtype(features.dtype, np.floating) else features
         value_range = self.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
         ids = [f"{self.path.name}[{i}]" for i in range(labels.shape[0])] if self.sharded else None
+        columns = {}
+        if self.per_column:
+            if features.ndim != 2:
+                raise LakeError(f"npz source {self.path}: per-column ranges need 2-D (examples, columns) features, "
+                                f"got shape {features.shape}")
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its range becomes (lo, lo)
+                f64 = features.astype(np.float64)
+                f64[~np.isfinite(f64)] = np.nan
+                col = np.stack([np.nanmin(f64, axis=0), np.nanmax(f64, axis=0)], axis=1) if features.shape[0] \
+                    else np.zeros((features.shape[1], 2))
+            col = np.nan_to_num(col, nan=float(value_range[0]))
+            columns = {"image": np.clip(col, float(value_range[0]), float(value_range[1]))}
         return SourceData({"image": features}, labels.astype(np.int64), names, {"image": value_range}, self.uri,
-                          ids=ids, split=split)
+                          ids=ids, split=split, column_ranges=columns)
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
@@ -501,13 +532,14 @@ def _to_float(cell: str) -> float:
 
 
 def make_source(spec: str, **options: Any) -> Source:
-    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards), ``images:DIR`` (options
-    ``size``, ``mode``, ``bits``) or ``csv:PATH`` (options ``window``, ``stride``, ``label_column``,
-    ``series_column``), or a plug-in by import path, ``package.module:MySource`` (called with the options given; see
-    :mod:`lepton_jax.plugins`). Options that are ``None`` are ignored."""
+    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards; option ``per_column``),
+    ``images:DIR`` (options ``size``, ``mode``, ``bits``) or ``csv:PATH`` (options ``window``, ``stride``,
+    ``label_column``, ``series_column``), or a plug-in by import path, ``package.module:MySource`` (called with the
+    options given; see :mod:`lepton_jax.plugins`). Options that are ``None`` are ignored."""
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
-    allowed = {"digits": set(), "sklearn": set(), "npz": set(), "images": {"size", "mode", "bits", "chunk_files"},
+    allowed = {"digits": set(), "sklearn": set(), "npz": {"per_column"},
+               "images": {"size", "mode", "bits", "chunk_files"},
                "csv": {"window", "stride", "label_column", "series_column", "chunk_windows"}}
     if kind not in allowed and plugins.is_import_path(spec):
         try:
@@ -527,7 +559,7 @@ def make_source(spec: str, **options: Any) -> Source:
     if kind == "sklearn":
         return SklearnSource(arg)
     if kind == "npz":
-        return NpzSource(arg)
+        return NpzSource(arg, **options)
     if kind == "images":
         return ImageFolderSource(arg, **options)
     if "window" not in options:

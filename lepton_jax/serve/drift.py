@@ -1,8 +1,9 @@
 """Input and prediction drift: population stability index (PSI) against the training data's statistics.
 
 Features are *groups* of input cells: the image is cut into a grid of regions and each region's mean value (in the
-lake table's raw units) is one feature, histogrammed over the schema's value range. The reference histograms of the
-training split and its predicted-class distribution are stored with each registered model version; a
+lake table's raw units) is one feature, histogrammed over the schema's value range. A tabular table (schema
+``column_ranges``) has one feature per column instead, histogrammed over that column's own range. The reference
+histograms of the training split and its predicted-class distribution are stored with each registered model version; a
 :class:`DriftMonitor` keeps a sliding window of live traffic and compares it with them.
 
     PSI = sum_i (live_i - ref_i) * ln(live_i / ref_i)      (proportions per bin, additively smoothed)
@@ -48,22 +49,43 @@ def group_features(raw: np.ndarray, grid: Sequence[int]) -> np.ndarray:
     return out
 
 
-def bin_indices(features: np.ndarray, value_range: Sequence[float], bins: int) -> np.ndarray:
-    """Equal-width bin index in [0, bins) of each feature over ``value_range`` (values outside are clipped)."""
-    lo, hi = float(value_range[0]), float(value_range[1])
-    idx = np.floor((features - lo) / (hi - lo) * bins).astype(np.int64)
+def bin_indices(features: np.ndarray, value_range: Sequence[Any], bins: int) -> np.ndarray:
+    """Equal-width bin index in [0, bins) of each feature over ``value_range`` — one ``[lo, hi]`` for every feature,
+    or one per feature (G, 2) — values outside are clipped; a constant feature falls in bin 0."""
+    r = np.asarray(value_range, np.float64)
+    lo, hi = (float(r[0]), float(r[1])) if r.ndim == 1 else (r[:, 0], r[:, 1])
+    width = np.where(np.asarray(hi) > lo, np.asarray(hi) - lo, 1.0)
+    idx = np.floor((features - lo) / width * bins).astype(np.int64)
     return np.clip(idx, 0, bins - 1)
 
 
+def reference_features(raw: np.ndarray, reference: dict[str, Any]) -> np.ndarray:
+    """(N, G) drift features of raw examples as ``reference`` defines them: region means, or tabular columns."""
+    if reference.get("feature") == "column":
+        x = np.asarray(raw, np.float64)
+        return x.reshape(x.shape[0], -1)
+    return group_features(raw, reference["grid"])
+
+
 def reference_stats(raw: np.ndarray, predicted: np.ndarray, *, num_classes: int, value_range: Sequence[float],
-                    grid: Sequence[int] = DEFAULT_GRID, bins: int = DEFAULT_BINS, split: str = "train"
+                    grid: Sequence[int] = DEFAULT_GRID, bins: int = DEFAULT_BINS, split: str = "train",
+                    column_ranges: Sequence[Sequence[float]] | None = None, columns: Sequence[str] | None = None
                     ) -> dict[str, Any]:
-    """The statistics a registry entry keeps for drift: per-group histograms and predicted-class counts."""
-    idx = bin_indices(group_features(raw, grid), value_range, bins)
+    """The statistics a registry entry keeps for drift: per-group histograms and predicted-class counts.
+
+    With ``column_ranges`` (a tabular table: raw is (N, C)) each column is a group, binned over its own range."""
+    if column_ranges is not None:
+        ranges = np.asarray(column_ranges, np.float64).reshape(-1, 2)
+        names = list(columns) if columns is not None else [f"c{c}" for c in range(ranges.shape[0])]
+        ref: dict[str, Any] = {"grid": None, "feature": "column", "value_range": ranges.tolist()}
+    else:
+        names = group_names(grid)
+        ref = {"grid": list(map(int, grid)), "feature": "region mean of raw values",
+               "value_range": [float(v) for v in value_range]}
+    idx = bin_indices(reference_features(raw, ref), ref["value_range"], bins)
     counts = [np.bincount(idx[:, g], minlength=bins).tolist() for g in range(idx.shape[1])]
-    return {"split": split, "num_examples": int(idx.shape[0]), "grid": list(map(int, grid)), "bins": int(bins),
-            "value_range": [float(v) for v in value_range], "feature": "region mean of raw values",
-            "groups": dict(zip(group_names(grid), counts, strict=True)),
+    return {"split": split, "num_examples": int(idx.shape[0]), "bins": int(bins), **ref,
+            "groups": dict(zip(names, counts, strict=True)),
             "predicted_classes": np.bincount(np.asarray(predicted, np.int64), minlength=num_classes).tolist()}
 
 
@@ -77,7 +99,7 @@ def psi(expected: np.ndarray, actual: np.ndarray, smoothing: float = SMOOTHING) 
 
 def drift_report(reference: dict[str, Any], raw: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
     """PSI of a batch of examples (and their predicted classes) against ``reference``, per group and overall."""
-    idx = bin_indices(group_features(raw, reference["grid"]), reference["value_range"], reference["bins"])
+    idx = bin_indices(reference_features(raw, reference), reference["value_range"], reference["bins"])
     groups = {name: psi(ref, np.bincount(idx[:, g], minlength=reference["bins"]))
               for g, (name, ref) in enumerate(reference["groups"].items())}
     classes = np.bincount(np.asarray(predicted, np.int64), minlength=len(reference["predicted_classes"]))
@@ -140,7 +162,7 @@ class DriftMonitor:
         with self._lock:
             while self._pending:
                 t, raw, predicted = self._pending.popleft()
-                idx = bin_indices(group_features(raw, ref["grid"]), ref["value_range"], self._bins)[-self.window:]
+                idx = bin_indices(reference_features(raw, ref), ref["value_range"], self._bins)[-self.window:]
                 predicted = predicted[-self.window:].astype(np.int64)
                 self._add(t, idx, predicted, +1)
             self._evict()

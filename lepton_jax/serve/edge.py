@@ -52,6 +52,8 @@ class EdgeModel:
         spec = self.manifest["input"]
         self.example_shape = tuple(spec["example_shape"])
         self.value_range = tuple(spec["value_range"])
+        columns = spec.get("column_ranges")  # tabular inputs: one [lo, hi] per column of the last axis
+        self.column_ranges = None if columns is None else np.asarray(columns, np.float64).reshape(-1, 2)
         self.label_names = list(self.manifest["label_names"])
 
     @classmethod
@@ -74,6 +76,13 @@ class EdgeModel:
         lo, hi = self.value_range
         if x.size and (x.min() < lo or x.max() > hi):
             raise ArtifactError(f"input values span [{x.min()}, {x.max()}]; expected [{lo}, {hi}]")
+        if self.column_ranges is not None and x.size:
+            cols = x.reshape(-1, self.column_ranges.shape[0])
+            bad = np.flatnonzero((cols.min(0) < self.column_ranges[:, 0]) | (cols.max(0) > self.column_ranges[:, 1]))
+            if bad.size:
+                c = int(bad[0])
+                raise ArtifactError(f"input column {c} spans [{cols[:, c].min()}, {cols[:, c].max()}]; expected "
+                                    f"[{self.column_ranges[c, 0]}, {self.column_ranges[c, 1]}]")
         return x
 
     def logits(self, raw: Any) -> np.ndarray:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lepton_jax.data.transforms import input_array, input_spec
+from lepton_jax.data.transforms import input_array, input_bounds, input_spec, scale
 from lepton_jax.errors import LeptonError
 from lepton_jax.serve import edge
 
@@ -68,6 +68,8 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
     predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
     schema = predictor.schema
     lo, hi = (float(v) for v in input_spec(schema)["value_range"])
+    bounds = input_bounds(input_spec(schema))  # per column for tabular tables: the training transform
+    columns = {"column_ranges": input_spec(schema)["column_ranges"]} if "column_ranges" in input_spec(schema) else {}
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(jax.device_get(predictor.params))
     weights: dict[str, np.ndarray] = {}
     params_meta = []
@@ -85,7 +87,7 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
     def infer(w: dict[str, jax.Array], raw: jax.Array) -> jax.Array:
         leaves = [w[m["key"]] if not m["quantized"] else w[f"{m['key']}_q"].astype(jnp.float32)
                   * w[f"{m['key']}_scale"] for m in params_meta]
-        x = (raw - lo) / (hi - lo)
+        x = scale(raw, *bounds)
         return predict(jax.tree_util.tree_unflatten(treedef, leaves), x).astype(jnp.float32)
 
     batch = jax.export.symbolic_shape("batch")[0]
@@ -108,6 +110,7 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
             "format": edge.FORMAT, "function": FUNCTION_FILE, "weights": WEIGHTS_FILE, "runner": RUNNER_FILE,
             "input": {"name": input_array(schema), "dtype": "float32",
                       "example_shape": list(predictor.example_shape), "value_range": [lo, hi],
+                      **columns,
                       "batch_dimension": "symbolic",
                       "units": "raw values of the training lake table; preprocessing is inside the function"},
             "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(predictor.label_names)]},

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from lepton_jax.data.transforms import out_of_range
+
 HEADER_LENGTH = "inference-header-content-length"
 MAX_JSON_DEPTH = 12  # {"inputs": [{"data": [[[[...]]]]}]} needs 3 + the tensor's rank (at most MAX_RANK)
 MAX_RANK = 8
@@ -309,12 +311,15 @@ def error_body(message: str) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """What a model takes: one input of ``example_shape`` per row, raw values in ``value_range`` (picklable)."""
+    """What a model takes: one input of ``example_shape`` per row, raw values in ``value_range`` — per column in
+    ``column_ranges`` for a tabular table (names in ``columns``) — (picklable)."""
 
     model: str
     input_name: str
     example_shape: tuple[int, ...]
     value_range: tuple[float, float]
+    column_ranges: tuple[tuple[float, float], ...] | None = None
+    columns: tuple[str, ...] | None = None
 
     def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
         """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
@@ -343,10 +348,14 @@ class InputSpec:
             raise RequestError(400, "non_finite", f"input {name!r}: {bad} example(s) contain NaN or inf; expected "
                                                   f"finite values in {list(self.value_range)}")
         rows = values.reshape(shape).astype(np.float32)
-        lo, hi = self.value_range
-        if rows.min() < lo or rows.max() > hi:
-            raise RequestError(400, "range", f"input {name!r}: values span [{rows.min()}, {rows.max()}] but the "
-                                             f"model was trained on [{lo}, {hi}] (raw units of the lake table)")
+        spec: dict[str, Any] = {"value_range": list(self.value_range)}
+        if self.column_ranges is not None:
+            spec["column_ranges"] = [list(c) for c in self.column_ranges]
+        if self.columns is not None:
+            spec["columns"] = list(self.columns)
+        why = out_of_range(rows, spec)
+        if why is not None:
+            raise RequestError(400, "range", f"input {name!r}: {why} (raw units of the lake table)")
         return rows
 
 

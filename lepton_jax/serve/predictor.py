@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from lepton_jax.checkpoint import read_run, restore_params
-from lepton_jax.data.transforms import INPUT, input_array, input_spec, prepare_batch
+from lepton_jax.data.transforms import INPUT, input_array, input_spec, out_of_range, prepare_batch
 from lepton_jax.errors import InputError
 from lepton_jax.models.functional import make_predict
 from lepton_jax.parallel import batch_sharding, make_mesh, replicated
@@ -68,10 +68,9 @@ class Predictor:
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():
             bad = int((~np.isfinite(raw.reshape(raw.shape[0], -1))).any(axis=1).sum())
             raise InputError(f"{name}: {bad} example(s) contain NaN or inf")
-        lo, hi = input_spec(self.schema)["value_range"]
-        if raw.size and (raw.min() < lo or raw.max() > hi):
-            raise InputError(f"{name}: values span [{raw.min()}, {raw.max()}] but the model was trained on "
-                             f"[{lo}, {hi}] (raw units of the lake table)")
+        why = out_of_range(raw, input_spec(self.schema))
+        if why is not None:
+            raise InputError(f"{name}: {why} (raw units of the lake table)")
         return raw
 
     def logits(self, raw: np.ndarray, name: str = "input") -> np.ndarray:

@@ -197,8 +197,10 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
     raw = split[input_array(data["schema"])]
     predicted = predictor.predict(raw, name=f"{data['table']}@{data['version']}/{reference_split}")["class"]
     schema = data["schema"]
+    spec = input_spec(schema)
     reference = reference_stats(raw, predicted, num_classes=len(schema["label_names"]),
-                                value_range=input_spec(schema)["value_range"], split=reference_split)
+                                value_range=spec["value_range"], split=reference_split,
+                                column_ranges=spec.get("column_ranges"), columns=spec.get("columns"))
     return {
         "checkpoint": {"workdir": str(workdir), "directory": str(workdir / "checkpoints"), "step": predictor.step},
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)},
@@ -206,7 +208,8 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
         "data": {"lake": data["lake"], "table": data["table"], "version": data["version"], "schema": schema,
                  "source_sha256": data.get("source_sha256")},
         "input": {"name": input_array(schema), "example_shape": list(predictor.example_shape),
-                  "value_range": input_spec(schema)["value_range"], "label_names": predictor.label_names},
+                  "value_range": spec["value_range"], "label_names": predictor.label_names,
+                  **({"column_ranges": spec["column_ranges"]} if "column_ranges" in spec else {})},
         "reference": reference,
         "git_revision": run_info.get("git_revision"),
     }

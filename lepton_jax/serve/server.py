@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lepton_jax.data.transforms import input_array, input_spec
+from lepton_jax.data.transforms import input_array, input_bounds, input_spec, scale
 from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, QueueFullError, Replica
 from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.kserve import (
@@ -113,7 +113,7 @@ class ServedModel:
         self.name, self.version, self.schema = name, str(version), schema
         self.graphdef, self.params = graphdef, jax.device_get(params)
         self.reference, self.info = reference, dict(info or {})
-        spec = input_spec(schema)
+        spec = self.input_spec = input_spec(schema)
         self.example_shape = tuple(spec["example_shape"])
         self.value_range = tuple(float(v) for v in spec["value_range"])
         self.label_names = list(schema["label_names"])
@@ -148,11 +148,11 @@ class ServedModel:
 
         devices = list(devices or jax.devices())
         apply = make_predict(self.graphdef)
-        lo, hi = self.value_range
+        lo, hi = input_bounds(self.input_spec)  # per column for tabular tables (data.transforms, as in training)
 
         @jax.jit
         def probabilities(params, raw):
-            return jax.nn.softmax(apply(params, (raw - lo) / (hi - lo)).astype(np.float32), axis=-1)
+            return jax.nn.softmax(apply(params, scale(raw, lo, hi)).astype(np.float32), axis=-1)
 
         replicas = []
         for i in range(count):
@@ -177,6 +177,8 @@ class ServedModel:
                             {"name": "class", "datatype": "INT64", "shape": [-1]},
                             {"name": "label", "datatype": "BYTES", "shape": [-1]}],
                 "parameters": {"label_names": self.label_names, "value_range": list(self.value_range),
+                               **({"column_ranges": self.input_spec["column_ranges"]}
+                                  if "column_ranges" in self.input_spec else {}),
                                "units": "raw values of the training lake table", **self.info}}
 
     def config(self, serve: ServeConfig) -> dict[str, Any]:
@@ -208,7 +210,10 @@ class ServedModel:
 
     @functools.cached_property
     def spec(self) -> InputSpec:
-        return InputSpec(self.name, self.input_name, self.example_shape, self.value_range)
+        columns = self.input_spec.get("column_ranges")
+        return InputSpec(self.name, self.input_name, self.example_shape, self.value_range,
+                         None if columns is None else tuple(tuple(float(v) for v in c) for c in columns),
+                         tuple(self.input_spec["columns"]) if "columns" in self.input_spec else None)
 
     def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
         """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
