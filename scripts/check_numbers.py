@@ -9,7 +9,8 @@ The claims live in docs/numbers.toml, one ``[[claim]]`` table per quoted number:
     id       a name for the number
     doc      the file that quotes it (relative to the repository root)
     text     the quoted text with ``{value}`` where the number stands; it must occur exactly once in ``doc``
-             (white space matches any white space, so the text may wrap)
+             (white space matches any white space, so the text may wrap; ``{any}`` matches a number that this
+             claim does not check, e.g. another cell of the same table row)
     artifact the file under the repository root that holds the measured value (written by ``reproduce.sh``)
     json     a dotted key into the artifact (JSON), or ``pattern``: a regex with one group over the artifact's text
     scale    multiplies the artifact value before comparing (100 for a percentage; default 1)
@@ -89,7 +90,9 @@ def _text_regex(text: str) -> re.Pattern:
     """The claim's text as a regex: ``{value}`` captures the number; any run of white space matches any other (so
     a quoted sentence may wrap anywhere in the Markdown source)."""
     def literal(part: str) -> str:
-        return r"\s+".join(re.escape(word) for word in re.split(r"\s+", part))
+        words = (r"(?:[-+]?[0-9][0-9,]*(?:\.[0-9]+)?)".join(re.escape(piece) for piece in word.split("{any}"))
+                 for word in re.split(r"\s+", part))
+        return r"\s+".join(words)
 
     head, tail = text.split("{value}", 1)
     return re.compile(literal(head) + NUMBER + literal(tail))

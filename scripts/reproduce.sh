@@ -26,7 +26,7 @@ if step seeds; then
 fi
 if step train; then
   echo "== training benchmark (README)"
-  $PY scripts/bench_train.py --profile 12 | tee results/bench_train.txt
+  $PY scripts/bench_train.py --config configs/digits_cnn.py | tee results/bench_train.txt
   echo "== collective bytes per sharding layout (README)"
   $PY scripts/comm_table.py | tee results/comm_table.txt
 fi

@@ -25,7 +25,7 @@ step = "default"
 [[claim]]
 id = "speed"
 doc = "docs/bench.md"
-text = "gave **{value}x** the baseline"
+text = "gave **{value}x** the baseline ({any} per pair)"
 artifact = "results/bench.txt"
 pattern = "ratio ([0-9.]+)"
 rel_tolerance = 0.1
@@ -37,7 +37,7 @@ step = "bench"
 def _repo(tmp_path, readme="The job printed **test accuracy 0.9742** on 271 examples.\n"):
     (tmp_path / "docs").mkdir(parents=True)
     (tmp_path / "docs" / "numbers.toml").write_text(CLAIMS)
-    (tmp_path / "docs" / "bench.md").write_text("Batching gave **3.2x** the baseline.\n")
+    (tmp_path / "docs" / "bench.md").write_text("Batching gave **3.2x** the baseline (3.1 per pair).\n")
     (tmp_path / "README.md").write_text(readme)
     (tmp_path / "results" / "run").mkdir(parents=True)
     (tmp_path / "results" / "run" / "summary.json").write_text(json.dumps({"test_accuracy": 0.974169}))
@@ -55,7 +55,7 @@ def test_matching_numbers_pass_and_an_edited_number_fails(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MISMATCH" in out and "0.9779" in out and "0.9742" in out
 
-    (root / "docs" / "bench.md").write_text("Batching gave **3.9x** the baseline.\n")  # outside the 10 % slack
+    (root / "docs" / "bench.md").write_text("Batching gave **3.9x** the baseline (3.1 per pair).\n")  # outside the 10 % slack
     (root / "README.md").write_text("The job printed **test accuracy 0.9742** on 271 examples.\n")
     assert check_numbers.main(["--root", str(root)]) == 1
 
