@@ -55,7 +55,8 @@ def test_matching_numbers_pass_and_an_edited_number_fails(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MISMATCH" in out and "0.9779" in out and "0.9742" in out
 
-    (root / "docs" / "bench.md").write_text("Batching gave **3.9x** the baseline (3.1 per pair).\n")  # outside the 10 % slack
+    # outside the 10 % slack
+    (root / "docs" / "bench.md").write_text("Batching gave **3.9x** the baseline (3.1 per pair).\n")
     (root / "README.md").write_text("The job printed **test accuracy 0.9742** on 271 examples.\n")
     assert check_numbers.main(["--root", str(root)]) == 1
 
