@@ -17,8 +17,9 @@ from lepton_jax.serve import loadgen
 from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.registry import Registry
 
-# SIGTERM goes out once SIGNAL_AFTER requests are answered; TOTAL only bounds the load, which must outlast the grace
-# period on a fast idle machine too (once the server has exited, the rest are refused at once, so a large TOTAL is cheap)
+# SIGTERM goes out once SIGNAL_AFTER requests are answered; TOTAL only bounds the load, which must outlast the
+# grace period on a fast idle machine too (once the server has exited, the rest are refused at once: a large TOTAL
+# is cheap)
 SIGNAL_AFTER, TOTAL, CONCURRENCY, GRACE_S = 2000, 40000, 64, 1.0
 
 
