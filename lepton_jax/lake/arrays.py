@@ -20,6 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from lepton_jax.errors import LakeError
+from lepton_jax.lake.publish import fsync_dir
 
 TARGET_SHARD_BYTES = 64 * 2**20
 READ_PARTS = 4  # concurrent TensorStore requests per batched random read
@@ -126,14 +127,6 @@ def fsync_tree(path: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:

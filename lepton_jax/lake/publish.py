@@ -23,6 +23,7 @@ NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.E
 
 
 def fsync_dir(path: Path) -> None:
+    """fsyncs a directory, so the entries created in it (files, sub-directories, renames) survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
