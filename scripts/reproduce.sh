@@ -2,7 +2,8 @@
 # Regenerates every number, table and figure quoted in README.md and docs/, in order, into results/.
 # Each step prints the git revision and the lake data version it used. Takes about an hour on a 2-core CPU.
 #   bash scripts/reproduce.sh            # everything
-#   bash scripts/reproduce.sh default    # one step: default | seeds | train | lake | serve | robust | edge | tabular
+#   bash scripts/reproduce.sh default    # one step: default | seeds | train | lake | ingest | serve | robust | edge |
+#                                          tabular (comm_table runs with train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make .venv/.installed >/dev/null
@@ -33,6 +34,10 @@ fi
 if step lake; then
   echo "== lake benchmark (docs/lake.md)"
   $PY scripts/bench_lake.py | tee results/bench_lake.txt
+fi
+if step ingest; then
+  echo "== ingest benchmark at full size, ~1.5 GB + 50,000 images, ~5 minutes and ~4 GB of temp disk (docs/lake.md)"
+  $PY scripts/bench_ingest.py --scale 1 --repeats 3 | tee results/bench_ingest.txt
 fi
 if step serve; then
   echo "== serving benchmark (docs/serving.md)"
