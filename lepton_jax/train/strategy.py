@@ -8,6 +8,7 @@ otherwise synchronous data parallel whose step is the objective ``robust.objecti
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import grain
@@ -34,7 +35,7 @@ def grain_read_options(prefetch: int) -> grain.ReadOptions | None:
     return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if prefetch > 0 else None
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """The interface the loop drives. Attributes: ``name``, ``mesh``, ``data_sharding`` (train batches),
     ``eval_sharding`` (eval batches), ``built`` (:class:`lepton_jax.parallel.build.Built`), ``predict``
     (jitted ``(params, x) -> logits`` for evaluation), ``steps_per_epoch``, ``total_steps``, ``schedule`` and
@@ -42,27 +43,33 @@ class Strategy:
 
     name = "strategy"
 
+    @abc.abstractmethod
     def init_state(self) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def abstract_items(self) -> dict[str, Any]:
         """The checkpoint items of a state, as abstract arrays with shardings (what a resume restores into)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def items(self, state: Any) -> dict[str, Any]:
         """The state as a dict of pytrees for :class:`lepton_jax.checkpoint.Checkpointer` (``params`` = the
         parameters inference uses)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def from_items(self, items: dict[str, Any]) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def batches(self, source: LakeDataSource, schema: dict[str, Any]) -> Any:
         """The Grain iterator of host batches (numpy) this strategy trains on."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def step(self, state: Any, batch: Any) -> tuple[Any, dict[str, jax.Array]]:
-        raise NotImplementedError
+        ...
 
     def after_step(self, state: Any, step: int) -> Any:
         """Work between steps (edge: the periodic sync). Default: none."""
