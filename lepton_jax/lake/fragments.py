@@ -141,17 +141,22 @@ def merge_partials(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 have[k] += c
         for name, s in p.items():
             if isinstance(s, dict):
-                first = name not in out
-                acc = out.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
-                acc["count"] += s["count"]
-                acc["sum"] += s["sum"]
-                acc["sumsq"] += s["sumsq"]
-                acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
-                _merge_columns(acc, s, first)
+                _add_moments(out, name, s)
     for s in out.values():
         if isinstance(s, dict) and "columns" in s and s["columns"] is None:
             del s["columns"]
     return out
+
+
+def _add_moments(into: dict[str, Any], name: str, s: dict[str, Any]) -> None:
+    """Adds one partial's count/sum/sumsq/min/max (and per-column moments) of array ``name`` into ``into[name]``."""
+    first = name not in into
+    acc = into.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
+    acc["count"] += s["count"]
+    acc["sum"] += s["sum"]
+    acc["sumsq"] += s["sumsq"]
+    acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
+    _merge_columns(acc, s, first)
 
 
 def combine_stats(partials: Iterable[dict[str, Any]], num_classes: int) -> dict[str, Any]:
@@ -168,13 +173,7 @@ def combine_stats(partials: Iterable[dict[str, Any]], num_classes: int) -> dict[
         for name, s in p.items():
             if not isinstance(s, dict):
                 continue
-            first = name not in sums
-            acc = sums.setdefault(name, {"count": 0, "sum": 0.0, "sumsq": 0.0, "min": np.inf, "max": -np.inf})
-            acc["count"] += s["count"]
-            acc["sum"] += s["sum"]
-            acc["sumsq"] += s["sumsq"]
-            acc["min"], acc["max"] = min(acc["min"], s["min"]), max(acc["max"], s["max"])
-            _merge_columns(acc, s, first)
+            _add_moments(sums, name, s)
     for name, acc in sums.items():
         mean = acc["sum"] / max(acc["count"], 1)
         var = max(acc["sumsq"] / max(acc["count"], 1) - mean * mean, 0.0)
