@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -510,6 +511,15 @@ def test_derived_body_limit():
     assert limit == 1024 * 64 * JSON_BYTES_PER_VALUE + 65536  # ~1.7 MB, not a fixed 4 MB
     biggest = json.dumps(infer_request(np.full((1024, 8, 8), -1.2345678901234567e-05, np.float64)))
     assert len(biggest) < limit
+
+
+def test_codec_workers_run_below_the_servers_cpu_priority(served):
+    """Large bodies are decoded in worker processes that the kernel schedules after the event loop (head-of-line)."""
+    pool = served["server"]._pool
+    worker_nice = pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(timeout=30)
+    worker_pid = pool.submit(os.getpid).result(timeout=30)
+    assert worker_pid != os.getpid()  # a real process, not the thread fallback
+    assert worker_nice == min(19, os.getpriority(os.PRIO_PROCESS, 0) + CONFIG.codec_niceness)
 
 
 def test_graceful_drain_finishes_in_flight_requests(served, splits):

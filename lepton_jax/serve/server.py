@@ -31,6 +31,7 @@ import hmac
 import logging
 import math
 import multiprocessing
+import os
 import re
 import signal
 import threading
@@ -83,6 +84,8 @@ class ServeConfig:
 
     Bodies over ``inline_parse_bytes`` are decoded (and their answers encoded) in ``codec_processes`` worker
     processes, so neither the event loop nor the GIL is held while megabytes of JSON are parsed; 0 uses threads.
+    The workers run ``codec_niceness`` steps below the server's CPU priority (``os.nice``), so where they share a core
+    with the event loop, decoding one huge body yields the core to the small requests behind it (head-of-line).
     """
 
     max_batch_size: int = 32
@@ -102,6 +105,7 @@ class ServeConfig:
     drift_interval_s: float = 1.0
     inline_parse_bytes: int = 64 << 10
     codec_processes: int = 1
+    codec_niceness: int = 10
     warm_up_on_startup: bool = True
 
 
@@ -303,7 +307,9 @@ class ModelServer:
         self._draining = False
         if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
             self._pool: Executor = ProcessPoolExecutor(self.config.codec_processes,
-                                                       mp_context=multiprocessing.get_context("spawn"))
+                                                       mp_context=multiprocessing.get_context("spawn"),
+                                                       initializer=_lower_priority,
+                                                       initargs=(self.config.codec_niceness,))
         else:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
         self.accepted = self.answered = 0
@@ -647,3 +653,9 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
                             access_log=log_level.lower() in ("debug", "trace"),
                             timeout_graceful_shutdown=server.config.drain_timeout_s)
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
+
+
+def _lower_priority(niceness: int) -> None:
+    """Codec worker start-up: lower this process's CPU priority by ``niceness`` (raising it needs privileges)."""
+    if niceness > 0:
+        os.nice(niceness)
