@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     for line in unchecked:
         print(f"unchecked  {line}")
     bad = [v for v in verdicts if v.status != "ok"]
+    missing = sorted({v.claim.step for v in bad if v.status == "missing"})
+    if missing:
+        print(f"artifacts missing: run `bash scripts/reproduce.sh STEP` for {', '.join(missing)}")
     print(f"{len(verdicts) - len(bad)} of {len(verdicts)} quoted numbers match their artifacts"
           f"{f'; {len(unchecked)} bold numbers unchecked' if unchecked else ''}")
     return 1 if bad or (args.strict and unchecked) else 0

@@ -36,6 +36,13 @@ fi
 if step comm; then
   echo "== collective bytes per sharding layout, from the compiled HLO (README)"
   $PY scripts/comm_table.py | tee results/comm_table.txt
+  echo "== communication_report: DP, FSDP, local SGD, DiLoCo bytes per step, 4 devices (docs/edge.md)"
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu $PY -c 'import json
+from lepton_jax.config import load_config
+from lepton_jax.train.edge import communication_report
+config = load_config("configs/edge_diloco.py", ["sharding.min_size=0"])
+rows = communication_report(config, example_shape=(8, 8, 1), num_classes=10)
+print(json.dumps({"nodes": config.edge.nodes, "rows": rows}, indent=1))' | tee results/comm_report.json
 fi
 if step activity; then
   echo "== sensor path: synthetic accelerometer log -> windows -> TCN (README, the three commands quoted there)"
@@ -43,6 +50,10 @@ if step activity; then
   $BIN/lepton-jax lake ingest --lake lake --table activity --source csv:results/activity.csv --window 64 \
     --series-column session
   $BIN/lepton-jax lake show --lake lake --table activity --json > results/activity_table.json
+  $PY -c 'import json; r = json.load(open("results/activity_table.json")); n = {s: v["shape"][0] for s, v in
+    ((s, d["arrays"]["label"]) for s, d in r["splits"].items())}
+print(json.dumps({"windows": n, "windows_kept": sum(n.values()), "quarantined": r["quarantine"]["num_examples"],
+  "quarantine_reasons": r["quarantine"]["reasons"]}, indent=1))' | tee results/activity_windows.json
   rm -rf results/activity_tcn
   $BIN/lepton-jax train --config configs/activity_tcn.py --workdir results/activity_tcn --lake lake --no-progress
   cat results/activity_tcn/summary.json
@@ -98,7 +109,10 @@ if step serve; then
 fi
 if step robust && [ -f scripts/robust_table.py ]; then
   echo "== robustness table and figure (docs/robustness.md)"
+  t0=$(date +%s.%N)
   $PY scripts/robust_table.py --out results/robust
+  $PY -c 'import json, sys; print(json.dumps({"wall_seconds": float(sys.argv[2]) - float(sys.argv[1]),
+    "load_average": open("/proc/loadavg").read().split()[:3]}))' "$t0" "$(date +%s.%N)" | tee results/robust/timing.json
 fi
 if step edge && [ -f scripts/edge_study.py ]; then
   echo "== edge training study (docs/edge.md)"
