@@ -4,7 +4,7 @@
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
 #                                          edge | robust (deterministic: any machine) | fresh | tests | train | lake |
-#                                          ingest | serve (timings: run these on an idle machine)
+#                                          ingest | serve | serve_ray (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make .venv/.installed >/dev/null
@@ -106,6 +106,10 @@ fi
 if step serve; then
   echo "== serving benchmark (docs/serving.md)"
   $PY scripts/bench_serve.py | tee results/bench_serve.txt
+fi
+if step serve_ray; then
+  echo "== serving benchmark with Ray Serve, 2 replicas (README, docs/serving.md; slow: starts Ray)"
+  $PY scripts/bench_serve.py --ray-replicas 2 | tee results/bench_serve_ray.txt
 fi
 if step robust && [ -f scripts/robust_table.py ]; then
   echo "== robustness table and figure (docs/robustness.md)"
