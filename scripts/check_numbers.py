@@ -30,7 +30,8 @@ Whole tables and pasted outputs are compared at once:
     [[block]]  ``lines`` lines of ``doc`` starting at the line that starts with ``start`` against the artifact's lines
                from its line starting with ``start``: the text between numbers must be equal (white space aside) and
                each number within ``rel_tolerance``; lines matching a regex in ``skip`` are not compared, and parts
-               matching a regex in ``ignore`` (e.g. the per-run samples beside a median) are cut from both sides
+               matching a regex in ``ignore`` (e.g. the per-run samples beside a median) are cut from both sides;
+               with ``after``, the doc's block is the first one below the line starting with ``after``
 
 ``[[exempt]]`` names a bold text (``text``, with its ``**``) that is not a measured number (a heading, a format
 name, a setting) and says why (``reason``).
@@ -96,6 +97,7 @@ class BlockClaim:
     rel_tolerance: float = 0.0
     skip: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
+    after: str = ""
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -252,10 +254,11 @@ def check_table(claim: TableClaim, root: Path, docs: dict[str, str]) -> Verdict:
                    (f"; … {len(problems) - 5} more" if len(problems) > 5 else ""))
 
 
-def _block(text: str, start: str, count: int) -> tuple[int, int, list[str]] | None:
+def _block(text: str, start: str, count: int, after: str = "") -> tuple[int, int, list[str]] | None:
     lines = text.splitlines(keepends=True)
-    hits = [i for i, line in enumerate(lines) if line.startswith(start)]
-    if len(hits) != 1:
+    first = next((i for i, line in enumerate(lines) if after and line.startswith(after)), 0)
+    hits = [i for i, line in enumerate(lines) if i >= first and line.startswith(start)]
+    if not hits or (len(hits) > 1 and not after):
         return None
     i = hits[0]
     begin = sum(len(line) for line in lines[:i])
@@ -266,7 +269,7 @@ def _block(text: str, start: str, count: int) -> tuple[int, int, list[str]] | No
 def check_block(claim: BlockClaim, root: Path, docs: dict[str, str]) -> Verdict:
     """Compares lines pasted into a doc (a script's output) with the artifact's lines, number by number."""
     text = docs.setdefault(claim.doc, (root / claim.doc).read_text() if (root / claim.doc).exists() else "")
-    ours = _block(text, claim.start, claim.lines)
+    ours = _block(text, claim.start, claim.lines, claim.after)
     if ours is None:
         return Verdict(claim, "doc", detail=f"no single line starting {claim.start!r} in {claim.doc}")
     claim.spans.append(ours[:2])

@@ -4,7 +4,7 @@
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
 #                                          edge | robust (deterministic: any machine) | fresh | tests | train | lake |
-#                                          ingest | serve | serve_ray (timings: run these on an idle machine)
+#                                          ingest | ingest_small | serve | serve_ray (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make .venv/.installed >/dev/null
@@ -102,6 +102,10 @@ fi
 if step ingest; then
   echo "== ingest benchmark at full size, ~1.5 GB + 50,000 images, ~5 minutes and ~4 GB of temp disk (docs/lake.md)"
   $PY scripts/bench_ingest.py --scale 1 --repeats 3 | tee results/bench_ingest.txt
+fi
+if step ingest_small; then
+  echo "== ingest benchmark at a tenth of the size (docs/lake.md's smaller run)"
+  $PY scripts/bench_ingest.py --scale 0.1 --repeats 2 | tee results/bench_ingest_small.txt
 fi
 if step serve; then
   echo "== serving benchmark (docs/serving.md)"
