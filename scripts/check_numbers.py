@@ -373,11 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     unchecked = unchecked_bold_numbers(root, docs, claims, exempt) if args.only is None else []
     for line in unchecked:
         print(f"unchecked  {line}")
-    bad = [v for v in verdicts if v.status != "ok"]
-    missing = sorted({v.claim.step for v in bad if v.status == "missing"})
+    stale = [e for e in exempt if e.text not in docs.setdefault(e.doc, (root / e.doc).read_text()
+                                                              if (root / e.doc).exists() else "")]
+    for e in stale:
+        print(f"NOT QUOTED exemption {e.text!r} is not in {e.doc} (remove it from the claims file)")
+    bad = [v for v in verdicts if v.status != "ok"] + stale
+    missing = sorted({v.claim.step for v in bad if isinstance(v, Verdict) and v.status == "missing"})
     if missing:
         print(f"artifacts missing: run `bash scripts/reproduce.sh STEP` for {', '.join(missing)}")
-    print(f"{len(verdicts) - len(bad)} of {len(verdicts)} quoted numbers match their artifacts"
+    print(f"{len(verdicts) - len(bad) + len(stale)} of {len(verdicts)} quoted numbers match their artifacts"
           f"{f'; {len(unchecked)} bold numbers unchecked' if unchecked else ''}")
     return 1 if bad or (args.strict and unchecked) else 0
 

@@ -177,7 +177,18 @@ def test_groups_tables_blocks_and_exemptions(tmp_path, capsys):
     assert check_numbers.main(["--root", str(root), "--strict"]) == 1
     assert "unchecked  docs/study.md:2: **H = 1 is a setting**" in capsys.readouterr().out
 
+    # an exemption whose text left the doc is an error, so the list cannot go stale
+    (root / "docs" / "numbers.toml").write_text(TABLES)
+    (root / "docs" / "study.md").write_text(STUDY.replace("**H = 1 is a setting**", "H = 1 is a setting"))
+    assert check_numbers.main(["--root", str(root)]) == 1
+    assert "exemption '**H = 1 is a setting**' is not in docs/study.md" in capsys.readouterr().out
+
 
 def test_a_closing_bold_marker_never_opens_another(tmp_path, capsys):
     root = _repo(tmp_path, readme="printed **test accuracy 0.9742** on; **ceiling** the goal (0.7x) is **not met**\n")
     assert check_numbers.main(["--root", str(root), "--strict"]) == 0, capsys.readouterr().out
+
+
+def test_every_exemption_of_this_repository_names_bold_text_in_its_doc():
+    for exempt in check_numbers.load_exempt(ROOT / "docs" / "numbers.toml"):
+        assert exempt.text.startswith("**") and exempt.text in (ROOT / exempt.doc).read_text(), exempt
