@@ -75,6 +75,7 @@ fi
 if step fresh; then
   echo "== fresh clone + make run, wall clock (README; pip's download cache warm; idle machine)"
   tmp=$(mktemp -d)
+  rev=$(git rev-parse HEAD)   # the clone holds committed files only
   git clone -q . "$tmp/lepton_jax"
   t0=$(date +%s.%N)
   (cd "$tmp/lepton_jax" && make run > make_run.log 2>&1)
@@ -82,7 +83,7 @@ if step fresh; then
   cp "$tmp/lepton_jax/runs/digits_cnn/summary.json" results/fresh_clone_summary.json
   $PY -c 'import json, sys; a, b = map(float, sys.argv[1:3]); print(json.dumps({"make_run_wall_seconds": b - a,
     "revision": sys.argv[3], "load_average": open("/proc/loadavg").read().split()[:3],
-    "layout": "1 process x 1 CPU device"}, indent=1))' "$t0" "$t1" "$(git rev-parse HEAD)" \
+    "layout": "1 process x 1 CPU device"}, indent=1))' "$t0" "$t1" "$rev" \
     | tee results/fresh_clone.json
   rm -rf "$tmp"
 fi
