@@ -81,3 +81,114 @@ def test_every_claim_of_this_repository_is_quoted_exactly_once(tmp_path):
     for claim in claims:
         verdict = check_numbers.check(claim, ROOT, docs)
         assert verdict.status != "doc", f"{claim.id}: {verdict.detail}"
+
+
+TABLES = """
+[[group]]
+doc = "docs/study.md"
+artifact = "results/study.json"
+step = "study"
+layout = "4 devices x 1 process"
+
+[[group.claim]]
+id = "gap"
+text = "leaves FedAvg {value} points below"
+json = "rows.1.gap"
+scale = -1
+format = ".2f"
+
+[[table]]
+id = "study.table"
+doc = "docs/study.md"
+header = "| run | accuracy | seconds |"
+artifact = "results/study.md"
+rel_tolerance = {seconds = 0.5}
+step = "study"
+layout = "4 devices x 1 process"
+
+[[block]]
+id = "bench.output"
+doc = "docs/study.md"
+start = "ratio batched"
+lines = 2
+artifact = "results/bench.txt"
+rel_tolerance = 0.1
+ignore = ['\\(runs [^)]*\\)']
+step = "bench"
+layout = "1 process"
+
+[[exempt]]
+doc = "docs/study.md"
+text = "**H = 1 is a setting**"
+reason = "a heading"
+"""
+
+STUDY = """# Study
+**H = 1 is a setting**
+
+Non-IID leaves FedAvg 3.32 points below DP.
+
+| run | accuracy | seconds |
+|---|---:|---:|
+| DP | 0.9742 | 10.0 |
+| FedAvg | 0.9410 | 12.0 |
+
+```
+ratio batched 3.82x (runs 3.7, 3.9)
+p99 2.31x
+```
+"""
+
+
+def _study_repo(tmp_path):
+    (tmp_path / "docs").mkdir(parents=True)
+    (tmp_path / "docs" / "numbers.toml").write_text(TABLES)
+    (tmp_path / "docs" / "study.md").write_text(STUDY)
+    (tmp_path / "README.md").write_text("nothing bold\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "study.json").write_text(json.dumps({"rows": [{"gap": 0.0}, {"gap": -3.3211}]}))
+    (tmp_path / "results" / "study.md").write_text(
+        "provenance line\n\n| run | accuracy | seconds |\n|---|---:|---:|\n| DP | 0.9742 | 14.1 |\n"
+        "| FedAvg | 0.9410 | 9.0 |\n")
+    (tmp_path / "results" / "bench.txt").write_text("header\nratio batched 3.61x (runs 3.2, 3.7)\np99 2.40x\n")
+    return tmp_path
+
+
+def test_groups_tables_blocks_and_exemptions(tmp_path, capsys):
+    root = _study_repo(tmp_path)
+    assert check_numbers.main(["--root", str(root), "--strict"]) == 0, capsys.readouterr().out
+
+    # a table cell compared exactly, one compared with its column's slack, a pasted number outside the block's slack
+    for old, new in [("| FedAvg | 0.9410 |", "| FedAvg | 0.9447 |"), ("| 12.0 |", "| 19.0 |"),
+                     ("p99 2.31x", "p99 2.91x"), ("FedAvg 3.32 points", "FedAvg 3.22 points")]:
+        (root / "docs" / "study.md").write_text(STUDY.replace(old, new))
+        assert check_numbers.main(["--root", str(root)]) == 1, old
+        assert "MISMATCH" in capsys.readouterr().out
+
+    # a row the artifact does not have
+    (root / "docs" / "study.md").write_text(STUDY.replace("| FedAvg | 0.9410 | 12.0 |", "| FedAvg | 0.9410 | 12.0 |\n"
+                                                                                         "| extra | 0.5 | 1 |"))
+    assert check_numbers.main(["--root", str(root)]) == 1
+    assert "3 rows quoted, 2 measured" in capsys.readouterr().out
+
+    # without the exemption the bold heading counts as an unchecked number
+    (root / "docs" / "study.md").write_text(STUDY)
+    (root / "docs" / "numbers.toml").write_text(TABLES.split("[[exempt]]")[0])
+    assert check_numbers.main(["--root", str(root), "--strict"]) == 1
+    assert "unchecked  docs/study.md:2: **H = 1 is a setting**" in capsys.readouterr().out
+
+    # an exemption whose text left the doc is an error, so the list cannot go stale
+    (root / "docs" / "numbers.toml").write_text(TABLES)
+    (root / "docs" / "study.md").write_text(STUDY.replace("**H = 1 is a setting**", "H = 1 is a setting"))
+    assert check_numbers.main(["--root", str(root)]) == 1
+    assert "exemption '**H = 1 is a setting**' is not in docs/study.md" in capsys.readouterr().out
+
+
+def test_a_closing_bold_marker_never_opens_another(tmp_path, capsys):
+    root = _repo(tmp_path, readme="printed **test accuracy 0.9742** on; **ceiling** the goal (0.7x) is **not met**\n")
+    assert check_numbers.main(["--root", str(root), "--strict"]) == 0, capsys.readouterr().out
+
+
+def test_every_exemption_of_this_repository_names_bold_text_in_its_doc():
+    for exempt in check_numbers.load_exempt(ROOT / "docs" / "numbers.toml"):
+        assert exempt.text.startswith("**") and exempt.text in (ROOT / exempt.doc).read_text(), exempt
