@@ -131,7 +131,8 @@ def moved_run(trained_run, tmp_path_factory):
     return lake, copy
 
 
-def test_registry_version_works_after_the_run_directory_is_deleted(moved_run, trained_run, tmp_path, capsys):
+def test_registry_version_predicts_evaluates_exports_after_the_run_dir_is_deleted(moved_run, trained_run, tmp_path,
+                                                                                  capsys):
     lake, copy = moved_run
     assert not copy.exists()
     workdir, _ = trained_run
@@ -153,6 +154,15 @@ def test_registry_version_works_after_the_run_directory_is_deleted(moved_run, tr
     manifest = json.loads((tmp_path / "edge" / "manifest.json").read_text())
     assert manifest["model"]["registry"] == "digits@1" and manifest["evaluation"]["top1_agreement"] == 1.0
 
+
+def test_registry_version_serves_over_http_after_the_run_directory_is_deleted(moved_run, trained_run):
+    """(no capsys here: uvicorn's log handlers would keep its stream after the test closed it)"""
+    lake, copy = moved_run
+    assert not copy.exists()
+    entry = Registry(lake).resolve("digits@production")
+    data = entry.record["data"]
+    raw = Lake(data["lake"]).table("digits", data["version"]).reader("test").read_all()["image"][:5]
+    expected = Predictor.from_workdir(trained_run[0], step=entry.step).predict(raw)
     server = ModelServer([ServedModel.from_registry(lake, "digits@production")],
                          ServeConfig(max_batch_size=8, replicas=1, warm_up_on_startup=True))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -169,10 +179,10 @@ def test_registry_version_works_after_the_run_directory_is_deleted(moved_run, tr
         while httpx.get(f"{url}/v2/health/ready", timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.05)
-        response = httpx.post(f"{url}/v2/models/digits/infer", json=infer_request(raw[:5]), timeout=30)
+        response = httpx.post(f"{url}/v2/models/digits/infer", json=infer_request(raw), timeout=30)
         assert response.status_code == 200
         outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
-        assert outputs["class"] == expected["class"][:5].tolist()
+        assert outputs["class"] == expected["class"].tolist()
     finally:
         uv.should_exit = True
         thread.join(timeout=60)
@@ -226,6 +236,8 @@ def test_crash_before_the_record_leaves_no_version_and_gc_removes_the_copy(moved
     orphans = [f"_models/digits/_params/{i}" for i in registry.storage.list("_models/digits/_params/")
                if f"_models/digits/_params/{i}" not in used]
     assert len(orphans) == 1 and (lake / orphans[0] / "0000" / "zarr.json").is_file()
+    temps = [p.name for p in (lake / "_models" / "digits").glob(".publish-*")]
+    assert len(temps) == 1  # the record's fsynced temp file, never linked
     for bad in (["--grace-seconds", "nan"], ["--grace-seconds", "-1"], ["--grace-seconds", "0"]):
         assert main(["registry", "gc", "--lake", str(lake), *bad]) == 2
         err = capsys.readouterr().err.strip()
@@ -233,8 +245,10 @@ def test_crash_before_the_record_leaves_no_version_and_gc_removes_the_copy(moved
     assert main(["registry", "gc", "--lake", str(lake)]) == 0  # default grace: the fresh copy stays
     assert "removed 0" in capsys.readouterr().out
     assert main(["registry", "gc", "--lake", str(lake), "--grace-seconds", "0", "--force"]) == 0
-    assert orphans[0] in capsys.readouterr().out
-    assert not list((lake / orphans[0]).rglob("*.json"))
+    out = capsys.readouterr().out
+    assert orphans[0] in out and f"_models/digits/{temps[0]}" in out
+    assert not list((lake / orphans[0]).rglob("*.json")) and not list((lake / "_models" / "digits").glob(".publish-*"))
+    assert registry.gc(0, force=True) == []  # nothing referenced is ever a candidate
     Predictor.from_registry(registry.get("digits", 1))  # the referenced parameters are untouched
 
 

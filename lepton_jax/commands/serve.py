@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--stage", default="production")
     promote.set_defaults(handler=promote_command)
 
-    gc = reg.add_parser("gc", help="remove parameter copies no record references (left by a crashed register)")
+    gc = reg.add_parser("gc", help="remove parameter copies no record references and temp records (left by a crash)")
     gc.add_argument("--lake", required=True)
     gc.add_argument("--grace-seconds", type=float, default=3600.0,
                     help="only copies older than this (default 3600; under 60 needs --force)")
@@ -141,7 +141,7 @@ def gc_command(args: argparse.Namespace) -> int:
 
     removed = Registry(args.lake).gc(args.grace_seconds, force=args.force, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} unreferenced parameter cop{'y' if len(removed) == 1 else 'ies'}")
+    print(f"{verb} {len(removed)} unreferenced parameter cop{'y' if len(removed) == 1 else 'ies'} or temp record(s)")
     for key in removed:
         print(f"  {key}")
     return 0

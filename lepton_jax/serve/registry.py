@@ -45,6 +45,8 @@ FORMATS = (FORMAT_V1, FORMAT)
 MIN_GC_GRACE_SECONDS = 60.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PARAMS_ID = re.compile(r"^(\d{13})-[0-9a-f]{12}$")
+TEMP_PREFIX = ".publish-"  # + <unix-ms>- + random: a record's temp file where the backend needs one (local disk)
+_TEMP = re.compile(r"^\.publish-(\d{13})-")
 _MAX_RETRIES = 64
 
 
@@ -199,7 +201,7 @@ class Registry:
             previous = self.stages(name).get(stage)
             entry = {"stage": stage, "version": int(version), "previous": previous, "time": time.time(),
                      "sequence": seq}
-            if self.storage.create(f"{prefix}/{seq:08d}.json", _dumps(entry)):
+            if self.storage.create(f"{prefix}/{seq:08d}.json", _dumps(entry), temp_prefix=_temp_prefix()):
                 return entry
         raise RegistryError(f"could not promote {name}@{version} to {stage}: too many concurrent promotions")
 
@@ -228,13 +230,14 @@ class Registry:
             versions = self.versions(name)
             version = (versions[-1] if versions else 0) + 1
             record = {**fields, "format": FORMAT, "name": name, "version": version, "time": time.time()}
-            if self.storage.create(self._record_key(name, version), _dumps(record)):
+            if self.storage.create(self._record_key(name, version), _dumps(record), temp_prefix=_temp_prefix()):
                 return ModelVersion(record, self.storage)
         raise RegistryError(f"could not register {name} in {self.uri}/{name}: too many concurrent registrations")
 
     def gc(self, grace_seconds: float = 3600.0, *, force: bool = False, dry_run: bool = False) -> list[str]:
-        """Removes parameter directories no record references (left by a registration that crashed before it
-        published) once they are older than ``grace_seconds``; returns their keys. Below
+        """Removes parameter directories no record references and records' temp files (both left by a registration
+        or promotion that crashed before it published) once they are older than ``grace_seconds``; returns their
+        keys. Below
         :data:`MIN_GC_GRACE_SECONDS` only with ``force`` (a registration still copying could lose its parameters)."""
         from lepton_jax.serve.lake_params import delete_tree
 
@@ -246,13 +249,23 @@ class Registry:
         cutoff_ms = (time.time() - grace_seconds) * 1000
         removed = []
         for name in self.names():
-            ids = [i for i in self.storage.list(f"{MODELS_DIR}/{name}/{PARAMS_DIR}/") if _PARAMS_ID.match(i)]
+            base = f"{MODELS_DIR}/{name}"
+            for prefix in [base] + [f"{base}/{STAGES_DIR}/{s}" for s in self.storage.list(f"{base}/{STAGES_DIR}/")]:
+                for temp in self.storage.list(f"{prefix}/"):
+                    m = _TEMP.match(temp)
+                    if m and int(m.group(1)) < cutoff_ms:
+                        if not dry_run:
+                            self.storage.delete(f"{prefix}/{temp}")
+                        removed.append(f"{prefix}/{temp}")
+            ids = [i for i in self.storage.list(f"{base}/{PARAMS_DIR}/") if _PARAMS_ID.match(i)]
             if not ids:
                 continue
             used = {self.get(name, v).record.get("params", {}).get("key") for v in self.versions(name)}
             for params_id in ids:
                 key = f"{MODELS_DIR}/{name}/{PARAMS_DIR}/{params_id}"
-                if key not in used and int(_PARAMS_ID.match(params_id).group(1)) < cutoff_ms:
+                if key in used or int(_PARAMS_ID.match(params_id).group(1)) >= cutoff_ms:
+                    continue
+                if self.storage.list(f"{key}/"):  # (a removed copy leaves an empty directory on local disk)
                     if not dry_run:
                         delete_tree(self.storage, key)
                     removed.append(key)
@@ -307,6 +320,10 @@ def describe_run(workdir: Path, predictor: Any, *, reference_split: str = "train
         "reference": reference,
         "git_revision": run_info.get("git_revision"),
     }
+
+
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{int(time.time() * 1000):013d}-"
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
