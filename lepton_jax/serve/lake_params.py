@@ -6,7 +6,7 @@ one zstd-compressed, crc32c-checksummed chunk). What identifies it is its *manif
 registry record): each leaf's tree path, shape and dtype, and a sha256 over the tree structure and every leaf's bytes
 (:func:`tree_digest`). :func:`read_tree` checks the structure against the model being restored and the digest
 against the bytes it read; a mismatch is one :class:`ParamsError` line. TensorStore's file driver fsyncs each file
-and directory it writes, so once :func:`write_tree` returns, the arrays are durable.
+and directory it writes (``file_io_sync``, set explicitly), so once :func:`write_tree` returns, the arrays are durable.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ def _spec(storage: Any, key: str, shape: tuple[int, ...] | None = None, dtype: A
 def write_tree(storage: Any, key: str, tree: Any) -> dict[str, Any]:
     """Writes every leaf of ``tree`` (fully addressable arrays) under ``key``; returns the manifest to keep."""
     leaves = [(p, np.asarray(jax.device_get(a))) for p, a in tree_leaves(tree)]
+    context = ts.Context({"file_io_sync": True})  # local disk: fsync files and directories (other drivers ignore it)
     futures = []
     for i, (_, a) in enumerate(leaves):
-        store = ts.open(_spec(storage, f"{key}/{i:04d}", a.shape, a.dtype), create=True).result()
+        store = ts.open(_spec(storage, f"{key}/{i:04d}", a.shape, a.dtype), create=True, context=context).result()
         futures.append(store.write(a))
     for f in futures:
         f.result()
@@ -89,7 +90,7 @@ def read_tree(storage: Any, manifest: dict[str, Any], abstract: Any, *, what: st
         arrays = [f.result() for f in [s.read() for s in stores]]
     except ValueError as e:
         raise ParamsError(f"{what}: stored parameters under {key} are missing or unreadable "
-                          f"({str(e).splitlines()[0]})") from e
+                          f"({str(e).splitlines()[0].split(' [tensorstore_spec')[0]})") from e
     leaves = [(p, a) for (p, _), a in zip(expected, arrays, strict=True)]
     if tree_digest(leaves) != manifest["sha256"]:
         raise ParamsError(f"{what}: stored parameters under {key} do not match the sha256 in its record (corrupt "
