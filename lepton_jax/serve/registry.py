@@ -155,10 +155,7 @@ class Registry:
         if version not in versions:
             raise RegistryError(f"model {name!r} has no version {version}; versions: {versions}")
         key = self._record_key(name, version)
-        try:
-            record = json.loads(self.storage.read(key))
-        except (OSError, ValueError) as e:
-            raise RegistryError(f"registry record {self.storage.uri}/{key} is unreadable ({e})") from e
+        record = self._read_json(key)
         if not isinstance(record, dict) or record.get("format") not in FORMATS or record.get("version") != version:
             raise RegistryError(f"registry record {self.storage.uri}/{key} is not a {FORMAT} record for version "
                                 f"{version}; re-register the model")
@@ -184,12 +181,12 @@ class Registry:
         for stage in self.storage.list(f"{prefix}/"):
             entries = self._sequence(f"{prefix}/{stage}")
             if entries:
-                out[stage] = int(json.loads(self.storage.read(f"{prefix}/{stage}/{entries[-1]:08d}.json"))["version"])
+                out[stage] = int(self._read_json(f"{prefix}/{stage}/{entries[-1]:08d}.json")["version"])
         return out
 
     def history(self, name: str, stage: str) -> list[dict[str, Any]]:
         prefix = f"{MODELS_DIR}/{check_name('model name', name)}/{STAGES_DIR}/{check_name('stage', stage)}"
-        return [json.loads(self.storage.read(f"{prefix}/{n:08d}.json")) for n in self._sequence(prefix)]
+        return [self._read_json(f"{prefix}/{n:08d}.json") for n in self._sequence(prefix)]
 
     def promote(self, name: str, version: int, stage: str = "production") -> dict[str, Any]:
         """Points ``stage`` at ``version`` (appends to the stage's history)."""
@@ -270,6 +267,12 @@ class Registry:
                         delete_tree(self.storage, key)
                     removed.append(key)
         return removed
+
+    def _read_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.storage.read(key))
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"registry record {self.storage.uri}/{key} is unreadable ({e})") from e
 
     def _sequence(self, prefix: str) -> list[int]:
         return sorted(int(n[:-5]) for n in self.storage.list(f"{prefix}/") if n.endswith(".json") and n[:-5].isdigit())
