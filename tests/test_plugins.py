@@ -2,6 +2,7 @@
 every command that rebuilds the model, and bad import paths give one clear line."""
 
 import json
+import shutil
 import textwrap
 import warnings
 
@@ -14,6 +15,7 @@ from lepton_jax.errors import ConfigError
 from lepton_jax.lake import Lake
 from lepton_jax.models import build_model, register_model
 from lepton_jax.serve.client import infer_request
+from lepton_jax.serve.registry import Registry
 from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 from tests.conftest import ROOT
 
@@ -91,6 +93,8 @@ def test_custom_model_and_source_through_every_command(tmp_path, monkeypatch, ca
     assert accuracy["transfer"] == accuracy["pgd2"] and accuracy["worst"] <= min(accuracy["pgd2"], accuracy["square"])
     assert main(["registry", "register", "--lake", str(lake), "--name", "tiny", "--workdir", str(workdir),
                  "--promote", "production"]) == 0
+    assert Registry(lake).get("tiny", 1).record["model"]["plugin"] == "plugmod:Tiny"
+    shutil.rmtree(workdir)  # the registry record and the lake are enough from here on
     server = ModelServer([ServedModel.from_registry(lake, "tiny@production")],
                          ServeConfig(warm_up_on_startup=False, replicas=1, max_batch_size=4))
     server.warm_up()

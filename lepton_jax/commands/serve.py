@@ -31,6 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--stage", default="production")
     promote.set_defaults(handler=promote_command)
 
+    gc = reg.add_parser("gc", help="remove parameter copies no record references and temp records (left by a crash)")
+    gc.add_argument("--lake", required=True)
+    gc.add_argument("--grace-seconds", type=float, default=3600.0,
+                    help="only copies older than this (default 3600; under 60 needs --force)")
+    gc.add_argument("--force", action="store_true", help="allow a grace under 60 s (no registration running)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    gc.set_defaults(handler=gc_command)
+
     exp = sub.add_parser("export", help="export a model as a jax.export edge artifact (runs with jax + numpy only)")
     exp.add_argument("--lake", default=None, help="registry lake (with --model)")
     exp.add_argument("--model", default=None, help="NAME@VERSION or NAME@STAGE from the registry")
@@ -74,8 +82,10 @@ def register_command(args: argparse.Namespace) -> int:
     registry = Registry(args.lake)
     entry = registry.register(args.name, args.workdir, step=args.step, description=args.description)
     metrics = entry.record["metrics"]
-    print(f"registered {entry.ref}: checkpoint {entry.workdir} step {entry.step}, data "
-          f"{entry.record['data']['table']}@{entry.record['data']['version']}, test accuracy "
+    params = entry.record["params"]
+    print(f"registered {entry.ref}: checkpoint {entry.workdir} step {entry.step} copied to "
+          f"{registry.storage.uri}/{params['key']} ({params['bytes']:,} bytes, sha256 {params['sha256'][:12]}), "
+          f"data {entry.record['data']['table']}@{entry.record['data']['version']}, test accuracy "
           f"{metrics.get('test_accuracy')}")
     if args.promote:
         registry.promote(entry.name, entry.version, args.promote)
@@ -89,13 +99,14 @@ def ls_command(args: argparse.Namespace) -> int:
     registry = Registry(args.lake)
     names = registry.names()
     if not names:
-        print(f"no models registered in {registry.root}")
+        print(f"no models registered in {registry.uri}")
     for name in names:
         stages = registry.stages(name)
         for version in registry.versions(name):
             entry = registry.get(name, version)
             tags = [s for s, v in stages.items() if v == version]
-            print(f"{entry.ref}  step={entry.step}  data={entry.record['data']['table']}@"
+            where = "lake" if entry.self_sufficient else f"run {entry.workdir} (re-register)"
+            print(f"{entry.ref}  step={entry.step}  params={where}  data={entry.record['data']['table']}@"
                   f"{entry.record['data']['version']}  test_accuracy={entry.record['metrics'].get('test_accuracy')}"
                   f"{'  [' + ', '.join(tags) + ']' if tags else ''}")
     return 0
@@ -125,6 +136,17 @@ def promote_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def gc_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.registry import Registry
+
+    removed = Registry(args.lake).gc(args.grace_seconds, force=args.force, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} unreferenced parameter cop{'y' if len(removed) == 1 else 'ies'} or temp record(s)")
+    for key in removed:
+        print(f"  {key}")
+    return 0
+
+
 def export_command(args: argparse.Namespace) -> int:
     from lepton_jax.errors import LeptonError
     from lepton_jax.serve.export import export_artifact
@@ -132,14 +154,13 @@ def export_command(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.workdir):
         raise LeptonError("export needs either --lake LAKE --model NAME@VERSION or --workdir RUN")
-    step, info, workdir = None, {}, args.workdir
+    source = args.workdir
     if args.model:
         if not args.lake:
             raise LeptonError("--model needs --lake (the lake holding the registry)")
-        entry = Registry(args.lake).resolve(args.model)
-        workdir, step, info = entry.workdir, entry.step, {"registry": entry.ref}
-    manifest = export_artifact(workdir, args.output, step=step, quantize="int8" if args.int8 else None,
-                               platforms=tuple(p for p in args.platforms.split(",") if p), model_info=info)
+        source = Registry(args.lake).resolve(args.model)
+    manifest = export_artifact(source, args.output, quantize="int8" if args.int8 else None,
+                               platforms=tuple(p for p in args.platforms.split(",") if p))
     ev = manifest.get("evaluation", {})
     print(f"wrote {args.output}: {manifest['size_bytes']:,} bytes ({manifest['quantization']['scheme']} weights), "
           f"platforms {', '.join(manifest['platforms'])}")

@@ -28,17 +28,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     launch.set_defaults(handler=launch_command, accepts_overrides=True)
 
     ev = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split of its pinned lake version")
-    ev.add_argument("--workdir", required=True)
+    _model_source(ev)
     ev.add_argument("--split", default="test")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: best on dev)")
     ev.set_defaults(handler=eval_command)
 
     pred = sub.add_parser("predict", help="classify examples from a .npy file with a run's best checkpoint")
-    pred.add_argument("--workdir", required=True)
+    _model_source(pred)
     pred.add_argument("--input", required=True, help=".npy of raw examples, shape (N, *example_shape)")
     pred.add_argument("--output", default=None, help="write predicted classes to this .npy")
     pred.add_argument("--step", type=int, default=None)
     pred.set_defaults(handler=predict_command)
+
+
+def _model_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=None, help="a run directory of `lepton-jax train`")
+    parser.add_argument("--lake", default=None, help="or: the lake holding the model registry (with --model)")
+    parser.add_argument("--model", default=None, help="NAME, NAME@VERSION or NAME@STAGE from the registry")
+
+
+def _load_predictor(args: argparse.Namespace):
+    """``(predictor, data)`` from ``--workdir`` or ``--lake/--model`` (a registry version: the lake alone)."""
+    from lepton_jax.errors import LeptonError
+    from lepton_jax.serve import Predictor
+    from lepton_jax.serve.predictor import read_run
+
+    if bool(args.workdir) == bool(args.model):
+        raise LeptonError(f"{args.command} needs either --workdir RUN or --lake LAKE --model NAME@VERSION")
+    if args.model:
+        from lepton_jax.serve.registry import Registry
+
+        if not args.lake:
+            raise LeptonError("--model needs --lake (the lake holding the registry)")
+        if args.step is not None:
+            raise LeptonError("--step applies to --workdir; a registry version has one checkpoint")
+        entry = Registry(args.lake).resolve(args.model)
+        return Predictor.from_registry(entry), entry.record["data"]
+    return Predictor.from_workdir(args.workdir, step=args.step), read_run(Path(args.workdir))[1]["data"]
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -71,12 +97,8 @@ def eval_command(args: argparse.Namespace) -> int:
     from lepton_jax.data.transforms import input_array
     from lepton_jax.eval import metrics
     from lepton_jax.lake import Lake
-    from lepton_jax.serve import Predictor
-    from lepton_jax.serve.predictor import read_run
 
-    _, run_info = read_run(Path(args.workdir))
-    data = run_info["data"]
-    predictor = Predictor.from_workdir(args.workdir, step=args.step)
+    predictor, data = _load_predictor(args)
     split = Lake(data["lake"]).table(data["table"], data["version"]).reader(args.split)
     examples = split.read_all()
     labels = examples["label"]
@@ -92,10 +114,10 @@ def eval_command(args: argparse.Namespace) -> int:
 def predict_command(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from lepton_jax.serve import Predictor, load_npy
+    from lepton_jax.serve import load_npy
 
     raw = load_npy(args.input)
-    predictor = Predictor.from_workdir(args.workdir, step=args.step)
+    predictor, _ = _load_predictor(args)
     out = predictor.predict(raw, name=args.input)
     classes = out["class"]
     names = [predictor.label_names[c] for c in classes]

@@ -40,10 +40,14 @@ def safe_relpath(rel: str) -> str:
 
 
 def check_name(kind: str, name: str) -> str:
-    """Table, split and array names become path components: no separators, no ``..``."""
+    """Table, split and array names become path components: no separators, no ``..``; table names beginning with
+    ``_`` are reserved for the lake's own entries (``_models``: the model registry)."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
         raise LakeError(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.' "
                         "(no path separators, no '..')")
+    if kind == "table" and name.startswith("_"):
+        raise LakeError(f"table name {name!r} is reserved: names beginning with '_' belong to the lake itself "
+                        "(_models is the model registry); choose a name starting with a letter or digit")
     return name
 
 

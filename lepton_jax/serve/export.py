@@ -48,10 +48,12 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | None = None,
+def export_artifact(workdir: str | Path | Any, out_dir: str | Path, *, step: int | None = None,
                     quantize: str | None = None, platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
                     eval_split: str | None = "test", model_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Exports a run's checkpoint (default: best) to ``out_dir``; returns the manifest.
+    """Exports a run's checkpoint (default: best) — or, when ``workdir`` is a registry
+    :class:`~lepton_jax.serve.registry.ModelVersion`, that version's parameters stored in the lake — to
+    ``out_dir``; returns the manifest.
 
     ``quantize="int8"`` stores every parameter with two or more dimensions as int8 with per-channel scales. With
     ``eval_split`` the artifact is compared with the float model on that split of the run's lake table (accuracy of
@@ -65,7 +67,15 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new --output directory")
-    predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
+    if hasattr(workdir, "restore"):  # a registry version: nothing is read from the run directory
+        entry = workdir
+        predictor = Predictor.from_registry(entry, devices=jax.devices()[:1])
+        data, source = entry.record["data"], {"registry": entry.ref, "source_workdir": str(entry.workdir)}
+    else:
+        from lepton_jax.serve.predictor import read_run
+
+        predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
+        data, source = read_run(Path(workdir))[1]["data"], {"workdir": str(Path(workdir).resolve())}
     schema = predictor.schema
     lo, hi = (float(v) for v in input_spec(schema)["value_range"])
     bounds = input_bounds(input_spec(schema))  # per column for tabular tables: the training transform
@@ -117,12 +127,12 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
             "label_names": predictor.label_names, "platforms": list(exported.platforms),
             "quantization": {"scheme": quantize or "none", "per": "output channel (last axis)",
                              "params": params_meta},
-            "model": {**(model_info or {}), "workdir": str(Path(workdir).resolve()), "step": predictor.step},
+            "model": {**(model_info or {}), **source, "step": predictor.step},
             "jax_version": jax.__version__, "files": files,
             "size_bytes": sum(f["bytes"] for n, f in files.items() if n != RUNNER_FILE),
         }
         if eval_split:
-            manifest["evaluation"] = _compare(predictor, exported, weights, workdir, eval_split)
+            manifest["evaluation"] = _compare(predictor, exported, weights, data, eval_split)
         _write_json(tmp / edge.MANIFEST, manifest)
         if out_dir.exists():
             _move_into(tmp, out_dir)
@@ -134,12 +144,11 @@ def export_artifact(workdir: str | Path, out_dir: str | Path, *, step: int | Non
     return manifest
 
 
-def _compare(predictor, exported, weights, workdir, split: str) -> dict[str, Any]:
-    """Accuracy of the float model and of the artifact on ``split``, and how often their top-1 classes agree."""
+def _compare(predictor, exported, weights, data: dict[str, Any], split: str) -> dict[str, Any]:
+    """Accuracy of the float model and of the artifact on ``split`` of the lake table version ``data`` names, and
+    how often their top-1 classes agree."""
     from lepton_jax.lake import Lake
-    from lepton_jax.serve.predictor import read_run
 
-    data = read_run(Path(workdir))[1]["data"]
     examples = Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all()
     raw, labels = predictor.validate(examples[input_array(predictor.schema)]), examples["label"]
     reference = predictor.predict(raw)["class"]

@@ -1,4 +1,4 @@
-"""A jitted, batch-sharded predictor restored from a run directory's best checkpoint.
+"""A jitted, batch-sharded predictor restored from a run directory's best checkpoint or a registry record.
 
 Inputs are raw examples in the units of the lake table the model was trained on (for digits: 8x8 values in
 0..16); the predictor validates them against the table schema saved with the run and applies the same
@@ -48,6 +48,14 @@ class Predictor:
         built, params, step = restore_params(workdir, step, mesh)
         return cls(built.graphdef, params, schema=run_info["data"]["schema"], mesh=mesh, batch_size=batch_size,
                    step=step)
+
+    @classmethod
+    def from_registry(cls, entry: Any, *, devices: list | None = None, batch_size: int = 256) -> Predictor:
+        """A registered model version (:class:`lepton_jax.serve.registry.ModelVersion`): model and parameters come
+        from the record and the lake alone, not from the run directory it was registered from."""
+        mesh = make_mesh(mesh_config({"data": -1}), devices)
+        built, params = entry.restore(mesh)
+        return cls(built.graphdef, params, schema=entry.schema, mesh=mesh, batch_size=batch_size, step=entry.step)
 
     @property
     def example_shape(self) -> tuple[int, ...]:

@@ -1,14 +1,24 @@
-"""The model registry, kept in the lake: named model versions that point at Orbax checkpoints.
+"""The model registry, kept in the lake: named model versions whose parameters are stored in the lake with them.
 
-Layout under a lake root ``ROOT``::
+Layout under a lake root ``ROOT`` (every key written through :mod:`lepton_jax.lake.storage`, so the registry lives
+wherever the lake does)::
 
-    ROOT/_models/<name>/00000001.json                 one record per version (immutable)
+    ROOT/_models/<name>/00000001.json                 one record per version (immutable): the commit point
+    ROOT/_models/<name>/_params/<params-id>/<leaf>/   that version's parameters: one zarr v3 array per leaf
     ROOT/_models/<name>/_stages/<stage>/00000001.json promotions, append-only; the highest number is current
 
-A record holds the checkpoint (run directory + step), the run's metrics and config, the lake table version it was
-trained on, the input schema, and the reference statistics of the training split for drift monitoring. Records
-and promotions are published like lake commits: an fsynced temp file is ``os.link``-ed to its final name, an
-exclusive create, so two concurrent registrations can never take the same version.
+A record is self-sufficient: it holds the parameters' manifest (key, leaf paths/shapes/dtypes and a sha256 over the
+tree, checked on load), the model's config (with a plug-in's import path), the input schema, the drift reference
+statistics of the training split, the run's metrics, the lake table version it was trained on, and where it came
+from (run directory + step, provenance only). ``serve``, ``export``, ``predict`` and ``eval`` of a registry
+reference read nothing else, so they keep working after the run directory is moved or deleted.
+
+Registering writes the parameters under a fresh ``_params/<params-id>`` (``<unix-ms>-<random>``) first and then
+publishes the record with the lake's create-if-absent (:meth:`lepton_jax.lake.storage.Storage.create`, the same
+path the lake's commits take), so two concurrent registrations never take the same version and a record never
+points at parameters still being written. A crash in between leaves an unreferenced ``_params`` directory and no
+record; :meth:`Registry.gc` (``lepton-jax registry gc``) removes those once they are older than a grace period.
+Records of the first format (``lepton-model/1``, pointing at a run directory) still load while that directory exists.
 
 References: ``name`` (latest version), ``name@3``, ``name@latest``, ``name@<stage>`` (e.g. ``name@production``).
 """
@@ -17,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +38,15 @@ from lepton_jax.errors import LeptonError
 
 MODELS_DIR = "_models"
 STAGES_DIR = "_stages"
-FORMAT = "lepton-model/1"
+PARAMS_DIR = "_params"
+FORMAT = "lepton-model/2"
+FORMAT_V1 = "lepton-model/1"  # parameters in the training run's checkpoints (read while the run exists)
+FORMATS = (FORMAT_V1, FORMAT)
+MIN_GC_GRACE_SECONDS = 60.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PARAMS_ID = re.compile(r"^(\d{13})-[0-9a-f]{12}$")
+TEMP_PREFIX = ".publish-"  # + <unix-ms>- + random: a record's temp file where the backend needs one (local disk)
+_TEMP = re.compile(r"^\.publish-(\d{13})-")
 _MAX_RETRIES = 64
 
 
@@ -44,9 +63,10 @@ def check_name(kind: str, name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelVersion:
-    """One registered model version: its record, as published."""
+    """One registered model version: its record, as published, and the lake storage it was read from."""
 
     record: dict[str, Any]
+    storage: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -62,6 +82,7 @@ class ModelVersion:
 
     @property
     def workdir(self) -> Path:
+        """The training run it was registered from (provenance; not needed to load a self-sufficient record)."""
         return Path(self.record["checkpoint"]["workdir"])
 
     @property
@@ -76,45 +97,69 @@ class ModelVersion:
     def reference(self) -> dict[str, Any] | None:
         return self.record.get("reference")
 
+    @property
+    def self_sufficient(self) -> bool:
+        """True when the parameters are stored in the lake with the record."""
+        return "params" in self.record
+
+    def restore(self, mesh: Any) -> tuple[Any, Any]:
+        """``(built, params)``: the model rebuilt from the record's config on ``mesh`` (replicated) and its
+        parameters, read from the lake and checked against the record's sha256."""
+        from lepton_jax.config import saved_config
+        from lepton_jax.parallel.build import build
+        from lepton_jax.serve.lake_params import read_tree
+
+        if not self.self_sufficient:
+            return self._restore_from_run(mesh)
+        built = build(saved_config(self.record["config"]), self.schema, mesh, replicate=True)
+        params = read_tree(self.storage, self.record["params"], built.abstract_params, what=f"model {self.ref}")
+        return built, params
+
+    def _restore_from_run(self, mesh: Any) -> tuple[Any, Any]:
+        """A first-format record: the parameters are still only in the run directory's checkpoints."""
+        from lepton_jax.checkpoint import restore_params
+
+        if not (self.workdir / "checkpoints").is_dir():
+            raise RegistryError(f"model {self.ref} is an older registry record whose parameters live in run directory "
+                                f"{self.workdir}, which is gone; re-register the model (`lepton-jax registry "
+                                "register`) to store its parameters in the lake")
+        built, params, _ = restore_params(self.workdir, self.step, mesh)
+        return built, params
+
 
 class Registry:
     """Named, versioned models under ``<lake>/_models``."""
 
     def __init__(self, lake_root: str | Path):
-        from lepton_jax.lake.uri import local_root
+        from lepton_jax.lake.storage import open_storage
 
-        self.lake_root = local_root(lake_root)
-        self.root = self.lake_root / MODELS_DIR
+        self.lake_root = lake_root
+        self.storage = open_storage(lake_root)
+        self.uri = f"{str(self.storage.uri).rstrip('/')}/{MODELS_DIR}"
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+        return [n for n in self.storage.list(f"{MODELS_DIR}/") if _NAME.match(n)]
 
     def versions(self, name: str) -> list[int]:
-        directory = self.root / check_name("model name", name)
-        if not directory.is_dir():
-            return []
-        return sorted(int(p.stem) for p in directory.glob("*.json") if p.stem.isdigit())
+        names = self.storage.list(f"{MODELS_DIR}/{check_name('model name', name)}/")
+        return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         """Version ``version`` of ``name`` (default: the latest)."""
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise RegistryError(f"registry {self.root} has no model {name!r} (models: {known}); register one with "
+            raise RegistryError(f"registry {self.uri} has no model {name!r} (models: {known}); register one with "
                                 f"`lepton-jax registry register --lake {self.lake_root} --name {name} --workdir ...`")
         version = versions[-1] if version is None else int(version)
         if version not in versions:
             raise RegistryError(f"model {name!r} has no version {version}; versions: {versions}")
-        path = self._record_path(name, version)
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RegistryError(f"registry record {path} is unreadable ({e})") from e
-        if record.get("format") != FORMAT or record.get("version") != version:
-            raise RegistryError(f"registry record {path} is not a {FORMAT} record for version {version}")
-        return ModelVersion(record)
+        key = self._record_key(name, version)
+        record = self._read_json(key)
+        if not isinstance(record, dict) or record.get("format") not in FORMATS or record.get("version") != version:
+            raise RegistryError(f"registry record {self.storage.uri}/{key} is not a {FORMAT} record for version "
+                                f"{version}; re-register the model")
+        return ModelVersion(record, self.storage)
 
     def resolve(self, ref: str) -> ModelVersion:
         """``name``, ``name@<version>``, ``name@latest`` or ``name@<stage>`` -> the model version."""
@@ -131,38 +176,49 @@ class Registry:
 
     def stages(self, name: str) -> dict[str, int]:
         """Current stage -> version of ``name``."""
-        directory = self.root / check_name("model name", name) / STAGES_DIR
+        prefix = f"{MODELS_DIR}/{check_name('model name', name)}/{STAGES_DIR}"
         out = {}
-        for stage_dir in sorted(directory.iterdir()) if directory.is_dir() else []:
-            entries = sorted(p for p in stage_dir.glob("*.json") if p.stem.isdigit())
+        for stage in self.storage.list(f"{prefix}/"):
+            entries = self._sequence(f"{prefix}/{stage}")
             if entries:
-                out[stage_dir.name] = int(json.loads(entries[-1].read_text())["version"])
+                out[stage] = int(self._read_json(f"{prefix}/{stage}/{entries[-1]:08d}.json")["version"])
         return out
 
     def history(self, name: str, stage: str) -> list[dict[str, Any]]:
-        directory = self.root / check_name("model name", name) / STAGES_DIR / check_name("stage", stage)
-        return [json.loads(p.read_text()) for p in sorted(directory.glob("*.json")) if p.stem.isdigit()]
+        prefix = f"{MODELS_DIR}/{check_name('model name', name)}/{STAGES_DIR}/{check_name('stage', stage)}"
+        return [self._read_json(f"{prefix}/{n:08d}.json") for n in self._sequence(prefix)]
 
     def promote(self, name: str, version: int, stage: str = "production") -> dict[str, Any]:
         """Points ``stage`` at ``version`` (appends to the stage's history)."""
         self.get(name, version)
-        directory = self.root / name / STAGES_DIR / check_name("stage", stage)
+        prefix = f"{MODELS_DIR}/{name}/{STAGES_DIR}/{check_name('stage', stage)}"
         for _ in range(_MAX_RETRIES):
-            entries = sorted(int(p.stem) for p in directory.glob("*.json") if p.stem.isdigit())
+            entries = self._sequence(prefix)
             seq = (entries[-1] if entries else 0) + 1
             previous = self.stages(name).get(stage)
             entry = {"stage": stage, "version": int(version), "previous": previous, "time": time.time(),
                      "sequence": seq}
-            if _publish(directory / f"{seq:08d}.json", entry):
+            if self.storage.create(f"{prefix}/{seq:08d}.json", _dumps(entry), temp_prefix=_temp_prefix()):
                 return entry
         raise RegistryError(f"could not promote {name}@{version} to {stage}: too many concurrent promotions")
 
     def register(self, name: str, workdir: str | Path, *, step: int | None = None, description: str = "",
                  reference_split: str = "train") -> ModelVersion:
-        """Registers a training run's checkpoint (default: its best) as the next version of ``name``."""
+        """Registers a training run's checkpoint (default: its best) as the next version of ``name``: its
+        parameters are copied into the lake first, then the record is published."""
+        from lepton_jax.serve.lake_params import write_tree
+        from lepton_jax.serve.predictor import Predictor
+
         check_name("model name", name)
-        fields = describe_run(Path(workdir), step=step, reference_split=reference_split)
-        return self.add(name, {"description": description, **fields})
+        predictor = Predictor.from_workdir(Path(workdir), step=step)
+        fields = describe_run(Path(workdir), predictor, reference_split=reference_split)
+        params = write_tree(self.storage, self.new_params_key(name), predictor.params)
+        return self.add(name, {"description": description, **fields, "params": params})
+
+    def new_params_key(self, name: str) -> str:
+        """A fresh key for a version's parameters (its id starts with the time, which :meth:`gc` reads)."""
+        return f"{MODELS_DIR}/{check_name('model name', name)}/{PARAMS_DIR}/{int(time.time() * 1000):013d}-" \
+               f"{uuid.uuid4().hex[:12]}"
 
     def add(self, name: str, fields: dict[str, Any]) -> ModelVersion:
         """Publishes ``fields`` as the next version of ``name``; concurrent callers get distinct versions."""
@@ -171,25 +227,75 @@ class Registry:
             versions = self.versions(name)
             version = (versions[-1] if versions else 0) + 1
             record = {**fields, "format": FORMAT, "name": name, "version": version, "time": time.time()}
-            if _publish(self._record_path(name, version), record):
-                return ModelVersion(record)
-        raise RegistryError(f"could not register {name} in {self.root / name}: too many concurrent registrations")
+            if self.storage.create(self._record_key(name, version), _dumps(record), temp_prefix=_temp_prefix()):
+                return ModelVersion(record, self.storage)
+        raise RegistryError(f"could not register {name} in {self.uri}/{name}: too many concurrent registrations")
 
-    def _record_path(self, name: str, version: int) -> Path:
-        return self.root / name / f"{version:08d}.json"
+    def gc(self, grace_seconds: float = 3600.0, *, force: bool = False, dry_run: bool = False) -> list[str]:
+        """Removes parameter directories no record references and records' temp files (both left by a registration
+        or promotion that crashed before it published) once they are older than ``grace_seconds``; returns their
+        keys. Below
+        :data:`MIN_GC_GRACE_SECONDS` only with ``force`` (a registration still copying could lose its parameters)."""
+        from lepton_jax.serve.lake_params import delete_tree
+
+        if not isinstance(grace_seconds, int | float) or not math.isfinite(grace_seconds) or grace_seconds < 0:
+            raise RegistryError(f"registry gc: the grace period must be a number of seconds >= 0, got {grace_seconds}")
+        if grace_seconds < MIN_GC_GRACE_SECONDS and not force:
+            raise RegistryError(f"registry gc: a grace period under {MIN_GC_GRACE_SECONDS:g} s can delete the "
+                                "parameters of a registration in progress; pass --force if none is running")
+        cutoff_ms = (time.time() - grace_seconds) * 1000
+        removed = []
+        for name in self.names():
+            base = f"{MODELS_DIR}/{name}"
+            for prefix in [base] + [f"{base}/{STAGES_DIR}/{s}" for s in self.storage.list(f"{base}/{STAGES_DIR}/")]:
+                for temp in self.storage.list(f"{prefix}/"):
+                    m = _TEMP.match(temp)
+                    if m and int(m.group(1)) < cutoff_ms:
+                        if not dry_run:
+                            self.storage.delete(f"{prefix}/{temp}")
+                        removed.append(f"{prefix}/{temp}")
+            ids = [i for i in self.storage.list(f"{base}/{PARAMS_DIR}/") if _PARAMS_ID.match(i)]
+            if not ids:
+                continue
+            used = {self.get(name, v).record.get("params", {}).get("key") for v in self.versions(name)}
+            for params_id in ids:
+                key = f"{MODELS_DIR}/{name}/{PARAMS_DIR}/{params_id}"
+                if key in used or int(_PARAMS_ID.match(params_id).group(1)) >= cutoff_ms:
+                    continue
+                if self.storage.list(f"{key}/"):  # (a removed copy leaves an empty directory on local disk)
+                    if not dry_run:
+                        delete_tree(self.storage, key)
+                    removed.append(key)
+        return removed
+
+    def _read_json(self, key: str) -> Any:
+        try:
+            return json.loads(self.storage.read(key))
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"registry record {self.storage.uri}/{key} is unreadable ({e})") from e
+
+    def _sequence(self, prefix: str) -> list[int]:
+        return sorted(int(n[:-5]) for n in self.storage.list(f"{prefix}/") if n.endswith(".json") and n[:-5].isdigit())
+
+    @staticmethod
+    def _record_key(name: str, version: int) -> str:
+        return f"{MODELS_DIR}/{name}/{version:08d}.json"
 
 
-def describe_run(workdir: Path, *, step: int | None = None, reference_split: str = "train") -> dict[str, Any]:
-    """What a registry record says about a run: checkpoint, metrics, config, data, schema, drift reference."""
+def describe_run(workdir: Path, predictor: Any, *, reference_split: str = "train") -> dict[str, Any]:
+    """What a registry record says about a run and the checkpoint ``predictor`` holds: its provenance, metrics,
+    config, model, data version, input schema and drift reference."""
+    import jax
+
     from lepton_jax import tracking
     from lepton_jax.data.transforms import input_array, input_spec
     from lepton_jax.lake import Lake
+    from lepton_jax.plugins import is_import_path
     from lepton_jax.serve.drift import reference_stats
-    from lepton_jax.serve.predictor import Predictor, read_run
+    from lepton_jax.serve.predictor import read_run
 
     workdir = workdir.resolve()
     config, run_info = read_run(workdir)
-    predictor = Predictor.from_workdir(workdir, step=step)
     data = run_info["data"]
     summary_path = workdir / "summary.json"
     metrics = tracking.read_json(summary_path) if summary_path.exists() else {}
@@ -201,10 +307,14 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
     reference = reference_stats(raw, predicted, num_classes=len(schema["label_names"]),
                                 value_range=spec["value_range"], split=reference_split,
                                 column_ranges=spec.get("column_ranges"), columns=spec.get("columns"))
+    model_name = str(config.model.name)
     return {
-        "checkpoint": {"workdir": str(workdir), "directory": str(workdir / "checkpoints"), "step": predictor.step},
+        "checkpoint": {"workdir": str(workdir), "directory": str(workdir / "checkpoints"), "step": predictor.step,
+                       "note": "provenance only: the parameters are stored in the lake (params)"},
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float | str | None)},
         "config": config.to_dict(),
+        "model": {"name": model_name, "plugin": model_name if is_import_path(model_name) else None,
+                  "num_params": int(sum(leaf.size for leaf in jax.tree.leaves(predictor.params)))},
         "data": {"lake": data["lake"], "table": data["table"], "version": data["version"], "schema": schema,
                  "source_sha256": data.get("source_sha256")},
         "input": {"name": input_array(schema), "example_shape": list(predictor.example_shape),
@@ -215,9 +325,9 @@ def describe_run(workdir: Path, *, step: int | None = None, reference_split: str
     }
 
 
-def _publish(path: Path, record: dict[str, Any]) -> bool:
-    """Exclusive create of ``path`` with ``record``: False if another writer published it first (the lake's
-    publishing, :func:`lepton_jax.lake.publish.publish_new`)."""
-    from lepton_jax.lake.publish import publish_new
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{int(time.time() * 1000):013d}-"
 
-    return publish_new(path, json.dumps(record, indent=1, sort_keys=True, default=str).encode())
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, indent=1, sort_keys=True, default=str).encode()

@@ -130,8 +130,11 @@ class ServedModel:
 
         entry = Registry(lake_root).resolve(ref)
         stage = ref.partition("@")[2]
-        model = cls.from_workdir(entry.workdir, name=entry.name, version=str(entry.version), step=entry.step,
-                                 reference=entry.reference)
+        from lepton_jax.serve.predictor import Predictor
+
+        predictor = Predictor.from_registry(entry, devices=jax.devices()[:1])
+        model = cls(entry.name, str(entry.version), predictor.graphdef, predictor.params, predictor.schema,
+                    reference=entry.reference, info={"step": entry.step, "source_workdir": str(entry.workdir)})
         model.info.update({"registry": entry.ref, "requested": ref, "stage": stage if not stage.isdigit() else None,
                            "metrics": entry.record.get("metrics", {}),
                            "data": {k: entry.record["data"][k] for k in ("table", "version")}})
