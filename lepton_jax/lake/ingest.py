@@ -314,6 +314,8 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
             except BrokenProcessPool as e:
                 raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {uri}; "
                                 "nothing was committed") from e
+            finally:  # on a failure: chunks not started yet are dropped, running ones finish before the discard
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         if bar is not None:
             bar.close()
