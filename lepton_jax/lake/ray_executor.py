@@ -108,7 +108,9 @@ def _connect(ray: Any, address: str | None) -> bool:
         else:
             _check_reachable(address)
             ray.init(address=address, **quiet)
-    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+    except LakeError:
+        raise
+    except Exception as e:  # whatever ray.init raises (connection, version, authentication): one line
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LakeError(f"cannot connect to {where}: {first}") from None
