@@ -55,13 +55,12 @@ def run_on_ray(jobs: list[ChunkJob], uri: str, *, address: str | None = None, in
     to get the same clean-up when the consumer stops early. ``report`` (if given) receives where the tasks ran:
     the cluster's address, the tasks in flight, and per task its node and worker process."""
     ray = import_ray(address)
-    started = _connect(ray, address)
+    connected = _connect(ray, address)
     pending: collections.deque[tuple[int, Any]] = collections.deque()
     report = {} if report is None else report
     try:
         limit = in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        report.update(executor="ray", address=ray.get_runtime_context().gcs_address, in_flight=limit,
-                      started_local=started, tasks=[])
+        report.update(executor="ray", address=ray.get_runtime_context().gcs_address, in_flight=limit, tasks=[])
         # no retries: a retried task would find its own half-written fragment (arrays are written once); a lost
         # worker fails the ingest with one line instead, and nothing is published
         task = ray.remote(num_cpus=1, max_retries=0)(_chunk_task)
@@ -82,7 +81,7 @@ def run_on_ray(jobs: list[ChunkJob], uri: str, *, address: str | None = None, in
         try:
             _cancel(ray, [ref for _, ref in pending])
         finally:
-            if started:
+            if connected:  # disconnects this driver; stops the instance only if it was started here
                 ray.shutdown()
 
 
@@ -95,8 +94,8 @@ def _chunk_task(job: ChunkJob) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _connect(ray: Any, address: str | None) -> bool:
-    """Joins the cluster at ``address`` (else ``RAY_ADDRESS``), or starts a local one; True if this call started
-    Ray in this process (then the caller shuts it down)."""
+    """Joins the cluster at ``address`` (else ``RAY_ADDRESS``), or starts a local one; True if this call initialised
+    Ray in this process (then the caller shuts it down), False if the caller had."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
