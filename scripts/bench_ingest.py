@@ -10,8 +10,15 @@ image folder of 50,000 files (half PNG, half JPEG, 10 label folders). Then, each
 - the image folder with ``--workers 1`` and ``--workers 2`` (interleaved repeats, medians);
 - ``--mode append`` of 1% new examples: bytes written (the new commit's files and record) against the table's bytes.
 
+With ``--executor ray`` the script also starts a local Ray instance (``--ray-cpus`` CPUs, on 127.0.0.1) and times,
+interleaved with the runs above, the same ingests with ``--executor ray --ray-address <it>``: each ingest a separate
+driver joining the running cluster, as on a multi-node cluster (cluster start-up not timed; each driver's Ray worker
+processes start inside its timing). Peak RSS of a Ray ingest is the driver's only (its tasks run in the cluster's
+worker processes).
+
     .venv/bin/python scripts/bench_ingest.py --scale 0.02     # ~1 minute: 40,000 examples, 1,000 images
     .venv/bin/python scripts/bench_ingest.py                  # the full ~1.5 GB (several minutes, ~4 GB of disk)
+    .venv/bin/python scripts/bench_ingest.py --scale 0.02 --executor ray --ray-cpus 2   # also as Ray tasks
 
 Every temp directory is removed at the end (unless ``--dir``).
 """
@@ -100,6 +107,20 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+RAY: tuple[str, ...] = ()  # extra CLI arguments of a Ray ingest (set in main)
+
+
+def _start_ray(cpus: int) -> str:
+    """Starts a local Ray instance in this process (loopback only); returns its address for the ingest drivers."""
+    from lepton_jax.lake.ray_executor import SINGLE_MACHINE, import_ray
+
+    os.environ.setdefault(SINGLE_MACHINE, "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray = import_ray()
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="error", log_to_driver=False)
+    return ray.get_runtime_context().gcs_address
+
+
 def _ingest(lake: Path, table: str, source: str, *extra: str) -> tuple[float, float]:
     """Runs one CLI ingest; returns (seconds, peak RSS in MiB of its largest process: the CLI or a worker).
 
@@ -130,19 +151,29 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the full size (1 = ~1.5 GB)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing (median)")
     parser.add_argument("--dir", default=None, help="work directory, kept (default: a temp dir, removed)")
+    parser.add_argument("--executor", default="process", choices=["process", "ray"],
+                        help="ray: also time every ingest as Ray tasks on a local Ray instance")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray instance (default 2)")
     args = parser.parse_args()
-    if not 0 < args.scale <= 4 or args.repeats < 1:
-        sys.exit("error: --scale must be in (0, 4] and --repeats >= 1")
+    if not 0 < args.scale <= 4 or args.repeats < 1 or args.ray_cpus < 1:
+        sys.exit("error: --scale must be in (0, 4], --repeats >= 1 and --ray-cpus >= 1")
+    global RAY
+    if args.executor == "ray":
+        RAY = ("--executor", "ray", "--ray-address", _start_ray(args.ray_cpus))
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_ingest_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"layout: 1 host, {os.cpu_count()} CPUs visible, work dir {work} (shared/loaded unless run on an idle "
-          "machine)")
+          "machine)" + (f"; Ray: a local instance of {args.ray_cpus} CPU(s) at {RAY[-1]}" if RAY else ""))
     try:
         _run(args, work)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
+        if RAY:
+            import ray
+
+            ray.shutdown()
 
 
 def _run(args: argparse.Namespace, work: Path) -> None:
@@ -157,7 +188,7 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"generated {n_images:,} images (PNG + JPEG) in 10 label folders ({time.perf_counter() - t:.1f} s)")
 
     # -- npz shards vs np.save ----------------------------------------------------------------------------------------
-    lake_s, save_s, rss = [], [], []
+    lake_s, save_s, rss, ray_s, ray_rss = [], [], [], [], []
     for rep in range(args.repeats):
         s, r = _ingest(work / f"lake{rep}", "npz", f"npz:{work / 'npz'}")
         lake_s.append(s)
@@ -166,6 +197,11 @@ def _run(args: argparse.Namespace, work: Path) -> None:
         shutil.rmtree(work / f"npy{rep}")
         if rep:
             shutil.rmtree(work / f"lake{rep}")
+        if RAY:
+            s, r = _ingest(work / f"ray{rep}", "npz", f"npz:{work / 'npz'}", *RAY)
+            ray_s.append(s)
+            ray_rss.append(r)
+            shutil.rmtree(work / f"ray{rep}")
     lake_mb = [raw / 1e6 / s for s in lake_s]
     save_mb = [raw / 1e6 / s for s in save_s]
     print(f"npz ingest (CLI process, 1 worker): {statistics.median(lake_mb):,.1f} MB/s "
@@ -174,6 +210,12 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"ratio ingest / np.save: {statistics.median(lake_mb) / statistics.median(save_mb):.3f}x  (goal >= 0.5x)")
     print(f"peak RSS of the ingest process: {max(rss):,.0f} MiB (runs {', '.join(f'{v:,.0f}' for v in rss)}; "
           "goal <= 1024 MiB)")
+    if RAY:
+        ray_mb = [raw / 1e6 / s for s in ray_s]
+        print(f"npz ingest as Ray tasks: {statistics.median(ray_mb):,.1f} MB/s (runs "
+              f"{', '.join(f'{v:,.1f}' for v in ray_mb)}); ratio Ray / 1 process: "
+              f"{statistics.median(ray_mb) / statistics.median(lake_mb):.3f}x; peak RSS of the driver "
+              f"{max(ray_rss):,.0f} MiB")
 
     # -- append 1% -----------------------------------------------------------------------------------------------------
     table = work / "lake0" / "npz"
@@ -191,18 +233,23 @@ def _run(args: argparse.Namespace, work: Path) -> None:
 
     # -- images: 1 vs 2 workers ----------------------------------------------------------------------------------------
     chunk = min(2048, max(64, n_images // 16))  # at least 16 chunks, so 2 workers have work to share
-    times: dict[int, list[float]] = {1: [], 2: []}
+    variants: dict[str, tuple[str, ...]] = {"1": ("--workers", "1"), "2": ("--workers", "2")}
+    if RAY:
+        variants["ray"] = RAY
+    times: dict[str, list[float]] = {w: [] for w in variants}
     for rep in range(args.repeats):
-        for w in (1, 2):
-            s, r = _ingest(work / f"img{w}-{rep}", "img", f"images:{work / 'images'}", "--workers", str(w),
-                           "--chunk", str(chunk))
+        for w, extra in variants.items():
+            s, r = _ingest(work / f"img{w}-{rep}", "img", f"images:{work / 'images'}", *extra, "--chunk", str(chunk))
             times[w].append(s)
             shutil.rmtree(work / f"img{w}-{rep}")
     med = {w: statistics.median(v) for w, v in times.items()}
-    runs = " / ".join(", ".join(f"{v:.2f}" for v in times[w]) for w in (1, 2))
+    runs = " / ".join(", ".join(f"{v:.2f}" for v in times[w]) for w in variants)
     print(f"image folder ({n_images:,} files, {image_raw / 1e6:,.1f} MB decoded, {chunk} files per chunk): "
-          f"1 worker {med[1]:.2f} s, 2 workers {med[2]:.2f} s (runs {runs})")
-    print(f"speed-up 2 workers / 1 worker: {med[1] / med[2]:.2f}x  (goal >= 1.6x)")
+          f"1 worker {med['1']:.2f} s, 2 workers {med['2']:.2f} s"
+          + (f", Ray tasks {med['ray']:.2f} s" if RAY else "") + f" (runs {runs})")
+    print(f"speed-up 2 workers / 1 worker: {med['1'] / med['2']:.2f}x  (goal >= 1.6x)")
+    if RAY:
+        print(f"speed-up Ray tasks ({RAY[-1]}) / 1 worker: {med['1'] / med['ray']:.2f}x")
 
 
 if __name__ == "__main__":

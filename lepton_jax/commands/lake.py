@@ -25,7 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "or RGB. May be given twice, e.g. --mode append --mode RGB")
     ingest.add_argument("--bits", type=int, default=None, choices=[8, 16],
                         help="images: 8 (default; deeper images are quarantined, never clipped) or 16 (uint16)")
-    ingest.add_argument("--workers", type=int, default=1, help="processes that decode and write chunks (one commit)")
+    ingest.add_argument("--workers", type=int, default=None,
+                        help="processes that decode and write chunks (one commit; default 1); with --executor ray: "
+                             "chunk tasks in flight (default twice the cluster's CPUs)")
+    ingest.add_argument("--executor", default="process", choices=["process", "ray"],
+                        help="process (default: --workers processes on this machine) or ray (one Ray task per "
+                             "chunk, on the cluster at --ray-address, else a local Ray instance)")
+    ingest.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --executor ray: the cluster to join (HOST:PORT or 'auto'; default RAY_ADDRESS, "
+                             "else a local instance on 127.0.0.1 that is stopped afterwards)")
     ingest.add_argument("--chunk", type=int, default=None,
                         help="images: files per chunk (default 2048); csv: windows per chunk (default 65536)")
     ingest.add_argument("--label-names", default=None, metavar="NAME,...",
@@ -142,14 +150,19 @@ def ingest_command(args: argparse.Namespace) -> int:
     source = make_source(args.source, size=_parse_size(args.resize), mode=image_mode, bits=args.bits,
                          window=args.window, stride=args.stride, label_column=args.label_column,
                          series_column=args.series_column, per_column=args.per_column or None, **chunk)
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise LakeError(f"--workers must be at least 1, got {args.workers}")
     label_names = [n for n in args.label_names.split(",") if n] if args.label_names else None
     result = ingest(lake, args.table, source, splits=_parse_splits(args.splits), seed=args.seed,
                     label_map=_parse_label_map(args.label_map), label_names=label_names, retries=args.retries,
                     allow_schema_change=args.allow_schema_change, mode=write_mode, workers=args.workers,
-                    progress=True)
+                    executor=args.executor, ray_address=args.ray_address, progress=True)
     tv = result.version
+    if result.ran_on:
+        tasks = result.ran_on["tasks"]
+        print(f"ran {len(tasks)} chunk task(s) on the Ray cluster at {result.ran_on['address']}: "
+              f"{len({t['node'] for t in tasks})} node(s), {len({(t['node'], t['pid']) for t in tasks})} worker "
+              f"process(es), at most {result.ran_on['in_flight']} in flight")
     counts = ", ".join(f"{s} {tv.num_examples(s)}" for s in tv.splits)
     if result.created:
         frags = sum(len(tv.fragments(s)) for s in tv.splits)

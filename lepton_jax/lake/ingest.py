@@ -7,7 +7,8 @@ content and label as a kept example, or as an example the table already holds), 
 different labels: every copy this ingest holds is quarantined) and ``leak`` (same content as an example in another
 split). Re-ingesting identical source content with identical parameters creates no new version.
 
-Memory stays bounded: chunks are processed one at a time per worker (``workers`` processes, chunk order preserved),
+Memory stays bounded: chunks are processed one at a time per worker (``workers`` processes, or Ray tasks on a
+cluster with ``executor="ray"``; chunk order preserved),
 the exact dedup / leak check across chunks and against the table uses an on-disk hash index, and statistics combine
 per-fragment partial sums. ``mode="append"`` adds fragments to the latest version's and shares the rest.
 """
@@ -21,6 +22,7 @@ import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitRe
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
 MODES = ("overwrite", "append")
+EXECUTORS = ("process", "ray")
 
 __all__ = ["DEFAULT_SPLITS", "IngestResult", "LabelFn", "ingest", "stratified_split"]
 
@@ -44,12 +47,14 @@ class IngestResult:
     version: TableVersion
     created: bool  # False when the identical source was already the latest version (or an append added nothing)
     report: dict[str, Any]
+    ran_on: dict[str, Any] | None = None  # executor="ray": the cluster, and each chunk task's node and process
 
 
 def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] | None = None, seed: int = 0,
            label_map: dict[str, str] | None = None, labeller: LabelFn | None = None,
            label_names: list[str] | None = None, retries: int = 0, allow_schema_change: bool = False,
-           mode: str = "overwrite", workers: int = 1, progress: bool = False) -> IngestResult:
+           mode: str = "overwrite", workers: int | None = None, executor: str = "process",
+           ray_address: str | None = None, progress: bool = False) -> IngestResult:
     """Reads ``source`` into a new version of ``table`` (or returns the latest if it holds the same content).
 
     ``mode="overwrite"``: the new version holds exactly this source. ``mode="append"``: it holds the latest
@@ -59,13 +64,25 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     append uses the table's). ``retries`` > 0 makes a commit that loses a race with another writer re-check and
     commit on top of the winner. A table's array dtypes and example shapes may only change with
     ``allow_schema_change`` (never in an append). ``workers`` > 1 decodes and writes chunks in that many processes.
+    ``executor="ray"`` runs each chunk as a Ray task instead (``workers`` then caps the tasks in flight, default
+    twice the cluster's CPUs) on the cluster at ``ray_address`` (else ``RAY_ADDRESS``), or on a local Ray instance
+    started and stopped here; the tasks write fragments straight into the lake, this process decides across chunks
+    and commits, exactly as with processes.
     """
     if label_map is not None and labeller is not None:
         raise LakeError("give either a label map or a labelling function, not both")
     if mode not in MODES:
         raise LakeError(f"ingest mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise LakeError(f"--workers must be at least 1, got {workers}")
+    if executor not in EXECUTORS:
+        raise LakeError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if ray_address is not None and executor != "ray":
+        raise LakeError("--ray-address needs --executor ray")
+    if executor == "ray":
+        from lepton_jax.lake.ray_executor import import_ray
+
+        import_ray(ray_address)  # a missing Ray is one line before anything is written
     check_name("table", table)
     base = lake.table(table) if lake.versions(table) else None
     appending = mode == "append" and base is not None
@@ -88,8 +105,10 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     for name in fractions:
         check_name("split", name)
     labeller_spec = _labeller_spec(label_map, labeller, label_names)
+    ran_on: dict[str, Any] = {}
     commit_id = lake.new_commit_id()
-    jobs = [ChunkJob(task, k, str(lake.root), table, commit_id, lake.target_shard_bytes, fractions, int(seed),
+    # the lake's URI, not a path of this machine: the jobs may run on other nodes
+    jobs = [ChunkJob(task, k, lake.storage.uri, table, commit_id, lake.target_shard_bytes, fractions, int(seed),
                      label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
             for k, task in enumerate(tasks)]
     try:
@@ -103,9 +122,11 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
                 if appending:
                     _index_table(index, base)
                 state = _Driver(lake, table, commit_id, index, base if appending else None)
-                for result in _run(jobs, workers, progress, source.uri):
-                    state.add(result)
-                    renew_lease()
+                # closed before the data is discarded on a failure: no worker may still write into it then
+                with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on)) as results:
+                    for result in results:
+                        state.add(result)
+                        renew_lease()
                 plan = state.finish()
             result = _commit(lake, table, source, plan, base, appending, split_params, labeller_spec, retries,
                              allow_schema_change)
@@ -113,6 +134,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
         _discard(lake, table, commit_id)
         raise
     crash_point("committed")
+    if ran_on:
+        result.ran_on = ran_on
     return result
 
 
@@ -256,13 +279,25 @@ def _check_no_overlap(lake: Lake, table: str, latest: TableVersion, on: TableVer
                                   f"{len(theirs & ours)} example(s) this append also holds; re-run the append")
 
 
-def _run(jobs: list[ChunkJob], workers: int, progress: bool, uri: str) -> Iterator[dict[str, Any]]:
+def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, executor: str = "process",
+         ray_address: str | None = None, ran_on: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """The chunk jobs' results in chunk order: inline, in ``workers`` spawned processes, or as Ray tasks."""
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc=f"ingest {uri}", unit="chunk", disable=None)  # None: only on a terminal
     try:
+        if executor == "ray":
+            from lepton_jax.lake.ray_executor import run_on_ray
+
+            with closing(run_on_ray(jobs, uri, address=ray_address, in_flight=workers, report=ran_on)) as results:
+                for result in results:
+                    yield result
+                    if bar is not None:
+                        bar.update(1)
+            return
+        workers = workers or 1
         if workers == 1 or len(jobs) == 1:
             for job in jobs:
                 yield process_chunk(job)
@@ -279,6 +314,8 @@ def _run(jobs: list[ChunkJob], workers: int, progress: bool, uri: str) -> Iterat
             except BrokenProcessPool as e:
                 raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {uri}; "
                                 "nothing was committed") from e
+            finally:  # on a failure: chunks not started yet are dropped, running ones finish before the discard
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         if bar is not None:
             bar.close()
