@@ -1,0 +1,163 @@
+"""Lakes on object storage, against a real local S3 server (moto, 127.0.0.1): the conditional PUT the commit
+protocol relies on, errors as one line, SIGKILL during an S3 ingest, Grain reads and training from an ``s3://`` lake.
+The backend-independent contract tests run on both backends in test_lake_protocol.py / test_lake_contract.py."""
+
+import concurrent.futures
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lepton_jax.cli import main
+from lepton_jax.lake import Lake, NpzSource, ingest
+from lepton_jax.lake.storage import ObjectStorage, open_storage
+
+WRITER = """
+import sys
+from lepton_jax.lake import Lake, NpzSource, ingest
+ingest(Lake(sys.argv[1], target_shard_bytes=1024), "t", NpzSource(sys.argv[2], value_range=(0, 255),
+                                                                  split_key="split"), mode="append")
+"""
+
+
+def _npz(path, seed, n=64, shape=(8, 8, 1)):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    np.savez(path, x=x, y=np.arange(n) % 3, split=np.where(np.arange(n) % 4 == 0, "test", "train"))
+    return path
+
+
+def _source(path):
+    return NpzSource(path, value_range=(0, 255), split_key="split")
+
+
+def test_the_servers_conditional_put_refuses_a_second_create(s3_env):
+    """The guarantee the commit point relies on: obstore's create mode (If-None-Match: *) against this server."""
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+    from obstore.store import S3Store
+
+    store = S3Store("lake-tests", prefix=s3_env.new_root().rsplit("/", 1)[1], client_options={"allow_http": True})
+    obstore.put(store, "t/_log/00000001.json", b"first", mode="create")
+    with pytest.raises(AlreadyExistsError):
+        obstore.put(store, "t/_log/00000001.json", b"second", mode="create")
+    assert bytes(obstore.get(store, "t/_log/00000001.json").bytes()) == b"first"
+
+
+def test_racing_creates_of_one_key_have_exactly_one_winner(s3_env):
+    storage = open_storage(s3_env.new_root())
+    assert isinstance(storage, ObjectStorage)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(lambda k: storage.create("t/_log/00000001.json", f"writer {k}".encode()), range(16)))
+    assert wins.count(True) == 1
+    assert storage.read("t/_log/00000001.json") == f"writer {wins.index(True)}".encode()
+    assert storage.list("t/_log/") == ["00000001.json"] and storage.list("") == ["t"]
+    assert storage.list("t/nothing/") == []
+
+
+def test_storage_primitives_on_s3(s3_env):
+    storage = open_storage(s3_env.new_root())
+    storage.write("t/data/c1/a/zarr.json", b"12345")
+    storage.write("t/data/c1/a/c/0", b"1")
+    storage.write("t/data/c1/a/c/0", b"22")  # a plain overwrite
+    assert storage.list_recursive("t/data/c1") == {"a/c/0": (2, pytest.approx(time.time(), abs=60)),
+                                                   "a/zarr.json": (5, pytest.approx(time.time(), abs=60))}
+    assert storage.stat("t/data/c1/a/c/0")[0] == 2 and storage.stat("t/data/c1/a/c/1") is None
+    assert storage.tree("t/data/c1")[0] == 7 and storage.tree("t/data/c2") is None
+    storage.delete_prefix("t/data/c1")
+    assert storage.list("t/") == [] and storage.tree("t/data/c1") is None
+    with pytest.raises(FileNotFoundError):
+        storage.read("t/data/c1/a/zarr.json")
+    spec = storage.kvstore("t/data/c1/a")
+    assert spec["driver"] == "s3" and spec["bucket"] == "lake-tests" and spec["path"].endswith("/t/data/c1/a/")
+    assert spec["endpoint"] == s3_env.endpoint
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no credentials", "unreachable endpoint"])
+def test_object_store_errors_are_one_line_with_exit_2(s3_env, monkeypatch, capsys, tmp_path, case):
+    uri = s3_env.new_root()
+    if case == "no bucket":
+        uri = "s3://no-such-bucket-here/lake"
+        expect = "bucket does not exist"
+    elif case == "no credentials":
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(key)
+        monkeypatch.delenv("AWS_ENDPOINT_URL")  # real AWS: obstore looks for a role at the metadata endpoint
+        expect = "no credentials found"
+    else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+        expect = "endpoint is unreachable"
+    src = _npz(tmp_path / "a.npz", 0)
+    for argv in (["lake", "ls", "--lake", uri], ["lake", "verify", "--lake", uri],
+                 ["lake", "ingest", "--lake", uri, "--table", "t", "--source", f"npz:{src}"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], (argv, err)
+        assert "testing" not in err[0]  # the (dummy) secret never appears
+
+
+def test_ingest_append_time_travel_verify_and_gc_on_s3(s3_env, tmp_path, capsys):
+    uri = s3_env.new_root()
+    lake = Lake(uri, target_shard_bytes=1024)
+    first = ingest(lake, "t", _source(_npz(tmp_path / "a.npz", 0)))
+    assert first.created and lake.versions("t") == [1]
+    second = ingest(lake, "t", _source(_npz(tmp_path / "b.npz", 1)), mode="append")
+    assert lake.versions("t") == [1, 2]
+    old, new = lake.table("t", 1), lake.table("t", 2)
+    assert old.num_examples("train") + 48 == new.num_examples("train") == 96
+    x = np.load(tmp_path / "a.npz")["x"]
+    assert np.array_equal(old.reader("train").read_all()["image"], x[np.arange(64) % 4 != 0])
+    assert np.array_equal(new.reader("train").read_all()["image"][:48], x[np.arange(64) % 4 != 0])
+    assert second.version.record["lineage"]["appended_to"] == 1
+    assert lake.verify() == []
+    assert main(["lake", "verify", "--lake", uri]) == 0 and "ok: 2 version(s)" in capsys.readouterr().out
+    assert main(["lake", "ls", "--lake", uri]) == 0 and "t@2" in capsys.readouterr().out
+    assert main(["lake", "compact", "--lake", uri, "--table", "t"]) == 0
+    assert lake.versions("t") == [1, 2, 3] and lake.verify() == []
+    assert main(["lake", "gc", "--lake", uri, "--grace-seconds", "0", "--force"]) == 0
+    assert lake.verify() == []  # every version still reads (time travel) after gc
+
+
+def _rows(tv):
+    out = []
+    for split in tv.splits:
+        data = tv.reader(split).read_all()
+        out += [img.tobytes() + bytes([lab]) for img, lab in zip(data["image"], data["label"], strict=True)]
+    return sorted(out)
+
+
+def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_new_version(s3_env, tmp_path):
+    """12 appends into an S3 lake, each SIGKILLed at a random moment (spread from before the first PUT to after the
+    commit): the latest version is the previous or the new one, with exactly its rows, and verify is clean."""
+    uri = s3_env.new_root()
+    ingest(Lake(uri, target_shard_bytes=1024), "t", _source(_npz(tmp_path / "base.npz", 100)))
+    start = time.perf_counter()  # one uninterrupted writer: how long a whole run takes here
+    assert subprocess.run([sys.executable, "-c", WRITER, uri, str(_npz(tmp_path / "full.npz", 101))]).returncode == 0
+    full = time.perf_counter() - start
+    rng = random.Random(13)
+    trials = 12
+    delays = [full * (0.05 + 1.05 * (k + rng.random()) / trials) for k in range(trials)]
+    rng.shuffle(delays)
+    outcomes = []
+    for k, delay in enumerate(delays):
+        lake = Lake(uri)
+        before = lake.table("t")
+        src = _npz(tmp_path / f"s{k}.npz", k)
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, uri, str(src)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        after = Lake(uri).table("t")
+        assert after.version in (before.version, before.version + 1), (k, delay)
+        if after.version == before.version + 1:
+            with np.load(src) as d:
+                new = [img.tobytes() + bytes([lab]) for img, lab in zip(d["x"], d["y"], strict=True)]
+            assert _rows(after) == sorted(_rows(before) + new)
+        assert Lake(uri).verify() == [], (k, delay)
+        outcomes.append(after.version - before.version)
+    assert 0 in outcomes and 1 in outcomes, outcomes  # killed before the commit point, and after it
