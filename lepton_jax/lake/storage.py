@@ -379,6 +379,8 @@ class ObjectStorage:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if region:
             spec["aws_region"] = region
+        if os.environ.get("AWS_ACCESS_KEY_ID"):  # keys in the environment: use them, without probing the rest of
+            spec["aws_credentials"] = {"type": "environment"}  # the chain (which logs every provider it misses)
         return spec
 
 
