@@ -130,6 +130,7 @@ def _rows(tv):
     return sorted(out)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_new_version(s3_env, tmp_path):
     """12 appends into an S3 lake, each SIGKILLed at a random moment (spread from before the first PUT to after the
     commit): the latest version is the previous or the new one, with exactly its rows, and verify is clean."""
@@ -161,3 +162,39 @@ def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_ne
         assert Lake(uri).verify() == [], (k, delay)
         outcomes.append(after.version - before.version)
     assert 0 in outcomes and 1 in outcomes, outcomes  # killed before the commit point, and after it
+
+
+def _read_pickled(source, indices):
+    return source.__getitems__(indices)
+
+
+@pytest.mark.slow
+def test_grain_reads_and_a_short_train_from_an_s3_lake(s3_env, tmp_path, capsys):
+    """`lake ingest --lake s3://...` → Grain batches (also from a pickled source in a spawned process) →
+    `train --lake s3://...` for one epoch; the run records the lake's URI."""
+    import json
+    import multiprocessing
+
+    from lepton_jax.data.pipeline import train_dataset
+    from lepton_jax.data.source import LakeDataSource
+    from lepton_jax.data.transforms import LABEL
+
+    uri = s3_env.new_root()
+    assert main(["lake", "ingest", "--lake", uri, "--table", "digits", "--source", "digits"]) == 0
+    table = Lake(uri).table("digits")
+    source = LakeDataSource(table.reader("train"))
+    expected = table.reader("train").read_all()
+    batch = next(iter(train_dataset(source, global_batch_size=32, seed=0, num_epochs=1, schema=table.schema)))
+    assert [v.shape[0] for v in batch.values()] == [32, 32]
+    assert sorted(batch[LABEL].tolist()) != list(range(32)) and set(batch[LABEL].tolist()) <= set(range(10))
+    idx = np.array([5, 0, 1200, 7])
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        remote = pool.submit(_read_pickled, source, idx).result(timeout=120)  # the reader carries the URI
+    assert np.array_equal(remote["image"], expected["image"][idx])
+    assert np.array_equal(remote["label"], expected["label"][idx])
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", "configs/digits_cnn.py", "--workdir", str(workdir), "--lake", uri,
+                 "--no-progress", "--config.num_epochs=1", "--config.eval_batch_size=128"]) == 0, \
+        capsys.readouterr().err
+    found = [json.loads(p.read_text()) for p in workdir.rglob("*.json") if uri in p.read_text()]
+    assert found, "the run does not record the s3:// lake it trained from"
