@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lepton_jax.cli import main
+from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, ingest
 from lepton_jax.lake.storage import ObjectStorage, open_storage
 
@@ -198,3 +199,16 @@ def test_grain_reads_and_a_short_train_from_an_s3_lake(s3_env, tmp_path, capsys)
         capsys.readouterr().err
     found = [json.loads(p.read_text()) for p in workdir.rglob("*.json") if uri in p.read_text()]
     assert found, "the run does not record the s3:// lake it trained from"
+
+
+def test_gcs_roots_map_to_the_gcs_kvstore_and_unknown_schemes_are_refused():
+    """GCS has no local server here: only the mapping (obstore GCSStore for records, TensorStore `gcs` for arrays)."""
+    storage = open_storage("gs://my-bucket/lakes/main")
+    assert isinstance(storage, ObjectStorage) and storage.uri == "gs://my-bucket/lakes/main"
+    assert storage.kvstore("t/data/c/train/000000/image") == {
+        "driver": "gcs", "bucket": "my-bucket", "path": "lakes/main/t/data/c/train/000000/image/"}
+    assert open_storage("gcs://my-bucket").uri == "gs://my-bucket"
+    for bad, message in (("s3://", "is not a bucket name"), ("s3://bkt/../x", "'.' or '..'"),
+                         ("memory://lake", "is not supported")):
+        with pytest.raises(LakeError, match=message):
+            open_storage(bad)
