@@ -133,36 +133,44 @@ def _rows(tv):
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_new_version(s3_env, tmp_path):
-    """12 appends into an S3 lake, each SIGKILLed at a random moment (spread from before the first PUT to after the
-    commit): the latest version is the previous or the new one, with exactly its rows, and verify is clean."""
+    """12 appends into an S3 lake, each SIGKILLed at a random moment: after a random number of its data objects
+    reached the bucket (0 .. all), right after its record appeared, or after it exited. Moments are counted in
+    objects, not seconds, so a loaded machine does not shift them. Each time the latest version is the previous or
+    the new one, with exactly its rows, and verify is clean."""
     uri = s3_env.new_root()
+    storage = open_storage(uri)
     ingest(Lake(uri, target_shard_bytes=1024), "t", _source(_npz(tmp_path / "base.npz", 100)))
-    start = time.perf_counter()  # one uninterrupted writer: how long a whole run takes here
+    before = set(storage.list_recursive("t/data"))  # one uninterrupted writer: how many data objects it PUTs
     assert subprocess.run([sys.executable, "-c", WRITER, uri, str(_npz(tmp_path / "full.npz", 101))]).returncode == 0
-    full = time.perf_counter() - start
+    total = len(set(storage.list_recursive("t/data")) - before)
     rng = random.Random(13)
-    trials = 12
-    delays = [full * (0.05 + 1.05 * (k + rng.random()) / trials) for k in range(trials)]
-    rng.shuffle(delays)
+    targets = [rng.randint(0, total - 1) for _ in range(9)] + [total + 1, total + 2, rng.randint(0, total + 2)]
+    rng.shuffle(targets)
     outcomes = []
-    for k, delay in enumerate(delays):
+    for k, target in enumerate(targets):
         lake = Lake(uri)
-        before = lake.table("t")
+        before_version = lake.table("t")
+        objects = set(storage.list_recursive("t/data"))
         src = _npz(tmp_path / f"s{k}.npz", k)
         writer = subprocess.Popen([sys.executable, "-c", WRITER, uri, str(src)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        while writer.poll() is None:
+            if target <= total and len(set(storage.list_recursive("t/data")) - objects) >= target:
+                break  # this many of its data objects are in the bucket
+            if target == total + 1 and lake.versions("t")[-1] > before_version.version:
+                break  # its record was just published (marker and lease release may be pending)
+            time.sleep(0.005)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
         after = Lake(uri).table("t")
-        assert after.version in (before.version, before.version + 1), (k, delay)
-        if after.version == before.version + 1:
+        assert after.version in (before_version.version, before_version.version + 1), (k, target)
+        if after.version == before_version.version + 1:
             with np.load(src) as d:
                 new = [img.tobytes() + bytes([lab]) for img, lab in zip(d["x"], d["y"], strict=True)]
-            assert _rows(after) == sorted(_rows(before) + new)
-        assert Lake(uri).verify() == [], (k, delay)
-        outcomes.append(after.version - before.version)
-    assert 0 in outcomes and 1 in outcomes, outcomes  # killed before the commit point, and after it
+            assert _rows(after) == sorted(_rows(before_version) + new)
+        assert Lake(uri).verify() == [], (k, target)
+        outcomes.append(after.version - before_version.version)
+    assert 0 in outcomes and 1 in outcomes, (outcomes, targets, total)  # killed before the commit point and after
 
 
 def _read_pickled(source, indices):
@@ -212,3 +220,4 @@ def test_gcs_roots_map_to_the_gcs_kvstore_and_unknown_schemes_are_refused():
                          ("memory://lake", "is not supported")):
         with pytest.raises(LakeError, match=message):
             open_storage(bad)
+

@@ -11,8 +11,9 @@ goes through TensorStore's own kvstore drivers, whose spec :meth:`Storage.kvstor
   (``If-None-Match: *`` on S3, ``ifGenerationMatch=0`` on GCS), which the store refuses if the key exists. A PUT is
   durable when it returns, so :meth:`Storage.sync` does nothing. Credentials come from the standard environment
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL`` for an
-  S3-compatible server, instance/container roles; ``AWS_PROFILE`` through boto3 when it is installed;
-  ``GOOGLE_APPLICATION_CREDENTIALS`` for GCS) and are never logged.
+  S3-compatible server, instance/container roles; a named profile must be exported first, e.g.
+  ``eval "$(aws configure export-credentials --profile NAME --format env)"``; ``GOOGLE_APPLICATION_CREDENTIALS`` for
+  GCS) and are never logged.
 """
 
 from __future__ import annotations
@@ -393,8 +394,9 @@ def _explain(e: BaseException) -> str:
     if "NoSuchBucket" in text:
         cause = "the bucket does not exist"
     elif "169.254.169.254" in text or "credential" in text.lower():
-        cause = ("no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE with boto3 "
-                 "installed, or run on a machine with an instance role; GOOGLE_APPLICATION_CREDENTIALS for gs://)")
+        cause = ("no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, e.g. from a profile with "
+                 "`aws configure export-credentials --format env`, or run with an instance role; "
+                 "GOOGLE_APPLICATION_CREDENTIALS for gs://)")
     elif isinstance(e, oe.UnauthenticatedError | oe.PermissionDeniedError) or "AccessDenied" in text \
             or "SignatureDoesNotMatch" in text or "InvalidAccessKeyId" in text:
         cause = "access denied: check the credentials and the bucket's permissions"
@@ -426,12 +428,6 @@ def _make_store(scheme: str, bucket: str, prefix: str):
         kwargs["endpoint"] = endpoint
         if endpoint.startswith("http://"):
             client["allow_http"] = True
-    if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
-        try:  # named profiles (~/.aws/config) are resolved by boto3's credential chain, where it is installed
-            from obstore.auth.boto3 import Boto3CredentialProvider
-            kwargs["credential_provider"] = Boto3CredentialProvider()
-        except ImportError:
-            pass
     try:
         return S3Store(bucket, prefix=prefix or None, client_options=client, retry_config=retry, **kwargs)
     except Exception as e:  # bad configuration (region, endpoint): one line, no credentials in it
