@@ -182,6 +182,33 @@ def test_a_removed_latest_record_is_named_and_its_version_number_never_reused(an
     assert Lake(lake.root).versions("t") == [1, 2]
 
 
+def test_a_commit_landing_between_the_log_listings_is_not_a_gap(any_root, tmp_path):
+    """check_log (used by verify and gc) lists two prefixes; a writer publishing between the two listings must not
+    look like a missing record (found by gc looping next to a writer on S3)."""
+    _lake_with_versions(any_root, tmp_path, 1)
+    src = _source(_npz(tmp_path / "late.npz", 5))
+
+    class Racing(Lake):  # the first listing check_log makes is followed at once by another writer's commit
+        armed = False
+
+        def _then_commit(self, listing):
+            if Racing.armed:
+                Racing.armed = False
+                ingest(Lake(any_root, target_shard_bytes=1024), "t", src, mode="append")
+            return listing
+
+        def versions(self, table):
+            return self._then_commit(super().versions(table))
+
+        def _used_versions(self, table):
+            return self._then_commit(super()._used_versions(table))
+
+    lake = Racing(any_root)
+    Racing.armed = True
+    assert lake.check_log("t") == [] and not Racing.armed
+    assert lake.versions("t") == [1, 2]
+
+
 def test_verify_names_a_broken_parent_chain(any_root, tmp_path):
     lake = _lake_with_versions(any_root, tmp_path, 2)
     key = "t/_log/00000002.json"

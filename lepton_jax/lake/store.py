@@ -828,8 +828,10 @@ class Lake:
         """Checks ``table``'s history itself: versions contiguous from 1, every record readable and naming the
         previous version as its parent, and every version number ever published (``_log/_used``) still present."""
         problems: list[Problem] = []
-        versions = self.versions(table)
+        # markers first: a writer creates a version's record before its marker, so every marker listed here has its
+        # record in the listing that follows (the other order reports a commit landing in between as a gap)
         used = self._used_versions(table)
+        versions = self.versions(table)
         top = max([*versions, *used], default=0)
         missing = sorted(set(range(1, top + 1)) - set(versions))
         for v in missing:
