@@ -117,6 +117,9 @@ def test_ingest_append_time_travel_verify_and_gc_on_s3(s3_env, tmp_path, capsys)
     assert lake.verify() == []
     assert main(["lake", "verify", "--lake", uri]) == 0 and "ok: 2 version(s)" in capsys.readouterr().out
     assert main(["lake", "ls", "--lake", uri]) == 0 and "t@2" in capsys.readouterr().out
+    assert main(["lake", "log", "--lake", uri, "--table", "t"]) == 0 and capsys.readouterr().out.count("\n") >= 2
+    assert main(["lake", "show", "--lake", uri, "--table", "t", "--version", "1"]) == 0
+    assert "split train: 48 examples" in capsys.readouterr().out
     assert main(["lake", "compact", "--lake", uri, "--table", "t"]) == 0
     assert lake.versions("t") == [1, 2, 3] and lake.verify() == []
     assert main(["lake", "gc", "--lake", uri, "--grace-seconds", "0", "--force"]) == 0
