@@ -29,6 +29,33 @@ def lake_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3 server (moto, 127.0.0.1) with one bucket, for the session; stopped at its end."""
+    from tests import s3
+
+    server, info = s3.start(tmp_path_factory.mktemp("s3"))
+    yield info
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Points S3 clients (and subprocesses started by the test) at the local server, for this test only."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_root(request, tmp_path) -> str:
+    """A fresh, empty lake root on each backend: a local directory, and a prefix in the local S3 server's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "lake")
+    return request.getfixturevalue("s3_env").new_root()
+
+
 def small_config(**overrides):
     """The default config, shortened for tests."""
     items = {"num_epochs": 3, **overrides}

@@ -269,6 +269,7 @@ def test_a_version_1_table_stays_readable_and_takes_appends(tmp_path):
     import json
 
     from lepton_jax.lake import arrays
+    from lepton_jax.lake.storage import LocalStorage
 
     rng = np.random.default_rng(3)
     x, y = rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, 30)
@@ -276,9 +277,9 @@ def test_a_version_1_table_stays_readable_and_takes_appends(tmp_path):
     split = {}
     for name, value in (("image", x), ("label", y.astype(np.int32))):
         rel = f"data/c1/train/{name}"
-        digest = arrays.write_array(root / "t" / rel, value, target_shard_bytes=SHARD_BYTES)
+        digest = arrays.write_array(LocalStorage(root), f"t/{rel}", value, target_shard_bytes=SHARD_BYTES)
         split[name] = {"path": rel, "dtype": value.dtype.name, "shape": list(value.shape), "sha256": digest,
-                       "files": arrays.file_digests(root / "t" / rel)}
+                       "files": arrays.file_digests(LocalStorage(root), f"t/{rel}")}
     record = {"format": "lepton-lake/1", "table": "t", "version": 1, "parent": None, "commit_id": "c1", "time": 0.0,
               "schema": {"arrays": {"image": {"dtype": "uint8", "example_shape": [8, 8, 1],
                                               "value_range": [0.0, 255.0]}},

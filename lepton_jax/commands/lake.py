@@ -283,7 +283,7 @@ def verify_command(args: argparse.Namespace) -> int:
     from lepton_jax.lake import Lake
 
     lake = Lake(args.lake)
-    if not lake.root.is_dir():
+    if not lake.exists():
         raise LakeError(f"lake {lake.root} does not exist")
     problems = lake.verify(args.table, args.version, content=not args.files_only)
     for p in problems:

@@ -4,23 +4,25 @@ Each array's first axis indexes examples. Inner chunks hold one example, so a ra
 shard; shards group many examples into one file. Chunks are zstd-compressed and both chunks and the shard index carry
 crc32c checksums, so flipped bytes are detected on read. Any zarr v3 reader can open the arrays.
 
-Every file of an array (``zarr.json`` and each shard) is fsynced after writing and its sha256 and size are recorded
-in the commit record, so a reader can check cheaply (size) that no shard is missing or truncated and ``verify`` can
-check every byte.
+Arrays live at a key of a lake's :class:`~lepton_jax.lake.storage.Storage` and are read and written through
+TensorStore's kvstore driver for it (``file``, ``s3`` or ``gcs``). Every file of an array (``zarr.json`` and each
+shard) is made durable after writing (fsync on a local disk; an object-store PUT is durable when it returns) and its
+sha256 and size are recorded in the commit record, so a reader can check cheaply (size) that no shard is missing or
+truncated and ``verify`` can check every byte.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
 from lepton_jax.errors import LakeError
-from lepton_jax.lake.publish import fsync_dir
+from lepton_jax.lake.storage import Storage
 
 TARGET_SHARD_BYTES = 64 * 2**20
 READ_PARTS = 4  # concurrent TensorStore requests per batched random read
@@ -49,15 +51,15 @@ def inner_chunk_examples(shape: tuple[int, ...], dtype: np.dtype, per_shard: int
     return per
 
 
-def zarr3_spec(path: str | Path, shape: tuple[int, ...], dtype: np.dtype,
+def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
                target_shard_bytes: int = TARGET_SHARD_BYTES) -> dict:
-    """The TensorStore spec for a new sharded, compressed, checksummed zarr v3 array at a local path."""
+    """The TensorStore spec for a new sharded, compressed, checksummed zarr v3 array in ``kvstore``."""
     example_shape = list(shape[1:])
     per_shard = examples_per_shard(shape, dtype, target_shard_bytes)
     per_chunk = inner_chunk_examples(shape, dtype, per_shard)
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(path)},
+        "kvstore": kvstore,
         "store_data_equal_to_fill_value": True,  # every shard file exists, so a missing one is always an error
         "metadata": {
             "shape": list(shape),
@@ -90,17 +92,29 @@ def content_digest(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def write_array(path: Path, array: np.ndarray, *, target_shard_bytes: int = TARGET_SHARD_BYTES,
-                after_shard: Callable[[int], None] | None = None) -> str:
-    """Writes a new array (the path must not exist) shard by shard, fsyncs its files, returns its content digest.
+def _create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
+            target_shard_bytes: int) -> ts.TensorStore:
+    if storage.tree(key) is not None:
+        raise LakeError(f"refusing to overwrite existing array {storage.describe(key)}; lake arrays are written once")
+    try:
+        return ts.open(zarr3_spec(storage.kvstore(key), shape, dtype, target_shard_bytes), create=True).result()
+    except ValueError as e:
+        raise LakeError(f"cannot create lake array {storage.describe(key)}: {_short(e)}") from e
 
-    ``after_shard(i)`` is called after shard ``i`` is written (a hook for fault-injection tests).
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + "..." if len(text) > 300 else text
+
+
+def write_array(storage: Storage, key: str, array: np.ndarray, *, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                after_shard: Callable[[int], None] | None = None) -> str:
+    """Writes a new array at ``key`` (which must not exist) shard by shard, makes its files durable, returns its
+    content digest. ``after_shard(i)`` is called after shard ``i`` is written (a hook for fault-injection tests).
     """
     if array.ndim == 0 or array.shape[0] == 0:
-        raise LakeError(f"cannot store an empty array at {path}: shape {array.shape}")
-    if path.exists():
-        raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
-    store = ts.open(zarr3_spec(path, array.shape, array.dtype, target_shard_bytes), create=True).result()
+        raise LakeError(f"cannot store an empty array at {storage.describe(key)}: shape {array.shape}")
+    store = _create(storage, key, array.shape, array.dtype, target_shard_bytes)
     per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes)
     pending = []
     for i, start in enumerate(range(0, array.shape[0], per_shard)):
@@ -111,56 +125,38 @@ def write_array(path: Path, array: np.ndarray, *, target_shard_bytes: int = TARG
             after_shard(i)
         elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
             pending.pop(0).result()
-    for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
-        future.result()
-    fsync_tree(path)
+    try:
+        for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
+            future.result()
+    except ValueError as e:
+        raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
+    storage.sync(key)
     return content_digest(array)
 
 
-def fsync_tree(path: Path) -> None:
-    """fsyncs every file and directory under ``path`` (and ``path`` itself), so written data survives a crash."""
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_digests(path: Path) -> dict[str, dict[str, int | str]]:
-    """``{relative path: {"bytes": size, "sha256": digest}}`` for every file of the array at ``path``
+def file_digests(storage: Storage, key: str) -> dict[str, dict[str, int | str]]:
+    """``{relative path: {"bytes": size, "sha256": digest}}`` for every file of the array at ``key``
     (``zarr.json`` and each shard file under ``c/``), in sorted order."""
-    out = {}
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        out[file.relative_to(path).as_posix()] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
-    return out
+    return {rel: {"bytes": size, "sha256": storage.sha256(f"{key}/{rel}")}
+            for rel, (size, _) in sorted(storage.list_recursive(key).items())}
 
 
-def open_array(path: Path, cache_bytes: int = READ_CACHE_BYTES, *, context: ts.Context | None = None
-               ) -> ts.TensorStore:
+def open_array(storage: Storage, key: str, cache_bytes: int = READ_CACHE_BYTES, *,
+               context: ts.Context | None = None) -> ts.TensorStore:
     """Opens an existing array for reading, turning TensorStore errors into a LakeError naming the path.
 
     Lake arrays are immutable, so cached data (the shard indices above all) is never re-validated against the file.
     Arrays opened with one shared ``context`` (see :func:`read_context`) share one cache pool.
     """
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)},
+    spec = {"driver": "zarr3", "kvstore": storage.kvstore(key),
             "recheck_cached_data": False, "recheck_cached_metadata": False}
     if context is None:
         spec["context"] = {"cache_pool": {"total_bytes_limit": int(cache_bytes)}}
     try:
         return ts.open(spec, open=True, read=True, context=context).result()
     except ValueError as e:
-        raise LakeError(f"cannot open lake array {path}: {e}; run `lepton-jax lake verify` or re-ingest") from e
+        raise LakeError(f"cannot open lake array {storage.describe(key)}: {_short(e)}; "
+                        "run `lepton-jax lake verify` or re-ingest") from e
 
 
 def read_context(cache_bytes: int = READ_CACHE_BYTES) -> ts.Context:
@@ -189,12 +185,10 @@ def read_many(requests: list[tuple[ts.TensorStore, np.ndarray, str]], parts: int
 class ArrayWriter:
     """A new array of known ``shape`` written from consecutive blocks along axis 0 (bounded memory)."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, *,
+    def __init__(self, storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype, *,
                  target_shard_bytes: int = TARGET_SHARD_BYTES):
-        if path.exists():
-            raise LakeError(f"refusing to overwrite existing array {path}; lake arrays are written once")
-        self.path, self.shape = path, tuple(int(s) for s in shape)
-        self.store = ts.open(zarr3_spec(path, self.shape, dtype, target_shard_bytes), create=True).result()
+        self.storage, self.key, self.shape = storage, key, tuple(int(s) for s in shape)
+        self.store = _create(storage, key, self.shape, dtype, target_shard_bytes)
         self.hash = hashlib.sha256(f"{np.dtype(dtype).str}{self.shape}".encode())
         self.rows = 0
 
@@ -204,10 +198,10 @@ class ArrayWriter:
         self.rows += block.shape[0]
 
     def close(self) -> str:
-        """fsyncs the array's files and returns its content digest."""
+        """Makes the array's files durable and returns its content digest."""
         if self.rows != self.shape[0]:
-            raise LakeError(f"internal error: wrote {self.rows} rows of {self.shape[0]} to {self.path}")
-        fsync_tree(self.path)
+            raise LakeError(f"internal error: wrote {self.rows} rows of {self.shape[0]} to {self.key}")
+        self.storage.sync(self.key)
         return self.hash.hexdigest()
 
 

@@ -14,7 +14,6 @@ compaction provably keeps it), and per-fragment statistics partials that combine
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
 from lepton_jax.lake.faults import crash_point
+from lepton_jax.lake.storage import Storage
 
 ROW_HASHES = "_rows.sha256"
 LABEL = "label"
@@ -204,10 +204,11 @@ def legacy_partials(split_stats: dict[str, Any], values_per_example: dict[str, i
     return out
 
 
-def write_fragment(table_dir: Path, rel: str, named: dict[str, np.ndarray], *,
+def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.ndarray], *,
                    target_shard_bytes: int = arrays.TARGET_SHARD_BYTES, label_array: str = LABEL,
                    crash: bool = False, hashes: np.ndarray | None = None) -> dict[str, Any]:
-    """Writes one fragment at ``table_dir/rel`` (arrays, then the row hashes), fsyncs it, returns its record entry.
+    """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays, then the row hashes), durably; returns its
+    record entry.
 
     ``crash`` passes the ``shard`` and ``array`` fault-injection points (the first fragment of a commit)."""
     sizes = {name: value.shape[0] for name, value in named.items()}
@@ -216,21 +217,16 @@ def write_fragment(table_dir: Path, rel: str, named: dict[str, np.ndarray], *,
     entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
     for k, (name, value) in enumerate(named.items()):
         first = crash and k == 0
-        path = table_dir / rel / check_name("array", name)
+        key = f"{table}/{rel}/{check_name('array', name)}"
         hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
-        digest = arrays.write_array(path, value, target_shard_bytes=target_shard_bytes, after_shard=hook)
+        digest = arrays.write_array(storage, key, value, target_shard_bytes=target_shard_bytes, after_shard=hook)
         if first:
             crash_point("array")
         entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape),
-                                 "sha256": digest, "files": arrays.file_digests(path)}
+                                 "sha256": digest, "files": arrays.file_digests(storage, key)}
     hashes = row_hashes(named, label_array) if hashes is None else hashes
     payload = np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()
-    hash_file = table_dir / rel / ROW_HASHES
-    with open(hash_file, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    arrays.fsync_dir(table_dir / rel)
+    storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
     entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
                            "sha256": hashlib.sha256(payload).hexdigest()}
     entry["stats"] = partial_stats(named, label_array)
@@ -259,17 +255,18 @@ def logical_arrays(fragments: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
-def read_row_hashes(table_dir: Path, frag: dict[str, Any], label_array: str = LABEL) -> np.ndarray:
+def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_array: str = LABEL) -> np.ndarray:
     """A fragment's ``(n, 32)`` row hashes: from its hash file (checked against the record), or computed from the
     data for version-1 fragments."""
     meta = frag.get("row_hashes")
     if meta is None:
-        named = {name: arrays.read(arrays.open_array(table_dir / safe_relpath(m["path"])), path=m["path"])
+        named = {name: arrays.read(arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}"), path=m["path"])
                  for name, m in frag["arrays"].items()}
         return row_hashes(named, label_array)
-    path = table_dir / safe_relpath(meta["path"])
+    key = f"{table}/{safe_relpath(meta['path'])}"
+    path = storage.describe(key)
     try:
-        data = path.read_bytes()
+        data = storage.read(key)
     except OSError as e:
         raise LakeError(f"row hashes {path} are unreadable ({e}); run `lepton-jax lake verify`") from e
     if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
@@ -277,16 +274,16 @@ def read_row_hashes(table_dir: Path, frag: dict[str, Any], label_array: str = LA
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, 32)
 
 
-def content_sha256(table_dir: Path, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
+def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
     """The split's logical content digest: sha256 over every row hash in order, and over the label array's bytes.
     The same rows in the same order give the same digest however they are cut into fragments."""
     rows, labels = hashlib.sha256(), hashlib.sha256()
     for frag in fragments:
-        rows.update(read_row_hashes(table_dir, frag, label_array).tobytes())
+        rows.update(read_row_hashes(storage, table, frag, label_array).tobytes())
         if label_array in frag["arrays"]:
             m = frag["arrays"][label_array]
-            labels.update(np.ascontiguousarray(arrays.read(arrays.open_array(table_dir / safe_relpath(m["path"])),
-                                                           path=m["path"])).tobytes())
+            store = arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}")
+            labels.update(np.ascontiguousarray(arrays.read(store, path=m["path"])).tobytes())
     return hashlib.sha256(rows.digest() + labels.digest()).hexdigest()
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import multiprocessing
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -108,16 +107,18 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     ran_on: dict[str, Any] = {}
     commit_id = lake.new_commit_id()
     # the lake's URI, not a path of this machine: the jobs may run on other nodes
-    jobs = [ChunkJob(task, k, lake.storage.uri, table, commit_id, lake.target_shard_bytes, fractions, int(seed),
+    jobs = [ChunkJob(task, k, lake.uri, table, commit_id, lake.target_shard_bytes, fractions, int(seed),
                      label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
             for k, task in enumerate(tasks)]
     try:
         # the lease keeps gc off this commit's data until it is published (or given up)
         with lake.lease(table, commit_id) as renew_lease:
-            commit_dir = lake.root / table / DATA_DIR / commit_id
-            commit_dir.mkdir(parents=True)
-            # the index lives in the commit's own directory: removed when the ingest ends, and a SIGKILLed ingest's
-            # index is collected with the rest of its data by gc (a temp dir elsewhere would be left behind)
+            commit_dir = lake.storage.local_path(f"{table}/{DATA_DIR}/{commit_id}")
+            if commit_dir is not None:
+                commit_dir.mkdir(parents=True)
+            # on a local lake the index lives in the commit's own directory: removed when the ingest ends, and a
+            # SIGKILLed ingest's index is collected with the rest of its data by gc; on an object store it is a
+            # local temp directory
             with HashIndex(commit_dir) as index:
                 if appending:
                     _index_table(index, base)
@@ -142,14 +143,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
 def _discard(lake: Lake, table: str, commit_id: str) -> None:
     """Removes a failed ingest's data, and the table's directories if that leaves them empty (a failed first
     ingest writes nothing)."""
-    shutil.rmtree(lake.root / table / DATA_DIR / commit_id, ignore_errors=True)
-    for d in (lake.root / table / DATA_DIR, lake.root / table / LEASE_DIR, lake.root / table):
-        try:
-            d.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:
-            break
+    lake._discard(f"{table}/{DATA_DIR}/{commit_id}")
+    lake.storage.prune(f"{table}/{DATA_DIR}", f"{table}/{LEASE_DIR}", table)
 
 
 def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: TableVersion | None,
@@ -271,9 +266,9 @@ def _check_no_overlap(lake: Lake, table: str, latest: TableVersion, on: TableVer
     for split in latest.splits:
         for frag in latest.fragments(split):
             if frag["path"] not in seen:
-                theirs.update(h.tobytes() for h in read_row_hashes(lake.root / table, frag))
+                theirs.update(h.tobytes() for h in read_row_hashes(lake.storage, table, frag))
     ours = {h.tobytes() for frags in plan["fragments"].values() for f in frags
-            for h in read_row_hashes(lake.root / table, f)}
+            for h in read_row_hashes(lake.storage, table, f)}
     if theirs & ours:
         raise CommitConflictError(f"table {table!r} version {latest.version} was appended meanwhile with "
                                   f"{len(theirs & ours)} example(s) this append also holds; re-run the append")
@@ -323,11 +318,10 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
 
 def _index_table(index: HashIndex, base: TableVersion) -> None:
     """Loads the hashes the table holds (from its fragments' row-hash files) as the starting index."""
-    root = base.lake.root / base.table
     for split in base.splits:
         for frag in base.fragments(split):
-            hashes = read_row_hashes(root, frag)
-            reader = SplitReader(base.lake.root, base.table, base.version, split, {"fragments": [frag]})
+            hashes = read_row_hashes(base.lake.storage, base.table, frag)
+            reader = SplitReader(base.lake.uri, base.table, base.version, split, {"fragments": [frag]})
             labels = reader.read()["label"] if "label" in frag["arrays"] else np.full(len(hashes), -1)
             index.add((h.tobytes(), int(lab), split, TABLE, -1, -1, -1, "")
                       for h, lab in zip(hashes, labels, strict=True))
@@ -450,8 +444,8 @@ class _Driver:
         q_row = self.q_rows
         for fid, rows in sorted(self.drops.items()):
             split, entry = self.fragments[fid]
-            hashes = read_row_hashes(self.lake.root / self.table, entry)
-            data = SplitReader(self.lake.root, self.table, 0, split, {"fragments": [entry]}).read()
+            hashes = read_row_hashes(self.lake.storage, self.table, entry)
+            data = SplitReader(self.lake.uri, self.table, 0, split, {"fragments": [entry]}).read()
             mask = np.ones(hashes.shape[0], dtype=bool)
             mask[list(rows)] = False
             dropped = np.flatnonzero(~mask)
@@ -461,7 +455,7 @@ class _Driver:
                 where[(fid, int(i))] = q_row + k
             q_row += dropped.size
             q_named.append(q)
-            shutil.rmtree(self.lake.root / self.table / entry["path"])
+            self.lake.storage.delete_prefix(f"{self.table}/{entry['path']}")
             rewritten[fid] = (self.lake.write_fragment(self.table, entry["path"] + "r",
                                                        {k: v[mask] for k, v in data.items()}, hashes=hashes[mask])
                               if mask.any() else None)

@@ -11,11 +11,13 @@ A version's record lists, per split, the fragments (by path relative to the tabl
 An append's record lists the previous version's fragments plus the new ones, so old data is never copied; compaction
 publishes a version whose fragments are merged and whose logical content digest is unchanged.
 
-A commit writes its fragments under a fresh ``data/<commit-id>/``, fsyncs them, and then publishes the record with
-``os.link`` from an fsynced temp file, an exclusive create: if another writer already published that version, the
-link fails and this writer gets a :class:`CommitConflictError` (or, when asked to retry, re-reads the latest version
-and publishes on top of it). Readers list ``_log`` and see only whole versions; a crash before the link leaves the
-previous version as the latest, and its unreferenced data is removed by :meth:`Lake.gc`.
+A commit writes its fragments under a fresh ``data/<commit-id>/``, makes them durable, and then publishes the record
+with the storage's exclusive create (:mod:`lepton_jax.lake.storage`: ``os.link`` from an fsynced temp file on a local
+disk, a conditional PUT on S3/GCS): if another writer already published that version, the create fails and this
+writer gets a :class:`CommitConflictError` (or, when asked to retry, re-reads the latest version and publishes on top
+of it). Readers list ``_log`` and see only whole versions; a crash before the create leaves the previous version as
+the latest, and its unreferenced data is removed by :meth:`Lake.gc`. ``ROOT`` is a local directory,
+``s3://bucket/prefix`` or ``gs://bucket/prefix``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -55,8 +56,7 @@ from lepton_jax.lake.fragments import (
     split_fragments,
     write_fragment,
 )
-from lepton_jax.lake.publish import make_dirs, write_file
-from lepton_jax.lake.storage import open_storage
+from lepton_jax.lake.storage import Storage, open_storage
 
 FORMAT = "lepton-lake/2"
 FORMATS = ("lepton-lake/1", FORMAT)  # version 1: one array per split and array, no fragments (still read)
@@ -109,7 +109,7 @@ class TableVersion:
     def reader(self, split: str, *, cache_bytes: int = arrays.READ_CACHE_BYTES) -> SplitReader:
         """Random access to ``split`` as one logical array per name across its fragments; ``cache_bytes`` bounds
         TensorStore's cache of shard indices and decoded chunks (shared by the fragments)."""
-        return SplitReader(self.lake.root, self.table, self.version, split, self._split(split),
+        return SplitReader(self.lake.uri, self.table, self.version, split, self._split(split),
                            cache_bytes=cache_bytes)
 
     def quarantine(self) -> list[dict[str, Any]]:
@@ -120,9 +120,10 @@ class TableVersion:
         if not q or not q.get("entries"):
             return []
         meta = q["entries"]
-        path = self.lake.root / self.table / _safe_relpath(meta["path"])
+        key = f"{self.table}/{_safe_relpath(meta['path'])}"
+        path = self.lake.storage.describe(key)
         try:
-            data = path.read_bytes()
+            data = self.lake.storage.read(key)
         except OSError as e:
             raise LakeError(f"quarantine list {path} is unreadable ({e}); run `lepton-jax lake verify`") from e
         if hashlib.sha256(data).hexdigest() != meta["sha256"]:
@@ -134,7 +135,7 @@ class TableVersion:
         q = self.record.get("quarantine") or {}
         if not q.get("arrays") and not q.get("fragments"):
             return None
-        return SplitReader(self.lake.root, self.table, self.version, QUARANTINE, q)
+        return SplitReader(self.lake.uri, self.table, self.version, QUARANTINE, q)
 
     def _split(self, split: str) -> dict[str, Any]:
         if split not in self.record["splits"]:
@@ -145,7 +146,8 @@ class TableVersion:
 
 class SplitReader:
     """Random access to one split of a pinned table version: one logical array per name over the split's fragments.
-    Picklable; opens TensorStore lazily (one cache pool for all fragments).
+    Picklable (it carries the lake's URI, not an open storage); opens TensorStore lazily (one cache pool for all
+    fragments).
 
     Opening checks that every file the commit record lists exists with its recorded size, so a missing or truncated
     shard is an error naming the file rather than fill values; flipped bytes fail the crc32c checks on read.
@@ -156,9 +158,10 @@ class SplitReader:
     #: images but costs a TensorStore chunk lookup per 4-byte label.
     SMALL_ARRAY_BYTES = 16 * 2**20
 
-    def __init__(self, root: Path, table: str, version: int, split: str, entry: dict[str, Any], *,
+    def __init__(self, root: str | Path, table: str, version: int, split: str, entry: dict[str, Any], *,
                  cache_bytes: int = arrays.READ_CACHE_BYTES):
-        self.root, self.table, self.version, self.split = Path(root), table, version, split
+        self.root, self.table, self.version, self.split = str(root), table, version, split
+        self._storage: Storage | None = None
         self.entry, self.cache_bytes = entry, int(cache_bytes)
         self.fragments = split_fragments(entry) if "fragments" in entry or "arrays" in entry else []
         sizes = [int(f["num_examples"]) for f in self.fragments]
@@ -176,6 +179,12 @@ class SplitReader:
     @property
     def num_fragments(self) -> int:
         return len(self.fragments)
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = open_storage(self.root)
+        return self._storage
 
     def _open(self) -> list[dict[str, Any]]:
         if self._stores is None:
@@ -199,20 +208,21 @@ class SplitReader:
         return self._stores
 
     def _open_array(self, meta: dict[str, Any], context) -> Any:
-        path = self.root / self.table / _safe_relpath(meta["path"])
+        storage = self.storage
+        key = f"{self.table}/{_safe_relpath(meta['path'])}"
+        found = storage.list_recursive(key) if meta.get("files") else {}  # one listing per array
         for rel, info in meta.get("files", {}).items():
-            file = path / rel
-            size = file.stat().st_size if file.is_file() else None
+            size = found[rel][0] if rel in found else None
             if size != info["bytes"]:
                 state = "is missing" if size is None else f"has {size} bytes, not {info['bytes']}"
-                raise LakeError(f"lake file {file} {state} (table {self.table!r} version {self.version}); "
-                                "run `lepton-jax lake verify`")
-        store = arrays.open_array(path, context=context)
+                raise LakeError(f"lake file {storage.describe(f'{key}/{rel}')} {state} (table {self.table!r} "
+                                f"version {self.version}); run `lepton-jax lake verify`")
+        store = arrays.open_array(storage, key, context=context)
         if "files" not in meta:  # records written before file digests: at least every shard must exist
             for rel in arrays.shard_keys(store):
-                if not (path / rel).is_file():
-                    raise LakeError(f"lake file {path / rel} is missing (table {self.table!r} version "
-                                    f"{self.version}); run `lepton-jax lake verify`")
+                if not storage.exists(f"{key}/{rel}"):
+                    raise LakeError(f"lake file {storage.describe(f'{key}/{rel}')} is missing (table "
+                                    f"{self.table!r} version {self.version}); run `lepton-jax lake verify`")
         if list(store.shape) != list(meta["shape"]) or store.dtype.numpy_dtype != np.dtype(meta["dtype"]):
             raise LakeError(f"lake array {meta['path']} has shape {list(store.shape)} "
                             f"{store.dtype.numpy_dtype}, but its commit record says {meta['shape']} "
@@ -295,7 +305,7 @@ class SplitReader:
                 yield self.read(slice(start, min(start + rows, int(self.offsets[f + 1]))))
 
     def __getstate__(self):
-        return {**self.__dict__, "_stores": None, "_in_memory": {}}
+        return {**self.__dict__, "_stores": None, "_in_memory": {}, "_storage": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,12 +332,24 @@ class GcReport:
 
 
 class Lake:
-    """A directory of versioned tables. ``target_shard_bytes`` sizes the shard files of new commits."""
+    """A lake of versioned tables at ``root``: a local directory, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
+    ``target_shard_bytes`` sizes the shard files of new commits."""
 
     def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES):
-        self.storage = open_storage(root)  # records, markers: through the storage interface
-        self.root = self.storage.root
+        self.storage = open_storage(root)  # every key goes through the storage interface; arrays via its kvstore
+        self.root = self.storage.root  # a Path for a local lake, the URI for an object store
         self.target_shard_bytes = int(target_shard_bytes)
+
+    @property
+    def uri(self) -> str:
+        """The lake's location for records and messages: an absolute path, or the ``s3://``/``gs://`` URI."""
+        local = self.storage.local_path("")
+        return str(local.resolve()) if local is not None else self.storage.uri
+
+    def exists(self) -> bool:
+        """Whether the lake root exists (a local directory; an object-store prefix holding anything)."""
+        local = self.storage.local_path("")
+        return local.is_dir() if local is not None else bool(self.storage.list(""))
 
     def tables(self) -> list[str]:
         """Tables with anything in their log (a table whose records were all removed is still named, by its
@@ -359,8 +381,8 @@ class Lake:
                             f"version {version}")
         return TableVersion(self, table, record)
 
-    def _record_path(self, table: str, version: int) -> Path:
-        return self.root / table / LOG_DIR / f"{version:08d}.json"
+    def _record_path(self, table: str, version: int) -> str:
+        return self.storage.describe(self._record_key(table, version))
 
     @staticmethod
     def _record_key(table: str, version: int) -> str:
@@ -382,7 +404,7 @@ class Lake:
         _safe_relpath(rel)
         for part in rel.split("/")[1:]:
             check_name("fragment path component", part)
-        return write_fragment(self.root / check_name("table", table), rel, named,
+        return write_fragment(self.storage, check_name("table", table), rel, named,
                               target_shard_bytes=self.target_shard_bytes, label_array=label_array, crash=crash,
                               hashes=hashes)
 
@@ -395,10 +417,8 @@ class Lake:
         out: dict[str, Any] = {"num_examples": len(entries), "reasons": dict(sorted(reasons.items()))}
         if not entries:
             return out
-        base = self.root / table / DATA_DIR / commit_id / QUARANTINE
-        base.mkdir(parents=True, exist_ok=True)
         payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
-        (base / "entries.jsonl").write_bytes(payload)
+        self.storage.write(f"{table}/{DATA_DIR}/{commit_id}/{QUARANTINE}/entries.jsonl", payload)
         out["entries"] = {"path": f"{DATA_DIR}/{commit_id}/{QUARANTINE}/entries.jsonl",
                           "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
         return out
@@ -410,7 +430,7 @@ class Lake:
             raise LakeError("a split needs at least one fragment")
         return {"num_examples": sum(int(f["num_examples"]) for f in fragments),
                 "arrays": logical_arrays(fragments),
-                "content_sha256": content_sha256(self.root / table, fragments, label_array),
+                "content_sha256": content_sha256(self.storage, table, fragments, label_array),
                 "fragments": fragments}
 
     def publish(self, table: str, commit_id: str, *, splits: dict[str, list[dict[str, Any]]],
@@ -431,17 +451,14 @@ class Lake:
         if parent is None:
             versions = self.versions(table)
             parent = versions[-1] if versions else 0
-        commit_dir = self.root / table / DATA_DIR / commit_id
+        commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
         label_array = schema.get("label_array", LABEL)
         try:
             split_entries = {check_name("split", split): self.split_entry(table, frags, label_array)
                              for split, frags in splits.items()}
-            if commit_dir.exists():
-                arrays.fsync_tree(commit_dir)
-                for d in (commit_dir.parent, commit_dir.parent.parent):
-                    arrays.fsync_dir(d)
+            self.storage.sync(commit_dir)  # local: fsync the tree and its directory entries; object stores: no-op
         except BaseException:
-            shutil.rmtree(commit_dir, ignore_errors=True)
+            self._discard(commit_dir)
             raise
         crash_point("data")
         while True:
@@ -449,8 +466,9 @@ class Lake:
             record = {"format": FORMAT, "table": table, "version": version, "parent": parent or None,
                       "commit_id": commit_id, "time": time.time(), "schema": schema, "lineage": lineage,
                       "stats": stats or {}, "splits": split_entries, "quarantine": quarantine or {}}
-            if commit_dir.exists():  # a long-running commit refreshes its age so gc's grace period counts from now
-                os.utime(commit_dir)
+            local = self.storage.local_path(commit_dir)
+            if local is not None and local.exists():  # a long-running commit refreshes its age for gc's grace
+                os.utime(local)
             try:
                 self._check_written(table, commit_id, split_entries, quarantine or {})
                 self._publish(table, version, record)
@@ -458,7 +476,7 @@ class Lake:
             except CommitConflictError:
                 if retries <= 0:
                     if not keep_on_conflict:
-                        shutil.rmtree(commit_dir, ignore_errors=True)
+                        self._discard(commit_dir)
                     raise
                 retries -= 1
                 latest = self.table(table)
@@ -466,15 +484,15 @@ class Lake:
                     existing = rebase(latest) if rebase is not None else None
                 except BaseException:
                     if not keep_on_conflict:
-                        shutil.rmtree(commit_dir, ignore_errors=True)
+                        self._discard(commit_dir)
                     raise
                 if existing is not None:
-                    shutil.rmtree(commit_dir, ignore_errors=True)
+                    self._discard(commit_dir)
                     return existing
                 parent = latest.version
             except LakeError:
                 if not keep_on_conflict:
-                    shutil.rmtree(commit_dir, ignore_errors=True)
+                    self._discard(commit_dir)
                 raise
 
     def _check_written(self, table: str, commit_id: str, splits: dict[str, dict[str, Any]],
@@ -493,13 +511,9 @@ class Lake:
                 files.append((frag["row_hashes"]["path"], int(frag["row_hashes"]["bytes"])))
         if quarantine.get("entries", {}).get("path", "").startswith(prefix):
             files.append((quarantine["entries"]["path"], int(quarantine["entries"]["bytes"])))
-        base = self.root / table
         for rel, size in files:
-            try:
-                ok = (base / rel).stat().st_size == size
-            except FileNotFoundError:
-                ok = False
-            if not ok:
+            found = self.storage.stat(f"{table}/{rel}")
+            if found is None or found[0] != size:
                 raise LakeError(f"commit {commit_id} of table {table!r}: {rel} is missing or changed before it was "
                                 "published (removed by `lake gc --force`?); nothing was published")
 
@@ -514,7 +528,7 @@ class Lake:
         """
         check_name("table", table)
         commit_id = self.new_commit_id()
-        commit_dir = self.root / table / DATA_DIR / commit_id
+        commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
         label_array = schema.get("label_array", LABEL)
         with self.lease(table, commit_id):
             try:
@@ -530,7 +544,7 @@ class Lake:
                                                                 named, label_array=label_array)]
                     q_entry["num_rows"] = int(next(iter(named.values())).shape[0])
             except BaseException:
-                shutil.rmtree(commit_dir, ignore_errors=True)
+                self._discard(commit_dir)
                 raise
             return self.publish(table, commit_id, splits=fragments, schema=schema, lineage=lineage, stats=stats,
                                 quarantine=q_entry, parent=parent, retries=retries, rebase=rebase)
@@ -549,8 +563,12 @@ class Lake:
             raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
                                       "re-read the latest version and commit on top of it")
         self._mark_used(table, version)
-        make_dirs(self.root)
-        arrays.fsync_dir(self.root)  # the table directory's entry, on a table's first commit
+        self.storage.sync(table, tree=False)  # local: the table directory's entry, on a table's first commit
+
+    def _discard(self, key: str) -> None:
+        """Removes a failed commit's data, best effort (what is left is gc's)."""
+        with contextlib.suppress(OSError, LakeError):
+            self.storage.delete_prefix(key)
 
     def _mark_used(self, table: str, version: int) -> None:
         self.storage.create(f"{table}/{LOG_DIR}/{USED_DIR}/{version:08d}", b"")
@@ -559,51 +577,58 @@ class Lake:
     def lease(self, table: str, commit_id: str) -> Iterator[Callable[[], None]]:
         """Holds a lease on ``data/<commit_id>`` while a writer writes and publishes it: :meth:`gc` never removes
         data (or temp records) of a commit whose lease is live. Yields ``touch()``, which renews the lease (for
-        writers on other hosts, whose liveness gc can only judge by age). Take it before creating the directory."""
-        leases = self.root / check_name("table", table) / LEASE_DIR
-        make_dirs(leases)
-        path = leases / f"{commit_id}.json"
+        writers on other hosts and on object stores, whose liveness gc can only judge by age: the lease object is
+        rewritten, so its last-modified time is now). Take it before creating the directory."""
+        key = f"{check_name('table', table)}/{LEASE_DIR}/{commit_id}.json"
         info = {"commit_id": commit_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "pid_start": _process_start(os.getpid()), "time": time.time()}
-        for attempt in range(20):  # another writer's removal of an empty _leases/ may race this create
-            try:
-                write_file(path, json.dumps(info).encode())
-                break
-            except FileNotFoundError:
-                if attempt == 19:
-                    raise
-                make_dirs(leases)
-        try:
-            yield lambda: os.utime(path)
-        finally:
-            path.unlink(missing_ok=True)
-            for d in (leases, leases.parent):  # a table that got no data (a failed first commit) leaves nothing
+
+        def put() -> None:
+            for attempt in range(20):  # another writer's removal of an empty local _leases/ may race this write
                 try:
-                    d.rmdir()
-                except OSError:
-                    break
+                    self.storage.write(key, json.dumps({**info, "time": time.time()}).encode())
+                    return
+                except FileNotFoundError:
+                    if attempt == 19:
+                        raise
+
+        put()
+        try:
+            yield put
+        finally:
+            with contextlib.suppress(OSError, LakeError):
+                self.storage.delete(key)
+            # a table that got no data (a failed first commit) leaves nothing
+            self.storage.prune(f"{table}/{LEASE_DIR}", table)
 
     def _leases(self, table: str, grace_seconds: float) -> tuple[set[str], set[str]]:
         """Commit ids whose writer still holds its lease (a process alive on this host, with the same pid and start
-        time, or, for another host, a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)``), and the
-        commit ids of leases found expired (their writers died)."""
+        time, on a local lake), or a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)`` (another host,
+        or an object store: by the lease object's last-modified time), and the commit ids of leases found expired
+        (their writers died)."""
         live: set[str] = set()
         dead: set[str] = set()
-        leases = self.root / table / LEASE_DIR
-        for path in sorted(leases.glob("*.json")) if leases.is_dir() else []:
+        local = self.storage.local_path("") is not None
+        for name in self.storage.list(f"{table}/{LEASE_DIR}/"):
+            if not name.endswith(".json"):
+                continue
+            key = f"{table}/{LEASE_DIR}/{name}"
             try:
-                age = time.time() - path.stat().st_mtime
-                info = json.loads(path.read_bytes())
+                st = self.storage.stat(key)
+                if st is None:
+                    continue  # released meanwhile: the writer published or gave up
+                age = time.time() - st[1]
+                info = json.loads(self.storage.read(key))
             except FileNotFoundError:
-                continue  # released meanwhile: the writer published or gave up
+                continue
             except (OSError, ValueError):
                 info, age = None, 0.0  # half-written or unreadable: assume live
             pid = info.get("pid") if isinstance(info, dict) else None
-            if isinstance(pid, int) and info.get("host") == socket.gethostname():
+            if local and isinstance(pid, int) and info.get("host") == socket.gethostname():
                 alive = _pid_alive(pid) and _process_start(pid) == info.get("pid_start")
             else:
                 alive = age < max(grace_seconds, MIN_GRACE_SECONDS)
-            (live if alive else dead).add(path.stem)
+            (live if alive else dead).add(name[:-len(".json")])
         return live, dead
 
     # -- compaction --------------------------------------------------------------------------------------------------
@@ -619,7 +644,7 @@ class Lake:
         if all(len(old.fragments(s)) <= 1 for s in old.splits):
             return old
         commit_id = self.new_commit_id()
-        commit_dir = self.root / table / DATA_DIR / commit_id
+        commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
         label_array = old.schema.get("label_array", LABEL)
         splits: dict[str, list[dict[str, Any]]] = {}
         with self.lease(table, commit_id):
@@ -642,12 +667,12 @@ class Lake:
                 body = {key: old.record[key] for key in ("schema", "stats", "quarantine")}
                 lineage = {**old.record["lineage"], "compacted_from": old.version}
                 for split, frags in splits.items():
-                    new = content_sha256(self.root / table, frags, label_array)
+                    new = content_sha256(self.storage, table, frags, label_array)
                     if new != old.record["splits"][split].get("content_sha256", new):
                         raise LakeError(f"internal error: compacting {table!r} split {split!r} changed its content "
                                         "digest; nothing was published")
             except BaseException:
-                shutil.rmtree(commit_dir, ignore_errors=True)
+                self._discard(commit_dir)
                 raise
             version = self.publish(table, commit_id, splits=splits, lineage=lineage, parent=old.version,
                                    retries=retries, rebase=_recompact, **body)
@@ -657,11 +682,12 @@ class Lake:
     def _copy_fragment(self, table: str, rel: str, reader: SplitReader, start: int, stop: int, label_array: str,
                        crash: bool) -> dict[str, Any]:
         """Writes rows ``[start, stop)`` of ``reader`` as one new fragment, in one pass of bounded-size blocks."""
-        base = self.root / table / rel
+        base = f"{table}/{rel}"
         metas = reader.fragments[0]["arrays"]
         row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize for m in metas.values())
         block_rows = max(1, 16 * 2**20 // max(1, row_bytes))
-        writers = {name: arrays.ArrayWriter(base / check_name("array", name), (stop - start, *m["shape"][1:]),
+        writers = {name: arrays.ArrayWriter(self.storage, f"{base}/{check_name('array', name)}",
+                                            (stop - start, *m["shape"][1:]),
                                             np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes)
                    for name, m in metas.items()}
         stats_parts, hash_parts = [], []
@@ -677,15 +703,11 @@ class Lake:
         for k, (name, w) in enumerate(writers.items()):
             entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": metas[name]["dtype"],
                                      "shape": [stop - start, *metas[name]["shape"][1:]], "sha256": w.close(),
-                                     "files": arrays.file_digests(base / name)}
+                                     "files": arrays.file_digests(self.storage, f"{base}/{name}")}
             if crash and k == 0:
                 crash_point("array")
         payload = np.concatenate(hash_parts).tobytes()
-        with open(base / ROW_HASHES, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        arrays.fsync_dir(base)
+        self.storage.write(f"{base}/{ROW_HASHES}", payload)
         entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
                                "sha256": hashlib.sha256(payload).hexdigest()}
         entry["stats"] = merge_partials(stats_parts)
@@ -739,7 +761,7 @@ class Lake:
             expected = tv.record["splits"].get(split, {}).get("content_sha256") if split != QUARANTINE else None
             if content and expected and len(problems) == bad_before:
                 try:
-                    if content_sha256(self.root / tv.table, frags, label_array) != expected:
+                    if content_sha256(self.storage, tv.table, frags, label_array) != expected:
                         problems.append(Problem(tv.table, tv.version, split,
                                                 "logical content digest differs from the commit record"))
                 except LakeError as e:
@@ -752,11 +774,11 @@ class Lake:
         if meta is None:
             return []
         try:
-            stored = read_row_hashes(self.root / tv.table, frag, label_array)
+            stored = read_row_hashes(self.storage, tv.table, frag, label_array)
         except LakeError as e:
             return [Problem(tv.table, tv.version, meta["path"], str(e))]
         if recompute:  # block by block: bounded memory however large the fragment
-            reader = SplitReader(self.root, tv.table, tv.version, frag["path"], {"fragments": [frag]},
+            reader = SplitReader(self.uri, tv.table, tv.version, frag["path"], {"fragments": [frag]},
                                  cache_bytes=8 * 2**20)
             row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
                             for m in frag["arrays"].values())
@@ -774,7 +796,7 @@ class Lake:
     def _verify_array(self, tv: TableVersion, meta: dict[str, Any], content: bool) -> list[Problem]:
         problems: list[Problem] = []
         try:
-            path = self.root / tv.table / _safe_relpath(meta["path"])
+            key = f"{tv.table}/{_safe_relpath(meta['path'])}"
         except LakeError as e:
             return [Problem(tv.table, tv.version, str(meta.get("path")), str(e))]
 
@@ -783,20 +805,19 @@ class Lake:
 
         files = meta.get("files")
         if files is not None:
+            found = self.storage.list_recursive(key)
             for rel, info in files.items():
-                file = path / rel
-                if not file.is_file():
+                if rel not in found:
                     bad(rel, "missing file")
-                elif file.stat().st_size != info["bytes"]:
-                    bad(rel, f"truncated or extended: {file.stat().st_size} bytes, recorded {info['bytes']}")
-                elif arrays.file_sha256(file) != info["sha256"]:
+                elif found[rel][0] != info["bytes"]:
+                    bad(rel, f"truncated or extended: {found[rel][0]} bytes, recorded {info['bytes']}")
+                elif self.storage.sha256(f"{key}/{rel}") != info["sha256"]:
                     bad(rel, "sha256 differs from the commit record (bytes changed)")
-            extra = sorted(set(arrays.file_digests(path)) - set(files)) if path.is_dir() else []
-            for rel in extra:
+            for rel in sorted(set(found) - set(files)):
                 bad(rel, "file not listed in the commit record")
         if content and not problems:
             try:
-                store = arrays.open_array(path)
+                store = arrays.open_array(self.storage, key)
                 if arrays.stored_content_digest(store, path=meta["path"]) != meta["sha256"]:
                     bad("", "content digest differs from the commit record")
             except LakeError as e:
@@ -807,8 +828,10 @@ class Lake:
         """Checks ``table``'s history itself: versions contiguous from 1, every record readable and naming the
         previous version as its parent, and every version number ever published (``_log/_used``) still present."""
         problems: list[Problem] = []
-        versions = self.versions(table)
+        # markers first: a writer creates a version's record before its marker, so every marker listed here has its
+        # record in the listing that follows (the other order reports a commit landing in between as a gap)
         used = self._used_versions(table)
+        versions = self.versions(table)
         top = max([*versions, *used], default=0)
         missing = sorted(set(range(1, top + 1)) - set(versions))
         for v in missing:
@@ -844,9 +867,9 @@ class Lake:
         failed: list[str] = []
         now = time.time()
         for name in ([check_name("table", table)] if table else self.tables()):
-            base = self.root / name
-            candidates = sorted((base / DATA_DIR).iterdir()) if (base / DATA_DIR).is_dir() else []
-            candidates += sorted((base / LOG_DIR).glob(TEMP_PREFIX + "*"))
+            candidates = [f"{name}/{DATA_DIR}/{n}" for n in self.storage.list(f"{name}/{DATA_DIR}/")]
+            candidates += [f"{name}/{LOG_DIR}/{n}" for n in self.storage.list(f"{name}/{LOG_DIR}/")
+                           if n.startswith(TEMP_PREFIX)]
             # order matters: leases are read after listing (a listed directory's writer took its lease before
             # creating it) and records after leases (a writer publishes its record before releasing its lease)
             leased, expired = self._leases(name, grace)
@@ -857,30 +880,36 @@ class Lake:
             for v in self.versions(name):
                 record = self.table(name, v).record
                 live |= commit_dirs(record) | {record["commit_id"]}
-            for path in candidates:
-                cid = path.name if path.parent.name == DATA_DIR else path.name[len(TEMP_PREFIX):].rsplit("-", 1)[0]
-                if path.parent.name == DATA_DIR and cid in live:
+            for rel in candidates:
+                parent, leaf = rel.rsplit("/", 2)[-2:]
+                is_data = parent == DATA_DIR
+                cid = leaf if is_data else leaf[len(TEMP_PREFIX):].rsplit("-", 1)[0]
+                if is_data and cid in live:
                     continue
-                rel = path.relative_to(self.root).as_posix()
                 try:
-                    young = cid in leased or now - _newest_mtime(path) < grace
-                    if young:
+                    found = self.storage.tree(rel)
+                    if found is None:
+                        continue  # removed meanwhile by its writer (a failed commit cleans up after itself)
+                    size, newest = found
+                    if cid in leased or now - newest < grace:
                         report.kept_young.append(rel)
                         continue
-                    size = _tree_bytes(path)
                     if not dry_run:
-                        _remove(path)
+                        self.storage.delete_prefix(rel)
                 except FileNotFoundError:
-                    continue  # removed meanwhile by its writer (a failed commit cleans up after itself)
+                    continue
                 except OSError as e:
                     failed.append(f"{rel}: {e.strerror or e}")
+                    continue
+                except LakeError as e:
+                    failed.append(f"{rel}: {e}")
                     continue
                 report.removed.append(rel)
                 report.bytes_freed += size
             if not dry_run:  # expired leases (dead writers) whose data is gone
                 for cid in sorted(expired):
-                    if not (base / DATA_DIR / cid).exists():
-                        (base / LEASE_DIR / f"{cid}.json").unlink(missing_ok=True)
+                    if self.storage.tree(f"{name}/{DATA_DIR}/{cid}") is None:
+                        self.storage.delete(f"{name}/{LEASE_DIR}/{cid}.json")
         if failed:
             raise LakeError(f"gc could not remove {len(failed)} path(s), e.g. {failed[0]} "
                             f"(removed {len(report.removed)})")
@@ -891,36 +920,6 @@ def _recompact(latest: TableVersion) -> TableVersion | None:
     """A compaction that lost the race holds the old head's rows only: publishing it on top would drop the winner's."""
     raise CommitConflictError(f"table {latest.table!r} got version {latest.version} while it was being compacted; "
                               "nothing was published (run `lake compact` again)")
-
-
-def _remove(path: Path) -> None:
-    """Removes a file or a tree; files vanishing meanwhile are fine, other errors raise ``OSError``."""
-    if path.is_dir() and not path.is_symlink():
-        def onerror(func, p, exc_info):
-            if not isinstance(exc_info[1], FileNotFoundError):
-                raise exc_info[1]
-        shutil.rmtree(path, onerror=onerror)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _newest_mtime(path: Path) -> float:
-    newest = path.lstat().st_mtime
-    if path.is_dir():
-        for p in path.rglob("*"):
-            with contextlib.suppress(FileNotFoundError):
-                newest = max(newest, p.lstat().st_mtime)
-    return newest
-
-
-def _tree_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    total = 0
-    for p in path.rglob("*"):
-        with contextlib.suppress(FileNotFoundError):
-            total += p.stat().st_size if p.is_file() else 0
-    return total
 
 
 def _pid_alive(pid: int) -> bool:

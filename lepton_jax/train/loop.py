@@ -287,7 +287,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: 
         strategy = make_strategy(config, schema, sources["train"], devices)
     elif strategy.config.to_dict() != config.to_dict():
         raise ConfigError("the strategy passed to train() was built for another config")
-    data_info = {"lake": str(lake.root.resolve()), "table": table.table, "version": table.version,
+    data_info = {"lake": lake.uri, "table": table.table, "version": table.version,
                  "schema": schema, "source_sha256": table.record["lineage"]["source"]["sha256"]}
     loop = Loop(config, workdir, strategy, schema=schema, sources=sources, data_info=data_info, progress=progress,
                 stop_after_step=stop_after_step)
