@@ -17,26 +17,34 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):
     """The GCS address of a local Ray instance (2 CPUs) for this module's tests; on loopback only where Ray is first
-    imported here (see lepton_jax.lake.ray_executor)."""
+    imported here (see lepton_jax.lake.ray_executor). Ray's workers inherit the environment of ``ray.init``, so the
+    local S3 server's endpoint and credentials are set for the module before it starts."""
     from lepton_jax.lake.ray_executor import SINGLE_MACHINE
 
     if "ray" not in sys.modules:
         os.environ.setdefault(SINGLE_MACHINE, "0")
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in s3_server.env.items():
+            env.setenv(key, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
-@pytest.fixture
-def lake_root(tmp_path):
-    """The lake's root URI (a local directory here; other backends parametrize this fixture)."""
-    return str(tmp_path / "lake")
+@pytest.fixture(params=["local", "s3"])
+def lake_root(request, tmp_path, ray_cluster, s3_server):
+    """The lake's root URI: a local directory, and a fresh prefix in the local S3 server's bucket."""
+    if request.param == "local":
+        return str(tmp_path / "lake")
+    return s3_server.new_root()
 
 
 def _image_folder(folder):

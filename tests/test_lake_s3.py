@@ -4,6 +4,7 @@ The backend-independent contract tests run on both backends in test_lake_protoco
 
 import concurrent.futures
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,9 @@ from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, ingest
 from lepton_jax.lake.storage import ObjectStorage, open_storage
+from lepton_jax.serve import Predictor
+from lepton_jax.serve.server import ServedModel
+from tests.serving import served_classes
 
 WRITER = """
 import sys
@@ -181,9 +185,10 @@ def _read_pickled(source, indices):
 
 
 @pytest.mark.slow
-def test_grain_reads_and_a_short_train_from_an_s3_lake(s3_env, tmp_path, capsys):
+def test_ingest_train_register_and_serve_from_an_s3_lake(s3_env, tmp_path, capsys):
     """`lake ingest --lake s3://...` → Grain batches (also from a pickled source in a spawned process) →
-    `train --lake s3://...` for one epoch; the run records the lake's URI."""
+    `train --lake s3://...` for one epoch (the run records the lake's URI) → `registry register` into the bucket →
+    the run directory deleted → `predict`, `export` and `serve` from the registry reference."""
     import json
     import multiprocessing
 
@@ -210,6 +215,22 @@ def test_grain_reads_and_a_short_train_from_an_s3_lake(s3_env, tmp_path, capsys)
         capsys.readouterr().err
     found = [json.loads(p.read_text()) for p in workdir.rglob("*.json") if uri in p.read_text()]
     assert found, "the run does not record the s3:// lake it trained from"
+
+    # registered into the same bucket, the run directory deleted: predict, export and serve from the bucket alone
+    raw = table.reader("test").read_all()["image"][:16]
+    expected = Predictor.from_workdir(workdir).predict(raw)["class"]
+    assert main(["registry", "register", "--lake", uri, "--name", "digits", "--workdir", str(workdir),
+                 "--promote", "production"]) == 0, capsys.readouterr().err
+    shutil.rmtree(workdir)
+    assert not open_storage(uri).local_path("_models") and open_storage(uri).list("_models/digits/")
+    np.save(tmp_path / "x.npy", raw)
+    assert main(["predict", "--lake", uri, "--model", "digits@production", "--input", str(tmp_path / "x.npy"),
+                 "--output", str(tmp_path / "y.npy")]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.load(tmp_path / "y.npy"), expected)
+    assert main(["export", "--lake", uri, "--model", "digits@production", "--output", str(tmp_path / "edge"),
+                 "--platforms", "cpu"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "edge" / "manifest.json").read_text())["evaluation"]["top1_agreement"] == 1.0
+    assert served_classes(ServedModel.from_registry(uri, "digits@production"), raw) == expected.tolist()
 
 
 def test_gcs_roots_map_to_the_gcs_kvstore_and_unknown_schemes_are_refused():

@@ -5,25 +5,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.serve import Predictor
-from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.lake_params import ParamsError
 from lepton_jax.serve.registry import FORMAT_V1, Registry, RegistryError
-from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+from lepton_jax.serve.server import ServedModel
+from tests.serving import served_classes
 
 
 @pytest.fixture(scope="module")
@@ -156,36 +152,13 @@ def test_registry_version_predicts_evaluates_exports_after_the_run_dir_is_delete
 
 
 def test_registry_version_serves_over_http_after_the_run_directory_is_deleted(moved_run, trained_run):
-    """(no capsys here: uvicorn's log handlers would keep its stream after the test closed it)"""
     lake, copy = moved_run
     assert not copy.exists()
     entry = Registry(lake).resolve("digits@production")
     data = entry.record["data"]
     raw = Lake(data["lake"]).table("digits", data["version"]).reader("test").read_all()["image"][:5]
     expected = Predictor.from_workdir(trained_run[0], step=entry.step).predict(raw)
-    server = ModelServer([ServedModel.from_registry(lake, "digits@production")],
-                         ServeConfig(max_batch_size=8, replicas=1, warm_up_on_startup=True))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not uv.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "server never started"
-            time.sleep(0.01)
-        while httpx.get(f"{url}/v2/health/ready", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.05)
-        response = httpx.post(f"{url}/v2/models/digits/infer", json=infer_request(raw), timeout=30)
-        assert response.status_code == 200
-        outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
-        assert outputs["class"] == expected["class"].tolist()
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=60)
+    assert served_classes(ServedModel.from_registry(lake, "digits@production"), raw) == expected["class"].tolist()
 
 
 def test_stored_parameters_are_checked_against_the_record(moved_run, tmp_path):
