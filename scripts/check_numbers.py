@@ -115,6 +115,7 @@ class Verdict:
     quoted: str = ""
     measured: str = ""
     detail: str = ""
+    fix: tuple[int, int, str] | None = None  # (start, end, text): what --update writes over the doc's span
 
 
 def _raw_claims(data: dict) -> list[dict]:
@@ -250,8 +251,12 @@ def check_table(claim: TableClaim, root: Path, docs: dict[str, str]) -> Verdict:
             if not _cells_equal(qa, mb, claim.rel_tolerance.get(col)):
                 problems.append(f"row {n + 1} ({a[0]}) {col}: quoted {qa}, measured {mb}")
     status = "mismatch" if problems else "ok"
+    fix = None
+    if rows and theirs[0][2]:  # the doc's rows replaced by the artifact's rows, header kept
+        their_rows = theirs[0][2]
+        fix = (rows[0][0], rows[-1][1], (root / claim.artifact).read_text()[their_rows[0][0]:their_rows[-1][1]])
     return Verdict(claim, status, f"{cells} cells", f"{len(measured)} rows", "; ".join(problems[:5]) +
-                   (f"; … {len(problems) - 5} more" if len(problems) > 5 else ""))
+                   (f"; … {len(problems) - 5} more" if len(problems) > 5 else ""), fix)
 
 
 def _block(text: str, start: str, count: int, after: str = "") -> tuple[int, int, list[str]] | None:
@@ -288,8 +293,10 @@ def check_block(claim: BlockClaim, root: Path, docs: dict[str, str]) -> Verdict:
             a, b = re.sub(pattern, "…", a), re.sub(pattern, "…", b)
         if not _cells_equal(_norm(a), _norm(b), claim.rel_tolerance):
             problems.append(f"quoted {_norm(a)!r}, measured {_norm(b)!r}")
+    pasted = "".join(line + "\n" for line in theirs[2])
     return Verdict(claim, "mismatch" if problems else "ok", f"{claim.lines} lines", f"{claim.lines} lines",
-                   "; ".join(problems[:3]) + (f"; … {len(problems) - 3} more" if len(problems) > 3 else ""))
+                   "; ".join(problems[:3]) + (f"; … {len(problems) - 3} more" if len(problems) > 3 else ""),
+                   (ours[0], ours[1], pasted))
 
 
 def check(claim: Claim | TableClaim | BlockClaim, root: Path, docs: dict[str, str]) -> Verdict:
@@ -317,7 +324,7 @@ def check(claim: Claim | TableClaim | BlockClaim, root: Path, docs: dict[str, st
     else:
         slack = max(claim.tolerance or 0.0, (claim.rel_tolerance or 0.0) * abs(measured))
         ok = math.isfinite(measured) and abs(quoted_value - measured) <= slack
-    return Verdict(claim, "ok" if ok else "mismatch", quoted, shown)
+    return Verdict(claim, "ok" if ok else "mismatch", quoted, shown, fix=(*found[0].span(1), shown))
 
 
 def unchecked_bold_numbers(root: Path, docs: dict[str, str], claims: list, exempt: list[Exempt] = ()) -> list[str]:
@@ -339,6 +346,23 @@ def unchecked_bold_numbers(root: Path, docs: dict[str, str], claims: list, exemp
     return out
 
 
+def update_docs(root: Path, verdicts: list[Verdict]) -> None:
+    """Writes each mismatched claim's measured text over its span in the doc (last span first, so offsets hold)."""
+    by_doc: dict[str, list[tuple[int, int, str]]] = {}
+    for v in verdicts:
+        if v.status == "mismatch" and v.fix is not None:
+            by_doc.setdefault(v.claim.doc, []).append(v.fix)
+    for doc, fixes in by_doc.items():
+        text = (root / doc).read_text()
+        done_until = len(text) + 1
+        for start, end, new in sorted(set(fixes), reverse=True):
+            if end > done_until:  # overlaps a span already rewritten (a number inside an updated block)
+                continue
+            text, done_until = text[:start] + new + text[end:], start
+        (root / doc).write_text(text)
+        print(f"updated {len(fixes)} quote(s) in {doc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="repository root (docs and results/ below it)")
@@ -346,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="reproduce.sh steps to check (default: all)")
     parser.add_argument("--run", action="store_true", help="run reproduce.sh for steps whose artifacts are missing")
     parser.add_argument("--strict", action="store_true", help="bold numbers that no claim covers are an error")
+    parser.add_argument("--update", action="store_true",
+                        help="write the measured values over the mismatched quotes (numbers, tables, pasted blocks); "
+                             "then reread the prose around them (a goal met or missed may have changed)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     claims_path = args.claims or root / "docs" / "numbers.toml"
@@ -377,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               if (root / e.doc).exists() else "")]
     for e in stale:
         print(f"NOT QUOTED exemption {e.text!r} is not in {e.doc} (remove it from the claims file)")
+    if args.update:
+        update_docs(root, verdicts)
     bad = [v for v in verdicts if v.status != "ok"] + stale
     missing = sorted({v.claim.step for v in bad if isinstance(v, Verdict) and v.status == "missing"})
     if missing:

@@ -192,3 +192,14 @@ def test_a_closing_bold_marker_never_opens_another(tmp_path, capsys):
 def test_every_exemption_of_this_repository_names_bold_text_in_its_doc():
     for exempt in check_numbers.load_exempt(ROOT / "docs" / "numbers.toml"):
         assert exempt.text.startswith("**") and exempt.text in (ROOT / exempt.doc).read_text(), exempt
+
+
+def test_update_writes_the_measured_values_over_stale_quotes(tmp_path, capsys):
+    root = _repo(tmp_path, readme="The job printed **test accuracy 0.9779** on 271 examples.\n")
+    (root / "docs" / "bench.md").write_text("Batching gave **3.9x** the baseline (3.1 per pair).\n")
+    assert check_numbers.main(["--root", str(root), "--update"]) == 1  # this run still reports what it found
+    assert (root / "README.md").read_text() == "The job printed **test accuracy 0.9742** on 271 examples.\n"
+    assert (root / "docs" / "bench.md").read_text() == "Batching gave **3.31x** the baseline (3.1 per pair).\n"
+    capsys.readouterr()
+    assert check_numbers.main(["--root", str(root)]) == 0
+    assert "2 of 2 quoted numbers match" in capsys.readouterr().out
