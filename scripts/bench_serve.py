@@ -17,7 +17,8 @@ and reads responses by Content-Length; its own CPU per request is printed beside
 [min-max] over the repeats; ratios are taken per repeat. Then the head-of-line test: 1-row requests at
 concurrency 1 against the batched server, alone and while two clients keep sending 3.75 MB bodies (about 3,000
 rows each; the batched server here accepts them: max 4,096 rows, 4 MB bodies, unlike the default body limit that
-answers 413), interleaved.
+answers 413), interleaved. The same head-of-line runs go, interleaved, to a fourth server that differs from
+``batched`` only in ``codec_niceness=0`` (its codec worker at the server's own CPU priority): the A/B of that setting.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import numpy as np
 
 MODES = {"batched": "dynamic batching (max 32, 2 ms)", "unbatched": "no batching (max 1)",
          "bare": "bare Starlette+uvicorn parse+reply"}
+NICE0 = "batched_codec_nice0"  # the head-of-line A/B: batched, codec workers at the server's own priority
 
 
 # -- servers (run as `bench_serve.py --serve MODE`) -------------------------------------------------------------
@@ -66,9 +68,10 @@ def serve(args: argparse.Namespace) -> None:
         return
     from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, run_server
 
-    batched = args.serve == "batched"
+    batched = args.serve in ("batched", NICE0)
     config = ServeConfig(max_batch_size=32 if batched else 1, max_delay_ms=2.0 if batched else 0.0, replicas=1,
-                         max_queue_rows=16384, max_request_rows=4096, max_body_bytes=4 << 20)
+                         max_queue_rows=16384, max_request_rows=4096, max_body_bytes=4 << 20,
+                         **({"codec_niceness": 0} if args.serve == NICE0 else {}))
     run_server(ModelServer([ServedModel.from_workdir(args.workdir, name="digits")], config), port=args.port,
                log_level="warning")
 
@@ -235,7 +238,7 @@ def main() -> None:
     parser.add_argument("--hol-requests", type=int, default=300, help="1-row requests per head-of-line run")
     parser.add_argument("--ray-replicas", type=int, default=0,
                         help="also measure `lepton-jax serve --backend ray` with this many replicas (0: skip)")
-    parser.add_argument("--serve", choices=sorted(MODES), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=sorted([*MODES, NICE0]), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -264,8 +267,9 @@ def main() -> None:
             config = load_config(Path(__file__).parents[1] / "configs" / "digits_cnn.py", ["num_epochs=3"])
             train_and_evaluate(config, workdir, lake_root=Path(tmp) / "lake", progress=False)
         servers = {mode: start_server(mode, workdir, server_cpus) for mode in MODES}
+        ab_server = start_server(NICE0, workdir, server_cpus)
         try:
-            for proc, port in servers.values():
+            for proc, port in [*servers.values(), ab_server]:
                 wait_ready(port, proc)
             if client_cpus:
                 os.sched_setaffinity(0, client_cpus)
@@ -287,16 +291,18 @@ def main() -> None:
             if args.ray_replicas:
                 results["ray"] = ray_runs(workdir, Path(tmp), args, small, server_cpus, client_cpus)
             hol: dict[bool, list[dict[str, float]]] = {False: [], True: []}
-            proc, port = servers["batched"]
+            hol_ab: dict[bool, list[dict[str, float]]] = {False: [], True: []}
             for r in range(args.repeats):
-                for loaded in (False, True):
-                    hol[loaded].append(head_of_line_run(port, small, large, args.hol_requests, loaded))
+                for runs, (_, port) in ((hol, servers["batched"]), (hol_ab, ab_server)):
+                    for loaded in (False, True):
+                        runs[loaded].append(head_of_line_run(port, small, large, args.hol_requests, loaded))
                 print(f"  repeat {r + 1}/{args.repeats} head-of-line: p99 {hol[False][-1]['p99']:.1f} ms alone, "
-                      f"{hol[True][-1]['p99']:.1f} ms with large bodies", flush=True)
+                      f"{hol[True][-1]['p99']:.1f} ms with large bodies; codec_niceness=0: "
+                      f"{hol_ab[False][-1]['p99']:.1f} / {hol_ab[True][-1]['p99']:.1f} ms", flush=True)
         finally:
-            for proc, _ in servers.values():
+            for proc, _ in [*servers.values(), ab_server]:
                 proc.terminate()
-            for proc, _ in servers.values():
+            for proc, _ in [*servers.values(), ab_server]:
                 proc.wait(timeout=60)
     c = args.concurrency
     print(f"\nconcurrency {c}, {args.requests} single-example requests per run, {args.repeats} interleaved repeats, "
@@ -332,6 +338,13 @@ def main() -> None:
               f"p99 {summary([h['p99'] for h in hs]):>20s} ms{extra}")
     ratio = [h["p99"] / a["p99"] for a, h in zip(hol[False], hol[True], strict=True)]
     print(f"  p99 with large bodies / alone: {summary(ratio, '{:.2f}')}x   (goal <= 2x)")
+    from lepton_jax.serve.server import ServeConfig
+
+    ratio_ab = [h["p99"] / a["p99"] for a, h in zip(hol_ab[False], hol_ab[True], strict=True)]
+    print(f"A/B, the same runs interleaved against a batched server whose codec worker runs at the server's own "
+          f"priority (codec_niceness=0; default {ServeConfig().codec_niceness}):")
+    print(f"  codec_niceness=0: p99 alone {summary([h['p99'] for h in hol_ab[False]])} ms, with large bodies "
+          f"{summary([h['p99'] for h in hol_ab[True]])} ms, ratio {summary(ratio_ab, '{:.2f}')}x")
 
 
 if __name__ == "__main__":
