@@ -14,6 +14,7 @@ from lepton_jax.cli import main
 from lepton_jax.errors import CommitConflictError, LakeError
 from lepton_jax.lake import Lake, NpzSource, ingest
 from lepton_jax.lake.faults import ENV, POINTS
+from tests.lake_data import version_rows
 
 SHARD_BYTES = 1024  # 16 examples of 8x8x1 uint8 per shard: every array has several shards
 
@@ -38,13 +39,6 @@ def _source(path):
     return NpzSource(path, value_range=(0, 255), split_key="split")
 
 
-def _rows(tv):
-    """The multiset of (example bytes, label) over every split of a version."""
-    out = []
-    for split in tv.splits:
-        data = tv.reader(split).read_all()
-        out += [img.tobytes() + bytes([lab]) for img, lab in zip(data["image"], data["label"], strict=True)]
-    return sorted(out)
 
 
 def _source_rows(path):
@@ -66,7 +60,7 @@ def test_writer_killed_at_any_point_leaves_the_previous_or_the_new_version(tmp_p
     base = tmp_path / "base"
     first, second = _npz(tmp_path / "v1.npz", 0), _npz(tmp_path / "v2.npz", 1)
     ingest(Lake(base, target_shard_bytes=SHARD_BYTES), "t", _source(first))
-    v1_rows = _rows(Lake(base).table("t", 1))
+    v1_rows = version_rows(Lake(base).table("t", 1))
     # six named crash points, plus kills after seeded random delays (anywhere: mid-shard, mid-record, ...)
     delays = np.random.default_rng(0).uniform(0.3, 1.2, size=2)
     runs = {}
@@ -88,9 +82,9 @@ def test_writer_killed_at_any_point_leaves_the_previous_or_the_new_version(tmp_p
         assert versions in ([1], [1, 2]), (name, versions)
         if name in POINTS:  # a version exists exactly when its record was linked
             assert versions == ([1, 2] if name in ("published", "committed") else [1]), name
-        assert _rows(lake.table("t", 1)) == v1_rows
+        assert version_rows(lake.table("t", 1)) == v1_rows
         if versions == [1, 2]:
-            assert _rows(lake.table("t", 2)) == _source_rows(second)
+            assert version_rows(lake.table("t", 2)) == _source_rows(second)
         assert lake.verify() == [], name
         report = lake.gc(grace_seconds=0, force=True)
         data_dirs = {p.name for p in (root / "t" / "data").iterdir()}

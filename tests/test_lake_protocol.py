@@ -7,15 +7,15 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
-from lepton_jax.lake import Lake, NpzSource, ingest
+from lepton_jax.lake import Lake, ingest
 from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
 from lepton_jax.lake.storage import open_storage
+from tests.lake_data import npz_shard, npz_source
 
 WRITER = """
 import sys
@@ -26,21 +26,14 @@ for path in sys.argv[2:]:
 """
 
 
-def _npz(path, seed, n=64, shape=(8, 8, 1)):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
-    np.savez(path, x=x, y=np.arange(n) % 3, split=np.where(np.arange(n) % 4 == 0, "test", "train"))
-    return path
 
 
-def _source(path):
-    return NpzSource(path, value_range=(0, 255), split_key="split")
 
 
 def _lake_with_versions(root, tmp_path, n):
     lake = Lake(root, target_shard_bytes=1024)
     for k in range(n):
-        ingest(lake, "t", _source(_npz(tmp_path / f"s{k}.npz", k)), mode="append")
+        ingest(lake, "t", npz_source(npz_shard(tmp_path / f"s{k}.npz", k)), mode="append")
     return Lake(root)
 
 
@@ -55,8 +48,8 @@ def _one_error_line(capsys):
 def test_gc_looping_next_to_a_writer_never_removes_data_a_version_publishes(any_root, tmp_path, capsys):
     root = any_root
     storage = open_storage(root)
-    sources = [_npz(tmp_path / f"a{k}.npz", k) for k in range(11)]
-    ingest(Lake(root, target_shard_bytes=1024), "t", _source(sources[0]))
+    sources = [npz_shard(tmp_path / f"a{k}.npz", k) for k in range(11)]
+    ingest(Lake(root, target_shard_bytes=1024), "t", npz_source(sources[0]))
     # a writer SIGKILLed after writing its data: a lease it never released, and an orphan
     subprocess.run([sys.executable, "-c", WRITER, str(root), str(sources[1])], env={**os.environ, ENV: "data"},
                    capture_output=True)
@@ -108,7 +101,7 @@ def test_gc_keeps_data_of_a_live_lease_and_the_writer_rechecks_its_files(any_roo
         assert lake.gc(60).kept_young == [orphan]
     assert lake.gc(0, force=True).removed == [orphan] and lake.storage.tree(orphan) is None
     # a commit whose data vanished before its record was linked publishes nothing (one clear error)
-    src = _source(_npz(tmp_path / "b.npz", 9))
+    src = npz_source(npz_shard(tmp_path / "b.npz", 9))
 
     class Vanishing(Lake):  # the image shards of the new fragment disappear between writing and publishing
         def publish(self, table, commit_id, **kwargs):
@@ -128,7 +121,7 @@ def test_gc_keeps_data_of_a_live_lease_and_the_writer_rechecks_its_files(any_roo
 
 def test_a_first_ingest_that_loses_the_race_is_checked_against_the_winners_schema(any_root, tmp_path):
     root = any_root
-    small, large = _npz(tmp_path / "s.npz", 0), _npz(tmp_path / "l.npz", 1, shape=(6, 6))
+    small, large = npz_shard(tmp_path / "s.npz", 0), npz_shard(tmp_path / "l.npz", 1, shape=(6, 6))
 
     class Racing(Lake):  # the other writer commits exactly between this one's checks and its publish
         raced = False
@@ -136,11 +129,11 @@ def test_a_first_ingest_that_loses_the_race_is_checked_against_the_winners_schem
         def publish(self, *args, **kwargs):
             if not Racing.raced:
                 Racing.raced = True
-                ingest(Lake(self.root), "t", _source(large))
+                ingest(Lake(self.root), "t", npz_source(large))
             return super().publish(*args, **kwargs)
 
     with pytest.raises(LakeError, match="has arrays .* this source gives"):
-        ingest(Racing(root), "t", _source(small), retries=3)
+        ingest(Racing(root), "t", npz_source(small), retries=3)
     lake = Lake(root)
     assert lake.versions("t") == [1] and lake.table("t").schema["arrays"]["image"]["example_shape"] == [6, 6]
     assert lake.storage.list("t/data/") == [lake.table("t").record["commit_id"]]
@@ -149,7 +142,7 @@ def test_a_first_ingest_that_loses_the_race_is_checked_against_the_winners_schem
 def test_concurrent_first_ingests_of_different_schemas_commit_exactly_one(any_root, tmp_path):
     root = any_root
     cmd = [sys.executable, "-m", "lepton_jax", "lake", "ingest", "--lake", str(root), "--table", "t", "--source"]
-    procs = [subprocess.Popen([*cmd, f"npz:{_npz(tmp_path / f'{k}.npz', k, shape=shape)}"],
+    procs = [subprocess.Popen([*cmd, f"npz:{npz_shard(tmp_path / f'{k}.npz', k, shape=shape)}"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k, shape in enumerate([(8, 8, 1), (6, 6)])]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
@@ -177,7 +170,7 @@ def test_a_removed_latest_record_is_named_and_its_version_number_never_reused(an
     assert main(["lake", "verify", "--lake", str(lake.root), "--files-only"]) == 2
     assert "record of version 3 (the latest version) is missing" in capsys.readouterr().out
     assert main(["lake", "ingest", "--lake", str(lake.root), "--table", "t", "--mode", "append",
-                 "--source", f"npz:{_npz(tmp_path / 'new.npz', 7)}"]) == 2
+                 "--source", f"npz:{npz_shard(tmp_path / 'new.npz', 7)}"]) == 2
     assert "version 3 was published before" in _one_error_line(capsys)
     assert Lake(lake.root).versions("t") == [1, 2]
 
@@ -186,7 +179,7 @@ def test_a_commit_landing_between_the_log_listings_is_not_a_gap(any_root, tmp_pa
     """check_log (used by verify and gc) lists two prefixes; a writer publishing between the two listings must not
     look like a missing record (found by gc looping next to a writer on S3)."""
     _lake_with_versions(any_root, tmp_path, 1)
-    src = _source(_npz(tmp_path / "late.npz", 5))
+    src = npz_source(npz_shard(tmp_path / "late.npz", 5))
 
     class Racing(Lake):  # the first listing check_log makes is followed at once by another writer's commit
         armed = False
@@ -334,7 +327,7 @@ def test_local_storage_create_if_absent_admits_exactly_one_of_many_racing_proces
 
 def test_a_compaction_that_loses_the_race_to_an_append_publishes_nothing(tmp_path):
     lake = _lake_with_versions(tmp_path / "lake", tmp_path, 2)  # two fragments per split: something to compact
-    extra = _source(_npz(tmp_path / "extra.npz", 5))
+    extra = npz_source(npz_shard(tmp_path / "extra.npz", 5))
 
     class Racing(Lake):
         def publish(self, *args, **kwargs):

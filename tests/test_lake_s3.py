@@ -15,10 +15,11 @@ import pytest
 
 from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
-from lepton_jax.lake import Lake, NpzSource, ingest
+from lepton_jax.lake import Lake, ingest
 from lepton_jax.lake.storage import ObjectStorage, open_storage
 from lepton_jax.serve import Predictor
 from lepton_jax.serve.server import ServedModel
+from tests.lake_data import npz_shard, npz_source, version_rows
 from tests.serving import served_classes
 
 WRITER = """
@@ -29,15 +30,8 @@ ingest(Lake(sys.argv[1], target_shard_bytes=1024), "t", NpzSource(sys.argv[2], v
 """
 
 
-def _npz(path, seed, n=64, shape=(8, 8, 1)):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
-    np.savez(path, x=x, y=np.arange(n) % 3, split=np.where(np.arange(n) % 4 == 0, "test", "train"))
-    return path
 
 
-def _source(path):
-    return NpzSource(path, value_range=(0, 255), split_key="split")
 
 
 def test_the_servers_conditional_put_refuses_a_second_create(s3_env):
@@ -96,7 +90,7 @@ def test_object_store_errors_are_one_line_with_exit_2(s3_env, monkeypatch, capsy
     else:
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
         expect = "endpoint is unreachable"
-    src = _npz(tmp_path / "a.npz", 0)
+    src = npz_shard(tmp_path / "a.npz", 0)
     for argv in (["lake", "ls", "--lake", uri], ["lake", "verify", "--lake", uri],
                  ["lake", "ingest", "--lake", uri, "--table", "t", "--source", f"npz:{src}"]):
         assert main(argv) == 2, argv
@@ -108,9 +102,9 @@ def test_object_store_errors_are_one_line_with_exit_2(s3_env, monkeypatch, capsy
 def test_ingest_append_time_travel_verify_and_gc_on_s3(s3_env, tmp_path, capsys):
     uri = s3_env.new_root()
     lake = Lake(uri, target_shard_bytes=1024)
-    first = ingest(lake, "t", _source(_npz(tmp_path / "a.npz", 0)))
+    first = ingest(lake, "t", npz_source(npz_shard(tmp_path / "a.npz", 0)))
     assert first.created and lake.versions("t") == [1]
-    second = ingest(lake, "t", _source(_npz(tmp_path / "b.npz", 1)), mode="append")
+    second = ingest(lake, "t", npz_source(npz_shard(tmp_path / "b.npz", 1)), mode="append")
     assert lake.versions("t") == [1, 2]
     old, new = lake.table("t", 1), lake.table("t", 2)
     assert old.num_examples("train") + 48 == new.num_examples("train") == 96
@@ -130,12 +124,6 @@ def test_ingest_append_time_travel_verify_and_gc_on_s3(s3_env, tmp_path, capsys)
     assert lake.verify() == []  # every version still reads (time travel) after gc
 
 
-def _rows(tv):
-    out = []
-    for split in tv.splits:
-        data = tv.reader(split).read_all()
-        out += [img.tobytes() + bytes([lab]) for img, lab in zip(data["image"], data["label"], strict=True)]
-    return sorted(out)
 
 
 @pytest.mark.slow
@@ -146,9 +134,10 @@ def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_ne
     the new one, with exactly its rows, and verify is clean."""
     uri = s3_env.new_root()
     storage = open_storage(uri)
-    ingest(Lake(uri, target_shard_bytes=1024), "t", _source(_npz(tmp_path / "base.npz", 100)))
+    ingest(Lake(uri, target_shard_bytes=1024), "t", npz_source(npz_shard(tmp_path / "base.npz", 100)))
     before = set(storage.list_recursive("t/data"))  # one uninterrupted writer: how many data objects it PUTs
-    assert subprocess.run([sys.executable, "-c", WRITER, uri, str(_npz(tmp_path / "full.npz", 101))]).returncode == 0
+    full = npz_shard(tmp_path / "full.npz", 101)
+    assert subprocess.run([sys.executable, "-c", WRITER, uri, str(full)]).returncode == 0
     total = len(set(storage.list_recursive("t/data")) - before)
     rng = random.Random(13)
     targets = [rng.randint(0, total - 1) for _ in range(9)] + [total + 1, total + 2, rng.randint(0, total + 2)]
@@ -158,7 +147,7 @@ def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_ne
         lake = Lake(uri)
         before_version = lake.table("t")
         objects = set(storage.list_recursive("t/data"))
-        src = _npz(tmp_path / f"s{k}.npz", k)
+        src = npz_shard(tmp_path / f"s{k}.npz", k)
         writer = subprocess.Popen([sys.executable, "-c", WRITER, uri, str(src)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         while writer.poll() is None:
@@ -174,7 +163,7 @@ def test_sigkill_at_random_moments_of_an_s3_ingest_leaves_the_previous_or_the_ne
         if after.version == before_version.version + 1:
             with np.load(src) as d:
                 new = [img.tobytes() + bytes([lab]) for img, lab in zip(d["x"], d["y"], strict=True)]
-            assert _rows(after) == sorted(_rows(before_version) + new)
+            assert version_rows(after) == sorted(version_rows(before_version) + new)
         assert Lake(uri).verify() == [], (k, target)
         outcomes.append(after.version - before_version.version)
     assert 0 in outcomes and 1 in outcomes, (outcomes, targets, total)  # killed before the commit point and after

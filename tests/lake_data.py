@@ -1,0 +1,28 @@
+"""Small npz sources and content views shared by the lake tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lepton_jax.lake import NpzSource
+
+
+def npz_shard(path, seed, n=64, shape=(8, 8, 1)):
+    """An npz of ``n`` random uint8 examples, labels 0..2 and a ``split`` column (every 4th example is test)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    np.savez(path, x=x, y=np.arange(n) % 3, split=np.where(np.arange(n) % 4 == 0, "test", "train"))
+    return path
+
+
+def npz_source(path):
+    return NpzSource(path, value_range=(0, 255), split_key="split")
+
+
+def version_rows(tv):
+    """The multiset of (example bytes, label) over every split of a version."""
+    out = []
+    for split in tv.splits:
+        data = tv.reader(split).read_all()
+        out += [img.tobytes() + bytes([lab]) for img, lab in zip(data["image"], data["label"], strict=True)]
+    return sorted(out)
