@@ -339,3 +339,49 @@ def test_a_compaction_that_loses_the_race_to_an_append_publishes_nothing(tmp_pat
     after = Lake(lake.root)
     assert after.versions("t") == [1, 2, 3] and after.table("t").record["lineage"]["mode"] == "append"
     assert after.verify() == [] and len({p.name for p in (lake.root / "t" / "data").iterdir()}) == 3
+
+
+def test_a_failure_after_the_record_is_created_never_discards_published_data(any_root, tmp_path):
+    """The record is the commit point: a failing used-version marker, or a create whose answer is lost (it landed,
+    then the call raised), leaves a published version whose data is all there."""
+    lake = Lake(any_root)
+
+    def failing_marker(self, table, version):
+        raise LakeError("simulated: the marker PUT was refused")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Lake, "_mark_used", failing_marker)
+        v1 = ingest(lake, "t", npz_source(npz_shard(tmp_path / "a.npz", 0))).version
+    assert lake.versions("t") == [1] and v1.reader("train").read_all()["image"].shape[0] > 0
+
+    real_create = type(lake.storage).create
+
+    def create_then_lose_the_answer(self, key, payload, **kw):
+        created = real_create(self, key, payload, **kw)
+        if "/_log/" in key and key.endswith(".json"):
+            raise LakeError("simulated: the conditional PUT timed out after it landed")
+        return created
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(lake.storage), "create", create_then_lose_the_answer)
+        v2 = ingest(Lake(any_root), "t", npz_source(npz_shard(tmp_path / "b.npz", 1)), mode="append").version
+    assert v2.version == 2 and lake.versions("t") == [1, 2]
+    assert v2.reader("train").read_all()["image"].shape[0] > v1.reader("train").read_all()["image"].shape[0]
+    assert lake.table("t", 2).reader("test").read_all()["image"].shape[0] > 0
+
+
+def test_a_held_lease_is_renewed_without_the_writer_calling_touch(tmp_path, monkeypatch):
+    """Phases that never call touch() (hashing, the commit tail) keep the lease live: a heartbeat rewrites it."""
+    import json as json_
+
+    from lepton_jax.lake import store
+
+    monkeypatch.setattr(store, "LEASE_HEARTBEAT_SECONDS", 0.05)
+    lake = Lake(tmp_path / "lake")
+    with lake.lease("t", "c1"):
+        key = f"t/{store.LEASE_DIR}/c1.json"
+        first = json_.loads(lake.storage.read(key))["time"]
+        time.sleep(0.4)
+        later = json_.loads(lake.storage.read(key))["time"]
+    assert later > first + 0.1
+    assert not lake.storage.exists(key)  # released

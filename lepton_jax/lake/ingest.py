@@ -142,7 +142,9 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
 
 def _discard(lake: Lake, table: str, commit_id: str) -> None:
     """Removes a failed ingest's data, and the table's directories if that leaves them empty (a failed first
-    ingest writes nothing)."""
+    ingest writes nothing) — unless its record was published before the failure (e.g. Ctrl-C right after it)."""
+    if lake.is_published(table, commit_id):
+        return
     lake._discard(f"{table}/{DATA_DIR}/{commit_id}")
     lake.storage.prune(f"{table}/{DATA_DIR}", f"{table}/{LEASE_DIR}", table)
 

@@ -26,9 +26,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -66,7 +68,10 @@ QUARANTINE = "_quarantine"
 TEMP_PREFIX = ".commit-"
 USED_DIR = "_used"  # _log/_used/<version>: an empty marker per version number ever published (never reused)
 LEASE_DIR = "_leases"  # _leases/<commit-id>.json: a writer's lease on its commit directory, held until it published
+log = logging.getLogger(__name__)
+
 MIN_GRACE_SECONDS = 60.0  # gc's smallest grace period without force=True
+LEASE_HEARTBEAT_SECONDS = MIN_GRACE_SECONDS / 4  # a held lease is rewritten at least this often
 
 __all__ = ["FORMAT", "GcReport", "Lake", "Problem", "SplitReader", "TableVersion", "check_name"]
 
@@ -491,9 +496,27 @@ class Lake:
                     return existing
                 parent = latest.version
             except LakeError:
+                if self.is_published(table, commit_id):  # the create landed but its answer was lost (timeout)
+                    return self.table(table, next(v for v in reversed(self.versions(table))
+                                                  if self._commit_id(table, v) == commit_id))
                 if not keep_on_conflict:
                     self._discard(commit_dir)
                 raise
+
+    def _commit_id(self, table: str, version: int) -> str | None:
+        try:
+            return json.loads(self.storage.read(self._record_key(table, version))).get("commit_id")
+        except (OSError, ValueError, LakeError, AttributeError):
+            return None
+
+    def is_published(self, table: str, commit_id: str, *, newest: int = 8) -> bool:
+        """Whether one of the ``newest`` versions of ``table`` holds the commit ``commit_id`` (its data must never
+        be discarded then, whatever failed after its record was created)."""
+        try:
+            versions = self.versions(table)
+        except (OSError, LakeError):
+            return False
+        return any(self._commit_id(table, v) == commit_id for v in reversed(versions[-newest:]))
 
     def _check_written(self, table: str, commit_id: str, splits: dict[str, dict[str, Any]],
                        quarantine: dict[str, Any]) -> None:
@@ -562,8 +585,12 @@ class Lake:
                                    temp_prefix=f"{TEMP_PREFIX}{record['commit_id']}-"):
             raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
                                       "re-read the latest version and commit on top of it")
-        self._mark_used(table, version)
-        self.storage.sync(table, tree=False)  # local: the table directory's entry, on a table's first commit
+        try:  # the record is published: a failure from here on must not make the caller discard its data
+            self._mark_used(table, version)
+            self.storage.sync(table, tree=False)  # local: the table directory's entry, on a table's first commit
+        except (OSError, LakeError) as e:
+            log.warning("table %r version %d is published, but its used-version marker or fsync failed (%s); "
+                        "`lepton-jax lake verify` checks the log", table, version, e)
 
     def _discard(self, key: str) -> None:
         """Removes a failed commit's data, best effort (what is left is gc's)."""
@@ -593,9 +620,20 @@ class Lake:
                         raise
 
         put()
+        stop = threading.Event()
+
+        def heartbeat() -> None:  # renews the lease through phases that do not call touch() (hashing, commit)
+            while not stop.wait(LEASE_HEARTBEAT_SECONDS):
+                with contextlib.suppress(OSError, LakeError):
+                    put()
+
+        beat = threading.Thread(target=heartbeat, name=f"lease-{commit_id}", daemon=True)
+        beat.start()
         try:
             yield put
         finally:
+            stop.set()
+            beat.join()
             with contextlib.suppress(OSError, LakeError):
                 self.storage.delete(key)
             # a table that got no data (a failed first commit) leaves nothing
