@@ -117,15 +117,15 @@ def write_array(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
     store = _create(storage, key, array.shape, array.dtype, target_shard_bytes)
     per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes)
     pending = []
-    for i, start in enumerate(range(0, array.shape[0], per_shard)):
-        stop = min(start + per_shard, array.shape[0])
-        pending.append(store[start:stop].write(array[start:stop]))
-        if after_shard is not None:  # the fault-injection hook needs shard i complete
-            pending.pop().result()
-            after_shard(i)
-        elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
-            pending.pop(0).result()
     try:
+        for i, start in enumerate(range(0, array.shape[0], per_shard)):
+            stop = min(start + per_shard, array.shape[0])
+            pending.append(store[start:stop].write(array[start:stop]))
+            if after_shard is not None:  # the fault-injection hook needs shard i complete
+                pending.pop().result()
+                after_shard(i)
+            elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
+                pending.pop(0).result()
         for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
             future.result()
     except ValueError as e:
@@ -193,7 +193,10 @@ class ArrayWriter:
         self.rows = 0
 
     def write(self, block: np.ndarray) -> None:
-        self.store[self.rows:self.rows + block.shape[0]].write(block).result()
+        try:
+            self.store[self.rows:self.rows + block.shape[0]].write(block).result()
+        except ValueError as e:
+            raise LakeError(f"cannot write lake array {self.storage.describe(self.key)}: {_short(e)}") from e
         self.hash.update(np.ascontiguousarray(block).tobytes())
         self.rows += block.shape[0]
 
