@@ -178,6 +178,21 @@ def test_stored_parameters_are_checked_against_the_record(moved_run, tmp_path):
         Predictor.from_registry(Registry(copy).get("digits", 1))
 
 
+def test_a_record_is_never_published_for_parameters_that_are_gone(moved_run, tmp_path):
+    """gc (or anything) removing a registration's parameter copy before its record: the registration fails with one
+    line and publishes nothing."""
+    lake, _ = moved_run
+    copy = tmp_path / "lake"
+    shutil.copytree(lake, copy)
+    registry = Registry(copy)
+    good = registry.get("digits", 1)
+    shutil.rmtree(copy / good.record["params"]["key"] / "0001")
+    before = registry.versions("digits")
+    with pytest.raises(RegistryError, match="parameters copied to .* are gone .*nothing was registered"):
+        registry.add("digits", dict(good.record))
+    assert registry.versions("digits") == before
+
+
 def test_first_format_records_load_from_their_run_or_ask_to_re_register(registry, trained_run, tmp_path, capsys):
     workdir, _ = trained_run
     old = {k: v for k, v in registry.get("digits", 1).record.items() if k not in ("params", "model")}

@@ -223,6 +223,7 @@ class Registry:
     def add(self, name: str, fields: dict[str, Any]) -> ModelVersion:
         """Publishes ``fields`` as the next version of ``name``; concurrent callers get distinct versions."""
         check_name("model name", name)
+        self._check_params_present(fields.get("params"))
         for _ in range(_MAX_RETRIES):
             versions = self.versions(name)
             version = (versions[-1] if versions else 0) + 1
@@ -230,6 +231,18 @@ class Registry:
             if self.storage.create(self._record_key(name, version), _dumps(record), temp_prefix=_temp_prefix()):
                 return ModelVersion(record, self.storage)
         raise RegistryError(f"could not register {name} in {self.uri}/{name}: too many concurrent registrations")
+
+    def _check_params_present(self, manifest: dict[str, Any] | None) -> None:
+        """Right before the record is published: every stored leaf still exists (a `registry gc --force` with a short
+        grace could have removed a slow registration's copy), so no record ever names missing parameters."""
+        if not manifest:
+            return
+        missing = [i for i in range(len(manifest["leaves"]))
+                   if not self.storage.exists(f"{manifest['key']}/{i:04d}/zarr.json")]
+        if missing:
+            raise RegistryError(f"the parameters copied to {manifest['key']} are gone ({len(missing)} of "
+                                f"{len(manifest['leaves'])} arrays; removed by `registry gc`?): nothing was "
+                                "registered, run the registration again")
 
     def gc(self, grace_seconds: float = 3600.0, *, force: bool = False, dry_run: bool = False) -> list[str]:
         """Removes parameter directories no record references and records' temp files (both left by a registration
