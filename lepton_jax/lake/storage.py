@@ -96,8 +96,6 @@ def _check_key(key: str) -> list[str]:
 class LocalStorage:
     """A lake on a local (or network-mounted POSIX) directory."""
 
-    is_local = True
-
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.uri = str(self.root)
@@ -232,8 +230,6 @@ class LocalStorage:
 class ObjectStorage:
     """A lake under ``s3://bucket/prefix`` or ``gs://bucket/prefix``, through ``obstore`` (metadata) and
     TensorStore's ``s3``/``gcs`` kvstore drivers (arrays)."""
-
-    is_local = False
 
     def __init__(self, scheme: str, bucket: str, prefix: str):
         self.scheme, self.bucket, self.prefix = scheme, bucket, prefix.strip("/")

@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -76,7 +76,6 @@ LEASE_HEARTBEAT_SECONDS = MIN_GRACE_SECONDS / 4  # a held lease is rewritten at 
 __all__ = ["FORMAT", "GcReport", "Lake", "Problem", "SplitReader", "TableVersion", "check_name"]
 
 
-_safe_relpath = safe_relpath
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +124,7 @@ class TableVersion:
         if not q or not q.get("entries"):
             return []
         meta = q["entries"]
-        key = f"{self.table}/{_safe_relpath(meta['path'])}"
+        key = f"{self.table}/{safe_relpath(meta['path'])}"
         path = self.lake.storage.describe(key)
         try:
             data = self.lake.storage.read(key)
@@ -214,7 +213,7 @@ class SplitReader:
 
     def _open_array(self, meta: dict[str, Any], context) -> Any:
         storage = self.storage
-        key = f"{self.table}/{_safe_relpath(meta['path'])}"
+        key = f"{self.table}/{safe_relpath(meta['path'])}"
         found = storage.list_recursive(key) if meta.get("files") else {}  # one listing per array
         for rel, info in meta.get("files", {}).items():
             size = found[rel][0] if rel in found else None
@@ -406,7 +405,7 @@ class Lake:
     def write_fragment(self, table: str, rel: str, named: dict[str, np.ndarray], *, label_array: str = LABEL,
                        crash: bool = False, hashes: np.ndarray | None = None) -> dict[str, Any]:
         """Writes one fragment at ``<table>/<rel>`` (``rel`` = ``data/<commit-id>/...``); returns its entry."""
-        _safe_relpath(rel)
+        safe_relpath(rel)
         for part in rel.split("/")[1:]:
             check_name("fragment path component", part)
         return write_fragment(self.storage, check_name("table", table), rel, named,
@@ -834,7 +833,7 @@ class Lake:
     def _verify_array(self, tv: TableVersion, meta: dict[str, Any], content: bool) -> list[Problem]:
         problems: list[Problem] = []
         try:
-            key = f"{tv.table}/{_safe_relpath(meta['path'])}"
+            key = f"{tv.table}/{safe_relpath(meta['path'])}"
         except LakeError as e:
             return [Problem(tv.table, tv.version, str(meta.get("path")), str(e))]
 
@@ -954,7 +953,7 @@ class Lake:
         return report
 
 
-def _recompact(latest: TableVersion) -> TableVersion | None:
+def _recompact(latest: TableVersion) -> NoReturn:
     """A compaction that lost the race holds the old head's rows only: publishing it on top would drop the winner's."""
     raise CommitConflictError(f"table {latest.table!r} got version {latest.version} while it was being compacted; "
                               "nothing was published (run `lake compact` again)")

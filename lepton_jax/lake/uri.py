@@ -44,12 +44,3 @@ def parse_root(root: str | Path) -> tuple[str, Path | str]:
         return scheme, location
     raise LakeError(f"lake root {text!r}: scheme {scheme!r} is not supported; "
                     f"supported: {SUPPORTED} (use ./{text} for a directory whose name contains ':')")
-
-
-def local_root(root: str | Path) -> Path:
-    """The local directory of a lake root; raises :class:`LakeError` for an object-store or unsupported URI."""
-    scheme, location = parse_root(root)
-    if scheme != "file":
-        raise LakeError(f"lake root {root!r}: this command needs a local lake directory (object-store lakes are "
-                        "supported by `lake` commands and `train`)")
-    return Path(location)
