@@ -513,6 +513,43 @@ def test_derived_body_limit():
     assert len(biggest) < limit
 
 
+def test_default_json_answer_matches_the_general_encoder_and_keeps_float32_exactly():
+    """The common answer (all outputs, JSON) takes a short path; it must say exactly what the general one says."""
+    from lepton_jax.serve.kserve import InferRequest, Tensor, encode_response
+
+    probabilities = np.random.default_rng(0).dirichlet(np.ones(10), 3).astype(np.float32)
+    labels = np.empty(3, object)
+    labels[:] = [b"7", b"3", "\u00e9t\u00e9".encode()]
+    outputs = [Tensor("probabilities", "FP32", [3, 10], probabilities),
+               Tensor("class", "INT64", [3], probabilities.argmax(-1)), Tensor("label", "BYTES", [3], labels)]
+    short, short_headers = encode_response(InferRequest([]), outputs, model_name="m", model_version="2")
+    asked = InferRequest([], outputs=[{"name": o.name} for o in outputs])
+    general, general_headers = encode_response(asked, outputs, model_name="m", model_version="2")
+    assert json.loads(short) == json.loads(general) and dict(short_headers) == dict(general_headers)
+    doc = json.loads(short)
+    assert np.array_equal(np.asarray(doc["outputs"][0]["data"], np.float32).reshape(3, 10), probabilities)
+    assert doc["outputs"][2]["data"] == ["7", "3", "\u00e9t\u00e9"]
+
+
+def test_json_the_fast_parser_refuses_still_gets_the_precise_error():
+    """orjson refuses NaN/Infinity literals and numbers that overflow a double; the standard library then parses
+    them, so the caller hears which rows are not finite instead of "not valid JSON"."""
+    from lepton_jax.serve.kserve import InputSpec, RequestError, decode_rows
+
+    spec = InputSpec("m", "image", (2,), (0.0, 16.0))
+    for literal in ("NaN", "Infinity", "1e400"):
+        body = f'{{"inputs": [{{"name": "image", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, {literal}]}}]}}'
+        with pytest.raises(RequestError, match=r"1 example\(s\) contain NaN or inf") as e:
+            decode_rows(body.encode(), None, None, spec=spec, body_limit=1 << 16, max_rows=8)
+        assert e.value.kind == "non_finite"
+    with pytest.raises(RequestError, match="not valid JSON") as e:
+        decode_rows(b'{"inputs": [1,]}', None, None, spec=spec, body_limit=1 << 16, max_rows=8)
+    assert e.value.kind == "bad_json"
+    _, rows = decode_rows(b'{"inputs": [{"name": "image", "shape": [1, 2], "datatype": "FP32", "data": [1, 2.5]}]}',
+                          None, None, spec=spec, body_limit=1 << 16, max_rows=8)
+    assert rows.dtype == np.float32 and rows.tolist() == [[1.0, 2.5]]
+
+
 def test_codec_workers_run_below_the_servers_cpu_priority(served):
     """Large bodies are decoded in worker processes that the kernel schedules after the event loop (head-of-line)."""
     pool = served["server"]._pool

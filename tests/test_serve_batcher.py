@@ -146,3 +146,51 @@ def test_a_large_request_does_not_hold_up_a_small_one_behind_it():
     order = [b[0, 0] for b in fn.batches]
     assert order.index(3) == 2  # after the running batch and one chunk of the large request
     assert len(fn.batches) == 1 + 40 + 1
+
+
+def test_requests_into_a_part_full_queue_wait_for_the_deadline_and_a_full_batch_goes_at_once():
+    """Arrivals only wake the scheduler when the queue was empty or a batch is full: three staggered 1-row
+    requests still make one batch at the deadline, and a full batch does not wait for a long deadline."""
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("r0", recorder)], max_batch_size=4, max_delay_s=0.3)
+        batcher.start()
+        staggered = []
+        for i in range(3):
+            staggered.append(asyncio.ensure_future(batcher.infer(np.full((1, 1), i, np.float32), timeout_s=30)))
+            await asyncio.sleep(0.01)
+        outs = await asyncio.gather(*staggered)
+        assert [o.tolist() for o in outs] == [[[0.0]], [[2.0]], [[4.0]]]
+        assert len(recorder.batches) == 1  # one batch: the 3 rows, padded to the bucket of 4
+        assert recorder.batches[0][:3].ravel().tolist() == [0.0, 1.0, 2.0]
+
+        slow = DynamicBatcher([Replica("r1", recorder)], max_batch_size=4, max_delay_s=30.0)
+        slow.start()
+        start = asyncio.get_running_loop().time()
+        full = await asyncio.gather(*(slow.infer(np.full((1, 1), i, np.float32), timeout_s=60) for i in range(4)))
+        assert asyncio.get_running_loop().time() - start < 10  # not the 30 s deadline
+        assert [o.tolist() for o in full] == [[[0.0]], [[2.0]], [[4.0]], [[6.0]]]
+        await batcher.drain(timeout_s=10)
+        await slow.drain(timeout_s=10)
+
+    run(main())
+
+
+def test_a_timed_out_request_of_several_chunks_fails_once_and_leaves_nothing_queued():
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("r0", recorder)], max_batch_size=2, max_delay_s=0.001)
+        batcher.start()
+        recorder.gate.clear()  # the replica holds the first batch
+        running = asyncio.ensure_future(batcher.infer(np.ones((2, 1), np.float32), timeout_s=30))
+        await asyncio.sleep(0.05)
+        with pytest.raises(TimeoutError, match="no result within 0.05 s"):
+            await batcher.infer(np.ones((6, 1), np.float32), timeout_s=0.05)  # three chunks, all still queued
+        assert batcher.queued_rows == 0
+        recorder.gate.set()
+        assert (await running).tolist() == [[2.0], [2.0]]
+        await batcher.drain(timeout_s=10)
+
+    run(main())

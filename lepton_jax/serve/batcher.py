@@ -64,7 +64,7 @@ class Replica:
         self.executor.shutdown(wait=True)
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Item:
     rows: np.ndarray
     future: asyncio.Future
@@ -87,15 +87,14 @@ class DynamicBatcher:
     """Merges concurrent requests into bucketed batches and spreads them over replicas."""
 
     def __init__(self, replicas: list[Replica], *, max_batch_size: int = 32, max_delay_s: float = 0.002,
-                 max_queue_rows: int = 1024, on_batch: Callable[[BatchInfo], None] | None = None,
-                 on_queue: Callable[[int], None] | None = None):
+                 max_queue_rows: int = 1024, on_batch: Callable[[BatchInfo], None] | None = None):
         if not replicas:
             raise ValueError("a batcher needs at least one replica")
         self.replicas = replicas
         self.max_batch_size, self.max_delay_s = int(max_batch_size), float(max_delay_s)
         self.max_queue_rows = int(max_queue_rows)
         self.buckets = bucket_sizes(self.max_batch_size)
-        self._on_batch, self._on_queue = on_batch, on_queue
+        self._on_batch = on_batch
         self._queue: collections.deque[collections.deque[_Item]] = collections.deque()  # per request, round robin
         self.queued_rows = 0
         self._round_robin = itertools.count()
@@ -155,35 +154,40 @@ class DynamicBatcher:
         now = time.monotonic()
         items = [_Item(rows[i:i + self.max_batch_size], loop.create_future(), now)
                  for i in range(0, n, self.max_batch_size)]
+        was_idle = not self._queue
         self._queue.append(collections.deque(items))
-        self._set_queued(self.queued_rows + n)
-        self._wake.set()
-        futures = [item.future for item in items]
+        self.queued_rows += n
+        if was_idle or self.queued_rows >= self.max_batch_size:  # else the scheduler's deadline comes first
+            self._wake.set()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, self._time_out, items, timeout_s)
         try:
-            _, pending = await asyncio.wait(futures, timeout=timeout_s)
-        except asyncio.CancelledError:  # the caller went away
+            results = [await item.future for item in items]
+        except BaseException:  # timed out, failed, or the caller went away (cancelled)
             self._cancel(items)
             raise
-        if pending:
-            self._cancel(items)
-            raise TimeoutError(f"no result within {timeout_s} s")
-        results = [f.result() for f in futures]
+        finally:
+            if timer is not None:
+                timer.cancel()
         return np.concatenate(results) if len(results) > 1 else results[0]
+
+    def _time_out(self, items: list[_Item], timeout_s: float) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(TimeoutError(f"no result within {timeout_s} s"))
 
     def _cancel(self, items: list[_Item]) -> None:
         for item in items:
-            item.future.cancel()
+            if not item.future.done():
+                item.future.cancel()
+            elif not item.future.cancelled():
+                item.future.exception()  # retrieved: no "exception was never retrieved" log for the other chunks
         for request in self._queue:
             if any(item in items for item in request):
                 queued = [item for item in request if item in items]
                 self._queue.remove(request)
-                self._set_queued(self.queued_rows - sum(item.rows.shape[0] for item in queued))
+                self.queued_rows -= sum(item.rows.shape[0] for item in queued)
                 return
 
-    def _set_queued(self, rows: int) -> None:
-        self.queued_rows = rows
-        if self._on_queue:
-            self._on_queue(rows)
 
     # -- scheduling ------------------------------------------------------------------------------------------
     async def _schedule(self) -> None:
@@ -235,7 +239,7 @@ class DynamicBatcher:
             self._queue.popleft()
             if request:  # its next chunk waits for one chunk of every other queued request
                 self._queue.append(request)
-        self._set_queued(self.queued_rows - rows - dropped)
+        self.queued_rows -= rows + dropped
         return batch
 
     async def _run(self, replica: Replica, batch: list[_Item]) -> None:

@@ -20,19 +20,24 @@ import math
 import re
 import struct
 import zlib
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import orjson
 
 from lepton_jax.data.transforms import out_of_range
 
 HEADER_LENGTH = "inference-header-content-length"
+JSON_HEADERS: Mapping[str, str] = MappingProxyType({"content-type": "application/json"})  # a JSON answer's headers
 MAX_JSON_DEPTH = 12  # {"inputs": [{"data": [[[[...]]]]}]} needs 3 + the tensor's rank (at most MAX_RANK)
 MAX_RANK = 8
 NUMERIC = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "INT8": np.int8, "INT16": np.int16,
            "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
            "UINT64": np.uint64}
 DATATYPES = (*NUMERIC, "BOOL", "BYTES")
+_DATATYPE_SET = frozenset(DATATYPES)
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN, _CLOSE = np.zeros(256, np.int8), np.zeros(256, np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
@@ -84,8 +89,8 @@ _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 def json_depth(raw: bytes) -> int:
     """An upper bound of the nesting of ``[``/``{`` in a JSON text, exact above :data:`MAX_JSON_DEPTH` (brackets
     inside strings do not count); no parsing."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # cannot nest deeper than it has brackets
-        return raw.count(b"[") + raw.count(b"{")
+    if (brackets := raw.count(b"[") + raw.count(b"{")) <= MAX_JSON_DEPTH:  # cannot nest deeper than that
+        return brackets
     text = _STRING.sub(b'""', raw) if b'"' in raw else raw
     brackets = np.frombuffer(text.translate(None, _NOT_BRACKETS), np.uint8)
     if not brackets.size:
@@ -129,11 +134,7 @@ def decode_request(body: bytes, header_length: str | None = None, *, max_element
     if json_depth(body) > MAX_JSON_DEPTH:
         raise RequestError(400, "bad_json", f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels; a v2 "
                                             "request needs 3 plus the tensor's rank")
-    try:
-        doc = json.loads(body.decode("utf-8"))  # RFC 8259: UTF-8 only (json.loads(bytes) would guess UTF-16/32)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise RequestError(400, "bad_json", f"request body is not valid JSON ({e}); expected a KServe v2 inference "
-                                            'request {"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+    doc = _parse_json(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"] \
             or not all(isinstance(spec, dict) for spec in doc["inputs"]):
         raise RequestError(400, "bad_request", 'malformed request: expected a KServe v2 inference request {"inputs": '
@@ -160,9 +161,27 @@ def decode_request(body: bytes, header_length: str | None = None, *, max_element
     return InferRequest(inputs, request_id, outputs, parameters)
 
 
-def _parameters(doc: dict[str, Any], what: str) -> dict[str, Any]:
-    params = doc.get("parameters", {})
-    if not isinstance(params, dict):
+def _parse_json(body: bytes) -> Any:
+    """orjson (UTF-8 only, as RFC 8259 asks); what it refuses is parsed again by the standard library, which also
+    takes Python's ``NaN``/``Infinity`` literals (so such a request gets the finite-values error naming its rows)
+    and words the error for the caller."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body.decode("utf-8"))  # json.loads(bytes) would guess UTF-16/32
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise RequestError(400, "bad_json", f"request body is not valid JSON ({e}); expected a KServe v2 inference "
+                                            'request {"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+
+
+def _parameters(doc: dict[str, Any], what: str | None = None) -> dict[str, Any]:
+    params = doc.get("parameters")
+    if params is None:
+        return {}
+    if type(params) is not dict:
+        what = what or f"input {doc.get('name')!r}"
         raise RequestError(400, "bad_request", f"{what}: parameters must be a JSON object")
     return params
 
@@ -172,7 +191,7 @@ def _decode_tensor(spec: dict[str, Any], binary: bytes, offset: int, max_element
     if not isinstance(name, str):
         raise RequestError(400, "bad_request", f"every input needs a string name, got {name!r}")
     datatype = spec.get("datatype")
-    if datatype not in DATATYPES:
+    if datatype not in _DATATYPE_SET:
         raise RequestError(400, "datatype", f"input {name!r}: datatype {datatype!r} is not a KServe v2 datatype "
                                             f"({', '.join(DATATYPES)})")
     shape = spec.get("shape")
@@ -183,7 +202,7 @@ def _decode_tensor(spec: dict[str, Any], binary: bytes, offset: int, max_element
     if count > max_elements:
         raise RequestError(413, "too_large", f"input {name!r}: shape {shape} holds {count} elements; this server "
                                              f"takes at most {max_elements} per request; split the request")
-    params = _parameters(spec, f"input {name!r}")
+    params = _parameters(spec)
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0 or offset + size > len(binary):
@@ -223,28 +242,30 @@ def _from_binary(name: str, datatype: str, shape: list[int], raw: bytes) -> np.n
     return data.reshape(shape)
 
 
-def _flatten(data: Any) -> list[Any]:
-    """Nested JSON lists -> one flat list (row-major); the nesting depth is bounded by :data:`MAX_JSON_DEPTH`."""
+def _flatten(data: Any) -> tuple[list[Any], set[type]]:
+    """Nested JSON lists -> one flat list (row-major) and the types of its values; the nesting depth is bounded by
+    :data:`MAX_JSON_DEPTH`."""
     if not isinstance(data, list):
-        return [data]
+        return [data], {type(data)}
     flat = data
     while list in (kinds := set(map(type, flat))):
         if kinds != {list}:
             raise TypeError("mixes lists and scalars at one level")
         flat = list(itertools.chain.from_iterable(flat))
-    return flat
+    return flat, kinds
 
 
 def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
     try:
-        flat = _flatten(data)
+        flat, kinds = _flatten(data)
     except TypeError as e:
         raise RequestError(400, "shape", f"input {name!r}: data {e}; send a flat list or lists nested like the "
                                          "shape") from e
     if len(flat) != math.prod(shape):
         raise RequestError(400, "shape", f"input {name!r}: data has {len(flat)} values but shape {shape} needs "
                                          f"{math.prod(shape)}")
-    kinds = set(map(type, flat))
+    if kinds == {float} and datatype in ("FP32", "FP64", "FP16"):  # the common case, in one conversion
+        return np.array(flat, np.float64).reshape(shape)
     if datatype == "BYTES":
         if not kinds <= {str}:
             raise RequestError(400, "datatype", f"input {name!r}: BYTES data must be strings")
@@ -268,8 +289,13 @@ def _from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndar
 
 
 def encode_response(request: InferRequest | None, outputs: list[Tensor], *, model_name: str,
-                    model_version: str) -> tuple[bytes, dict[str, str]]:
+                    model_version: str) -> tuple[bytes, Mapping[str, str]]:
     """The response body and headers: the requested outputs (all by default), JSON or binary as asked."""
+    if request is None or (request.outputs is None and request.id is None
+                           and request.parameters.get("binary_data_output") is not True):  # all outputs, as JSON
+        return orjson.dumps({"model_name": model_name, "model_version": model_version,
+                             "outputs": [_json_entry(out) for out in outputs]},
+                            option=orjson.OPT_SERIALIZE_NUMPY), JSON_HEADERS
     wanted = [o["name"] for o in request.outputs] if request and request.outputs else [o.name for o in outputs]
     by_name = {o.name: o for o in outputs}
     if unknown := [n for n in wanted if n not in by_name]:
@@ -280,21 +306,27 @@ def encode_response(request: InferRequest | None, outputs: list[Tensor], *, mode
     chunks = []
     for name in wanted:
         out = by_name[name]
-        entry: dict[str, Any] = {"name": name, "datatype": out.datatype, "shape": list(out.data.shape)}
         if request is not None and request.binary_output(name):
             raw = _to_binary(out)
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            entry = {"name": name, "datatype": out.datatype, "shape": list(out.data.shape),
+                     "parameters": {"binary_data_size": len(raw)}}
             chunks.append(raw)
-        elif out.datatype == "BYTES":
-            entry["data"] = [b.decode() for b in out.data.reshape(-1)]
         else:
-            entry["data"] = out.data.reshape(-1).tolist()
+            entry = _json_entry(out)
         doc["outputs"].append(entry)
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return header, {"content-type": "application/json"}
+        return header, JSON_HEADERS
     return b"".join([header, *chunks]), {"content-type": "application/octet-stream",
                                          "inference-header-content-length": str(len(header))}
+
+
+def _json_entry(out: Tensor) -> dict[str, Any]:
+    if out.datatype == "BYTES":
+        data: Any = [b.decode() for b in out.data.reshape(-1)]
+    else:  # orjson writes numpy arrays itself (FP32 as the shortest float32 repr)
+        data = np.ascontiguousarray(out.data.reshape(-1))
+    return {"name": out.name, "datatype": out.datatype, "shape": list(out.data.shape), "data": data}
 
 
 def _to_binary(tensor: Tensor) -> bytes:
@@ -307,6 +339,16 @@ def _to_binary(tensor: Tensor) -> bytes:
 def error_body(message: str) -> bytes:
     """The KServe v2 error body ``{"error": message}``."""
     return json.dumps({"error": message}).encode()
+
+
+class _Shape:
+    """``[N, 8, 8, 1]`` in an error message, formatted only when one is raised."""
+
+    def __init__(self, example_shape: tuple[int, ...]):
+        self.example_shape = example_shape
+
+    def __format__(self, spec: str) -> str:
+        return f"[N, {', '.join(map(str, self.example_shape))}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,7 +365,7 @@ class InputSpec:
 
     def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
         """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
-        want = f"[N, {', '.join(map(str, self.example_shape))}]"
+        want = _Shape(self.example_shape)
         if len(request.inputs) != 1 or request.inputs[0].name != self.input_name:
             names = [t.name for t in request.inputs]
             raise RequestError(400, "bad_request", f"unknown input(s) {names}; model {self.model!r} takes one "
@@ -343,6 +385,11 @@ class InputSpec:
             raise RequestError(413, "too_large", f"input {name!r}: {shape[0]} rows exceed this server's limit of "
                                                  f"{max_rows} rows per request; split the request")
         values = tensor.data
+        if self.column_ranges is None:  # fast path: NaN fails both comparisons, so finite and in range here
+            rows = values.reshape(shape).astype(np.float32)
+            lo, hi = self.value_range
+            if rows.size and lo <= rows.min() and rows.max() <= hi:
+                return rows
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             bad = int((~np.isfinite(values.reshape(shape[0], -1))).any(axis=1).sum())
             raise RequestError(400, "non_finite", f"input {name!r}: {bad} example(s) contain NaN or inf; expected "

@@ -36,7 +36,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -56,6 +56,7 @@ from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, Q
 from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.kserve import (
     HEADER_LENGTH,
+    JSON_HEADERS,
     InferRequest,
     InputSpec,
     RequestError,
@@ -70,6 +71,8 @@ log = logging.getLogger("lepton_jax.serve")
 
 __all__ = ["ModelServer", "RequestError", "ServeConfig", "ServedModel", "run_server"]
 
+_REQUEST_HEADERS = (b"authorization", b"content-length", b"content-encoding", HEADER_LENGTH.encode())
+_HEADER_LENGTH = HEADER_LENGTH.encode()
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 
@@ -216,6 +219,12 @@ class ServedModel:
         return min(serve.max_request_rows, serve.max_queue_rows) * self.cells * JSON_BYTES_PER_VALUE + (64 << 10)
 
     @functools.cached_property
+    def _label_bytes(self) -> np.ndarray:
+        labels = np.empty(len(self.label_names), object)
+        labels[:] = [name.encode() for name in self.label_names]
+        return labels
+
+    @functools.cached_property
     def spec(self) -> InputSpec:
         columns = self.input_spec.get("column_ranges")
         return InputSpec(self.name, self.input_name, self.example_shape, self.value_range,
@@ -228,9 +237,8 @@ class ServedModel:
 
     def outputs(self, probabilities: np.ndarray) -> list[Tensor]:
         """The model's outputs for ``probabilities`` (N, C): probabilities, class index and label name."""
-        classes = probabilities.argmax(-1).astype(np.int64)
-        labels = np.empty(classes.shape, object)
-        labels[:] = [self.label_names[c].encode() for c in classes]
+        classes = probabilities.argmax(-1).astype(np.int64, copy=False)
+        labels = self._label_bytes[classes]
         n = probabilities.shape[0]
         return [Tensor("probabilities", "FP32", list(probabilities.shape), probabilities.astype(np.float32)),
                 Tensor("class", "INT64", [n], classes), Tensor("label", "BYTES", [n], labels)]
@@ -261,8 +269,8 @@ class _Deployment:
         self.on_batch = self._on_batch(metrics, name)
         self.batcher = DynamicBatcher(model.make_replicas(config.replicas, devices),
                                       max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000,
-                                      max_queue_rows=config.max_queue_rows, on_batch=self.on_batch,
-                                      on_queue=metrics.queue_depth.labels(name).set)
+                                      max_queue_rows=config.max_queue_rows, on_batch=self.on_batch)
+        metrics.queue_depth.labels(name).set_function(lambda: self.batcher.queued_rows)  # read when scraped
         for replica in self.batcher.replicas:
             metrics.replica_inflight.labels(name, replica.name).set_function(lambda r=replica: r.inflight_rows)
 
@@ -346,20 +354,21 @@ class ModelServer:
             log.info("draining: readiness answers 503; still serving requests")
 
     @property
-    def app(self) -> _ASGIApp:
-        """The ASGI application."""
-        return _ASGIApp(self)
+    def app(self) -> ModelServer:
+        """The ASGI application (the server itself: ``await server(scope, receive, send)``)."""
+        return self
 
-    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """ASGI entry: counts requests in and answers out; while draining, asks clients to close."""
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """ASGI 3 entry: counts requests in and answers out; while draining, asks clients to close."""
         if scope["type"] != "http":
             await self._starlette(scope, receive, send)
             return
         self.accepted += 1
         if scope["method"] == "POST" and (match := _INFER_PATH.fullmatch(scope["path"])):  # the hot path, direct
             status, headers, content = await self._infer(match[1], match[2], scope, receive)
-            raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-            raw.append((b"content-length", str(len(content)).encode()))
+            raw = [(b"content-type", b"application/json")] if headers is JSON_HEADERS else \
+                [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            raw.append((b"content-length", b"%d" % len(content)))
             if self._draining:
                 raw.append((b"connection", b"close"))
             await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -462,29 +471,35 @@ class ModelServer:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def infer(self, request: Request) -> Response:
-        """The inference route as a Starlette endpoint (``handle`` answers POSTs to it without Starlette)."""
+        """The inference route as a Starlette endpoint (``__call__`` answers POSTs to it without Starlette)."""
         status, headers, content = await self._infer(request.path_params["name"], request.path_params.get("version"),
                                                      request.scope, request.receive)
         return Response(content, status_code=status, headers=headers)
 
     async def _infer(self, name: str, version: str | None, scope: dict[str, Any],
-                     receive: Any) -> tuple[int, dict[str, str], bytes]:
+                     receive: Any) -> tuple[int, Mapping[str, str], bytes]:
         """One inference request on raw ASGI: (status, headers, body); never raises."""
         start = time.perf_counter()
         label = name if name in self.deployments else "unknown"
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}  # ASGI: lower-case names
+        headers = dict.fromkeys(_REQUEST_HEADERS)  # ASGI: lower-case names, bytes
+        for key, value in scope["headers"]:
+            if key in headers:
+                headers[key] = value.decode("latin-1")
         try:
-            self._authorize_header(headers.get("authorization", ""))
+            self._authorize_header(headers[b"authorization"] or "")
             dep = self._named(name, version)
             if not self._ready.is_set():
                 raise RequestError(503, "unavailable", "the server is warming up; poll /v2/health/ready")
             if dep.batcher.draining:
                 raise RequestError(503, "unavailable", "the server is shutting down")
-            body = await self._read_body(receive, dep.body_limit, headers.get("content-length"))
-            large = len(body) > self.config.inline_parse_bytes
-            decoded, rows = await self._run(large, functools.partial(
-                decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows),
-                body, headers.get(HEADER_LENGTH), headers.get("content-encoding"))
+            body = await self._read_body(receive, dep.body_limit, headers[b"content-length"])
+            args = body, headers[_HEADER_LENGTH], headers[b"content-encoding"]
+            if len(body) > self.config.inline_parse_bytes:  # off the event loop (and its GIL)
+                decoded, rows = await self._offload(functools.partial(
+                    decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows), *args)
+            else:
+                decoded, rows = decode_rows(*args, spec=dep.model.spec, body_limit=dep.body_limit,
+                                            max_rows=dep.max_rows)
             try:
                 probabilities = await self.predict(dep, rows)
             except QueueFullError as e:
@@ -493,9 +508,13 @@ class ModelServer:
                 raise RequestError(504, "timeout", f"no result within {self.config.request_timeout_s} s") from e
             except DrainingError as e:
                 raise RequestError(503, "unavailable", str(e)) from e
-            content, out_headers = await self._run(rows.shape[0] > 256, functools.partial(
-                encode_response, model_name=dep.model.name, model_version=dep.model.version),
-                decoded, dep.model.outputs(probabilities))
+            if rows.shape[0] > 256:
+                content, out_headers = await self._offload(functools.partial(
+                    encode_response, model_name=dep.model.name, model_version=dep.model.version),
+                    decoded, dep.model.outputs(probabilities))
+            else:
+                content, out_headers = encode_response(decoded, dep.model.outputs(probabilities),
+                                                       model_name=dep.model.name, model_version=dep.model.version)
             status = 200
         except RequestError as e:
             status, out_headers, content = self._error_parts(e)
@@ -521,10 +540,8 @@ class ModelServer:
         """Probabilities for validated ``rows``: through the dynamic batcher here (Ray Serve overrides this)."""
         return await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
 
-    async def _run(self, offload: bool, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in the codec worker pool when ``offload`` (a large body), else inline (cheaper)."""
-        if not offload:
-            return fn(*args)
+    async def _offload(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the codec worker pool (large bodies; small ones are cheaper inline)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _resolve(self, request: Request) -> _Deployment:
@@ -557,25 +574,29 @@ class ModelServer:
     @staticmethod
     async def _read_body(receive: Any, limit: int, length: str | None) -> bytes:
         """The request body from ASGI ``receive``, refused (413) as soon as it is known to exceed ``limit``."""
-        too_large = RequestError(413, "too_large", f"request body exceeds the limit of {limit} bytes; send fewer "
-                                                   "rows per request")
         if length is not None:
             if not length.isdigit():
                 raise RequestError(400, "bad_request", f"Content-Length {length!r} is not a byte count")
             if int(length) > limit:
-                raise too_large
+                raise _too_large(limit)
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):  # the usual: one message
+            body = message.get("body", b"")
+            if len(body) > limit:
+                raise _too_large(limit)
+            return body
         chunks, size = [], 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise RequestError(400, "disconnect", "the client went away before sending its body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+            message = await receive()
 
     def _error_parts(self, error: RequestError) -> tuple[int, dict[str, str], bytes]:
         self.metrics.errors.labels(error.kind).inc()
@@ -605,14 +626,9 @@ class ModelServer:
         return self._error(RequestError(500, "internal", f"internal error: {type(exc).__name__}"))
 
 
-class _ASGIApp:
-    """``ModelServer.handle`` as an ASGI 3 callable (uvicorn tells ASGI 2 from 3 by ``__call__``)."""
-
-    def __init__(self, server: ModelServer):
-        self.server = server
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self.server.handle(scope, receive, send)
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, "too_large", f"request body exceeds the limit of {limit} bytes; send fewer rows per "
+                                          "request")
 
 
 def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> Any:
@@ -652,8 +668,9 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
 
     server.freeze_gc_after_warm_up = True
-    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
-                            access_log=log_level.lower() in ("debug", "trace"),
+    access_log = log_level.lower() in ("debug", "trace")
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            proxy_headers=access_log,  # X-Forwarded-For only matters to the access log
                             timeout_graceful_shutdown=server.config.drain_timeout_s)
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
 
