@@ -27,7 +27,7 @@ def _source(folder, seed, n):
 
 def _reader(tv, split):
     r = tv.reader(split)
-    r.SMALL_ARRAY_BYTES = 0  # serve the images from their shards, not from memory, whatever their size
+    r.SMALL_ARRAY_BYTES = 4096  # serve the images from their shards (labels still from memory), whatever their size
     return r
 
 
@@ -49,6 +49,15 @@ def mixed(tmp_path_factory):
     return ingest(lake, "t", _source(root / "b", 1, 125), splits={"train": 0.8, "test": 0.2}, mode="append").version
 
 
+@pytest.fixture(scope="module")
+def raw_only(tmp_path_factory):
+    """A table of two raw-layout fragments per split (ingest, then append)."""
+    root = tmp_path_factory.mktemp("raw_only")
+    lake = Lake(root / "lake", target_shard_bytes=SHARD_BYTES)
+    ingest(lake, "t", _source(root / "a", 3, 70), splits={"train": 0.8, "test": 0.2})
+    return ingest(lake, "t", _source(root / "b", 4, 90), splits={"train": 0.8, "test": 0.2}, mode="append").version
+
+
 def test_layout_chunks_divide_shards_and_keep_the_zstd_option():
     for shape, target in [((200_000, 28, 28), arrays.TARGET_SHARD_BYTES), ((1000, 28, 28), arrays.TARGET_SHARD_BYTES),
                           ((95, 28, 28, 1), SHARD_BYTES), ((7, 3, 100), 10**6)]:
@@ -64,16 +73,20 @@ def test_layout_chunks_divide_shards_and_keep_the_zstd_option():
         arrays.shard_layout((10, 28, 28), np.uint8, compression="lz4")
 
 
-def test_fast_path_reads_what_tensorstore_reads_across_fragments_and_shards(mixed):
-    for split in mixed.splits:
-        frags = mixed.fragments(split)
-        assert [_codecs(mixed, f) for f in frags] == [["bytes", "zstd", "crc32c"], ["bytes", "crc32c"]]
+@pytest.mark.parametrize("table", ["mixed", "raw_only"])
+def test_fast_path_reads_what_tensorstore_reads_across_fragments_and_shards(table, request):
+    tv = request.getfixturevalue(table)
+    for split in tv.splits:
+        frags = tv.fragments(split)
+        raw, zstd = ["bytes", "crc32c"], ["bytes", "zstd", "crc32c"]
+        assert [_codecs(tv, f) for f in frags] == ([zstd, raw] if table == "mixed" else [raw, raw])
         assert all(len(f["arrays"]["image"]["files"]) >= 3 for f in frags)  # zarr.json + 2 or more shards
-        r = _reader(mixed, split)
+        r = _reader(tv, split)
         whole = r.read()  # a slice: TensorStore reads (and crc32c-checks) every chunk
-        assert r._raw[0]["image"] is None and r._raw[1]["image"] is not None  # zstd via TensorStore, raw fast
+        assert (r._raw[0]["image"] is None) == (table == "mixed") and r._raw[1]["image"] is not None
+        assert r._all_raw == (table == "raw_only") and "label" in r._in_memory
         n = len(r)
-        expected = np.concatenate([_reader(mixed, split)._open()[f]["image"].read().result() for f in range(2)])
+        expected = np.concatenate([_reader(tv, split)._open()[f]["image"].read().result() for f in range(2)])
         assert np.array_equal(whole["image"], expected)
         rng = np.random.default_rng(5)
         for idx in (rng.integers(0, n, 40), np.sort(rng.integers(0, n, 40)), np.array([n - 1, 0, 3, 3, n - 1, 3]),

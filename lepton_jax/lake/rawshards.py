@@ -4,7 +4,7 @@ An array in the lake's ``"none"`` layout (:mod:`lepton_jax.lake.arrays`) stores 
 little-endian bytes followed by a crc32c, so example ``i`` of chunk ``c`` is a fixed byte slice of the shard file.
 :class:`RawArray` reads each shard's index once (the zarr v3 sharding index at the end of the file: one
 ``(offset, nbytes)`` uint64 pair per inner chunk and a crc32c, which is checked), maps the shard read-only and serves a
-sorted batch of indices as one numpy fancy index per shard it touches, with no per-example Python work and no decode.
+batch of indices as one numpy fancy index per shard it touches, with no per-example Python work and no decode.
 
 Integrity: raw chunks are not checked on this path, so the first time a process touches a shard its whole file is
 hashed and compared with the sha256 in the commit record (one sequential read; the result is remembered per file
@@ -106,7 +106,7 @@ def open_raw(path: Path, files: dict[str, dict[str, Any]], describe: str) -> Raw
 
 
 class RawArray:
-    """Sorted batched reads of one local raw-layout array (thread-safe; shards are mapped on first use)."""
+    """Batched reads of one local raw-layout array (thread-safe; shards are mapped on first use)."""
 
     def __init__(self, path: Path, layout: RawLayout, files: dict[str, dict[str, Any]], describe: str):
         self.path, self.layout, self.files, self.describe = Path(path), layout, files, describe
@@ -114,25 +114,28 @@ class RawArray:
         self._lock = threading.Lock()
 
     def read(self, idx: np.ndarray) -> np.ndarray:
-        """``array[idx]`` for a sorted int64 index array within bounds: one gather per shard touched."""
+        """``array[idx]`` for an int64 index array within bounds (any order, duplicates allowed): one gather per
+        shard touched, written straight into the result in the order asked for."""
         lay = self.layout
+        if lay.per_shard >= lay.shape[0]:  # one shard
+            return self._gather(self._shard(0), idx)
         shard = idx // lay.per_shard
-        cuts = np.flatnonzero(np.diff(shard)) + 1
-        parts = []
-        for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [idx.size]]), strict=True):
-            s = int(shard[a])
-            local = idx[a:b] - s * lay.per_shard
-            parts.append(self._gather(self._shard(s), local))
-        if not parts:
-            return np.empty((0, *lay.shape[1:]), lay.dtype)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        first = int(shard[0]) if idx.size else 0
+        if idx.size == 0 or not np.any(shard != first):
+            return self._gather(self._shard(first), idx - first * lay.per_shard)
+        out = np.empty((idx.size, *lay.shape[1:]), lay.dtype)
+        for s in np.unique(shard).tolist():
+            mask = shard == s
+            out[mask] = self._gather(self._shard(s), idx[mask] - s * lay.per_shard)
+        return out
 
     def _gather(self, view: Any, local: np.ndarray) -> np.ndarray:
         k = self.layout.per_chunk
         if isinstance(view, np.ndarray):  # chunks evenly spaced: one (chunk, row) view of the shard
             return view[local // k, local % k]
         chunk = local // k  # chunks out of order in the file: one view per chunk
-        return np.stack([view[c][r] for c, r in zip(chunk.tolist(), (local % k).tolist(), strict=True)])
+        rows = [view[c][r] for c, r in zip(chunk.tolist(), (local % k).tolist(), strict=True)]
+        return np.stack(rows) if rows else np.empty((0, *self.layout.shape[1:]), self.layout.dtype)
 
     def _shard(self, s: int) -> Any:
         view = self._shards.get(s)
