@@ -161,7 +161,10 @@ def _run(args, work: Path, ArrayRecordDataSource, ArrayRecordWriter) -> None:  #
     for frag in tv.fragments("train"):
         meta = frag["arrays"]["image"]
         shards = len([f for f in meta["files"] if f != "zarr.json"])
-        index_bytes += 16 * meta["shape"][0] + 4 * shards
+        zarr = json.loads((work / "lake" / tv.table / meta["path"] / "zarr.json").read_text())
+        chunks = (zarr["chunk_grid"]["configuration"]["chunk_shape"][0]
+                  // zarr["codecs"][0]["configuration"]["chunk_shape"][0])
+        index_bytes += (16 * chunks + 4) * shards
     lake_src = LakeDataSource(tv.reader("train", cache_bytes=index_bytes))
     print(f"uncached lake: cache of {index_bytes} bytes = the shard indices of the train split (no floor)")
     lake_cached_src = LakeDataSource(tv.reader("train"))
