@@ -31,8 +31,8 @@ def _reader(tv, split):
     return r
 
 
-def _codecs(tv, frag):
-    path = tv.lake.root / tv.table / frag["arrays"]["image"]["path"] / "zarr.json"
+def _codecs(tv, frag, name="image"):
+    path = tv.lake.root / tv.table / frag["arrays"][name]["path"] / "zarr.json"
     return [c["name"] for c in json.loads(path.read_text())["codecs"][0]["configuration"]["codecs"]]
 
 
@@ -67,6 +67,8 @@ def test_layout_chunks_divide_shards_and_keep_the_zstd_option():
         assert per_shard * example <= max(target, per_chunk * example)
     assert arrays.shard_layout((200_000, 28, 28), np.uint8) == (85573, 83)  # 83 x 784 B = 65,072 B per chunk
     assert arrays.shard_layout((200_000, 28, 28), np.uint8, compression="zstd") == (85598, 1)
+    assert arrays.shard_layout((98_000,), np.int32) == (98304, 16384)  # labels: one shard, 64 KiB chunks
+    assert arrays.shard_layout((98_000,), np.int32, compression="zstd") == (98000, 1000)  # the old ~4 KiB rule
     spec = arrays.zarr3_spec({"driver": "memory"}, (100, 28, 28), np.uint8)
     assert [c["name"] for c in spec["metadata"]["codecs"][0]["configuration"]["codecs"]] == ["bytes", "crc32c"]
     with pytest.raises(LakeError, match="unknown lake compression 'lz4'"):
@@ -99,6 +101,13 @@ def test_fast_path_reads_what_tensorstore_reads_across_fragments_and_shards(tabl
         assert np.array_equal(r.read(slice(1, n, 3))["image"], whole["image"][1:n:3])
         with pytest.raises(IndexError):
             r.read(np.array([n]))
+        if table == "raw_only":  # labels too big to hold in memory are raw too: the whole batch takes the fast path
+            r0 = tv.reader(split)
+            r0.SMALL_ARRAY_BYTES = 0
+            got = r0.read(idx := rng.integers(0, n, 30))
+            assert r0._all_raw and not r0._in_memory and _codecs(tv, frags[0], "label") == raw
+            assert np.array_equal(got["image"], whole["image"][idx]) and np.array_equal(got["label"],
+                                                                                       whole["label"][idx])
 
 
 def test_zarr_python_reads_raw_and_zstd_fragments_byte_identically(mixed):

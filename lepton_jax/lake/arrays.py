@@ -11,8 +11,8 @@ Each array's first axis indexes examples; shards group many examples into one fi
   compressible data, but every random read is a TensorStore chunk decode (about 10 us each). Tables written before
   the raw layout existed use this layout and read as before.
 
-Tiny examples (labels, a few features: at most :data:`SMALL_EXAMPLE_BYTES`) always share zstd chunks of about 4 KiB;
-such arrays are read whole. The shard index carries a crc32c in both layouts, and so does every inner chunk, so
+In the zstd layout, tiny examples (labels, a few features: at most :data:`SMALL_EXAMPLE_BYTES`) share chunks of
+about 4 KiB. The shard index carries a crc32c in both layouts, and so does every inner chunk, so
 TensorStore and zarr-python detect flipped bytes on read. Any zarr v3 reader can open the arrays.
 
 Arrays live at a key of a lake's :class:`~lepton_jax.lake.storage.Storage` and are read and written through
@@ -41,7 +41,7 @@ WRITE_SHARDS_IN_FLIGHT = 4  # shard writes encoded concurrently (bounded: each h
 READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
 
 
-SMALL_EXAMPLE_BYTES = 64  # examples this small (labels, a few features) share zstd inner chunks of about 4 KiB
+SMALL_EXAMPLE_BYTES = 64  # zstd layout: examples this small (labels, a few features) share chunks of about 4 KiB
 RAW_CHUNK_BYTES = 64 * 2**10  # inner chunk size of the uncompressed layout
 COMPRESSIONS = ("none", "zstd")
 DEFAULT_COMPRESSION = "none"
@@ -55,13 +55,13 @@ def shard_layout(shape: tuple[int, ...], dtype: np.dtype, target_shard_bytes: in
                  compression: str = DEFAULT_COMPRESSION) -> tuple[int, int]:
     """``(examples per shard, examples per inner chunk)`` for a new array; the chunk count divides the shard.
 
-    Tiny examples: chunks of about 4 KiB. Otherwise ``"zstd"``: one example per chunk; ``"none"``: K examples per
-    chunk (about :data:`RAW_CHUNK_BYTES`), shards a multiple of K (a one-shard array's shard may run past its end)."""
+    ``"none"``: K examples per chunk (about :data:`RAW_CHUNK_BYTES`), shards a multiple of K (a one-shard array's
+    shard may run past its end). ``"zstd"``: one example per chunk; tiny examples share chunks of about 4 KiB."""
     if compression not in COMPRESSIONS:
         raise LakeError(f"unknown lake compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
     n, example_bytes = int(shape[0]), _example_bytes(shape, dtype)
     cap = max(1, int(target_shard_bytes) // example_bytes)
-    if example_bytes <= SMALL_EXAMPLE_BYTES or compression == "zstd":
+    if compression == "zstd":
         per_shard = int(max(1, min(n, cap)))
         if example_bytes > SMALL_EXAMPLE_BYTES:
             return per_shard, 1
@@ -86,7 +86,7 @@ def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
     example_shape = list(shape[1:])
     per_shard, per_chunk = shard_layout(shape, dtype, target_shard_bytes, compression)
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
-    if compression == "zstd" or _example_bytes(shape, dtype) <= SMALL_EXAMPLE_BYTES:
+    if compression == "zstd":
         codecs.append({"name": "zstd", "configuration": {"level": 3}})
     codecs.append({"name": "crc32c"})
     return {
