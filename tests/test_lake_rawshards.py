@@ -4,6 +4,7 @@ read, corruption detected."""
 import functools
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -186,3 +187,17 @@ def test_the_fast_path_is_only_for_local_raw_arrays_with_digests(tmp_path):
     assert raw is not None and rawshards.open_raw(tmp_path / "zstd", files, "zstd") is None
     idx = np.array([0, 5, 9, 10, 29])
     assert np.array_equal(raw.read(idx), x[idx]) and raw.read(idx).dtype == np.float32
+
+
+def test_mapped_shards_are_bounded_and_reopened_on_demand(raw_only, monkeypatch):
+    """Every mapping holds a file descriptor before Python 3.13: a reader touching more shards than the bound keeps
+    at most MAX_MAPPED_SHARDS mapped (descriptors closed) and re-maps evicted shards correctly."""
+    monkeypatch.setattr(rawshards, "MAX_MAPPED_SHARDS", 2)
+    r = _reader(raw_only, "train")
+    whole = r.read()
+    fds = len(os.listdir("/proc/self/fd"))
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        idx = rng.integers(0, len(r), 50)  # touches every shard of both fragments
+        assert np.array_equal(r.read(idx)["image"], whole["image"][idx])
+    assert len(rawshards._mapped) <= 2 and len(os.listdir("/proc/self/fd")) <= fds + 2

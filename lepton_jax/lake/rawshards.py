@@ -17,11 +17,15 @@ against the record before mapping, so only an outside writer truncating the file
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import mmap
 import os
+import resource
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,26 @@ MISSING = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that wa
 _LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 _verified: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime_ns) -> sha256 checked here
 _verified_lock = threading.Lock()
+
+
+def _max_mapped() -> int:
+    """How many shards a process keeps mapped at once. Before Python 3.13 every ``mmap`` holds a duplicate file
+    descriptor, so stay well inside the open-file limit; from 3.13 ``trackfd=False`` holds none."""
+    if sys.version_info >= (3, 13):
+        return 16384
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    return max(16, min(16384, (soft if soft != resource.RLIM_INFINITY else 65536) // 4))
+
+
+MAX_MAPPED_SHARDS = _max_mapped()
+# (reader token, shard) -> the shard's view, least recently used first: each RawArray maps its shards itself (a new
+# reader re-opens, and re-hashes a file whose identity or mtime changed), all within one process-wide bound
+_mapped: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+_tokens = itertools.count()
+_mapped_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +134,7 @@ class RawArray:
 
     def __init__(self, path: Path, layout: RawLayout, files: dict[str, dict[str, Any]], describe: str):
         self.path, self.layout, self.files, self.describe = Path(path), layout, files, describe
-        self._shards: dict[int, Any] = {}
-        self._lock = threading.Lock()
+        self._token = next(_tokens)
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         """``array[idx]`` for an int64 index array within bounds (any order, duplicates allowed): one gather per
@@ -138,12 +161,21 @@ class RawArray:
         return np.stack(rows) if rows else np.empty((0, *self.layout.shape[1:]), self.layout.dtype)
 
     def _shard(self, s: int) -> Any:
-        view = self._shards.get(s)
-        if view is None:
-            with self._lock:
-                view = self._shards.get(s)
-                if view is None:
-                    view = self._shards[s] = self._open_shard(s)
+        """Shard ``s``'s view, from the process-wide cache of at most :data:`MAX_MAPPED_SHARDS` mapped shards (the
+        least recently used mapping is dropped; its sha256 check is remembered per file identity, so a re-map only
+        re-reads the index)."""
+        key = (self._token, s)
+        with _mapped_lock:
+            view = _mapped.get(key)
+            if view is not None:
+                _mapped.move_to_end(key)
+                return view
+        view = self._open_shard(s)
+        with _mapped_lock:
+            _mapped[key] = view
+            _mapped.move_to_end(key)
+            while len(_mapped) > MAX_MAPPED_SHARDS:
+                _mapped.popitem(last=False)  # unmapped (and its descriptor closed) once no read still uses it
         return view
 
     def _open_shard(self, s: int) -> Any:
@@ -160,7 +192,8 @@ class RawArray:
                     raise LakeError(f"lake file {where} has {st.st_size} bytes, not {info['bytes']}; "
                                     "run `lepton-jax lake verify`")
                 _check_sha256(f, st, str(info["sha256"]), where, self.describe)
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                extra = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ, **extra)
         except OSError as e:
             raise LakeError(f"cannot read lake file {where}: {e}; run `lepton-jax lake verify`") from e
         buf = np.frombuffer(mapped, np.uint8)
