@@ -98,6 +98,9 @@ def raw_layout(metadata: dict[str, Any]) -> RawLayout | None:
             return None
         if metadata["chunk_grid"]["name"] != "regular" or len(metadata["codecs"]) != 1:
             return None
+        keys = _codec(metadata.get("chunk_key_encoding", {"name": "default"}))
+        if keys["name"] != "default" or keys["configuration"].get("separator", "/") != "/":
+            return None  # shard files named otherwise than c/<i>/0/...
         shard = [int(n) for n in metadata["chunk_grid"]["configuration"]["chunk_shape"]]
         sharding = _codec(metadata["codecs"][0])
         conf = sharding["configuration"]
