@@ -1,13 +1,17 @@
 """Benchmark the lake: random-access examples/s through a Grain pipeline, ingest MB/s, commit latency vs versions.
 
 Random access compares, on the same examples and the same Grain pipeline as training (``ShuffledBatches``: Grain's
-seeded per-epoch shuffle, one index array per batch, one batched read per batch), three sources: the lake
-(TensorStore zarr v3, sharded, zstd, crc32c), Grain's ``ArrayRecordDataSource`` over an ArrayRecord file holding the
-same examples (``group_size:1``, one record per example), and a numpy memmap of the raw bytes (the page-cache limit).
-Everything is read from a warm page cache after one untimed pass. The lake is timed twice: "uncached" opens the split
-with a TensorStore cache exactly the size of its shard indices (no floor), so every example is read from its shard and
-decoded on every access; "cached" uses the default 64 MiB cache. ``--fragments K`` ingests the data as K appends (K
-fragments per split) to time reads across fragments; the layout is printed.
+seeded per-epoch shuffle, one index array per batch, one batched read per batch), three sources: the lake (zarr v3,
+sharded, in the default raw layout: inner chunks of about 64 KiB, ``bytes`` + ``crc32c``), Grain's
+``ArrayRecordDataSource`` over an ArrayRecord file holding the same examples (``group_size:1``, one record per
+example), and a numpy memmap of the raw bytes (the page-cache limit). Everything is read from a warm page cache after
+one untimed pass. The lake is timed twice: "uncached" opens the split with a TensorStore cache exactly the size of its
+shard indices (no floor), "cached" with the default 64 MiB cache. Local raw-layout shards are served by the raw fast
+path (:mod:`lepton_jax.lake.rawshards`: one numpy gather per shard per batch, no TensorStore cache involved, so both
+regimes take the same path; its first-touch sha256 check of every shard runs before timing and is printed); tables in
+the zstd layout go through TensorStore, where the cache matters. ``--fragments K`` ingests the data as K appends (K
+fragments per split) to time reads across fragments; the layout (codecs, examples per inner chunk and shard, read
+path) is printed.
 
     .venv/bin/python scripts/bench_lake.py            # ~1-2 minutes on 2 CPU cores
     .venv/bin/python scripts/bench_lake.py --examples 20000 --batches 50   # quicker
@@ -18,6 +22,8 @@ Needs the ``bench`` extra (array-record). The work directory is a temp dir, remo
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -53,6 +59,36 @@ def _throughput(read_batch, n: int, batch: int, batches: int, seed: int, threads
         out = next(it)
         assert out["image"].shape[0] == batch
     return batches * batch / (time.perf_counter() - start)
+
+
+def _print_layout(tv, reader, root: Path) -> None:
+    """The train split's image layout (codecs, examples per inner chunk and shard) and which read path serves it;
+    times the fast path's first-touch sha256 check of every shard (done once per process, before any timing)."""
+    frags = tv.fragments("train")
+    meta = json.loads((root / tv.table / frags[0]["arrays"]["image"]["path"] / "zarr.json").read_text())
+    conf = meta["codecs"][0]["configuration"]
+    shards = sum(len(f["arrays"]["image"]["files"]) - 1 for f in frags)
+    print(f"layout of train/image: codecs {[c['name'] for c in conf['codecs']]}, {conf['chunk_shape'][0]} examples "
+          f"per inner chunk, {meta['chunk_grid']['configuration']['chunk_shape'][0]} per shard, {shards} shard(s)")
+    files = [root / tv.table / f["arrays"]["image"]["path"] / k for f in frags for k in f["arrays"]["image"]["files"]
+             if k != "zarr.json"]
+    start = time.perf_counter()
+    reader.read(np.unique(np.concatenate([np.arange(reader.offsets[f], reader.offsets[f + 1], 997)
+                                          for f in range(len(frags))])))  # opens the split, touches every shard
+    first = time.perf_counter() - start
+    fast = bool(reader._raw) and all(r.get("image") is not None for r in reader._raw)
+    start = time.perf_counter()
+    for path in files:  # what the fast path's first-touch check costs: one sequential sha256 of each shard file
+        with open(path, "rb") as f:
+            hashlib.file_digest(f, "sha256")
+    sha = time.perf_counter() - start
+    mib = sum(p.stat().st_size for p in files) / 2**20
+    path = ("in memory (the split's images are under SplitReader.SMALL_ARRAY_BYTES)" if "image" in reader._in_memory
+            else "raw fast path (one numpy gather per shard per batch)" if fast else "TensorStore")
+    print(f"read path: {path}; "
+          f"opening the split and touching all {len(files)} image shard(s) ({mib:.1f} MiB) took {first:.2f} s"
+          + (f", of which sha256 against the record about {sha:.2f} s" if fast else "")
+          + " (once per process, before timing)")
 
 
 def main() -> None:
@@ -125,10 +161,14 @@ def _run(args, work: Path, ArrayRecordDataSource, ArrayRecordWriter) -> None:  #
     for frag in tv.fragments("train"):
         meta = frag["arrays"]["image"]
         shards = len([f for f in meta["files"] if f != "zarr.json"])
-        index_bytes += 16 * meta["shape"][0] + 4 * shards
+        zarr = json.loads((work / "lake" / tv.table / meta["path"] / "zarr.json").read_text())
+        chunks = (zarr["chunk_grid"]["configuration"]["chunk_shape"][0]
+                  // zarr["codecs"][0]["configuration"]["chunk_shape"][0])
+        index_bytes += (16 * chunks + 4) * shards
     lake_src = LakeDataSource(tv.reader("train", cache_bytes=index_bytes))
     print(f"uncached lake: cache of {index_bytes} bytes = the shard indices of the train split (no floor)")
     lake_cached_src = LakeDataSource(tv.reader("train"))
+    _print_layout(tv, lake_src.reader, work / "lake")
     ar_src = ArrayRecordDataSource([str(work / "train.array_record")])
     shape = train["image"].shape[1:]
     mm_images = np.memmap(work / "train.images.raw", dtype=np.uint8, mode="r", shape=(n, *shape))

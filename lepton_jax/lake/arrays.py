@@ -1,8 +1,19 @@
 """Zarr v3 arrays on TensorStore with the ``sharding_indexed`` codec.
 
-Each array's first axis indexes examples. Inner chunks hold one example, so a random read is one byte range of a
-shard; shards group many examples into one file. Chunks are zstd-compressed and both chunks and the shard index carry
-crc32c checksums, so flipped bytes are detected on read. Any zarr v3 reader can open the arrays.
+Each array's first axis indexes examples; shards group many examples into one file. Two layouts of the inner chunks
+(``compression``, chosen per array when it is written; readers tell them apart by the array's ``zarr.json``):
+
+- ``"none"`` (the default): inner chunks of about 64 KiB (:data:`RAW_CHUNK_BYTES`, K examples, K dividing the shard),
+  stored uncompressed (codecs ``bytes`` + ``crc32c``), so example ``i`` of a chunk is a fixed byte slice of the shard
+  file: :mod:`lepton_jax.lake.rawshards` serves a random batch from a local shard with one numpy gather, and
+  TensorStore (object stores, slices) reads and checks whole chunks. Fast to write and to read at random.
+- ``"zstd"``: one example per inner chunk, zstd-compressed (``bytes`` + ``zstd`` + ``crc32c``): smaller on disk for
+  compressible data, but every random read is a TensorStore chunk decode (about 10 us each). Tables written before
+  the raw layout existed use this layout and read as before.
+
+In the zstd layout, tiny examples (labels, a few features: at most :data:`SMALL_EXAMPLE_BYTES`) share chunks of
+about 4 KiB. The shard index carries a crc32c in both layouts, and so does every inner chunk, so
+TensorStore and zarr-python detect flipped bytes on read. Any zarr v3 reader can open the arrays.
 
 Arrays live at a key of a lake's :class:`~lepton_jax.lake.storage.Storage` and are read and written through
 TensorStore's kvstore driver for it (``file``, ``s3`` or ``gcs``). Every file of an array (``zarr.json`` and each
@@ -30,33 +41,54 @@ WRITE_SHARDS_IN_FLIGHT = 4  # shard writes encoded concurrently (bounded: each h
 READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
 
 
-def examples_per_shard(shape: tuple[int, ...], dtype: np.dtype, target_shard_bytes: int = TARGET_SHARD_BYTES) -> int:
-    """How many examples one shard holds for an array of ``shape`` (at least 1, at most ``shape[0]``)."""
-    example_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
-    return int(max(1, min(shape[0], target_shard_bytes // example_bytes)))
+SMALL_EXAMPLE_BYTES = 64  # zstd layout: examples this small (labels, a few features) share chunks of about 4 KiB
+RAW_CHUNK_BYTES = 64 * 2**10  # inner chunk size of the uncompressed layout
+COMPRESSIONS = ("none", "zstd")
+DEFAULT_COMPRESSION = "none"
 
 
-SMALL_EXAMPLE_BYTES = 64  # examples this small (labels, a few features) share inner chunks of about 4 KiB
+def _example_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
 
 
-def inner_chunk_examples(shape: tuple[int, ...], dtype: np.dtype, per_shard: int) -> int:
-    """Examples per inner chunk: one (a random read is one byte range) unless examples are tiny, like labels,
-    which are read whole anyway; then as many as fill about 4 KiB, dividing the shard evenly."""
-    example_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
-    if example_bytes > SMALL_EXAMPLE_BYTES:
-        return 1
-    per = max(1, min(per_shard, 4096 // example_bytes))
-    while per_shard % per:
-        per -= 1
-    return per
+def shard_layout(shape: tuple[int, ...], dtype: np.dtype, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                 compression: str = DEFAULT_COMPRESSION) -> tuple[int, int]:
+    """``(examples per shard, examples per inner chunk)`` for a new array; the chunk count divides the shard.
+
+    ``"none"``: K examples per chunk (about :data:`RAW_CHUNK_BYTES`), shards a multiple of K (a one-shard array's
+    shard may run past its end). ``"zstd"``: one example per chunk; tiny examples share chunks of about 4 KiB."""
+    if compression not in COMPRESSIONS:
+        raise LakeError(f"unknown lake compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    n, example_bytes = int(shape[0]), _example_bytes(shape, dtype)
+    cap = max(1, int(target_shard_bytes) // example_bytes)
+    if compression == "zstd":
+        per_shard = int(max(1, min(n, cap)))
+        if example_bytes > SMALL_EXAMPLE_BYTES:
+            return per_shard, 1
+        per = max(1, min(per_shard, 4096 // example_bytes))
+        while per_shard % per:
+            per -= 1
+        return per_shard, per
+    per_chunk = max(1, min(RAW_CHUNK_BYTES // example_bytes, cap, n))
+    per_shard = min(cap // per_chunk, -(-n // per_chunk)) * per_chunk
+    return per_shard, per_chunk
+
+
+def examples_per_shard(shape: tuple[int, ...], dtype: np.dtype, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                       compression: str = DEFAULT_COMPRESSION) -> int:
+    """How many examples one shard of a new array holds (see :func:`shard_layout`)."""
+    return shard_layout(shape, dtype, target_shard_bytes, compression)[0]
 
 
 def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
-               target_shard_bytes: int = TARGET_SHARD_BYTES) -> dict:
-    """The TensorStore spec for a new sharded, compressed, checksummed zarr v3 array in ``kvstore``."""
+               target_shard_bytes: int = TARGET_SHARD_BYTES, compression: str = DEFAULT_COMPRESSION) -> dict:
+    """The TensorStore spec for a new sharded, checksummed zarr v3 array in ``kvstore`` (layouts: module doc)."""
     example_shape = list(shape[1:])
-    per_shard = examples_per_shard(shape, dtype, target_shard_bytes)
-    per_chunk = inner_chunk_examples(shape, dtype, per_shard)
+    per_shard, per_chunk = shard_layout(shape, dtype, target_shard_bytes, compression)
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compression == "zstd":
+        codecs.append({"name": "zstd", "configuration": {"level": 3}})
+    codecs.append({"name": "crc32c"})
     return {
         "driver": "zarr3",
         "kvstore": kvstore,
@@ -69,11 +101,7 @@ def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
                 "name": "sharding_indexed",
                 "configuration": {
                     "chunk_shape": [per_chunk, *example_shape],
-                    "codecs": [
-                        {"name": "bytes", "configuration": {"endian": "little"}},
-                        {"name": "zstd", "configuration": {"level": 3}},
-                        {"name": "crc32c"},
-                    ],
+                    "codecs": codecs,
                     "index_codecs": [
                         {"name": "bytes", "configuration": {"endian": "little"}},
                         {"name": "crc32c"},
@@ -93,11 +121,12 @@ def content_digest(array: np.ndarray) -> str:
 
 
 def _create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
-            target_shard_bytes: int) -> ts.TensorStore:
+            target_shard_bytes: int, compression: str) -> ts.TensorStore:
     if storage.tree(key) is not None:
         raise LakeError(f"refusing to overwrite existing array {storage.describe(key)}; lake arrays are written once")
     try:
-        return ts.open(zarr3_spec(storage.kvstore(key), shape, dtype, target_shard_bytes), create=True).result()
+        spec = zarr3_spec(storage.kvstore(key), shape, dtype, target_shard_bytes, compression)
+        return ts.open(spec, create=True).result()
     except ValueError as e:
         raise LakeError(f"cannot create lake array {storage.describe(key)}: {_short(e)}") from e
 
@@ -108,14 +137,15 @@ def _short(e: BaseException) -> str:
 
 
 def write_array(storage: Storage, key: str, array: np.ndarray, *, target_shard_bytes: int = TARGET_SHARD_BYTES,
-                after_shard: Callable[[int], None] | None = None) -> str:
+                after_shard: Callable[[int], None] | None = None, compression: str = DEFAULT_COMPRESSION) -> str:
     """Writes a new array at ``key`` (which must not exist) shard by shard, makes its files durable, returns its
-    content digest. ``after_shard(i)`` is called after shard ``i`` is written (a hook for fault-injection tests).
+    content digest. ``after_shard(i)`` is called after shard ``i`` is written (a hook for fault-injection tests);
+    ``compression`` picks the layout (module doc).
     """
     if array.ndim == 0 or array.shape[0] == 0:
         raise LakeError(f"cannot store an empty array at {storage.describe(key)}: shape {array.shape}")
-    store = _create(storage, key, array.shape, array.dtype, target_shard_bytes)
-    per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes)
+    store = _create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
+    per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes, compression)
     pending = []
     try:
         for i, start in enumerate(range(0, array.shape[0], per_shard)):
@@ -183,12 +213,13 @@ def read_many(requests: list[tuple[ts.TensorStore, np.ndarray, str]], parts: int
 
 
 class ArrayWriter:
-    """A new array of known ``shape`` written from consecutive blocks along axis 0 (bounded memory)."""
+    """A new array of known ``shape`` written from consecutive blocks along axis 0 (bounded memory);
+    ``compression`` picks the layout (module doc)."""
 
     def __init__(self, storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype, *,
-                 target_shard_bytes: int = TARGET_SHARD_BYTES):
+                 target_shard_bytes: int = TARGET_SHARD_BYTES, compression: str = DEFAULT_COMPRESSION):
         self.storage, self.key, self.shape = storage, key, tuple(int(s) for s in shape)
-        self.store = _create(storage, key, self.shape, dtype, target_shard_bytes)
+        self.store = _create(storage, key, self.shape, dtype, target_shard_bytes, compression)
         self.hash = hashlib.sha256(f"{np.dtype(dtype).str}{self.shape}".encode())
         self.rows = 0
 

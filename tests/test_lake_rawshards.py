@@ -1,0 +1,203 @@
+"""The raw shard layout and its fast read path: identical bytes to TensorStore and zarr-python, old layouts still
+read, corruption detected."""
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import google_crc32c
+import numpy as np
+import pytest
+
+from lepton_jax.errors import LakeError
+from lepton_jax.lake import Lake, NpzSource, arrays, ingest, rawshards
+from lepton_jax.lake.storage import LocalStorage
+
+SHARD_BYTES = 8192  # 28x28 uint8 examples: 10 per shard, 10 per inner chunk -> several shards per fragment
+
+
+def _source(folder, seed, n):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    np.savez(folder / "part.npz", x=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), y=rng.integers(0, 3, n))
+    return NpzSource(folder, value_range=(0, 255))
+
+
+def _reader(tv, split):
+    r = tv.reader(split)
+    r.SMALL_ARRAY_BYTES = 4096  # serve the images from their shards (labels still from memory), whatever their size
+    return r
+
+
+def _codecs(tv, frag, name="image"):
+    path = tv.lake.root / tv.table / frag["arrays"][name]["path"] / "zarr.json"
+    return [c["name"] for c in json.loads(path.read_text())["codecs"][0]["configuration"]["codecs"]]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A table whose first fragment per split is in the old zstd layout (one example per chunk) and whose appended
+    fragment is in the raw layout."""
+    root = tmp_path_factory.mktemp("raw")
+    lake = Lake(root / "lake", target_shard_bytes=SHARD_BYTES)
+    with pytest.MonkeyPatch.context() as mp:  # the layout every table had before the raw one
+        mp.setattr(arrays, "write_array", functools.partial(arrays.write_array, compression="zstd"))
+        mp.setattr(arrays, "ArrayWriter", functools.partial(arrays.ArrayWriter, compression="zstd"))
+        ingest(lake, "t", _source(root / "a", 0, 95), splits={"train": 0.8, "test": 0.2})
+    return ingest(lake, "t", _source(root / "b", 1, 125), splits={"train": 0.8, "test": 0.2}, mode="append").version
+
+
+@pytest.fixture(scope="module")
+def raw_only(tmp_path_factory):
+    """A table of two raw-layout fragments per split (ingest, then append)."""
+    root = tmp_path_factory.mktemp("raw_only")
+    lake = Lake(root / "lake", target_shard_bytes=SHARD_BYTES)
+    ingest(lake, "t", _source(root / "a", 3, 70), splits={"train": 0.8, "test": 0.2})
+    return ingest(lake, "t", _source(root / "b", 4, 90), splits={"train": 0.8, "test": 0.2}, mode="append").version
+
+
+def test_layout_chunks_divide_shards_and_keep_the_zstd_option():
+    for shape, target in [((200_000, 28, 28), arrays.TARGET_SHARD_BYTES), ((1000, 28, 28), arrays.TARGET_SHARD_BYTES),
+                          ((95, 28, 28, 1), SHARD_BYTES), ((7, 3, 100), 10**6)]:
+        per_shard, per_chunk = arrays.shard_layout(shape, np.uint8, target)
+        example = int(np.prod(shape[1:]))
+        assert per_shard % per_chunk == 0 and per_chunk * example <= max(example, arrays.RAW_CHUNK_BYTES)
+        assert per_shard * example <= max(target, per_chunk * example)
+    assert arrays.shard_layout((200_000, 28, 28), np.uint8) == (85573, 83)  # 83 x 784 B = 65,072 B per chunk
+    assert arrays.shard_layout((200_000, 28, 28), np.uint8, compression="zstd") == (85598, 1)
+    assert arrays.shard_layout((98_000,), np.int32) == (98304, 16384)  # labels: one shard, 64 KiB chunks
+    assert arrays.shard_layout((98_000,), np.int32, compression="zstd") == (98000, 1000)  # the old ~4 KiB rule
+    spec = arrays.zarr3_spec({"driver": "memory"}, (100, 28, 28), np.uint8)
+    assert [c["name"] for c in spec["metadata"]["codecs"][0]["configuration"]["codecs"]] == ["bytes", "crc32c"]
+    with pytest.raises(LakeError, match="unknown lake compression 'lz4'"):
+        arrays.shard_layout((10, 28, 28), np.uint8, compression="lz4")
+
+
+@pytest.mark.parametrize("table", ["mixed", "raw_only"])
+def test_fast_path_reads_what_tensorstore_reads_across_fragments_and_shards(table, request):
+    tv = request.getfixturevalue(table)
+    for split in tv.splits:
+        frags = tv.fragments(split)
+        raw, zstd = ["bytes", "crc32c"], ["bytes", "zstd", "crc32c"]
+        assert [_codecs(tv, f) for f in frags] == ([zstd, raw] if table == "mixed" else [raw, raw])
+        assert all(len(f["arrays"]["image"]["files"]) >= 3 for f in frags)  # zarr.json + 2 or more shards
+        r = _reader(tv, split)
+        whole = r.read()  # a slice: TensorStore reads (and crc32c-checks) every chunk
+        assert (r._raw[0]["image"] is None) == (table == "mixed") and r._raw[1]["image"] is not None
+        assert r._all_raw == (table == "raw_only") and "label" in r._in_memory
+        n = len(r)
+        expected = np.concatenate([_reader(tv, split)._open()[f]["image"].read().result() for f in range(2)])
+        assert np.array_equal(whole["image"], expected)
+        rng = np.random.default_rng(5)
+        for idx in (rng.integers(0, n, 40), np.sort(rng.integers(0, n, 40)), np.array([n - 1, 0, 3, 3, n - 1, 3]),
+                    np.arange(n)[::-1], np.array([-1, -n]), np.array([], np.int64)):
+            got = r.read(idx)
+            assert got["image"].dtype == np.uint8 and got["image"].shape == (len(idx), 28, 28, 1)
+            assert np.array_equal(got["image"], whole["image"][idx]) and np.array_equal(got["label"],
+                                                                                       whole["label"][idx])
+        assert np.array_equal(r.read(n - 2)["image"], whole["image"][n - 2])
+        assert np.array_equal(r.read(slice(1, n, 3))["image"], whole["image"][1:n:3])
+        with pytest.raises(IndexError):
+            r.read(np.array([n]))
+        if table == "raw_only":  # labels too big to hold in memory are raw too: the whole batch takes the fast path
+            r0 = tv.reader(split)
+            r0.SMALL_ARRAY_BYTES = 0
+            got = r0.read(idx := rng.integers(0, n, 30))
+            assert r0._all_raw and not r0._in_memory and _codecs(tv, frags[0], "label") == raw
+            assert np.array_equal(got["image"], whole["image"][idx]) and np.array_equal(got["label"],
+                                                                                       whole["label"][idx])
+
+
+def test_zarr_python_reads_raw_and_zstd_fragments_byte_identically(mixed):
+    paths, expected = [], b""
+    for split in mixed.splits:
+        r = _reader(mixed, split)
+        for f, frag in enumerate(mixed.fragments(split)):
+            paths.append(str(mixed.lake.root / "t" / frag["arrays"]["image"]["path"]))
+            lo, hi = int(r.offsets[f]), int(r.offsets[f + 1])
+            expected += r.read(np.arange(lo, hi))["image"].tobytes()  # the fast path for the raw fragment
+    code = ("import sys, zarr\nfor p in sys.argv[1:]:\n    sys.stdout.buffer.write(zarr.open_array(p, mode='r')[:]"
+            ".tobytes())\n")
+    out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, check=True).stdout
+    assert out == expected
+
+
+def _raw_table(tmp_path):
+    lake = Lake(tmp_path / "lake", target_shard_bytes=SHARD_BYTES)
+    tv = ingest(lake, "t", _source(tmp_path / "a", 2, 60), splits={"train": 1.0}).version
+    meta = tv.fragments("train")[0]["arrays"]["image"]
+    return tv, meta, tmp_path / "lake" / "t" / meta["path"]
+
+
+def test_flipped_data_byte_is_caught_by_the_first_touch_sha256_check(tmp_path):
+    tv, meta, base = _raw_table(tmp_path)
+    before = _reader(tv, "train").read(np.arange(0, 60, 7))  # this process has checked these shards now
+    shard = base / "c/1/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01  # a data byte of example 10: no crc32c on the fast path, the sha256 check must see it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(LakeError, match=rf"corrupt lake array .*{meta['path']}.*c/1/0/0/0 does not match the sha256"):
+        _reader(tv, "train").read(np.array([3, 10]))
+    with pytest.raises(LakeError, match=f"corrupt lake array .*{meta['path']}"):  # and TensorStore's crc32c
+        _reader(tv, "train").read(slice(10, 11))
+    assert before["image"].shape == (9, 28, 28, 1)
+    assert [p.path for p in tv.lake.verify()] == [f"{meta['path']}/c/1/0/0/0"]
+
+
+def test_corrupt_shard_index_crc32c_and_misplaced_chunks_are_detected(tmp_path):
+    tv, meta, base = _raw_table(tmp_path)
+    layout = rawshards.open_raw(base, meta["files"], str(base)).layout
+    assert (layout.per_shard, layout.per_chunk, layout.chunk_bytes) == (10, 10, 7844)
+
+    def damaged(edit, fix_crc):
+        data = bytearray((base / "c/2/0/0/0").read_bytes())
+        edit(data)
+        if fix_crc:
+            data[-4:] = google_crc32c.value(bytes(data[-layout.index_bytes:-4])).to_bytes(4, "little")
+        path = tmp_path / f"copy{len(list(tmp_path.glob('copy*')))}"
+        (path / "c/0/0/0").mkdir(parents=True)  # served as shard 0 of a copy of the array
+        (path / "c/0/0/0/0").write_bytes(bytes(data))
+        (path / "zarr.json").write_bytes((base / "zarr.json").read_bytes())
+        # the record's digest matches the damaged bytes: only the index checks can catch the damage
+        files = {"c/0/0/0/0": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+        return rawshards.open_raw(path, files, str(path))
+
+    def flip_offset(d):
+        d[-layout.index_bytes] ^= 0x08  # the first chunk's offset, low byte
+
+    with pytest.raises(LakeError, match="shard index checksum mismatch"):
+        damaged(flip_offset, fix_crc=False).read(np.array([0]))
+    with pytest.raises(LakeError, match="missing or misplaced chunks"):
+        damaged(lambda d: d.__setitem__(slice(-layout.index_bytes + 8, -layout.index_bytes + 16), b"\0" * 8),
+                fix_crc=True).read(np.array([0]))
+    assert np.array_equal(damaged(lambda d: None, fix_crc=False).read(np.array([0, 9])),
+                          _reader(tv, "train").read(np.array([20, 29]))["image"])
+
+
+def test_the_fast_path_is_only_for_local_raw_arrays_with_digests(tmp_path):
+    storage = LocalStorage(tmp_path)
+    x = np.arange(30 * 100, dtype=np.float32).reshape(30, 10, 10)
+    arrays.write_array(storage, "raw", x, target_shard_bytes=4000)
+    arrays.write_array(storage, "zstd", x, target_shard_bytes=4000, compression="zstd")
+    files = arrays.file_digests(storage, "raw")
+    raw = rawshards.open_raw(tmp_path / "raw", files, "raw")
+    assert raw is not None and rawshards.open_raw(tmp_path / "zstd", files, "zstd") is None
+    idx = np.array([0, 5, 9, 10, 29])
+    assert np.array_equal(raw.read(idx), x[idx]) and raw.read(idx).dtype == np.float32
+
+
+def test_mapped_shards_are_bounded_and_reopened_on_demand(raw_only, monkeypatch):
+    """Every mapping holds a file descriptor before Python 3.13: a reader touching more shards than the bound keeps
+    at most MAX_MAPPED_SHARDS mapped (descriptors closed) and re-maps evicted shards correctly."""
+    monkeypatch.setattr(rawshards, "MAX_MAPPED_SHARDS", 2)
+    r = _reader(raw_only, "train")
+    whole = r.read()
+    fds = len(os.listdir("/proc/self/fd"))
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        idx = rng.integers(0, len(r), 50)  # touches every shard of both fragments
+        assert np.array_equal(r.read(idx)["image"], whole["image"][idx])
+    assert len(rawshards._mapped) <= 2 and len(os.listdir("/proc/self/fd")) <= fds + 2
