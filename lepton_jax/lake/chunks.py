@@ -81,7 +81,7 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
         entry = lake.write_fragment(job.table, rel, named, crash=job.crash and k == 0, hashes=hashes[idx])
         fragments[split] = {"entry": entry, "hashes": hashes[idx], "labels": labels[idx].astype(np.int32),
                             "source": idx.astype(np.int64),
-                            "ids": [data.ids[i] for i in idx] if data.ids is not None else None}
+                            "ids": data.ids}  # the chunk's ids, by source index
     q_idx = np.asarray([e["index"] for e in entries if e["index"] is not None], dtype=np.int64)
     q_arrays = ({**{k: v[q_idx] for k, v in data.arrays.items()}, "label": labels[q_idx].astype(np.int32),
                  "source_index": q_idx} if q_idx.size else None)

@@ -325,8 +325,8 @@ def _index_table(index: HashIndex, base: TableVersion) -> None:
             hashes = read_row_hashes(base.lake.storage, base.table, frag)
             reader = SplitReader(base.lake.uri, base.table, base.version, split, {"fragments": [frag]})
             labels = reader.read()["label"] if "label" in frag["arrays"] else np.full(len(hashes), -1)
-            index.add((h.tobytes(), int(lab), split, TABLE, -1, -1, -1, "")
-                      for h, lab in zip(hashes, labels, strict=True))
+            none = np.full(len(hashes), -1)
+            index.add(hashes, labels, split, TABLE, -1, none, none)
 
 
 class _Driver:
@@ -398,22 +398,23 @@ class _Driver:
         self.offset += r["n"]
 
     def _decide(self, fid: int, split: str, f: dict[str, Any], offset: int, has_ids: bool) -> None:
-        keys = [h.tobytes() for h in f["hashes"]]
-        hits = self.index.lookup(keys)
-        new = []
-        for row, h in enumerate(keys):
-            label, source = int(f["labels"][row]), int(f["source"][row]) + offset
-            ident = f["ids"][row] if f["ids"] is not None else f"example {source}"
-            hit = hits.get(h)
-            if hit is None:
-                new.append((h, label, split, NEW, fid, row, source, ident))
-                continue
+        """Drops the fragment's rows whose content the index holds (duplicate, conflicting label, leak) and adds the
+        others. The rows' hashes are distinct (the chunk was deduplicated on its own), so one lookup serves all."""
+        hashes, labels = f["hashes"], np.asarray(f["labels"], np.int64)
+        sources = np.asarray(f["source"], np.int64) + offset
+        ids = f["ids"]
+        found = self.index.lookup(hashes)
+        for row in np.flatnonzero(found >= 0):  # few: only content seen before
+            hit = self.index.record(int(found[row]))
+            h = hashes[row].tobytes()
+            label, source = int(labels[row]), int(sources[row])
+            ident = ids[int(f["source"][row])] if ids is not None else f"example {source}"
             where = (f"{hit.ident}" if hit.state != TABLE else
                      f"an example of {self.table}@{self.base.version} split {hit.split!r}")
             if hit.state == CONFLICT or hit.label != label:
                 reason, detail = "conflicting_labels", f"{ident}: the same content as {where} with another label"
                 if hit.state == NEW:
-                    self.index.mark_conflict(h)
+                    self.index.mark_conflict(int(found[row]))
                     self._drop(hit.fragment, hit.row, "conflicting_labels",
                                f"{hit.ident}: the same content as {ident} with another label", hit.index, hit.ident,
                                h, hit.label)
@@ -422,8 +423,10 @@ class _Driver:
                                          f"{hit.split!r}"
             else:
                 reason, detail = "duplicate", f"{ident} duplicates {where}"
-            self._drop(fid, row, reason, detail, source, ident, h, label)
-        self.index.add(new)
+            self._drop(fid, int(row), reason, detail, source, ident, h, label)
+        new = np.flatnonzero(found < 0)
+        self.index.add(hashes[new], labels[new], split, NEW, fid, new, sources[new], ids,
+                       np.asarray(f["source"], np.int64)[new])
 
     def _drop(self, fid: int, row: int, reason: str, detail: str, source: int, ident: str, h: bytes,
               label: int) -> None:

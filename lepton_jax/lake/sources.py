@@ -16,7 +16,7 @@ import json
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +44,7 @@ class SourceData:
     label_names: list[str]
     value_ranges: dict[str, tuple[float, float]]
     uri: str
-    ids: list[str] | None = None
+    ids: Sequence[str] | None = None
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     split: np.ndarray | None = None
@@ -194,6 +194,25 @@ def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | Non
     return features, labels, split
 
 
+@dataclasses.dataclass(frozen=True)
+class RowIds(Sequence[str]):
+    """The ids ``<name>[i]`` of a file's ``n`` rows, made on demand (a list of a million strings costs a second)."""
+
+    name: str
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # noqa: ANN001 - an int or a slice, as for a list
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        i = int(i)
+        if not -self.n <= i < self.n:
+            raise IndexError(f"row {i} of {self.n}")
+        return f"{self.name}[{i % self.n}]"
+
+
 class NpzSource:
     """A ``.npz`` file, or a directory of ``.npz`` shards (read one shard per chunk, in name order), each with a
     feature array and an integer label array (and optionally a split name per example)."""
@@ -245,7 +264,7 @@ class NpzShard:
         names = self.label_names or [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
         finite = features[np.isfinite(features)] if np.issubdtype(features.dtype, np.floating) else features
         value_range = self.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
-        ids = [f"{self.path.name}[{i}]" for i in range(labels.shape[0])] if self.sharded else None
+        ids = RowIds(self.path.name, int(labels.shape[0])) if self.sharded else None
         columns = {}
         if self.per_column:
             if features.ndim != 2:
