@@ -15,6 +15,7 @@ import numpy as np
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake.fragments import check_name, row_hashes
+from lepton_jax.lake.index import prefix_keys
 from lepton_jax.lake.sources import SourceData
 from lepton_jax.lake.store import DATA_DIR, Lake
 
@@ -167,6 +168,8 @@ def _check_structure(data: SourceData) -> None:
 def _label(data: SourceData, label_map: dict[str, str] | None, labeller: LabelFn | None,
            label_names: list[str] | None) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
     """Final label per example (-1 = none), the label names, and label rejections by example index."""
+    if labeller is None:
+        return _label_by_index(data, label_map, label_names)
     n = data.labels.shape[0]
     src = data.labels
     rejects: dict[int, tuple[str, str]] = {}
@@ -206,6 +209,39 @@ def _label(data: SourceData, label_map: dict[str, str] | None, labeller: LabelFn
     return labels, names, rejects
 
 
+def _label_by_index(data: SourceData, label_map: dict[str, str] | None, label_names: list[str] | None
+                    ) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
+    """:func:`_label` without a labelling function: a label depends only on the source's label index, so one lookup
+    table per source label gives every example's label (a Python step only for rejected examples)."""
+    src = data.labels
+    n_src = len(data.label_names)
+    valid = (src >= 0) & (src < n_src)
+    assigned = list(data.label_names) if label_map is None else [label_map.get(s) for s in data.label_names]
+    if label_names is not None:
+        names = list(label_names)
+    elif label_map is None:
+        names = list(data.label_names)
+    else:
+        present = np.unique(src[valid]) if src.size else np.zeros(0, np.int64)
+        names = sorted({str(assigned[k]) for k in present.tolist() if assigned[k] is not None})
+    index = {name: k for k, name in enumerate(names)}
+    # per source label index: the label (>= 0), -1 outside the label domain, -2 not in the label map; -3: bad index
+    table = np.asarray([(index.get(str(a), -1) if a is not None else -2) for a in assigned] + [-3], dtype=np.int64)
+    code = table[np.where(valid, src, n_src)]
+    rejects: dict[int, tuple[str, str]] = {}
+    for i in np.flatnonzero(code < 0).tolist():
+        c = int(code[i])
+        if c == -3 and label_map is None:
+            rejects[i] = ("label_domain", f"{data.example_id(i)}: label index {int(src[i])} outside [0, {n_src})")
+        elif c in (-3, -2):
+            s = data.label_names[src[i]] if c == -2 else None
+            rejects[i] = ("unlabelled", f"{data.example_id(i)}: source label {s!r} is not in the label map")
+        else:
+            rejects[i] = ("label_domain", f"{data.example_id(i)}: label {assigned[src[i]]!r} is outside the label "
+                                          f"domain {names}")
+    return np.maximum(code, -1), names, rejects
+
+
 def _clean(data: SourceData, labels: np.ndarray, names: list[str]
            ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
     """Finite values, value ranges, exact duplicates, conflicting labels and cross-split leaks."""
@@ -236,6 +272,10 @@ def _clean(data: SourceData, labels: np.ndarray, names: list[str]
                                                             f"holds values outside its declared range "
                                                             f"[{columns[c, 0]}, {columns[c, 1]}]"))
     hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
+    candidates = keep.copy()
+    candidates[list(rejects)] = False
+    if np.unique(prefix_keys(hashes[candidates])).size == int(candidates.sum()):
+        return keep.copy(), hashes, rejects  # no two candidates share content (the usual case)
     keys = [h.tobytes() for h in hashes]
     first: dict[bytes, int] = {}
     conflicted: set[bytes] = set()

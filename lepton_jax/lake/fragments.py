@@ -55,19 +55,22 @@ def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.nda
     """``(n, 32)`` uint8: sha256 of each row's bytes over the non-label arrays in sorted name order."""
     names = sorted(k for k in named if k != label_array)
     n = int(next(iter(named.values())).shape[0])
-    flats = [np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8) for k in names]
-    out = np.empty((n, 32), dtype=np.uint8)
-    if len(flats) == 1:
-        rows = flats[0]
-        for i in range(n):
-            out[i] = np.frombuffer(hashlib.sha256(rows[i]).digest(), np.uint8)
+    if not n:
+        return np.zeros((0, 32), dtype=np.uint8)
+    flats = [memoryview(np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8).reshape(-1)) for k in names]
+    sha256 = hashlib.sha256
+    if len(flats) == 1:  # one digest per slice of a memoryview, joined: no array per row
+        rows, width = flats[0], len(flats[0]) // n
+        digests = [sha256(rows[i * width:(i + 1) * width]).digest() for i in range(n)]
     else:
+        widths = [len(f) // n for f in flats]
+        digests = []
         for i in range(n):
-            h = hashlib.sha256()
-            for f in flats:
-                h.update(f[i])
-            out[i] = np.frombuffer(h.digest(), np.uint8)
-    return out
+            h = sha256()
+            for f, w in zip(flats, widths, strict=True):
+                h.update(f[i * w:(i + 1) * w])
+            digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy()
 
 
 def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dict[str, Any]:
