@@ -188,11 +188,15 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"generated {n_images:,} images (PNG + JPEG) in 10 label folders ({time.perf_counter() - t:.1f} s)")
 
     # -- npz shards vs np.save ----------------------------------------------------------------------------------------
-    lake_s, save_s, rss, ray_s, ray_rss = [], [], [], [], []
+    lake_s, save_s, rss, ray_s, ray_rss, two_s, two_rss = [], [], [], [], [], [], []
     for rep in range(args.repeats):
         s, r = _ingest(work / f"lake{rep}", "npz", f"npz:{work / 'npz'}")
         lake_s.append(s)
         rss.append(r)
+        s, r = _ingest(work / f"two{rep}", "npz", f"npz:{work / 'npz'}", "--workers", "2")
+        two_s.append(s)
+        two_rss.append(r)
+        shutil.rmtree(work / f"two{rep}")
         save_s.append(_np_save(work / f"npy{rep}", work / "npz"))
         shutil.rmtree(work / f"npy{rep}")
         if rep:
@@ -210,6 +214,11 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"ratio ingest / np.save: {statistics.median(lake_mb) / statistics.median(save_mb):.3f}x  (goal >= 0.5x)")
     print(f"peak RSS of the ingest process: {max(rss):,.0f} MiB (runs {', '.join(f'{v:,.0f}' for v in rss)}; "
           "goal <= 1024 MiB)")
+    two_mb = [raw / 1e6 / s for s in two_s]
+    print(f"npz ingest (CLI process + 2 worker processes, --workers 2; an addition, the headline is 1 worker): "
+          f"{statistics.median(two_mb):,.1f} MB/s (runs {', '.join(f'{v:,.1f}' for v in two_mb)}); ratio to "
+          f"np.save: {statistics.median(two_mb) / statistics.median(save_mb):.3f}x; peak RSS of its largest process "
+          f"{max(two_rss):,.0f} MiB")
     if RAY:
         ray_mb = [raw / 1e6 / s for s in ray_s]
         print(f"npz ingest as Ray tasks: {statistics.median(ray_mb):,.1f} MB/s (runs "

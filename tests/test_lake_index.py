@@ -11,7 +11,8 @@ from lepton_jax.lake.sources import RowIds
 def test_index_matches_a_dict_across_merged_runs_and_prefix_collisions(tmp_path):
     rng = np.random.default_rng(0)
     reference: dict[bytes, tuple] = {}
-    with HashIndex(tmp_path, max_run=64) as index:  # tiny runs: many merges, several capped runs
+    # tiny runs: entries in memory, many merges on disk, several capped runs
+    with HashIndex(tmp_path, max_run=64, memory_run=16) as index:
         for batch in range(12):
             n = int(rng.integers(1, 40))
             hashes = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
@@ -32,7 +33,7 @@ def test_index_matches_a_dict_across_merged_runs_and_prefix_collisions(tmp_path)
             for i, h in enumerate(hashes):
                 ident = ids[i] if ids is not None else f"example {sources[i]}"
                 reference[h.tobytes()] = (int(labels[i]), split, state, batch, i, int(sources[i]), ident)
-        assert len(index) == len(reference)
+        assert len(index) == len(reference) and len(index._runs) > 3
         everything = np.frombuffer(b"".join(reference), np.uint8).reshape(-1, 32)
         found = index.lookup(everything)
         assert (found >= 0).all()

@@ -2,9 +2,10 @@
 
 One record per kept example content (sha256 of its arrays). Records are appended to a file of fixed-size rows on
 disk (the full hash, label, split, state, fragment, row, source index, where its id is); lookups go through sorted
-runs of ``(first 8 bytes of the hash, record number)`` on disk, merged like a log-structured merge tree (a new run
-merges into the previous one while that one is at most twice its size, up to :data:`MAX_RUN` entries), so there are
-O(log n) runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match is
+runs of ``(first 8 bytes of the hash, record number)``. The newest entries gather in memory (up to
+:data:`MEMORY_RUN`), then become a run on disk; runs merge like a log-structured merge tree (a new run merges into
+the previous one while that one is at most twice its size, up to :data:`MAX_RUN` entries), so there are O(log n)
+runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match is
 confirmed against the full hash in the record file, so the check is exact. Memory stays bounded by the largest run
 being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the hashes the
 table already holds (from its fragments' row-hash files), so appended data is checked against the table as well as
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 TABLE, NEW, CONFLICT = 0, 1, 2  # where a hash's kept copy lives: the table already, this ingest, or nowhere (conflict)
+MEMORY_RUN = 2**16  # entries gathered in memory (1 MiB) before they become a run on disk
 MAX_RUN = 2**21  # entries of the largest sorted run (32 MiB on disk; a merge holds about three times that)
 _NO_ID, _ID_FILE = -1, -2  # where a record's id comes from: "example <source>", the id file, or a lazy sequence (>= 0)
 RECORD = np.dtype([("h", "V32"), ("label", "<i8"), ("source", "<i8"), ("id_pos", "<i8"), ("fragment", "<i4"),
@@ -48,15 +50,16 @@ class HashIndex:
     """``hash -> record number -> (label, split, state, fragment, row, source index, id)`` in files under a temporary
     directory in ``directory`` (default: the system's temp directory)."""
 
-    def __init__(self, directory: str | Path | None = None, max_run: int = MAX_RUN):
+    def __init__(self, directory: str | Path | None = None, max_run: int = MAX_RUN, memory_run: int = MEMORY_RUN):
         self._dir = tempfile.TemporaryDirectory(prefix="lake-index-", dir=directory)
         self.path = Path(self._dir.name)
-        self.max_run = int(max_run)
+        self.max_run, self.memory_run = int(max_run), int(memory_run)
         self._records = open(self.path / "records", "w+b")  # noqa: SIM115 - closed in close()
         self._ids = open(self.path / "ids", "w+b")  # noqa: SIM115
         self._ids_end = 0
         self._lazy_ids: list[Sequence[str]] = []
         self.n = 0
+        self._memory: np.ndarray | None = None  # the newest entries, sorted, until there are MEMORY_RUN of them
         self._runs: list[tuple[Path, int]] = []  # (file of a structured (key, record) array sorted by key, entries)
         self._next_run = 0
         self._splits: list[str] = []
@@ -65,13 +68,15 @@ class HashIndex:
         """For each ``(n, 32)`` uint8 hash: the number of the record holding it, or -1."""
         hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 32)
         out = np.full(hashes.shape[0], -1, dtype=np.int64)
-        if not hashes.shape[0] or not self._runs:
+        if not hashes.shape[0] or not self.n:
             return out
         keys = prefix_keys(hashes)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
-        for path, _ in self._runs:
-            run = np.load(path, mmap_mode="r")
+        for path in [None, *(p for p, _ in self._runs)]:
+            run = self._memory if path is None else np.load(path, mmap_mode="r")
+            if run is None:
+                continue
             run_keys = run["key"]
             lo = np.searchsorted(run_keys, sorted_keys, "left")
             hi = np.searchsorted(run_keys, sorted_keys, "right")
@@ -121,7 +126,13 @@ class HashIndex:
         run["key"] = prefix_keys(hashes)
         run["record"] = np.arange(self.n, self.n + n)
         self.n += n
+        if self._memory is not None:  # small adds gather in memory first: no file per fragment
+            run = np.concatenate([self._memory, run])
         run = run[np.argsort(run["key"], kind="stable")]
+        if run.shape[0] < self.memory_run:
+            self._memory = run
+            return
+        self._memory = None
         while self._runs and self._runs[-1][1] <= 2 * run.shape[0] and self._runs[-1][1] + run.shape[0] <= \
                 self.max_run:
             path, _ = self._runs.pop()

@@ -15,11 +15,13 @@ per-fragment partial sums. ``mode="append"`` adds fragments to the latest versio
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import multiprocessing
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from typing import Any
@@ -37,6 +39,7 @@ from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitRe
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
 MODES = ("overwrite", "append")
 EXECUTORS = ("process", "ray")
+CHUNKS_AHEAD = 1  # one worker: chunks submitted to its thread beyond the one being decided (each holds a chunk)
 
 __all__ = ["DEFAULT_SPLITS", "IngestResult", "LabelFn", "ingest", "stratified_split"]
 
@@ -295,11 +298,20 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
                         bar.update(1)
             return
         workers = workers or 1
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                yield process_chunk(job)
-                if bar is not None:
-                    bar.update(1)
+        if len(jobs) == 1:
+            yield process_chunk(jobs[0])
+            if bar is not None:
+                bar.update(1)
+            return
+        if workers == 1:  # one worker thread processes chunks one at a time while this thread decides (the driver)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-ingest") as threads:
+                try:
+                    for result in _ahead(threads, jobs, CHUNKS_AHEAD):
+                        yield result
+                        if bar is not None:
+                            bar.update(1)
+                finally:  # on a failure: chunks not started yet are dropped, running ones finish before the discard
+                    threads.shutdown(wait=True, cancel_futures=True)
             return
         # spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child would inherit broken
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -316,6 +328,21 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
     finally:
         if bar is not None:
             bar.close()
+
+
+def _ahead(pool: ThreadPoolExecutor, jobs: list[ChunkJob], ahead: int) -> Iterator[dict[str, Any]]:
+    """``process_chunk`` of every job in order, with at most ``ahead`` jobs running beyond the one yielded (bounded
+    memory: each holds a chunk)."""
+    pending: collections.deque[Future] = collections.deque()
+    it = iter(jobs)
+    for job in itertools.islice(it, ahead + 1):
+        pending.append(pool.submit(process_chunk, job))
+    while pending:
+        result = pending.popleft().result()
+        job = next(it, None)
+        if job is not None:
+            pending.append(pool.submit(process_chunk, job))
+        yield result
 
 
 def _index_table(index: HashIndex, base: TableVersion) -> None:

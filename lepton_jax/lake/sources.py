@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import warnings
 import zipfile
 import zlib
@@ -315,8 +316,11 @@ class ImageFolderSource:
         label_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not label_dirs:
             raise LakeError(f"image folder {self.root} has no label subfolders (expected ROOT/<label>/<image>)")
-        files = [(f.relative_to(self.root).as_posix(), k) for k, d in enumerate(label_dirs)
-                 for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        files = []
+        for k, d in enumerate(label_dirs):  # scandir: file types from the directory listing, no stat per file
+            with os.scandir(d) as entries:
+                names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith("."))
+            files += [(f"{d.name}/{name}", k) for name in names]
         return [d.name for d in label_dirs], files
 
     def _majority_shape(self, files: list[tuple[str, int]]) -> tuple[int, ...] | None:
@@ -394,7 +398,10 @@ class ImageChunk:
         path = self.root / rel
         try:
             with Image.open(path) as im:
-                deep = im.mode in _HIGH_DEPTH_MODES or _png_bit_depth(path) == 16
+                # Pillow reads 16-bit colour PNGs as 8 bits per channel without saying so: only those modes need
+                # the header's bit depth, read from the file Pillow holds open
+                deep = im.mode in _HIGH_DEPTH_MODES or (im.format == "PNG" and im.mode in ("RGB", "RGBA", "LA")
+                                                        and _png_bit_depth(im.fp) == 16)
                 if deep and self.bits == 8:
                     return None, {"reason": "bit_depth",
                                   "detail": f"{rel} has more than 8 bits per channel (mode {im.mode}); pass "
@@ -431,10 +438,9 @@ class ImageChunk:
         return pixels, None
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    """The bit depth in a PNG's header (Pillow reads 16-bit colour PNGs as 8-bit RGB without saying so)."""
-    with open(path, "rb") as f:
-        head = f.read(25)
+def _png_bit_depth(fp: Any) -> int | None:
+    """The bit depth in the header of the PNG open as ``fp`` (read without moving its position)."""
+    head = os.pread(fp.fileno(), 25, 0)
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         return head[24]
     return None
