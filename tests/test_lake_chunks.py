@@ -50,3 +50,22 @@ def test_labels_by_lookup_table_equal_the_per_example_labelling(label_map, label
         else:
             assert reason == ref_rejects[i][0]
             assert f"example {i}" in detail
+
+
+def test_image_folder_majority_shape_is_the_same_scanned_in_parallel(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from lepton_jax.lake.sources import ImageFolderSource
+
+    for label, shapes in (("a", [(4, 5), (6, 7), (4, 5)]), ("b", [(6, 7), (6, 7), (4, 5)])):  # a tie: 3 and 3
+        (tmp_path / label).mkdir()
+        for i, (h, w) in enumerate(shapes):
+            Image.fromarray(np.zeros((h, w), np.uint8)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "b" / "z.txt").write_text("not an image")
+    serial = ImageFolderSource(tmp_path, chunk_files=2).tasks()
+    with ThreadPoolExecutor(2) as pool:
+        parallel = ImageFolderSource(tmp_path, chunk_files=2).tasks(pool.map)
+    assert [t.shape for t in serial] == [t.shape for t in parallel] == [(4, 5, 1)] * 4  # the first seen wins a tie
+    assert [t.files for t in serial] == [t.files for t in parallel]

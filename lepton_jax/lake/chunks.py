@@ -96,6 +96,10 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
             "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
 
 
+def warm_up() -> None:
+    """Nothing: a worker process that runs it has imported this module (what a chunk needs) before its first chunk."""
+
+
 def chunk_split(labels: np.ndarray, fractions: dict[str, float], seed: int, chunk: int, *, single: bool = False
                 ) -> dict[str, np.ndarray]:
     """Stratified split of one chunk, deterministic from ``seed``, the chunk's position and its labels (so for any

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lepton_jax.errors import CommitConflictError, LakeError
-from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split
+from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split, warm_up
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
@@ -94,7 +94,33 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
         label_names = list(label_names) if label_names is not None else base.label_names
         if label_names != base.label_names:
             raise LakeError(f"an append must keep the table's label names {base.label_names}, got {label_names}")
-    tasks = list(source_tasks(source))
+    pool = None
+    if executor == "process" and (workers or 1) > 1:
+        # started now, so the workers' start-up overlaps listing the source; it also reads an image folder's
+        # headers in parallel (spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child
+        # would inherit broken)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(workers):
+            pool.submit(warm_up)
+    try:
+        return _ingest(lake, table, source, pool, splits=splits, seed=seed, label_map=label_map, labeller=labeller,
+                       label_names=label_names, retries=retries, allow_schema_change=allow_schema_change,
+                       appending=appending, base=base, workers=workers, executor=executor, ray_address=ray_address,
+                       progress=progress)
+    except BrokenProcessPool as e:
+        raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {source.uri}; "
+                        "nothing was committed") from e
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | None, *,
+            splits: dict[str, float] | None, seed: int, label_map: dict[str, str] | None, labeller: LabelFn | None,
+            label_names: list[str] | None, retries: int, allow_schema_change: bool, appending: bool,
+            base: TableVersion | None, workers: int | None, executor: str, ray_address: str | None,
+            progress: bool) -> IngestResult:
+    tasks = list(source_tasks(source, pool.map if pool is not None else None))
     if labeller is not None and label_names is None and len(tasks) > 1:
         raise LakeError(f"source {source.uri} comes in {len(tasks)} chunks: a labelling function needs the label "
                         "names up front (label_names=[...])")
@@ -127,7 +153,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
                     _index_table(index, base)
                 state = _Driver(lake, table, commit_id, index, base if appending else None)
                 # closed before the data is discarded on a failure: no worker may still write into it then
-                with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on)) as results:
+                with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on,
+                                  pool)) as results:
                     for result in results:
                         state.add(result)
                         renew_lease()
@@ -280,8 +307,10 @@ def _check_no_overlap(lake: Lake, table: str, latest: TableVersion, on: TableVer
 
 
 def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, executor: str = "process",
-         ray_address: str | None = None, ran_on: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """The chunk jobs' results in chunk order: inline, in ``workers`` spawned processes, or as Ray tasks."""
+         ray_address: str | None = None, ran_on: dict[str, Any] | None = None,
+         pool: ProcessPoolExecutor | None = None) -> Iterator[dict[str, Any]]:
+    """The chunk jobs' results in chunk order: inline, on one worker thread, in the ``pool`` of ``workers`` spawned
+    processes, or as Ray tasks."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -313,8 +342,9 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
                 finally:  # on a failure: chunks not started yet are dropped, running ones finish before the discard
                     threads.shutdown(wait=True, cancel_futures=True)
             return
-        # spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child would inherit broken
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        if pool is None:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
             try:
                 for result in pool.map(process_chunk, jobs):
                     yield result

@@ -17,7 +17,7 @@ import os
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -133,11 +133,16 @@ class DigitsSource(SklearnSource):
         super().__init__("digits")
 
 
-def source_tasks(source: Source) -> list[Any]:
+def source_tasks(source: Source, map_fn: Callable[..., Iterable[Any]] | None = None) -> list[Any]:
     """The chunks ``source`` streams as: its ``tasks()`` (picklable objects with ``load() -> SourceData``, one
-    chunk each, in order) or, for a source without ``tasks``, the source itself (one chunk)."""
+    chunk each, in order) or, for a source without ``tasks``, the source itself (one chunk). ``map_fn`` (like
+    ``map``; e.g. a process pool's) runs the scan a source may need first (an image folder's headers) in parallel."""
     tasks = getattr(source, "tasks", None)
-    return list(tasks()) if tasks is not None else [source]
+    if tasks is None:
+        return [source]
+    if map_fn is not None and isinstance(source, ImageFolderSource):
+        return list(source.tasks(map_fn))
+    return list(tasks())
 
 
 def concat(parts: list[SourceData]) -> SourceData:
@@ -323,26 +328,24 @@ class ImageFolderSource:
             files += [(f"{d.name}/{name}", k) for name in names]
         return [d.name for d in label_dirs], files
 
-    def _majority_shape(self, files: list[tuple[str, int]]) -> tuple[int, ...] | None:
-        from PIL import Image
-
+    def _majority_shape(self, files: list[tuple[str, int]], map_fn: Callable[..., Iterable[Any]] = map
+                        ) -> tuple[int, ...] | None:
         counts: collections.Counter = collections.Counter()
-        for rel, _ in files:
-            try:
-                with Image.open(self.root / rel) as im:
-                    counts[(im.size[1], im.size[0])] += 1
-            except Exception:  # noqa: BLE001 - unreadable files are quarantined when the chunk is decoded
-                continue
+        parts = [(self.root, [rel for rel, _ in files[i:i + self.chunk_files]])
+                 for i in range(0, len(files), self.chunk_files)]
+        for part in map_fn(image_sizes, parts):  # in order: ties go to the first shape seen, as in one pass
+            counts.update(part)
         if not counts:
             return None
         (h, w), _ = max(counts.items(), key=lambda kv: kv[1])  # ties: the first seen (Counter keeps insertion order)
         return (h, w, 3 if self.mode == "RGB" else 1)
 
-    def tasks(self) -> list[ImageChunk]:
+    def tasks(self, map_fn: Callable[..., Iterable[Any]] = map) -> list[ImageChunk]:
+        """The chunks; without a resize size, after reading every header for the majority shape (with ``map_fn``)."""
         names, files = self._files()
         if not files:
             raise LakeError(f"image folder {self.root} holds no files")
-        shape = None if self.size else self._majority_shape(files)
+        shape = None if self.size else self._majority_shape(files, map_fn)
         if not self.size and shape is None:
             raise LakeError(f"image folder {self.root} holds no readable images")
         return [ImageChunk(self.root, self.uri, files[i:i + self.chunk_files], names, self.size, self.mode,
@@ -350,6 +353,22 @@ class ImageFolderSource:
 
     def load(self) -> SourceData:
         return concat([t.load() for t in self.tasks()])
+
+
+def image_sizes(part: tuple[Path, list[str]]) -> collections.Counter:
+    """``(height, width)`` counts of the images ``part[1]`` (paths relative to ``part[0]``), in first-seen order;
+    files Pillow cannot open are skipped (they are quarantined when their chunk is decoded)."""
+    from PIL import Image
+
+    root, files = part
+    counts: collections.Counter = collections.Counter()
+    for rel in files:
+        try:
+            with Image.open(root / rel) as im:
+                counts[(im.size[1], im.size[0])] += 1
+        except Exception:  # noqa: BLE001 - unreadable files are quarantined when the chunk is decoded
+            continue
+    return counts
 
 
 @dataclasses.dataclass
