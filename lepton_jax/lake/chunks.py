@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,14 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     and label names."""
     data = job.task.load()
     _check_structure(data)
+    # one chunk at a time; within it, what runs without the GIL (the source digest's sha256, TensorStore's encoding,
+    # fsyncs, file digests) overlaps: the digest and every split's fragment on threads of their own
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="lake-chunk") as threads:
+        digest = threads.submit(data.digest)
+        return _process(job, data, threads, digest)
+
+
+def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor, digest: Future) -> dict[str, Any]:
     n = int(data.labels.shape[0])
     if n:
         labels, names, rejects = _label(data, job.label_map, job.labeller, job.label_names)
@@ -75,18 +84,21 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     else:
         split_index = {}
     lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes)
-    fragments = {}
+    writes = {}
     for k, (split, idx) in enumerate(split_index.items()):
         named = {**{name: v[idx] for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
         rel = f"{DATA_DIR}/{job.commit_id}/{split}/{job.chunk:06d}"
-        entry = lake.write_fragment(job.table, rel, named, crash=job.crash and k == 0, hashes=hashes[idx])
-        fragments[split] = {"entry": entry, "hashes": hashes[idx], "labels": labels[idx].astype(np.int32),
-                            "source": idx.astype(np.int64),
+        writes[split] = threads.submit(lake.write_fragment, job.table, rel, named, crash=job.crash and k == 0,
+                                       hashes=hashes[idx])
+    fragments = {}
+    for split, idx in split_index.items():
+        fragments[split] = {"entry": writes[split].result(), "hashes": hashes[idx],
+                            "labels": labels[idx].astype(np.int32), "source": idx.astype(np.int64),
                             "ids": data.ids}  # the chunk's ids, by source index
     q_idx = np.asarray([e["index"] for e in entries if e["index"] is not None], dtype=np.int64)
     q_arrays = ({**{k: v[q_idx] for k, v in data.arrays.items()}, "label": labels[q_idx].astype(np.int32),
                  "source_index": q_idx} if q_idx.size else None)
-    return {"chunk": job.chunk, "digest": data.digest(), "n": n, "n_source_rejected": len(data.rejected),
+    return {"chunk": job.chunk, "digest": digest.result(), "n": n, "n_source_rejected": len(data.rejected),
             "source_split": data.split is not None,
             "uri": data.uri, "names": names, "transforms": data.transforms, "has_ids": data.ids is not None,
             "arrays": {k: (v.dtype.name, list(v.shape[1:])) for k, v in data.arrays.items()},
