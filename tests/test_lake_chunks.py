@@ -69,3 +69,19 @@ def test_image_folder_majority_shape_is_the_same_scanned_in_parallel(tmp_path):
         parallel = ImageFolderSource(tmp_path, chunk_files=2).tasks(pool.map)
     assert [t.shape for t in serial] == [t.shape for t in parallel] == [(4, 5, 1)] * 4  # the first seen wins a tie
     assert [t.files for t in serial] == [t.files for t in parallel]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.bool_])
+def test_statistics_partials_of_small_integers_are_exact(dtype):
+    from lepton_jax.lake.fragments import _moments
+
+    rng = np.random.default_rng(0)
+    if dtype is np.bool_:
+        v = rng.random(2**21 + 5) < 0.5
+    else:
+        info = np.iinfo(dtype)
+        v = rng.integers(info.min, info.max, size=2**21 + 5, endpoint=True).astype(dtype)
+        v[:2**20] = info.min if info.min < 0 else info.max  # a block of the largest squares
+    m = _moments(v)
+    w = v.astype(object)  # Python integers: no rounding anywhere
+    assert m["sum"] == float(sum(w.tolist())) and m["sumsq"] == float(sum(x * x for x in w.tolist()))

@@ -95,10 +95,10 @@ def _moments(value: np.ndarray) -> dict[str, Any]:
     fsum, fsq = 0.0, 0.0
     for start in range(0, flat.size, 2**20):
         block = flat[start:start + 2**20]
-        if exact:
-            v = block.astype(np.int64)
+        if exact:  # in float64, exactly: every partial sum is an integer below 2**20 * 2**32 <= 2**53
+            v = block.astype(np.float64)
             total += int(v.sum())
-            squares += int((v * v).sum())
+            squares += int(v @ v)
         else:
             v = block.astype(np.float64)
             fsum += float(v.sum())
