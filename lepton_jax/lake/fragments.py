@@ -13,9 +13,12 @@ compaction provably keeps it), and per-fragment statistics partials that combine
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from lepton_jax.lake.storage import Storage
 
 ROW_HASHES = "_rows.sha256"
 LABEL = "label"
+CONTENT_READERS = 4  # threads reading fragments for a split's content digest
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -280,13 +284,28 @@ def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_ar
 def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
     """The split's logical content digest: sha256 over every row hash in order, and over the label array's bytes.
     The same rows in the same order give the same digest however they are cut into fragments."""
-    rows, labels = hashlib.sha256(), hashlib.sha256()
-    for frag in fragments:
-        rows.update(read_row_hashes(storage, table, frag, label_array).tobytes())
+    def read(frag: dict[str, Any]) -> tuple[bytes, bytes]:
+        row_bytes, label = read_row_hashes(storage, table, frag, label_array).tobytes(), b""
         if label_array in frag["arrays"]:
             m = frag["arrays"][label_array]
             store = arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}")
-            labels.update(np.ascontiguousarray(arrays.read(store, path=m["path"])).tobytes())
+            label = np.ascontiguousarray(arrays.read(store, path=m["path"])).tobytes()
+        return row_bytes, label
+
+    rows, labels = hashlib.sha256(), hashlib.sha256()
+    # fragments are read on threads, a few ahead of the one hashed (opening an array is mostly waiting)
+    with ThreadPoolExecutor(max_workers=CONTENT_READERS) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        it = iter(fragments)
+        for frag in itertools.islice(it, 2 * CONTENT_READERS):
+            pending.append(pool.submit(read, frag))
+        while pending:
+            row_bytes, label_bytes = pending.popleft().result()
+            frag = next(it, None)
+            if frag is not None:
+                pending.append(pool.submit(read, frag))
+            rows.update(row_bytes)
+            labels.update(label_bytes)
     return hashlib.sha256(rows.digest() + labels.digest()).hexdigest()
 
 
