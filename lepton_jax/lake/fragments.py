@@ -99,10 +99,10 @@ def _moments(value: np.ndarray) -> dict[str, Any]:
     fsum, fsq = 0.0, 0.0
     for start in range(0, flat.size, 2**20):
         block = flat[start:start + 2**20]
-        if exact:  # in float64, exactly: every partial sum is an integer below 2**20 * 2**32 <= 2**53
-            v = block.astype(np.float64)
+        if exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
+            v = block.astype(np.int64)
             total += int(v.sum())
-            squares += int(v @ v)
+            squares += int((v * v).sum())
         else:
             v = block.astype(np.float64)
             fsum += float(v.sum())
