@@ -94,7 +94,8 @@ class HashIndex:
     def add(self, hashes: np.ndarray, labels: np.ndarray, split: str, state: int, fragment: int, rows: np.ndarray,
             sources: np.ndarray, ids: Sequence[str] | None = None, id_pos: np.ndarray | None = None) -> None:
         """Adds one record per hash (hashes must be new). ``ids[id_pos[k]]`` names record ``k`` (default
-        ``"example <source>"``); a list's ids are written to disk, any other sequence (ids made on demand) is kept."""
+        ``"example <source>"``); a list's or tuple's ids are written to disk, any other sequence (ids made on demand,
+        like :class:`~lepton_jax.lake.sources.RowIds`) is kept."""
         n = int(np.asarray(hashes).shape[0])
         if not n:
             return
@@ -109,7 +110,7 @@ class HashIndex:
         rec["id_src"] = _NO_ID
         if ids is not None:
             pos = np.asarray(id_pos, dtype=np.int64)
-            if isinstance(ids, list):
+            if isinstance(ids, (list, tuple)):  # ids held in memory: to disk, so memory does not grow
                 encoded = [ids[int(p)].encode() for p in pos]
                 lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=n)
                 rec["id_src"], rec["id_len"] = _ID_FILE, lengths
