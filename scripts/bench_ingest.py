@@ -6,7 +6,8 @@ image folder of 50,000 files (half PNG, half JPEG, 10 label folders). Then, each
 
 - npz shards → a table; MB/s of the raw example bytes, against ``np.save`` of the same arrays (fsynced) to the same
   disk, timed in the same run (repeats interleaved, medians); peak RSS = VmHWM of the ingest process and its
-  workers, polled from /proc;
+  workers, polled from /proc; the same ingest with ``--workers 2`` (printed last, as an addition: the headline is
+  one worker);
 - the image folder with ``--workers 1`` and ``--workers 2`` (interleaved repeats, medians);
 - ``--mode append`` of 1% new examples: bytes written (the new commit's files and record) against the table's bytes.
 
@@ -188,11 +189,15 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"generated {n_images:,} images (PNG + JPEG) in 10 label folders ({time.perf_counter() - t:.1f} s)")
 
     # -- npz shards vs np.save ----------------------------------------------------------------------------------------
-    lake_s, save_s, rss, ray_s, ray_rss = [], [], [], [], []
+    lake_s, save_s, rss, ray_s, ray_rss, two_s, two_rss = [], [], [], [], [], [], []
     for rep in range(args.repeats):
         s, r = _ingest(work / f"lake{rep}", "npz", f"npz:{work / 'npz'}")
         lake_s.append(s)
         rss.append(r)
+        s, r = _ingest(work / f"two{rep}", "npz", f"npz:{work / 'npz'}", "--workers", "2")
+        two_s.append(s)
+        two_rss.append(r)
+        shutil.rmtree(work / f"two{rep}")
         save_s.append(_np_save(work / f"npy{rep}", work / "npz"))
         shutil.rmtree(work / f"npy{rep}")
         if rep:
@@ -210,6 +215,12 @@ def _run(args: argparse.Namespace, work: Path) -> None:
     print(f"ratio ingest / np.save: {statistics.median(lake_mb) / statistics.median(save_mb):.3f}x  (goal >= 0.5x)")
     print(f"peak RSS of the ingest process: {max(rss):,.0f} MiB (runs {', '.join(f'{v:,.0f}' for v in rss)}; "
           "goal <= 1024 MiB)")
+    two_mb = [raw / 1e6 / s for s in two_s]
+    two_line = (f"npz ingest (CLI process + 2 worker processes, --workers 2; timed interleaved with the 1-worker runs "
+                f"above; an addition, the headline is 1 worker): {statistics.median(two_mb):,.1f} MB/s (runs "
+                f"{', '.join(f'{v:,.1f}' for v in two_mb)}); ratio to np.save: "
+                f"{statistics.median(two_mb) / statistics.median(save_mb):.3f}x; peak RSS of its largest process "
+                f"{max(two_rss):,.0f} MiB")
     if RAY:
         ray_mb = [raw / 1e6 / s for s in ray_s]
         print(f"npz ingest as Ray tasks: {statistics.median(ray_mb):,.1f} MB/s (runs "
@@ -248,6 +259,7 @@ def _run(args: argparse.Namespace, work: Path) -> None:
           f"1 worker {med['1']:.2f} s, 2 workers {med['2']:.2f} s"
           + (f", Ray tasks {med['ray']:.2f} s" if RAY else "") + f" (runs {runs})")
     print(f"speed-up 2 workers / 1 worker: {med['1'] / med['2']:.2f}x  (goal >= 1.6x)")
+    print(two_line)  # last, so the lines above keep their order (docs/numbers.toml compares them as a block)
     if RAY:
         print(f"speed-up Ray tasks ({RAY[-1]}) / 1 worker: {med['1'] / med['ray']:.2f}x")
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake.fragments import check_name, row_hashes
+from lepton_jax.lake.index import prefix_keys
 from lepton_jax.lake.sources import SourceData
 from lepton_jax.lake.store import DATA_DIR, Lake
 
@@ -50,6 +52,14 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     and label names."""
     data = job.task.load()
     _check_structure(data)
+    # one chunk at a time; within it, what runs without the GIL (the source digest's sha256, TensorStore's encoding,
+    # fsyncs, file digests) overlaps: the digest and every split's fragment on threads of their own
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="lake-chunk") as threads:
+        digest = threads.submit(data.digest)
+        return _process(job, data, threads, digest)
+
+
+def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor, digest: Future) -> dict[str, Any]:
     n = int(data.labels.shape[0])
     if n:
         labels, names, rejects = _label(data, job.label_map, job.labeller, job.label_names)
@@ -74,18 +84,21 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     else:
         split_index = {}
     lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes)
-    fragments = {}
+    writes = {}
     for k, (split, idx) in enumerate(split_index.items()):
         named = {**{name: v[idx] for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
         rel = f"{DATA_DIR}/{job.commit_id}/{split}/{job.chunk:06d}"
-        entry = lake.write_fragment(job.table, rel, named, crash=job.crash and k == 0, hashes=hashes[idx])
-        fragments[split] = {"entry": entry, "hashes": hashes[idx], "labels": labels[idx].astype(np.int32),
-                            "source": idx.astype(np.int64),
-                            "ids": [data.ids[i] for i in idx] if data.ids is not None else None}
+        writes[split] = threads.submit(lake.write_fragment, job.table, rel, named, crash=job.crash and k == 0,
+                                       hashes=hashes[idx])
+    fragments = {}
+    for split, idx in split_index.items():
+        fragments[split] = {"entry": writes[split].result(), "hashes": hashes[idx],
+                            "labels": labels[idx].astype(np.int32), "source": idx.astype(np.int64),
+                            "ids": data.ids}  # the chunk's ids, by source index
     q_idx = np.asarray([e["index"] for e in entries if e["index"] is not None], dtype=np.int64)
     q_arrays = ({**{k: v[q_idx] for k, v in data.arrays.items()}, "label": labels[q_idx].astype(np.int32),
                  "source_index": q_idx} if q_idx.size else None)
-    return {"chunk": job.chunk, "digest": data.digest(), "n": n, "n_source_rejected": len(data.rejected),
+    return {"chunk": job.chunk, "digest": digest.result(), "n": n, "n_source_rejected": len(data.rejected),
             "source_split": data.split is not None,
             "uri": data.uri, "names": names, "transforms": data.transforms, "has_ids": data.ids is not None,
             "arrays": {k: (v.dtype.name, list(v.shape[1:])) for k, v in data.arrays.items()},
@@ -93,6 +106,10 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
             "column_ranges": {k: np.asarray(r, np.float64) for k, r in data.column_ranges.items()},
             "column_names": {k: list(v) for k, v in data.column_names.items()},
             "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
+
+
+def warm_up() -> None:
+    """Nothing: a worker process that runs it has imported this module (what a chunk needs) before its first chunk."""
 
 
 def chunk_split(labels: np.ndarray, fractions: dict[str, float], seed: int, chunk: int, *, single: bool = False
@@ -167,6 +184,8 @@ def _check_structure(data: SourceData) -> None:
 def _label(data: SourceData, label_map: dict[str, str] | None, labeller: LabelFn | None,
            label_names: list[str] | None) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
     """Final label per example (-1 = none), the label names, and label rejections by example index."""
+    if labeller is None:
+        return _label_by_index(data, label_map, label_names)
     n = data.labels.shape[0]
     src = data.labels
     rejects: dict[int, tuple[str, str]] = {}
@@ -206,6 +225,39 @@ def _label(data: SourceData, label_map: dict[str, str] | None, labeller: LabelFn
     return labels, names, rejects
 
 
+def _label_by_index(data: SourceData, label_map: dict[str, str] | None, label_names: list[str] | None
+                    ) -> tuple[np.ndarray, list[str], dict[int, tuple[str, str]]]:
+    """:func:`_label` without a labelling function: a label depends only on the source's label index, so one lookup
+    table per source label gives every example's label (a Python step only for rejected examples)."""
+    src = data.labels
+    n_src = len(data.label_names)
+    valid = (src >= 0) & (src < n_src)
+    assigned = list(data.label_names) if label_map is None else [label_map.get(s) for s in data.label_names]
+    if label_names is not None:
+        names = list(label_names)
+    elif label_map is None:
+        names = list(data.label_names)
+    else:
+        present = np.unique(src[valid]) if src.size else np.zeros(0, np.int64)
+        names = sorted({str(assigned[k]) for k in present.tolist() if assigned[k] is not None})
+    index = {name: k for k, name in enumerate(names)}
+    # per source label index: the label (>= 0), -1 outside the label domain, -2 not in the label map; -3: bad index
+    table = np.asarray([(index.get(str(a), -1) if a is not None else -2) for a in assigned] + [-3], dtype=np.int64)
+    code = table[np.where(valid, src, n_src)]
+    rejects: dict[int, tuple[str, str]] = {}
+    for i in np.flatnonzero(code < 0).tolist():
+        c = int(code[i])
+        if c == -3 and label_map is None:
+            rejects[i] = ("label_domain", f"{data.example_id(i)}: label index {int(src[i])} outside [0, {n_src})")
+        elif c in (-3, -2):
+            s = data.label_names[src[i]] if c == -2 else None
+            rejects[i] = ("unlabelled", f"{data.example_id(i)}: source label {s!r} is not in the label map")
+        else:
+            rejects[i] = ("label_domain", f"{data.example_id(i)}: label {assigned[src[i]]!r} is outside the label "
+                                          f"domain {names}")
+    return np.maximum(code, -1), names, rejects
+
+
 def _clean(data: SourceData, labels: np.ndarray, names: list[str]
            ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
     """Finite values, value ranges, exact duplicates, conflicting labels and cross-split leaks."""
@@ -236,6 +288,10 @@ def _clean(data: SourceData, labels: np.ndarray, names: list[str]
                                                             f"holds values outside its declared range "
                                                             f"[{columns[c, 0]}, {columns[c, 1]}]"))
     hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
+    candidates = keep.copy()
+    candidates[list(rejects)] = False
+    if np.unique(prefix_keys(hashes[candidates])).size == int(candidates.sum()):
+        return keep.copy(), hashes, rejects  # no two candidates share content (the usual case)
     keys = [h.tobytes() for h in hashes]
     first: dict[bytes, int] = {}
     conflicted: set[bytes] = set()

@@ -13,9 +13,12 @@ compaction provably keeps it), and per-fragment statistics partials that combine
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import re
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from lepton_jax.lake.storage import Storage
 
 ROW_HASHES = "_rows.sha256"
 LABEL = "label"
+CONTENT_READERS = 4  # threads reading fragments for a split's content digest
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -55,19 +59,22 @@ def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.nda
     """``(n, 32)`` uint8: sha256 of each row's bytes over the non-label arrays in sorted name order."""
     names = sorted(k for k in named if k != label_array)
     n = int(next(iter(named.values())).shape[0])
-    flats = [np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8) for k in names]
-    out = np.empty((n, 32), dtype=np.uint8)
-    if len(flats) == 1:
-        rows = flats[0]
-        for i in range(n):
-            out[i] = np.frombuffer(hashlib.sha256(rows[i]).digest(), np.uint8)
+    if not n:
+        return np.zeros((0, 32), dtype=np.uint8)
+    flats = [memoryview(np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8).reshape(-1)) for k in names]
+    sha256 = hashlib.sha256
+    if len(flats) == 1:  # one digest per slice of a memoryview, joined: no array per row
+        rows, width = flats[0], len(flats[0]) // n
+        digests = [sha256(rows[i * width:(i + 1) * width]).digest() for i in range(n)]
     else:
+        widths = [len(f) // n for f in flats]
+        digests = []
         for i in range(n):
-            h = hashlib.sha256()
-            for f in flats:
-                h.update(f[i])
-            out[i] = np.frombuffer(h.digest(), np.uint8)
-    return out
+            h = sha256()
+            for f, w in zip(flats, widths, strict=True):
+                h.update(f[i * w:(i + 1) * w])
+            digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy()
 
 
 def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dict[str, Any]:
@@ -92,7 +99,7 @@ def _moments(value: np.ndarray) -> dict[str, Any]:
     fsum, fsq = 0.0, 0.0
     for start in range(0, flat.size, 2**20):
         block = flat[start:start + 2**20]
-        if exact:
+        if exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
             v = block.astype(np.int64)
             total += int(v.sum())
             squares += int((v * v).sum())
@@ -277,13 +284,28 @@ def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_ar
 def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
     """The split's logical content digest: sha256 over every row hash in order, and over the label array's bytes.
     The same rows in the same order give the same digest however they are cut into fragments."""
-    rows, labels = hashlib.sha256(), hashlib.sha256()
-    for frag in fragments:
-        rows.update(read_row_hashes(storage, table, frag, label_array).tobytes())
+    def read(frag: dict[str, Any]) -> tuple[bytes, bytes]:
+        row_bytes, label = read_row_hashes(storage, table, frag, label_array).tobytes(), b""
         if label_array in frag["arrays"]:
             m = frag["arrays"][label_array]
             store = arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}")
-            labels.update(np.ascontiguousarray(arrays.read(store, path=m["path"])).tobytes())
+            label = np.ascontiguousarray(arrays.read(store, path=m["path"])).tobytes()
+        return row_bytes, label
+
+    rows, labels = hashlib.sha256(), hashlib.sha256()
+    # fragments are read on threads, a few ahead of the one hashed (opening an array is mostly waiting)
+    with ThreadPoolExecutor(max_workers=CONTENT_READERS) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        it = iter(fragments)
+        for frag in itertools.islice(it, 2 * CONTENT_READERS):
+            pending.append(pool.submit(read, frag))
+        while pending:
+            row_bytes, label_bytes = pending.popleft().result()
+            frag = next(it, None)
+            if frag is not None:
+                pending.append(pool.submit(read, frag))
+            rows.update(row_bytes)
+            labels.update(label_bytes)
     return hashlib.sha256(rows.digest() + labels.digest()).hexdigest()
 
 

@@ -1,20 +1,34 @@
 """The content-hash index of an ingest: exact dedup and the leak check across a whole dataset in bounded memory.
 
-One row per kept example content (sha256 of its arrays), on disk in SQLite (a B-tree sorted by hash, with a bounded
-page cache), so memory does not grow with the dataset. An append first loads the hashes the table already holds
-(from its fragments' row-hash files), so appended data is checked against the table as well as against itself.
+One record per kept example content (sha256 of its arrays). Records are appended to a file of fixed-size rows on
+disk (the full hash, label, split, state, fragment, row, source index, where its id is); lookups go through sorted
+runs of ``(first 8 bytes of the hash, record number)``. The newest entries gather in memory (up to
+:data:`MEMORY_RUN`), then become a run on disk; runs merge like a log-structured merge tree (a new run merges into
+the previous one while that one is at most twice its size, up to :data:`MAX_RUN` entries), so there are O(log n)
+runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match is
+confirmed against the full hash in the record file, so the check is exact. Memory stays bounded by the largest run
+being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the hashes the
+table already holds (from its fragments' row-hash files), so appended data is checked against the table as well as
+against itself.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 TABLE, NEW, CONFLICT = 0, 1, 2  # where a hash's kept copy lives: the table already, this ingest, or nowhere (conflict)
-_BATCH = 500
+MEMORY_RUN = 2**16  # entries gathered in memory (1 MiB) before they become a run on disk
+MAX_RUN = 2**21  # entries of the largest sorted run (32 MiB on disk; a merge holds about three times that)
+_NO_ID, _ID_FILE = -1, -2  # where a record's id comes from: "example <source>", the id file, or a lazy sequence (>= 0)
+RECORD = np.dtype([("h", "V32"), ("label", "<i8"), ("source", "<i8"), ("id_pos", "<i8"), ("fragment", "<i4"),
+                   ("row", "<i4"), ("id_src", "<i4"), ("id_len", "<i4"), ("split", "<i2"), ("state", "u1"),
+                   ("_pad", "u1")])
 
 
 class Hit(NamedTuple):
@@ -27,47 +41,153 @@ class Hit(NamedTuple):
     ident: str
 
 
+def prefix_keys(hashes: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each ``(n, 32)`` uint8 hash as an unsigned integer whose order is the bytes' order."""
+    return np.ascontiguousarray(hashes[:, :8]).view(">u8").reshape(-1).astype(np.uint64)
+
+
 class HashIndex:
-    """``hash -> (label, split, state, fragment, row, source index, id)`` in a temporary SQLite file under
-    ``directory`` (default: the system's temp directory)."""
+    """``hash -> record number -> (label, split, state, fragment, row, source index, id)`` in files under a temporary
+    directory in ``directory`` (default: the system's temp directory)."""
 
-    def __init__(self, directory: str | Path | None = None, cache_mib: int = 32):
+    def __init__(self, directory: str | Path | None = None, max_run: int = MAX_RUN, memory_run: int = MEMORY_RUN):
         self._dir = tempfile.TemporaryDirectory(prefix="lake-index-", dir=directory)
-        self.db = sqlite3.connect(Path(self._dir.name) / "index.sqlite")
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{int(cache_mib) * 1024}",
-                       "temp_store=FILE"):
-            self.db.execute(f"PRAGMA {pragma}")
-        self.db.execute("CREATE TABLE idx (h BLOB PRIMARY KEY, label INT, split TEXT, state INT, frag INT, "
-                        "row INT, source INT, ident TEXT) WITHOUT ROWID")
+        self.path = Path(self._dir.name)
+        self.max_run, self.memory_run = int(max_run), int(memory_run)
+        self._records = open(self.path / "records", "w+b")  # noqa: SIM115 - closed in close()
+        self._ids = open(self.path / "ids", "w+b")  # noqa: SIM115
+        self._ids_end = 0
+        self._lazy_ids: list[Sequence[str]] = []
+        self.n = 0
+        self._memory: np.ndarray | None = None  # the newest entries, sorted, until there are MEMORY_RUN of them
+        self._runs: list[tuple[Path, int]] = []  # (file of a structured (key, record) array sorted by key, entries)
+        self._next_run = 0
+        self._splits: list[str] = []
 
-    def lookup(self, hashes: Iterable[bytes]) -> dict[bytes, Hit]:
-        """The entries of those ``hashes`` that the index holds."""
-        hashes = list(hashes)
-        out: dict[bytes, Hit] = {}
-        for start in range(0, len(hashes), _BATCH):
-            part = hashes[start:start + _BATCH]
-            marks = ",".join("?" * len(part))
-            for h, *rest in self.db.execute(f"SELECT h, label, split, state, frag, row, source, ident FROM idx "
-                                            f"WHERE h IN ({marks})", part):
-                out[bytes(h)] = Hit(*rest)
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        """For each ``(n, 32)`` uint8 hash: the number of the record holding it, or -1."""
+        hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 32)
+        out = np.full(hashes.shape[0], -1, dtype=np.int64)
+        if not hashes.shape[0] or not self.n:
+            return out
+        keys = prefix_keys(hashes)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        for path in [None, *(p for p, _ in self._runs)]:
+            run = self._memory if path is None else np.load(path, mmap_mode="r")
+            if run is None:
+                continue
+            run_keys = run["key"]
+            lo = np.searchsorted(run_keys, sorted_keys, "left")
+            hi = np.searchsorted(run_keys, sorted_keys, "right")
+            for k in np.flatnonzero(hi > lo):  # prefix matches (real duplicates, or one in 2**64 by chance)
+                i = int(order[k])
+                if out[i] >= 0:
+                    continue
+                for rec in run["record"][lo[k]:hi[k]]:
+                    if self._read(int(rec))["h"].tobytes() == hashes[i].tobytes():
+                        out[i] = int(rec)
+                        break
+            del run, run_keys
         return out
 
-    def add(self, rows: Iterable[tuple[bytes, int, str, int, int, int, int, str]]) -> None:
-        """Inserts ``(hash, label, split, state, fragment, row, source index, id)`` rows (hashes must be new)."""
-        self.db.executemany("INSERT INTO idx VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    def add(self, hashes: np.ndarray, labels: np.ndarray, split: str, state: int, fragment: int, rows: np.ndarray,
+            sources: np.ndarray, ids: Sequence[str] | None = None, id_pos: np.ndarray | None = None) -> None:
+        """Adds one record per hash (hashes must be new). ``ids[id_pos[k]]`` names record ``k`` (default
+        ``"example <source>"``); a list's or tuple's ids are written to disk, any other sequence (ids made on demand,
+        like :class:`~lepton_jax.lake.sources.RowIds`) is kept."""
+        n = int(np.asarray(hashes).shape[0])
+        if not n:
+            return
+        rec = np.zeros(n, dtype=RECORD)
+        hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(n, 32)
+        rec["h"] = hashes.view("V32").reshape(n)
+        rec["label"], rec["source"], rec["row"], rec["fragment"] = labels, sources, rows, fragment
+        rec["state"] = state
+        if split not in self._splits:
+            self._splits.append(split)
+        rec["split"] = self._splits.index(split)
+        rec["id_src"] = _NO_ID
+        if ids is not None:
+            pos = np.asarray(id_pos, dtype=np.int64)
+            if isinstance(ids, (list, tuple)):  # ids held in memory: to disk, so memory does not grow
+                encoded = [ids[int(p)].encode() for p in pos]
+                lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=n)
+                rec["id_src"], rec["id_len"] = _ID_FILE, lengths
+                rec["id_pos"] = self._ids_end + np.cumsum(lengths) - lengths
+                self._ids.seek(self._ids_end)
+                self._ids.write(b"".join(encoded))
+                self._ids_end += int(lengths.sum())
+            else:
+                self._lazy_ids.append(ids)
+                rec["id_src"], rec["id_pos"] = len(self._lazy_ids) - 1, pos
+        self._records.seek(self.n * RECORD.itemsize)
+        self._records.write(rec.tobytes())
+        run = np.empty(n, dtype=[("key", "<u8"), ("record", "<i8")])
+        run["key"] = prefix_keys(hashes)
+        run["record"] = np.arange(self.n, self.n + n)
+        self.n += n
+        if self._memory is not None:  # small adds gather in memory first: no file per fragment
+            run = np.concatenate([self._memory, run])
+        run = run[np.argsort(run["key"], kind="stable")]
+        if run.shape[0] < self.memory_run:
+            self._memory = run
+            return
+        self._memory = None
+        while self._runs and self._runs[-1][1] <= 2 * run.shape[0] and self._runs[-1][1] + run.shape[0] <= \
+                self.max_run:
+            path, _ = self._runs.pop()
+            merged = np.concatenate([np.load(path), run])
+            path.unlink()
+            run = merged[np.argsort(merged["key"], kind="stable")]
+            del merged
+        path = self.path / f"run{self._next_run:06d}.npy"
+        self._next_run += 1
+        np.save(path, run)
+        self._runs.append((path, run.shape[0]))
 
-    def mark_conflict(self, h: bytes) -> None:
-        self.db.execute("UPDATE idx SET state = ? WHERE h = ?", (CONFLICT, h))
+    def _read(self, number: int) -> np.ndarray:
+        self._records.flush()
+        data = os.pread(self._records.fileno(), RECORD.itemsize, number * RECORD.itemsize)
+        return np.frombuffer(data, dtype=RECORD)[0]
+
+    def record(self, number: int) -> Hit:
+        """The record ``number`` (from :meth:`lookup`)."""
+        r = self._read(number)
+        src = int(r["id_src"])
+        if src == _NO_ID:
+            ident = f"example {int(r['source'])}"
+        elif src == _ID_FILE:
+            self._ids.flush()
+            ident = os.pread(self._ids.fileno(), int(r["id_len"]), int(r["id_pos"])).decode()
+        else:
+            ident = self._lazy_ids[src][int(r["id_pos"])]
+        return Hit(int(r["label"]), self._splits[int(r["split"])], int(r["state"]), int(r["fragment"]), int(r["row"]),
+                   int(r["source"]), ident)
+
+    def mark_conflict(self, number: int) -> None:
+        """Marks record ``number``: its content came with two labels, so no copy of it is kept."""
+        r = self._read(number).copy()
+        r["state"] = CONFLICT
+        self._records.seek(number * RECORD.itemsize)
+        self._records.write(r.tobytes())
 
     def __len__(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM idx").fetchone()[0])
+        return self.n
 
     def splits_of(self) -> Iterator[tuple[str, int]]:
         """``(split, count)`` of kept hashes (for the leak assertion: each hash has exactly one split)."""
-        yield from self.db.execute("SELECT split, COUNT(*) FROM idx WHERE state != ? GROUP BY split", (CONFLICT,))
+        self._records.flush()
+        counts = np.zeros(len(self._splits), dtype=np.int64)
+        for start in range(0, self.n, 2**16):
+            block = np.fromfile(self.path / "records", dtype=RECORD, count=min(2**16, self.n - start),
+                                offset=start * RECORD.itemsize)
+            np.add.at(counts, block["split"][block["state"] != CONFLICT], 1)
+        yield from ((s, int(c)) for s, c in zip(self._splits, counts, strict=True) if c)
 
     def close(self) -> None:
-        self.db.close()
+        self._records.close()
+        self._ids.close()
         self._dir.cleanup()
 
     def __enter__(self) -> HashIndex:

@@ -15,11 +15,13 @@ per-fragment partial sums. ``mode="append"`` adds fragments to the latest versio
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import multiprocessing
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lepton_jax.errors import CommitConflictError, LakeError
-from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split
+from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split, warm_up
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
@@ -37,6 +39,7 @@ from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitRe
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
 MODES = ("overwrite", "append")
 EXECUTORS = ("process", "ray")
+CHUNKS_AHEAD = 1  # one worker: chunks submitted to its thread beyond the one being decided (each holds a chunk)
 
 __all__ = ["DEFAULT_SPLITS", "IngestResult", "LabelFn", "ingest", "stratified_split"]
 
@@ -91,7 +94,33 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
         label_names = list(label_names) if label_names is not None else base.label_names
         if label_names != base.label_names:
             raise LakeError(f"an append must keep the table's label names {base.label_names}, got {label_names}")
-    tasks = list(source_tasks(source))
+    pool = None
+    if executor == "process" and (workers or 1) > 1:
+        # started now, so the workers' start-up overlaps listing the source; it also reads an image folder's
+        # headers in parallel (spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child
+        # would inherit broken)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(workers):
+            pool.submit(warm_up)
+    try:
+        return _ingest(lake, table, source, pool, splits=splits, seed=seed, label_map=label_map, labeller=labeller,
+                       label_names=label_names, retries=retries, allow_schema_change=allow_schema_change,
+                       appending=appending, base=base, workers=workers, executor=executor, ray_address=ray_address,
+                       progress=progress)
+    except BrokenProcessPool as e:
+        raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {source.uri}; "
+                        "nothing was committed") from e
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | None, *,
+            splits: dict[str, float] | None, seed: int, label_map: dict[str, str] | None, labeller: LabelFn | None,
+            label_names: list[str] | None, retries: int, allow_schema_change: bool, appending: bool,
+            base: TableVersion | None, workers: int | None, executor: str, ray_address: str | None,
+            progress: bool) -> IngestResult:
+    tasks = list(source_tasks(source, pool.map if pool is not None else None))
     if labeller is not None and label_names is None and len(tasks) > 1:
         raise LakeError(f"source {source.uri} comes in {len(tasks)} chunks: a labelling function needs the label "
                         "names up front (label_names=[...])")
@@ -124,7 +153,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
                     _index_table(index, base)
                 state = _Driver(lake, table, commit_id, index, base if appending else None)
                 # closed before the data is discarded on a failure: no worker may still write into it then
-                with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on)) as results:
+                with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on,
+                                  pool)) as results:
                     for result in results:
                         state.add(result)
                         renew_lease()
@@ -277,8 +307,10 @@ def _check_no_overlap(lake: Lake, table: str, latest: TableVersion, on: TableVer
 
 
 def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, executor: str = "process",
-         ray_address: str | None = None, ran_on: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """The chunk jobs' results in chunk order: inline, in ``workers`` spawned processes, or as Ray tasks."""
+         ray_address: str | None = None, ran_on: dict[str, Any] | None = None,
+         pool: ProcessPoolExecutor | None = None) -> Iterator[dict[str, Any]]:
+    """The chunk jobs' results in chunk order: inline, on one worker thread, in the ``pool`` of ``workers`` spawned
+    processes, or as Ray tasks."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -295,14 +327,24 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
                         bar.update(1)
             return
         workers = workers or 1
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                yield process_chunk(job)
-                if bar is not None:
-                    bar.update(1)
+        if len(jobs) == 1:
+            yield process_chunk(jobs[0])
+            if bar is not None:
+                bar.update(1)
             return
-        # spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child would inherit broken
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        if workers == 1:  # one worker thread processes chunks one at a time while this thread decides (the driver)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-ingest") as threads:
+                try:
+                    for result in _ahead(threads, jobs, CHUNKS_AHEAD):
+                        yield result
+                        if bar is not None:
+                            bar.update(1)
+                finally:  # on a failure: chunks not started yet are dropped, running ones finish before the discard
+                    threads.shutdown(wait=True, cancel_futures=True)
+            return
+        if pool is None:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
             try:
                 for result in pool.map(process_chunk, jobs):
                     yield result
@@ -318,6 +360,21 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
             bar.close()
 
 
+def _ahead(pool: ThreadPoolExecutor, jobs: list[ChunkJob], ahead: int) -> Iterator[dict[str, Any]]:
+    """``process_chunk`` of every job in order, with at most ``ahead`` jobs running beyond the one yielded (bounded
+    memory: each holds a chunk)."""
+    pending: collections.deque[Future] = collections.deque()
+    it = iter(jobs)
+    for job in itertools.islice(it, ahead + 1):
+        pending.append(pool.submit(process_chunk, job))
+    while pending:
+        result = pending.popleft().result()
+        job = next(it, None)
+        if job is not None:
+            pending.append(pool.submit(process_chunk, job))
+        yield result
+
+
 def _index_table(index: HashIndex, base: TableVersion) -> None:
     """Loads the hashes the table holds (from its fragments' row-hash files) as the starting index."""
     for split in base.splits:
@@ -325,8 +382,8 @@ def _index_table(index: HashIndex, base: TableVersion) -> None:
             hashes = read_row_hashes(base.lake.storage, base.table, frag)
             reader = SplitReader(base.lake.uri, base.table, base.version, split, {"fragments": [frag]})
             labels = reader.read()["label"] if "label" in frag["arrays"] else np.full(len(hashes), -1)
-            index.add((h.tobytes(), int(lab), split, TABLE, -1, -1, -1, "")
-                      for h, lab in zip(hashes, labels, strict=True))
+            none = np.full(len(hashes), -1)
+            index.add(hashes, labels, split, TABLE, -1, none, none)
 
 
 class _Driver:
@@ -398,22 +455,23 @@ class _Driver:
         self.offset += r["n"]
 
     def _decide(self, fid: int, split: str, f: dict[str, Any], offset: int, has_ids: bool) -> None:
-        keys = [h.tobytes() for h in f["hashes"]]
-        hits = self.index.lookup(keys)
-        new = []
-        for row, h in enumerate(keys):
-            label, source = int(f["labels"][row]), int(f["source"][row]) + offset
-            ident = f["ids"][row] if f["ids"] is not None else f"example {source}"
-            hit = hits.get(h)
-            if hit is None:
-                new.append((h, label, split, NEW, fid, row, source, ident))
-                continue
+        """Drops the fragment's rows whose content the index holds (duplicate, conflicting label, leak) and adds the
+        others. The rows' hashes are distinct (the chunk was deduplicated on its own), so one lookup serves all."""
+        hashes, labels = f["hashes"], np.asarray(f["labels"], np.int64)
+        sources = np.asarray(f["source"], np.int64) + offset
+        ids = f["ids"]
+        found = self.index.lookup(hashes)
+        for row in np.flatnonzero(found >= 0):  # few: only content seen before
+            hit = self.index.record(int(found[row]))
+            h = hashes[row].tobytes()
+            label, source = int(labels[row]), int(sources[row])
+            ident = ids[int(f["source"][row])] if ids is not None else f"example {source}"
             where = (f"{hit.ident}" if hit.state != TABLE else
                      f"an example of {self.table}@{self.base.version} split {hit.split!r}")
             if hit.state == CONFLICT or hit.label != label:
                 reason, detail = "conflicting_labels", f"{ident}: the same content as {where} with another label"
                 if hit.state == NEW:
-                    self.index.mark_conflict(h)
+                    self.index.mark_conflict(int(found[row]))
                     self._drop(hit.fragment, hit.row, "conflicting_labels",
                                f"{hit.ident}: the same content as {ident} with another label", hit.index, hit.ident,
                                h, hit.label)
@@ -422,8 +480,10 @@ class _Driver:
                                          f"{hit.split!r}"
             else:
                 reason, detail = "duplicate", f"{ident} duplicates {where}"
-            self._drop(fid, row, reason, detail, source, ident, h, label)
-        self.index.add(new)
+            self._drop(fid, int(row), reason, detail, source, ident, h, label)
+        new = np.flatnonzero(found < 0)
+        self.index.add(hashes[new], labels[new], split, NEW, fid, new, sources[new], ids,
+                       np.asarray(f["source"], np.int64)[new])
 
     def _drop(self, fid: int, row: int, reason: str, detail: str, source: int, ident: str, h: bytes,
               label: int) -> None:

@@ -13,10 +13,11 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +45,7 @@ class SourceData:
     label_names: list[str]
     value_ranges: dict[str, tuple[float, float]]
     uri: str
-    ids: list[str] | None = None
+    ids: Sequence[str] | None = None
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     split: np.ndarray | None = None
@@ -132,11 +133,16 @@ class DigitsSource(SklearnSource):
         super().__init__("digits")
 
 
-def source_tasks(source: Source) -> list[Any]:
+def source_tasks(source: Source, map_fn: Callable[..., Iterable[Any]] | None = None) -> list[Any]:
     """The chunks ``source`` streams as: its ``tasks()`` (picklable objects with ``load() -> SourceData``, one
-    chunk each, in order) or, for a source without ``tasks``, the source itself (one chunk)."""
+    chunk each, in order) or, for a source without ``tasks``, the source itself (one chunk). ``map_fn`` (like
+    ``map``; e.g. a process pool's) runs the scan a source may need first (an image folder's headers) in parallel."""
     tasks = getattr(source, "tasks", None)
-    return list(tasks()) if tasks is not None else [source]
+    if tasks is None:
+        return [source]
+    if map_fn is not None and isinstance(source, ImageFolderSource):
+        return list(source.tasks(map_fn))
+    return list(tasks())
 
 
 def concat(parts: list[SourceData]) -> SourceData:
@@ -194,6 +200,25 @@ def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | Non
     return features, labels, split
 
 
+@dataclasses.dataclass(frozen=True)
+class RowIds(Sequence[str]):
+    """The ids ``<name>[i]`` of a file's ``n`` rows, made on demand (a list of a million strings costs a second)."""
+
+    name: str
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # noqa: ANN001 - an int or a slice, as for a list
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        i = int(i)
+        if not -self.n <= i < self.n:
+            raise IndexError(f"row {i} of {self.n}")
+        return f"{self.name}[{i % self.n}]"
+
+
 class NpzSource:
     """A ``.npz`` file, or a directory of ``.npz`` shards (read one shard per chunk, in name order), each with a
     feature array and an integer label array (and optionally a split name per example)."""
@@ -245,7 +270,7 @@ class NpzShard:
         names = self.label_names or [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
         finite = features[np.isfinite(features)] if np.issubdtype(features.dtype, np.floating) else features
         value_range = self.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
-        ids = [f"{self.path.name}[{i}]" for i in range(labels.shape[0])] if self.sharded else None
+        ids = RowIds(self.path.name, int(labels.shape[0])) if self.sharded else None
         columns = {}
         if self.per_column:
             if features.ndim != 2:
@@ -296,30 +321,31 @@ class ImageFolderSource:
         label_dirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not label_dirs:
             raise LakeError(f"image folder {self.root} has no label subfolders (expected ROOT/<label>/<image>)")
-        files = [(f.relative_to(self.root).as_posix(), k) for k, d in enumerate(label_dirs)
-                 for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        files = []
+        for k, d in enumerate(label_dirs):  # scandir: file types from the directory listing, no stat per file
+            with os.scandir(d) as entries:
+                names = sorted(e.name for e in entries if e.is_file() and not e.name.startswith("."))
+            files += [(f"{d.name}/{name}", k) for name in names]
         return [d.name for d in label_dirs], files
 
-    def _majority_shape(self, files: list[tuple[str, int]]) -> tuple[int, ...] | None:
-        from PIL import Image
-
+    def _majority_shape(self, files: list[tuple[str, int]], map_fn: Callable[..., Iterable[Any]] = map
+                        ) -> tuple[int, ...] | None:
         counts: collections.Counter = collections.Counter()
-        for rel, _ in files:
-            try:
-                with Image.open(self.root / rel) as im:
-                    counts[(im.size[1], im.size[0])] += 1
-            except Exception:  # noqa: BLE001 - unreadable files are quarantined when the chunk is decoded
-                continue
+        parts = [(self.root, [rel for rel, _ in files[i:i + self.chunk_files]])
+                 for i in range(0, len(files), self.chunk_files)]
+        for part in map_fn(image_sizes, parts):  # in order: ties go to the first shape seen, as in one pass
+            counts.update(part)
         if not counts:
             return None
         (h, w), _ = max(counts.items(), key=lambda kv: kv[1])  # ties: the first seen (Counter keeps insertion order)
         return (h, w, 3 if self.mode == "RGB" else 1)
 
-    def tasks(self) -> list[ImageChunk]:
+    def tasks(self, map_fn: Callable[..., Iterable[Any]] = map) -> list[ImageChunk]:
+        """The chunks; without a resize size, after reading every header for the majority shape (with ``map_fn``)."""
         names, files = self._files()
         if not files:
             raise LakeError(f"image folder {self.root} holds no files")
-        shape = None if self.size else self._majority_shape(files)
+        shape = None if self.size else self._majority_shape(files, map_fn)
         if not self.size and shape is None:
             raise LakeError(f"image folder {self.root} holds no readable images")
         return [ImageChunk(self.root, self.uri, files[i:i + self.chunk_files], names, self.size, self.mode,
@@ -327,6 +353,22 @@ class ImageFolderSource:
 
     def load(self) -> SourceData:
         return concat([t.load() for t in self.tasks()])
+
+
+def image_sizes(part: tuple[Path, list[str]]) -> collections.Counter:
+    """``(height, width)`` counts of the images ``part[1]`` (paths relative to ``part[0]``), in first-seen order;
+    files Pillow cannot open are skipped (they are quarantined when their chunk is decoded)."""
+    from PIL import Image
+
+    root, files = part
+    counts: collections.Counter = collections.Counter()
+    for rel in files:
+        try:
+            with Image.open(root / rel) as im:
+                counts[(im.size[1], im.size[0])] += 1
+        except Exception:  # noqa: BLE001 - unreadable files are quarantined when the chunk is decoded
+            continue
+    return counts
 
 
 @dataclasses.dataclass
@@ -375,7 +417,10 @@ class ImageChunk:
         path = self.root / rel
         try:
             with Image.open(path) as im:
-                deep = im.mode in _HIGH_DEPTH_MODES or _png_bit_depth(path) == 16
+                # Pillow reads 16-bit colour PNGs as 8 bits per channel without saying so: only those modes need
+                # the header's bit depth, read from the file Pillow holds open
+                deep = im.mode in _HIGH_DEPTH_MODES or (im.format == "PNG" and im.mode in ("RGB", "RGBA", "LA")
+                                                        and _png_bit_depth(im.fp) == 16)
                 if deep and self.bits == 8:
                     return None, {"reason": "bit_depth",
                                   "detail": f"{rel} has more than 8 bits per channel (mode {im.mode}); pass "
@@ -412,10 +457,9 @@ class ImageChunk:
         return pixels, None
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    """The bit depth in a PNG's header (Pillow reads 16-bit colour PNGs as 8-bit RGB without saying so)."""
-    with open(path, "rb") as f:
-        head = f.read(25)
+def _png_bit_depth(fp: Any) -> int | None:
+    """The bit depth in the header of the PNG open as ``fp`` (read without moving its position)."""
+    head = os.pread(fp.fileno(), 25, 0)
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
         return head[24]
     return None

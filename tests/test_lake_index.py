@@ -1,0 +1,51 @@
+"""The ingest's on-disk hash index: exact lookups across merged sorted runs, against a dict as the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
+from lepton_jax.lake.sources import RowIds
+
+
+def test_index_matches_a_dict_across_merged_runs_and_prefix_collisions(tmp_path):
+    rng = np.random.default_rng(0)
+    reference: dict[bytes, tuple] = {}
+    # tiny runs: entries in memory, many merges on disk, several capped runs
+    with HashIndex(tmp_path, max_run=64, memory_run=16) as index:
+        for batch in range(12):
+            n = int(rng.integers(1, 40))
+            hashes = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+            if batch % 3 == 1:  # same first 8 bytes as earlier hashes, different after: must not match them
+                old = np.frombuffer(b"".join(list(reference)[:n]), np.uint8).reshape(-1, 32)
+                hashes[:old.shape[0], :8] = old[:, :8]
+            labels = rng.integers(0, 5, size=n)
+            sources = np.arange(n) + 1000 * batch
+            split = ["train", "dev"][batch % 2]
+            ids = [f"file{batch}-{i}.png" for i in range(n)] if batch % 3 == 0 else (
+                RowIds(f"part{batch}.npz", n) if batch % 3 == 1 else None)
+            state = TABLE if batch == 0 else NEW
+            # lookups before adding: nothing of this batch is there yet, except what the reference holds
+            found = index.lookup(hashes)
+            assert [f >= 0 for f in found] == [h.tobytes() in reference for h in hashes]
+            index.add(hashes, labels, split, state, batch, np.arange(n), sources, ids,
+                      None if ids is None else np.arange(n))
+            for i, h in enumerate(hashes):
+                ident = ids[i] if ids is not None else f"example {sources[i]}"
+                reference[h.tobytes()] = (int(labels[i]), split, state, batch, i, int(sources[i]), ident)
+        assert len(index) == len(reference) and len(index._runs) > 3
+        everything = np.frombuffer(b"".join(reference), np.uint8).reshape(-1, 32)
+        found = index.lookup(everything)
+        assert (found >= 0).all()
+        assert [tuple(index.record(int(f))) for f in found] == list(reference.values())
+        missing = rng.integers(0, 256, size=(50, 32), dtype=np.uint8)
+        missing[:, :8] = everything[:50, :8]  # colliding prefixes only
+        assert (index.lookup(missing) == -1).all()
+        index.mark_conflict(int(found[3]))
+        assert index.record(int(found[3])).state == CONFLICT
+        counts = dict(index.splits_of())
+        expected: dict[str, int] = {}
+        for k, v in enumerate(reference.values()):
+            if k != 3:
+                expected[v[1]] = expected.get(v[1], 0) + 1
+        assert counts == expected
