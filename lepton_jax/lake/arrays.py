@@ -116,7 +116,7 @@ def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
 def content_digest(array: np.ndarray) -> str:
     """sha256 over dtype, shape and the C-order bytes: equal digests mean equal arrays."""
     h = hashlib.sha256(f"{np.dtype(array.dtype).str}{tuple(array.shape)}".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
+    h.update(np.ascontiguousarray(array))  # the buffer itself: no copy
     return h.hexdigest()
 
 
@@ -228,7 +228,7 @@ class ArrayWriter:
             self.store[self.rows:self.rows + block.shape[0]].write(block).result()
         except ValueError as e:
             raise LakeError(f"cannot write lake array {self.storage.describe(self.key)}: {_short(e)}") from e
-        self.hash.update(np.ascontiguousarray(block).tobytes())
+        self.hash.update(np.ascontiguousarray(block))
         self.rows += block.shape[0]
 
     def close(self) -> str:
@@ -272,5 +272,5 @@ def stored_content_digest(store: ts.TensorStore, *, path: Path | str = "") -> st
     """The :func:`content_digest` of a stored array, computed block by block."""
     h = hashlib.sha256(f"{store.dtype.numpy_dtype.str}{tuple(int(n) for n in store.shape)}".encode())
     for block in iter_blocks(store, path=path):
-        h.update(np.ascontiguousarray(block).tobytes())
+        h.update(np.ascontiguousarray(block))
     return h.hexdigest()
