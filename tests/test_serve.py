@@ -550,6 +550,17 @@ def test_json_the_fast_parser_refuses_still_gets_the_precise_error():
     assert rows.dtype == np.float32 and rows.tolist() == [[1.0, 2.5]]
 
 
+def test_a_large_request_is_decoded_and_answered_by_the_codec_worker_process(trained_run, splits):
+    """300 rows: a body over 64 KiB (decoded in the worker process) and an answer of more than 256 rows (encoded
+    there too); the classes are the predictor's."""
+    from tests.serving import served_classes
+
+    workdir, _ = trained_run
+    images = splits["test"]["image"][:300]
+    assert served_classes(ServedModel.from_workdir(workdir, name="digits"), images) == \
+        Predictor.from_workdir(workdir).predict(images)["class"].tolist()
+
+
 def test_codec_workers_run_below_the_servers_cpu_priority(served):
     """Large bodies are decoded in worker processes that the kernel schedules after the event loop (head-of-line)."""
     pool = served["server"]._pool

@@ -510,7 +510,7 @@ class ModelServer:
                 raise RequestError(503, "unavailable", str(e)) from e
             if rows.shape[0] > 256:
                 content, out_headers = await self._offload(functools.partial(
-                    encode_response, model_name=dep.model.name, model_version=dep.model.version),
+                    _encode_in_worker, model_name=dep.model.name, model_version=dep.model.version),
                     decoded, dep.model.outputs(probabilities))
             else:
                 content, out_headers = encode_response(decoded, dep.model.outputs(probabilities),
@@ -624,6 +624,13 @@ class ModelServer:
     async def _crash(self, request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return self._error(RequestError(500, "internal", f"internal error: {type(exc).__name__}"))
+
+
+def _encode_in_worker(request: InferRequest, outputs: list[Tensor], *, model_name: str,
+                      model_version: str) -> tuple[bytes, dict[str, str]]:
+    """:func:`encode_response` for a codec worker process: its headers as a plain (picklable) dict."""
+    content, headers = encode_response(request, outputs, model_name=model_name, model_version=model_version)
+    return content, dict(headers)
 
 
 def _too_large(limit: int) -> RequestError:
