@@ -111,6 +111,7 @@ fi
 if step serve; then
   echo "== serving benchmark (docs/serving.md)"
   $PY scripts/bench_serve.py | tee results/bench_serve.txt
+  $PY scripts/serve_cost.py --workdir results/digits_cnn | tee results/serve_cost.txt
 fi
 if step serve_ray; then
   echo "== serving benchmark with Ray Serve, 2 replicas (README, docs/serving.md; slow: starts Ray)"
