@@ -71,8 +71,8 @@ log = logging.getLogger("lepton_jax.serve")
 
 __all__ = ["ModelServer", "RequestError", "ServeConfig", "ServedModel", "run_server"]
 
-_REQUEST_HEADERS = (b"authorization", b"content-length", b"content-encoding", HEADER_LENGTH.encode())
 _HEADER_LENGTH = HEADER_LENGTH.encode()
+_REQUEST_HEADERS = (b"authorization", b"content-length", b"content-encoding", _HEADER_LENGTH)  # what _infer reads
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 
