@@ -1,7 +1,6 @@
 """The raw shard layout and its fast read path: identical bytes to TensorStore and zarr-python, old layouts still
 read, corruption detected."""
 
-import functools
 import hashlib
 import json
 import os
@@ -42,11 +41,10 @@ def mixed(tmp_path_factory):
     """A table whose first fragment per split is in the old zstd layout (one example per chunk) and whose appended
     fragment is in the raw layout."""
     root = tmp_path_factory.mktemp("raw")
+    # the layout every table had before the raw one, then the default
+    ingest(Lake(root / "lake", target_shard_bytes=SHARD_BYTES, compression="zstd"), "t", _source(root / "a", 0, 95),
+           splits={"train": 0.8, "test": 0.2})
     lake = Lake(root / "lake", target_shard_bytes=SHARD_BYTES)
-    with pytest.MonkeyPatch.context() as mp:  # the layout every table had before the raw one
-        mp.setattr(arrays, "write_array", functools.partial(arrays.write_array, compression="zstd"))
-        mp.setattr(arrays, "ArrayWriter", functools.partial(arrays.ArrayWriter, compression="zstd"))
-        ingest(lake, "t", _source(root / "a", 0, 95), splits={"train": 0.8, "test": 0.2})
     return ingest(lake, "t", _source(root / "b", 1, 125), splits={"train": 0.8, "test": 0.2}, mode="append").version
 
 
@@ -201,3 +199,31 @@ def test_mapped_shards_are_bounded_and_reopened_on_demand(raw_only, monkeypatch)
         idx = rng.integers(0, len(r), 50)  # touches every shard of both fragments
         assert np.array_equal(r.read(idx)["image"], whole["image"][idx])
     assert len(rawshards._mapped) <= 2 and len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+def test_the_cli_picks_the_layout_of_new_fragments_and_content_does_not_depend_on_it(tmp_path, capsys):
+    from lepton_jax.cli import main
+
+    _source(tmp_path / "a", 7, 60)
+    _source(tmp_path / "b", 8, 40)
+    lake = tmp_path / "lake"
+    base = ["--lake", str(lake), "--table", "t", "--splits", "train=0.8,test=0.2"]
+    assert main(["lake", "ingest", *base, "--source", f"npz:{tmp_path / 'a'}", "--compression", "zstd"]) == 0
+    assert main(["lake", "ingest", *base, "--source", f"npz:{tmp_path / 'b'}", "--mode", "append"]) == 0
+    appended = Lake(lake).table("t")
+    raw, zstd = ["bytes", "crc32c"], ["bytes", "zstd", "crc32c"]
+    for split in appended.splits:
+        assert [_codecs(appended, f) for f in appended.fragments(split)] == [zstd, raw]
+    assert main(["lake", "compact", "--lake", str(lake), "--table", "t", "--compression", "zstd"]) == 0
+    compacted = Lake(lake).table("t")
+    for split in compacted.splits:
+        assert [_codecs(compacted, f) for f in compacted.fragments(split)] == [zstd]
+        assert compacted.record["splits"][split]["content_sha256"] == appended.record["splits"][split][
+            "content_sha256"]
+        assert np.array_equal(_reader(compacted, split).read()["image"], _reader(appended, split).read()["image"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["lake", "ingest", *base, "--source", f"npz:{tmp_path / 'a'}", "--compression", "lz4"])
+    assert e.value.code == 2 and "invalid choice: 'lz4'" in capsys.readouterr().err
+    with pytest.raises(LakeError, match="unknown lake compression 'lz4'"):
+        Lake(lake, compression="lz4")

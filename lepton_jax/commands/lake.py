@@ -6,12 +6,16 @@ import argparse
 import json
 import time
 
+COMPRESSION_HELP = ("layout of the new fragments' inner chunks: none (default: raw ~64 KiB chunks, fastest to write "
+                    "and to read at random) or zstd (one compressed example per chunk: smaller for compressible data, "
+                    "fewer bytes per random read from an object store; see docs/lake.md)")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     lake = sub.add_parser("lake", help="data lake: ingest, inspect, verify and clean up tables").add_subparsers(
         dest="lake_command", required=True)
     ingest = lake.add_parser("ingest", help="read a source into a new table version")
-    ingest.add_argument("--lake", required=True, help="lake directory (object-store URIs are not supported yet)")
+    ingest.add_argument("--lake", required=True, help="lake root: a directory, s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
     ingest.add_argument("--source", default="digits",
                         help="'digits', 'sklearn:NAME', 'npz:PATH', 'images:DIR' (DIR/<label>/<image>) or 'csv:PATH'")
     ingest.add_argument("--table", default="digits")
@@ -50,12 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="when another writer commits first, re-check and commit on top this many times")
     ingest.add_argument("--allow-schema-change", action="store_true",
                         help="allow dtypes or example shapes to differ from the latest version")
+    ingest.add_argument("--compression", default="none", choices=["none", "zstd"], help=COMPRESSION_HELP)
     ingest.set_defaults(handler=ingest_command)
     compact = lake.add_parser("compact", help="merge a table's fragments into a new version with identical content")
     compact.add_argument("--lake", required=True)
     compact.add_argument("--table", required=True)
     compact.add_argument("--target-fragment-mib", type=float, default=1024.0,
                          help="raw size of each merged fragment (default 1024)")
+    compact.add_argument("--compression", default="none", choices=["none", "zstd"], help=COMPRESSION_HELP)
     compact.set_defaults(handler=compact_command)
     ls = lake.add_parser("ls", help="list tables and their versions")
     ls.add_argument("--lake", required=True)
@@ -139,7 +145,7 @@ def ingest_command(args: argparse.Namespace) -> int:
     from lepton_jax.errors import LakeError
     from lepton_jax.lake import Lake, ingest, make_source
 
-    lake = Lake(args.lake)
+    lake = Lake(args.lake, compression=args.compression)
     write_mode, image_mode = _parse_modes(args.mode)
     if args.chunk is not None and args.chunk < 1:
         raise LakeError(f"--chunk must be at least 1, got {args.chunk}")
@@ -183,7 +189,7 @@ def compact_command(args: argparse.Namespace) -> int:
 
     if not args.target_fragment_mib > 0:
         raise LakeError(f"--target-fragment-mib must be positive, got {args.target_fragment_mib}")
-    lake = Lake(args.lake)
+    lake = Lake(args.lake, compression=args.compression)
     old = lake.table(args.table)
     new = lake.compact(args.table, target_fragment_bytes=int(args.target_fragment_mib * 2**20))
     before = {s: len(old.fragments(s)) for s in old.splits}

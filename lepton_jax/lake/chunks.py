@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from lepton_jax.errors import LakeError
+from lepton_jax.lake import arrays
 from lepton_jax.lake.fragments import check_name, row_hashes
 from lepton_jax.lake.index import prefix_keys
 from lepton_jax.lake.sources import SourceData
@@ -42,6 +43,7 @@ class ChunkJob:
     label_names: list[str] | None = None
     crash: bool = False
     single: bool = False  # the source is this one chunk
+    compression: str = arrays.DEFAULT_COMPRESSION  # the lake's inner-chunk layout
 
 
 def process_chunk(job: ChunkJob) -> dict[str, Any]:
@@ -83,7 +85,7 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor, diges
                                                               job.chunk, single=job.single).items() if idx.size}
     else:
         split_index = {}
-    lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes)
+    lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes, compression=job.compression)
     writes = {}
     for k, (split, idx) in enumerate(split_index.items()):
         named = {**{name: v[idx] for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}

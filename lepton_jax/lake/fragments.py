@@ -213,9 +213,10 @@ def legacy_partials(split_stats: dict[str, Any], values_per_example: dict[str, i
 
 def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.ndarray], *,
                    target_shard_bytes: int = arrays.TARGET_SHARD_BYTES, label_array: str = LABEL,
-                   crash: bool = False, hashes: np.ndarray | None = None) -> dict[str, Any]:
-    """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays, then the row hashes), durably; returns its
-    record entry.
+                   crash: bool = False, hashes: np.ndarray | None = None,
+                   compression: str = arrays.DEFAULT_COMPRESSION) -> dict[str, Any]:
+    """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, then the row
+    hashes), durably; returns its record entry.
 
     ``crash`` passes the ``shard`` and ``array`` fault-injection points (the first fragment of a commit)."""
     sizes = {name: value.shape[0] for name, value in named.items()}
@@ -226,7 +227,8 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
         first = crash and k == 0
         key = f"{table}/{rel}/{check_name('array', name)}"
         hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
-        digest = arrays.write_array(storage, key, value, target_shard_bytes=target_shard_bytes, after_shard=hook)
+        digest = arrays.write_array(storage, key, value, target_shard_bytes=target_shard_bytes, after_shard=hook,
+                                    compression=compression)
         if first:
             crash_point("array")
         entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape),

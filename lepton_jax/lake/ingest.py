@@ -137,7 +137,8 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
     commit_id = lake.new_commit_id()
     # the lake's URI, not a path of this machine: the jobs may run on other nodes
     jobs = [ChunkJob(task, k, lake.uri, table, commit_id, lake.target_shard_bytes, fractions, int(seed),
-                     label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1)
+                     label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1,
+                     compression=lake.compression)
             for k, task in enumerate(tasks)]
     try:
         # the lease keeps gc off this commit's data until it is published (or given up)

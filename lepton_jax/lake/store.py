@@ -382,12 +382,19 @@ class GcReport:
 
 class Lake:
     """A lake of versioned tables at ``root``: a local directory, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
-    ``target_shard_bytes`` sizes the shard files of new commits."""
+    ``target_shard_bytes`` sizes the shard files of new commits and ``compression`` picks their inner-chunk layout
+    (``"none"``: raw ~64 KiB chunks, the default; ``"zstd"``: one compressed example per chunk; see
+    :mod:`lepton_jax.lake.arrays`). Readers tell the layouts apart per array, so they mix freely in one table."""
 
-    def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES):
+    def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES,
+                 compression: str = arrays.DEFAULT_COMPRESSION):
+        if compression not in arrays.COMPRESSIONS:
+            raise LakeError(f"unknown lake compression {compression!r}; expected one of "
+                            f"{', '.join(arrays.COMPRESSIONS)}")
         self.storage = open_storage(root)  # every key goes through the storage interface; arrays via its kvstore
         self.root = self.storage.root  # a Path for a local lake, the URI for an object store
         self.target_shard_bytes = int(target_shard_bytes)
+        self.compression = compression
 
     @property
     def uri(self) -> str:
@@ -455,7 +462,7 @@ class Lake:
             check_name("fragment path component", part)
         return write_fragment(self.storage, check_name("table", table), rel, named,
                               target_shard_bytes=self.target_shard_bytes, label_array=label_array, crash=crash,
-                              hashes=hashes)
+                              hashes=hashes, compression=self.compression)
 
     def write_quarantine_entries(self, table: str, commit_id: str, entries: list[dict[str, Any]]
                                  ) -> dict[str, Any]:
@@ -770,7 +777,8 @@ class Lake:
         block_rows = max(1, 16 * 2**20 // max(1, row_bytes))
         writers = {name: arrays.ArrayWriter(self.storage, f"{base}/{check_name('array', name)}",
                                             (stop - start, *m["shape"][1:]),
-                                            np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes)
+                                            np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes,
+                                            compression=self.compression)
                    for name, m in metas.items()}
         stats_parts, hash_parts = [], []
         for a in range(start, stop, block_rows):
