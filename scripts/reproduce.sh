@@ -3,7 +3,7 @@
 # Each step prints the git revision and the lake data version it used. Takes about an hour on a 2-core CPU.
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
-#                                          edge | robust (deterministic: any machine) | fresh | tests | train | lake |
+#                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | lake |
 #                                          ingest | ingest_small | serve | serve_ray (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,6 +94,10 @@ fi
 if step train; then
   echo "== training benchmark (README)"
   $PY scripts/bench_train.py --config configs/digits_cnn.py | tee results/bench_train.txt
+fi
+if step lake_s3; then
+  echo "== lake on a local S3 server: bytes and requests per random read, raw vs zstd layout (docs/lake.md; ~3 minutes)"
+  $PY scripts/bench_lake_s3.py | tee results/bench_lake_s3.txt
 fi
 if step lake; then
   echo "== lake benchmark (docs/lake.md)"

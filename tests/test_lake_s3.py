@@ -3,6 +3,7 @@ protocol relies on, errors as one line, SIGKILL during an S3 ingest, Grain reads
 The backend-independent contract tests run on both backends in test_lake_protocol.py / test_lake_contract.py."""
 
 import concurrent.futures
+import json
 import random
 import shutil
 import signal
@@ -99,13 +100,23 @@ def test_object_store_errors_are_one_line_with_exit_2(s3_env, monkeypatch, capsy
         assert "testing" not in err[0]  # the (dummy) secret never appears
 
 
+def _codecs(lake, fragment, name="image"):
+    """The inner-chunk codecs of one of a fragment's arrays, from its zarr.json in the bucket."""
+    meta = json.loads(lake.storage.read(f"t/{fragment['arrays'][name]['path']}/zarr.json"))
+    return [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]]
+
+
 def test_ingest_append_time_travel_verify_and_gc_on_s3(s3_env, tmp_path, capsys):
     uri = s3_env.new_root()
     lake = Lake(uri, target_shard_bytes=1024)
     first = ingest(lake, "t", npz_source(npz_shard(tmp_path / "a.npz", 0)))
     assert first.created and lake.versions("t") == [1]
-    second = ingest(lake, "t", npz_source(npz_shard(tmp_path / "b.npz", 1)), mode="append")
+    # the appended fragments in the raw layout (an object-store lake defaults to zstd): both read back alike
+    raw_lake = Lake(uri, target_shard_bytes=1024, compression="none")
+    second = ingest(raw_lake, "t", npz_source(npz_shard(tmp_path / "b.npz", 1)), mode="append")
     assert lake.versions("t") == [1, 2]
+    assert [_codecs(lake, f) for f in second.version.fragments("train")] == [["bytes", "zstd", "crc32c"],
+                                                                             ["bytes", "crc32c"]]
     old, new = lake.table("t", 1), lake.table("t", 2)
     assert old.num_examples("train") + 48 == new.num_examples("train") == 96
     x = np.load(tmp_path / "a.npz")["x"]
@@ -120,6 +131,7 @@ def test_ingest_append_time_travel_verify_and_gc_on_s3(s3_env, tmp_path, capsys)
     assert "split train: 48 examples" in capsys.readouterr().out
     assert main(["lake", "compact", "--lake", uri, "--table", "t"]) == 0
     assert lake.versions("t") == [1, 2, 3] and lake.verify() == []
+    assert [_codecs(lake, f) for f in lake.table("t").fragments("train")] == [["bytes", "zstd", "crc32c"]]
     assert main(["lake", "gc", "--lake", uri, "--grace-seconds", "0", "--force"]) == 0
     assert lake.verify() == []  # every version still reads (time travel) after gc
 

@@ -6,9 +6,10 @@ import argparse
 import json
 import time
 
-COMPRESSION_HELP = ("layout of the new fragments' inner chunks: none (default: raw ~64 KiB chunks, fastest to write "
-                    "and to read at random) or zstd (one compressed example per chunk: smaller for compressible data, "
-                    "fewer bytes per random read from an object store; see docs/lake.md)")
+COMPRESSION_HELP = ("layout of the new fragments' inner chunks: none (raw ~64 KiB chunks: fastest to write, and to "
+                    "read at random from a local disk) or zstd (one compressed example per chunk: smaller, and a "
+                    "random read from an object store fetches one example); default: none on a local disk, zstd on "
+                    "S3/GCS (docs/lake.md)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,14 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="when another writer commits first, re-check and commit on top this many times")
     ingest.add_argument("--allow-schema-change", action="store_true",
                         help="allow dtypes or example shapes to differ from the latest version")
-    ingest.add_argument("--compression", default="none", choices=["none", "zstd"], help=COMPRESSION_HELP)
+    ingest.add_argument("--compression", default=None, choices=["none", "zstd"], help=COMPRESSION_HELP)
     ingest.set_defaults(handler=ingest_command)
     compact = lake.add_parser("compact", help="merge a table's fragments into a new version with identical content")
     compact.add_argument("--lake", required=True)
     compact.add_argument("--table", required=True)
     compact.add_argument("--target-fragment-mib", type=float, default=1024.0,
                          help="raw size of each merged fragment (default 1024)")
-    compact.add_argument("--compression", default="none", choices=["none", "zstd"], help=COMPRESSION_HELP)
+    compact.add_argument("--compression", default=None, choices=["none", "zstd"], help=COMPRESSION_HELP)
     compact.set_defaults(handler=compact_command)
     ls = lake.add_parser("ls", help="list tables and their versions")
     ls.add_argument("--lake", required=True)

@@ -70,6 +70,7 @@ USED_DIR = "_used"  # _log/_used/<version>: an empty marker per version number e
 LEASE_DIR = "_leases"  # _leases/<commit-id>.json: a writer's lease on its commit directory, held until it published
 log = logging.getLogger(__name__)
 
+OBJECT_STORE_COMPRESSION = "zstd"  # the default layout of new arrays in a lake on S3/GCS (Lake's docstring)
 MIN_GRACE_SECONDS = 60.0  # gc's smallest grace period without force=True
 LEASE_HEARTBEAT_SECONDS = MIN_GRACE_SECONDS / 4  # a held lease is rewritten at least this often
 
@@ -383,18 +384,21 @@ class GcReport:
 class Lake:
     """A lake of versioned tables at ``root``: a local directory, ``s3://bucket/prefix`` or ``gs://bucket/prefix``.
     ``target_shard_bytes`` sizes the shard files of new commits and ``compression`` picks their inner-chunk layout
-    (``"none"``: raw ~64 KiB chunks, the default; ``"zstd"``: one compressed example per chunk; see
-    :mod:`lepton_jax.lake.arrays`). Readers tell the layouts apart per array, so they mix freely in one table."""
+    (:mod:`lepton_jax.lake.arrays`): ``"none"``, raw ~64 KiB chunks, or ``"zstd"``, one compressed example per chunk.
+    By default ``"none"`` on a local disk (a random batch is one gather from mapped files) and ``"zstd"`` on an
+    object store (a random read fetches one example, not a whole 64 KiB chunk: ``scripts/bench_lake_s3.py``).
+    Readers tell the layouts apart per array, so they mix freely in one table."""
 
     def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES,
-                 compression: str = arrays.DEFAULT_COMPRESSION):
-        if compression not in arrays.COMPRESSIONS:
+                 compression: str | None = None):
+        if compression is not None and compression not in arrays.COMPRESSIONS:
             raise LakeError(f"unknown lake compression {compression!r}; expected one of "
                             f"{', '.join(arrays.COMPRESSIONS)}")
         self.storage = open_storage(root)  # every key goes through the storage interface; arrays via its kvstore
         self.root = self.storage.root  # a Path for a local lake, the URI for an object store
         self.target_shard_bytes = int(target_shard_bytes)
-        self.compression = compression
+        local = self.storage.local_path("") is not None
+        self.compression = compression or (arrays.DEFAULT_COMPRESSION if local else OBJECT_STORE_COMPRESSION)
 
     @property
     def uri(self) -> str:
