@@ -117,6 +117,34 @@ def test_gc_keeps_data_of_a_live_lease_and_the_writer_rechecks_its_files(any_roo
     assert Lake(any_root).versions("t") == [1] and Lake(any_root).verify() == []
 
 
+def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_root, tmp_path):
+    """gc runs on a machine whose clock is two hours ahead of the storage's: a commit directory written a moment ago
+    (a writer that just crashed) and one under a lease renewed a moment ago (a live writer on another host, as an
+    object store sees it) are both young, whatever this machine's clock says."""
+    import lepton_jax.lake.store as store
+
+    lake = _lake_with_versions(any_root, tmp_path, 1)
+    crashed, leased = "t/data/20000101T000000-0123456789ab", "t/data/20000101T000000-ba9876543210"
+    lake.storage.write(f"{crashed}/train/00000/_rows.sha256", b"x" * 32)
+
+    class Ahead:  # store.py's view of the clock only (the S3 server and the file system keep the real one)
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def time():
+            return time.time() + 7200
+
+    with lake.lease("t", leased.rsplit("/", 1)[1]), pytest.MonkeyPatch.context() as mp:
+        lake.storage.write(f"{leased}/train/00000/_rows.sha256", b"x" * 32)
+        mp.setattr(store, "time", Ahead())
+        mp.setattr(store, "_pid_alive", lambda pid: False)  # judge the lease by its age, as on S3
+        report = lake.gc(3600)
+        assert report.removed == [] and sorted(report.kept_young) == sorted([crashed, leased])
+        assert lake.storage.tree(crashed) is not None and lake.storage.tree(leased) is not None
+    assert lake.verify() == [] and not [k for k in lake.storage.list("") if k.startswith(store.CLOCK_PROBE_PREFIX)]
+
+
 # -- rebase re-runs the checks ---------------------------------------------------------------------------------------
 
 def test_a_first_ingest_that_loses_the_race_is_checked_against_the_winners_schema(any_root, tmp_path):
