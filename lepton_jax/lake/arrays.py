@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ TARGET_SHARD_BYTES = 64 * 2**20
 READ_PARTS = 4  # concurrent TensorStore requests per batched random read
 WRITE_SHARDS_IN_FLIGHT = 4  # shard writes encoded concurrently (bounded: each holds a shard's worth of memory)
 READ_CACHE_BYTES = 64 * 2**20  # holds shard indices (and recently read chunks) so a random read is one byte range
+OVERLAP_DIGEST_BYTES = 2**20  # arrays this large have their content digest computed while their shards are written
 
 
 SMALL_EXAMPLE_BYTES = 64  # zstd layout: examples this small (labels, a few features) share chunks of about 4 KiB
@@ -147,21 +149,25 @@ def write_array(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
     store = _create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
     per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes, compression)
     pending = []
-    try:
-        for i, start in enumerate(range(0, array.shape[0], per_shard)):
-            stop = min(start + per_shard, array.shape[0])
-            pending.append(store[start:stop].write(array[start:stop]))
-            if after_shard is not None:  # the fault-injection hook needs shard i complete
-                pending.pop().result()
-                after_shard(i)
-            elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
-                pending.pop(0).result()
-        for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
-            future.result()
-    except ValueError as e:
-        raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
-    storage.sync(key)
-    return content_digest(array)
+    # the content digest (sha256, which releases the GIL on large buffers) runs on a thread of its own while
+    # TensorStore encodes and writes and the files are synced: one pass over the bytes, off the critical path
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-digest") as helper:
+        digest = helper.submit(content_digest, array) if array.nbytes >= OVERLAP_DIGEST_BYTES else None
+        try:
+            for i, start in enumerate(range(0, array.shape[0], per_shard)):
+                stop = min(start + per_shard, array.shape[0])
+                pending.append(store[start:stop].write(array[start:stop]))
+                if after_shard is not None:  # the fault-injection hook needs shard i complete
+                    pending.pop().result()
+                    after_shard(i)
+                elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
+                    pending.pop(0).result()
+            for future in pending:  # shards in flight at once: TensorStore encodes them on its pool concurrently
+                future.result()
+        except ValueError as e:
+            raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
+        storage.sync(key)
+        return content_digest(array) if digest is None else digest.result()
 
 
 def file_digests(storage: Storage, key: str) -> dict[str, dict[str, int | str]]:

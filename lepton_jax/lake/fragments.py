@@ -222,21 +222,24 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     if len(set(sizes.values())) != 1:
         raise LakeError(f"fragment {rel}: arrays must share their first axis, got {sizes}")
     entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
-    for k, (name, value) in enumerate(named.items()):
-        first = crash and k == 0
-        key = f"{table}/{rel}/{check_name('array', name)}"
-        hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
-        digest = arrays.write_array(storage, key, value, target_shard_bytes=target_shard_bytes, after_shard=hook)
-        if first:
-            crash_point("array")
-        entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape),
-                                 "sha256": digest, "files": arrays.file_digests(storage, key)}
-    hashes = row_hashes(named, label_array) if hashes is None else hashes
-    payload = np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()
-    storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
-    entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
-                           "sha256": hashlib.sha256(payload).hexdigest()}
-    entry["stats"] = partial_stats(named, label_array)
+    # the statistics partials (numpy reductions, mostly without the GIL) run on a thread while the arrays are written
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lake-stats") as helper:
+        stats = helper.submit(partial_stats, named, label_array)
+        for k, (name, value) in enumerate(named.items()):
+            first = crash and k == 0
+            key = f"{table}/{rel}/{check_name('array', name)}"
+            hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
+            digest = arrays.write_array(storage, key, value, target_shard_bytes=target_shard_bytes, after_shard=hook)
+            if first:
+                crash_point("array")
+            entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape),
+                                     "sha256": digest, "files": arrays.file_digests(storage, key)}
+        hashes = row_hashes(named, label_array) if hashes is None else hashes
+        payload = np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()
+        storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
+        entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
+                               "sha256": hashlib.sha256(payload).hexdigest()}
+        entry["stats"] = stats.result()
     return entry
 
 
