@@ -201,3 +201,22 @@ def test_mapped_shards_are_bounded_and_reopened_on_demand(raw_only, monkeypatch)
         idx = rng.integers(0, len(r), 50)  # touches every shard of both fragments
         assert np.array_equal(r.read(idx)["image"], whole["image"][idx])
     assert len(rawshards._mapped) <= 2 and len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+def test_digests_recorded_at_write_time_match_the_bytes_on_disk(tmp_path, monkeypatch):
+    """The content digest is computed on a helper thread while TensorStore writes (arrays of at least
+    OVERLAP_DIGEST_BYTES) or inline (smaller ones): both must equal the digest of what was stored, and every file
+    digest must be the sha256 of the file's bytes as they lie on disk."""
+    monkeypatch.setattr(arrays, "OVERLAP_DIGEST_BYTES", 5000)
+    storage = LocalStorage(tmp_path)
+    rng = np.random.default_rng(3)
+    for key, n in (("big", 300), ("small", 3)):  # 300 x 100 B: threaded digest, several shards; 3 x 100 B: inline
+        x = rng.integers(0, 255, size=(n, 10, 10), dtype=np.uint8)
+        digest = arrays.write_array(storage, key, x, target_shard_bytes=4000)
+        assert digest == arrays.content_digest(x)
+        assert digest == arrays.stored_content_digest(arrays.open_array(storage, key))
+        files = arrays.file_digests(storage, key)
+        assert len(files) == 1 + len(arrays.shard_keys(arrays.open_array(storage, key)))  # zarr.json + shards
+        for rel, info in files.items():
+            data = (tmp_path / key / rel).read_bytes()
+            assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
