@@ -14,6 +14,7 @@ import pytest
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, arrays, ingest, rawshards
+from lepton_jax.lake.fragments import write_fragment
 from lepton_jax.lake.storage import LocalStorage
 
 SHARD_BYTES = 8192  # 28x28 uint8 examples: 10 per shard, 10 per inner chunk -> several shards per fragment
@@ -45,6 +46,7 @@ def mixed(tmp_path_factory):
     lake = Lake(root / "lake", target_shard_bytes=SHARD_BYTES)
     with pytest.MonkeyPatch.context() as mp:  # the layout every table had before the raw one
         mp.setattr(arrays, "write_array", functools.partial(arrays.write_array, compression="zstd"))
+        mp.setattr(arrays, "start_write", functools.partial(arrays.start_write, compression="zstd"))
         mp.setattr(arrays, "ArrayWriter", functools.partial(arrays.ArrayWriter, compression="zstd"))
         ingest(lake, "t", _source(root / "a", 0, 95), splits={"train": 0.8, "test": 0.2})
     return ingest(lake, "t", _source(root / "b", 1, 125), splits={"train": 0.8, "test": 0.2}, mode="append").version
@@ -203,20 +205,23 @@ def test_mapped_shards_are_bounded_and_reopened_on_demand(raw_only, monkeypatch)
     assert len(rawshards._mapped) <= 2 and len(os.listdir("/proc/self/fd")) <= fds + 2
 
 
-def test_digests_recorded_at_write_time_match_the_bytes_on_disk(tmp_path, monkeypatch):
-    """The content digest is computed on a helper thread while TensorStore writes (arrays of at least
-    OVERLAP_DIGEST_BYTES) or inline (smaller ones): both must equal the digest of what was stored, and every file
-    digest must be the sha256 of the file's bytes as they lie on disk."""
-    monkeypatch.setattr(arrays, "OVERLAP_DIGEST_BYTES", 5000)
+def test_digests_recorded_at_write_time_match_the_bytes_on_disk(tmp_path):
+    """The content digest is computed while TensorStore still writes the shards (``write_array`` and a fragment's
+    arrays started together): it must equal the digest of what was stored, and every file digest must be the
+    sha256 of the file's bytes as they lie on disk."""
     storage = LocalStorage(tmp_path)
     rng = np.random.default_rng(3)
-    for key, n in (("big", 300), ("small", 3)):  # 300 x 100 B: threaded digest, several shards; 3 x 100 B: inline
-        x = rng.integers(0, 255, size=(n, 10, 10), dtype=np.uint8)
-        digest = arrays.write_array(storage, key, x, target_shard_bytes=4000)
-        assert digest == arrays.content_digest(x)
-        assert digest == arrays.stored_content_digest(arrays.open_array(storage, key))
-        files = arrays.file_digests(storage, key)
-        assert len(files) == 1 + len(arrays.shard_keys(arrays.open_array(storage, key)))  # zarr.json + shards
-        for rel, info in files.items():
+    named = {"image": rng.integers(0, 255, size=(300, 10, 10), dtype=np.uint8),  # several shards, several in flight
+             "label": rng.integers(0, 3, size=300).astype(np.int32)}
+    entry = write_fragment(storage, "t", "data/c1/train/000000", named, target_shard_bytes=4000)
+    entries = {name: (f"t/{m['path']}", m) for name, m in entry["arrays"].items()}
+    digest = arrays.write_array(storage, "single", named["image"], target_shard_bytes=4000)
+    entries["single"] = ("single", {"sha256": digest, "files": arrays.file_digests(storage, "single")})
+    for name, (key, meta) in entries.items():
+        value = named["image" if name == "single" else name]
+        assert meta["sha256"] == arrays.content_digest(value)
+        assert meta["sha256"] == arrays.stored_content_digest(arrays.open_array(storage, key))
+        assert len(meta["files"]) == 1 + len(arrays.shard_keys(arrays.open_array(storage, key)))  # zarr.json too
+        for rel, info in meta["files"].items():
             data = (tmp_path / key / rel).read_bytes()
             assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
