@@ -49,3 +49,21 @@ def test_index_matches_a_dict_across_merged_runs_and_prefix_collisions(tmp_path)
             if k != 3:
                 expected[v[1]] = expected.get(v[1], 0) + 1
         assert counts == expected
+
+
+def test_hashes_sharing_a_prefix_within_one_run_are_told_apart(tmp_path):
+    """Distinct hashes with equal first 8 bytes, in the same run and across merged runs: each lookup finds its own
+    record (not the first with that prefix), and an unknown hash with that prefix finds none."""
+    rng = np.random.default_rng(5)
+    hashes = rng.integers(0, 256, size=(9, 32), dtype=np.uint8)
+    hashes[:, :8] = hashes[0, :8]  # all nine share one prefix
+    with HashIndex(tmp_path, max_run=64, memory_run=4) as index:
+        for start in (0, 3, 6):  # three adds: in memory, then runs on disk merged with it
+            part = hashes[start:start + 3]
+            assert (index.lookup(part) == -1).all()
+            index.add(part, np.arange(3), "train", NEW, start, np.arange(3), np.arange(start, start + 3))
+        found = index.lookup(hashes[::-1])
+        assert [index.record(int(f)).index for f in found] == list(range(8, -1, -1))
+        other = hashes[:1].copy()
+        other[0, 31] ^= 1
+        assert index.lookup(other)[0] == -1

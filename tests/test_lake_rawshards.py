@@ -13,6 +13,7 @@ import pytest
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, arrays, ingest, rawshards
+from lepton_jax.lake.fragments import write_fragment
 from lepton_jax.lake.storage import LocalStorage
 
 SHARD_BYTES = 8192  # 28x28 uint8 examples: 10 per shard, 10 per inner chunk -> several shards per fragment
@@ -227,3 +228,25 @@ def test_the_cli_picks_the_layout_of_new_fragments_and_content_does_not_depend_o
     assert e.value.code == 2 and "invalid choice: 'lz4'" in capsys.readouterr().err
     with pytest.raises(LakeError, match="unknown lake compression 'lz4'"):
         Lake(lake, compression="lz4")
+
+
+def test_digests_recorded_at_write_time_match_the_bytes_on_disk(tmp_path):
+    """The content digest is computed while TensorStore still writes the shards (``write_array`` and a fragment's
+    arrays started together): it must equal the digest of what was stored, and every file digest must be the
+    sha256 of the file's bytes as they lie on disk."""
+    storage = LocalStorage(tmp_path)
+    rng = np.random.default_rng(3)
+    named = {"image": rng.integers(0, 255, size=(300, 10, 10), dtype=np.uint8),  # several shards, several in flight
+             "label": rng.integers(0, 3, size=300).astype(np.int32)}
+    entry = write_fragment(storage, "t", "data/c1/train/000000", named, target_shard_bytes=4000)
+    entries = {name: (f"t/{m['path']}", m) for name, m in entry["arrays"].items()}
+    digest = arrays.write_array(storage, "single", named["image"], target_shard_bytes=4000)
+    entries["single"] = ("single", {"sha256": digest, "files": arrays.file_digests(storage, "single")})
+    for name, (key, meta) in entries.items():
+        value = named["image" if name == "single" else name]
+        assert meta["sha256"] == arrays.content_digest(value)
+        assert meta["sha256"] == arrays.stored_content_digest(arrays.open_array(storage, key))
+        assert len(meta["files"]) == 1 + len(arrays.shard_keys(arrays.open_array(storage, key)))  # zarr.json too
+        for rel, info in meta["files"].items():
+            data = (tmp_path / key / rel).read_bytes()
+            assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -24,6 +24,8 @@ truncated and ``verify`` can check every byte.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -142,6 +144,48 @@ def write_array(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
     content digest. ``after_shard(i)`` is called after shard ``i`` is written (a hook for fault-injection tests);
     ``compression`` picks the layout (module doc).
     """
+    write = start_write(storage, key, array, target_shard_bytes=target_shard_bytes, after_shard=after_shard,
+                        compression=compression)
+    # hashed while TensorStore encodes and writes the shards still in flight (sha256 releases the GIL)
+    return write.finish(content_digest(array))
+
+
+@dataclasses.dataclass
+class PendingWrite:
+    """An array whose last shards TensorStore may still be encoding and writing (see :func:`start_write`)."""
+
+    storage: Storage
+    key: str
+    array: np.ndarray
+    pending: list[ts.WriteFutures]
+
+    def finish(self, digest: str | None = None) -> str:
+        """Waits for the shards, makes the array's files durable and returns its content digest (``digest`` if
+        the caller computed it meanwhile)."""
+        try:
+            for future in self.pending:
+                future.result()
+        except ValueError as e:
+            raise LakeError(f"cannot write lake array {self.storage.describe(self.key)}: {_short(e)}") from e
+        self.pending = []
+        self.storage.sync(self.key)
+        return content_digest(self.array) if digest is None else digest
+
+    def abandon(self) -> None:
+        """Waits for the shards in flight, ignoring their errors (so that nothing still writes once the caller
+        gives up, e.g. to discard the commit)."""
+        for future in self.pending:
+            with contextlib.suppress(ValueError):
+                future.result()
+        self.pending = []
+
+
+def start_write(storage: Storage, key: str, array: np.ndarray, *, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                after_shard: Callable[[int], None] | None = None,
+                compression: str = DEFAULT_COMPRESSION) -> PendingWrite:
+    """Creates the array at ``key`` and starts writing it shard by shard (at most :data:`WRITE_SHARDS_IN_FLIGHT`
+    in flight: it returns while the last of them are encoded on TensorStore's threads, so the caller can work
+    meanwhile); :meth:`PendingWrite.finish` completes it. ``after_shard``: as for :func:`write_array`."""
     if array.ndim == 0 or array.shape[0] == 0:
         raise LakeError(f"cannot store an empty array at {storage.describe(key)}: shape {array.shape}")
     store = _create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
@@ -154,14 +198,11 @@ def write_array(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
             if after_shard is not None:  # the fault-injection hook needs shard i complete
                 pending.pop().result()
                 after_shard(i)
-            elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:
+            elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:  # shards in flight are encoded concurrently
                 pending.pop(0).result()
-        for future in pending:  # shards in flight at once: TensorStore encodes them on its thread pool concurrently
-            future.result()
     except ValueError as e:
         raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
-    storage.sync(key)
-    return content_digest(array)
+    return PendingWrite(storage, key, array, pending)
 
 
 def file_digests(storage: Storage, key: str) -> dict[str, dict[str, int | str]]:

@@ -273,8 +273,11 @@ def _clean(data: SourceData, labels: np.ndarray, names: list[str]
                 rejects.setdefault(int(i), ("non_finite", f"{data.example_id(int(i))}: {name!r} holds NaN or inf"))
         lo, hi = data.value_ranges[name]
         with np.errstate(invalid="ignore"):  # per-row extremes: no temporary as large as the chunk
-            low, high = (flat.min(axis=1), flat.max(axis=1)) if flat.shape[1] else (np.zeros(n), np.zeros(n))
-            out = ((low < lo) | (high > hi)) & keep
+            if flat.size and lo <= flat.min() and flat.max() <= hi:  # the whole chunk in range (a NaN fails this)
+                out = np.zeros(n, dtype=bool)
+            else:
+                low, high = (flat.min(axis=1), flat.max(axis=1)) if flat.shape[1] else (np.zeros(n), np.zeros(n))
+                out = ((low < lo) | (high > hi)) & keep
         for i in np.flatnonzero(out):
             rejects.setdefault(int(i), ("out_of_range", f"{data.example_id(int(i))}: {name!r} has values in "
                                                         f"[{flat[i].min()}, {flat[i].max()}], outside the declared "

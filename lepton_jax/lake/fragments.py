@@ -223,23 +223,42 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     if len(set(sizes.values())) != 1:
         raise LakeError(f"fragment {rel}: arrays must share their first axis, got {sizes}")
     entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
-    for k, (name, value) in enumerate(named.items()):
-        first = crash and k == 0
-        key = f"{table}/{rel}/{check_name('array', name)}"
-        hook = (lambda i: crash_point("shard") if i == 0 else None) if first else None
-        digest = arrays.write_array(storage, key, value, target_shard_bytes=target_shard_bytes, after_shard=hook,
-                                    compression=compression)
-        if first:
-            crash_point("array")
-        entry["arrays"][name] = {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape),
-                                 "sha256": digest, "files": arrays.file_digests(storage, key)}
+    keys = {name: f"{table}/{rel}/{check_name('array', name)}" for name in named}
+    if crash:  # one array after the other, so the fault-injection points fall where the tests expect them
+        for k, (name, value) in enumerate(named.items()):
+            hook = (lambda i: crash_point("shard") if i == 0 else None) if k == 0 else None
+            digest = arrays.write_array(storage, keys[name], value, target_shard_bytes=target_shard_bytes,
+                                        after_shard=hook, compression=compression)
+            if k == 0:
+                crash_point("array")
+            entry["arrays"][name] = _array_entry(storage, rel, name, value, keys[name], digest)
+        stats = partial_stats(named, label_array)
+    else:  # every array's shards in flight at once; the statistics and digests computed while TensorStore writes
+        writes: dict[str, arrays.PendingWrite] = {}
+        try:
+            for name, value in named.items():
+                writes[name] = arrays.start_write(storage, keys[name], value, target_shard_bytes=target_shard_bytes,
+                                                  compression=compression)
+            stats = partial_stats(named, label_array)
+            for name, value in named.items():
+                digest = writes[name].finish(arrays.content_digest(value))
+                entry["arrays"][name] = _array_entry(storage, rel, name, value, keys[name], digest)
+        except BaseException:
+            for write in writes.values():  # nothing may still write into the fragment once this returns
+                write.abandon()
+            raise
     hashes = row_hashes(named, label_array) if hashes is None else hashes
     payload = np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()
     storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
     entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
                            "sha256": hashlib.sha256(payload).hexdigest()}
-    entry["stats"] = partial_stats(named, label_array)
+    entry["stats"] = stats
     return entry
+
+
+def _array_entry(storage: Storage, rel: str, name: str, value: np.ndarray, key: str, digest: str) -> dict[str, Any]:
+    return {"path": f"{rel}/{name}", "dtype": value.dtype.name, "shape": list(value.shape), "sha256": digest,
+            "files": arrays.file_digests(storage, key)}
 
 
 def split_fragments(entry: dict[str, Any]) -> list[dict[str, Any]]:

@@ -41,6 +41,18 @@ class Hit(NamedTuple):
     ident: str
 
 
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Runs ``a`` and ``b`` (each ``(2, n)`` uint64: keys sorted, then record numbers) as one sorted run, in linear
+    passes: each of ``b``'s entries goes after ``a``'s entries with keys up to its own."""
+    at = np.searchsorted(a[0], b[0], "right") + np.arange(b.shape[1])
+    out = np.empty((2, a.shape[1] + b.shape[1]), dtype=np.uint64)
+    rest = np.ones(out.shape[1], dtype=bool)
+    rest[at] = False
+    out[:, at] = b
+    out[:, rest] = a
+    return out
+
+
 def prefix_keys(hashes: np.ndarray) -> np.ndarray:
     """The first 8 bytes of each ``(n, 32)`` uint8 hash as an unsigned integer whose order is the bytes' order."""
     return np.ascontiguousarray(hashes[:, :8]).view(">u8").reshape(-1).astype(np.uint64)
@@ -60,7 +72,8 @@ class HashIndex:
         self._lazy_ids: list[Sequence[str]] = []
         self.n = 0
         self._memory: np.ndarray | None = None  # the newest entries, sorted, until there are MEMORY_RUN of them
-        self._runs: list[tuple[Path, int]] = []  # (file of a structured (key, record) array sorted by key, entries)
+        # (file of a (2, n) uint64 array: keys sorted, each row contiguous for searchsorted; record numbers), entries
+        self._runs: list[tuple[Path, int]] = []
         self._next_run = 0
         self._splits: list[str] = []
 
@@ -71,23 +84,24 @@ class HashIndex:
         if not hashes.shape[0] or not self.n:
             return out
         keys = prefix_keys(hashes)
-        order = np.argsort(keys, kind="stable")
+        order = np.argsort(keys)  # sorted probes: searchsorted walks each run once
         sorted_keys = keys[order]
         for path in [None, *(p for p, _ in self._runs)]:
             run = self._memory if path is None else np.load(path, mmap_mode="r")
             if run is None:
                 continue
-            run_keys = run["key"]
+            run_keys = run[0]
             lo = np.searchsorted(run_keys, sorted_keys, "left")
-            hi = np.searchsorted(run_keys, sorted_keys, "right")
-            for k in np.flatnonzero(hi > lo):  # prefix matches (real duplicates, or one in 2**64 by chance)
+            found = lo < run_keys.shape[0]
+            found[found] = run_keys[lo[found]] == sorted_keys[found]
+            for k in np.flatnonzero(found):  # prefix matches (real duplicates, or one in 2**64 by chance)
                 i = int(order[k])
-                if out[i] >= 0:
-                    continue
-                for rec in run["record"][lo[k]:hi[k]]:
-                    if self._read(int(rec))["h"].tobytes() == hashes[i].tobytes():
-                        out[i] = int(rec)
-                        break
+                j = int(lo[k])
+                while out[i] < 0 and j < run_keys.shape[0] and run_keys[j] == sorted_keys[k]:
+                    rec = int(run[1, j])
+                    if self._read(rec)["h"].tobytes() == hashes[i].tobytes():
+                        out[i] = rec
+                    j += 1
             del run, run_keys
         return out
 
@@ -123,28 +137,25 @@ class HashIndex:
                 rec["id_src"], rec["id_pos"] = len(self._lazy_ids) - 1, pos
         self._records.seek(self.n * RECORD.itemsize)
         self._records.write(rec.tobytes())
-        run = np.empty(n, dtype=[("key", "<u8"), ("record", "<i8")])
-        run["key"] = prefix_keys(hashes)
-        run["record"] = np.arange(self.n, self.n + n)
+        keys = prefix_keys(hashes)
+        order = np.argsort(keys)  # the order of equal keys does not matter: lookups check every one
+        run = np.stack([keys[order], order.astype(np.uint64) + np.uint64(self.n)])
         self.n += n
         if self._memory is not None:  # small adds gather in memory first: no file per fragment
-            run = np.concatenate([self._memory, run])
-        run = run[np.argsort(run["key"], kind="stable")]
-        if run.shape[0] < self.memory_run:
+            run = _merge(self._memory, run)
+        if run.shape[1] < self.memory_run:
             self._memory = run
             return
         self._memory = None
-        while self._runs and self._runs[-1][1] <= 2 * run.shape[0] and self._runs[-1][1] + run.shape[0] <= \
+        while self._runs and self._runs[-1][1] <= 2 * run.shape[1] and self._runs[-1][1] + run.shape[1] <= \
                 self.max_run:
             path, _ = self._runs.pop()
-            merged = np.concatenate([np.load(path), run])
+            run = _merge(np.load(path), run)
             path.unlink()
-            run = merged[np.argsort(merged["key"], kind="stable")]
-            del merged
         path = self.path / f"run{self._next_run:06d}.npy"
         self._next_run += 1
         np.save(path, run)
-        self._runs.append((path, run.shape[0]))
+        self._runs.append((path, run.shape[1]))
 
     def _read(self, number: int) -> np.ndarray:
         self._records.flush()
