@@ -26,3 +26,26 @@ def version_rows(tv):
         data = tv.reader(split).read_all()
         out += [img.tobytes() + bytes([lab]) for img, lab in zip(data["image"], data["label"], strict=True)]
     return sorted(out)
+
+
+class DyingShard:
+    """A chunk whose loading kills its worker process (SIGKILL, as the OOM killer would)."""
+
+    def load(self):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DyingSource:
+    """An npz directory source whose last chunk kills the worker process that loads it."""
+
+    name = "npz"
+
+    def __init__(self, path):
+        self.inner = npz_source(path)
+        self.uri = self.inner.uri
+
+    def tasks(self):
+        return [*self.inner.tasks(), DyingShard()]

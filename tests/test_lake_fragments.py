@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lepton_jax.cli import main
+from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, ingest
 from lepton_jax.lake.faults import ENV, POINTS
+from tests.lake_data import DyingSource, npz_shard, npz_source
 
 SHARD_BYTES = 1024
 
@@ -103,6 +106,21 @@ def test_append_shares_fragments_and_compact_keeps_content(tmp_path):
             ".tobytes())\n")
     out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, check=True).stdout
     assert out == b"".join(v2.reader(s).read()[name].tobytes() for name in ("image", "label") for s in v2.splits)
+
+
+def test_a_worker_process_killed_mid_ingest_fails_the_ingest_and_commits_nothing(tmp_path):
+    """Workers are forked from a preloaded fork server; one SIGKILLed while loading its chunk (out of memory, say)
+    is one clear error, the table keeps its previous version and nothing of the failed commit remains."""
+    (tmp_path / "src").mkdir()
+    for k in range(3):
+        npz_shard(tmp_path / "src" / f"s{k}.npz", k)
+    lake = Lake(tmp_path / "lake")
+    ingest(lake, "t", npz_source(tmp_path / "src" / "s0.npz"))
+    with pytest.raises(LakeError, match="an ingest worker process died"):
+        ingest(lake, "t", DyingSource(tmp_path / "src"), workers=2)
+    assert lake.versions("t") == [1] and lake.verify() == []
+    assert lake.storage.list("t/data/") == [lake.table("t").record["commit_id"]]
+    assert lake.storage.list("t/_leases/") == []
 
 
 def test_chunks_in_two_workers_give_the_same_version_and_cross_chunk_dedup(tmp_path, capsys):

@@ -39,6 +39,7 @@ from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitRe
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
 MODES = ("overwrite", "append")
 EXECUTORS = ("process", "ray")
+WORKER_PRELOAD = ["lepton_jax.lake.chunks", "PIL.Image", "PIL.JpegImagePlugin", "PIL.PngImagePlugin"]
 CHUNKS_AHEAD = 1  # one worker: chunks submitted to its thread beyond the one being decided (each holds a chunk)
 
 __all__ = ["DEFAULT_SPLITS", "IngestResult", "LabelFn", "ingest", "stratified_split"]
@@ -97,9 +98,8 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     pool = None
     if executor == "process" and (workers or 1) > 1:
         # started now, so the workers' start-up overlaps listing the source; it also reads an image folder's
-        # headers in parallel (spawn, not fork: the caller may hold JAX/TensorStore threads, which a forked child
-        # would inherit broken)
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        # headers in parallel
+        pool = _worker_pool(workers)
         for _ in range(workers):
             pool.submit(warm_up)
     try:
@@ -113,6 +113,16 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` processes forked from a fork server that has imported the chunk code (and Pillow's common
+    plugins) once: each worker starts without importing the lake again. Never forked from the caller, which may
+    hold JAX/TensorStore threads a forked child would inherit broken: the fork server is a fresh interpreter, and
+    those imports start no threads but OpenBLAS's, which is fork-safe."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | None, *,
@@ -344,7 +354,7 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
                     threads.shutdown(wait=True, cancel_futures=True)
             return
         if pool is None:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            pool = _worker_pool(workers)
         with pool:
             try:
                 for result in pool.map(process_chunk, jobs):
