@@ -330,7 +330,7 @@ def main() -> None:
               f"{summary([x['p99'] for x in rs]):>20s} {'(many processes)':>20s} "
               f"{summary([x['client_cpu_ms'] for x in rs], '{:.3f}'):>20s}")
         ratio_r = [r["rps"] / b["rps"] for r, b in zip(rs, results["batched"], strict=False)]
-        print(f"  throughput Ray Serve / one-process batched: {summary(ratio_r, '{:.2f}')}x")
+        print(f"  throughput Ray Serve / one-process batched: {summary(ratio_r, '{:.3f}')}x")
     ratio_u = [b["rps"] / u["rps"] for b, u in zip(results["batched"], results["unbatched"], strict=True)]
     ratio_b = [b["rps"] / u["rps"] for b, u in zip(results["batched"], results["bare"], strict=True)]
     ratio_o = [b["rps"] / u["rps"] for b, u in zip(results["batched"], results[BARE_ORJSON], strict=True)]
