@@ -14,7 +14,7 @@ from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, ingest
 from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
-from lepton_jax.lake.storage import open_storage
+from lepton_jax.lake.storage import CLOCK_PROBE_PREFIX, open_storage
 from tests.lake_data import npz_shard, npz_source
 
 WRITER = """
@@ -142,7 +142,7 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
         report = lake.gc(3600)
         assert report.removed == [] and sorted(report.kept_young) == sorted([crashed, leased])
         assert lake.storage.tree(crashed) is not None and lake.storage.tree(leased) is not None
-    assert lake.verify() == [] and not [k for k in lake.storage.list("") if k.startswith(store.CLOCK_PROBE_PREFIX)]
+    assert lake.verify() == [] and not [k for k in lake.storage.list("") if k.startswith(CLOCK_PROBE_PREFIX)]
 
 
 # -- rebase re-runs the checks ---------------------------------------------------------------------------------------

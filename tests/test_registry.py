@@ -240,6 +240,34 @@ def test_crash_before_the_record_leaves_no_version_and_gc_removes_the_copy(moved
     Predictor.from_registry(registry.get("digits", 1))  # the referenced parameters are untouched
 
 
+def test_registry_gc_ages_copies_by_the_storages_clock_not_this_machines(tmp_path):
+    """A parameter copy and a record's temp file written a moment ago are young however far this machine's clock
+    runs ahead (gc reads the storage's clock and the storage's timestamps, not the times in their names)."""
+    import time
+
+    from lepton_jax.serve import registry as registry_module
+    from lepton_jax.serve.lake_params import write_tree
+
+    registry = Registry(tmp_path / "lake")
+    key = registry.new_params_key("m")
+    write_tree(registry.storage, key, {"w": np.zeros(3, np.float32)})
+    temp = f"_models/m/{registry_module.TEMP_PREFIX}{int(time.time() * 1000):013d}-0123"
+    registry.storage.write(temp, b"{}")
+
+    class Ahead:  # the registry module's view of the clock only
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def time():
+            return time.time() + 7200
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry_module, "time", Ahead())
+        assert registry.gc(3600) == []
+    assert sorted(registry.gc(0, force=True)) == sorted([key, temp])
+
+
 def test_table_names_beginning_with_underscore_are_reserved(tmp_path, capsys):
     with pytest.raises(LakeError, match="table name '_models' is reserved"):
         ingest(Lake(tmp_path), "_models", DigitsSource())

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +32,8 @@ from typing import Any, Protocol
 from lepton_jax.errors import LakeError
 from lepton_jax.lake.publish import fsync_dir, make_dirs, publish_new, write_file
 from lepton_jax.lake.uri import parse_root
+
+log = logging.getLogger(__name__)
 
 
 class Storage(Protocol):
@@ -91,6 +95,27 @@ def _check_key(key: str) -> list[str]:
     if any(p in ("", ".", "..") for p in parts):
         raise LakeError(f"invalid lake key {key!r}")
     return parts
+
+
+CLOCK_PROBE_PREFIX = "_clock-probe-"  # + random hex: an empty object written and removed by storage_clock
+
+
+def storage_clock(storage: Storage) -> float:
+    """Now, by the storage's clock: the last-modified time of an empty probe object written (and removed) at the
+    root. Garbage collectors age data by the storage's timestamps, so they must not compare them with this machine's
+    clock, which may run ahead of the object store's (or the file server's). Falls back to this machine's clock,
+    with a warning, where the probe cannot be written (read-only credentials)."""
+    key = f"{CLOCK_PROBE_PREFIX}{uuid.uuid4().hex}"
+    found = None
+    try:
+        storage.write(key, b"")
+        found = storage.stat(key)
+    except (OSError, LakeError) as e:
+        log.warning("cannot write a clock probe at %s (%s); using this machine's clock", storage.describe(key), e)
+    finally:
+        with contextlib.suppress(OSError, LakeError):
+            storage.delete(key)
+    return found[1] if found is not None else time.time()
 
 
 class LocalStorage:

@@ -58,7 +58,7 @@ from lepton_jax.lake.fragments import (
     split_fragments,
     write_fragment,
 )
-from lepton_jax.lake.storage import Storage, open_storage
+from lepton_jax.lake.storage import Storage, open_storage, storage_clock
 
 FORMAT = "lepton-lake/2"
 FORMATS = ("lepton-lake/1", FORMAT)  # version 1: one array per split and array, no fragments (still read)
@@ -70,7 +70,6 @@ USED_DIR = "_used"  # _log/_used/<version>: an empty marker per version number e
 LEASE_DIR = "_leases"  # _leases/<commit-id>.json: a writer's lease on its commit directory, held until it published
 log = logging.getLogger(__name__)
 
-CLOCK_PROBE_PREFIX = "_clock-probe-"  # + random hex: gc's probe of the storage's clock, at the lake root
 OBJECT_STORE_COMPRESSION = "zstd"  # the default layout of new arrays in a lake on S3/GCS (Lake's docstring)
 MIN_GRACE_SECONDS = 60.0  # gc's smallest grace period without force=True
 LEASE_HEARTBEAT_SECONDS = MIN_GRACE_SECONDS / 4  # a held lease is rewritten at least this often
@@ -695,29 +694,11 @@ class Lake:
             # a table that got no data (a failed first commit) leaves nothing
             self.storage.prune(f"{table}/{LEASE_DIR}", table)
 
-    def storage_clock(self) -> float:
-        """Now, by the storage's clock: the last-modified time of an empty probe object written and removed here.
-        gc ages data and leases by the storage's timestamps, so it must not compare them with this machine's clock,
-        which may run ahead of the object store's (or the file server's); falls back to this machine's clock, with a
-        warning, where the probe cannot be written (read-only credentials)."""
-        key = f"{CLOCK_PROBE_PREFIX}{uuid.uuid4().hex}"
-        try:
-            self.storage.write(key, b"")
-            found = self.storage.stat(key)
-        except (OSError, LakeError) as e:
-            found = None
-            log.warning("cannot write a clock probe at %s (%s); using this machine's clock", self.storage.describe(key),
-                        e)
-        finally:
-            with contextlib.suppress(OSError, LakeError):
-                self.storage.delete(key)
-        return found[1] if found is not None else time.time()
-
     def _leases(self, table: str, grace_seconds: float, now: float) -> tuple[set[str], set[str]]:
         """Commit ids whose writer still holds its lease (a process alive on this host, with the same pid and start
         time, on a local lake), or a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)`` (another host,
         or an object store: by the lease object's last-modified time), and the commit ids of leases found expired
-        (their writers died). Ages are taken at ``now``, by the storage's clock (:meth:`storage_clock`)."""
+        (their writers died). Ages are taken at ``now``, by the storage's clock (:func:`storage_clock`)."""
         live: set[str] = set()
         dead: set[str] = set()
         local = self.storage.local_path("") is not None
@@ -978,7 +959,7 @@ class Lake:
                             "force=True (--force) to use it (live writers' leases are still honoured)")
         report = GcReport([], 0, [])
         failed: list[str] = []
-        now = self.storage_clock()  # ages compare the storage's timestamps with the storage's clock
+        now = storage_clock(self.storage)  # ages compare the storage's timestamps with the storage's clock
         for name in ([check_name("table", table)] if table else self.tables()):
             candidates = [f"{name}/{DATA_DIR}/{n}" for n in self.storage.list(f"{name}/{DATA_DIR}/")]
             candidates += [f"{name}/{LOG_DIR}/{n}" for n in self.storage.list(f"{name}/{LOG_DIR}/")

@@ -216,7 +216,7 @@ class Registry:
         return self.add(name, {"description": description, **fields, "params": params})
 
     def new_params_key(self, name: str) -> str:
-        """A fresh key for a version's parameters (its id starts with the time, which :meth:`gc` reads)."""
+        """A fresh key for a version's parameters (its id starts with the time, so ids sort by age)."""
         return f"{MODELS_DIR}/{check_name('model name', name)}/{PARAMS_DIR}/{int(time.time() * 1000):013d}-" \
                f"{uuid.uuid4().hex[:12]}"
 
@@ -256,14 +256,16 @@ class Registry:
         if grace_seconds < MIN_GC_GRACE_SECONDS and not force:
             raise RegistryError(f"registry gc: a grace period under {MIN_GC_GRACE_SECONDS:g} s can delete the "
                                 "parameters of a registration in progress; pass --force if none is running")
-        cutoff_ms = (time.time() - grace_seconds) * 1000
+        from lepton_jax.lake.storage import storage_clock
+
+        cutoff = storage_clock(self.storage) - grace_seconds  # the storage's clock against its own timestamps
         removed = []
         for name in self.names():
             base = f"{MODELS_DIR}/{name}"
             for prefix in [base] + [f"{base}/{STAGES_DIR}/{s}" for s in self.storage.list(f"{base}/{STAGES_DIR}/")]:
                 for temp in self.storage.list(f"{prefix}/"):
-                    m = _TEMP.match(temp)
-                    if m and int(m.group(1)) < cutoff_ms:
+                    found = self.storage.stat(f"{prefix}/{temp}") if _TEMP.match(temp) else None
+                    if found is not None and found[1] <= cutoff:
                         if not dry_run:
                             self.storage.delete(f"{prefix}/{temp}")
                         removed.append(f"{prefix}/{temp}")
@@ -273,7 +275,8 @@ class Registry:
             used = {self.get(name, v).record.get("params", {}).get("key") for v in self.versions(name)}
             for params_id in ids:
                 key = f"{MODELS_DIR}/{name}/{PARAMS_DIR}/{params_id}"
-                if key in used or int(_PARAMS_ID.match(params_id).group(1)) >= cutoff_ms:
+                found = None if key in used else self.storage.tree(key)
+                if found is None or found[1] > cutoff:  # referenced, gone, or written to within the grace
                     continue
                 if self.storage.list(f"{key}/"):  # (a removed copy leaves an empty directory on local disk)
                     if not dry_run:
