@@ -15,6 +15,7 @@ from lepton_jax.lake import Lake, ingest
 from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
 from lepton_jax.lake.storage import CLOCK_PROBE_PREFIX, open_storage
+from lepton_jax.serve.registry import Registry
 from tests.lake_data import npz_shard, npz_source
 
 WRITER = """
@@ -143,6 +144,8 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
         assert report.removed == [] and sorted(report.kept_young) == sorted([crashed, leased])
         assert lake.storage.tree(crashed) is not None and lake.storage.tree(leased) is not None
     assert lake.verify() == [] and not [k for k in lake.storage.list("") if k.startswith(CLOCK_PROBE_PREFIX)]
+    typo = tmp_path / "no-such-lake"  # a mistyped root: gc finds nothing and its clock probe creates nothing
+    assert Lake(typo).gc(3600).removed == [] and Registry(typo).gc(3600) == [] and not typo.exists()
 
 
 # -- rebase re-runs the checks ---------------------------------------------------------------------------------------

@@ -959,6 +959,8 @@ class Lake:
                             "force=True (--force) to use it (live writers' leases are still honoured)")
         report = GcReport([], 0, [])
         failed: list[str] = []
+        if not self.exists():  # nothing to collect, and the clock probe must not create the root
+            return report
         now = storage_clock(self.storage)  # ages compare the storage's timestamps with the storage's clock
         for name in ([check_name("table", table)] if table else self.tables()):
             candidates = [f"{name}/{DATA_DIR}/{n}" for n in self.storage.list(f"{name}/{DATA_DIR}/")]

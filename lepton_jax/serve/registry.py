@@ -258,9 +258,12 @@ class Registry:
                                 "parameters of a registration in progress; pass --force if none is running")
         from lepton_jax.lake.storage import storage_clock
 
+        names = self.names()
+        if not names:  # nothing to collect, and the clock probe must not create the lake
+            return []
         cutoff = storage_clock(self.storage) - grace_seconds  # the storage's clock against its own timestamps
         removed = []
-        for name in self.names():
+        for name in names:
             base = f"{MODELS_DIR}/{name}"
             for prefix in [base] + [f"{base}/{STAGES_DIR}/{s}" for s in self.storage.list(f"{base}/{STAGES_DIR}/")]:
                 for temp in self.storage.list(f"{prefix}/"):
