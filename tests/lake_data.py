@@ -49,3 +49,19 @@ class DyingSource:
 
     def tasks(self):
         return [*self.inner.tasks(), DyingShard()]
+
+
+class ClockAhead:
+    """A stand-in for the ``time`` module whose ``time()`` runs ``seconds`` ahead (patched into one module, so only
+    that module's view of the clock is skewed: servers and file systems keep the real one)."""
+
+    def __init__(self, seconds: float):
+        import time
+
+        self._time, self.seconds = time, seconds
+
+    def __getattr__(self, name):
+        return getattr(self._time, name)
+
+    def time(self) -> float:
+        return self._time.time() + self.seconds

@@ -16,7 +16,7 @@ from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
 from lepton_jax.lake.storage import CLOCK_PROBE_PREFIX, open_storage
 from lepton_jax.serve.registry import Registry
-from tests.lake_data import npz_shard, npz_source
+from tests.lake_data import ClockAhead, npz_shard, npz_source
 
 WRITER = """
 import sys
@@ -128,17 +128,9 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
     crashed, leased = "t/data/20000101T000000-0123456789ab", "t/data/20000101T000000-ba9876543210"
     lake.storage.write(f"{crashed}/train/00000/_rows.sha256", b"x" * 32)
 
-    class Ahead:  # store.py's view of the clock only (the S3 server and the file system keep the real one)
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def time():
-            return time.time() + 7200
-
     with lake.lease("t", leased.rsplit("/", 1)[1]), pytest.MonkeyPatch.context() as mp:
         lake.storage.write(f"{leased}/train/00000/_rows.sha256", b"x" * 32)
-        mp.setattr(store, "time", Ahead())
+        mp.setattr(store, "time", ClockAhead(7200))  # store.py's view of the clock only
         mp.setattr(store, "_pid_alive", lambda pid: False)  # judge the lease by its age, as on S3
         report = lake.gc(3600)
         assert report.removed == [] and sorted(report.kept_young) == sorted([crashed, leased])

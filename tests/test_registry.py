@@ -247,6 +247,7 @@ def test_registry_gc_ages_copies_by_the_storages_clock_not_this_machines(tmp_pat
 
     from lepton_jax.serve import registry as registry_module
     from lepton_jax.serve.lake_params import write_tree
+    from tests.lake_data import ClockAhead
 
     registry = Registry(tmp_path / "lake")
     key = registry.new_params_key("m")
@@ -254,16 +255,8 @@ def test_registry_gc_ages_copies_by_the_storages_clock_not_this_machines(tmp_pat
     temp = f"_models/m/{registry_module.TEMP_PREFIX}{int(time.time() * 1000):013d}-0123"
     registry.storage.write(temp, b"{}")
 
-    class Ahead:  # the registry module's view of the clock only
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def time():
-            return time.time() + 7200
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(registry_module, "time", Ahead())
+        mp.setattr(registry_module, "time", ClockAhead(7200))  # the registry module's view of the clock only
         assert registry.gc(3600) == []
     assert sorted(registry.gc(0, force=True)) == sorted([key, temp])
 
