@@ -222,7 +222,17 @@ def test_the_cli_picks_the_layout_of_new_fragments_and_content_does_not_depend_o
         assert compacted.record["splits"][split]["content_sha256"] == appended.record["splits"][split][
             "content_sha256"]
         assert np.array_equal(_reader(compacted, split).read()["image"], _reader(appended, split).read()["image"])
-    capsys.readouterr()
+    # a one-fragment split is rewritten only to change its layout, and only when the layout is asked for
+    assert main(["lake", "compact", "--lake", str(lake), "--table", "t"]) == 0
+    assert Lake(lake).versions("t") == [1, 2, 3] and "nothing to compact" in capsys.readouterr().out
+    assert main(["lake", "compact", "--lake", str(lake), "--table", "t", "--compression", "none"]) == 0
+    relaid = Lake(lake).table("t")
+    assert relaid.version == 4 and Lake(lake).verify() == []
+    for split in relaid.splits:
+        assert [_codecs(relaid, f) for f in relaid.fragments(split)] == [raw]
+        assert relaid.record["splits"][split]["content_sha256"] == appended.record["splits"][split]["content_sha256"]
+    assert main(["lake", "compact", "--lake", str(lake), "--table", "t", "--compression", "none"]) == 0
+    assert Lake(lake).versions("t") == [1, 2, 3, 4] and "all in the none layout" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["lake", "ingest", *base, "--source", f"npz:{tmp_path / 'a'}", "--compression", "lz4"])
     assert e.value.code == 2 and "invalid choice: 'lz4'" in capsys.readouterr().err

@@ -62,7 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     compact.add_argument("--table", required=True)
     compact.add_argument("--target-fragment-mib", type=float, default=1024.0,
                          help="raw size of each merged fragment (default 1024)")
-    compact.add_argument("--compression", default=None, choices=["none", "zstd"], help=COMPRESSION_HELP)
+    compact.add_argument("--compression", default=None, choices=["none", "zstd"],
+                         help=COMPRESSION_HELP + "; given explicitly, a split whose one fragment is in the other "
+                                                 "layout is rewritten too")
     compact.set_defaults(handler=compact_command)
     ls = lake.add_parser("ls", help="list tables and their versions")
     ls.add_argument("--lake", required=True)
@@ -192,10 +194,12 @@ def compact_command(args: argparse.Namespace) -> int:
         raise LakeError(f"--target-fragment-mib must be positive, got {args.target_fragment_mib}")
     lake = Lake(args.lake, compression=args.compression)
     old = lake.table(args.table)
-    new = lake.compact(args.table, target_fragment_bytes=int(args.target_fragment_mib * 2**20))
+    new = lake.compact(args.table, target_fragment_bytes=int(args.target_fragment_mib * 2**20),
+                       relayout=args.compression is not None)
     before = {s: len(old.fragments(s)) for s in old.splits}
     if new.version == old.version:
-        print(f"nothing to compact: {args.table}@{old.version} has fragments {before}")
+        layout = f", all in the {lake.compression} layout" if args.compression is not None else ""
+        print(f"nothing to compact: {args.table}@{old.version} has fragments {before}{layout}")
         return 0
     after = {s: len(new.fragments(s)) for s in new.splits}
     print(f"compacted {args.table}@{old.version} -> version {new.version}: fragments {before} -> {after}; "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,16 @@ def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
             }],
         },
     }
+
+
+def layout(storage: Storage, key: str) -> str:
+    """The inner-chunk layout (``"none"`` or ``"zstd"``) of the array at ``key``, from its ``zarr.json``."""
+    try:
+        meta = json.loads(storage.read(f"{key}/zarr.json"))
+        codecs = meta["codecs"][0]["configuration"]["codecs"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise LakeError(f"cannot read the layout of lake array {storage.describe(key)}: {e}") from e
+    return "zstd" if any(c.get("name") == "zstd" for c in codecs) else "none"
 
 
 def content_digest(array: np.ndarray) -> str:

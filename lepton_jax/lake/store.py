@@ -726,15 +726,26 @@ class Lake:
 
     # -- compaction --------------------------------------------------------------------------------------------------
 
-    def compact(self, table: str, *, target_fragment_bytes: int = 2**30, retries: int = 0) -> TableVersion:
+    def compact(self, table: str, *, target_fragment_bytes: int = 2**30, retries: int = 0,
+                relayout: bool = False) -> TableVersion:
         """Publishes a new version of ``table`` whose splits hold the latest version's rows, in the same order, in
-        fewer, larger fragments (up to ``target_fragment_bytes`` of raw data each), streaming block by block.
+        fewer, larger fragments (up to ``target_fragment_bytes`` of raw data each, in this handle's ``compression``
+        layout), streaming block by block. With ``relayout``, a split whose one fragment is in another layout is
+        rewritten too (e.g. a table written in the raw layout to an object store, where zstd reads far fewer bytes).
 
         The new version's logical content digest of every split must equal the old one's, or nothing is published.
         Older versions stay readable (time travel) until their data is unreferenced and collected. Returns the
-        latest version unchanged if no split has more than one fragment to merge."""
+        latest version unchanged if no split has anything to merge (or, with ``relayout``, to convert)."""
         old = self.table(table)
-        if all(len(old.fragments(s)) <= 1 for s in old.splits):
+
+        def rewrite(split: str) -> bool:
+            frags = old.fragments(split)
+            return len(frags) > 1 or (relayout and any(
+                arrays.layout(self.storage, f"{table}/{safe_relpath(m['path'])}") != self.compression
+                for f in frags for m in f["arrays"].values()))
+
+        todo = {s for s in old.splits if rewrite(s)}
+        if not todo:
             return old
         commit_id = self.new_commit_id()
         commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
@@ -744,7 +755,7 @@ class Lake:
             try:
                 for k, split in enumerate(old.splits):
                     frags = old.fragments(split)
-                    if len(frags) <= 1:
+                    if split not in todo:
                         splits[split] = frags
                         continue
                     reader = old.reader(split, cache_bytes=8 * 2**20)
