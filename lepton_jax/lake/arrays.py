@@ -54,14 +54,20 @@ def _example_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
 
 
+def check_compression(compression: str) -> str:
+    """``compression`` if it names a layout (:data:`COMPRESSIONS`), else a LakeError listing them."""
+    if compression not in COMPRESSIONS:
+        raise LakeError(f"unknown lake compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    return compression
+
+
 def shard_layout(shape: tuple[int, ...], dtype: np.dtype, target_shard_bytes: int = TARGET_SHARD_BYTES,
                  compression: str = DEFAULT_COMPRESSION) -> tuple[int, int]:
     """``(examples per shard, examples per inner chunk)`` for a new array; the chunk count divides the shard.
 
     ``"none"``: K examples per chunk (about :data:`RAW_CHUNK_BYTES`), shards a multiple of K (a one-shard array's
     shard may run past its end). ``"zstd"``: one example per chunk; tiny examples share chunks of about 4 KiB."""
-    if compression not in COMPRESSIONS:
-        raise LakeError(f"unknown lake compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    check_compression(compression)
     n, example_bytes = int(shape[0]), _example_bytes(shape, dtype)
     cap = max(1, int(target_shard_bytes) // example_bytes)
     if compression == "zstd":
@@ -123,7 +129,8 @@ def layout(storage: Storage, key: str) -> str:
         codecs = meta["codecs"][0]["configuration"]["codecs"]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise LakeError(f"cannot read the layout of lake array {storage.describe(key)}: {e}") from e
-    return "zstd" if any(c.get("name") == "zstd" for c in codecs) else "none"
+    names = [c if isinstance(c, str) else c.get("name") for c in codecs]  # zarr v3 allows a codec's bare name
+    return "zstd" if "zstd" in names else "none"
 
 
 def content_digest(array: np.ndarray) -> str:

@@ -391,9 +391,8 @@ class Lake:
 
     def __init__(self, root: str | Path, *, target_shard_bytes: int = arrays.TARGET_SHARD_BYTES,
                  compression: str | None = None):
-        if compression is not None and compression not in arrays.COMPRESSIONS:
-            raise LakeError(f"unknown lake compression {compression!r}; expected one of "
-                            f"{', '.join(arrays.COMPRESSIONS)}")
+        if compression is not None:
+            arrays.check_compression(compression)
         self.storage = open_storage(root)  # every key goes through the storage interface; arrays via its kvstore
         self.root = self.storage.root  # a Path for a local lake, the URI for an object store
         self.target_shard_bytes = int(target_shard_bytes)
