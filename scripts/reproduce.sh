@@ -107,6 +107,8 @@ fi
 if step ingest; then
   echo "== ingest benchmark at full size, ~1.5 GB + 50,000 images, ~5 minutes and ~4 GB of temp disk (docs/lake.md)"
   $PY scripts/bench_ingest.py --scale 1 --repeats 3 | tee results/bench_ingest.txt
+  echo "== where an npz ingest's CPU goes per chunk, and the ratio to np.save it allows (docs/lake.md; ~20 s)"
+  $PY scripts/ingest_cost.py | tee results/ingest_cost.txt
 fi
 if step ingest_small; then
   echo "== ingest benchmark at a tenth of the size (docs/lake.md's smaller run)"

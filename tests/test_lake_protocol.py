@@ -117,6 +117,36 @@ def test_gc_keeps_data_of_a_live_lease_and_the_writer_rechecks_its_files(any_roo
         ingest(Vanishing(any_root, target_shard_bytes=1024), "t", src, mode="append")
     assert Lake(any_root).versions("t") == [1] and Lake(any_root).verify() == []
 
+    class Counting(Lake):  # the check before publishing lists the commit's directory once: no request per file
+        def _check_written(self, table, commit_id, splits, quarantine):
+            calls = {"stat": 0, "list_recursive": 0}
+            storage = self.storage
+
+            def counting(name):
+                real = getattr(storage, name)
+
+                def counted(key):
+                    calls[name] += 1
+                    return real(key)
+                return counted
+
+            for name in calls:
+                setattr(storage, name, counting(name))
+            try:
+                super()._check_written(table, commit_id, splits, quarantine)
+            finally:
+                for name in calls:
+                    delattr(storage, name)
+            self.checked = calls
+
+    counting = Counting(any_root, target_shard_bytes=1024)
+    version = ingest(counting, "t", src, mode="append").version
+    files = [f for frags in version.record["splits"].values() for frag in frags["fragments"]
+             if frag["path"].startswith(f"data/{version.record['commit_id']}/")
+             for m in frag["arrays"].values() for f in m["files"]]
+    assert len(files) >= 10 and counting.checked == {"stat": 0, "list_recursive": 1}
+    assert Lake(any_root).verify() == []
+
 
 def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_root, tmp_path):
     """gc runs on a machine whose clock is two hours ahead of the storage's: a commit directory written a moment ago

@@ -575,7 +575,9 @@ class Lake:
     def _check_written(self, table: str, commit_id: str, splits: dict[str, dict[str, Any]],
                        quarantine: dict[str, Any]) -> None:
         """Right before publishing: every file this commit wrote still exists with its recorded size (a record
-        never names data that is not there, whatever happened to the directory meanwhile)."""
+        never names data that is not there, whatever happened to the directory meanwhile). Checked against one
+        recursive listing of ``data/<commit_id>/``, so a commit of many fragments costs a few LIST requests on an
+        object store, not one HEAD per file."""
         prefix = f"{DATA_DIR}/{commit_id}/"
         groups = [split_fragments(e) for e in splits.values()]
         if quarantine.get("fragments"):
@@ -588,8 +590,12 @@ class Lake:
                 files.append((frag["row_hashes"]["path"], int(frag["row_hashes"]["bytes"])))
         if quarantine.get("entries", {}).get("path", "").startswith(prefix):
             files.append((quarantine["entries"]["path"], int(quarantine["entries"]["bytes"])))
+        if not files:
+            return
+        # one listing of the commit's directory (a LIST per 1,000 objects on an object store), not a stat per file
+        listed = self.storage.list_recursive(f"{table}/{prefix.rstrip('/')}")
         for rel, size in files:
-            found = self.storage.stat(f"{table}/{rel}")
+            found = listed.get(rel[len(prefix):])
             if found is None or found[0] != size:
                 raise LakeError(f"commit {commit_id} of table {table!r}: {rel} is missing or changed before it was "
                                 "published (removed by `lake gc --force`?); nothing was published")
