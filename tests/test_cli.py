@@ -53,8 +53,8 @@ def test_bad_config_inputs_write_nothing(capsys, tmp_path, lake_root):
     assert "unknown config key 'optim.lrr'" in _bad(capsys, *base, "--config.optim.lrr=1")
     assert "optim.lr='fast': expected float" in _bad(capsys, *base, "--config.optim.lr=fast")
     assert "config file" in _bad(capsys, "train", "--config", tmp_path / "x.py", "--workdir", workdir)
-    assert "has no table 'digits'" in _bad(capsys, "train", "--config", DEFAULT_CONFIG, "--workdir", workdir,
-                                           "--lake", tmp_path / "no-lake")
+    assert f"lake {tmp_path / 'no-lake'} does not exist" in _bad(capsys, "train", "--config", DEFAULT_CONFIG,
+                                                                 "--workdir", workdir, "--lake", tmp_path / "no-lake")
     assert "mesh.axes {'data': 3}" in _bad(capsys, *base, "--config.mesh.axes={'data': 3}")
     assert not workdir.exists()
 
@@ -107,6 +107,16 @@ def test_overrides_outside_train_are_rejected(capsys, argv):
 def test_lake_ls_of_missing_table(capsys, lake_root):
     assert "has no table 'nope'" in _bad(capsys, "lake", "ls", "--lake", lake_root, "--table", "nope")
     assert Lake(lake_root).versions("digits") == [1]
+
+
+def test_a_missing_lake_is_named_as_missing(capsys, tmp_path):
+    """Reading commands pointed at a lake that does not exist say so (not 'no tables' or 'no stage'), exit 2."""
+    missing = tmp_path / "no-lake"
+    for argv in (("lake", "ls"), ("lake", "show", "--table", "t"), ("registry", "ls"),
+                 ("registry", "show", "digits@production"), ("serve", "--model", "digits@production")):
+        line = _bad(capsys, *argv, "--lake", missing)
+        assert line.startswith(f"error: lake {missing} does not exist"), (argv, line)
+    assert not missing.exists()
 
 
 def test_python_dash_m_runs_the_cli_and_reports_the_installed_version():

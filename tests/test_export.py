@@ -98,5 +98,14 @@ def test_artifact_checks_inputs_and_integrity(artifacts, tmp_path):
     (broken / "weights.npz").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match the sha256"):
         EdgeModel.load(broken)
+    # the runner's command line: a missing examples file or a broken artifact is one line, exit 2
+    runner = [sys.executable, str(root / "float" / "edge_runner.py")]
+    for argv, message in [([str(root / "float"), str(tmp_path / "missing.npy")], "No such file"),
+                          ([str(broken), str(tmp_path / "missing.npy")], "does not match the sha256")]:
+        proc = subprocess.run([*runner, *argv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], \
+            proc.stderr[-2000:]
     with pytest.raises(ExportError, match="not empty"):
         export_artifact(root, root / "float")

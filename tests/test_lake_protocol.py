@@ -222,6 +222,8 @@ def test_a_removed_latest_record_is_named_and_its_version_number_never_reused(an
     lake.storage.delete("t/_log/00000003.json")
     assert main(["lake", "verify", "--lake", str(lake.root), "--files-only"]) == 2
     assert "record of version 3 (the latest version) is missing" in capsys.readouterr().out
+    assert main(["lake", "ls", "--lake", str(lake.root)]) == 2  # lists what it can, then names the gap
+    assert "t@3 (its record is missing)" in _one_error_line(capsys)
     assert main(["lake", "ingest", "--lake", str(lake.root), "--table", "t", "--mode", "append",
                  "--source", f"npz:{npz_shard(tmp_path / 'new.npz', 7)}"]) == 2
     assert "version 3 was published before" in _one_error_line(capsys)

@@ -2,9 +2,13 @@
 every command that rebuilds the model, and bad import paths give one clear line."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +138,44 @@ def _model(name, **kwargs):
     import ml_collections
 
     return ml_collections.ConfigDict({"name": name, **kwargs})
+
+
+MINIMAL_SOURCE = '''
+import numpy as np
+
+from lepton_jax.lake.sources import SourceData
+
+
+class MySource:  # what README asks of a source: load() returning SourceData (no name, no uri)
+    def load(self):
+        x = np.arange(40 * 4, dtype=np.uint8).reshape(40, 4)
+        return SourceData({"image": x}, np.arange(40) % 2, ["a", "b"], {"image": (0.0, 255.0)}, "my://rows")
+
+
+class NotASource:
+    pass
+'''
+
+
+def test_console_script_finds_a_minimal_source_in_the_working_directory(tmp_path):
+    """The installed ``lepton-jax`` command, run from the folder holding ``my_pkg`` (not on PYTHONPATH), ingests a
+    source class that only has ``load()``; a class without it is one error line."""
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "data.py").write_text(MINIMAL_SOURCE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def ingest(source: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).parent / "lepton-jax"), "lake", "ingest", "--lake", "lake",
+                               "--source", source, "--table", "mine"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    done = ingest("my_pkg.data:MySource")
+    assert done.returncode == 0, done.stderr
+    source = Lake(tmp_path / "lake").table("mine").record["lineage"]["source"]
+    assert source["name"] == "my_pkg.data:MySource" and source["uri"] == "my://rows"
+    bad = ingest("my_pkg.data:NotASource")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "error: source my_pkg.data:NotASource has neither load() nor tasks(); a source's load() returns "
+        "lepton_jax.lake.sources.SourceData (or tasks() returns objects that do)"]

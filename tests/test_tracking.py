@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from lepton_jax import runs, tracking
-from lepton_jax.train.loop import Hook, train
+from lepton_jax.train import Hook, train  # the public paths README documents
 from tests.conftest import small_config
 
 

@@ -211,7 +211,7 @@ def ls_command(args: argparse.Namespace) -> int:
     from lepton_jax.errors import LakeError
     from lepton_jax.lake import Lake
 
-    lake = Lake(args.lake)
+    lake = Lake(args.lake).require()
     tables = [args.table] if args.table else lake.tables()
     if args.table and not lake.versions(args.table):
         lake.table(args.table)  # the 'no such table' error
@@ -230,6 +230,7 @@ def ls_command(args: argparse.Namespace) -> int:
                 bad.append(f"{table}@{version}")
                 line = f"UNREADABLE {table}@{version}: {e if isinstance(e, LakeError) else f'malformed record ({e!r})'}"
             print(line)
+        bad += [f"{table}@{v} (its record is missing)" for v in lake.missing_versions(table)]
     if bad:
         raise LakeError(f"{len(bad)} version(s) could not be read: {', '.join(bad)} (run `lepton-jax lake verify`)")
     return 0

@@ -33,7 +33,7 @@ from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
-from lepton_jax.lake.sources import Source, source_tasks
+from lepton_jax.lake.sources import Source, check_source, source_tasks
 from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
@@ -87,6 +87,7 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
 
         import_ray(ray_address)  # a missing Ray is one line before anything is written
     check_name("table", table)
+    source = check_source(source)
     base = lake.table(table) if lake.versions(table) else None
     appending = mode == "append" and base is not None
     if appending:

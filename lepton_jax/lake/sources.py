@@ -133,6 +133,28 @@ class DigitsSource(SklearnSource):
         super().__init__("digits")
 
 
+def check_source(source: Any) -> Source:
+    """``source`` ready for an ingest: it must have ``load()`` or ``tasks()``; a ``name`` and ``uri`` it lacks
+    (optional for a user's source) default to its class's name and ``python:module:Class``. One clear error else."""
+    kind = type(source)
+    if not callable(getattr(source, "load", None)) and not callable(getattr(source, "tasks", None)):
+        raise LakeError(f"source {kind.__module__}:{kind.__qualname__} has neither load() nor tasks(); a source's "
+                        "load() returns lepton_jax.lake.sources.SourceData (or tasks() returns objects that do)")
+    defaults = {"name": kind.__qualname__, "uri": f"python:{kind.__module__}:{kind.__qualname__}"}
+    for attr, default in defaults.items():
+        value = getattr(source, attr, None)
+        if value is None:
+            try:
+                setattr(source, attr, default)
+            except AttributeError as e:
+                raise LakeError(f"source {kind.__module__}:{kind.__qualname__} has no {attr!r} attribute and "
+                                f"takes none; give it one (a string)") from e
+        elif not isinstance(value, str):
+            raise LakeError(f"source {kind.__module__}:{kind.__qualname__}: {attr} must be a string, got "
+                            f"{type(value).__name__}")
+    return source
+
+
 def source_tasks(source: Source, map_fn: Callable[..., Iterable[Any]] | None = None) -> list[Any]:
     """The chunks ``source`` streams as: its ``tasks()`` (picklable objects with ``load() -> SourceData``, one
     chunk each, in order) or, for a source without ``tasks``, the source itself (one chunk). ``map_fn`` (like

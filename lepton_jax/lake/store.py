@@ -410,6 +410,13 @@ class Lake:
         local = self.storage.local_path("")
         return local.is_dir() if local is not None else bool(self.storage.list(""))
 
+    def require(self) -> Lake:
+        """This lake, or one clear LakeError when its root does not exist (for commands that only read)."""
+        if not self.exists():
+            raise LakeError(f"lake {self.root} does not exist; create one with `lepton-jax lake ingest --lake "
+                            f"{self.root} --table NAME --source ...` (or check the --lake path)")
+        return self
+
     def tables(self) -> list[str]:
         """Tables with anything in their log (a table whose records were all removed is still named, by its
         ``_used`` markers, so ``verify`` can report it)."""
@@ -424,6 +431,7 @@ class Lake:
         check_name("table", table)
         versions = self.versions(table)
         if not versions:
+            self.require()
             known = ", ".join(self.tables()) or "none"
             raise LakeError(f"lake {self.root} has no table {table!r} (tables: {known}); "
                             f"create it with `lepton-jax lake ingest --lake {self.root} --table {table}`")
@@ -449,6 +457,13 @@ class Lake:
 
     def _used_versions(self, table: str) -> list[int]:
         return sorted(int(n) for n in self.storage.list(f"{table}/{LOG_DIR}/{USED_DIR}/") if n.isdigit())
+
+    def missing_versions(self, table: str) -> list[int]:
+        """Version numbers of ``table`` that were published but whose records are gone (a damaged log: the latest
+        version a reader sees is then not the latest one written); :meth:`check_log` reports them in full."""
+        used = self._used_versions(table)  # markers first: see check_log
+        versions = self.versions(table)
+        return sorted(set(range(1, max([*versions, *used], default=0) + 1)) - set(versions))
 
     # -- writing ---------------------------------------------------------------------------------------------------
 
@@ -940,10 +955,9 @@ class Lake:
         problems: list[Problem] = []
         # markers first: a writer creates a version's record before its marker, so every marker listed here has its
         # record in the listing that follows (the other order reports a commit landing in between as a gap)
-        used = self._used_versions(table)
+        missing = self.missing_versions(table)
         versions = self.versions(table)
-        top = max([*versions, *used], default=0)
-        missing = sorted(set(range(1, top + 1)) - set(versions))
+        top = max([*versions, *missing], default=0)
         for v in missing:
             what = "the latest version" if v == top else f"between versions {v - 1 or '-'} and {v + 1}"
             problems.append(Problem(table, v, str(self._record_path(table, v)),

@@ -101,8 +101,12 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python edge_runner.py ARTIFACT_DIR EXAMPLES.npy", file=sys.stderr)
         return 2
-    model = EdgeModel.load(argv[0])
-    out = model.predict(np.load(argv[1], allow_pickle=False))
+    try:
+        model = EdgeModel.load(argv[0])
+        out = model.predict(np.load(argv[1], allow_pickle=False))
+    except (OSError, ValueError) as e:  # a missing or unreadable file, a wrong artifact or input (ArtifactError)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for i, (c, p) in enumerate(zip(out["class"], out["probability"], strict=True)):
         print(f"[{i}] {model.label_names[c]}  p={p.max():.3f}")
     return 0

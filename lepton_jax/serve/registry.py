@@ -138,7 +138,14 @@ class Registry:
         self.uri = f"{str(self.storage.uri).rstrip('/')}/{MODELS_DIR}"
 
     def names(self) -> list[str]:
+        """The registered model names (a LakeError if the lake itself does not exist)."""
+        self._require_lake()
         return [n for n in self.storage.list(f"{MODELS_DIR}/") if _NAME.match(n)]
+
+    def _require_lake(self) -> None:
+        from lepton_jax.lake import Lake
+
+        Lake(self.lake_root).require()
 
     def versions(self, name: str) -> list[int]:
         names = self.storage.list(f"{MODELS_DIR}/{check_name('model name', name)}/")
@@ -170,6 +177,8 @@ class Registry:
             return self.get(name, int(tag))
         stages = self.stages(name)
         if tag not in stages:
+            if not stages:
+                self._require_lake()
             raise RegistryError(f"model {name!r} has no version at stage {tag!r}; stages: "
                                 f"{stages or 'none'}; promote one with `lepton-jax registry promote`")
         return self.get(name, stages[tag])
