@@ -14,6 +14,7 @@ data) print one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,9 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_from_working_directory() -> None:
+    """``python -m lepton_jax`` puts the working directory first on ``sys.path``; the installed ``lepton-jax``
+    script does not. Append it (last: it never shadows an installed package), so both find a plug-in module there."""
+    cwd = os.getcwd()
+    if not any(p in ("", cwd) for p in sys.path):
+        sys.path.append(cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lepton_jax.config import split_override_args
 
+    if argv is None:  # run as a program: plug-ins (``my_pkg.models:Tiny``) also import from the working directory
+        _import_from_working_directory()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = split_override_args(argv)

@@ -11,9 +11,7 @@ another one.
 from __future__ import annotations
 
 import importlib
-import os
 import re
-import sys
 from typing import Any
 
 from lepton_jax.errors import ConfigError
@@ -26,33 +24,13 @@ def is_import_path(name: str) -> bool:
     return bool(_IMPORT_PATH.match(name))
 
 
-def _import(module_name: str) -> Any:
-    """Imports ``module_name``; a top-level package missing from ``sys.path`` is also looked up in the working
-    directory (as ``python -m`` would; an installed console script such as ``lepton-jax`` does not put it on the
-    path). The working directory goes last, so it never shadows an installed package."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        top = module_name.split(".")[0]
-        cwd = os.getcwd()
-        if e.name != top or any(p in ("", cwd) for p in sys.path):
-            raise
-        sys.path.append(cwd)
-        try:
-            return importlib.import_module(module_name)
-        except ModuleNotFoundError as again:
-            if again.name == top:  # not in the working directory either: leave sys.path as it was
-                sys.path.remove(cwd)
-            raise
-
-
 def load_object(path: str, what: str = "object") -> Any:
     """The object ``module:attr`` names; a :class:`ConfigError` (one line) when the module or attribute is missing."""
     if not is_import_path(path):
         raise ConfigError(f"{what} {path!r} is not an import path; write package.module:Name")
     module_name, attr = path.split(":", 1)
     try:
-        module = _import(module_name)
+        module = importlib.import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"{what} {path!r}: cannot import {module_name!r} ({e}); install it or put its folder on "
                           "PYTHONPATH") from e
