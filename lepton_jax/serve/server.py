@@ -157,6 +157,10 @@ class ServedModel:
         from lepton_jax.train.step import make_predict
 
         devices = list(devices or jax.devices())
+        if count > len(devices):
+            log.warning("%d replicas of %s on %d device(s): replicas share devices round robin%s", count, self.name,
+                        len(devices), " (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before "
+                        "start-up gives N devices)" if devices[0].platform == "cpu" else "")
         apply = make_predict(self.graphdef)
         lo, hi = input_bounds(self.input_spec)  # per column for tabular tables (data.transforms, as in training)
 
