@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import jax
 import numpy as np
 import pytest
 import uvicorn
@@ -226,6 +227,18 @@ def test_drift_gauges(served, splits, caplog):
     assert metric(calm, "lepton_prediction_drift_psi") < 0.1
     assert max(metric(drifted, "lepton_input_drift_psi", group=g) for g in groups) > 0.25
     assert any("drift on input" in r.getMessage() for r in caplog.records)
+
+
+def test_more_replicas_than_devices_share_them_round_robin_with_a_warning(served, caplog):
+    model, devices = served["server"].deployments["digits"].model, jax.devices()
+    with caplog.at_level(logging.WARNING, logger="lepton_jax.serve"):
+        assert [r.name for r in model.make_replicas(2, devices[:2])] == ["0:cpu0", "1:cpu1"]
+        assert not caplog.records
+        assert [r.name for r in model.make_replicas(3, devices[:1])] == ["0:cpu0", "1:cpu0", "2:cpu0"]
+    assert len(caplog.records) == 1, "no warning that replicas share a device"
+    message = caplog.records[0].getMessage()
+    assert "3 replicas of digits on 1 device(s)" in message and "share devices round robin" in message
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=N" in message
 
 
 def test_queue_overflow_gives_429_not_a_hang(served, splits):

@@ -1,4 +1,5 @@
-"""`lepton-jax serve` as a process: SIGTERM under load (c=64) drains without losing accepted requests; logging."""
+"""`lepton-jax serve` as a process: SIGTERM under load (c=64) drains without losing accepted requests; logging;
+one or two SIGTERMs or Ctrl-Cs exit 0 without a traceback."""
 
 import asyncio
 import json
@@ -9,9 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from lepton_jax.serve import loadgen
 from lepton_jax.serve.client import infer_request
@@ -29,7 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run, tmp_path):
+def start_serve(trained_run, tmp_path, grace_s: float, **popen) -> tuple[subprocess.Popen, int, Path, int]:
+    """``lepton-jax serve`` of the trained run as a process on a free 127.0.0.1 port, its output in a file, once
+    ready: the process, port, log file and the number of readiness probes it answered meanwhile."""
     registry = Registry(tmp_path / "lake")
     registry.promote("digits", registry.register("digits", trained_run[0]).version)
     port = free_port()
@@ -37,20 +42,31 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lepton_jax.cli", "serve", "--lake", str(tmp_path / "lake"),
                                  "--model", "digits@production", "--port", str(port), "--max-queue-rows", "4096",
-                                 "--drain-grace-s", str(GRACE_S), "--log-level", "info"],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                                 "--drain-grace-s", str(grace_s), "--log-level", "info"],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                                **popen)
     try:
-        deadline, startup_answers = time.monotonic() + 120, 0
+        deadline, answers = time.monotonic() + 120, 0
         while time.monotonic() < deadline:
             try:
                 status = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code
-                startup_answers += 1
+                answers += 1
                 if status == 200:
-                    break
+                    return proc, port, log_path, answers
             except httpx.TransportError:
                 pass
             assert proc.poll() is None, log_path.read_text()
             time.sleep(0.1)
+        raise AssertionError(f"server never became ready: {log_path.read_text()[-3000:]}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run, tmp_path):
+    proc, port, log_path, startup_answers = start_serve(trained_run, tmp_path, GRACE_S)
+    try:
         body = json.dumps(infer_request(np.full((1, 8, 8), 3.0))).encode()
         request = loadgen.http_request("POST", "/v2/models/digits/infer", body,
                                        {"Content-Type": "application/json"})
@@ -101,3 +117,29 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
     # --log-level info reaches our loggers even though absl configured logging first
     for line in ("warm-up done", "SIGTERM: serving on for 1.0 s", "draining: readiness answers 503", "drained:"):
         assert line in text, text[-3000:]
+
+
+@pytest.mark.parametrize("sig, presses", [(signal.SIGTERM, 2), (signal.SIGINT, 1), (signal.SIGINT, 2)],
+                         ids=["sigterm-twice", "ctrl-c-once", "ctrl-c-twice"])
+def test_signals_exit_cleanly(trained_run, tmp_path, sig, presses):
+    """SIGTERM to the server, or Ctrl-C as a terminal sends it (SIGINT to the whole process group, codec worker
+    included): exit 0, no traceback; a second signal ends the grace period at once."""
+    grace_s = 1.0 if presses == 1 else 120.0  # two signals: exiting within the wait below proves the skip
+    proc, port, log_path, _ = start_serve(trained_run, tmp_path, grace_s, start_new_session=True)
+    send = (lambda: os.killpg(proc.pid, sig)) if sig == signal.SIGINT else (lambda: proc.send_signal(sig))
+    try:
+        send()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code != 503:
+            assert time.monotonic() < deadline, "readiness never said draining"
+            time.sleep(0.05)
+        if presses == 2:
+            send()
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text()
+    assert status == 0 and "Traceback" not in text and "drained: answered" in text, (status, text[-3000:])
+    assert (f"{sig.name}: ending the grace period now" in text) == (presses == 2), text[-3000:]

@@ -157,6 +157,10 @@ class ServedModel:
         from lepton_jax.train.step import make_predict
 
         devices = list(devices or jax.devices())
+        if count > len(devices):
+            log.warning("%d replicas of %s on %d device(s): replicas share devices round robin%s", count, self.name,
+                        len(devices), " (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before "
+                        "start-up gives N devices)" if devices[0].platform == "cpu" else "")
         apply = make_predict(self.graphdef)
         lo, hi = input_bounds(self.input_spec)  # per column for tabular tables (data.transforms, as in training)
 
@@ -319,7 +323,7 @@ class ModelServer:
         if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
             self._pool: Executor = ProcessPoolExecutor(self.config.codec_processes,
                                                        mp_context=multiprocessing.get_context("spawn"),
-                                                       initializer=_lower_priority,
+                                                       initializer=_codec_worker_init,
                                                        initargs=(self.config.codec_niceness,))
         else:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
@@ -404,8 +408,10 @@ class ModelServer:
     async def _lifespan(self, app: Starlette):
         for dep in self.deployments.values():
             dep.batcher.start()
-        try:  # start the codec workers before traffic
-            await asyncio.get_running_loop().run_in_executor(self._pool, math.prod, (1,))
+        try:  # start every codec worker before traffic (each spawns on demand; one task each while none is idle)
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(self._pool, math.prod, (1,))
+                                   for _ in range(max(1, self.config.codec_processes))))
         except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":` (spawn re-imports it)
             log.warning("codec worker processes did not start; decoding large bodies on threads instead")
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
@@ -644,20 +650,30 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
     During the grace period readiness answers 503 "draining" and every response asks its client to close the
     connection, so no keep-alive connection is idle when the listener closes; then uvicorn stops accepting,
     finishes in-flight requests and runs the lifespan shutdown (the batchers drain). A second signal skips the
-    rest of the grace period.
+    rest of the grace period; a SIGINT after that stops waiting for in-flight requests (uvicorn's force quit). The
+    process exits 0 either way: unlike uvicorn's own handler, this one does not record the signals for
+    ``capture_signals`` to raise again once the server has stopped (which would end in KeyboardInterrupt, 130, or
+    death by SIGTERM, 143, after a clean drain).
     """
     import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if model_server.draining or self.should_exit or grace_s <= 0:
-                super().handle_exit(sig, frame)
-                return
-            log.info("%s: serving on for %.1f s while readiness answers 503", signal.Signals(sig).name, grace_s)
-            model_server.begin_drain()
-            timer = threading.Timer(grace_s, lambda: setattr(self, "should_exit", True))
-            timer.daemon = True
-            timer.start()
+            name = signal.Signals(sig).name
+            if self.should_exit:
+                if sig == signal.SIGINT and not self.force_exit:
+                    log.warning("%s: not waiting for in-flight requests any more", name)
+                    self.force_exit = True
+            elif model_server.draining or grace_s <= 0:
+                if model_server.draining:
+                    log.info("%s: ending the grace period now", name)
+                self.should_exit = True
+            else:
+                log.info("%s: serving on for %.1f s while readiness answers 503", name, grace_s)
+                model_server.begin_drain()
+                timer = threading.Timer(grace_s, lambda: setattr(self, "should_exit", True))
+                timer.daemon = True
+                timer.start()
 
         async def shutdown(self, sockets: list[Any] | None = None) -> None:
             for server in self.servers:  # stop accepting ...
@@ -682,7 +698,10 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
 
 
-def _lower_priority(niceness: int) -> None:
-    """Codec worker start-up: lower this process's CPU priority by ``niceness`` (raising it needs privileges)."""
+def _codec_worker_init(niceness: int) -> None:
+    """Codec worker start-up: ignore SIGINT (a terminal's Ctrl-C reaches the whole process group, but the server
+    owns shutdown and stops its workers) and lower this process's CPU priority by ``niceness`` (raising it needs
+    privileges)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if niceness > 0:
         os.nice(niceness)
