@@ -44,9 +44,10 @@ class Checkpointer:
                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
-            # best_fn only makes Orbax write each step's metrics (it writes them only when it tracks a best);
-            # retention is the preservation policy above and best_step() below
-            best_fn=self._score if best_metric else None,
+            # best_fn only makes Orbax write each step's metrics (it writes them only when it tracks a best; a
+            # resume reads train_seconds from them even without a best_metric); retention is the preservation
+            # policy above and best_step() below
+            best_fn=self._score,
             best_mode="max",
             enable_async_checkpointing=async_save,
             create=create,
@@ -61,20 +62,21 @@ class Checkpointer:
         return value if self.best_mode == "max" else -value
 
     def save(self, step: int, items: dict[str, Any], metrics: dict[str, float] | None = None,
-             data_state: dict[str, Any] | None = None) -> None:
+             data_state: dict[str, Any] | None = None) -> bool:
         """Saves ``items`` (a dict of pytrees holding ``params``) asynchronously; ``data_state`` is the input
         iterator's state, saved with the model so a resumed run sees exactly the batches an uninterrupted run
-        would. A step already on disk is not written again."""
+        would. A step already on disk is not written again (returns False; True when this call saved it)."""
         if PARAMS not in items:
             raise CheckpointError(f"checkpoint items must include {PARAMS!r}, got {sorted(items)}")
         if step in self.manager.all_steps():
-            return
+            return False
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         args[DATA] = ocp.args.JsonSave(data_state or {})
         args[DIGESTS] = ocp.args.JsonSave(param_digests(items[PARAMS]))
         clean = None if metrics is None else {k: (bool(v) if isinstance(v, bool | np.bool_) else float(v))
                                               for k, v in metrics.items()}
         self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean)
+        return True
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -19,11 +19,9 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import ml_collections
 
 from lepton_jax import config as config_lib
 from lepton_jax.errors import ConfigError
+from lepton_jax.files import atomic_write
 
 PACKAGES = ("lepton_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorstore", "grain", "numpy",
             "ml-collections", "scikit-learn")
@@ -91,18 +90,9 @@ def strict_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Writes JSON to ``path`` via a temp file in the same directory and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
 
 
 def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
@@ -111,15 +101,8 @@ def save_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
     Figures are built with the object-oriented ``matplotlib.figure.Figure`` API, so no pyplot state or backend
     (a notebook's inline backend, say) is touched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
 
 
 def git_revision(cwd: Path | None = None) -> str | None:
@@ -306,10 +289,8 @@ class RunDir:
         self._purge_step = after_step + 1
         path = self.path / METRICS_FILE
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.path)
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(path) as f:
             f.writelines(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in kept)
-        os.replace(tmp, path)
 
 
 def hparams(config: dict[str, Any]) -> dict[str, Any]:

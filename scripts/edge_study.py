@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
+
+from lepton_jax.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,10 +127,8 @@ def _markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -137,6 +136,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lepton_jax import tracking
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -150,14 +151,10 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_title("digits CNN: accuracy vs. communication")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        tracking.save_figure_atomic(fig, path, dpi=120)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

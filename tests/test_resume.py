@@ -159,3 +159,29 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(lake_
     assert ckpt.latest_step() == step
     ckpt.close()
     assert not (workdir / "summary.json").exists()
+
+
+def test_train_seconds_sum_the_sessions_that_trained_the_run(uninterrupted, lake_root, tmp_path):
+    """summary.json's train_seconds counts every session that trained the run: a resumed session adds its own to
+    the count saved with the checkpoint it restored, and rerunning a finished run (a no-op resume) adds nothing."""
+    _, reference = uninterrupted
+    workdir, strategy, config = tmp_path / "sessions", reference["strategy"], small_config(**OVERRIDES)
+    first = train(config, workdir, lake_root=lake_root, progress=False, strategy=strategy, stop_after_step=8)
+    ckpt = Checkpointer(workdir / "checkpoints", create=False)
+    before = ckpt.metrics(8)["train_seconds"]
+    ckpt.close()
+    assert first.get("preempted") and first["steps"] == 8 and before > 0
+
+    finished = train(config, workdir, lake_root=lake_root, progress=False, strategy=strategy)
+    summary = tracking.read_json(workdir / "summary.json")
+    assert summary["train_seconds"] == finished["train_seconds"] and summary["steps"] == 38
+    # at least the first session's count plus this session's loop phases up to its final checkpoint
+    own = sum(v for k, v in finished["loop_time_s"].items() if k != "hook:checkpoint")
+    assert summary["train_seconds"] > before + own
+    resumed_evals = [r["elapsed_s"] for r in tracking.read_metrics(workdir) if "elapsed_s" in r and r["step"] > 8]
+    assert resumed_evals and min(resumed_evals) > before
+
+    rerun = train(config, workdir, lake_root=lake_root, progress=False, strategy=strategy)
+    again = tracking.read_json(workdir / "summary.json")
+    assert rerun["steps"] == 38 and again["train_seconds"] >= summary["train_seconds"]
+    assert again["train_seconds"] == summary["train_seconds"]  # exactly what the final checkpoint saved

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
+
+from lepton_jax.files import atomic_write
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -127,20 +127,8 @@ def predict_command(args: argparse.Namespace) -> int:
     if len(names) > 20:
         print(f"  ... {len(names) - 20} more")
     if args.output:
-        save_npy_atomic(Path(args.output), classes.astype(np.int32))
+        with atomic_write(args.output, "wb") as f:
+            np.save(f, classes.astype(np.int32))
         print(f"wrote {args.output}")
     return 0
-
-
-def save_npy_atomic(path: Path, array) -> None:
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 

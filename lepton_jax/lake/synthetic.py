@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lepton_jax.files import atomic_write
 
 ACTIVITIES = {"idle": (0.0, 0.05), "walk": (2.0, 0.6), "run": (3.0, 1.4)}  # (base frequency Hz, amplitude g)
 RATE_HZ = 50
@@ -51,18 +51,11 @@ def activity_log(*, sessions: int = 12, seconds_per_activity: float = 20.0, seed
 def write_activity_csv(path: str | Path, **kwargs) -> Path:
     """Writes :func:`activity_log` to ``path`` atomically (a temp file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = activity_log(**kwargs)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from lepton_jax.data.transforms import input_array, input_bounds, input_spec, scale
 from lepton_jax.errors import LeptonError
+from lepton_jax.files import temp_dir
 from lepton_jax.serve import edge
 
 FUNCTION_FILE = "model.jaxexport"
@@ -108,9 +108,7 @@ def export_artifact(workdir: str | Path | Any, out_dir: str | Path, *, step: int
     except (ValueError, NotImplementedError) as e:
         raise ExportError(f"cannot export for platforms {list(platforms)}: {e}") from e
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with temp_dir(out_dir) as tmp:
         (tmp / FUNCTION_FILE).write_bytes(bytes(exported.serialize()))
         np.savez_compressed(tmp / WEIGHTS_FILE, **weights)
         shutil.copyfile(edge.__file__, tmp / RUNNER_FILE)
@@ -138,9 +136,6 @@ def export_artifact(workdir: str | Path | Any, out_dir: str | Path, *, step: int
             _move_into(tmp, out_dir)
         else:
             os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

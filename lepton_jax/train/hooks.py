@@ -21,6 +21,8 @@ from lepton_jax.checkpoint import Checkpointer
 from lepton_jax.data import LakeDataSource
 from lepton_jax.eval import metrics as eval_metrics
 
+TRAIN_SECONDS = "train_seconds"  # summary.json and checkpoint metrics: see RunContext
+
 
 @dataclasses.dataclass
 class RunContext:
@@ -41,9 +43,23 @@ class RunContext:
     history: dict[str, list] = dataclasses.field(default_factory=lambda: {"step": [], "loss": [],
                                                                           "dev_accuracy": []})
     stop_reason: str | None = None  # a hook sets it to end training after this step
-    start_time: float = dataclasses.field(default_factory=time.perf_counter)
     data_version: int = 0
     loop_time: dict[str, float] = dataclasses.field(default_factory=dict)  # main-thread seconds by loop phase
+    # Training seconds (``train_seconds`` in summary.json and in each checkpoint's metrics, ``elapsed_s`` at each
+    # evaluation in metrics.jsonl): wall seconds in the training loop — steps (compilation included) and hooks (dev
+    # evaluation, checkpoint saves) — summed over every session that trained the run. A resumed session adds its
+    # own to the count saved with the checkpoint it restored (``prior_seconds``), so rerunning a finished run adds
+    # nothing. Not counted: setup (lake, model init, restore), the final test evaluation and report, and time a
+    # killed session spent after its last checkpoint (those steps are trained again, and counted, on resume).
+    prior_seconds: float = 0.0
+    loop_start: float | None = None  # perf_counter when this session's loop began
+    saved_seconds: tuple[int, float] | None = None  # (step, training seconds) of the latest checkpoint
+
+    def train_seconds(self) -> float:
+        """Training seconds so far (see above)."""
+        if self.loop_start is None:
+            return self.prior_seconds
+        return self.prior_seconds + time.perf_counter() - self.loop_start
 
     def say(self, message: str) -> None:
         if self.progress and jax.process_index() == 0:
@@ -76,7 +92,7 @@ def dev_eval_hook(every: int) -> Hook:
         ctx.say(f"step {ctx.step} (epoch {ctx.epoch}): train loss {loss:.4f}  dev loss {dev['loss']:.4f}  "
                 f"dev accuracy {dev['accuracy']:.4f}")
         return {"dev_loss": dev["loss"], "dev_accuracy": dev["accuracy"],
-                "elapsed_s": time.perf_counter() - ctx.start_time}
+                "elapsed_s": ctx.train_seconds()}
 
     return Hook(fn, every, name="dev_eval")
 
@@ -108,8 +124,12 @@ def checkpoint_hook(every: int) -> Hook:
 
 
 def save(ctx: RunContext) -> None:
-    metrics = {k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | bool)} or None
-    ctx.ckpt.save(ctx.step, ctx.strategy.items(ctx.state), metrics, data_state=ctx.batches.get_state())
+    """Checkpoints the state with this step's hook metrics and the training seconds that produced it."""
+    seconds = ctx.train_seconds()
+    metrics = {**{k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | bool)},
+               TRAIN_SECONDS: seconds}
+    if ctx.ckpt.save(ctx.step, ctx.strategy.items(ctx.state), metrics, data_state=ctx.batches.get_state()):
+        ctx.saved_seconds = (ctx.step, seconds)
 
 
 def profiler_hook(directory: Path, start_step: int, steps: int) -> Hook | None:
@@ -127,6 +147,14 @@ def profiler_hook(directory: Path, start_step: int, steps: int) -> Hook | None:
             jax.profiler.stop_trace()
 
     return Hook(fn, 1, at_end=False, name="profiler")
+
+
+def final_seconds(ctx: RunContext) -> float:
+    """The training seconds of the final state: those saved with its checkpoint when there is one (so a rerun of a
+    finished run reports what the run that trained it saved), else the count so far."""
+    if ctx.saved_seconds is not None and ctx.saved_seconds[0] == ctx.step:
+        return ctx.saved_seconds[1]
+    return ctx.train_seconds()
 
 
 def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any, dict[str, Any]]:
@@ -149,7 +177,7 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[s
                    + ctx.history["dev_accuracy"], default=None)
     summary = {"test_accuracy": result["accuracy"], "test_loss": test_loss, "best_step": best_step,
                "best_metric": ctx.config.checkpoint.best_metric, "best_dev_accuracy": best_dev,
-               "train_seconds": time.perf_counter() - ctx.start_time, "steps": ctx.step,
+               TRAIN_SECONDS: final_seconds(ctx), "steps": ctx.step,
                "data_version": ctx.data_version, **(extra or {})}
     run.log(**summary)
     if run.is_writer:

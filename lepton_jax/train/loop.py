@@ -37,6 +37,7 @@ from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
 from lepton_jax.train import perf
 from lepton_jax.train.hooks import (
+    TRAIN_SECONDS,
     Hook,
     RunContext,
     checkpoint_hook,
@@ -151,6 +152,9 @@ class Loop:
             start_step = int(jax.device_get(state.step))
             run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
             run.log(step=start_step, resumed_from_step=start_step)
+            seconds = (ckpt.metrics(start_step) or {}).get(TRAIN_SECONDS)
+            if seconds is not None:  # training seconds of the earlier sessions (see RunContext)
+                ctx.prior_seconds, ctx.saved_seconds = float(seconds), (start_step, float(seconds))
             ctx.say(f"resuming from checkpoint step {start_step} in {run.checkpoint_dir}")
         hooks = self._hooks(run)
         try:
@@ -167,6 +171,7 @@ class Loop:
         flops = None
         last_log = time.perf_counter()
         stopped, ctx.step, ctx.state = None, start_step, state
+        ctx.loop_start = time.perf_counter()
         clock = ctx.loop_time  # wall seconds of the loop's main thread by phase (run.json: loop_time_s)
         tick = time.perf_counter
 
