@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lepton_jax import __version__
 from lepton_jax.commands import lake, research, robust, serve, train
@@ -41,6 +41,16 @@ def _import_from_working_directory() -> None:
     cwd = os.getcwd()
     if not any(p in ("", cwd) for p in sys.path):
         sys.path.append(cwd)
+
+
+def run_script(main: Callable[[], int | None]) -> int:
+    """Runs a script's ``main()`` as the CLI runs a command: an error caused by input (a :class:`LeptonError`:
+    config, lake, files) is one ``error:`` line on stderr and exit status 2, not a traceback."""
+    try:
+        return int(main() or 0)
+    except LeptonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

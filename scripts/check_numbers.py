@@ -378,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     claims_path = args.claims or root / "docs" / "numbers.toml"
     claims, exempt = load_claims(claims_path), load_exempt(claims_path)
     if args.only is not None:
+        unknown = sorted(set(args.only) - {c.step for c in claims})
+        if unknown:
+            print(f"error: no claim belongs to step(s) {unknown}; steps: {sorted({c.step for c in claims})}",
+                  file=sys.stderr)
+            return 2
         claims = [c for c in claims if c.step in args.only]
     if args.run:
         steps = sorted({c.step for c in claims if not (root / c.artifact).exists()})

@@ -18,6 +18,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from lepton_jax.cli import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # the fsdp_tp conv rule before convolutions became FSDP-only under fsdp_tp
@@ -70,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

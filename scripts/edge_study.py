@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from lepton_jax.cli import run_script
 from lepton_jax.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from lepton_jax.train.loop import train, train_and_evaluate
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lake_root = Path(args.lake) if args.lake else out / "lake"
+    if args.lake:
+        Lake(lake_root).table("digits")  # a missing lake or table is one error line, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     if not args.lake:
         ingest(Lake(lake_root), "digits", DigitsSource())  # idempotent: an identical source commits nothing
     common = [f"num_epochs={args.epochs}", f"seed={args.seed}"]
@@ -158,4 +161,4 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -26,13 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+from lepton_jax.cli import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = (("standard", "standard"), ("fgsm", "FGSM"), ("fgsm_rs", "FGSM-RS"), ("free", "free (m=4)"),
         ("pgd_at", "PGD-AT"), ("trades", "TRADES (β=6)"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", default="results/robust", help="table, results.json and figure")
     parser.add_argument("--workdir", default="runs/robust_table", help="the lake and the training runs")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.2])
@@ -167,4 +169,4 @@ def _curve_label(tag: str, label: dict[str, str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

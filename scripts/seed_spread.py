@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 
 import numpy as np
 
+from lepton_jax.cli import run_script
 from lepton_jax.config import load_config
 from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.train.loop import train_and_evaluate
@@ -19,13 +21,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/digits_cnn.py")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lake", default="lake")
+    parser.add_argument("--lake", default="lake", help="a lake holding the config's table (created, with the "
+                        "embedded digits table, when it holds no digits table: default 'lake')")
     args = parser.parse_args()
+    configs = [load_config(args.config, [f"seed={seed}", f"data.lake={args.lake}"]) for seed in args.seeds]
     lake = Lake(args.lake)
-    ingest(lake, "digits", DigitsSource())  # no-op when the lake already holds the digits
+    if configs[0].data.table == "digits":
+        ingest(lake, "digits", DigitsSource())  # no-op when the lake already holds the digits
+    lake.table(configs[0].data.table)  # a missing table is one error line before any training
     rows = []
-    for seed in args.seeds:
-        config = load_config(args.config, [f"seed={seed}", f"data.lake={args.lake}"])
+    for seed, config in zip(args.seeds, configs, strict=True):
         with tempfile.TemporaryDirectory() as workdir:
             result = train_and_evaluate(config, workdir, progress=False)
         rows.append((seed, result["best_dev_accuracy"], result["test_accuracy"], result["train_seconds"]))
@@ -37,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lepton_jax.cli import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -127,3 +127,17 @@ def test_python_dash_m_runs_the_cli_and_reports_the_installed_version():
     out = subprocess.run([sys.executable, "-m", "lepton_jax", "--version"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == f"lepton-jax {version('lepton_jax')}"
+
+
+@pytest.mark.parametrize("argv", [["scripts/comm_table.py", "--config", "configs/digits_resnt.py"],
+                                  ["scripts/check_numbers.py", "--only", "defualt"]])
+def test_scripts_report_input_errors_as_one_line(argv):
+    """Scripts run their main like the CLI runs a command (lepton_jax.cli.run_script): one error line, exit 2."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]

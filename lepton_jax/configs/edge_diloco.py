@@ -1,8 +1,9 @@
 """Edge training on the embedded digits: DiLoCo over 4 nodes, one sync every 32 steps.
 
-Command:   lepton-jax train --config configs/edge_diloco.py --workdir runs/edge_diloco --lake lake
+Command:   .venv/bin/lepton-jax train --config configs/edge_diloco.py --workdir runs/edge_diloco --lake lake
            (needs >= 4 devices: on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=4; or across processes:
-            lepton-jax launch --num-processes 2 --devices-per-process 2 -- train --config configs/edge_diloco.py ...)
+            .venv/bin/lepton-jax launch --num-processes 2 --devices-per-process 2 -- \
+                train --config configs/edge_diloco.py ...)
 Runtime:   well under a minute of training on a 2-core CPU.
 Expected:  test accuracy within about a point of synchronous data parallel (configs/digits_cnn.py on 4 devices)
            with ~32x fewer collective bytes; see docs/edge.md (scripts/edge_study.py reproduces the table).

@@ -1,8 +1,8 @@
 """FGSM-RS, "fast" adversarial training (Wong et al. 2020): uniform random start, one step of 1.25ε.
 
-Command:   lepton-jax train --config configs/robust_fgsm_rs.py --workdir runs/robust_fgsm_rs --lake lake \
+Command:   .venv/bin/lepton-jax train --config configs/robust_fgsm_rs.py --workdir runs/robust_fgsm_rs --lake lake \
                [--config.robust.epsilon=0.2]
-Runtime:   about 15 s of training on the 2-core CPU.
+Runtime:   about the standard row's training time (docs/robustness.md's table: 0.96x and 1.08x).
 Expected:  PGD accuracy close to PGD-AT at a fraction of its cost (docs/robustness.md).
 """
 
