@@ -1,5 +1,6 @@
 """Preemption and crashes: SIGKILL after a checkpoint and SIGTERM mid-run both resume to the exact same result."""
 
+import json
 import os
 import re
 import signal
@@ -185,3 +186,17 @@ def test_train_seconds_sum_the_sessions_that_trained_the_run(uninterrupted, lake
     again = tracking.read_json(workdir / "summary.json")
     assert rerun["steps"] == 38 and again["train_seconds"] >= summary["train_seconds"]
     assert again["train_seconds"] == summary["train_seconds"]  # exactly what the final checkpoint saved
+
+
+def test_a_checkpoint_without_saved_seconds_takes_them_from_the_finished_runs_summary(tmp_path):
+    """Runs checkpointed before train_seconds was saved with each checkpoint: a rerun of the finished run keeps the
+    summary's count when the summary describes the restored step, and counts from 0 otherwise."""
+    from lepton_jax.train.loop import _summary_seconds
+
+    path = tmp_path / "summary.json"
+    assert _summary_seconds(path, 38) is None  # no summary: a run killed before it finished
+    path.write_text(json.dumps({"steps": 38, "train_seconds": 9.5}))
+    assert _summary_seconds(path, 38) == 9.5
+    assert _summary_seconds(path, 8) is None  # the summary of another step
+    path.write_text("{not json")
+    assert _summary_seconds(path, 38) is None

@@ -17,6 +17,7 @@ and checkpoints are written asynchronously by Orbax.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -98,6 +99,18 @@ def _preemption_service() -> bool:
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
+def _summary_seconds(path: Path, step: int) -> float | None:
+    """``train_seconds`` of the summary at ``path`` if it describes a run that ended at ``step``, else None."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("steps") != step:
+        return None
+    seconds = summary.get(TRAIN_SECONDS)
+    return float(seconds) if isinstance(seconds, int | float) else None
+
+
 class Loop:
     """One run of a strategy in a workdir; add hooks before :meth:`run`."""
 
@@ -153,6 +166,8 @@ class Loop:
             run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
             run.log(step=start_step, resumed_from_step=start_step)
             seconds = (ckpt.metrics(start_step) or {}).get(TRAIN_SECONDS)
+            if seconds is None:  # a checkpoint from before the count was saved: a finished run's summary has it
+                seconds = _summary_seconds(run.path / "summary.json", start_step)
             if seconds is not None:  # training seconds of the earlier sessions (see RunContext)
                 ctx.prior_seconds, ctx.saved_seconds = float(seconds), (start_step, float(seconds))
             ctx.say(f"resuming from checkpoint step {start_step} in {run.checkpoint_dir}")
