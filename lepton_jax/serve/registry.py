@@ -140,6 +140,9 @@ class Registry:
     def names(self) -> list[str]:
         """The registered model names (a LakeError if the lake itself does not exist)."""
         self._require_lake()
+        return self._names()
+
+    def _names(self) -> list[str]:
         return [n for n in self.storage.list(f"{MODELS_DIR}/") if _NAME.match(n)]
 
     def _require_lake(self) -> None:
@@ -267,8 +270,8 @@ class Registry:
                                 "parameters of a registration in progress; pass --force if none is running")
         from lepton_jax.lake.storage import storage_clock
 
-        names = self.names()
-        if not names:  # nothing to collect, and the clock probe must not create the lake
+        names = self._names()
+        if not names:  # nothing to collect (a missing lake included), and the clock probe must not create the lake
             return []
         cutoff = storage_clock(self.storage) - grace_seconds  # the storage's clock against its own timestamps
         removed = []
