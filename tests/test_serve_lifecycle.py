@@ -119,20 +119,26 @@ def test_sigterm_under_load_drains_without_losing_accepted_requests(trained_run,
         assert line in text, text[-3000:]
 
 
-@pytest.mark.parametrize("sig, presses", [(signal.SIGTERM, 2), (signal.SIGINT, 1), (signal.SIGINT, 2)],
-                         ids=["sigterm-twice", "ctrl-c-once", "ctrl-c-twice"])
-def test_signals_exit_cleanly(trained_run, tmp_path, sig, presses):
-    """SIGTERM to the server, or Ctrl-C as a terminal sends it (SIGINT to the whole process group, codec worker
-    included): exit 0, no traceback; a second signal ends the grace period at once."""
+@pytest.mark.parametrize("sig, presses, group", [(signal.SIGTERM, 2, False), (signal.SIGTERM, 1, True),
+                                                 (signal.SIGINT, 1, True), (signal.SIGINT, 2, True)],
+                         ids=["sigterm-twice", "sigterm-to-the-group", "ctrl-c-once", "ctrl-c-twice"])
+def test_signals_exit_cleanly(trained_run, tmp_path, sig, presses, group):
+    """SIGTERM to the server or to its whole process group (``kill -- -PGID``, codec worker included), or Ctrl-C as
+    a terminal sends it (SIGINT to the group): exit 0, no traceback, the codec worker still decoding large bodies
+    during the drain; a second signal ends the grace period at once."""
     grace_s = 1.0 if presses == 1 else 120.0  # two signals: exiting within the wait below proves the skip
     proc, port, log_path, _ = start_serve(trained_run, tmp_path, grace_s, start_new_session=True)
-    send = (lambda: os.killpg(proc.pid, sig)) if sig == signal.SIGINT else (lambda: proc.send_signal(sig))
+    send = (lambda: os.killpg(proc.pid, sig)) if group else (lambda: proc.send_signal(sig))
     try:
         send()
         deadline = time.monotonic() + 30
         while httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code != 503:
             assert time.monotonic() < deadline, "readiness never said draining"
             time.sleep(0.05)
+        # a body over inline_parse_bytes is decoded by the codec worker process: it must still be there
+        big = np.random.default_rng(0).uniform(0, 16, (300, 8, 8)).astype(np.float32)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=infer_request(big), timeout=30)
+        assert answer.status_code == 200 and len(answer.content) > 0, answer.text[:500]
         if presses == 2:
             send()
         status = proc.wait(timeout=60)
@@ -143,3 +149,32 @@ def test_signals_exit_cleanly(trained_run, tmp_path, sig, presses):
     text = log_path.read_text()
     assert status == 0 and "Traceback" not in text and "drained: answered" in text, (status, text[-3000:])
     assert (f"{sig.name}: ending the grace period now" in text) == (presses == 2), text[-3000:]
+
+
+def test_a_killed_codec_worker_is_replaced(trained_run, tmp_path):
+    """The codec worker process decoding large bodies is SIGKILLed (as the OOM killer would): the next large
+    request still answers 200 (a fresh worker pool, the request run once more), and so does the one after."""
+    proc, port, log_path, _ = start_serve(trained_run, tmp_path, 1.0, start_new_session=True)
+    big = infer_request(np.random.default_rng(0).uniform(0, 16, (300, 8, 8)).astype(np.float32))
+    url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
+    try:
+        children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert workers, children
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for pid in workers:
+            while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+                time.sleep(0.05)
+        for _ in range(2):
+            answer = httpx.post(url, json=big, timeout=60)
+            assert answer.status_code == 200, answer.text[:500]
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text()
+    assert status == 0 and "a codec worker process died; starting new ones" in text, (status, text[-3000:])

@@ -320,13 +320,7 @@ class ModelServer:
         self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
         self._ready = threading.Event()
         self._draining = False
-        if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
-            self._pool: Executor = ProcessPoolExecutor(self.config.codec_processes,
-                                                       mp_context=multiprocessing.get_context("spawn"),
-                                                       initializer=_codec_worker_init,
-                                                       initargs=(self.config.codec_niceness,))
-        else:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
+        self._pool: Executor = self._codec_pool()
         self.accepted = self.answered = 0
         self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
         versioned = "/v2/models/{name}/versions/{version}"
@@ -546,9 +540,24 @@ class ModelServer:
         """Probabilities for validated ``rows``: through the dynamic batcher here (Ray Serve overrides this)."""
         return await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
 
+    def _codec_pool(self) -> Executor:
+        """The codec worker processes (``codec_processes``; threads when 0)."""
+        if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
+            return ProcessPoolExecutor(self.config.codec_processes, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_codec_worker_init, initargs=(self.config.codec_niceness,))
+        return ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
+
     async def _offload(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the codec worker pool (large bodies; small ones are cheaper inline)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): a fresh pool, and this request once more
+            if self._pool is pool:
+                log.warning("a codec worker process died; starting new ones")
+                self._pool = self._codec_pool()
+                pool.shutdown(wait=False, cancel_futures=True)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _resolve(self, request: Request) -> _Deployment:
         """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
@@ -699,9 +708,10 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
 
 
 def _codec_worker_init(niceness: int) -> None:
-    """Codec worker start-up: ignore SIGINT (a terminal's Ctrl-C reaches the whole process group, but the server
-    owns shutdown and stops its workers) and lower this process's CPU priority by ``niceness`` (raising it needs
-    privileges)."""
+    """Codec worker start-up: ignore SIGINT and SIGTERM (a terminal's Ctrl-C, or a SIGTERM to the process group,
+    reaches the workers too, but the server owns shutdown: it drains, then stops its workers) and lower this
+    process's CPU priority by ``niceness`` (raising it needs privileges)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `kill -- -PGID` too: the worker outlives the drain it serves
     if niceness > 0:
         os.nice(niceness)
