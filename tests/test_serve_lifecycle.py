@@ -32,6 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def post_large_body(port: int) -> httpx.Response:
+    """A 300-row inference request: over ``inline_parse_bytes``, so the server's codec worker process decodes it."""
+    rows = np.random.default_rng(0).uniform(0, 16, (300, 8, 8)).astype(np.float32)
+    return httpx.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=infer_request(rows), timeout=60)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILLs a server started in its own session (and its workers) if it is still running."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def start_serve(trained_run, tmp_path, grace_s: float, **popen) -> tuple[subprocess.Popen, int, Path, int]:
     """``lepton-jax serve`` of the trained run as a process on a free 127.0.0.1 port, its output in a file, once
     ready: the process, port, log file and the number of readiness probes it answered meanwhile."""
@@ -135,17 +148,13 @@ def test_signals_exit_cleanly(trained_run, tmp_path, sig, presses, group):
         while httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code != 503:
             assert time.monotonic() < deadline, "readiness never said draining"
             time.sleep(0.05)
-        # a body over inline_parse_bytes is decoded by the codec worker process: it must still be there
-        big = np.random.default_rng(0).uniform(0, 16, (300, 8, 8)).astype(np.float32)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", json=infer_request(big), timeout=30)
+        answer = post_large_body(port)  # the codec worker must still be there during the drain
         assert answer.status_code == 200 and len(answer.content) > 0, answer.text[:500]
         if presses == 2:
             send()
         status = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     text = log_path.read_text()
     assert status == 0 and "Traceback" not in text and "drained: answered" in text, (status, text[-3000:])
     assert (f"{sig.name}: ending the grace period now" in text) == (presses == 2), text[-3000:]
@@ -155,8 +164,6 @@ def test_a_killed_codec_worker_is_replaced(trained_run, tmp_path):
     """The codec worker process decoding large bodies is SIGKILLed (as the OOM killer would): the next large
     request still answers 200 (a fresh worker pool, the request run once more), and so does the one after."""
     proc, port, log_path, _ = start_serve(trained_run, tmp_path, 1.0, start_new_session=True)
-    big = infer_request(np.random.default_rng(0).uniform(0, 16, (300, 8, 8)).astype(np.float32))
-    url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
     try:
         children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
                     for c in (t / "children").read_text().split()]
@@ -168,13 +175,11 @@ def test_a_killed_codec_worker_is_replaced(trained_run, tmp_path):
             while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
                 time.sleep(0.05)
         for _ in range(2):
-            answer = httpx.post(url, json=big, timeout=60)
+            answer = post_large_body(port)
             assert answer.status_code == 200, answer.text[:500]
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_group(proc)
     text = log_path.read_text()
     assert status == 0 and "a codec worker process died; starting new ones" in text, (status, text[-3000:])
