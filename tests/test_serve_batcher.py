@@ -194,3 +194,30 @@ def test_a_timed_out_request_of_several_chunks_fails_once_and_leaves_nothing_que
         await batcher.drain(timeout_s=10)
 
     run(main())
+
+
+def test_abandon_fails_running_and_queued_requests_at_once():
+    """A force quit: the request whose batch is running (held by the replica) and the one still queued both fail
+    with DrainingError now, new ones are refused, and drain then returns without waiting for the held batch."""
+    recorder = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("r0", recorder)], max_batch_size=2, max_delay_s=0.001)
+        batcher.start()
+        recorder.gate.clear()  # the replica holds the first batch
+        running = asyncio.ensure_future(batcher.infer(np.ones((2, 1), np.float32), timeout_s=30))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(batcher.infer(np.ones((3, 1), np.float32), timeout_s=30))  # two chunks
+        await asyncio.sleep(0.05)
+        assert not running.done() and not queued.done() and batcher.queued_rows == 3
+        batcher.abandon("force quit")
+        for request in (running, queued):
+            with pytest.raises(DrainingError, match="force quit"):
+                await asyncio.wait_for(request, timeout=1)
+        assert batcher.queued_rows == 0
+        with pytest.raises(DrainingError):
+            await batcher.infer(np.ones((1, 1), np.float32))
+        threading.Timer(0.2, recorder.gate.set).start()  # the held batch ends later; nobody waits for it
+        await batcher.drain(timeout_s=10)
+
+    run(main())

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,3 +184,51 @@ def test_a_killed_codec_worker_is_replaced(trained_run, tmp_path):
         kill_group(proc)
     text = log_path.read_text()
     assert status == 0 and "a codec worker process died; starting new ones" in text, (status, text[-3000:])
+
+
+def test_force_quit_answers_what_is_left_and_exits_cleanly(trained_run, tmp_path):
+    """Ctrl-C, then Ctrl-C again while requests are still running (uvicorn's force quit): exit 0 at once, no
+    traceback, the unfinished requests answered 503 (or dropped if the client left), the lifespan shutdown run (the
+    batchers stop, the codec workers exit). A client stuck mid-body keeps the first Ctrl-C's wait going for sure."""
+    proc, port, log_path, _ = start_serve(trained_run, tmp_path, 0.0, start_new_session=True)
+    stuck = socket.create_connection(("127.0.0.1", port))
+    rows = np.random.default_rng(0).uniform(0, 16, (300, 8, 8)).astype(np.float32)  # a legal size, codec-decoded
+    body = json.dumps(infer_request(rows)).encode()
+    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    stuck.sendall(head + body[:100])  # and never the rest
+    outcomes: list[str] = []
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:
+            while proc.poll() is None:
+                try:
+                    answer = client.post(f"http://127.0.0.1:{port}/v2/models/digits/infer", content=body,
+                                         headers={"content-type": "application/json"})
+                except httpx.TransportError:
+                    outcomes.append("closed")
+                    return
+                outcomes.append(f"{answer.status_code} {answer.text[:100] if answer.status_code != 200 else ''}")
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        while len(outcomes) < 4:  # the load runs
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first Ctrl-C must wait for the stuck request"
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=60)
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        stuck.close()
+        kill_group(proc)
+    text = log_path.read_text()
+    assert status == 0 and "Traceback" not in text, (status, text[-3000:])
+    assert re.search(r"force quit: [1-9]\d* unfinished request\(s\) answered 503", text), text[-3000:]
+    assert "drained: answered" in text, text[-3000:]  # the lifespan shutdown ran
+    assert all(o.startswith(("200", "503", "closed")) for o in outcomes), outcomes
+    assert all("force-quit" in o or "shutting down" in o for o in outcomes if o.startswith("503")), outcomes

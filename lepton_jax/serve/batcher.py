@@ -101,7 +101,7 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._free: asyncio.Event | None = None
-        self._inflight: set[asyncio.Future] = set()
+        self._inflight: dict[asyncio.Future, list[_Item]] = {}  # running batches
         self._draining = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -128,6 +128,23 @@ class DynamicBatcher:
         self._queue.clear()
         for replica in self.replicas:
             replica.close()
+
+    def abandon(self, reason: str) -> None:
+        """A force quit: stops taking requests and fails every queued or running one with :class:`DrainingError`
+        (``reason``) at once instead of waiting for it. A batch already running on a replica still finishes there (it
+        cannot be interrupted), but nobody waits for its result."""
+        self._draining = True
+        items = [item for request in self._queue for item in request]
+        items += [item for batch in self._inflight.values() for item in batch]
+        self._queue.clear()
+        self._inflight.clear()
+        self.queued_rows = 0
+        error = DrainingError(reason)
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
+        if self._wake is not None:
+            self._wake.set()
 
     @property
     def draining(self) -> bool:
@@ -210,8 +227,8 @@ class DynamicBatcher:
             if batch:
                 replica.inflight_rows += sum(item.rows.shape[0] for item in batch)  # busy from now on
                 future = asyncio.ensure_future(self._run(replica, batch))
-                self._inflight.add(future)
-                future.add_done_callback(self._inflight.discard)
+                self._inflight[future] = batch
+                future.add_done_callback(lambda f: self._inflight.pop(f, None))
 
     async def _free_replica(self) -> Replica:
         """The idle replica with the fewest rows served (ties: round robin); waits while all are busy."""

@@ -319,7 +319,7 @@ class ModelServer:
         self.metrics = ServerMetrics()
         self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
         self._ready = threading.Event()
-        self._draining = False
+        self._draining = self._abandoned = False
         self._pool: Executor = self._codec_pool()
         self.accepted = self.answered = 0
         self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
@@ -350,6 +350,15 @@ class ModelServer:
             self._draining = True
             self.metrics.ready.set(0)
             log.info("draining: readiness answers 503; still serving requests")
+
+    def abandon(self) -> int:
+        """A force quit: every queued or running inference request answers 503 now instead of being waited for (those
+        still reading their body or decoding answer 503 when cancelled); returns how many were unfinished."""
+        self._draining = self._abandoned = True
+        self.metrics.ready.set(0)
+        for dep in self.deployments.values():
+            dep.batcher.abandon("the server was force-quit before this request finished; retry on another replica")
+        return self.accepted - self.answered
 
     @property
     def app(self) -> ModelServer:
@@ -518,6 +527,11 @@ class ModelServer:
             status = 200
         except RequestError as e:
             status, out_headers, content = self._error_parts(e)
+        except asyncio.CancelledError:  # a force quit stopped the codec workers, or the event loop is ending
+            if not self._abandoned:
+                raise
+            status, out_headers, content = self._error_parts(
+                RequestError(503, "unavailable", "the server was force-quit before this request finished"))
         except Exception as e:  # a bug or a failed batch: report it, keep serving
             log.exception("inference failed")
             status, out_headers, content = self._error_parts(
@@ -659,10 +673,10 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
     During the grace period readiness answers 503 "draining" and every response asks its client to close the
     connection, so no keep-alive connection is idle when the listener closes; then uvicorn stops accepting,
     finishes in-flight requests and runs the lifespan shutdown (the batchers drain). A second signal skips the
-    rest of the grace period; a SIGINT after that stops waiting for in-flight requests (uvicorn's force quit). The
-    process exits 0 either way: unlike uvicorn's own handler, this one does not record the signals for
-    ``capture_signals`` to raise again once the server has stopped (which would end in KeyboardInterrupt, 130, or
-    death by SIGTERM, 143, after a clean drain).
+    rest of the grace period; a SIGINT after that stops waiting for in-flight requests (uvicorn's force quit: they
+    answer 503, and the lifespan shutdown still runs). The process exits 0 either way: unlike uvicorn's own handler,
+    this one does not record the signals for ``capture_signals`` to raise again once the server has stopped (which
+    would end in KeyboardInterrupt, 130, or death by SIGTERM, 143, after a clean drain).
     """
     import uvicorn
 
@@ -691,6 +705,12 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
                 sock.close()
             await asyncio.sleep(0.25)  # ... but read and answer what already arrived on accepted connections
             await super().shutdown(sockets)  # then close idle connections and wait for in-flight requests
+            if self.force_exit:  # uvicorn skips the lifespan shutdown then; answer what is left 503 and run it
+                unfinished = model_server.abandon()
+                await asyncio.sleep(0.05)  # the 503s go out
+                log.warning("force quit: %d unfinished request(s) answered 503 (if their clients still listened)",
+                            unfinished)
+                await self.lifespan.shutdown()  # the batchers stop, the codec workers exit
 
     return Server(config)
 
