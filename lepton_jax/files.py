@@ -21,15 +21,46 @@ def _temp_name(path: Path, suffix: str = "") -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
 
 
+def fsync_dir(path: str | Path) -> None:
+    """fsyncs a folder, so the entries created in it (files, sub-folders, renames) survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: str | Path) -> None:
+    """``mkdir -p path``, then fsyncs the parent of every folder it created, so they survive a crash."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for d in reversed(missing):
+        fsync_dir(d.parent)
+
+
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "w", *, newline: str | None = None) -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "w", *, newline: str | None = None,
+                 durable: bool = False) -> Iterator[IO]:
     """Opens a temp file in ``path``'s folder (created with its parents) for writing (``mode`` "w" or "wb"); when
     the block ends without an error the file is flushed, fsynced and renamed onto ``path``, and on an error it is
-    removed, so ``path`` holds either its old content or the complete new one. Mode 0666 minus the umask."""
+    removed, so ``path`` holds either its old content or the complete new one. Mode 0666 minus the umask.
+
+    ``durable`` also fsyncs the folders: the parents of those it creates, and ``path``'s own after the rename, so
+    that the new name itself survives a power loss (the lake's writes), not only the bytes behind it."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if durable:
+        make_dirs(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -40,6 +71,8 @@ def atomic_write(path: str | Path, mode: str = "w", *, newline: str | None = Non
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    if durable:
+        fsync_dir(path.parent)
 
 
 @contextmanager

@@ -65,3 +65,25 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(umask, tmp_path):
         assert _mode(tmp) == 0o755
         raise RuntimeError("export failed")
     assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_a_durable_write_fsyncs_the_folders_it_creates_and_the_new_name(tmp_path, monkeypatch):
+    """``durable=True`` (the lake's writes): the parent of every folder it creates, and the file's own folder after
+    the rename, are fsynced; a plain atomic write fsyncs the file only."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with files.atomic_write(tmp_path / "a" / "b" / "x.bin", "wb", durable=True) as f:
+        f.write(b"payload")
+    assert (tmp_path / "a" / "b" / "x.bin").read_bytes() == b"payload"
+    folders = [p for p in synced if os.path.isdir(p)]
+    assert folders == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")], synced
+    synced.clear()
+    with files.atomic_write(tmp_path / "c" / "y.txt") as f:
+        f.write("x")
+    assert not [p for p in synced if os.path.isdir(p)] and len(synced) == 1, synced

@@ -16,40 +16,16 @@ import uuid
 from pathlib import Path
 
 from lepton_jax.errors import LakeError
+from lepton_jax.files import fsync_dir, make_dirs
 from lepton_jax.lake.faults import crash_point
 
 #: errno values of ``os.link`` that mean "this filesystem has no hard links" (then the O_EXCL fallback is used)
 NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK})
 
 
-def fsync_dir(path: Path) -> None:
-    """fsyncs a directory, so the entries created in it (files, sub-directories, renames) survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs(path: Path) -> None:
-    """``mkdir -p path``, then fsyncs the parent of every directory it created, so they survive a crash."""
-    path = Path(path)
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
-    for d in reversed(missing):
-        fsync_dir(d.parent)
-
-
-def write_file(path: Path, payload: bytes, *, exclusive: bool = True) -> None:
-    """Writes and fsyncs ``path`` (mode 0666 minus the umask); with ``exclusive`` it must not exist yet."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o666)
+def write_file(path: Path, payload: bytes) -> None:
+    """Creates, writes and fsyncs ``path``, which must not exist yet (mode 0666 minus the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         view = memoryview(payload)
         while view:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lepton_jax.errors import LakeError
-from lepton_jax.lake.publish import fsync_dir, make_dirs, publish_new, write_file
+from lepton_jax.files import atomic_write, fsync_dir
+from lepton_jax.lake.publish import publish_new
 from lepton_jax.lake.uri import parse_root
 
 log = logging.getLogger(__name__)
@@ -143,15 +144,8 @@ class LocalStorage:
         return publish_new(self.path(key), payload, temp_prefix=temp_prefix)
 
     def write(self, key: str, payload: bytes) -> None:
-        path = self.path(key)
-        make_dirs(path.parent)
-        tmp = path.parent / f".write-{uuid.uuid4().hex}"
-        try:
-            write_file(tmp, payload)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        with atomic_write(self.path(key), "wb", durable=True) as f:
+            f.write(payload)
 
     def list(self, prefix: str) -> list[str]:
         try:
