@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +76,35 @@ def test_gc_looping_next_to_a_writer_never_removes_data_a_version_publishes(any_
         assert orphans <= set(storage.list("t/data/"))
         assert storage.list("t/_leases/") == [f"{next(iter(orphans))}.json"]
     assert rounds >= 10, rounds
+
+
+def test_gc_judges_a_lease_from_another_pid_namespace_by_its_age(tmp_path):
+    """A writer in a container that shares this host's name (host networking) and the lake's folder: its pid means
+    another process here, so gc must not call its lease dead from the pid, only from the lease's age. The same lease
+    from this PID namespace whose process is gone is dead at once (its data collected by the next gc)."""
+    import socket
+
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # reaped: no such process now
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    ours = f"{boot}/{os.readlink('/proc/self/ns/pid')}"  # this boot and PID namespace
+    with lake.lease("t", "20000101T000000-aaaaaaaaaaaa"):  # what this process writes in its own leases
+        lease = json.loads(lake.storage.read("t/_leases/20000101T000000-aaaaaaaaaaaa.json"))
+    assert lease["pid_namespace"] == ours
+    for namespace, kept in ((f"another-boot/{ours.split('/', 1)[1]}", True), ("x/pid:[1]", True), (ours, False)):
+        cid = "20000101T000000-0123456789ab"
+        orphan = f"t/data/{cid}"
+        lake.storage.write(f"{orphan}/train/00000/_rows.sha256", b"x" * 32)
+        os.utime(lake.storage.local_path(orphan), (1, 1))
+        lake.storage.write(f"t/_leases/{cid}.json", json.dumps(
+            {"commit_id": cid, "host": socket.gethostname(), "pid": dead_pid, "pid_start": 1,
+             "pid_namespace": namespace, "time": time.time()}).encode())
+        removed = lake.gc(0, force=True).removed
+        assert (removed == []) == kept and (lake.storage.tree(orphan) is not None) == kept, namespace
+        lake.storage.delete(f"t/_leases/{cid}.json")
+        lake.gc(0, force=True)
+    assert lake.verify() == []
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -683,7 +683,7 @@ class Lake:
         rewritten, so its last-modified time is now). Take it before creating the directory."""
         key = f"{check_name('table', table)}/{LEASE_DIR}/{commit_id}.json"
         info = {"commit_id": commit_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "pid_start": _process_start(os.getpid()), "time": time.time()}
+                "pid_start": _process_start(os.getpid()), "pid_namespace": _pid_namespace(), "time": time.time()}
 
         def put() -> None:
             for attempt in range(20):  # another writer's removal of an empty local _leases/ may race this write
@@ -715,10 +715,12 @@ class Lake:
             self.storage.prune(f"{table}/{LEASE_DIR}", table)
 
     def _leases(self, table: str, grace_seconds: float, now: float) -> tuple[set[str], set[str]]:
-        """Commit ids whose writer still holds its lease (a process alive on this host, with the same pid and start
-        time, on a local lake), or a lease renewed within ``max(grace_seconds, MIN_GRACE_SECONDS)`` (another host,
-        or an object store: by the lease object's last-modified time), and the commit ids of leases found expired
-        (their writers died). Ages are taken at ``now``, by the storage's clock (:func:`storage_clock`)."""
+        """Commit ids whose writer still holds its lease (a process alive on this host, in this PID namespace since
+        this boot, with the same pid and start time, on a local lake), or a lease renewed within
+        ``max(grace_seconds, MIN_GRACE_SECONDS)`` (another host, another container sharing this host's name and the
+        lake's folder, or an object store: by the lease object's last-modified time), and the commit ids of leases
+        found expired (their writers died). Ages are taken at ``now``, by the storage's clock
+        (:func:`storage_clock`)."""
         live: set[str] = set()
         dead: set[str] = set()
         local = self.storage.local_path("") is not None
@@ -737,7 +739,8 @@ class Lake:
             except (OSError, ValueError):
                 info, age = None, 0.0  # half-written or unreadable: assume live
             pid = info.get("pid") if isinstance(info, dict) else None
-            if local and isinstance(pid, int) and info.get("host") == socket.gethostname():
+            if local and isinstance(pid, int) and info.get("host") == socket.gethostname() \
+                    and info.get("pid_namespace") is not None and info.get("pid_namespace") == _pid_namespace():
                 alive = _pid_alive(pid) and _process_start(pid) == info.get("pid_start")
             else:
                 alive = age < max(grace_seconds, MIN_GRACE_SECONDS)
@@ -1046,6 +1049,16 @@ def _recompact(latest: TableVersion) -> NoReturn:
     """A compaction that lost the race holds the old head's rows only: publishing it on top would drop the winner's."""
     raise CommitConflictError(f"table {latest.table!r} got version {latest.version} while it was being compacted; "
                               "nothing was published (run `lake compact` again)")
+
+
+def _pid_namespace() -> str | None:
+    """This boot and PID namespace (``<boot id>/pid:[inode]``): pids and their start times mean the same process
+    only within one; a container with the host's name (host networking) sees other pids. None if unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:
