@@ -46,9 +46,9 @@ def kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def start_serve(trained_run, tmp_path, grace_s: float, **popen) -> tuple[subprocess.Popen, int, Path, int]:
-    """``lepton-jax serve`` of the trained run as a process on a free 127.0.0.1 port, its output in a file, once
-    ready: the process, port, log file and the number of readiness probes it answered meanwhile."""
+def launch_serve(trained_run, tmp_path, grace_s: float, **popen) -> tuple[subprocess.Popen, int, Path]:
+    """``lepton-jax serve`` of the trained run as a process on a free 127.0.0.1 port, its output in a file: the
+    process, port and log file, at once."""
     registry = Registry(tmp_path / "lake")
     registry.promote("digits", registry.register("digits", trained_run[0]).version)
     port = free_port()
@@ -59,6 +59,13 @@ def start_serve(trained_run, tmp_path, grace_s: float, **popen) -> tuple[subproc
                                  "--drain-grace-s", str(grace_s), "--log-level", "info"],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                                 **popen)
+    return proc, port, log_path
+
+
+def start_serve(trained_run, tmp_path, grace_s: float, **popen) -> tuple[subprocess.Popen, int, Path, int]:
+    """:func:`launch_serve`, once ready: the process, port, log file and the number of readiness probes it answered
+    meanwhile."""
+    proc, port, log_path = launch_serve(trained_run, tmp_path, grace_s, **popen)
     try:
         deadline, answers = time.monotonic() + 120, 0
         while time.monotonic() < deadline:
@@ -232,3 +239,25 @@ def test_force_quit_answers_what_is_left_and_exits_cleanly(trained_run, tmp_path
     assert "drained: answered" in text, text[-3000:]  # the lifespan shutdown ran
     assert all(o.startswith(("200", "503", "closed")) for o in outcomes), outcomes
     assert all("force-quit" in o or "shutting down" in o for o in outcomes if o.startswith("503")), outcomes
+
+
+@pytest.mark.parametrize("delay_s, grace_s", [(0.0, 0.0), (0.15, 1.0)], ids=["no-grace", "grace"])
+def test_ctrl_c_during_start_up_exits_cleanly(trained_run, tmp_path, delay_s, grace_s):
+    """Ctrl-C (SIGINT to the process group) while the server starts: its codec worker is still importing and XLA
+    compiles the warm-up on a thread. Exit 0, no traceback, no abort (a process that exits under a compile on a
+    daemon thread dies with 'terminate called' and rc 134), and the codec workers did start."""
+    proc, _, log_path = launch_serve(trained_run, tmp_path, grace_s, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Waiting for application startup" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.01)
+        time.sleep(delay_s)
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=120)
+    finally:
+        kill_group(proc)
+    text = log_path.read_text()
+    assert status == 0, (status, text[-3000:])
+    for bad in ("Traceback", "KeyboardInterrupt", "terminate called", "did not start"):
+        assert bad not in text, text[-3000:]

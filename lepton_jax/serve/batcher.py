@@ -19,6 +19,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -150,11 +151,15 @@ class DynamicBatcher:
     def draining(self) -> bool:
         return self._draining
 
-    def warm_up(self, example: np.ndarray) -> None:
-        """Compiles every bucket size on every replica (call from a worker thread, not the event loop)."""
+    def warm_up(self, example: np.ndarray, stop: threading.Event | None = None) -> bool:
+        """Compiles every bucket size on every replica (call from a worker thread, not the event loop); with
+        ``stop``, checks it before each compile and returns False once it is set (True when all are compiled)."""
         for replica in self.replicas:
             for bucket in self.buckets:
+                if stop is not None and stop.is_set():
+                    return False
                 replica.run_padded(np.repeat(example[None], bucket, axis=0), bucket)
+        return True
 
     # -- requests --------------------------------------------------------------------------------------------
     async def infer(self, rows: np.ndarray, timeout_s: float | None = None) -> np.ndarray:

@@ -36,7 +36,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -320,6 +320,7 @@ class ModelServer:
         self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
         self._ready = threading.Event()
         self._draining = self._abandoned = False
+        self._stop_warm_up = threading.Event()
         self._pool: Executor = self._codec_pool()
         self.accepted = self.answered = 0
         self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
@@ -393,11 +394,14 @@ class ModelServer:
         await self._starlette(scope, receive, send_wrapper)
 
     def warm_up(self) -> None:
-        """Compiles every batch bucket on every replica, then marks the server ready (blocking; thread-safe)."""
+        """Compiles every batch bucket on every replica, then marks the server ready (blocking; thread-safe). A
+        shutdown meanwhile stops it after the compile in progress (XLA's cannot be interrupted)."""
         start = time.perf_counter()
         for dep in self.deployments.values():
             lo = dep.model.value_range[0]
-            dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32))
+            if not dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32), self._stop_warm_up):
+                log.info("warm-up stopped by the shutdown after %.1f s", time.perf_counter() - start)
+                return
         if self.freeze_gc_after_warm_up:  # the process is ours (run_server, a Ray replica): no 100 ms gc pauses
             gc.collect()
             gc.freeze()  # the imported libraries and compiled model stay out of later collections
@@ -413,22 +417,28 @@ class ModelServer:
             dep.batcher.start()
         try:  # start every codec worker before traffic (each spawns on demand; one task each while none is idle)
             loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(self._pool, math.prod, (1,))
-                                   for _ in range(max(1, self.config.codec_processes))))
+            with _signals_blocked():  # each submit starts a worker here, with this thread's signal mask
+                starting = [loop.run_in_executor(self._pool, math.prod, (1,))
+                            for _ in range(max(1, self.config.codec_processes))]
+            await asyncio.gather(*starting)
         except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":` (spawn re-imports it)
             log.warning("codec worker processes did not start; decoding large bodies on threads instead")
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
         drift_tasks = [asyncio.create_task(d.drift_loop(self.config.drift_interval_s), name=f"drift-{n}")
                        for n, d in self.deployments.items() if d.drift]
+        warming = threading.Thread(target=self.warm_up, name="warm-up", daemon=True)
         if self.config.warm_up_on_startup:
-            threading.Thread(target=self.warm_up, name="warm-up", daemon=True).start()
+            warming.start()
         yield
+        self._stop_warm_up.set()
         self.begin_drain()
         await asyncio.gather(*(d.batcher.drain(self.config.drain_timeout_s) for d in self.deployments.values()))
         for task in drift_tasks:
             task.cancel()
         await asyncio.gather(*drift_tasks, return_exceptions=True)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        if warming.is_alive():  # a process that exits while XLA compiles on a daemon thread aborts (rc 134)
+            await asyncio.to_thread(warming.join)
         log.info("drained: answered %d of %d accepted requests; %s", self.answered, self.accepted,
                  {n: d.batcher.stats() for n, d in self.deployments.items()})
 
@@ -565,13 +575,17 @@ class ModelServer:
         """``fn(*args)`` in the codec worker pool (large bodies; small ones are cheaper inline)."""
         pool = self._pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            with _signals_blocked():  # a submit may start a worker
+                future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            return await future
         except BrokenProcessPool:  # a worker died (killed, out of memory): a fresh pool, and this request once more
             if self._pool is pool:
                 log.warning("a codec worker process died; starting new ones")
                 self._pool = self._codec_pool()
                 pool.shutdown(wait=False, cancel_futures=True)
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            with _signals_blocked():
+                future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            return await future
 
     def _resolve(self, request: Request) -> _Deployment:
         """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
@@ -727,11 +741,26 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
 
 
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread meanwhile. A codec worker started here inherits the mask, so a
+    Ctrl-C to the process group cannot interrupt its imports (a traceback, a pool that never starts) before its
+    initializer ignores both; this process handles such a signal once they are unblocked."""
+    signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _codec_worker_init(niceness: int) -> None:
     """Codec worker start-up: ignore SIGINT and SIGTERM (a terminal's Ctrl-C, or a SIGTERM to the process group,
-    reaches the workers too, but the server owns shutdown: it drains, then stops its workers) and lower this
-    process's CPU priority by ``niceness`` (raising it needs privileges)."""
+    reaches the workers too, but the server owns shutdown: it drains, then stops its workers), then unblock them
+    (the server started this process with both blocked), and lower this process's CPU priority by ``niceness``
+    (raising it needs privileges)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `kill -- -PGID` too: the worker outlives the drain it serves
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # pending ones are dropped now
     if niceness > 0:
         os.nice(niceness)
