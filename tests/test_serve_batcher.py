@@ -198,7 +198,8 @@ def test_a_timed_out_request_of_several_chunks_fails_once_and_leaves_nothing_que
 
 def test_abandon_fails_running_and_queued_requests_at_once():
     """A force quit: the request whose batch is running (held by the replica) and the one still queued both fail
-    with DrainingError now, new ones are refused, and drain then returns without waiting for the held batch."""
+    with DrainingError now, new ones are refused, and drain then waits for the held batch's thread without blocking
+    the event loop."""
     recorder = Recorder()
 
     async def main():
@@ -217,7 +218,19 @@ def test_abandon_fails_running_and_queued_requests_at_once():
         assert batcher.queued_rows == 0
         with pytest.raises(DrainingError):
             await batcher.infer(np.ones((1, 1), np.float32))
-        threading.Timer(0.2, recorder.gate.set).start()  # the held batch ends later; nobody waits for it
+        threading.Timer(1.0, recorder.gate.set).start()  # the held batch ends later
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
         await batcher.drain(timeout_s=10)
+        ticker.cancel()
+        assert ticks >= 20, ticks  # the loop ran on while drain waited about 1 s for the replica thread
+        assert batcher.replicas[0].inflight_rows == 0
 
     run(main())

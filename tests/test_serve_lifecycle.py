@@ -261,3 +261,45 @@ def test_ctrl_c_during_start_up_exits_cleanly(trained_run, tmp_path, delay_s, gr
     assert status == 0, (status, text[-3000:])
     for bad in ("Traceback", "KeyboardInterrupt", "terminate called", "did not start"):
         assert bad not in text, text[-3000:]
+
+
+def test_a_force_quit_during_the_lifespan_shutdown_changes_nothing(trained_run):
+    """The second Ctrl-C comes while the batchers already drain (the lifespan shutdown has begun): no abandon, no
+    second lifespan shutdown, no "force quit" warning; and a codec pool already shut down answers 503, not 500."""
+    import uvicorn
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, _submit, graceful_uvicorn
+
+    server = ModelServer([ServedModel.from_workdir(trained_run[0], name="digits")],
+                         ServeConfig(codec_processes=0, warm_up_on_startup=False))
+    batcher = server.deployments["digits"].batcher
+    calls = []
+    real_drain, real_abandon = batcher.drain, server.abandon
+
+    async def slow_drain(timeout_s: float = 30.0) -> None:
+        calls.append("drain")
+        await asyncio.sleep(0.5)
+        await real_drain(timeout_s)
+
+    batcher.drain = slow_drain
+    server.abandon = lambda: calls.append("abandon") or real_abandon()
+    uv = graceful_uvicorn(uvicorn.Config(server.app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"),
+                          server, 0.0)
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(uv.serve())
+        while not uv.started:
+            await asyncio.sleep(0.01)
+        uv.handle_exit(signal.SIGINT, None)  # the first Ctrl-C: no grace period, the shutdown starts
+        while not calls:
+            await asyncio.sleep(0.01)
+        uv.handle_exit(signal.SIGINT, None)  # the second, during the drain: uvicorn's force quit
+        await asyncio.wait_for(serving, 30)
+        from lepton_jax.serve.kserve import RequestError
+
+        with pytest.raises(RequestError) as refused:  # the lifespan shut the codec pool down
+            await _submit(server._pool, sum, [1])
+        assert refused.value.status == 503
+
+    asyncio.run(main())
+    assert uv.force_exit and calls == ["drain"], calls

@@ -127,13 +127,13 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(DrainingError("the server shut down before this request ran"))
         self._queue.clear()
-        for replica in self.replicas:
-            replica.close()
+        # a running batch (one that abandon() stopped waiting for) ends on its thread, not on the event loop
+        await asyncio.gather(*(asyncio.to_thread(replica.close) for replica in self.replicas))
 
     def abandon(self, reason: str) -> None:
         """A force quit: stops taking requests and fails every queued or running one with :class:`DrainingError`
         (``reason``) at once instead of waiting for it. A batch already running on a replica still finishes there (it
-        cannot be interrupted), but nobody waits for its result."""
+        cannot be interrupted; :meth:`drain` then waits for its thread without blocking the event loop), unread."""
         self._draining = True
         items = [item for request in self._queue for item in request]
         items += [item for batch in self._inflight.values() for item in batch]

@@ -320,7 +320,7 @@ class ModelServer:
         self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
         self._ready = threading.Event()
         self._draining = self._abandoned = False
-        self._stop_warm_up = threading.Event()
+        self._shutting_down = threading.Event()  # the lifespan shutdown has begun
         self._pool: Executor = self._codec_pool()
         self.accepted = self.answered = 0
         self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
@@ -399,7 +399,7 @@ class ModelServer:
         start = time.perf_counter()
         for dep in self.deployments.values():
             lo = dep.model.value_range[0]
-            if not dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32), self._stop_warm_up):
+            if not dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32), self._shutting_down):
                 log.info("warm-up stopped by the shutdown after %.1f s", time.perf_counter() - start)
                 return
         if self.freeze_gc_after_warm_up:  # the process is ours (run_server, a Ray replica): no 100 ms gc pauses
@@ -430,7 +430,7 @@ class ModelServer:
         if self.config.warm_up_on_startup:
             warming.start()
         yield
-        self._stop_warm_up.set()
+        self._shutting_down.set()
         self.begin_drain()
         await asyncio.gather(*(d.batcher.drain(self.config.drain_timeout_s) for d in self.deployments.values()))
         for task in drift_tasks:
@@ -575,17 +575,13 @@ class ModelServer:
         """``fn(*args)`` in the codec worker pool (large bodies; small ones are cheaper inline)."""
         pool = self._pool
         try:
-            with _signals_blocked():  # a submit may start a worker
-                future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-            return await future
+            return await _submit(pool, fn, *args)
         except BrokenProcessPool:  # a worker died (killed, out of memory): a fresh pool, and this request once more
             if self._pool is pool:
                 log.warning("a codec worker process died; starting new ones")
                 self._pool = self._codec_pool()
                 pool.shutdown(wait=False, cancel_futures=True)
-            with _signals_blocked():
-                future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-            return await future
+            return await _submit(self._pool, fn, *args)
 
     def _resolve(self, request: Request) -> _Deployment:
         """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
@@ -719,7 +715,9 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
                 sock.close()
             await asyncio.sleep(0.25)  # ... but read and answer what already arrived on accepted connections
             await super().shutdown(sockets)  # then close idle connections and wait for in-flight requests
-            if self.force_exit:  # uvicorn skips the lifespan shutdown then; answer what is left 503 and run it
+            # a force quit before the lifespan shutdown began (uvicorn skips it then): answer what is left 503 and run
+            # it; one that came during the lifespan shutdown has nothing left to do
+            if self.force_exit and not model_server._shutting_down.is_set():
                 unfinished = model_server.abandon()
                 await asyncio.sleep(0.05)  # the 503s go out
                 log.warning("force quit: %d unfinished request(s) answered 503 (if their clients still listened)",
@@ -739,6 +737,18 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
                             proxy_headers=access_log,  # X-Forwarded-For only matters to the access log
                             timeout_graceful_shutdown=server.config.drain_timeout_s)
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
+
+
+def _submit(pool: Executor, fn: Any, *args: Any) -> asyncio.Future:
+    """``fn(*args)`` submitted to ``pool`` (a submit may start a worker: with SIGINT/SIGTERM blocked); a pool shut
+    down by the server's stopping answers 503."""
+    with _signals_blocked():
+        try:
+            return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:  # a RuntimeError too: the caller replaces the pool
+            raise
+        except RuntimeError as e:  # "cannot schedule new futures after shutdown"
+            raise RequestError(503, "unavailable", "the server is shutting down") from e
 
 
 @contextlib.contextmanager
