@@ -177,15 +177,21 @@ def test_requests_into_a_part_full_queue_wait_for_the_deadline_and_a_full_batch_
     run(main())
 
 
+async def _holding_one_batch(recorder: Recorder) -> tuple[DynamicBatcher, asyncio.Future]:
+    """A started batcher (max batch 2) whose replica holds its first batch: a 2-row request, running."""
+    batcher = DynamicBatcher([Replica("r0", recorder)], max_batch_size=2, max_delay_s=0.001)
+    batcher.start()
+    recorder.gate.clear()
+    running = asyncio.ensure_future(batcher.infer(np.ones((2, 1), np.float32), timeout_s=30))
+    await asyncio.sleep(0.05)
+    return batcher, running
+
+
 def test_a_timed_out_request_of_several_chunks_fails_once_and_leaves_nothing_queued():
     recorder = Recorder()
 
     async def main():
-        batcher = DynamicBatcher([Replica("r0", recorder)], max_batch_size=2, max_delay_s=0.001)
-        batcher.start()
-        recorder.gate.clear()  # the replica holds the first batch
-        running = asyncio.ensure_future(batcher.infer(np.ones((2, 1), np.float32), timeout_s=30))
-        await asyncio.sleep(0.05)
+        batcher, running = await _holding_one_batch(recorder)
         with pytest.raises(TimeoutError, match="no result within 0.05 s"):
             await batcher.infer(np.ones((6, 1), np.float32), timeout_s=0.05)  # three chunks, all still queued
         assert batcher.queued_rows == 0
@@ -203,11 +209,7 @@ def test_abandon_fails_running_and_queued_requests_at_once():
     recorder = Recorder()
 
     async def main():
-        batcher = DynamicBatcher([Replica("r0", recorder)], max_batch_size=2, max_delay_s=0.001)
-        batcher.start()
-        recorder.gate.clear()  # the replica holds the first batch
-        running = asyncio.ensure_future(batcher.infer(np.ones((2, 1), np.float32), timeout_s=30))
-        await asyncio.sleep(0.05)
+        batcher, running = await _holding_one_batch(recorder)
         queued = asyncio.ensure_future(batcher.infer(np.ones((3, 1), np.float32), timeout_s=30))  # two chunks
         await asyncio.sleep(0.05)
         assert not running.done() and not queued.done() and batcher.queued_rows == 3
