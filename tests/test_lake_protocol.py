@@ -107,6 +107,21 @@ def test_gc_judges_a_lease_from_another_pid_namespace_by_its_age(tmp_path):
     assert lake.verify() == []
 
 
+def test_gc_judges_an_unreadable_lease_by_its_age(tmp_path):
+    """A damaged lease (not JSON) does not pin its commit's data forever: live while it is younger than the grace,
+    then dead like any expired lease (its data and the lease itself collected)."""
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    cid = "20000101T000000-0123456789ab"
+    orphan, lease = f"t/data/{cid}", f"t/_leases/{cid}.json"
+    lake.storage.write(f"{orphan}/train/00000/_rows.sha256", b"x" * 32)
+    os.utime(lake.storage.local_path(orphan), (1, 1))
+    lake.storage.write(lease, b"\x00{not json")
+    assert lake.gc(0, force=True).removed == [] and lake.storage.exists(lease)  # fresh: live
+    os.utime(lake.storage.local_path(lease), (1, 1))
+    assert lake.gc(0, force=True).removed == [orphan] and not lake.storage.exists(lease)
+    assert lake.verify() == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--grace-seconds", "0"], "below the minimum 60 s"),
     (["--grace-seconds", "59"], "below the minimum 60 s"),

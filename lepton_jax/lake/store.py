@@ -728,6 +728,7 @@ class Lake:
             if not name.endswith(".json"):
                 continue
             key = f"{table}/{LEASE_DIR}/{name}"
+            age = 0.0  # not even its age known: live
             try:
                 st = self.storage.stat(key)
                 if st is None:
@@ -737,7 +738,7 @@ class Lake:
             except FileNotFoundError:
                 continue
             except (OSError, ValueError):
-                info, age = None, 0.0  # half-written or unreadable: assume live
+                info = None  # unreadable (damaged, or a read that failed): live while its age says so
             pid = info.get("pid") if isinstance(info, dict) else None
             if local and isinstance(pid, int) and info.get("host") == socket.gethostname() \
                     and info.get("pid_namespace") is not None and info.get("pid_namespace") == _pid_namespace():
