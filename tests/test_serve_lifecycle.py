@@ -303,3 +303,42 @@ def test_a_force_quit_during_the_lifespan_shutdown_changes_nothing(trained_run):
 
     asyncio.run(main())
     assert uv.force_exit and calls == ["drain"], calls
+
+
+CODEC_MASK = """
+import asyncio, multiprocessing, os, signal, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import resource_tracker
+
+from lepton_jax.serve.server import _submit
+
+
+def signals_blocked_at_start(_):  # no initializer here: the mask the worker process started with
+    status = open(f"/proc/{os.getpid()}/status").read()
+    return int(status.split("SigBlk:")[1].split()[0], 16)
+
+
+async def main():
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    resource_tracker.ensure_running()
+    os.kill(resource_tracker._resource_tracker._pid, signal.SIGKILL)  # as the OOM killer might
+    time.sleep(0.2)
+    print(await _submit(pool, signals_blocked_at_start, 0))
+    pool.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_codec_workers_start_with_ctrl_c_blocked_even_after_the_resource_tracker_died(tmp_path):
+    """A codec worker starts with SIGINT and SIGTERM blocked (so a Ctrl-C cannot interrupt its imports), also when
+    multiprocessing must restart its resource tracker first: that restart unblocks both signals in the caller."""
+    script = tmp_path / "codec_mask.py"
+    script.write_text(CODEC_MASK)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    mask = int(out.stdout.strip().splitlines()[-1])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        assert mask & (1 << (sig - 1)), (hex(mask), out.stderr[-2000:])

@@ -756,6 +756,9 @@ def _signals_blocked() -> Iterator[None]:
     """SIGINT and SIGTERM blocked in this thread meanwhile. A codec worker started here inherits the mask, so a
     Ctrl-C to the process group cannot interrupt its imports (a traceback, a pool that never starts) before its
     initializer ignores both; this process handles such a signal once they are unblocked."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # (re)start it first: starting it unblocks both signals, undoing ours
     signals = {signal.SIGINT, signal.SIGTERM}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
