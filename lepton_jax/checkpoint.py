@@ -3,11 +3,10 @@
 A checkpoint at step s holds one Orbax item per entry of the dict it was given (``params`` is required: inference
 restores it alone, without optimizer state), the input iterator's state (``data``) and a sha256 per parameter
 (``digests``, checked on restore). Retention is two Orbax preservation policies joined by "any":
-``LatestN(keep_latest)``
-and ``BestN(keep_best)`` by a metric (``best_metric``/``best_mode``); a step saved with ``co_flagged`` true in its
-metrics (catastrophic overfitting suspected) or without metrics is never *best*, but it stays on disk while it is one of
-the latest N. Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
-leaves earlier steps restorable.
+``LatestN(keep_latest)`` and ``BestN(keep_best)`` by a metric (``best_metric``/``best_mode``); a step saved with
+``co_flagged`` true in its metrics (catastrophic overfitting suspected), without metrics or with a non-finite best
+metric (NaN: a diverged run) is never *best*, but it stays on disk while it is one of the latest N. Orbax writes each
+step into a temporary directory and renames it when complete, so a crash mid-save leaves earlier steps restorable.
 """
 
 from __future__ import annotations
@@ -55,10 +54,14 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def _score(self, metrics: dict[str, Any] | None) -> float:
-        """Higher is better; -inf for steps that may not be best (no metric, or CO-flagged)."""
+        """Higher is better; -inf for steps that may not be best (no metric, a NaN or infinite one -- a diverged
+        run's -- or CO-flagged). Orbax sorts by this score, and a NaN would compare false with every other one and
+        could take the best's place."""
         if not metrics or metrics.get(FLAGGED) or self.best_metric not in metrics:
             return -math.inf
         value = float(metrics[self.best_metric])
+        if not math.isfinite(value):
+            return -math.inf
         return value if self.best_mode == "max" else -value
 
     def save(self, step: int, items: dict[str, Any], metrics: dict[str, float] | None = None,

@@ -51,3 +51,16 @@ def test_flagged_step_is_never_best_and_best_metric_is_configurable(tmp_path):
         _save(low, step, {"dev_loss": loss})
     assert low.best_step() == 2 and low.steps() == [2, 3]
     low.close()
+
+
+@pytest.mark.parametrize("metric, mode, good", [("dev_loss", "min", 0.3), ("dev_accuracy", "max", 0.9)])
+def test_a_nan_metric_never_takes_the_best_checkpoints_place(tmp_path, metric, mode, good):
+    """A diverged run saves its state with a NaN dev metric: that step is never best, so the real best stays on
+    disk (a NaN used to compare false with every score in Orbax's sort and push the best out)."""
+    ckpt = Checkpointer(tmp_path / "ck", keep_latest=1, keep_best=1, best_metric=metric, best_mode=mode,
+                        async_save=False)
+    bad = 0.6 if mode == "max" else 0.5
+    for step, value in enumerate([bad, good, float("nan"), bad], start=1):
+        ckpt.save(step, {"params": {"w": jnp.ones(2) * step}}, {metric: value})
+    assert ckpt.steps() == [2, 4] and ckpt.best_step() == 2
+    ckpt.close()
