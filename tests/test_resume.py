@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -123,6 +124,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, lake_root, 
     if step < 38:  # resuming finishes with the same parameters as a run that was never interrupted
         resumed = train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
         _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+
+
+SIGTERM_DURING_LAST_SAVE = """
+import os, signal, sys
+from lepton_jax.checkpoint import Checkpointer
+from lepton_jax.train.loop import train
+from tests.conftest import small_config
+
+real_wait = Checkpointer.wait
+def wait(self):  # the first wait for a save in flight: the last step's, right after the loop
+    if not getattr(Checkpointer, "signalled", False):
+        Checkpointer.signalled = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    real_wait(self)
+Checkpointer.wait = wait
+summary = train(small_config(num_epochs=1), sys.argv[1], lake_root=sys.argv[2], progress=False)
+print("steps", summary["steps"], "test_accuracy" in summary)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_last_checkpoint_is_written_loses_nothing(lake_root, tmp_path):
+    """SIGTERM arrives after the last step, while its checkpoint is still being written asynchronously: the loop
+    still treats it as a flag until that save is on disk (it used to restore the default action first, so the
+    process died with the last checkpoint half-written, a temp directory)."""
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", SIGTERM_DURING_LAST_SAVE, str(workdir), str(lake_root)],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    steps = int(out.stdout.split()[-2])
+    names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    assert str(steps) in names and not [n for n in names if "tmp" in n], names
+    assert (workdir / "checkpoints" / str(steps) / "commit_success.txt").exists()
+    assert (workdir / "summary.json").exists()
 
 
 @pytest.mark.slow

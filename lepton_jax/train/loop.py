@@ -264,6 +264,7 @@ class Loop:
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
                     break
+            ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
         loop_time = {k: round(v, 4) for k, v in clock.items()}
         run.update_run_info(loop_time_s=loop_time)
         summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
