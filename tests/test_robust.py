@@ -434,6 +434,11 @@ def test_loop_runs_the_overfitting_monitor_and_counts_free_replays_in_the_schedu
     result = train_and_evaluate(config, tmp_path / "run", lake_root=lake_root, progress=False)
     assert result["stopped_early"] == "catastrophic_overfitting" and result["steps"] == 4
     records = tracking.read_metrics(tmp_path / "run")
+    again = train_and_evaluate(config, tmp_path / "run", lake_root=lake_root, progress=False)  # a rerun: no training
+    assert again["stopped_early"] == "catastrophic_overfitting" and again["steps"] == 4
+    after = tracking.read_metrics(tmp_path / "run")
+    assert max(r.get("step", 0) for r in after) == 4
+    assert [r for r in after if "train_loss" in r] == [r for r in records if "train_loss" in r]
     check = next(r for r in records if "co_pgd_accuracy" in r)
     assert check["step"] == 4 and check["co_flagged"] and 0.0 <= check["co_pgd_accuracy"] <= 1.0
     # 2 optimizer updates per step: the schedule spans 2x the steps, and step 4 starts at update 6

@@ -99,15 +99,18 @@ def _preemption_service() -> bool:
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
-def _summary_seconds(path: Path, step: int) -> float | None:
-    """``train_seconds`` of the summary at ``path`` if it describes a run that ended at ``step``, else None."""
+def _summary_at(path: Path, step: int) -> dict[str, Any]:
+    """The summary at ``path`` if it describes a run that ended at ``step``, else {}."""
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    if not isinstance(summary, dict) or summary.get("steps") != step:
-        return None
-    seconds = summary.get(TRAIN_SECONDS)
+        return {}
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else {}
+
+
+def _summary_seconds(path: Path, step: int) -> float | None:
+    """``train_seconds`` of the summary at ``path`` if it describes a run that ended at ``step``, else None."""
+    seconds = _summary_at(path, step).get(TRAIN_SECONDS)
     return float(seconds) if isinstance(seconds, int | float) else None
 
 
@@ -171,21 +174,24 @@ class Loop:
             if seconds is not None:  # training seconds of the earlier sessions (see RunContext)
                 ctx.prior_seconds, ctx.saved_seconds = float(seconds), (start_step, float(seconds))
             ctx.say(f"resuming from checkpoint step {start_step} in {run.checkpoint_dir}")
+        # a run a hook stopped early (e.g. catastrophic overfitting) ended there: a rerun reports, it does not train on
+        stopped = _summary_at(run.path / "summary.json", start_step).get("stopped_early") if start_step else None
         hooks = self._hooks(run)
         try:
-            return self._loop(ctx, state, start_step, hooks)
+            return self._loop(ctx, state, start_step, hooks, stopped)
         finally:
             batches.close()
             run.close()  # flushes TensorBoard and finishes W&B even when the run fails (no-op after the report)
 
-    def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook]) -> dict[str, Any]:
+    def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook],
+              stopped: str | None = None) -> dict[str, Any]:
         config, s, run = self.config, self.strategy, ctx.run
         log_every = config.log_every_steps
         pending: list = []  # device metrics of steps not yet sent to the host
         in_flight: list[tuple[int, list]] = []  # (last step, metrics) being copied to the host
         flops = None
         last_log = time.perf_counter()
-        stopped, ctx.step, ctx.state = None, start_step, state
+        ctx.step, ctx.state = start_step, state
         ctx.loop_start = time.perf_counter()
         clock = ctx.loop_time  # wall seconds of the loop's main thread by phase (run.json: loop_time_s)
         tick = time.perf_counter
@@ -220,7 +226,7 @@ class Loop:
 
         with Preemption() as preemption, tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step",
                                                disable=not self.progress or jax.process_index() != 0) as bar:
-            for step in range(start_step + 1, s.total_steps + 1):
+            for step in range(start_step + 1, s.total_steps + 1 if stopped is None else start_step + 1):
                 t = tick()
                 batch = next(ctx.batches)
                 t = spent("input_wait", t)
@@ -263,6 +269,7 @@ class Loop:
                             "strategy": s, **s.summary_extra()}
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
+                    save(ctx)  # the step it stopped at (no-op when the checkpoint hook saved it): a rerun starts there
                     break
             ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
         loop_time = {k: round(v, 4) for k, v in clock.items()}
