@@ -127,8 +127,11 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+            others = [other for other in self.steps() if other != step]
+            hint = (f"; if it is damaged, remove {self.directory}/{step} to use step {others[-1]} (steps on disk: "
+                    f"{self.steps()})" if others else "")
             raise CheckpointError(f"checkpoint {self.directory}/{step} does not match the model or is corrupt: "
-                                  f"{_first_line(e)}") from e
+                                  f"{_first_line(e)}{hint}") from e
         out = {name: restored[name] for name in args}
         if PARAMS in out:
             self._verify(step, out[PARAMS], out[DIGESTS])

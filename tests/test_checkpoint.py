@@ -64,3 +64,21 @@ def test_a_nan_metric_never_takes_the_best_checkpoints_place(tmp_path, metric, m
         ckpt.save(step, {"params": {"w": jnp.ones(2) * step}}, {metric: value})
     assert ckpt.steps() == [2, 4] and ckpt.best_step() == 2
     ckpt.close()
+
+
+def test_a_damaged_latest_checkpoint_names_the_step_to_fall_back_to(tmp_path):
+    import shutil
+
+    from lepton_jax.errors import CheckpointError
+
+    ckpt = Checkpointer(tmp_path, keep_latest=2, keep_best=0, async_save=False)
+    _save(ckpt, 5, None)
+    _save(ckpt, 6, None)
+    shutil.rmtree(tmp_path / "6" / "train")  # one item of the newest step lost
+    abstract = {"params": {"w": jnp.zeros(3)}, "train": {"step": jnp.int32(0)}}
+    with pytest.raises(CheckpointError, match=rf"remove {tmp_path}/6 to use step 5 \(steps on disk: \[5, 6\]\)"):
+        ckpt.restore(abstract)
+    shutil.rmtree(tmp_path / "6")
+    items, _ = Checkpointer(tmp_path, keep_latest=2, keep_best=0, async_save=False).restore(abstract)
+    assert int(items["train"]["step"]) == 5
+    ckpt.close()
