@@ -724,6 +724,7 @@ class Lake:
         live: set[str] = set()
         dead: set[str] = set()
         local = self.storage.local_path("") is not None
+        namespace = _pid_namespace()  # pids are comparable only with leases written in this one
         for name in self.storage.list(f"{table}/{LEASE_DIR}/"):
             if not name.endswith(".json"):
                 continue
@@ -741,7 +742,7 @@ class Lake:
                 info = None  # unreadable (damaged, or a read that failed): live while its age says so
             pid = info.get("pid") if isinstance(info, dict) else None
             if local and isinstance(pid, int) and info.get("host") == socket.gethostname() \
-                    and info.get("pid_namespace") is not None and info.get("pid_namespace") == _pid_namespace():
+                    and namespace is not None and info.get("pid_namespace") == namespace:
                 alive = _pid_alive(pid) and _process_start(pid) == info.get("pid_start")
             else:
                 alive = age < max(grace_seconds, MIN_GRACE_SECONDS)
