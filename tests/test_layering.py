@@ -13,7 +13,7 @@ LAYERS = [
     {"data"},
     {"models"},
     {"parallel", "eval"},
-    {"checkpoint", "robust"},
+    {"checkpoint", "model_store", "robust"},
     {"train"},
     {"serve", "runs", "sweep"},
     {"commands", "cli", "__init__", "__main__", "configs"},

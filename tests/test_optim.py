@@ -93,3 +93,33 @@ def test_sgd_momentum_and_nesterov_are_config_keys():
     _, state = tx.update(grads, state, PARAMS)
     updates, _ = tx.update(grads, state, PARAMS)  # Nesterov: g + 0.9 * (0.9 * g + g)
     np.testing.assert_allclose(updates["dense"]["bias"], -LR * 0.3 * (1 + 0.9 * 1.9), rtol=1e-6)
+
+
+GROUPED = {"body": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)},
+           "neck": {"kernel": jnp.full((4, 4), 2.0)}, "head": {"kernel": jnp.full((4, 2), 2.0)}}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("decay", ["coupled", "decoupled"])
+def test_frozen_parameters_stay_bit_identical_and_groups_scale_the_learning_rate(name, decay):
+    tx = _optim(name, decay, freeze=("body/.*",), lr_multipliers=(("neck/.*", 0.5),), clip_norm=1.0, momentum=0.9)
+    params, state = GROUPED, tx.init(GROUPED)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 10, jnp.float32), params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    for leaf in ("kernel", "bias"):  # weight decay and momentum included: not one bit moves
+        assert np.asarray(params["body"][leaf]).tobytes() == np.asarray(GROUPED["body"][leaf]).tobytes()
+    assert not np.array_equal(params["neck"]["kernel"], GROUPED["neck"]["kernel"])
+
+
+def test_lr_multiplier_scales_the_whole_update_and_clipping_ignores_frozen_gradients():
+    tx = _optim("sgd", "decoupled", freeze=("body/.*",), lr_multipliers=(("neck/.*", 0.5),), clip_norm=1.0)
+    grads = {"body": {"kernel": jnp.full((3, 4), 100.0), "bias": jnp.full((4,), 100.0)},
+             "neck": {"kernel": jnp.full((4, 4), 0.01)}, "head": {"kernel": jnp.full((4, 2), 0.01)}}
+    updates, _ = tx.update(grads, tx.init(GROUPED), GROUPED)
+    # the frozen gradients (norm 346) would scale the others by 1/346 if clipping counted them; here it is off
+    np.testing.assert_allclose(updates["head"]["kernel"], -LR * (0.01 + WD * 2.0), rtol=1e-6)
+    np.testing.assert_allclose(updates["neck"]["kernel"], -0.5 * LR * (0.01 + WD * 2.0), rtol=1e-6)
+    np.testing.assert_array_equal(updates["body"]["kernel"], 0.0)

@@ -53,6 +53,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999
     config.optim.momentum = 0.0  # sgd
     config.optim.nesterov = False
+    # parameter groups (regexes matched in full against '/'-joined parameter paths, e.g. 'convs/0/kernel', 'head/.*')
+    config.optim.freeze = ()  # parameters never updated (bit-identical after training, weight decay included)
+    config.optim.lr_multipliers = ()  # ((pattern, multiplier > 0), ...): scaled learning rate; first match wins
+
+    config.init = ml_collections.ConfigDict()  # starting parameters (docs/finetune.md)
+    config.init.source = "none"  # none (random) | registry (a registered model version) | run (a run's checkpoint)
+    config.init.lake = ""  # registry: the lake holding the model ("" = the training lake)
+    config.init.ref = ""  # registry: NAME@STAGE or NAME@VERSION, e.g. digits@production
+    config.init.workdir = ""  # run: a training run directory
+    config.init.checkpoint = "best"  # run: best | latest
+    config.init.reinit = ()  # regexes of parameters kept at their fresh random init, e.g. ('head/.*',) for new classes
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.axes = {"data": -1}  # names among data, fsdp, tensor, nodes; one size may be -1 (the rest)

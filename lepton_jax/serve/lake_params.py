@@ -1,105 +1,16 @@
-"""A parameter pytree stored in the lake: one zarr v3 array per leaf, written and read only through the lake's
-storage interface (:meth:`lepton_jax.lake.storage.Storage.kvstore`), so it lives wherever the lake does.
+"""Parameter trees stored in the lake: moved to :mod:`lepton_jax.model_store` (below ``train``, which reads them to
+fine-tune); these names stay importable from here."""
 
-Under a key prefix ``KEY`` a tree of ``n`` leaves is stored as ``KEY/0000/ ... KEY/<n-1>/`` (each a zarr v3 array,
-one zstd-compressed, crc32c-checksummed chunk). What identifies it is its *manifest*, kept by the caller (the
-registry record): each leaf's tree path, shape and dtype, and a sha256 over the tree structure and every leaf's bytes
-(:func:`tree_digest`). :func:`read_tree` checks the structure against the model being restored and the digest
-against the bytes it read; a mismatch is one :class:`ParamsError` line. TensorStore's file driver fsyncs each file
-and directory it writes (``file_io_sync``, set explicitly), so once :func:`write_tree` returns, the arrays are durable.
-"""
+from lepton_jax.model_store import (
+    FORMAT,
+    ParamsError,
+    delete_tree,
+    read_leaves,
+    read_tree,
+    tree_digest,
+    tree_leaves,
+    write_tree,
+)
 
-from __future__ import annotations
-
-import hashlib
-import json
-from typing import Any
-
-import jax
-import numpy as np
-import tensorstore as ts
-
-from lepton_jax.errors import LeptonError
-
-FORMAT = "zarr3-leaves/1"
-_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
-           {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
-           {"name": "crc32c"}]
-
-
-class ParamsError(LeptonError):
-    """Stored parameters are missing, corrupt, or do not fit the model they are restored into."""
-
-
-def tree_leaves(tree: Any) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs in the tree's flattening order (paths as :func:`jax.tree_util.keystr` writes them)."""
-    return [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def tree_digest(leaves: list[tuple[str, np.ndarray]]) -> str:
-    """sha256 over the structure (each leaf's path, dtype and shape, in order) and then every leaf's bytes."""
-    h = hashlib.sha256()
-    h.update(json.dumps([[p, np.dtype(a.dtype).str, list(a.shape)] for p, a in leaves]).encode())
-    for _, a in leaves:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def _spec(storage: Any, key: str, shape: tuple[int, ...] | None = None, dtype: Any = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {"driver": "zarr3", "kvstore": storage.kvstore(key)}
-    if shape is not None:
-        spec["metadata"] = {"shape": list(shape), "data_type": np.dtype(dtype).name,
-                            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, d)
-                                                                                                for d in shape]}},
-                            "codecs": _CODECS}
-    return spec
-
-
-def write_tree(storage: Any, key: str, tree: Any) -> dict[str, Any]:
-    """Writes every leaf of ``tree`` (fully addressable arrays) under ``key``; returns the manifest to keep."""
-    leaves = [(p, np.asarray(jax.device_get(a))) for p, a in tree_leaves(tree)]
-    context = ts.Context({"file_io_sync": True})  # local disk: fsync files and directories (other drivers ignore it)
-    futures = []
-    for i, (_, a) in enumerate(leaves):
-        store = ts.open(_spec(storage, f"{key}/{i:04d}", a.shape, a.dtype), create=True, context=context).result()
-        futures.append(store.write(a))
-    for f in futures:
-        f.result()
-    return {"format": FORMAT, "key": key, "sha256": tree_digest(leaves),
-            "bytes": int(sum(a.nbytes for _, a in leaves)),
-            "leaves": [{"path": p, "shape": list(a.shape), "dtype": np.dtype(a.dtype).name} for p, a in leaves]}
-
-
-def read_tree(storage: Any, manifest: dict[str, Any], abstract: Any, *, what: str) -> Any:
-    """The tree ``manifest`` describes, as ``abstract`` (a tree of ShapeDtypeStructs with shardings) lays it out.
-
-    ``what`` names the parameters in errors (e.g. ``model digits@3``)."""
-    if manifest.get("format") != FORMAT:
-        raise ParamsError(f"{what}: stored parameters have format {manifest.get('format')!r}, expected {FORMAT!r}")
-    expected = tree_leaves(abstract)
-    stored = manifest["leaves"]
-    want = [(p, list(a.shape), np.dtype(a.dtype).name) for p, a in expected]
-    have = [(m["path"], list(m["shape"]), m["dtype"]) for m in stored]
-    if want != have:
-        diff = next((f"{h} vs the model's {w}" for h, w in zip(have, want, strict=False) if h != w),
-                    f"{len(have)} leaves vs the model's {len(want)}")
-        raise ParamsError(f"{what}: stored parameters do not fit the model its config builds ({diff})")
-    key = manifest["key"]
-    try:
-        stores = [ts.open(_spec(storage, f"{key}/{i:04d}"), open=True).result() for i in range(len(stored))]
-        arrays = [f.result() for f in [s.read() for s in stores]]
-    except ValueError as e:
-        raise ParamsError(f"{what}: stored parameters under {key} are missing or unreadable "
-                          f"({str(e).splitlines()[0].split(' [tensorstore_spec')[0]})") from e
-    leaves = [(p, a) for (p, _), a in zip(expected, arrays, strict=True)]
-    if tree_digest(leaves) != manifest["sha256"]:
-        raise ParamsError(f"{what}: stored parameters under {key} do not match the sha256 in its record (corrupt "
-                          "or altered); re-register the model")
-    placed = [jax.device_put(a, leaf.sharding) if getattr(leaf, "sharding", None) is not None else a
-              for a, (_, leaf) in zip(arrays, expected, strict=True)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), placed)
-
-
-def delete_tree(storage: Any, key: str) -> None:
-    """Removes every object under ``key`` (through the storage's kvstore)."""
-    ts.KvStore.open(storage.kvstore(key)).result().delete_range(ts.KvStore.KeyRange()).result()
+__all__ = ["FORMAT", "ParamsError", "delete_tree", "read_leaves", "read_tree", "tree_digest", "tree_leaves",
+           "write_tree"]

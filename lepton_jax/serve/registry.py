@@ -353,6 +353,7 @@ def describe_run(workdir: Path, predictor: Any, *, reference_split: str = "train
                   **({"column_ranges": spec["column_ranges"]} if "column_ranges" in spec else {})},
         "reference": reference,
         "git_revision": run_info.get("git_revision"),
+        "lineage": run_info.get("lineage"),  # parent model (and its table version) when fine-tuned; this run's table
     }
 
 

@@ -171,8 +171,11 @@ class EdgeStrategy(Strategy):
         return jax.jit(sync, in_shardings=(self.shardings,), out_shardings=self.shardings,
                        donate_argnums=0).lower(self.abstract).compile()
 
-    def init_state(self) -> EdgeState:
-        return jax.jit(self._init, out_shardings=self.shardings)()
+    def init_state(self, params: Any = None) -> EdgeState:
+        if params is None:
+            return jax.jit(self._init, out_shardings=self.shardings)()
+        return jax.jit(lambda p: edge_math.init_state(p, self.inner_tx, self.outer_tx, self.config.edge.nodes,
+                                                      self.config.seed), out_shardings=self.shardings)(params)
 
     def items(self, state: EdgeState) -> dict[str, Any]:
         """Outer parameters as ``params`` (what eval/predict restore); outer optimizer, node states, error

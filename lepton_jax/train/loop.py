@@ -36,6 +36,7 @@ from lepton_jax.checkpoint import from_config
 from lepton_jax.data import LakeDataSource
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
+from lepton_jax.train import init as init_lib
 from lepton_jax.train import perf
 from lepton_jax.train.hooks import (
     TRAIN_SECONDS,
@@ -99,13 +100,13 @@ def _preemption_service() -> bool:
     return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
-def _summary_at(path: Path, step: int) -> dict[str, Any]:
-    """The summary at ``path`` if it describes a run that ended at ``step``, else {}."""
+def _summary_at(path: Path, step: int | None) -> dict[str, Any]:
+    """The summary (or run.json) at ``path`` if it describes a run that ended at ``step`` (None: any), else {}."""
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return summary if isinstance(summary, dict) and summary.get("steps") == step else {}
+    return summary if isinstance(summary, dict) and (step is None or summary.get("steps") == step) else {}
 
 
 def _summary_seconds(path: Path, step: int) -> float | None:
@@ -119,8 +120,12 @@ class Loop:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, strategy: Strategy, *,
                  schema: dict[str, Any], sources: dict[str, LakeDataSource], data_info: dict[str, Any],
-                 progress: bool = True, stop_after_step: int | None = None):
+                 progress: bool = True, stop_after_step: int | None = None, parent: init_lib.Parent | None = None):
         self.config, self.workdir, self.strategy = config, Path(workdir), strategy
+        self.parent = parent  # where a fresh run's parameters start (None: random), see lepton_jax.train.init
+        abstract = strategy.built.abstract_params
+        self.reinit = init_lib.reinitialized(config, parent, abstract) if parent else []
+        self.lineage = init_lib.lineage(parent, data_info, self.reinit, init_lib.frozen_leaves(config, abstract))
         self.schema, self.sources, self.data_info = schema, sources, data_info
         self.progress, self.stop_after_step = progress, stop_after_step
         self.eval_every = config.eval_every_steps or strategy.steps_per_epoch
@@ -149,8 +154,10 @@ class Loop:
         config, s = self.config, self.strategy
         run = tracking.RunDir(self.workdir)
         run.check_same_config(config)
+        earlier = _summary_at(run.path / tracking.RUN_FILE, None).get("lineage")  # before start() rewrites run.json
         run.start(config, extra={"data": self.data_info, "seed": config.seed, "mesh": dict(s.mesh.shape),
-                                 "strategy": s.name, "num_params": s.built.num_params, **s.run_info()})
+                                 "strategy": s.name, "num_params": s.built.num_params, "lineage": self.lineage,
+                                 **s.run_info()})
         ckpt = from_config(run.checkpoint_dir, config.checkpoint)
         batches = Prefetcher(s.batches(self.sources["train"], self.schema), s.data_sharding, config.prefetch)
         ctx = RunContext(config=config, run=run, ckpt=ckpt, strategy=s, schema=self.schema, sources=self.sources,
@@ -159,9 +166,13 @@ class Loop:
                 + ", ".join(f"{k} {len(v)}" for k, v in self.sources.items()) + " examples")
         ctx.say(f"model {config.model.name}: {s.built.num_params:,} parameters; strategy {s.name}; "
                 f"{s.total_steps} steps of batch {config.batch_size}; {s.describe()}")
-        state = s.init_state()
         start_step = 0
-        if ckpt.latest_step() is not None:  # same workdir, same config: continue where the last run stopped
+        if ckpt.latest_step() is None:
+            state = s.init_state(self._initial_params(ctx))
+        else:  # same workdir, same config: continue where the last run stopped
+            if earlier and earlier != self.lineage:  # its parent, even if the reference now names another version
+                self.lineage = earlier
+                run.update_run_info(lineage=earlier)
             items, data_state = ckpt.restore(s.abstract_items())
             state = s.from_items(items)
             batches.set_state(data_state)
@@ -274,14 +285,25 @@ class Loop:
             ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
         loop_time = {k: round(v, 4) for k, v in clock.items()}
         run.update_run_info(loop_time_s=loop_time)
-        summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
-            for_summary=True)} if stopped else s.summary_extra(for_summary=True))
+        extra = {"lineage": self.lineage, **s.summary_extra(for_summary=True)}
+        summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **extra} if stopped else extra)
         ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
                 f"{config.checkpoint.best_metric}):\n{result['report_text']}")
         ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "
                 "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
         return {**summary, "history": ctx.history, "params": best_params, "final_state": state, "report": result,
                 "strategy": s, "loop_time_s": loop_time, **s.summary_extra()}
+
+    def _initial_params(self, ctx: RunContext) -> Any:
+        """None (the strategy's random initialisation) or the parent's parameters with the re-initialised leaves
+        fresh."""
+        if self.parent is None:
+            return None
+        where = self.lineage["parent"]["data"]
+        ctx.say(f"fine-tuning from {self.parent.name} (trained on table {where['table']} v{where['version']})"
+                + (f"; re-initialised: {', '.join(self.reinit)}" if self.reinit else "")
+                + (f"; frozen: {', '.join(self.lineage['frozen'])}" if self.lineage["frozen"] else ""))
+        return init_lib.initial_params(self.parent, self.strategy.init_params(), self.reinit)
 
     def _diverged(self, ctx: RunContext) -> None:
         """A non-finite loss ends the run: checkpoint the state (with dev metrics) for inspection, then raise."""
@@ -303,10 +325,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: 
     """Trains ``config`` on its lake table with the strategy it selects and evaluates it; returns a summary (also
     saved in ``workdir``) with ``history``, ``params`` (best checkpoint), ``final_state`` and ``report``.
 
-    ``hooks`` are added to the loop (see :mod:`lepton_jax.train.hooks`). ``strategy`` reuses the compiled
+    ``config.init`` picks the starting parameters of a fresh run (:mod:`lepton_jax.train.init`: random, a run's
+    checkpoint, a registry version; ``lake_root`` is also the registry's default lake); a bad setting or an
+    architecture mismatch raises before anything is written. ``hooks`` are added to the loop (see
+    :mod:`lepton_jax.train.hooks`). ``strategy`` reuses the compiled
     programs of an earlier run of the same config (tests, sweeps). ``stop_after_step`` stops like a preemption
     after that step. The summary holds ``preempted=True`` (and no test metrics) when SIGTERM stopped the run."""
     validate_config(config)
+    parent = init_lib.resolve(config, lake_root)
     lake = Lake(lake_root or config.data.lake)
     table = lake.table(config.data.table, config.data.version if config.data.version > 0 else None)
     schema = table.schema
@@ -318,7 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: 
     data_info = {"lake": lake.uri, "table": table.table, "version": table.version,
                  "schema": schema, "source_sha256": table.record["lineage"]["source"]["sha256"]}
     loop = Loop(config, workdir, strategy, schema=schema, sources=sources, data_info=data_info, progress=progress,
-                stop_after_step=stop_after_step)
+                stop_after_step=stop_after_step, parent=parent)
     for hook in hooks:
         loop.add_hook(hook)
     return loop.run()

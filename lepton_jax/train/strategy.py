@@ -44,8 +44,14 @@ class Strategy(abc.ABC):
     name = "strategy"
 
     @abc.abstractmethod
-    def init_state(self) -> Any:
+    def init_state(self, params: Any = None) -> Any:
+        """A fresh state, from the model's random initialisation or from ``params`` (placed like
+        ``built.abstract_params``: fine-tuning, see :mod:`lepton_jax.train.init`)."""
         ...
+
+    def init_params(self) -> Any:
+        """The model's random initialisation, created with its shardings."""
+        return jax.jit(self.built.init_params, out_shardings=self.built.shardings)()
 
     @abc.abstractmethod
     def abstract_items(self) -> dict[str, Any]:
@@ -142,8 +148,11 @@ class SyncStrategy(Strategy):
                                out_shardings=data_sh)
         self.eval_batch = config.eval_batch_size + (-config.eval_batch_size) % dp
 
-    def init_state(self) -> TrainState:
-        return jax.jit(self._init, out_shardings=self.state_shardings)()  # parameters are created sharded
+    def init_state(self, params: Any = None) -> TrainState:
+        if params is None:
+            return jax.jit(self._init, out_shardings=self.state_shardings)()  # parameters are created sharded
+        return jax.jit(lambda p: create_state(p, self.tx, self.config.seed),
+                       out_shardings=self.state_shardings)(params)
 
     def items(self, state: TrainState) -> dict[str, Any]:
         return {PARAMS: state.params, "train": {"opt_state": state.opt_state, "step": state.step,

@@ -12,7 +12,8 @@ from lepton_jax.parallel.mesh import MESH_AXES
 from lepton_jax.parallel.rules import rules_from_config
 from lepton_jax.robust.objectives import check_robust_config
 from lepton_jax.tracking import check_tracking_config
-from lepton_jax.train.optim import DECAYS, OPTIMIZERS, SCHEDULES
+from lepton_jax.train.init import check_init_config
+from lepton_jax.train.optim import DECAYS, OPTIMIZERS, SCHEDULES, check_param_groups
 
 EDGE_SPLITS = ("iid", "label")
 
@@ -58,6 +59,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"unknown {key} {value!r}; use one of {', '.join(allowed)}")
     if not 0 <= o.final_lr_frac <= 1 or not 0 <= o.b1 < 1 or not 0 <= o.b2 < 1 or o.momentum >= 1:
         raise ConfigError("optim: need 0 <= final_lr_frac <= 1, 0 <= b1, b2 < 1 and 0 <= momentum < 1")
+    check_param_groups(o)
+    check_init_config(config.init)
     check_robust_config(config.robust)
     check_tracking_config(config.tracking)
     e = config.edge
