@@ -101,9 +101,16 @@ def test_rollbacks_undo_promotions_like_a_stack(any_root):
     assert (entry["from"], entry["to"]) == (5, 1)
     with pytest.raises(RegistryError, match=r"m@3 is not an earlier holder .* earlier: none"):
         registry.rollback("m", "prod", to=3)  # rolled back from: no longer on the stack (promote it instead)
+    for v in (1, 3, 2, 3):
+        registry.promote("m", v, "canary")
+    assert registry.rollback("m", "canary")["to"] == 2
+    assert registry.rollback("m", "canary")["to"] == 1  # not back to 3, the version just rolled back from
+    registry.promote("m", 3, "canary")  # unless promoted again
+    registry.promote("m", 4, "canary")
+    assert registry.rollback("m", "canary")["to"] == 3
     with pytest.raises(RegistryError, match="stage 'staging' of model 'm' holds no version"):
         registry.rollback("m", "staging")
-    assert registry.stages("m") == {"prod": 1}
+    assert registry.stages("m") == {"prod": 1, "canary": 3}
 
 
 def test_a_promotion_landing_between_the_comparison_and_the_publish_is_compared_against(tmp_path, source,

@@ -264,10 +264,11 @@ class Registry:
         """Restores the version ``stage`` held before its latest promotion still in effect; appends that as a new
         history entry (``rollback: true``, ``from``/``to``) and returns it.
 
-        Rollbacks undo promotions like an undo stack: a second rollback undoes the promotion before that one (it
-        never returns to the version just rolled back from), and a promotion after a rollback is undone first.
-        Promotions that did not change the holder are skipped, so a rollback always changes the version. ``to``
-        picks an earlier holder further down that stack (undoing every promotion after it). If the stage moves
+        Rollbacks undo promotions like an undo stack: a second rollback undoes the promotion before that one, and a
+        promotion after a rollback is undone first. Promotions that did not change the holder, and those of a version
+        already rolled back from since the latest promotion, are skipped, so a rollback always changes the version
+        and never restores one just rolled back from. ``to`` picks any earlier holder further down that stack
+        (undoing every promotion after it). If the stage moves
         while the rollback is being published, nothing is written and a :class:`RegistryError` says so."""
         prefix = self._stage_prefix(name, stage)
         seen: int | None = None
@@ -281,7 +282,13 @@ class Registry:
                                     "while rolling back: nothing was rolled back; check `registry history` and run "
                                     "it again if still wanted")
             seen = current
-            restores, target = self._rollback_target(_undo_stack(entries), name, stage, current, to)
+            rolled_back_from = set()  # by the rollbacks since the latest promotion: never restored again
+            for _, earlier in reversed(entries):
+                if not earlier.get("rollback"):
+                    break
+                rolled_back_from.add(int(earlier["from"]))
+            restores, target = self._rollback_target(_undo_stack(entries), name, stage, current, to,
+                                                     rolled_back_from)
             seq = entries[-1][0] + 1
             entry = {"stage": stage, "version": target, "previous": current, "time": time.time(), "sequence": seq,
                      "rollback": True, "from": current, "to": target, "restores": restores, "gated": False,
@@ -291,11 +298,12 @@ class Registry:
         raise RegistryError(f"could not roll back {name} at {stage}: too many concurrent promotions")
 
     @staticmethod
-    def _rollback_target(stack: list[tuple[int, int]], name: str, stage: str, current: int,
-                         to: int | None) -> tuple[int, int]:
+    def _rollback_target(stack: list[tuple[int, int]], name: str, stage: str, current: int, to: int | None,
+                         rolled_back_from: set[int]) -> tuple[int, int]:
         """``(sequence, version)`` of the promotion a rollback from ``current`` restores."""
         earlier = [(s, v) for s, v in stack if v != current]
         if to is None:
+            earlier = [(s, v) for s, v in earlier if v not in rolled_back_from]
             if not earlier:
                 raise RegistryError(f"stage {stage!r} of model {name!r} has no earlier version to roll back to (it "
                                     f"holds {name}@{current}); promote one with `lepton-jax registry promote`")
