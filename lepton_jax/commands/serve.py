@@ -8,8 +8,8 @@ import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    reg = sub.add_parser("registry", help="model registry in the lake: register, list, show, promote").add_subparsers(
-        dest="registry_command", required=True)
+    reg = sub.add_parser("registry", help="model registry in the lake: register, list, show, promote, compare, "
+                                          "rollback").add_subparsers(dest="registry_command", required=True)
     add = reg.add_parser("register", help="register a run's checkpoint (default: best) as a new model version")
     add.add_argument("--lake", required=True)
     add.add_argument("--name", required=True, help="model name")
@@ -25,11 +25,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--lake", required=True)
     show.add_argument("model")
     show.set_defaults(handler=show_command)
-    promote = reg.add_parser("promote", help="point a stage (default production) at NAME@VERSION")
+    promote = reg.add_parser("promote", help="point a stage (default production) at NAME@VERSION; with --if-better "
+                                             "only if it is not worse than the stage's holder (exit 1 if refused)")
     promote.add_argument("--lake", required=True)
     promote.add_argument("model", help="NAME@VERSION")
     promote.add_argument("--stage", default="production")
+    promote.add_argument("--if-better", action="store_true",
+                         help="gate: compare with the stage's holder first; refuse (exit 1) if worse by > --tolerance")
+    promote.add_argument("--tolerance", type=float, default=0.0, help="with --if-better: allowed drop (default 0)")
+    _gate_data(promote)
     promote.set_defaults(handler=promote_command)
+    compare = reg.add_parser("compare", help="compare NAME@VERSION with a stage's holder on pinned data (exit 1 if "
+                                             "the gate would refuse it)")
+    compare.add_argument("--lake", required=True)
+    compare.add_argument("model", help="NAME@VERSION (the candidate)")
+    compare.add_argument("--stage", default="production")
+    compare.add_argument("--tolerance", type=float, default=0.0, help="allowed drop (default 0)")
+    _gate_data(compare)
+    compare.set_defaults(handler=compare_command)
+    rollback = reg.add_parser("rollback", help="restore the version a stage held before its latest promotion")
+    rollback.add_argument("--lake", required=True)
+    rollback.add_argument("name", help="model name")
+    rollback.add_argument("--stage", default="production")
+    rollback.add_argument("--to", type=int, default=None, metavar="VERSION",
+                          help="an earlier holder to restore (default: the one before the latest promotion)")
+    rollback.set_defaults(handler=rollback_command)
+    history = reg.add_parser("history", help="a stage's promotions and rollbacks, oldest first")
+    history.add_argument("--lake", required=True)
+    history.add_argument("name", help="model name")
+    history.add_argument("--stage", default="production")
+    history.set_defaults(handler=history_command)
 
     gc = reg.add_parser("gc", help="remove parameter copies no record references and temp records (left by a crash)")
     gc.add_argument("--lake", required=True)
@@ -125,14 +150,81 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def promote_command(args: argparse.Namespace) -> int:
-    from lepton_jax.serve.registry import Registry, RegistryError
+EXIT_REFUSED = 1  # `registry promote --if-better` / `registry compare`: the gate refused the candidate
 
-    name, _, version = args.model.partition("@")
+
+def _gate_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default="test", help="split both versions are scored on (default test)")
+    parser.add_argument("--table-version", type=int, default=None,
+                        help="pinned table version (default: the one the candidate was trained on)")
+    parser.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1", "weighted_f1"],
+                        help="`lepton-jax eval`'s metric to compare (default accuracy)")
+
+
+def _name_version(ref: str, command: str) -> tuple[str, int]:
+    from lepton_jax.serve.registry import RegistryError
+
+    name, _, version = ref.partition("@")
     if not version.isdigit():
-        raise RegistryError(f"promote takes NAME@VERSION with a version number, got {args.model!r}")
-    entry = Registry(args.lake).promote(name, int(version), args.stage)
-    print(f"{args.stage}: {name}@{entry['version']} (was {entry['previous']})")
+        raise RegistryError(f"{command} takes NAME@VERSION with a version number, got {ref!r}")
+    return name, int(version)
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    import sys
+
+    from lepton_jax.serve.gate import describe
+    from lepton_jax.serve.registry import PromotionRefused, Registry
+
+    name, version = _name_version(args.model, "promote")
+    try:
+        entry = Registry(args.lake).promote(name, version, args.stage, if_better=args.if_better,
+                                            tolerance=args.tolerance, split=args.split,
+                                            table_version=args.table_version, metric=args.metric)
+    except PromotionRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    gate = f"; gate: {describe(entry['comparison'], name)}" if entry["comparison"] else " (ungated)"
+    print(f"{args.stage}: {name}@{entry['version']} (was {entry['previous']}){gate}")
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.gate import PROMOTE, describe
+    from lepton_jax.serve.registry import Registry
+
+    name, version = _name_version(args.model, "compare")
+    comparison = Registry(args.lake).compare(name, version, args.stage, split=args.split,
+                                             table_version=args.table_version, metric=args.metric,
+                                             tolerance=args.tolerance)
+    print(json.dumps(comparison, indent=1, sort_keys=True))
+    print(f"{comparison['decision']}: {describe(comparison, name)}")
+    return 0 if comparison["decision"] == PROMOTE else EXIT_REFUSED
+
+
+def rollback_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.registry import Registry
+
+    entry = Registry(args.lake).rollback(args.name, args.stage, to=args.to)
+    print(f"{args.stage}: rolled back from {args.name}@{entry['from']} to {args.name}@{entry['to']}")
+    return 0
+
+
+def history_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.gate import pinned_data
+    from lepton_jax.serve.registry import Registry
+
+    registry = Registry(args.lake)
+    registry.get(args.name)
+    for entry in registry.history(args.name, args.stage):
+        how = "rollback" if entry.get("rollback") else "gated" if entry.get("gated") else "ungated"
+        c = entry.get("comparison")
+        gate = ""
+        if c:
+            held = c["incumbent"]
+            gate = (f"  {c['metric']} {c['candidate']['value']:.4f} vs "
+                    f"{'none' if held is None else format(held['value'], '.4f')} on {pinned_data(c)}")
+        print(f"{entry['sequence']:>4}  {args.name}@{entry['version']}  (was {entry['previous']})  {how}{gate}")
     return 0
 
 

@@ -5,7 +5,8 @@ wherever the lake does)::
 
     ROOT/_models/<name>/00000001.json                 one record per version (immutable): the commit point
     ROOT/_models/<name>/_params/<params-id>/<leaf>/   that version's parameters: one zarr v3 array per leaf
-    ROOT/_models/<name>/_stages/<stage>/00000001.json promotions, append-only; the highest number is current
+    ROOT/_models/<name>/_stages/<stage>/00000001.json promotions and rollbacks, append-only; the highest number
+                                                      is current (a gated promotion's entry keeps its comparison)
 
 A record is self-sufficient: it holds the parameters' manifest (key, leaf paths/shapes/dtypes and a sha256 over the
 tree, checked on load), the model's config (with a plug-in's import path), the input schema, the drift reference
@@ -19,6 +20,11 @@ path the lake's commits take), so two concurrent registrations never take the sa
 points at parameters still being written. A crash in between leaves an unreferenced ``_params`` directory and no
 record; :meth:`Registry.gc` (``lepton-jax registry gc``) removes those once they are older than a grace period.
 Records of the first format (``lepton-model/1``, pointing at a run directory) still load while that directory exists.
+
+Stages move by promotion, optionally gated (:meth:`Registry.promote` with ``if_better``: the candidate is compared
+with the stage's holder on pinned data, :mod:`lepton_jax.serve.gate`), and by rollback (:meth:`Registry.rollback`);
+each is one entry published with the same create-if-absent at the next sequence number, so concurrent writers never
+lose or reorder an entry.
 
 References: ``name`` (latest version), ``name@3``, ``name@latest``, ``name@<stage>`` (e.g. ``name@production``).
 """
@@ -52,6 +58,15 @@ _MAX_RETRIES = 64
 
 class RegistryError(LeptonError):
     """A model name, version or stage is invalid or unknown."""
+
+
+class PromotionRefused(RegistryError):
+    """A gated promotion found the candidate worse than the stage's holder by more than the tolerance; nothing was
+    written. ``comparison`` is the gate's record (:meth:`Registry.compare`)."""
+
+    def __init__(self, message: str, comparison: dict[str, Any]):
+        super().__init__(message)
+        self.comparison = comparison
 
 
 def check_name(kind: str, name: str) -> str:
@@ -200,19 +215,120 @@ class Registry:
         prefix = f"{MODELS_DIR}/{check_name('model name', name)}/{STAGES_DIR}/{check_name('stage', stage)}"
         return [self._read_json(f"{prefix}/{n:08d}.json") for n in self._sequence(prefix)]
 
-    def promote(self, name: str, version: int, stage: str = "production") -> dict[str, Any]:
-        """Points ``stage`` at ``version`` (appends to the stage's history)."""
-        self.get(name, version)
-        prefix = f"{MODELS_DIR}/{name}/{STAGES_DIR}/{check_name('stage', stage)}"
+    def compare(self, name: str, version: int, stage: str = "production", *, split: str = "test",
+                table_version: int | None = None, metric: str = "accuracy", tolerance: float = 0.0) -> dict[str, Any]:
+        """``name@version`` against what ``stage`` holds now, on one split of a pinned table version (default: the
+        candidate's training table at the version it was trained on), with ``lepton-jax eval``'s metric code: see
+        :mod:`lepton_jax.serve.gate`. The comparison's ``decision`` is ``promote`` when the candidate is not worse by
+        more than ``tolerance`` (or the stage holds nothing: ``incumbent`` is None), else ``refuse``."""
+        from lepton_jax.serve.gate import Gate
+
+        gate = Gate(self.get(name, version), split=split, table_version=table_version, metric=metric,
+                    tolerance=tolerance)
+        _, holder = self._stage_head(self._stage_prefix(name, stage))
+        return gate.compare(None if holder is None else self.get(name, holder), stage)
+
+    def promote(self, name: str, version: int, stage: str = "production", *, if_better: bool = False,
+                tolerance: float = 0.0, split: str = "test", table_version: int | None = None,
+                metric: str = "accuracy") -> dict[str, Any]:
+        """Points ``stage`` at ``version``: appends an entry to the stage's history and returns it.
+
+        With ``if_better`` the candidate is first compared with the stage's current holder (:meth:`compare`; the
+        entry keeps the comparison) and :class:`PromotionRefused` is raised, with nothing written, when it is worse
+        by more than ``tolerance``. The entry is published with create-if-absent at the sequence number after the
+        holder it was compared with, so if another promotion lands first the comparison is made again against the
+        new holder: a gated promotion is never decided against a stale incumbent."""
+        from lepton_jax.serve.gate import PROMOTE, Gate, describe
+
+        candidate = self.get(name, version)
+        if tolerance and not if_better:
+            raise RegistryError("a promotion tolerance applies only to a gated promotion (if_better / --if-better)")
+        gate = Gate(candidate, split=split, table_version=table_version, metric=metric, tolerance=tolerance) \
+            if if_better else None
+        prefix = self._stage_prefix(name, stage)
         for _ in range(_MAX_RETRIES):
-            entries = self._sequence(prefix)
-            seq = (entries[-1] if entries else 0) + 1
-            previous = self.stages(name).get(stage)
-            entry = {"stage": stage, "version": int(version), "previous": previous, "time": time.time(),
-                     "sequence": seq}
-            if self.storage.create(f"{prefix}/{seq:08d}.json", _dumps(entry), temp_prefix=_temp_prefix()):
+            seq, previous = self._stage_head(prefix)
+            comparison = None
+            if gate is not None:
+                comparison = gate.compare(None if previous is None else self.get(name, previous), stage)
+                if comparison["decision"] != PROMOTE:
+                    raise PromotionRefused(f"refused to promote {describe(comparison, name)}; {stage} still holds "
+                                           f"{name}@{previous}", comparison)
+            entry = {"stage": stage, "version": candidate.version, "previous": previous, "time": time.time(),
+                     "sequence": seq + 1, "rollback": False, "gated": gate is not None, "comparison": comparison}
+            if self.storage.create(f"{prefix}/{seq + 1:08d}.json", _dumps(entry), temp_prefix=_temp_prefix()):
                 return entry
         raise RegistryError(f"could not promote {name}@{version} to {stage}: too many concurrent promotions")
+
+    def rollback(self, name: str, stage: str = "production", *, to: int | None = None) -> dict[str, Any]:
+        """Restores the version ``stage`` held before its latest promotion still in effect; appends that as a new
+        history entry (``rollback: true``, ``from``/``to``) and returns it.
+
+        Rollbacks undo promotions like an undo stack: a second rollback undoes the promotion before that one, and a
+        promotion after a rollback is undone first. Promotions that did not change the holder, and those of a version
+        already rolled back from since the latest promotion, are skipped, so a rollback always changes the version
+        and never restores one just rolled back from. ``to`` picks any earlier holder further down that stack
+        (undoing every promotion after it). If the stage moves
+        while the rollback is being published, nothing is written and a :class:`RegistryError` says so."""
+        prefix = self._stage_prefix(name, stage)
+        seen: int | None = None
+        for _ in range(_MAX_RETRIES):
+            entries = self._history_entries(prefix)
+            if not entries:
+                raise RegistryError(f"stage {stage!r} of model {name!r} holds no version: nothing to roll back")
+            current = int(entries[-1][1]["version"])
+            if seen is not None and current != seen:
+                raise RegistryError(f"stage {stage!r} of model {name!r} moved from {name}@{seen} to {name}@{current} "
+                                    "while rolling back: nothing was rolled back; check `registry history` and run "
+                                    "it again if still wanted")
+            seen = current
+            rolled_back_from = set()  # by the rollbacks since the latest promotion: never restored again
+            for _, earlier in reversed(entries):
+                if not earlier.get("rollback"):
+                    break
+                rolled_back_from.add(int(earlier["from"]))
+            restores, target = self._rollback_target(_undo_stack(entries), name, stage, current, to,
+                                                     rolled_back_from)
+            seq = entries[-1][0] + 1
+            entry = {"stage": stage, "version": target, "previous": current, "time": time.time(), "sequence": seq,
+                     "rollback": True, "from": current, "to": target, "restores": restores, "gated": False,
+                     "comparison": None}
+            if self.storage.create(f"{prefix}/{seq:08d}.json", _dumps(entry), temp_prefix=_temp_prefix()):
+                return entry
+        raise RegistryError(f"could not roll back {name} at {stage}: too many concurrent promotions")
+
+    @staticmethod
+    def _rollback_target(stack: list[tuple[int, int]], name: str, stage: str, current: int, to: int | None,
+                         rolled_back_from: set[int]) -> tuple[int, int]:
+        """``(sequence, version)`` of the promotion a rollback from ``current`` restores."""
+        earlier = [(s, v) for s, v in stack if v != current]
+        if to is None:
+            earlier = [(s, v) for s, v in earlier if v not in rolled_back_from]
+            if not earlier:
+                raise RegistryError(f"stage {stage!r} of model {name!r} has no earlier version to roll back to (it "
+                                    f"holds {name}@{current}); promote one with `lepton-jax registry promote`")
+            return earlier[-1]
+        matches = [(s, v) for s, v in earlier if v == int(to)]
+        if not matches:
+            held = sorted({v for _, v in earlier})
+            raise RegistryError(f"{name}@{to} is not an earlier holder of stage {stage!r} a rollback can restore "
+                                f"(it holds {name}@{current}; earlier: {held or 'none'}); move the stage to any "
+                                "version with `lepton-jax registry promote`")
+        return matches[-1]
+
+    def _stage_prefix(self, name: str, stage: str) -> str:
+        self.get(name)  # the model exists (one line naming the known models if not)
+        return f"{MODELS_DIR}/{name}/{STAGES_DIR}/{check_name('stage', stage)}"
+
+    def _stage_head(self, prefix: str) -> tuple[int, int | None]:
+        """``(sequence number, version)`` of a stage's latest history entry; ``(0, None)`` when it has none."""
+        entries = self._sequence(prefix)
+        if not entries:
+            return 0, None
+        return entries[-1], int(self._read_json(f"{prefix}/{entries[-1]:08d}.json")["version"])
+
+    def _history_entries(self, prefix: str) -> list[tuple[int, dict[str, Any]]]:
+        return [(n, self._read_json(f"{prefix}/{n:08d}.json")) for n in self._sequence(prefix)]
 
     def register(self, name: str, workdir: str | Path, *, step: int | None = None, description: str = "",
                  reference_split: str = "train") -> ModelVersion:
@@ -355,6 +471,21 @@ def describe_run(workdir: Path, predictor: Any, *, reference_split: str = "train
         "git_revision": run_info.get("git_revision"),
         "lineage": run_info.get("lineage"),  # parent model (and its table version) when fine-tuned; this run's table
     }
+
+
+def _undo_stack(entries: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, int]]:
+    """The promotions still in effect, oldest first, as ``(sequence, version)``: each promotion pushes, each rollback
+    pops down to the promotion it restored."""
+    stack: list[tuple[int, int]] = []
+    for seq, entry in entries:
+        if entry.get("rollback"):
+            while stack and stack[-1][0] != entry["restores"]:
+                stack.pop()
+            if not stack:  # (the restored promotion is not on the stack: start again from the restored holder)
+                stack.append((int(entry["restores"]), int(entry["version"])))
+        else:
+            stack.append((seq, int(entry["version"])))
+    return stack
 
 
 def _temp_prefix() -> str:
