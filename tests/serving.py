@@ -1,4 +1,5 @@
-"""A server for one test: a :class:`ModelServer` under uvicorn in a thread on 127.0.0.1, stopped when done."""
+"""A server for one test (a :class:`ModelServer` under uvicorn in a thread on 127.0.0.1, stopped when done), and
+registry versions for servers to swap between."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import uvicorn
 
 from lepton_jax.serve.client import infer_request
+from lepton_jax.serve.registry import ModelVersion, Registry
 from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 
 
@@ -38,3 +40,29 @@ def served_classes(model: ServedModel, rows: np.ndarray, *, timeout_s: float = 6
     finally:
         uv.should_exit = True
         thread.join(timeout=60)
+
+
+def register_variant(registry: Registry, base: ModelVersion, *, seed: int, noise: float = 0.5) -> ModelVersion:
+    """A new version of ``base``'s model whose parameters are ``base``'s plus Gaussian noise (``noise`` x each leaf's
+    standard deviation), registered with ``base``'s record otherwise: a distinct version that predicts differently."""
+    import jax
+
+    from lepton_jax.serve.lake_params import write_tree
+    from lepton_jax.serve.predictor import Predictor
+
+    params = Predictor.from_registry(base, devices=jax.devices()[:1]).params
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree.flatten(jax.device_get(params))
+    noisy = [np.asarray(a + noise * (float(np.std(a)) or 1.0) * rng.standard_normal(a.shape), a.dtype) for a in leaves]
+    manifest = write_tree(registry.storage, registry.new_params_key(base.name), jax.tree.unflatten(treedef, noisy))
+    fields = {k: v for k, v in base.record.items() if k not in ("format", "name", "version", "time")}
+    return registry.add(base.name, {**fields, "params": manifest, "description": f"{base.ref} + noise {noise}"})
+
+
+def corrupt_params(entry: ModelVersion) -> None:
+    """Alters one stored parameter array of ``entry`` in place (valid zarr, so only the record's sha256 tells)."""
+    import tensorstore as ts
+
+    store = ts.open({"driver": "zarr3", "kvstore": entry.storage.kvstore(f"{entry.record['params']['key']}/0000")},
+                    open=True).result()
+    store.write(store.read().result() + 1).result()

@@ -98,6 +98,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--ray-address", default=None,
                      help="with --backend ray: the cluster to join (e.g. auto); default: start a local Ray")
     srv.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --backend ray")
+    srv.add_argument("--follow", action="store_true",
+                     help="follow each NAME@STAGE: when the stage moves, load, warm and swap in its new version "
+                          "with no downtime (a version that fails to load is refused; the old one keeps serving)")
+    srv.add_argument("--follow-interval-s", type=float, default=2.0, help="with --follow: registry poll interval")
+    srv.add_argument("--canary", default=None, metavar="STAGE:PERCENT",
+                     help="answer PERCENT%% of requests with the version at STAGE (e.g. staging:10)")
+    srv.add_argument("--shadow", default=None, metavar="STAGE",
+                     help="mirror every request to the version at STAGE and count its top-1 agreement (never answers)")
     srv.set_defaults(handler=serve_command)
 
 
@@ -294,7 +302,14 @@ def serve_command(args: argparse.Namespace) -> int:
                          max_queue_rows=args.max_queue_rows, request_timeout_s=args.timeout_s,
                          max_request_rows=args.max_request_rows,
                          max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * (1 << 20)),
-                         replicas=args.replicas, token=token, drain_grace_s=args.drain_grace_s)
+                         replicas=args.replicas, token=token, drain_grace_s=args.drain_grace_s,
+                         follow=args.follow, follow_interval_s=args.follow_interval_s, canary=args.canary,
+                         shadow=args.shadow)
+    if not args.follow_interval_s > 0:
+        raise LeptonError(f"--follow-interval-s must be positive, got {args.follow_interval_s}")
+    if args.backend == "ray" and (args.follow or args.canary or args.shadow):
+        raise LeptonError("--follow, --canary and --shadow need --backend uvicorn; a Ray Serve application changes "
+                          "version by redeploying it (docs/serving.md, 'Following a stage')")
     if args.backend == "ray":
         from lepton_jax.serve.ray_serve import run_ray
 

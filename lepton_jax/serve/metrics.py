@@ -43,6 +43,26 @@ class ServerMetrics:
         self.drift_examples = Gauge("lepton_drift_window_examples", "Served examples in the drift window now",
                                     ["model"], registry=r)
         self.ready = Gauge("lepton_ready", "1 when warm-up is done and the server takes requests", registry=r)
+        # the model lifecycle (serve.lifecycle): versions served, swaps, canary and shadow
+        self.model_version = Gauge("lepton_model_version", "Registry version each model serves, by role (stable; "
+                                   "canary and shadow when configured)", ["model", "role"], registry=r)
+        self.swaps = Counter("lepton_model_swaps", "Versions swapped in by following a registry stage",
+                             ["model", "role"], registry=r)
+        self.swaps_failed = Counter("lepton_model_swaps_failed", "Versions a following server refused (failed to "
+                                    "load, or a changed input spec or label set); the old version kept serving",
+                                    ["model", "role"], registry=r)
+        self.version_requests = Counter("lepton_version_requests", "Inference requests answered, per model version",
+                                        ["model", "version"], registry=r)
+        self.version_inference = Histogram("lepton_version_inference_seconds", "Time from a request's rows entering "
+                                           "the batcher to its answer, per model version", ["model", "version"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.shadow_rows = Counter("lepton_shadow_rows", "Rows mirrored to the shadow version and answered by it",
+                                   ["model", "version"], registry=r)
+        self.shadow_agreed = Counter("lepton_shadow_agreed_rows", "Mirrored rows whose top-1 class from the shadow "
+                                     "version equals the answered one", ["model", "version"], registry=r)
+        self.shadow_dropped = Counter("lepton_shadow_dropped_rows", "Rows not mirrored (the shadow's queue was full "
+                                      "or it timed out); answers are never affected", ["model", "version"],
+                                      registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

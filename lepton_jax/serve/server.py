@@ -39,11 +39,9 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import jax
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -51,20 +49,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lepton_jax.data.transforms import input_array, input_bounds, input_spec, scale
-from lepton_jax.serve.batcher import BatchInfo, DrainingError, DynamicBatcher, QueueFullError, Replica
-from lepton_jax.serve.drift import DriftMonitor
+from lepton_jax.serve.batcher import DrainingError, QueueFullError
 from lepton_jax.serve.kserve import (
     HEADER_LENGTH,
     JSON_HEADERS,
     InferRequest,
-    InputSpec,
     RequestError,
     Tensor,
     decode_rows,
     encode_response,
     error_body,
 )
+from lepton_jax.serve.lifecycle import JSON_BYTES_PER_VALUE, Lifecycle, ServedModel  # noqa: F401 (re-exported)
+from lepton_jax.serve.lifecycle import Deployment as _Deployment
 from lepton_jax.serve.metrics import ServerMetrics
 
 log = logging.getLogger("lepton_jax.serve")
@@ -74,7 +71,6 @@ __all__ = ["ModelServer", "RequestError", "ServeConfig", "ServedModel", "run_ser
 _HEADER_LENGTH = HEADER_LENGTH.encode()
 _REQUEST_HEADERS = (b"authorization", b"content-length", b"content-encoding", _HEADER_LENGTH)  # what _infer reads
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
-JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 
 
 @dataclasses.dataclass
@@ -89,6 +85,10 @@ class ServeConfig:
     processes, so neither the event loop nor the GIL is held while megabytes of JSON are parsed; 0 uses threads.
     The workers run ``codec_niceness`` steps below the server's CPU priority (``os.nice``), so where they share a core
     with the event loop, decoding one huge body yields the core to the small requests behind it (head-of-line).
+
+    ``follow``: models loaded from a registry stage follow it, polled every ``follow_interval_s``; ``canary``
+    ("STAGE:PERCENT") and ``shadow`` ("STAGE") add a version that answers a share of requests, or only mirrors them
+    (see :mod:`lepton_jax.serve.lifecycle`).
     """
 
     max_batch_size: int = 32
@@ -101,6 +101,10 @@ class ServeConfig:
     token: str | None = None
     drain_grace_s: float = 5.0
     drain_timeout_s: float = 30.0
+    follow: bool = False
+    follow_interval_s: float = 2.0
+    canary: str | None = None
+    shadow: str | None = None
     drift_window: int = 1000
     drift_window_s: float | None = None
     drift_min_samples: int = 200
@@ -112,204 +116,6 @@ class ServeConfig:
     warm_up_on_startup: bool = True
 
 
-class ServedModel:
-    """A model's parameters, input schema and drift reference, with one replica per device."""
-
-    def __init__(self, name: str, version: str, graphdef: Any, params: Any, schema: dict[str, Any], *,
-                 reference: dict[str, Any] | None = None, info: dict[str, Any] | None = None):
-        self.name, self.version, self.schema = name, str(version), schema
-        self.graphdef, self.params = graphdef, jax.device_get(params)
-        self.reference, self.info = reference, dict(info or {})
-        spec = self.input_spec = input_spec(schema)
-        self.example_shape = tuple(spec["example_shape"])
-        self.value_range = tuple(float(v) for v in spec["value_range"])
-        self.label_names = list(schema["label_names"])
-        self.input_name = input_array(schema)  # the request field: the lake array's name
-
-    @classmethod
-    def from_registry(cls, lake_root: str | Path, ref: str) -> ServedModel:
-        """``name@version`` / ``name@production`` from the registry in ``lake_root``."""
-        from lepton_jax.serve.registry import Registry
-
-        entry = Registry(lake_root).resolve(ref)
-        stage = ref.partition("@")[2]
-        from lepton_jax.serve.predictor import Predictor
-
-        predictor = Predictor.from_registry(entry, devices=jax.devices()[:1])
-        model = cls(entry.name, str(entry.version), predictor.graphdef, predictor.params, predictor.schema,
-                    reference=entry.reference, info={"step": entry.step, "source_workdir": str(entry.workdir)})
-        model.info.update({"registry": entry.ref, "requested": ref, "stage": stage if not stage.isdigit() else None,
-                           "metrics": entry.record.get("metrics", {}),
-                           "data": {k: entry.record["data"][k] for k in ("table", "version")}})
-        return model
-
-    @classmethod
-    def from_workdir(cls, workdir: str | Path, *, name: str, version: str = "1", step: int | None = None,
-                     reference: dict[str, Any] | None = None) -> ServedModel:
-        from lepton_jax.serve.predictor import Predictor
-
-        predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
-        return cls(name, version, predictor.graphdef, predictor.params, predictor.schema, reference=reference,
-                   info={"workdir": str(Path(workdir).resolve()), "step": predictor.step})
-
-    def make_replicas(self, count: int, devices: Sequence[Any] | None = None) -> list[Replica]:
-        """``count`` replicas on ``devices`` (default: all), round robin when there are fewer devices."""
-        from lepton_jax.train.step import make_predict
-
-        devices = list(devices or jax.devices())
-        if count > len(devices):
-            log.warning("%d replicas of %s on %d device(s): replicas share devices round robin%s", count, self.name,
-                        len(devices), " (on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before "
-                        "start-up gives N devices)" if devices[0].platform == "cpu" else "")
-        apply = make_predict(self.graphdef)
-        lo, hi = input_bounds(self.input_spec)  # per column for tabular tables (data.transforms, as in training)
-
-        @jax.jit
-        def probabilities(params, raw):
-            return jax.nn.softmax(apply(params, scale(raw, lo, hi)).astype(np.float32), axis=-1)
-
-        replicas = []
-        for i in range(count):
-            device = devices[i % len(devices)]
-            params = jax.device_put(self.params, device)
-
-            def run(rows: np.ndarray, params=params, device=device) -> np.ndarray:
-                return np.asarray(probabilities(params, jax.device_put(rows, device)))
-
-            replicas.append(Replica(f"{i}:{device.platform}{device.id}", run))
-        return replicas
-
-    @property
-    def cells(self) -> int:
-        return math.prod(self.example_shape)
-
-    def metadata(self) -> dict[str, Any]:
-        """KServe v2 model metadata."""
-        return {"name": self.name, "versions": [self.version], "platform": f"jax_{jax.default_backend()}",
-                "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.example_shape]}],
-                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.label_names)]},
-                            {"name": "class", "datatype": "INT64", "shape": [-1]},
-                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
-                "parameters": {"label_names": self.label_names, "value_range": list(self.value_range),
-                               **({"column_ranges": self.input_spec["column_ranges"]}
-                                  if "column_ranges" in self.input_spec else {}),
-                               "units": "raw values of the training lake table", **self.info}}
-
-    def config(self, serve: ServeConfig) -> dict[str, Any]:
-        """Triton-style model configuration (``GET /v2/models/{name}/config``); dims exclude the batch axis."""
-        return {"name": self.name, "platform": f"jax_{jax.default_backend()}", "backend": "lepton_jax",
-                "version_policy": {"specific": {"versions": [self.version]}},
-                "max_batch_size": min(serve.max_request_rows, serve.max_queue_rows),
-                "input": [{"name": self.input_name, "data_type": "TYPE_FP32", "format": "FORMAT_NONE",
-                           "dims": list(self.example_shape)}],
-                "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(self.label_names)],
-                            "label_filename": ""},
-                           {"name": "class", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
-                           {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}],
-                "dynamic_batching": {"preferred_batch_size": [b for b in _buckets(serve.max_batch_size)],
-                                     "max_queue_delay_microseconds": int(serve.max_delay_ms * 1000),
-                                     "default_queue_policy": {"max_queue_size": serve.max_queue_rows,
-                                                              "default_timeout_microseconds":
-                                                                  int(serve.request_timeout_s * 1e6)}},
-                "instance_group": [{"name": f"{self.name}_0", "kind": f"KIND_{jax.default_backend().upper()}",
-                                    "count": serve.replicas}],
-                "parameters": {"value_range": {"string_value": f"{self.value_range[0]},{self.value_range[1]}"},
-                               "label_names": {"string_value": ",".join(self.label_names)}}}
-
-    def body_limit(self, serve: ServeConfig) -> int:
-        """The request body limit: configured, or derived from the largest legal request as JSON."""
-        if serve.max_body_bytes is not None:
-            return int(serve.max_body_bytes)
-        return min(serve.max_request_rows, serve.max_queue_rows) * self.cells * JSON_BYTES_PER_VALUE + (64 << 10)
-
-    @functools.cached_property
-    def _label_bytes(self) -> np.ndarray:
-        labels = np.empty(len(self.label_names), object)
-        labels[:] = [name.encode() for name in self.label_names]
-        return labels
-
-    @functools.cached_property
-    def spec(self) -> InputSpec:
-        columns = self.input_spec.get("column_ranges")
-        return InputSpec(self.name, self.input_name, self.example_shape, self.value_range,
-                         None if columns is None else tuple(tuple(float(v) for v in c) for c in columns),
-                         tuple(self.input_spec["columns"]) if "columns" in self.input_spec else None)
-
-    def rows(self, request: InferRequest, max_rows: int) -> np.ndarray:
-        """The decoded request's input -> validated float32 rows ``(N, *example_shape)``."""
-        return self.spec.rows(request, max_rows)
-
-    def outputs(self, probabilities: np.ndarray) -> list[Tensor]:
-        """The model's outputs for ``probabilities`` (N, C): probabilities, class index and label name."""
-        classes = probabilities.argmax(-1).astype(np.int64, copy=False)
-        labels = self._label_bytes[classes]
-        n = probabilities.shape[0]
-        return [Tensor("probabilities", "FP32", list(probabilities.shape), probabilities.astype(np.float32)),
-                Tensor("class", "INT64", [n], classes), Tensor("label", "BYTES", [n], labels)]
-
-
-def _buckets(max_batch_size: int) -> list[int]:
-    from lepton_jax.serve.batcher import bucket_sizes
-
-    return bucket_sizes(max_batch_size)
-
-
-class _Deployment:
-    """A served model with its batcher, drift monitor and limits."""
-
-    def __init__(self, model: ServedModel, config: ServeConfig, metrics: ServerMetrics,
-                 devices: Sequence[Any] | None):
-        self.model = model
-        self.max_rows = min(config.max_request_rows, config.max_queue_rows)
-        self.body_limit = model.body_limit(config)
-        name = model.name
-        self.drift = None
-        if model.reference:
-            self.drift = DriftMonitor(model.reference, model=name, window=config.drift_window,
-                                      window_s=config.drift_window_s, min_samples=config.drift_min_samples,
-                                      threshold=config.drift_threshold, report=self._report_drift(metrics, name))
-            metrics.drift_age.labels(name).set_function(lambda: self.drift.age_s)
-            metrics.drift_examples.labels(name).set_function(lambda: self.drift.num_examples)
-        self.on_batch = self._on_batch(metrics, name)
-        self.batcher = DynamicBatcher(model.make_replicas(config.replicas, devices),
-                                      max_batch_size=config.max_batch_size, max_delay_s=config.max_delay_ms / 1000,
-                                      max_queue_rows=config.max_queue_rows, on_batch=self.on_batch)
-        metrics.queue_depth.labels(name).set_function(lambda: self.batcher.queued_rows)  # read when scraped
-        for replica in self.batcher.replicas:
-            metrics.replica_inflight.labels(name, replica.name).set_function(lambda r=replica: r.inflight_rows)
-
-    def _on_batch(self, metrics: ServerMetrics, name: str):
-        batch_size, queue_time = metrics.batch_size.labels(name), metrics.queue_time.labels(name)
-
-        def on_batch(info: BatchInfo) -> None:
-            batch_size.observe(info.size)
-            for wait in info.queue_times:
-                queue_time.observe(wait)
-            metrics.replica_batches.labels(name, info.replica).inc()
-            metrics.replica_rows.labels(name, info.replica).inc(info.size)
-            if self.drift:
-                self.drift.observe(info.inputs, info.outputs.argmax(-1))  # queued; binned by the drift task
-        return on_batch
-
-    @staticmethod
-    def _report_drift(metrics: ServerMetrics, name: str):
-        def report(kind: str, group: str, value: float) -> None:
-            if kind == "input":
-                metrics.input_drift.labels(name, group).set(value)
-            else:
-                metrics.prediction_drift.labels(name).set(value)
-        return report
-
-    async def drift_loop(self, interval_s: float) -> None:
-        """Folds served batches into the drift window every ``interval_s``, on a worker thread."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await asyncio.to_thread(self.drift.update)
-            except Exception:  # monitoring must never take serving down
-                log.exception("drift update failed for model %s", self.model.name)
-
-
 class ModelServer:
     """Serves one or more :class:`ServedModel` s; ``app`` is the ASGI application."""
 
@@ -317,7 +123,8 @@ class ModelServer:
                  devices: Sequence[Any] | None = None):
         self.config = config or ServeConfig()
         self.metrics = ServerMetrics()
-        self.deployments = {m.name: _Deployment(m, self.config, self.metrics, devices) for m in models}
+        self.lifecycle = Lifecycle(models, self.config, self.metrics, devices)  # load, warm up, follow, swap
+        self.deployments = self.lifecycle.deployments  # the stable deployment of each model, by name
         self._ready = threading.Event()
         self._draining = self._abandoned = False
         self._shutting_down = threading.Event()  # the lifespan shutdown has begun
@@ -357,8 +164,7 @@ class ModelServer:
         still reading their body or decoding answer 503 when cancelled); returns how many were unfinished."""
         self._draining = self._abandoned = True
         self.metrics.ready.set(0)
-        for dep in self.deployments.values():
-            dep.batcher.abandon("the server was force-quit before this request finished; retry on another replica")
+        self.lifecycle.abandon("the server was force-quit before this request finished; retry on another replica")
         return self.accepted - self.answered
 
     @property
@@ -397,11 +203,9 @@ class ModelServer:
         """Compiles every batch bucket on every replica, then marks the server ready (blocking; thread-safe). A
         shutdown meanwhile stops it after the compile in progress (XLA's cannot be interrupted)."""
         start = time.perf_counter()
-        for dep in self.deployments.values():
-            lo = dep.model.value_range[0]
-            if not dep.batcher.warm_up(np.full(dep.model.example_shape, lo, np.float32), self._shutting_down):
-                log.info("warm-up stopped by the shutdown after %.1f s", time.perf_counter() - start)
-                return
+        if not self.lifecycle.warm_up(self._shutting_down):
+            log.info("warm-up stopped by the shutdown after %.1f s", time.perf_counter() - start)
+            return
         if self.freeze_gc_after_warm_up:  # the process is ours (run_server, a Ray replica): no 100 ms gc pauses
             gc.collect()
             gc.freeze()  # the imported libraries and compiled model stay out of later collections
@@ -413,8 +217,7 @@ class ModelServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette):
-        for dep in self.deployments.values():
-            dep.batcher.start()
+        self.lifecycle.start()  # batchers, drift tasks, and (with follow) the stage followers
         try:  # start every codec worker before traffic (each spawns on demand; one task each while none is idle)
             loop = asyncio.get_running_loop()
             with _signals_blocked():  # each submit starts a worker here, with this thread's signal mask
@@ -424,18 +227,13 @@ class ModelServer:
         except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":` (spawn re-imports it)
             log.warning("codec worker processes did not start; decoding large bodies on threads instead")
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
-        drift_tasks = [asyncio.create_task(d.drift_loop(self.config.drift_interval_s), name=f"drift-{n}")
-                       for n, d in self.deployments.items() if d.drift]
         warming = threading.Thread(target=self.warm_up, name="warm-up", daemon=True)
         if self.config.warm_up_on_startup:
             warming.start()
         yield
         self._shutting_down.set()
         self.begin_drain()
-        await asyncio.gather(*(d.batcher.drain(self.config.drain_timeout_s) for d in self.deployments.values()))
-        for task in drift_tasks:
-            task.cancel()
-        await asyncio.gather(*drift_tasks, return_exceptions=True)
+        await self.lifecycle.stop(self.config.drain_timeout_s)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         if warming.is_alive():  # a process that exits while XLA compiles on a daemon thread aborts (rc 134)
             await asyncio.to_thread(warming.join)
@@ -504,9 +302,11 @@ class ModelServer:
         for key, value in scope["headers"]:
             if key in headers:
                 headers[key] = value.decode("latin-1")
+        dep = None
         try:
             self._authorize_header(headers[b"authorization"] or "")
-            dep = self._named(name, version)
+            dep = self.lifecycle.pick(name, version, route=True)
+            dep.holders += 1  # this version answers, even if a newer one is swapped in meanwhile
             if not self._ready.is_set():
                 raise RequestError(503, "unavailable", "the server is warming up; poll /v2/health/ready")
             if dep.batcher.draining:
@@ -546,6 +346,9 @@ class ModelServer:
             log.exception("inference failed")
             status, out_headers, content = self._error_parts(
                 RequestError(500, "internal", f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            if dep is not None:
+                dep.holders -= 1
         self._counted(label, status).inc()
         if status == 200:
             self._latency(label).observe(time.perf_counter() - start)
@@ -562,7 +365,7 @@ class ModelServer:
     # -- helpers ---------------------------------------------------------------------------------------------
     async def predict(self, dep: _Deployment, rows: np.ndarray) -> np.ndarray:
         """Probabilities for validated ``rows``: through the dynamic batcher here (Ray Serve overrides this)."""
-        return await dep.batcher.infer(rows, timeout_s=self.config.request_timeout_s)
+        return await self.lifecycle.infer(dep, rows, self.config.request_timeout_s)
 
     def _codec_pool(self) -> Executor:
         """The codec worker processes (``codec_processes``; threads when 0)."""
@@ -589,14 +392,7 @@ class ModelServer:
         return self._named(request.path_params["name"], request.path_params.get("version"))
 
     def _named(self, name: str, version: str | None) -> _Deployment:
-        if name not in self.deployments:
-            raise RequestError(404, "unknown_model", f"unknown model {name!r}; this server serves: "
-                                                     f"{', '.join(sorted(self.deployments))}")
-        dep = self.deployments[name]
-        if version is not None and version != dep.model.version:
-            raise RequestError(404, "unknown_model", f"model {name!r} has no version {version!r} on this "
-                                                     f"server; it serves version {dep.model.version}")
-        return dep
+        return self.lifecycle.pick(name, version)
 
     def _check_auth(self, request: Request) -> None:
         self._authorize_header(request.headers.get("authorization", ""))
