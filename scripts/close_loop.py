@@ -1,5 +1,6 @@
 """The mission's loop, end to end on CPU, with the real pieces: a server follows ``digits@production``; its traffic
-shifts (inverted intensity, a new camera); drift rises; the shifted data is appended to the lake (``--mode
+shifts (a second camera comes online that reports inverted intensities: half the requests now come from it);
+drift rises; the shifted data is appended to the lake (``--mode
 append``); a model is fine-tuned from ``@production`` on the new table version; the gate compares it with production
 on that pinned version's test split and promotes it; the following server swaps to it between batches; accuracy and
 drift on the shifted traffic recover. Zero failed requests is checked, not assumed.
@@ -8,8 +9,8 @@ drift on the shifted traffic recover. Zero failed requests is checked, not assum
 
 Writes ``loop.json`` (the summary quoted in docs/loop.md), ``timeline.jsonl`` (one line per second of traffic) and
 ``loop.png`` (accuracy and drift over time, the events marked) into ``--out``. Traffic never contains a training
-example: it is the version-1 test split, shown as is and then inverted, while the appended data is the inverted
-train and dev splits.
+example: it is the version-1 test split (after the shift: half as is, half inverted), while the appended data is
+the inverted train and dev splits.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def free_port() -> int:
 class Traffic:
     """Client threads sending test rows to the server; one record per answered request."""
 
-    def __init__(self, url: str, rows: dict[str, tuple[np.ndarray, np.ndarray]], *, threads: int, rows_per_request: int):
+    def __init__(self, url: str, rows: dict[str, tuple[np.ndarray, np.ndarray]], *, threads: int,
+                 rows_per_request: int):
         self.url, self.rows, self.rows_per_request = url, rows, rows_per_request
         self.phase = "normal"
         self.records: list[tuple[float, str, str, int, int]] = []  # (time, phase, model_version, correct, n)
@@ -89,22 +91,23 @@ def read_drift(client) -> tuple[float | None, float | None]:
     return (max(groups) if groups else None), (float(pred[0]) if pred else None)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/loop")
     parser.add_argument("--epochs", type=int, default=6, help="epochs of the from-scratch version 1")
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
     parser.add_argument("--phase-s", type=float, default=8.0, help="seconds of traffic before the shift and after "
                         "the swap")
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--rows-per-request", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from lepton_jax.config import load_config
     from lepton_jax.lake import DigitsSource, Lake, NpzSource, ingest
     from lepton_jax.serve.client import Client
+    from lepton_jax.serve.predictor import Predictor
     from lepton_jax.serve.registry import PromotionRefused, Registry
     from lepton_jax.train.loop import train_and_evaluate
 
@@ -132,9 +135,10 @@ def main() -> int:
     registry.promote(MODEL, first.version, STAGE, if_better=True)
     note("v1 promoted", version=first.version)
 
-    # traffic rows: the version-1 test split, as is and inverted (a sensor that reports 16 - value)
+    # traffic rows: the version-1 test split; after the shift half of it comes from a camera reporting 16 - value
     test_x, test_y = splits["test"]["image"], splits["test"]["label"]
-    rows = {"normal": (test_x, test_y), "shifted": (16 - test_x, test_y)}
+    rows = {"normal": (test_x, test_y),
+            "shifted": (np.concatenate([test_x, 16 - test_x]), np.concatenate([test_y, test_y]))}
 
     # 2. A server following the production stage.
     port = free_port()
@@ -195,7 +199,7 @@ def main() -> int:
                  rows=sum(v2.num_examples(s) for s in v2.splits))
             tune = load_config(ROOT / "configs" / "digits_cnn.py", [
                 f"num_epochs={args.finetune_epochs}", f"seed={args.seed}", "init.source=registry",
-                f"init.ref={MODEL}@{STAGE}", "optim.learning_rate=0.001"])
+                f"init.ref={MODEL}@{STAGE}"])
             train_and_evaluate(tune, out / "runs" / "v2", lake_root=lake_root, progress=False)
             candidate = registry.register(MODEL, out / "runs" / "v2", description="fine-tuned on digits v2")
             note("fine-tuned", version=candidate.version)
@@ -229,6 +233,10 @@ def main() -> int:
 
     summary = summarise(traffic, timeline, events, t_start, first.version, candidate.version, entry,
                         ready_failures[0], metrics)
+    summary["offline_test_accuracy"] = {  # each version on each camera's rows, through offline predict
+        f"v{v.version}": {camera: float((Predictor.from_registry(v).predict(x)["class"] == test_y).mean())
+                          for camera, x in (("normal", test_x), ("inverted", 16 - test_x))}
+        for v in (first, candidate)}
     summary["wall_seconds"] = time.time() - t_start
     (out / "loop.json").write_text(json.dumps(summary, indent=1) + "\n")
     with (out / "timeline.jsonl").open("w") as f:
@@ -292,30 +300,33 @@ def plot(path: Path, seconds: list[dict], events: dict[str, float], t_start: flo
     matplotlib.use("Agg")  # a script, not the library: no display here
     import matplotlib.pyplot as plt
 
+    t0 = events["server ready"] - t_start  # time axis: seconds since the server became ready
     fig, (ax_acc, ax_psi) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    t = [r["t"] for r in seconds]
-    ax_acc.plot(t, [r["accuracy"] for r in seconds], color="tab:blue", lw=1.5)
+    versions = sorted({v for r in seconds for v in r["versions"]}, key=int)
+    colors = dict(zip(versions, ("tab:blue", "tab:green", "tab:purple", "tab:brown"), strict=False))
+    for version in versions:  # each second's accuracy, coloured by the version that answered most of it
+        mine = [r for r in seconds if max(r["versions"], key=r["versions"].get) == version]
+        ax_acc.plot([r["t"] - t0 for r in mine], [r["accuracy"] for r in mine], "o", ms=3, color=colors[version],
+                    label=f"answered by {MODEL}@{version}")
     ax_acc.set_ylabel("accuracy on live traffic")
-    ax_acc.set_ylim(0, 1.02)
-    psi = [(r["t"], r["input_psi"]) for r in seconds if "input_psi" in r]
-    ax_psi.plot([p[0] for p in psi], [p[1] for p in psi], color="tab:red", lw=1.5)
-    ax_psi.axhline(PSI_ALARM, color="tab:red", ls=":", lw=1, label=f"alarm (PSI {PSI_ALARM})")
-    ax_psi.set_yscale("symlog", linthresh=0.1)
-    ax_psi.set_ylabel("input drift (max PSI)")
-    ax_psi.set_xlabel("seconds since start")
-    marks = [("traffic shifted", "shift", "tab:orange"), ("drift alarm", "alarm", "tab:red"),
-             ("appended", "append", "tab:purple"), ("promoted", "promoted", "tab:green"),
-             ("first answer from new version", "swapped", "black")]
+    ax_acc.set_ylim(-0.02, 1.02)
+    psi = [(r["t"] - t0, max(r["input_psi"], 1e-3)) for r in seconds if "input_psi" in r]
+    ax_psi.plot([p[0] for p in psi], [p[1] for p in psi], color="tab:red", lw=1.5, label="input drift (max PSI)")
+    ax_psi.axhline(PSI_ALARM, color="tab:red", ls=":", lw=1, label=f"alarm threshold {PSI_ALARM}")
+    ax_psi.set_yscale("log")
+    ax_psi.set_ylabel("PSI vs. the serving model's\ntraining data")
+    ax_psi.set_xlabel("seconds since the server became ready")
+    marks = [("traffic shifted", "second camera online", "tab:orange"), ("drift alarm", "drift alarm", "tab:red"),
+             ("promoted", "fine-tuned model promoted", "tab:green"),
+             ("first answer from new version", "first answer from it", "black")]
     for key, label, color in marks:
         if key in events:
-            x = events[key] - t_start
             for ax in (ax_acc, ax_psi):
-                ax.axvline(x, color=color, ls="--", lw=1)
-            ax_acc.text(x, 1.03, label, rotation=35, fontsize=8, color=color, ha="left", va="bottom",
-                        transform=ax_acc.get_xaxis_transform())
-    ax_psi.legend(loc="upper left", fontsize=8)
-    fig.suptitle("digits@production under a sensor shift: drift -> append -> fine-tune -> gate -> swap", y=0.995,
-                 fontsize=10)
+                ax.axvline(events[key] - t_start - t0, color=color, ls="--", lw=1,
+                           label=label if ax is ax_acc else None)
+    ax_acc.legend(loc="lower left", fontsize=7, ncol=2)
+    ax_psi.legend(loc="upper left", fontsize=7)
+    fig.suptitle("digits@production under a sensor shift: drift -> append -> fine-tune -> gate -> swap", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
