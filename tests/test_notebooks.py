@@ -22,11 +22,12 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path):
     assert any(o.get("output_type") == "stream" for o in outputs)
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    # quickstart: learning curves, confusion matrix, robustness curve; research: the runs' curves (+ a Markdown table)
-    assert len(images) >= {"quickstart": 3, "research": 1}[path.stem]
+    # quickstart: learning curves, confusion matrix, robustness curve; research: the runs' curves (+ a Markdown table);
+    # loop: accuracy and drift over time
+    assert len(images) >= {"quickstart": 3, "research": 1, "loop": 1}[path.stem]
     if path.stem == "research":
         assert any(o.get("data", {}).get("text/markdown", "").startswith("| run") for o in outputs)
 
 
 def test_there_are_notebooks():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "research"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "research", "loop"}
