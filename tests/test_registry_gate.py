@@ -72,9 +72,13 @@ def test_if_better_refuses_a_degraded_candidate_promotes_a_good_one_and_rollback
     back = registry.rollback("digits", "production")  # undoes the latest promotion: good -> bad
     assert (back["rollback"], back["from"], back["to"], back["sequence"]) == (True, good, bad, 4)
     assert registry.resolve("digits@production").version == bad
-    again = registry.rollback("digits")  # a second rollback goes one further back, not to the one rolled back from
+    # a second rollback would undo the promotion of bad, restoring good: the version just rolled back from
+    with pytest.raises(RegistryError, match=rf"no earlier version to roll back to \(it holds digits@{bad}; "
+                                            rf"digits@{good} just rolled back from \(restore with --to\)\)"):
+        registry.rollback("digits")
+    again = registry.rollback("digits", to=good)
     assert (again["from"], again["to"]) == (bad, good) and registry.stages("digits") == {"production": good}
-    with pytest.raises(RegistryError, match="no earlier version to roll back to"):
+    with pytest.raises(RegistryError, match=rf"no earlier version to roll back to \(it holds digits@{good}\)"):
         registry.rollback("digits")
     history = registry.history("digits", "production")
     assert [(h["version"], h["rollback"]) for h in history] == [(good, False), (bad, False), (good, False),
@@ -225,9 +229,11 @@ def test_registry_gate_cli(tmp_path, source, capsys):
     assert code == 1 and '"split": "dev"' in out and "refuse: " in out
     code, out, err = run("promote", f"digits@{bad}", "--if-better", "--tolerance", "0.01")
     assert code == 1 and not out and len(err.splitlines()) == 1
-    assert err.startswith(f"refused: refused to promote digits@{bad} accuracy") and "table digits v1 split test" in err
+    assert err.startswith(f"refused to promote digits@{bad} accuracy") and "table digits v1 split test" in err
     code, _, err = run("promote", f"digits@{bad}", "--tolerance", "0.01")
     assert code == 2 and "only to a gated promotion" in err
+    code, _, err = run("compare", f"digits@{bad}", "--metric", "f1")
+    assert code == 2 and "unknown gate metric 'f1'; use one of accuracy, macro_f1, weighted_f1" in err
     code, _, err = run("compare", f"digits@{bad}", "--metric", "macro_f1", "--tolerance", "-1")
     assert code == 2 and len(err.splitlines()) == 1 and "tolerance must be a finite number >= 0" in err
     code, out, _ = run("promote", f"digits@{bad}")

@@ -165,8 +165,8 @@ def _gate_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split both versions are scored on (default test)")
     parser.add_argument("--table-version", type=int, default=None,
                         help="pinned table version (default: the one the candidate was trained on)")
-    parser.add_argument("--metric", default="accuracy", choices=["accuracy", "macro_f1", "weighted_f1"],
-                        help="`lepton-jax eval`'s metric to compare (default accuracy)")
+    parser.add_argument("--metric", default="accuracy",
+                        help="`lepton-jax eval`'s metric to compare: accuracy (default), macro_f1 or weighted_f1")
 
 
 def _name_version(ref: str, command: str) -> tuple[str, int]:
@@ -190,7 +190,7 @@ def promote_command(args: argparse.Namespace) -> int:
                                             tolerance=args.tolerance, split=args.split,
                                             table_version=args.table_version, metric=args.metric)
     except PromotionRefused as e:
-        print(f"refused: {e}", file=sys.stderr)
+        print(e, file=sys.stderr)  # "refused to promote NAME@V <metric> <value> < ...": one line
         return EXIT_REFUSED
     gate = f"; gate: {describe(entry['comparison'], name)}" if entry["comparison"] else " (ungated)"
     print(f"{args.stage}: {name}@{entry['version']} (was {entry['previous']}){gate}")

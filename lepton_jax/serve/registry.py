@@ -241,8 +241,9 @@ class Registry:
         from lepton_jax.serve.gate import PROMOTE, Gate, describe
 
         candidate = self.get(name, version)
-        if tolerance and not if_better:
-            raise RegistryError("a promotion tolerance applies only to a gated promotion (if_better / --if-better)")
+        if not if_better and (tolerance or split != "test" or table_version is not None or metric != "accuracy"):
+            raise RegistryError("a tolerance, split, table version or metric applies only to a gated promotion "
+                                "(if_better / --if-better)")
         gate = Gate(candidate, split=split, table_version=table_version, metric=metric, tolerance=tolerance) \
             if if_better else None
         prefix = self._stage_prefix(name, stage)
@@ -268,8 +269,8 @@ class Registry:
         promotion after a rollback is undone first. Promotions that did not change the holder, and those of a version
         already rolled back from since the latest promotion, are skipped, so a rollback always changes the version
         and never restores one just rolled back from. ``to`` picks any earlier holder further down that stack
-        (undoing every promotion after it). If the stage moves
-        while the rollback is being published, nothing is written and a :class:`RegistryError` says so."""
+        (undoing every promotion after it). If the stage moves while the rollback is being published, nothing is
+        written and a :class:`RegistryError` says so."""
         prefix = self._stage_prefix(name, stage)
         seen: int | None = None
         for _ in range(_MAX_RETRIES):
@@ -303,11 +304,14 @@ class Registry:
         """``(sequence, version)`` of the promotion a rollback from ``current`` restores."""
         earlier = [(s, v) for s, v in stack if v != current]
         if to is None:
-            earlier = [(s, v) for s, v in earlier if v not in rolled_back_from]
-            if not earlier:
+            candidates = [(s, v) for s, v in earlier if v not in rolled_back_from]
+            if not candidates:
+                skipped = f"; {', '.join(f'{name}@{v}' for v in sorted(rolled_back_from))} just rolled back from " \
+                          "(restore with --to)" if earlier else ""
                 raise RegistryError(f"stage {stage!r} of model {name!r} has no earlier version to roll back to (it "
-                                    f"holds {name}@{current}); promote one with `lepton-jax registry promote`")
-            return earlier[-1]
+                                    f"holds {name}@{current}{skipped}); promote one with `lepton-jax registry "
+                                    "promote`")
+            return candidates[-1]
         matches = [(s, v) for s, v in earlier if v == int(to)]
         if not matches:
             held = sorted({v for _, v in earlier})
