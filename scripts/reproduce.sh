@@ -3,7 +3,7 @@
 # Each step prints the git revision and the lake data version it used. Takes about an hour on a 2-core CPU.
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
-#                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | lake |
+#                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | loop | lake |
 #                                          ingest | ingest_small | serve | serve_ray (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +71,11 @@ fi
 if step noisy; then
   echo "== the noisy-gradient model against white-box, transfer and Square attacks (README, docs/robustness.md)"
   $PY -m pytest -q -s -p no:cacheprovider tests/test_robust.py -k noisy_gradients | tee results/noisy_gradients.txt
+fi
+if step loop; then
+  echo "== the loop: drift -> append -> fine-tune from @production -> gate -> swap under live traffic (docs/loop.md; ~3 min)"
+  $PY scripts/close_loop.py --out results/loop
+  cp results/loop/loop.png docs/loop.png
 fi
 if step fresh; then
   echo "== fresh clone + make run, wall clock (README; pip's download cache warm; idle machine)"
