@@ -74,6 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the production and from-scratch runs")
     parser.add_argument("--ft-epochs", type=int, default=5, help="most epochs of the fine-tuned run")
+    parser.add_argument("--ft-lr", type=float, default=None, help="fine-tuned run's optim.lr (default: the config's)")
     parser.add_argument("--eval-every", type=int, default=10, help="fine-tuned run: dev evaluation every N steps")
     parser.add_argument("--workdir", default=None, help="keep the lake and runs here (default: a temp dir)")
     args = parser.parse_args()
@@ -96,7 +97,8 @@ def main() -> int:
               f"test accuracy {base['test_accuracy']:.4f}")
 
         finetune = load_config(CONFIGS / "digits_finetune.py", [f"num_epochs={args.ft_epochs}",
-                                                                f"eval_every_steps={args.eval_every}"])
+                                                                f"eval_every_steps={args.eval_every}"]
+                               + ([f"optim.lr={args.ft_lr}"] if args.ft_lr else []))
         reached: dict = {}
         tuned = train_and_evaluate(finetune, root / "finetune", lake_root=lake, progress=False,
                                    hooks=[stop_at(target, args.eval_every, reached)])
