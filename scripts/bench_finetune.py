@@ -1,17 +1,19 @@
 """Fine-tuning from the registry vs training from scratch, on an appended table version.
 
 In a fresh lake: ingest digits (v1), train configs/digits_cnn.py on it, register and promote it to production; append
-the same digits with inverted intensity (16 - x) with ``mode="append"`` (v2: both). Then, on v2:
+the same digits shifted (--shift invert: 16 - x; brightness: min(x + 6, 16)) with ``mode="append"`` (v2: both).
+Then, on v2:
 
   * from scratch: configs/digits_cnn.py (random init); its final dev accuracy is the target and its step count the
     baseline;
-  * fine-tuned: configs/digits_finetune.py (init from digits@production, lr 1e-3), dev accuracy every
-    --eval-every steps, stopped at the first evaluation that reaches the target.
+  * fine-tuned: configs/digits_finetune.py (init from digits@production, lr 1e-3, no warm-up) with the same number of
+    epochs (--ft-epochs), dev accuracy every --eval-every steps, stopped at the first evaluation that reaches the
+    target.
 
 Prints steps_finetune / steps_scratch (goal <= 0.25), with the command, the machine and devices x processes.
 
-    .venv/bin/python scripts/bench_finetune.py                 # about 2-4 minutes on a 2-core CPU
-    .venv/bin/python scripts/bench_finetune.py --epochs 10     # a shorter from-scratch baseline
+    .venv/bin/python scripts/bench_finetune.py                      # inverted digits; 3-5 minutes on a 2-core CPU
+    .venv/bin/python scripts/bench_finetune.py --shift brightness   # a milder shift
 """
 
 from __future__ import annotations
@@ -35,16 +37,21 @@ from lepton_jax.train.loop import train_and_evaluate
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-class InvertedDigits(DigitsSource):
-    """scikit-learn's digits with inverted intensity (16 - x): the shifted data the table gains."""
+SHIFTS = {"invert": lambda x: 16 - x, "brightness": lambda x: np.minimum(x + 6, 16)}
 
-    def __init__(self):
+
+class ShiftedDigits(DigitsSource):
+    """scikit-learn's digits with a distribution shift: inverted intensity (16 - x) or a brightness shift
+    (min(x + 6, 16)); the new data the table gains."""
+
+    def __init__(self, shift: str):
         super().__init__()
-        self.name, self.uri = "digits-inverted", "sklearn://datasets/load_digits?invert=16"
+        self.shift = shift
+        self.name, self.uri = f"digits-{shift}", f"sklearn://datasets/load_digits?shift={shift}"
 
     def load(self):
         data = super().load()
-        data.arrays["image"] = (16 - data.arrays["image"]).astype(np.uint8)
+        data.arrays["image"] = SHIFTS[self.shift](data.arrays["image"].astype(np.int64)).astype(np.uint8)
         return data
 
 
@@ -72,8 +79,10 @@ def stop_at(target: float, every: int, reached: dict) -> Hook:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shift", choices=sorted(SHIFTS), default="invert", help="the appended data's shift")
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the production and from-scratch runs")
-    parser.add_argument("--ft-epochs", type=int, default=5, help="most epochs of the fine-tuned run")
+    parser.add_argument("--ft-epochs", type=int, default=None,
+                        help="the fine-tuned run's epochs (its schedule's length; default: --epochs); it stops early")
     parser.add_argument("--ft-lr", type=float, default=None, help="fine-tuned run's optim.lr (default: the config's)")
     parser.add_argument("--eval-every", type=int, default=10, help="fine-tuned run: dev evaluation every N steps")
     parser.add_argument("--workdir", default=None, help="keep the lake and runs here (default: a temp dir)")
@@ -88,15 +97,16 @@ def main() -> int:
         registry = Registry(lake)
         entry = registry.register("digits", root / "production")
         registry.promote("digits", entry.version, "production")
-        version = ingest(Lake(lake), "digits", InvertedDigits(), mode="append").version.version
-        print(f"table digits v{version}: digits + inverted digits appended; production = {entry.ref}")
+        version = ingest(Lake(lake), "digits", ShiftedDigits(args.shift), mode="append").version.version
+        print(f"table digits v{version}: digits + digits with shift {args.shift!r} appended; production = "
+              f"{entry.ref}")
 
         base = train_and_evaluate(scratch, root / "scratch", lake_root=lake, progress=False)
         target, steps_scratch = base["history"]["dev_accuracy"][-1], base["steps"]
         print(f"from scratch on v{version}: {steps_scratch} steps, final dev accuracy {target:.4f}, "
               f"test accuracy {base['test_accuracy']:.4f}")
 
-        finetune = load_config(CONFIGS / "digits_finetune.py", [f"num_epochs={args.ft_epochs}",
+        finetune = load_config(CONFIGS / "digits_finetune.py", [f"num_epochs={args.ft_epochs or args.epochs}",
                                                                 f"eval_every_steps={args.eval_every}"]
                                + ([f"optim.lr={args.ft_lr}"] if args.ft_lr else []))
         reached: dict = {}
