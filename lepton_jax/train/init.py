@@ -188,7 +188,8 @@ def initial_params(parent: Parent, fresh_params: Any, keep: list[str]) -> Any:
         name = param_path(path)
         if name in keep_set:
             return leaf
-        return jax.device_put(stored[name].astype(leaf.dtype, copy=False), leaf.sharding)
+        value = stored[name].astype(leaf.dtype, copy=False)  # each process places its own shards of the full array
+        return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
 
     return jax.tree_util.tree_map_with_path(pick, fresh_params)
 
