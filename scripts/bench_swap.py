@@ -163,8 +163,9 @@ def main() -> None:
                str(args.follow_interval_s), "--max-queue-rows", "4096", "--drain-grace-s", "0"]
         with open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
-                                    preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None)
+                                    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+        if server_cpus:  # as `taskset` does, before the server starts its threads and codec worker
+            os.sched_setaffinity(proc.pid, server_cpus)
         try:
             wait_ready(port, proc)
             if client_cpus:
