@@ -252,3 +252,33 @@ def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
                                       and "still serving version 2" in m for m in refusals), refusals
     assert metric(text, "lepton_model_swaps_failed_total", role="canary") == 1
     assert metric(text, "lepton_model_swaps_total") == 0
+
+
+@pytest.mark.slow
+def test_follow_on_an_s3_lake(trained_run, s3_env):
+    """The registry on an object store (the local S3 server): a promotion there is followed, and the server's
+    metadata and answers name the new version."""
+    import httpx
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+    from tests.serving import running
+
+    root = s3_env.new_root()
+    registry = Registry(root)
+    v1 = registry.register("digits", trained_run[0])
+    v2 = register_variant(registry, v1, seed=1)
+    registry.promote("digits", v1.version)
+    server = ModelServer([ServedModel.from_registry(root, "digits@production")],
+                         ServeConfig(max_batch_size=2, codec_processes=0, follow=True, follow_interval_s=0.05))
+    body = infer_request(np.zeros((1, 8, 8)))
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v2/models/digits/infer", json=body).json()["model_version"] == "1"
+        registry.promote("digits", v2.version)
+        deadline = time.monotonic() + 60
+        while http.post("/v2/models/digits/infer", json=body).json()["model_version"] != "2":
+            assert time.monotonic() < deadline, http.get("/metrics").text
+            time.sleep(0.05)
+        meta = http.get("/v2/models/digits").json()
+        assert meta["versions"] == ["2"] and meta["parameters"]["registry"] == "digits@2"
+        assert meta["parameters"]["stage"] == "production"
+        assert metric(http.get("/metrics").text, "lepton_model_swaps_total", role="stable") == 1
