@@ -188,7 +188,6 @@ def test_following_server_swaps_versions_under_load_without_a_failed_request(tra
           f"version: {', '.join(f'{lag:.2f}' for lag in lags)} s")
 
 
-@pytest.mark.slow
 def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
     """In one process: a 25% canary answers exactly every 4th unversioned request (and its versioned path), the
     shadow mirrors every stable answer and counts its top-1 agreement without answering, per-version counters add
@@ -254,7 +253,6 @@ def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
     assert metric(text, "lepton_model_swaps_total") == 0
 
 
-@pytest.mark.slow
 def test_follow_on_an_s3_lake(trained_run, s3_env):
     """The registry on an object store (the local S3 server): a promotion there is followed, and the server's
     metadata and answers name the new version."""
