@@ -3,9 +3,11 @@ registry versions for servers to swap between."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -19,6 +21,15 @@ from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 def served_classes(model: ServedModel, rows: np.ndarray, *, timeout_s: float = 60.0) -> list[int]:
     """Serves ``model`` until it is ready, posts ``rows`` to its v2 infer endpoint and returns the answered classes."""
     server = ModelServer([model], ServeConfig(max_batch_size=8, replicas=1, warm_up_on_startup=True))
+    with running(server, timeout_s=timeout_s) as url:
+        response = httpx.post(f"{url}/v2/models/{model.name}/infer", json=infer_request(rows), timeout=30)
+        assert response.status_code == 200, response.text
+        return {o["name"]: o["data"] for o in response.json()["outputs"]}["class"]
+
+
+@contextlib.contextmanager
+def running(server: ModelServer, *, timeout_s: float = 60.0) -> Iterator[str]:
+    """``server`` under uvicorn in a thread on a free 127.0.0.1 port, once ready: its URL; stopped afterwards."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -34,9 +45,7 @@ def served_classes(model: ServedModel, rows: np.ndarray, *, timeout_s: float = 6
         while httpx.get(f"{url}/v2/health/ready", timeout=10).status_code != 200:
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.05)
-        response = httpx.post(f"{url}/v2/models/{model.name}/infer", json=infer_request(rows), timeout=30)
-        assert response.status_code == 200, response.text
-        return {o["name"]: o["data"] for o in response.json()["outputs"]}["class"]
+        yield url
     finally:
         uv.should_exit = True
         thread.join(timeout=60)

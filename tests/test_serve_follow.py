@@ -2,6 +2,7 @@
 connections keep sending; no request fails, every answer names the version that computed it, and it is right."""
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -185,3 +186,97 @@ def test_following_server_swaps_versions_under_load_without_a_failed_request(tra
     lags = [until - promoted for (_, promoted), until in zip(phases[1:], ends[:-1], strict=True)]
     print(f"{len(outcomes)} requests, {len(readiness)} readiness probes; promotion to first answer of the new "
           f"version: {', '.join(f'{lag:.2f}' for lag in lags)} s")
+
+
+def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
+    """In one process: a 25% canary answers exactly every 4th unversioned request (and its versioned path), the
+    shadow mirrors every stable answer and counts its top-1 agreement without answering, per-version counters add
+    up, and a version whose label names changed is refused at its stage (one line, counted) while the canary
+    version before it keeps answering."""
+    import httpx
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+    from tests.serving import running
+
+    lake = tmp_path / "lake"
+    registry = Registry(lake)
+    v1 = registry.register("digits", trained_run[0])
+    v2 = register_variant(registry, v1, seed=1)
+    renamed = {**v1.record, "data": {**v1.record["data"], "schema": {
+        **v1.schema, "label_names": [f"digit {n}" for n in v1.schema["label_names"]]}}}
+    v3 = registry.add("digits", {k: v for k, v in renamed.items() if k not in ("format", "name", "version", "time")})
+    registry.promote("digits", v1.version)
+    registry.promote("digits", v2.version, "staging")
+    data = v1.record["data"]
+    rows = Lake(data["lake"]).table(data["table"], data["version"]).reader("test").read_all()["image"][:40]
+    offline = {v: Predictor.from_registry(registry.get("digits", v), devices=jax.devices()[:1]).predict(rows)["class"]
+               for v in (1, 2)}
+    assert (offline[1] != offline[2]).any()  # the versions differ on these rows
+    config = ServeConfig(max_batch_size=4, codec_processes=0, canary="staging:25", shadow="staging", follow=True,
+                         follow_interval_s=0.05)
+    server = ModelServer([ServedModel.from_registry(lake, "digits@production")], config)
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http, \
+            caplog.at_level(logging.INFO, logger="lepton_jax.serve"):
+        answers = [http.post("/v2/models/digits/infer", json=infer_request(rows[i:i + 1])).json() for i in range(40)]
+        assert [a["model_version"] for a in answers] == ["1", "1", "1", "2"] * 10
+        for i, a in enumerate(answers):
+            assert a["outputs"][1]["data"] == [int(offline[int(a["model_version"])][i])], i
+        assert http.post("/v2/models/digits/versions/2/infer", json=infer_request(rows[:1])).json()[
+            "model_version"] == "2"
+        missing = http.post("/v2/models/digits/versions/7/infer", json=infer_request(rows[:1]))
+        assert missing.status_code == 404 and "serves version 1 and 2 (canary)" in missing.json()["error"]
+        deadline = time.monotonic() + 30
+        while metric(text := http.get("/metrics").text, "lepton_shadow_rows_total") < 30:  # mirrors run after answers
+            assert time.monotonic() < deadline, text
+            time.sleep(0.02)
+        mirrored = [i for i in range(40) if i % 4 != 3]  # the stable answers, not the canary's
+        assert metric(text, "lepton_shadow_agreed_rows_total", version="2") == \
+            sum(offline[1][i] == offline[2][i] for i in mirrored)
+        assert metric(text, "lepton_version_requests_total", version="1") == 30
+        assert metric(text, "lepton_version_requests_total", version="2") == 11
+        assert metric(text, "lepton_model_version", role="canary") == 2
+        assert metric(text, "lepton_model_version", role="shadow") == 2
+
+        registry.promote("digits", v3.version, "staging")  # canary and shadow follow staging: both refuse it
+        while metric(text := http.get("/metrics").text, "lepton_model_swaps_failed_total", role="shadow") < 1 or \
+                metric(text, "lepton_model_swaps_failed_total", role="canary") < 1:
+            assert time.monotonic() < deadline + 30, text
+            time.sleep(0.02)
+        time.sleep(0.3)  # several more polls: the refused version is not tried again
+        answers = [http.post("/v2/models/digits/infer", json=infer_request(rows[:1])).json() for i in range(4)]
+        assert {a["model_version"] for a in answers} == {"1", "2"}
+        text = http.get("/metrics").text
+    refusals = [r.getMessage() for r in caplog.records if "refused version" in r.getMessage()]
+    assert len(refusals) == 2 and all(f"refused version {v3.version} (SwapError" in m and "label names" in m
+                                      and "still serving version 2" in m for m in refusals), refusals
+    assert metric(text, "lepton_model_swaps_failed_total", role="canary") == 1
+    assert metric(text, "lepton_model_swaps_total") == 0
+
+
+def test_follow_on_an_s3_lake(trained_run, s3_env):
+    """The registry on an object store (the local S3 server): a promotion there is followed, and the server's
+    metadata and answers name the new version."""
+    import httpx
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+    from tests.serving import running
+
+    root = s3_env.new_root()
+    registry = Registry(root)
+    v1 = registry.register("digits", trained_run[0])
+    v2 = register_variant(registry, v1, seed=1)
+    registry.promote("digits", v1.version)
+    server = ModelServer([ServedModel.from_registry(root, "digits@production")],
+                         ServeConfig(max_batch_size=2, codec_processes=0, follow=True, follow_interval_s=0.05))
+    body = infer_request(np.zeros((1, 8, 8)))
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v2/models/digits/infer", json=body).json()["model_version"] == "1"
+        registry.promote("digits", v2.version)
+        deadline = time.monotonic() + 60
+        while http.post("/v2/models/digits/infer", json=body).json()["model_version"] != "2":
+            assert time.monotonic() < deadline, http.get("/metrics").text
+            time.sleep(0.05)
+        meta = http.get("/v2/models/digits").json()
+        assert meta["versions"] == ["2"] and meta["parameters"]["registry"] == "digits@2"
+        assert meta["parameters"]["stage"] == "production"
+        assert metric(http.get("/metrics").text, "lepton_model_swaps_total", role="stable") == 1

@@ -3,8 +3,10 @@
 import json
 import os
 import socket
+import time
 
 import httpx
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +14,7 @@ from lepton_jax.serve import Predictor
 from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.registry import Registry
 from lepton_jax.serve.server import ServeConfig
+from tests.serving import register_variant
 
 
 @pytest.mark.slow
@@ -33,7 +36,8 @@ def test_ray_serve_deployment_answers_kserve_v2_like_the_predictor(trained_run, 
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ServeConfig(max_batch_size=8, max_delay_ms=5.0, replicas=2, max_request_rows=64)
+        config = ServeConfig(max_batch_size=8, max_delay_ms=5.0, replicas=2, max_request_rows=64, follow=True,
+                             follow_interval_s=0.1)
         serve.run(application(tmp_path / "lake", ["digits@production"], config, num_cpus=0.5), name="lepton_jax",
                   route_prefix="/")
         replicas = serve.status().applications["lepton_jax"].deployments["KServeReplica"].replica_states
@@ -63,6 +67,21 @@ def test_ray_serve_deployment_answers_kserve_v2_like_the_predictor(trained_run, 
         result = client.infer("digits", [tensor])
         np.testing.assert_array_equal(result.as_numpy("class"), direct["class"])
         client.close()
+
+        # both replicas follow digits@production: a promotion is answered by the new version, and every answer on
+        # the way is the classes of the version it names
+        v2 = register_variant(registry, registry.get("digits", 1), seed=1)
+        offline = {"1": direct["class"], "2": Predictor.from_registry(v2, devices=jax.devices()[:1]).predict(rows)[
+            "class"]}
+        registry.promote("digits", v2.version)
+        answered, deadline = [], time.monotonic() + 120
+        with httpx.Client(base_url=url, timeout=60) as http:
+            while answered[-20:] != ["2"] * 20:  # 20 in a row over Ray's two replicas
+                assert time.monotonic() < deadline, answered[-40:]
+                i = len(answered) % 16 * 3
+                doc = http.post("/v2/models/digits/infer", json=infer_request(rows[i:i + 3])).json()
+                answered.append(doc["model_version"])
+                assert doc["outputs"][1]["data"] == offline[doc["model_version"]][i:i + 3].tolist()
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -307,9 +307,8 @@ def serve_command(args: argparse.Namespace) -> int:
                          shadow=args.shadow)
     if not args.follow_interval_s > 0:
         raise LeptonError(f"--follow-interval-s must be positive, got {args.follow_interval_s}")
-    if args.backend == "ray" and (args.follow or args.canary or args.shadow):
-        raise LeptonError("--follow, --canary and --shadow need --backend uvicorn; a Ray Serve application changes "
-                          "version by redeploying it (docs/serving.md, 'Following a stage')")
+    if args.backend == "ray" and (args.canary or args.shadow):
+        raise LeptonError("--canary and --shadow need --backend uvicorn (docs/serving.md, 'Following a stage')")
     if args.backend == "ray":
         from lepton_jax.serve.ray_serve import run_ray
 

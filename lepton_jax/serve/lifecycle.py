@@ -464,7 +464,8 @@ class Lifecycle:
         from lepton_jax.serve.registry import Registry
 
         name, failing = served.name, False
-        await asyncio.to_thread(self._warmed.wait)  # the start-up warm-up first (a thread waits, not the loop)
+        while not self._warmed.is_set():  # the start-up warm-up first
+            await asyncio.sleep(0.05)
         registry = await asyncio.to_thread(Registry, served.lake_root)
         log.info("following %s@%s (%s) every %.3g s", name, stage, role, self.config.follow_interval_s)
         while True:

@@ -10,7 +10,8 @@ Ray's proxy spreads requests over the replicas; ``num_replicas`` (or Ray's autos
     lepton-jax serve --backend ray --ray-address auto ...                                       # a Ray cluster
 
 ``/metrics`` on a Ray deployment shows the counters of whichever replica answered; use Ray's own metrics for the
-deployment as a whole.
+deployment as a whole. With ``ServeConfig.follow`` (``--follow``) every replica follows its models' stages itself:
+the same :mod:`lepton_jax.serve.lifecycle` code, started by the ASGI lifespan that Ray Serve runs in each replica.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class _RayModelServer(ModelServer):
         self._replica = replica
 
     async def predict(self, dep: _Deployment, rows: np.ndarray) -> np.ndarray:
-        return await self._replica.batched((dep.model.name, rows))
+        return await self._replica.batched((dep, rows))  # the deployment (version) that took the request answers
 
 
 @serve.deployment
@@ -65,12 +66,13 @@ class KServeReplica:
             raise RuntimeError("not ready")
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def batched(self, items: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
-        """Ray's batching: requests (model name, rows) gathered by Ray, run per model in bucketed chunks."""
+    async def batched(self, items: list[tuple[_Deployment, np.ndarray]]) -> list[np.ndarray]:
+        """Ray's batching: requests (the deployment that took them, rows) gathered by Ray, run per deployment -- a
+        model version: a replica following a stage may hold two for a moment -- in bucketed chunks."""
         results: list[np.ndarray | None] = [None] * len(items)
-        for name in {name for name, _ in items}:
-            picked = [i for i, (n, _) in enumerate(items) if n == name]
-            dep = self.server.deployments[name]
+        for dep in {id(d): d for d, _ in items}.values():
+            picked = [i for i, (d, _) in enumerate(items) if d is dep]
+            name = dep.model.name
             rows = np.concatenate([items[i][1] for i in picked])
             start = time.monotonic()
             outputs = await asyncio.to_thread(_run_bucketed, dep, rows)
