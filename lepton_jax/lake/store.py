@@ -115,7 +115,7 @@ class TableVersion:
         """Random access to ``split`` as one logical array per name across its fragments; ``cache_bytes`` bounds
         TensorStore's cache of shard indices and decoded chunks (shared by the fragments)."""
         return SplitReader(self.lake.uri, self.table, self.version, split, self._split(split),
-                           cache_bytes=cache_bytes)
+                           cache_bytes=cache_bytes, label_array=self.schema.get("label_array", LABEL))
 
     def quarantine(self) -> list[dict[str, Any]]:
         """The examples this version's ingest rejected: one dict per example with ``reason`` (a short code),
@@ -140,7 +140,8 @@ class TableVersion:
         q = self.record.get("quarantine") or {}
         if not q.get("arrays") and not q.get("fragments"):
             return None
-        return SplitReader(self.lake.uri, self.table, self.version, QUARANTINE, q)
+        return SplitReader(self.lake.uri, self.table, self.version, QUARANTINE, q,
+                           label_array=self.schema.get("label_array", LABEL))
 
     def _split(self, split: str) -> dict[str, Any]:
         if split not in self.record["splits"]:
@@ -155,10 +156,13 @@ class SplitReader:
     fragments).
 
     Opening checks that every file the commit record lists exists with its recorded size, so a missing or truncated
-    shard is an error naming the file rather than fill values. Random batches of local arrays in the raw layout are
-    served by :mod:`lepton_jax.lake.rawshards` (one numpy gather per shard; each shard's sha256 is checked against the
-    record the first time the process touches it); everything else goes through TensorStore, whose crc32c checks
-    catch flipped bytes on read.
+    shard is an error naming the file rather than fill values. Every byte returned is checked: random batches of
+    local arrays in the raw layout are served by :mod:`lepton_jax.lake.rawshards` (one numpy gather per shard), and
+    the rows gathered are hashed and compared with the fragment's row hashes (``_rows.sha256``, itself checked
+    against the record when first loaded; the label array, which row hashes leave out, and fragments without row
+    hashes are checked per inner chunk by their crc32c); everything else goes through TensorStore, which checks
+    each chunk's crc32c when it reads it from storage; small arrays are read whole once and checked against their
+    content digests. ``label_array`` names the array row hashes leave out (the table schema's).
     """
 
     #: Arrays of at most this many bytes in total (labels, small features) are read whole on first use, checked
@@ -167,8 +171,9 @@ class SplitReader:
     SMALL_ARRAY_BYTES = 16 * 2**20
 
     def __init__(self, root: str | Path, table: str, version: int, split: str, entry: dict[str, Any], *,
-                 cache_bytes: int = arrays.READ_CACHE_BYTES):
+                 cache_bytes: int = arrays.READ_CACHE_BYTES, label_array: str = LABEL):
         self.root, self.table, self.version, self.split = str(root), table, version, split
+        self.label_array = label_array
         self._storage: Storage | None = None
         self.entry, self.cache_bytes = entry, int(cache_bytes)
         self.fragments = split_fragments(entry) if "fragments" in entry or "arrays" in entry else []
@@ -178,6 +183,7 @@ class SplitReader:
         self._raw: list[dict[str, rawshards.RawArray | None]] = []
         self._all_raw = False  # every array not held in memory is served by the raw fast path
         self._in_memory: dict[str, np.ndarray] = {}
+        self._row_hashes: dict[int, np.ndarray | None] = {}  # fragment -> its checked row hashes (None: has none)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -288,7 +294,7 @@ class SplitReader:
                 slow = [f for f in hit if self._raw[f].get(name) is None]
                 requests = [(stores[f][name], local[f], self.fragments[f]["arrays"][name]["path"]) for f in slow]
                 got = dict(zip(slow, arrays.read_many(requests), strict=True)) if slow else {}
-                parts = [got[f] if f in got else self._raw[f][name].read(local[f]) for f in hit]
+                parts = [got[f] if f in got else self._raw[f][name].read(local[f], verify=True) for f in hit]
                 if not parts:  # an empty index
                     meta = self.fragments[0]["arrays"][name]
                     parts = [np.zeros((0, *meta["shape"][1:]), meta["dtype"])]
@@ -298,21 +304,58 @@ class SplitReader:
         return {name: value[0] for name, value in out.items()} if scalar else out
 
     def _read_raw(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Every array from memory or the raw fast path, gathered in the order asked for (no sort, no reorder copy)."""
+        """Every array from memory or the raw fast path, gathered in the order asked for (no sort, no reorder copy),
+        and checked: rows of fragments with row hashes against them, the rest per inner chunk (crc32c)."""
         out = {name: value[idx] for name, value in self._in_memory.items()}
+        raw_names = list(self._raw[0])
         if len(self.fragments) == 1:
-            for name, raw in self._raw[0].items():
-                out[name] = raw.read(idx)
+            hashed = self._fragment_row_hashes(0) is not None
+            for name in raw_names:
+                out[name] = self._raw[0][name].read(idx, verify=not hashed or name == self.label_array)
+            if hashed:
+                self._check_rows(out, idx, np.zeros(idx.size, np.int64), [0])
             return out
         frag = np.searchsorted(self.offsets, idx, side="right") - 1
-        for name in self._raw[0]:
+        touched = np.unique(frag).tolist()
+        hashed = [f for f in touched if self._fragment_row_hashes(f) is not None]
+        for name in raw_names:
             meta = self.fragments[0]["arrays"][name]
             value = np.empty((idx.size, *meta["shape"][1:]), meta["dtype"])
-            for f in np.unique(frag).tolist():
+            for f in touched:
                 mask = frag == f
-                value[mask] = self._raw[f][name].read(idx[mask] - self.offsets[f])
+                value[mask] = self._raw[f][name].read(idx[mask] - self.offsets[f],
+                                                      verify=f not in hashed or name == self.label_array)
             out[name] = value
+        if hashed:
+            self._check_rows(out, idx, frag, hashed)
         return out
+
+    def _fragment_row_hashes(self, f: int) -> np.ndarray | None:
+        """Fragment ``f``'s row hashes, read and checked against the record once per reader (None if it has none)."""
+        if f not in self._row_hashes:
+            frag = self.fragments[f]
+            self._row_hashes[f] = (read_row_hashes(self.storage, self.table, frag, self.label_array)
+                                   if frag.get("row_hashes") else None)
+        return self._row_hashes[f]
+
+    def _check_rows(self, out: dict[str, np.ndarray], idx: np.ndarray, frag: np.ndarray, hashed: list[int]) -> None:
+        """Compares the row hashes of the rows read (every non-label array) with the stored ones of the fragments
+        ``hashed``; a mismatch is a LakeError naming the shard files that hold the rows."""
+        content = {name: value for name, value in out.items() if name != self.label_array}
+        if not content:
+            return
+        got = row_hashes(content, self.label_array)
+        for f in hashed:
+            mask = frag == f if len(hashed) > 1 or frag.size and np.any(frag != f) else slice(None)
+            local = idx[mask] - self.offsets[f]
+            bad = np.flatnonzero(np.any(got[mask] != self._row_hashes[f][local], axis=1))
+            if bad.size:
+                rows = local[bad]
+                files = [p for name, raw in self._raw[f].items() if name != self.label_array
+                         for p in raw.files_of(rows)]
+                raise LakeError(f"corrupt lake data in {', '.join(files)}: {rows.size} row(s) read (e.g. row "
+                                f"{int(rows[0])} of fragment {self.fragments[f]['path']}) differ from their row "
+                                "hashes (bytes changed after commit); run `lepton-jax lake verify`")
 
     def _read_range(self, stores: list[dict[str, Any]], start: int, stop: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {name: value[start:stop] for name, value in self._in_memory.items()}
@@ -355,7 +398,8 @@ class SplitReader:
                 yield self.read(slice(start, min(start + rows, int(self.offsets[f + 1]))))
 
     def __getstate__(self):
-        return {**self.__dict__, "_stores": None, "_raw": [], "_all_raw": False, "_in_memory": {}, "_storage": None}
+        return {**self.__dict__, "_stores": None, "_raw": [], "_all_raw": False, "_in_memory": {}, "_storage": None,
+                "_row_hashes": {}}
 
 
 @dataclasses.dataclass(frozen=True)
