@@ -3,16 +3,18 @@
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
-from lepton_jax.lake import Lake, ingest
+from lepton_jax.lake import Lake, ingest, records
 from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
 from lepton_jax.lake.storage import CLOCK_PROBE_PREFIX, open_storage
@@ -305,8 +307,8 @@ def test_a_commit_landing_between_the_log_listings_is_not_a_gap(any_root, tmp_pa
 def test_verify_names_a_broken_parent_chain(any_root, tmp_path):
     lake = _lake_with_versions(any_root, tmp_path, 2)
     key = "t/_log/00000002.json"
-    record = json.loads(lake.storage.read(key))
-    lake.storage.write(key, json.dumps({**record, "parent": None}).encode())
+    record = json.loads(lake.storage.read(key))  # a writer's bug (the record is sealed as written), not an edit
+    lake.storage.write(key, records.encode(records.seal({**record, "parent": None})))
     problems = [str(p) for p in lake.verify(content=False)]
     assert problems == [f"t@2: {lake.storage.describe(key)}: broken chain: parent is none, not version 1"]
 
@@ -485,3 +487,44 @@ def test_a_held_lease_is_renewed_without_the_writer_calling_touch(tmp_path, monk
         later = json_.loads(lake.storage.read(key))["time"]
     assert later > first + 0.1
     assert not lake.storage.exists(key)  # released
+
+
+# -- self-verifying records -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit", ["label_names", "num_examples"])
+def test_an_edited_record_is_named_by_every_reader_and_by_verify(any_root, tmp_path, capsys, edit):
+    """A published record carries the sha256 of its own content: reversing its label names or changing a split's
+    example count is an error naming the record for readers, `lake ls` and `lake verify` (exit 2)."""
+    lake = _lake_with_versions(any_root, tmp_path, 2)
+    key = "t/_log/00000002.json"
+    record = json.loads(lake.storage.read(key))
+    assert record["format"] == records.FORMAT and record[records.DIGEST_FIELD] == records.record_digest(record)
+    if edit == "label_names":
+        record["schema"]["label_names"] = record["schema"]["label_names"][::-1]
+    else:
+        record["splits"]["train"]["num_examples"] = 5
+    lake.storage.write(key, json.dumps(record, indent=1, sort_keys=True).encode())
+    where = lake.storage.describe(key)
+    for read in (lambda: lake.table("t"), lambda: lake.table("t", 2).reader("train").read(0)):
+        with pytest.raises(LakeError, match=f"commit record {re.escape(where)} does not match its own digest"):
+            read()
+    assert lake.table("t", 1).version == 1  # the other versions still read
+    assert [p.version for p in lake.verify(content=False)] == [2]
+    capsys.readouterr()
+    assert main(["lake", "verify", "--lake", str(any_root), "--files-only"]) == 2
+    out = capsys.readouterr()
+    assert where in out.out + out.err and "does not match its own digest" in out.out + out.err
+    assert main(["lake", "ls", "--lake", str(any_root)]) == 2
+    assert "could not be read: t@2" in _one_error_line(capsys)
+
+
+def test_records_of_the_unsealed_format_still_read_and_verify(tmp_path):
+    """A lepton-lake/2 record (written before records carried their digest) reads and verifies as before."""
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    key = "t/_log/00000001.json"
+    record = json.loads(lake.storage.read(key))
+    del record[records.DIGEST_FIELD]
+    lake.storage.write(key, json.dumps({**record, "format": "lepton-lake/2"}, indent=1, sort_keys=True).encode())
+    tv = lake.table("t")
+    assert tv.record["format"] == "lepton-lake/2" and len(tv.reader("train").read(np.arange(3))["image"]) == 3
+    assert lake.verify() == []

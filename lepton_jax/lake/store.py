@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from lepton_jax.errors import CommitConflictError, LakeError
-from lepton_jax.lake import arrays, rawshards
+from lepton_jax.lake import arrays, rawshards, records
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import (
     _NAME,
@@ -58,11 +58,9 @@ from lepton_jax.lake.fragments import (
     split_fragments,
     write_fragment,
 )
+from lepton_jax.lake.records import FORMAT, LOG_DIR
 from lepton_jax.lake.storage import Storage, open_storage, storage_clock
 
-FORMAT = "lepton-lake/2"
-FORMATS = ("lepton-lake/1", FORMAT)  # version 1: one array per split and array, no fragments (still read)
-LOG_DIR = "_log"
 DATA_DIR = "data"
 QUARANTINE = "_quarantine"
 TEMP_PREFIX = ".commit-"
@@ -484,20 +482,17 @@ class Lake:
             raise LakeError(f"table {table!r} has no version {version}; versions: {versions}")
         path = self._record_path(table, version)
         try:
-            record = json.loads(self.storage.read(self._record_key(table, version)))
-        except (OSError, ValueError) as e:
+            payload = self.storage.read(self._record_key(table, version))
+        except OSError as e:
             raise LakeError(f"commit record {path} is unreadable ({e}); the lake is corrupt") from e
-        if not isinstance(record, dict) or record.get("format") not in FORMATS or record.get("version") != version:
-            raise LakeError(f"commit record {path} is not a lepton-lake record (formats {', '.join(FORMATS)}) for "
-                            f"version {version}")
-        return TableVersion(self, table, record)
+        return TableVersion(self, table, records.parse(payload, version, path))
 
     def _record_path(self, table: str, version: int) -> str:
         return self.storage.describe(self._record_key(table, version))
 
     @staticmethod
     def _record_key(table: str, version: int) -> str:
-        return f"{table}/{LOG_DIR}/{version:08d}.json"
+        return records.record_key(table, version)
 
     def _used_versions(self, table: str) -> list[int]:
         return sorted(int(n) for n in self.storage.list(f"{table}/{LOG_DIR}/{USED_DIR}/") if n.isdigit())
@@ -581,9 +576,9 @@ class Lake:
         crash_point("data")
         while True:
             version = parent + 1
-            record = {"format": FORMAT, "table": table, "version": version, "parent": parent or None,
-                      "commit_id": commit_id, "time": time.time(), "schema": schema, "lineage": lineage,
-                      "stats": stats or {}, "splits": split_entries, "quarantine": quarantine or {}}
+            record = records.seal({"table": table, "version": version, "parent": parent or None,
+                                   "commit_id": commit_id, "time": time.time(), "schema": schema, "lineage": lineage,
+                                   "stats": stats or {}, "splits": split_entries, "quarantine": quarantine or {}})
             local = self.storage.local_path(commit_dir)
             if local is not None and local.exists():  # a long-running commit refreshes its age for gc's grace
                 os.utime(local)
@@ -699,7 +694,7 @@ class Lake:
             raise LakeError(f"table {table!r} version {version} was published before and its record "
                             f"{self._record_path(table, version)} is gone; the log is damaged, nothing was "
                             "published (run `lepton-jax lake verify`)")
-        payload = json.dumps(record, indent=1, sort_keys=True).encode()
+        payload = records.encode(record)
         if not self.storage.create(self._record_key(table, version), payload,
                                    temp_prefix=f"{TEMP_PREFIX}{record['commit_id']}-"):
             raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
