@@ -58,6 +58,9 @@ from lepton_jax.lake.fragments import (
     split_fragments,
     write_fragment,
 )
+from lepton_jax.lake.processes import pid_alive as _pid_alive
+from lepton_jax.lake.processes import pid_namespace as _pid_namespace
+from lepton_jax.lake.processes import process_start as _process_start
 from lepton_jax.lake.records import FORMAT, LOG_DIR
 from lepton_jax.lake.storage import Storage, open_storage, storage_clock
 
@@ -1091,31 +1094,3 @@ def _recompact(latest: TableVersion) -> NoReturn:
     raise CommitConflictError(f"table {latest.table!r} got version {latest.version} while it was being compacted; "
                               "nothing was published (run `lake compact` again)")
 
-
-def _pid_namespace() -> str | None:
-    """This boot and PID namespace (``<boot id>/pid:[inode]``): pids and their start times mean the same process
-    only within one; a container with the host's name (host networking) sees other pids. None if unknown."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
-    except OSError:
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
-
-
-def _process_start(pid: Any) -> int | None:
-    """The start time of process ``pid`` in clock ticks since boot (tells a reused pid apart), None if unknown."""
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError, TypeError):
-        return None
