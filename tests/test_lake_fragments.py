@@ -231,7 +231,7 @@ def test_bad_inputs_are_one_line_errors_or_quarantined_never_partial(tmp_path, c
     for argv, message in [
         (["--source", f"npz:{tmp_path / 'notzip.npz'}"], "not a valid .npz archive"),
         (["--source", f"npz:{tmp_path / 'text.npz'}"], "not a valid .npz archive"),
-        (["--source", f"npz:{tmp_path / 'strings.npz'}"], "must be numeric"),
+        (["--source", f"npz:{tmp_path / 'strings.npz'}"], "have dtype <U1; lake arrays hold booleans"),
         (["--source", f"npz:{tmp_path / 'strlabels.npz'}"], "must be a 1-D integer array"),
         (["--source", f"npz:{shards}"], "part999.npz"),
         (["--source", "digits", "--workers", "0"], "--workers must be at least 1"),

@@ -199,7 +199,7 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
     """gc runs on a machine whose clock is two hours ahead of the storage's: a commit directory written a moment ago
     (a writer that just crashed) and one under a lease renewed a moment ago (a live writer on another host, as an
     object store sees it) are both young, whatever this machine's clock says."""
-    import lepton_jax.lake.store as store
+    import lepton_jax.lake.commit as commit
 
     lake = _lake_with_versions(any_root, tmp_path, 1)
     crashed, leased = "t/data/20000101T000000-0123456789ab", "t/data/20000101T000000-ba9876543210"
@@ -207,8 +207,8 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
 
     with lake.lease("t", leased.rsplit("/", 1)[1]), pytest.MonkeyPatch.context() as mp:
         lake.storage.write(f"{leased}/train/00000/_rows.sha256", b"x" * 32)
-        mp.setattr(store, "time", ClockAhead(7200))  # store.py's view of the clock only
-        mp.setattr(store, "_pid_alive", lambda pid: False)  # judge the lease by its age, as on S3
+        mp.setattr(commit, "time", ClockAhead(7200))  # the lake's view of the clock only
+        mp.setattr(commit, "_pid_alive", lambda pid: False)  # judge the lease by its age, as on S3
         report = lake.gc(3600)
         assert report.removed == [] and sorted(report.kept_young) == sorted([crashed, leased])
         assert lake.storage.tree(crashed) is not None and lake.storage.tree(leased) is not None
@@ -476,9 +476,9 @@ def test_a_held_lease_is_renewed_without_the_writer_calling_touch(tmp_path, monk
     """Phases that never call touch() (hashing, the commit tail) keep the lease live: a heartbeat rewrites it."""
     import json as json_
 
-    from lepton_jax.lake import store
+    from lepton_jax.lake import commit, store
 
-    monkeypatch.setattr(store, "LEASE_HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(commit, "LEASE_HEARTBEAT_SECONDS", 0.05)
     lake = Lake(tmp_path / "lake")
     with lake.lease("t", "c1"):
         key = f"t/{store.LEASE_DIR}/c1.json"

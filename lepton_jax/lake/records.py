@@ -20,6 +20,11 @@ FORMATS = ("lepton-lake/1", "lepton-lake/2", FORMAT)  # 1: one array per split, 
 SEALED_FORMATS = (FORMAT,)  # formats whose records must carry their own digest
 DIGEST_FIELD = "record_sha256"
 LOG_DIR = "_log"
+DATA_DIR = "data"
+QUARANTINE = "_quarantine"
+TEMP_PREFIX = ".commit-"  # _log/.commit-<commit-id>-<random>: a record's temp file while it is published
+USED_DIR = "_used"  # _log/_used/<version>: an empty marker per version number ever published (never reused)
+LEASE_DIR = "_leases"  # _leases/<commit-id>.json: a writer's lease on its commit directory, held until it published
 
 
 def record_key(table: str, version: int) -> str:
