@@ -49,3 +49,60 @@ def test_a_one_percent_append_reads_a_small_fraction_of_the_table(tmp_path):
     got = json.loads(out.strip().splitlines()[-1])
     assert got["rows"] == 20_200
     assert got["rchar"] <= 0.10 * table_bytes, (got, table_bytes)  # the old code read more than the whole table
+
+
+def _s3_downloaded(monkeypatch) -> dict[str, int]:
+    """Counts every byte this process downloads from S3: TensorStore's own counter of bytes read, plus what the
+    lake's object-store client returns (whole reads, and the objects it streams to hash)."""
+    import tensorstore as ts
+
+    from lepton_jax.lake.storage import ObjectStorage
+
+    counted = {"obstore": 0}
+    read, sha256 = ObjectStorage.read, ObjectStorage.sha256
+
+    def counting_read(self, key):
+        data = read(self, key)
+        counted["obstore"] += len(data)
+        return data
+
+    def counting_sha256(self, key):
+        counted["obstore"] += self.stat(key)[0]
+        return sha256(self, key)
+
+    monkeypatch.setattr(ObjectStorage, "read", counting_read)
+    monkeypatch.setattr(ObjectStorage, "sha256", counting_sha256)
+
+    def total() -> int:
+        got = sum(int(m["values"][0]["value"]) for m in ts.experimental_collect_matching_metrics(
+            "/tensorstore/kvstore/s3/bytes_read"))
+        return got + counted["obstore"]
+
+    return total
+
+
+@pytest.mark.slow
+def test_on_s3_an_ingest_downloads_nothing_it_uploaded_and_an_append_little_of_the_table(s3_env, tmp_path,
+                                                                                          monkeypatch):
+    """Against the local S3 server: a fresh ingest downloads at most 1% of what it uploads (no file digests by
+    re-reading), and a 2% append at most 10% of the table (the fragments' row hashes and labels)."""
+    downloaded = _s3_downloaded(monkeypatch)
+    root = s3_env.new_root()
+    lake = Lake(root)
+    start = downloaded()
+    ingest(lake, "t", NpzSource(_npz(tmp_path / "a", 0, 5_000), value_range=(0, 255)),
+           splits={"train": 0.9, "test": 0.1})
+    ingest_down = downloaded() - start
+    table_bytes = sum(size for size, _ in lake.storage.list_recursive("t").values())
+    assert ingest_down <= 0.01 * table_bytes, (ingest_down, table_bytes)
+    fresh = Lake(root)  # a new handle: nothing of the table is cached in it (the fragments' keys are, per process)
+    from lepton_jax.lake import fragments
+
+    monkeypatch.setattr(fragments, "_keys", type(fragments._keys)())  # as in a fresh process
+    start = downloaded()
+    tv = ingest(fresh, "t", NpzSource(_npz(tmp_path / "b", 1, 100), value_range=(0, 255)),
+                splits={"train": 0.8, "test": 0.2}, mode="append").version
+    append_down = downloaded() - start
+    assert sum(tv.num_examples(s) for s in tv.splits) == 5_100
+    assert append_down <= 0.10 * table_bytes, (append_down, table_bytes)
+    assert fresh.verify() == []
