@@ -12,7 +12,7 @@ import pytest
 
 from lepton_jax.cli import main
 from lepton_jax.errors import CommitConflictError, LakeError
-from lepton_jax.lake import Lake, NpzSource, ingest
+from lepton_jax.lake import Lake, NpzSource, ingest, records
 from lepton_jax.lake.faults import ENV, POINTS
 from tests.lake_data import version_rows
 
@@ -217,7 +217,7 @@ def test_missing_or_unsafe_paths_in_a_record_are_errors(damaged):
     record_path = damaged.lake.root / "t" / "_log" / "00000001.json"
     record = json.loads(record_path.read_text())
     record["splits"]["train"]["fragments"][0]["arrays"]["image"]["path"] = "data/../../../etc"
-    record_path.write_text(json.dumps(record))
+    record_path.write_text(json.dumps(records.seal(record)))  # sealed as written: a buggy or hostile writer
     with pytest.raises(LakeError, match="unsafe array path"):
         damaged.lake.table("t").reader("train").read(0)
     with pytest.raises(LakeError, match="invalid table name '../t'"):

@@ -231,7 +231,7 @@ def test_bad_inputs_are_one_line_errors_or_quarantined_never_partial(tmp_path, c
     for argv, message in [
         (["--source", f"npz:{tmp_path / 'notzip.npz'}"], "not a valid .npz archive"),
         (["--source", f"npz:{tmp_path / 'text.npz'}"], "not a valid .npz archive"),
-        (["--source", f"npz:{tmp_path / 'strings.npz'}"], "must be numeric"),
+        (["--source", f"npz:{tmp_path / 'strings.npz'}"], "have dtype <U1; lake arrays hold booleans"),
         (["--source", f"npz:{tmp_path / 'strlabels.npz'}"], "must be a 1-D integer array"),
         (["--source", f"npz:{shards}"], "part999.npz"),
         (["--source", "digits", "--workers", "0"], "--workers must be at least 1"),
@@ -359,6 +359,12 @@ def test_verify_checks_row_hashes_and_the_logical_digest(tmp_path):
     record = json.loads(record_path.read_text())
     frags = record["splits"]["train"]["fragments"]
     frags[0], frags[1] = frags[1], frags[0]  # every file intact, but the split's rows in another order
-    record_path.write_text(json.dumps(record))
+    record_path.write_text(json.dumps(record))  # an edit: the record's own digest names it
+    assert [p.message for p in lake.verify()][0].endswith("does not match its own digest (record_sha256): it was "
+                                                          "edited after it was published; restore it from a backup "
+                                                          "or re-ingest the source")
+    from lepton_jax.lake import records
+
+    record_path.write_text(json.dumps(records.seal(record)))  # a writer's bug, sealed as written: the logical digest
     assert [(p.path, p.message) for p in lake.verify()] == [("train", "logical content digest differs from the "
                                                                       "commit record")]

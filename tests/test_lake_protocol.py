@@ -3,16 +3,18 @@
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
-from lepton_jax.lake import Lake, ingest
+from lepton_jax.lake import Lake, ingest, records
 from lepton_jax.lake.faults import ENV
 from lepton_jax.lake.publish import publish_new
 from lepton_jax.lake.storage import CLOCK_PROBE_PREFIX, open_storage
@@ -197,7 +199,7 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
     """gc runs on a machine whose clock is two hours ahead of the storage's: a commit directory written a moment ago
     (a writer that just crashed) and one under a lease renewed a moment ago (a live writer on another host, as an
     object store sees it) are both young, whatever this machine's clock says."""
-    import lepton_jax.lake.store as store
+    import lepton_jax.lake.commit as commit
 
     lake = _lake_with_versions(any_root, tmp_path, 1)
     crashed, leased = "t/data/20000101T000000-0123456789ab", "t/data/20000101T000000-ba9876543210"
@@ -205,8 +207,8 @@ def test_gc_ages_data_and_leases_by_the_storages_clock_not_this_machines(any_roo
 
     with lake.lease("t", leased.rsplit("/", 1)[1]), pytest.MonkeyPatch.context() as mp:
         lake.storage.write(f"{leased}/train/00000/_rows.sha256", b"x" * 32)
-        mp.setattr(store, "time", ClockAhead(7200))  # store.py's view of the clock only
-        mp.setattr(store, "_pid_alive", lambda pid: False)  # judge the lease by its age, as on S3
+        mp.setattr(commit, "time", ClockAhead(7200))  # the lake's view of the clock only
+        mp.setattr(commit, "_pid_alive", lambda pid: False)  # judge the lease by its age, as on S3
         report = lake.gc(3600)
         assert report.removed == [] and sorted(report.kept_young) == sorted([crashed, leased])
         assert lake.storage.tree(crashed) is not None and lake.storage.tree(leased) is not None
@@ -305,8 +307,8 @@ def test_a_commit_landing_between_the_log_listings_is_not_a_gap(any_root, tmp_pa
 def test_verify_names_a_broken_parent_chain(any_root, tmp_path):
     lake = _lake_with_versions(any_root, tmp_path, 2)
     key = "t/_log/00000002.json"
-    record = json.loads(lake.storage.read(key))
-    lake.storage.write(key, json.dumps({**record, "parent": None}).encode())
+    record = json.loads(lake.storage.read(key))  # a writer's bug (the record is sealed as written), not an edit
+    lake.storage.write(key, records.encode(records.seal({**record, "parent": None})))
     problems = [str(p) for p in lake.verify(content=False)]
     assert problems == [f"t@2: {lake.storage.describe(key)}: broken chain: parent is none, not version 1"]
 
@@ -474,9 +476,9 @@ def test_a_held_lease_is_renewed_without_the_writer_calling_touch(tmp_path, monk
     """Phases that never call touch() (hashing, the commit tail) keep the lease live: a heartbeat rewrites it."""
     import json as json_
 
-    from lepton_jax.lake import store
+    from lepton_jax.lake import commit, store
 
-    monkeypatch.setattr(store, "LEASE_HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(commit, "LEASE_HEARTBEAT_SECONDS", 0.05)
     lake = Lake(tmp_path / "lake")
     with lake.lease("t", "c1"):
         key = f"t/{store.LEASE_DIR}/c1.json"
@@ -485,3 +487,44 @@ def test_a_held_lease_is_renewed_without_the_writer_calling_touch(tmp_path, monk
         later = json_.loads(lake.storage.read(key))["time"]
     assert later > first + 0.1
     assert not lake.storage.exists(key)  # released
+
+
+# -- self-verifying records -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit", ["label_names", "num_examples"])
+def test_an_edited_record_is_named_by_every_reader_and_by_verify(any_root, tmp_path, capsys, edit):
+    """A published record carries the sha256 of its own content: reversing its label names or changing a split's
+    example count is an error naming the record for readers, `lake ls` and `lake verify` (exit 2)."""
+    lake = _lake_with_versions(any_root, tmp_path, 2)
+    key = "t/_log/00000002.json"
+    record = json.loads(lake.storage.read(key))
+    assert record["format"] == records.FORMAT and record[records.DIGEST_FIELD] == records.record_digest(record)
+    if edit == "label_names":
+        record["schema"]["label_names"] = record["schema"]["label_names"][::-1]
+    else:
+        record["splits"]["train"]["num_examples"] = 5
+    lake.storage.write(key, json.dumps(record, indent=1, sort_keys=True).encode())
+    where = lake.storage.describe(key)
+    for read in (lambda: lake.table("t"), lambda: lake.table("t", 2).reader("train").read(0)):
+        with pytest.raises(LakeError, match=f"commit record {re.escape(where)} does not match its own digest"):
+            read()
+    assert lake.table("t", 1).version == 1  # the other versions still read
+    assert [p.version for p in lake.verify(content=False)] == [2]
+    capsys.readouterr()
+    assert main(["lake", "verify", "--lake", str(any_root), "--files-only"]) == 2
+    out = capsys.readouterr()
+    assert where in out.out + out.err and "does not match its own digest" in out.out + out.err
+    assert main(["lake", "ls", "--lake", str(any_root)]) == 2
+    assert "could not be read: t@2" in _one_error_line(capsys)
+
+
+def test_records_of_the_unsealed_format_still_read_and_verify(tmp_path):
+    """A lepton-lake/2 record (written before records carried their digest) reads and verifies as before."""
+    lake = _lake_with_versions(tmp_path / "lake", tmp_path, 1)
+    key = "t/_log/00000001.json"
+    record = json.loads(lake.storage.read(key))
+    del record[records.DIGEST_FIELD]
+    lake.storage.write(key, json.dumps({**record, "format": "lepton-lake/2"}, indent=1, sort_keys=True).encode())
+    tv = lake.table("t")
+    assert tv.record["format"] == "lepton-lake/2" and len(tv.reader("train").read(np.arange(3))["image"]) == 3
+    assert lake.verify() == []

@@ -131,19 +131,52 @@ def _raw_table(tmp_path):
     return tv, meta, tmp_path / "lake" / "t" / meta["path"]
 
 
-def test_flipped_data_byte_is_caught_by_the_first_touch_sha256_check(tmp_path):
+def _flip(path, offset):
+    """Flips one bit of ``path`` in place and restores its mtime (as a silent disk error or a careless tool would)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _one_line_error(fn, *names):
+    with pytest.raises(LakeError) as err:
+        fn()
+    message = str(err.value)
+    assert "\n" not in message and all(n in message for n in names), message
+
+
+def test_a_byte_flipped_after_first_touch_fails_every_read_path(tmp_path):
+    """Every read path checks the bytes it returns: the reader that already mapped the shard, a running Grain
+    iterator (train_dataset), a new reader, the shard read directly (crc32c per inner chunk) and TensorStore slices
+    all raise one line naming the damaged file; `lake verify` names it too."""
+    import grain
+
+    from lepton_jax.data.pipeline import train_dataset
+    from lepton_jax.data.source import LakeDataSource
+
     tv, meta, base = _raw_table(tmp_path)
-    before = _reader(tv, "train").read(np.arange(0, 60, 7))  # this process has checked these shards now
+    reader = _reader(tv, "train")
+    source = LakeDataSource(_reader(tv, "train"))
+    batches = iter(train_dataset(source, global_batch_size=60, seed=0, num_epochs=None, schema=tv.schema,
+                                 read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    before = reader.read(np.arange(0, 60, 7))  # this process has mapped (and checked) these shards now
+    assert next(iter(next(batches).values())).shape[0] == 60
     shard = base / "c/1/0/0/0"
-    data = bytearray(shard.read_bytes())
-    data[100] ^= 0x01  # a data byte of example 10: no crc32c on the fast path, the sha256 check must see it
-    shard.write_bytes(bytes(data))
-    with pytest.raises(LakeError, match=rf"corrupt lake array .*{meta['path']}.*c/1/0/0/0 does not match the sha256"):
-        _reader(tv, "train").read(np.array([3, 10]))
-    with pytest.raises(LakeError, match=f"corrupt lake array .*{meta['path']}"):  # and TensorStore's crc32c
-        _reader(tv, "train").read(slice(10, 11))
-    assert before["image"].shape == (9, 28, 28, 1)
-    assert [p.path for p in tv.lake.verify()] == [f"{meta['path']}/c/1/0/0/0"]
+    _flip(shard, 100)  # a data byte of example 10 (shards of 10 examples)
+    where = f"{meta['path']}/c/1/0/0/0"
+    _one_line_error(lambda: reader.read(np.array([3, 10])), where)  # the same reader, shard already mapped
+    _one_line_error(lambda: reader.read(10), where)
+    _one_line_error(lambda: next(batches), where)  # every batch holds every row
+    _one_line_error(lambda: _reader(tv, "train").read(np.array([10, 11])), where)  # a new reader
+    raw = rawshards.open_raw(base, meta["files"], str(base))
+    _one_line_error(lambda: raw.read(np.array([12])), f"{base}/c/1/0/0/0", "crc32c")  # per inner chunk
+    _one_line_error(lambda: _reader(tv, "train").read(slice(10, 11)), meta["path"])  # TensorStore's crc32c
+    _one_line_error(lambda: tv.reader("train").read_all(), meta["path"])
+    # the damage is confined to its file: rows of other shards still read, unchanged
+    assert np.array_equal(_reader(tv, "train").read(np.array([0, 21]))["image"], before["image"][[0, 3]])
+    assert [p.path for p in tv.lake.verify()] == [where]
 
 
 def test_corrupt_shard_index_crc32c_and_misplaced_chunks_are_detected(tmp_path):

@@ -18,7 +18,7 @@ from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
 from lepton_jax.lake.fragments import check_name, row_hashes
 from lepton_jax.lake.index import prefix_keys
-from lepton_jax.lake.sources import SourceData
+from lepton_jax.lake.sources import SourceData, storable_dtype
 from lepton_jax.lake.store import DATA_DIR, Lake
 
 # A labelling function sees one example (array name -> values) and the source's label name (or None) and returns
@@ -154,9 +154,10 @@ def _check_structure(data: SourceData) -> None:
     if sizes["labels"] == 0 and not data.rejected:
         raise LakeError(f"source {data.uri} holds no examples")
     for name, value in data.arrays.items():
-        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
-            raise LakeError(f"source {data.uri}: array {name!r} has non-numeric dtype {value.dtype} (strings and "
-                            "objects cannot be stored; convert them to numbers first)")
+        if not storable_dtype(value.dtype):
+            raise LakeError(f"source {data.uri}: array {name!r} has dtype {value.dtype}; lake arrays hold booleans, "
+                            "integers and floats of up to 64 bits (convert strings, objects, complex numbers and "
+                            "dates to those first)")
         if value.ndim < 2:
             raise LakeError(f"source {data.uri}: array {name!r} needs an example axis plus at least one more, got "
                             f"shape {value.shape}")

@@ -17,6 +17,7 @@ import collections
 import hashlib
 import itertools
 import re
+import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,10 @@ ROW_HASHES = "_rows.sha256"
 LABEL = "label"
 CONTENT_READERS = 4  # threads reading fragments for a split's content digest
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+KEYS_CACHE_BYTES = 256 * 2**20  # a process's cache of fragments' row hashes and labels (fragment_keys)
+# (storage, table, fragment, row-hash digest, label digest) -> (row hashes, labels or None), least recently used first
+_keys: collections.OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = collections.OrderedDict()
+_keys_lock = threading.Lock()
 
 
 def safe_relpath(rel: str) -> str:
@@ -253,6 +258,9 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
                            "sha256": hashlib.sha256(payload).hexdigest()}
     entry["stats"] = stats
+    labels = named.get(label_array)
+    _remember(_keys_key(storage, table, entry, label_array),
+              (np.frombuffer(payload, np.uint8).reshape(-1, 32), None if labels is None else labels.copy()))
     return entry
 
 
@@ -302,16 +310,54 @@ def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_ar
     return np.frombuffer(data, dtype=np.uint8).reshape(-1, 32)
 
 
+def _keys_key(storage: Storage, table: str, frag: dict[str, Any], label_array: str) -> tuple:
+    label = frag["arrays"].get(label_array, {}).get("sha256")
+    return storage.uri, table, frag["path"], (frag.get("row_hashes") or {}).get("sha256"), label_array, label
+
+
+def _remember(key: tuple, value: tuple[np.ndarray, np.ndarray | None]) -> None:
+    for v in value:
+        if v is not None:
+            v.flags.writeable = False
+    with _keys_lock:
+        _keys[key] = value
+        _keys.move_to_end(key)
+        total = sum(h.nbytes + (0 if lab is None else lab.nbytes) for h, lab in _keys.values())
+        while total > KEYS_CACHE_BYTES and len(_keys) > 1:
+            h, lab = _keys.popitem(last=False)[1]
+            total -= h.nbytes + (0 if lab is None else lab.nbytes)
+
+
+def fragment_keys(storage: Storage, table: str, frag: dict[str, Any], label_array: str = LABEL
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A fragment's ``(n, 32)`` row hashes and its labels (None without a label array): what the dedup and leak
+    index and the content digest need, never its example arrays. Read once per process and kept (fragments are
+    immutable; keyed by their recorded digests, bounded by :data:`KEYS_CACHE_BYTES`); a fragment this process
+    wrote is kept from what was written (:func:`write_fragment`), not read back."""
+    key = _keys_key(storage, table, frag, label_array)
+    with _keys_lock:
+        found = _keys.get(key)
+        if found is not None:
+            _keys.move_to_end(key)
+            return found
+    hashes = read_row_hashes(storage, table, frag, label_array)
+    labels = None
+    if label_array in frag["arrays"]:
+        m = frag["arrays"][label_array]
+        labels = arrays.read(arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}"), path=m["path"])
+        if arrays.content_digest(labels) != m["sha256"]:
+            raise LakeError(f"lake array {m['path']} does not match the digest in its commit record: the data was "
+                            "modified after commit; run `lepton-jax lake verify`")
+    _remember(key, (hashes, labels))
+    return hashes, labels
+
+
 def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
     """The split's logical content digest: sha256 over every row hash in order, and over the label array's bytes.
     The same rows in the same order give the same digest however they are cut into fragments."""
     def read(frag: dict[str, Any]) -> tuple[bytes, bytes]:
-        row_bytes, label = read_row_hashes(storage, table, frag, label_array).tobytes(), b""
-        if label_array in frag["arrays"]:
-            m = frag["arrays"][label_array]
-            store = arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}")
-            label = np.ascontiguousarray(arrays.read(store, path=m["path"])).tobytes()
-        return row_bytes, label
+        hashes, labels = fragment_keys(storage, table, frag, label_array)
+        return hashes.tobytes(), b"" if labels is None else np.ascontiguousarray(labels).tobytes()
 
     rows, labels = hashlib.sha256(), hashlib.sha256()
     # fragments are read on threads, a few ahead of the one hashed (opening an array is mostly waiting)

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import itertools
 import multiprocessing
+import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,8 +32,9 @@ import numpy as np
 from lepton_jax.errors import CommitConflictError, LakeError
 from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split, warm_up
 from lepton_jax.lake.faults import crash_point
-from lepton_jax.lake.fragments import combine_stats, legacy_partials, read_row_hashes
+from lepton_jax.lake.fragments import LABEL, combine_stats, fragment_keys, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
+from lepton_jax.lake.processes import die_with, process_start
 from lepton_jax.lake.sources import Source, check_source, source_tasks
 from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
@@ -123,7 +125,10 @@ def _worker_pool(workers: int) -> ProcessPoolExecutor:
     those imports start no threads but OpenBLAS's, which is fork-safe."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(WORKER_PRELOAD)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    # workers end when this process does, even by SIGKILL (then the fork server and resource tracker, whose pipes
+    # the workers held open, end too)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with,
+                               initargs=(os.getpid(), process_start(os.getpid())))
 
 
 def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | None, *,
@@ -310,9 +315,9 @@ def _check_no_overlap(lake: Lake, table: str, latest: TableVersion, on: TableVer
     for split in latest.splits:
         for frag in latest.fragments(split):
             if frag["path"] not in seen:
-                theirs.update(h.tobytes() for h in read_row_hashes(lake.storage, table, frag))
+                theirs.update(h.tobytes() for h in fragment_keys(lake.storage, table, frag)[0])
     ours = {h.tobytes() for frags in plan["fragments"].values() for f in frags
-            for h in read_row_hashes(lake.storage, table, f)}
+            for h in fragment_keys(lake.storage, table, f)[0]}
     if theirs & ours:
         raise CommitConflictError(f"table {table!r} version {latest.version} was appended meanwhile with "
                                   f"{len(theirs & ours)} example(s) this append also holds; re-run the append")
@@ -388,12 +393,13 @@ def _ahead(pool: ThreadPoolExecutor, jobs: list[ChunkJob], ahead: int) -> Iterat
 
 
 def _index_table(index: HashIndex, base: TableVersion) -> None:
-    """Loads the hashes the table holds (from its fragments' row-hash files) as the starting index."""
+    """Loads the hashes the table holds as the starting index: each fragment's row hashes and labels, never its
+    example arrays (:func:`~lepton_jax.lake.fragments.fragment_keys`: read once per process)."""
+    label_array = base.schema.get("label_array", LABEL)
     for split in base.splits:
         for frag in base.fragments(split):
-            hashes = read_row_hashes(base.lake.storage, base.table, frag)
-            reader = SplitReader(base.lake.uri, base.table, base.version, split, {"fragments": [frag]})
-            labels = reader.read()["label"] if "label" in frag["arrays"] else np.full(len(hashes), -1)
+            hashes, labels = fragment_keys(base.lake.storage, base.table, frag, label_array)
+            labels = labels if labels is not None else np.full(len(hashes), -1)
             none = np.full(len(hashes), -1)
             index.add(hashes, labels, split, TABLE, -1, none, none)
 

@@ -6,20 +6,21 @@ little-endian bytes followed by a crc32c, so example ``i`` of chunk ``c`` is a f
 ``(offset, nbytes)`` uint64 pair per inner chunk and a crc32c, which is checked), maps the shard read-only and serves a
 batch of indices as one numpy fancy index per shard it touches, with no per-example Python work and no decode.
 
-Integrity: raw chunks are not checked on this path, so the first time a process touches a shard its whole file is
-hashed and compared with the sha256 in the commit record (one sequential read; the result is remembered per file
-for the process). Lake files are immutable after commit, so later reads of a checked shard are not re-checked; a
-byte changed on disk afterwards is found by ``lepton-jax lake verify`` (and by TensorStore reads, which check each
-chunk's crc32c). A shard file truncated under a reader would fault the mapping (SIGBUS): lake code never truncates or
-rewrites a committed file (gc unlinks whole directories, which leaves a mapped file readable), and its size is checked
-against the record before mapping, so only an outside writer truncating the file in place remains a risk.
+Integrity: every byte this path returns is checked. :meth:`RawArray.read` with ``verify=True`` (the default) copies
+each inner chunk a batch touches out of the mapping, checks its crc32c (the one the zarr v3 ``crc32c`` codec stored
+after it) and gathers the rows from the checked copy; a reader that checks the rows it returns by other means (the
+split reader compares them with the fragment's row hashes, see :class:`~lepton_jax.lake.read.SplitReader`) passes
+``verify=False`` and gathers straight from the mapping. So a byte changed on disk after a process first touched a
+shard (mtime restored or not) is an error naming the file, not data. Each shard's size is checked against the commit
+record before mapping. A shard file truncated under a reader would fault the mapping (SIGBUS): lake code never
+truncates or rewrites a committed file (gc unlinks whole directories, which leaves a mapped file readable), so only
+an outside writer truncating the file in place remains a risk.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import itertools
 import json
 import mmap
@@ -37,8 +38,6 @@ from lepton_jax.errors import LakeError
 
 MISSING = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 _LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
-_verified: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime_ns) -> sha256 checked here
-_verified_lock = threading.Lock()
 
 
 def _max_mapped() -> int:
@@ -54,11 +53,22 @@ def _max_mapped() -> int:
 
 
 MAX_MAPPED_SHARDS = _max_mapped()
-# (reader token, shard) -> the shard's view, least recently used first: each RawArray maps its shards itself (a new
-# reader re-opens, and re-hashes a file whose identity or mtime changed), all within one process-wide bound
-_mapped: collections.OrderedDict[tuple[int, int], Any] = collections.OrderedDict()
+# (reader token, shard) -> the mapped shard, least recently used first: each RawArray maps its shards itself, all
+# within one process-wide bound
+_mapped: collections.OrderedDict[tuple[int, int], MappedShard] = collections.OrderedDict()
 _tokens = itertools.count()
 _mapped_lock = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class MappedShard:
+    """One mapped shard: ``view`` (a ``(chunk, row, ...)`` array when its chunks are evenly spaced, else one array
+    per chunk) over ``mapped``, and each chunk's byte offset in the file."""
+
+    view: Any
+    mapped: Any
+    offsets: np.ndarray
+    where: str  # the file, for messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,34 +149,67 @@ class RawArray:
         self.path, self.layout, self.files, self.describe = Path(path), layout, files, describe
         self._token = next(_tokens)
 
-    def read(self, idx: np.ndarray) -> np.ndarray:
+    def read(self, idx: np.ndarray, *, verify: bool = True) -> np.ndarray:
         """``array[idx]`` for an int64 index array within bounds (any order, duplicates allowed): one gather per
-        shard touched, written straight into the result in the order asked for."""
+        shard touched, written straight into the result in the order asked for. With ``verify`` the rows come from
+        copies of their inner chunks whose crc32c was checked (a LakeError naming the file if one differs);
+        without, from the mapping (the caller checks what it returns)."""
         lay = self.layout
         if lay.per_shard >= lay.shape[0]:  # one shard
-            return self._gather(self._shard(0), idx)
+            return self._gather(self._shard(0), idx, verify)
         shard = idx // lay.per_shard
         first = int(shard[0]) if idx.size else 0
         if idx.size == 0 or not np.any(shard != first):
-            return self._gather(self._shard(first), idx - first * lay.per_shard)
+            return self._gather(self._shard(first), idx - first * lay.per_shard, verify)
         out = np.empty((idx.size, *lay.shape[1:]), lay.dtype)
         for s in np.unique(shard).tolist():
             mask = shard == s
-            out[mask] = self._gather(self._shard(s), idx[mask] - s * lay.per_shard)
+            out[mask] = self._gather(self._shard(s), idx[mask] - s * lay.per_shard, verify)
         return out
 
-    def _gather(self, view: Any, local: np.ndarray) -> np.ndarray:
+    def files_of(self, idx: np.ndarray) -> list[str]:
+        """The shard files (as named in messages) that hold rows ``idx``."""
+        shards = np.unique(np.asarray(idx, dtype=np.int64) // self.layout.per_shard).tolist()
+        return [f"{self.describe}/{self.layout.shard_key(s)}" for s in shards]
+
+    def _gather(self, shard: MappedShard, local: np.ndarray, verify: bool) -> np.ndarray:
         k = self.layout.per_chunk
+        if verify:
+            return self._gather_checked(shard, local)
+        view = shard.view
         if isinstance(view, np.ndarray):  # chunks evenly spaced: one (chunk, row) view of the shard
             return view[local // k, local % k]
         chunk = local // k  # chunks out of order in the file: one view per chunk
         rows = [view[c][r] for c, r in zip(chunk.tolist(), (local % k).tolist(), strict=True)]
         return np.stack(rows) if rows else np.empty((0, *self.layout.shape[1:]), self.layout.dtype)
 
-    def _shard(self, s: int) -> Any:
-        """Shard ``s``'s view, from the process-wide cache of at most :data:`MAX_MAPPED_SHARDS` mapped shards (the
-        least recently used mapping is dropped; its sha256 check is remembered per file identity, so a re-map only
-        re-reads the index)."""
+    def _gather_checked(self, shard: MappedShard, local: np.ndarray) -> np.ndarray:
+        """Rows ``local`` of the shard, each inner chunk they fall in copied once and its crc32c checked first."""
+        lay = self.layout
+        k, data_bytes = lay.per_chunk, lay.chunk_bytes - 4
+        out = np.empty((local.size, *lay.shape[1:]), lay.dtype)
+        chunk = local // k
+        order = np.argsort(chunk, kind="stable")
+        sorted_chunks = chunk[order]
+        starts = np.flatnonzero(np.concatenate([[True], sorted_chunks[1:] != sorted_chunks[:-1]])) if local.size \
+            else np.empty(0, np.int64)
+        ends = np.append(starts[1:], local.size)
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            c = int(sorted_chunks[a])
+            offset = int(shard.offsets[c])
+            data = shard.mapped[offset:offset + data_bytes]  # a copy: what is checked is what is returned
+            stored = int.from_bytes(shard.mapped[offset + data_bytes:offset + lay.chunk_bytes], "little")
+            if google_crc32c.value(data) != stored:
+                raise LakeError(f"corrupt lake array {self.describe}: inner chunk {c} of {shard.where} fails its "
+                                "crc32c check (bytes changed after commit); run `lepton-jax lake verify`")
+            rows = np.frombuffer(data, lay.dtype).reshape(k, *lay.shape[1:])
+            pick = order[a:b]
+            out[pick] = rows[local[pick] % k]
+        return out
+
+    def _shard(self, s: int) -> MappedShard:
+        """Shard ``s``, from the process-wide cache of at most :data:`MAX_MAPPED_SHARDS` mapped shards (the least
+        recently used mapping is dropped; a re-map re-reads the index)."""
         key = (self._token, s)
         with _mapped_lock:
             view = _mapped.get(key)
@@ -181,7 +224,7 @@ class RawArray:
                 _mapped.popitem(last=False)  # unmapped (and its descriptor closed) once no read still uses it
         return view
 
-    def _open_shard(self, s: int) -> Any:
+    def _open_shard(self, s: int) -> MappedShard:
         lay = self.layout
         rel = lay.shard_key(s)
         where = f"{self.describe}/{rel}"
@@ -194,7 +237,6 @@ class RawArray:
                 if st.st_size != int(info["bytes"]):
                     raise LakeError(f"lake file {where} has {st.st_size} bytes, not {info['bytes']}; "
                                     "run `lepton-jax lake verify`")
-                _check_sha256(f, st, str(info["sha256"]), where, self.describe)
                 extra = {"trackfd": False} if sys.version_info >= (3, 13) else {}
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ, **extra)
         except OSError as e:
@@ -213,20 +255,10 @@ class RawArray:
         offsets = offsets.astype(np.int64)
         example_strides = np.empty((lay.per_chunk, *lay.shape[1:]), lay.dtype).strides
         if chunks == 1 or np.all(np.diff(offsets) == lay.chunk_bytes):
-            return np.ndarray((chunks, lay.per_chunk, *lay.shape[1:]), lay.dtype, buffer=mapped,
-                              offset=int(offsets[0]), strides=(lay.chunk_bytes, *example_strides))
-        return [np.ndarray((lay.per_chunk, *lay.shape[1:]), lay.dtype, buffer=mapped, offset=int(o),
-                           strides=example_strides) for o in offsets.tolist()]
+            view: Any = np.ndarray((chunks, lay.per_chunk, *lay.shape[1:]), lay.dtype, buffer=mapped,
+                                   offset=int(offsets[0]), strides=(lay.chunk_bytes, *example_strides))
+        else:
+            view = [np.ndarray((lay.per_chunk, *lay.shape[1:]), lay.dtype, buffer=mapped, offset=int(o),
+                               strides=example_strides) for o in offsets.tolist()]
+        return MappedShard(view, mapped, offsets, where)
 
-
-def _check_sha256(f: Any, st: os.stat_result, expected: str, where: str, array: str) -> None:
-    """Hashes the open file once per process (per device, inode, size and mtime) against the commit record."""
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    with _verified_lock:
-        if _verified.get(key) == expected:
-            return
-    if hashlib.file_digest(f, "sha256").hexdigest() != expected:
-        raise LakeError(f"corrupt lake array {array}: {where} does not match the sha256 in its "
-                        "commit record (bytes changed after commit); run `lepton-jax lake verify`")
-    with _verified_lock:
-        _verified[key] = expected

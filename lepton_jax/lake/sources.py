@@ -133,6 +133,13 @@ class DigitsSource(SklearnSource):
         super().__init__("digits")
 
 
+def storable_dtype(dtype: np.dtype) -> bool:
+    """Whether arrays of ``dtype`` can be stored: booleans, integers and floats of up to 64 bits (no complex,
+    strings, objects, dates or extended-precision floats: they would be cast with a loss, or not at all)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in "biu" or (dtype.kind == "f" and dtype.itemsize <= 8)
+
+
 def check_source(source: Any) -> Source:
     """``source`` ready for an ingest: it must have ``load()`` or ``tasks()``; a ``name`` and ``uri`` it lacks
     (optional for a user's source) default to its class's name and ``python:module:Class``. One clear error else."""
@@ -207,9 +214,10 @@ def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | Non
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise LakeError(f"cannot read npz source {path} (not a valid .npz archive, or ragged or object arrays, "
                         f"which are not supported; every example must have one shape): {e}") from e
-    if features.dtype.kind in "USOV" or not (np.issubdtype(features.dtype, np.number) or features.dtype == bool):
-        raise LakeError(f"npz source {path}: features {feature_key!r} have dtype {features.dtype}; lake arrays "
-                        "must be numeric (convert strings to numbers first)")
+    if not storable_dtype(features.dtype):
+        raise LakeError(f"npz source {path}: features {feature_key!r} have dtype {features.dtype}; lake arrays hold "
+                        "booleans, integers and floats of up to 64 bits (convert strings, complex numbers and dates "
+                        "first)")
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
         raise LakeError(f"npz source {path}: labels {label_key!r} must be a 1-D integer array, "
                         f"got {labels.dtype} with shape {labels.shape}")

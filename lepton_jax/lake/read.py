@@ -1,0 +1,350 @@
+"""Reading a pinned table version: :class:`TableVersion` (one published commit record) and :class:`SplitReader`
+(random access to one split as one logical array per name across its fragments, every byte it returns checked)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lepton_jax.errors import LakeError
+from lepton_jax.lake import arrays, rawshards
+from lepton_jax.lake.fragments import (
+    LABEL,
+    read_row_hashes,
+    row_hashes,
+    safe_relpath,
+    split_fragments,
+)
+from lepton_jax.lake.records import QUARANTINE
+from lepton_jax.lake.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from lepton_jax.lake.store import Lake
+
+
+@dataclasses.dataclass(frozen=True)
+class TableVersion:
+    """One committed version of a table: its commit record, as published."""
+
+    lake: Lake
+    table: str
+    record: dict[str, Any]
+
+    @property
+    def version(self) -> int:
+        return int(self.record["version"])
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        return self.record["schema"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.record["splits"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.schema["label_names"])
+
+    def num_examples(self, split: str) -> int:
+        return int(self._split(split)["num_examples"])
+
+    def fragments(self, split: str) -> list[dict[str, Any]]:
+        """The fragments whose concatenation is ``split``, in order (each with ``path``, ``num_examples`` and
+        per array ``path``, ``dtype``, ``shape``, ``sha256`` and file digests)."""
+        return split_fragments(self._split(split))
+
+    def reader(self, split: str, *, cache_bytes: int = arrays.READ_CACHE_BYTES) -> SplitReader:
+        """Random access to ``split`` as one logical array per name across its fragments; ``cache_bytes`` bounds
+        TensorStore's cache of shard indices and decoded chunks (shared by the fragments)."""
+        return SplitReader(self.lake.uri, self.table, self.version, split, self._split(split),
+                           cache_bytes=cache_bytes, label_array=self.schema.get("label_array", LABEL))
+
+    def quarantine(self) -> list[dict[str, Any]]:
+        """The examples this version's ingest rejected: one dict per example with ``reason`` (a short code),
+        ``detail`` (a sentence), ``id`` (file, row or index in the source), ``label`` and, where the example had
+        the table's shape, ``row`` into :meth:`quarantine_reader`."""
+        q = self.record.get("quarantine")
+        if not q or not q.get("entries"):
+            return []
+        meta = q["entries"]
+        key = f"{self.table}/{safe_relpath(meta['path'])}"
+        path = self.lake.storage.describe(key)
+        try:
+            data = self.lake.storage.read(key)
+        except OSError as e:
+            raise LakeError(f"quarantine list {path} is unreadable ({e}); run `lepton-jax lake verify`") from e
+        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise LakeError(f"quarantine list {path} does not match the digest in its commit record")
+        return [json.loads(line) for line in data.decode().splitlines() if line]
+
+    def quarantine_reader(self) -> SplitReader | None:
+        """Rejected examples that had the table's shape (arrays plus ``label``, -1 if none, and ``source_index``)."""
+        q = self.record.get("quarantine") or {}
+        if not q.get("arrays") and not q.get("fragments"):
+            return None
+        return SplitReader(self.lake.uri, self.table, self.version, QUARANTINE, q,
+                           label_array=self.schema.get("label_array", LABEL))
+
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in self.record["splits"]:
+            raise LakeError(f"table {self.table!r} version {self.version} has no split {split!r}; "
+                            f"it has {', '.join(self.record['splits'])}")
+        return self.record["splits"][split]
+
+
+class SplitReader:
+    """Random access to one split of a pinned table version: one logical array per name over the split's fragments.
+    Picklable (it carries the lake's URI, not an open storage); opens TensorStore lazily (one cache pool for all
+    fragments).
+
+    Opening checks that every file the commit record lists exists with its recorded size, so a missing or truncated
+    shard is an error naming the file rather than fill values. Every byte returned is checked: random batches of
+    local arrays in the raw layout are served by :mod:`lepton_jax.lake.rawshards` (one numpy gather per shard), and
+    the rows gathered are hashed and compared with the fragment's row hashes (``_rows.sha256``, itself checked
+    against the record when first loaded; the label array, which row hashes leave out, and fragments without row
+    hashes are checked per inner chunk by their crc32c); everything else goes through TensorStore, which checks
+    each chunk's crc32c when it reads it from storage; small arrays are read whole once and checked against their
+    content digests. ``label_array`` names the array row hashes leave out (the table schema's).
+    """
+
+    #: Arrays of at most this many bytes in total (labels, small features) are read whole on first use, checked
+    #: against their content digests, and then served from memory: one chunk per example is the right layout for
+    #: images but costs a TensorStore chunk lookup per 4-byte label.
+    SMALL_ARRAY_BYTES = 16 * 2**20
+
+    def __init__(self, root: str | Path, table: str, version: int, split: str, entry: dict[str, Any], *,
+                 cache_bytes: int = arrays.READ_CACHE_BYTES, label_array: str = LABEL):
+        self.root, self.table, self.version, self.split = str(root), table, version, split
+        self.label_array = label_array
+        self._storage: Storage | None = None
+        self.entry, self.cache_bytes = entry, int(cache_bytes)
+        self.fragments = split_fragments(entry) if "fragments" in entry or "arrays" in entry else []
+        sizes = [int(f["num_examples"]) for f in self.fragments]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._stores: list[dict[str, Any]] | None = None
+        self._raw: list[dict[str, rawshards.RawArray | None]] = []
+        self._all_raw = False  # every array not held in memory is served by the raw fast path
+        self._in_memory: dict[str, np.ndarray] = {}
+        self._row_hashes: dict[int, np.ndarray | None] = {}  # fragment -> its checked row hashes (None: has none)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def array_names(self) -> list[str]:
+        return list(self.fragments[0]["arrays"]) if self.fragments else []
+
+    @property
+    def num_fragments(self) -> int:
+        return len(self.fragments)
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = open_storage(self.root)
+        return self._storage
+
+    def _open(self) -> list[dict[str, Any]]:
+        if self._stores is None:
+            context = arrays.read_context(self.cache_bytes)
+            stores = [{name: self._open_array(meta, context) for name, meta in frag["arrays"].items()}
+                      for frag in self.fragments]
+            for name in self.array_names:
+                metas = [frag["arrays"][name] for frag in self.fragments]
+                total = sum(int(np.prod(m["shape"])) * np.dtype(m["dtype"]).itemsize for m in metas)
+                if total > self.SMALL_ARRAY_BYTES:
+                    continue
+                parts = []
+                for meta, st in zip(metas, stores, strict=True):
+                    value = arrays.read(st[name], path=meta["path"])
+                    if arrays.content_digest(value) != meta["sha256"]:
+                        raise LakeError(f"lake array {meta['path']} does not match the digest in its commit "
+                                        "record: the data was modified after commit")
+                    parts.append(value)
+                self._in_memory[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            self._raw = [{name: self._open_raw(meta) for name, meta in frag["arrays"].items()
+                          if name not in self._in_memory} for frag in self.fragments]
+            self._all_raw = all(raw is not None for r in self._raw for raw in r.values())
+            self._stores = stores
+        return self._stores
+
+    def _open_raw(self, meta: dict[str, Any]) -> rawshards.RawArray | None:
+        """The fast path for a local array in the raw layout whose record lists its files' digests, else None."""
+        key = f"{self.table}/{safe_relpath(meta['path'])}"
+        local = self.storage.local_path(key)
+        if local is None or not meta.get("files"):
+            return None
+        raw = rawshards.open_raw(local, meta["files"], self.storage.describe(key))
+        if raw is not None and list(raw.layout.shape) != list(meta["shape"]):
+            return None  # (TensorStore's open reported the mismatch already)
+        return raw
+
+    def _open_array(self, meta: dict[str, Any], context) -> Any:
+        storage = self.storage
+        key = f"{self.table}/{safe_relpath(meta['path'])}"
+        found = storage.list_recursive(key) if meta.get("files") else {}  # one listing per array
+        for rel, info in meta.get("files", {}).items():
+            size = found[rel][0] if rel in found else None
+            if size != info["bytes"]:
+                state = "is missing" if size is None else f"has {size} bytes, not {info['bytes']}"
+                raise LakeError(f"lake file {storage.describe(f'{key}/{rel}')} {state} (table {self.table!r} "
+                                f"version {self.version}); run `lepton-jax lake verify`")
+        store = arrays.open_array(storage, key, context=context)
+        if "files" not in meta:  # records written before file digests: at least every shard must exist
+            for rel in arrays.shard_keys(store):
+                if not storage.exists(f"{key}/{rel}"):
+                    raise LakeError(f"lake file {storage.describe(f'{key}/{rel}')} is missing (table "
+                                    f"{self.table!r} version {self.version}); run `lepton-jax lake verify`")
+        if list(store.shape) != list(meta["shape"]) or store.dtype.numpy_dtype != np.dtype(meta["dtype"]):
+            raise LakeError(f"lake array {meta['path']} has shape {list(store.shape)} "
+                            f"{store.dtype.numpy_dtype}, but its commit record says {meta['shape']} "
+                            f"{meta['dtype']}")
+        return store
+
+    def read(self, index=slice(None)) -> dict[str, np.ndarray]:
+        """Reads ``index`` (int, slice or integer array) from every array of the split.
+
+        Integer arrays are read in sorted order (TensorStore then walks each shard once; about 3x faster for random
+        batches), as concurrent requests over the fragments they touch, and returned in the order asked for."""
+        stores = self._open()
+        n = len(self)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step == 1:
+                return self._read_range(stores, start, max(start, stop))
+            index = np.arange(start, stop, step)
+        scalar = np.ndim(index) == 0
+        idx = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for split {self.split!r} with {n} examples")
+        if idx.size and idx.min() < 0:
+            idx = np.where(idx < 0, idx + n, idx)
+        if self._all_raw and idx.size:
+            out = self._read_raw(idx)
+            return {name: value[0] for name, value in out.items()} if scalar else out
+        inverse = None
+        if idx.size > 1:
+            idx, inverse = np.unique(idx, return_inverse=True)
+        out = {name: value[idx] for name, value in self._in_memory.items()}
+        rest = [name for name in self.array_names if name not in out]
+        if rest:
+            frag = np.searchsorted(self.offsets, idx, side="right") - 1
+            bounds = np.searchsorted(frag, np.arange(len(self.fragments) + 1))
+            hit = [f for f in range(len(self.fragments)) if bounds[f + 1] > bounds[f]]
+            for name in rest:
+                local = {f: idx[bounds[f]:bounds[f + 1]] - self.offsets[f] for f in hit}
+                slow = [f for f in hit if self._raw[f].get(name) is None]
+                requests = [(stores[f][name], local[f], self.fragments[f]["arrays"][name]["path"]) for f in slow]
+                got = dict(zip(slow, arrays.read_many(requests), strict=True)) if slow else {}
+                parts = [got[f] if f in got else self._raw[f][name].read(local[f], verify=True) for f in hit]
+                if not parts:  # an empty index
+                    meta = self.fragments[0]["arrays"][name]
+                    parts = [np.zeros((0, *meta["shape"][1:]), meta["dtype"])]
+                out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if inverse is not None:
+            out = {name: value[inverse.reshape(-1)] for name, value in out.items()}
+        return {name: value[0] for name, value in out.items()} if scalar else out
+
+    def _read_raw(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Every array from memory or the raw fast path, gathered in the order asked for (no sort, no reorder copy),
+        and checked: rows of fragments with row hashes against them, the rest per inner chunk (crc32c)."""
+        out = {name: value[idx] for name, value in self._in_memory.items()}
+        raw_names = list(self._raw[0])
+        if len(self.fragments) == 1:
+            hashed = self._fragment_row_hashes(0) is not None
+            for name in raw_names:
+                out[name] = self._raw[0][name].read(idx, verify=not hashed or name == self.label_array)
+            if hashed:
+                self._check_rows(out, idx, np.zeros(idx.size, np.int64), [0])
+            return out
+        frag = np.searchsorted(self.offsets, idx, side="right") - 1
+        touched = np.unique(frag).tolist()
+        hashed = [f for f in touched if self._fragment_row_hashes(f) is not None]
+        for name in raw_names:
+            meta = self.fragments[0]["arrays"][name]
+            value = np.empty((idx.size, *meta["shape"][1:]), meta["dtype"])
+            for f in touched:
+                mask = frag == f
+                value[mask] = self._raw[f][name].read(idx[mask] - self.offsets[f],
+                                                      verify=f not in hashed or name == self.label_array)
+            out[name] = value
+        if hashed:
+            self._check_rows(out, idx, frag, hashed)
+        return out
+
+    def _fragment_row_hashes(self, f: int) -> np.ndarray | None:
+        """Fragment ``f``'s row hashes, read and checked against the record once per reader (None if it has none)."""
+        if f not in self._row_hashes:
+            frag = self.fragments[f]
+            self._row_hashes[f] = (read_row_hashes(self.storage, self.table, frag, self.label_array)
+                                   if frag.get("row_hashes") else None)
+        return self._row_hashes[f]
+
+    def _check_rows(self, out: dict[str, np.ndarray], idx: np.ndarray, frag: np.ndarray, hashed: list[int]) -> None:
+        """Compares the row hashes of the rows read (every non-label array) with the stored ones of the fragments
+        ``hashed``; a mismatch is a LakeError naming the shard files that hold the rows."""
+        content = {name: value for name, value in out.items() if name != self.label_array}
+        if not content:
+            return
+        got = row_hashes(content, self.label_array)
+        for f in hashed:
+            mask = frag == f if len(hashed) > 1 or frag.size and np.any(frag != f) else slice(None)
+            local = idx[mask] - self.offsets[f]
+            bad = np.flatnonzero(np.any(got[mask] != self._row_hashes[f][local], axis=1))
+            if bad.size:
+                rows = local[bad]
+                files = [p for name, raw in self._raw[f].items() if name != self.label_array
+                         for p in raw.files_of(rows)]
+                raise LakeError(f"corrupt lake data in {', '.join(files)}: {rows.size} row(s) read (e.g. row "
+                                f"{int(rows[0])} of fragment {self.fragments[f]['path']}) differ from their row "
+                                "hashes (bytes changed after commit); run `lepton-jax lake verify`")
+
+    def _read_range(self, stores: list[dict[str, Any]], start: int, stop: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {name: value[start:stop] for name, value in self._in_memory.items()}
+        for name in self.array_names:
+            if name in out:
+                continue
+            if start >= stop:
+                meta = self.fragments[0]["arrays"][name]
+                out[name] = np.zeros((0, *meta["shape"][1:]), meta["dtype"])
+                continue
+            futures = []
+            for f, frag in enumerate(self.fragments):
+                a, b = max(start, int(self.offsets[f])), min(stop, int(self.offsets[f + 1]))
+                if a < b:
+                    lo = int(self.offsets[f])
+                    futures.append((stores[f][name][a - lo:b - lo].read(), frag["arrays"][name]["path"]))
+            try:
+                parts = [fut.result() for fut, _ in futures]
+            except (ValueError, IndexError) as e:
+                raise LakeError(f"corrupt lake array {', '.join(p for _, p in futures)}: {e}") from e
+            out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out
+
+    def read_all(self, verify: bool = True) -> dict[str, np.ndarray]:
+        """Reads the whole split; with ``verify`` every fragment's content digest is checked against the record."""
+        data = self.read()
+        if verify:
+            for name, value in data.items():
+                for f, frag in enumerate(self.fragments):
+                    meta = frag["arrays"][name]
+                    if arrays.content_digest(value[self.offsets[f]:self.offsets[f + 1]]) != meta["sha256"]:
+                        raise LakeError(f"lake array {meta['path']} does not match the digest in its commit "
+                                        "record: the data was modified after commit")
+        return data
+
+    def iter_blocks(self, rows: int) -> Any:
+        """The split as consecutive blocks of at most ``rows`` examples (bounded memory), fragment by fragment."""
+        for f in range(len(self.fragments)):
+            for start in range(int(self.offsets[f]), int(self.offsets[f + 1]), rows):
+                yield self.read(slice(start, min(start + rows, int(self.offsets[f + 1]))))
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stores": None, "_raw": [], "_all_raw": False, "_in_memory": {}, "_storage": None,
+                "_row_hashes": {}}

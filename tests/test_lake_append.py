@@ -1,0 +1,108 @@
+"""Appends read what they add, not the table: the dedup and leak index and the content digest come from each
+fragment's row hashes and labels (read once per process), never from its example arrays."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lepton_jax.lake import Lake, NpzSource, ingest
+
+PROBE = """
+import json, sys
+from pathlib import Path
+import sklearn.model_selection  # noqa: F401  (imported before counting: the split needs it)
+from lepton_jax.lake import Lake, NpzSource, ingest
+
+def io():
+    return {k: int(v) for k, v in (line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())}
+
+lake = Lake(sys.argv[1])
+before = io()
+tv = ingest(lake, "t", NpzSource(sys.argv[2], value_range=(0, 255)), splits={"train": 0.9, "test": 0.1},
+            mode="append").version
+after = io()
+print(json.dumps({"rchar": after["rchar"] - before["rchar"], "rows": sum(tv.num_examples(s) for s in tv.splits)}))
+"""
+
+
+def _npz(folder, seed, n):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    np.savez(folder / "part.npz", x=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), y=rng.integers(0, 10, n))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_one_percent_append_reads_a_small_fraction_of_the_table(tmp_path):
+    """Counted by /proc/self/io (rchar: every byte a read call returned, page cache or not) in a fresh process, so
+    nothing is cached from the first ingest: a 1% append to a 20,000-row table of 28x28 images reads the fragments'
+    row hashes (32 bytes per row) and labels, its own source and what it wrote, not the 15.7 MB of images."""
+    lake = Lake(tmp_path / "lake")
+    ingest(lake, "t", NpzSource(_npz(tmp_path / "a", 0, 20_000), value_range=(0, 255)),
+           splits={"train": 0.9, "test": 0.1})
+    table_bytes = sum(p.stat().st_size for p in (tmp_path / "lake" / "t").rglob("*") if p.is_file())
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / "lake"), str(_npz(tmp_path / "b", 1, 200))],
+                         capture_output=True, text=True, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["rows"] == 20_200
+    assert got["rchar"] <= 0.10 * table_bytes, (got, table_bytes)  # the old code read more than the whole table
+
+
+def _s3_downloaded(monkeypatch) -> dict[str, int]:
+    """Counts every byte this process downloads from S3: TensorStore's own counter of bytes read, plus what the
+    lake's object-store client returns (whole reads, and the objects it streams to hash)."""
+    import tensorstore as ts
+
+    from lepton_jax.lake.storage import ObjectStorage
+
+    counted = {"obstore": 0}
+    read, sha256 = ObjectStorage.read, ObjectStorage.sha256
+
+    def counting_read(self, key):
+        data = read(self, key)
+        counted["obstore"] += len(data)
+        return data
+
+    def counting_sha256(self, key):
+        counted["obstore"] += self.stat(key)[0]
+        return sha256(self, key)
+
+    monkeypatch.setattr(ObjectStorage, "read", counting_read)
+    monkeypatch.setattr(ObjectStorage, "sha256", counting_sha256)
+
+    def total() -> int:
+        got = sum(int(m["values"][0]["value"]) for m in ts.experimental_collect_matching_metrics(
+            "/tensorstore/kvstore/s3/bytes_read"))
+        return got + counted["obstore"]
+
+    return total
+
+
+@pytest.mark.slow
+def test_on_s3_an_ingest_downloads_nothing_it_uploaded_and_an_append_little_of_the_table(s3_env, tmp_path,
+                                                                                          monkeypatch):
+    """Against the local S3 server: a fresh ingest downloads at most 1% of what it uploads (no file digests by
+    re-reading), and a 2% append at most 10% of the table (the fragments' row hashes and labels)."""
+    downloaded = _s3_downloaded(monkeypatch)
+    root = s3_env.new_root()
+    lake = Lake(root)
+    start = downloaded()
+    ingest(lake, "t", NpzSource(_npz(tmp_path / "a", 0, 5_000), value_range=(0, 255)),
+           splits={"train": 0.9, "test": 0.1})
+    ingest_down = downloaded() - start
+    table_bytes = sum(size for size, _ in lake.storage.list_recursive("t").values())
+    assert ingest_down <= 0.01 * table_bytes, (ingest_down, table_bytes)
+    fresh = Lake(root)  # a new handle: nothing of the table is cached in it (the fragments' keys are, per process)
+    from lepton_jax.lake import fragments
+
+    monkeypatch.setattr(fragments, "_keys", type(fragments._keys)())  # as in a fresh process
+    start = downloaded()
+    tv = ingest(fresh, "t", NpzSource(_npz(tmp_path / "b", 1, 100), value_range=(0, 255)),
+                splits={"train": 0.8, "test": 0.2}, mode="append").version
+    append_down = downloaded() - start
+    assert sum(tv.num_examples(s) for s in tv.splits) == 5_100
+    assert append_down <= 0.10 * table_bytes, (append_down, table_bytes)
+    assert fresh.verify() == []
