@@ -42,6 +42,7 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN, _CLOSE = np.zeros(256, np.int8), np.zeros(256, np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
 _CLOSE[[ord("]"), ord("}")]] = 1
+_SIZE = re.compile(r"[ \t]*([0-9]{1,18})[ \t]*")  # ASCII digits only (str.isdigit() also takes "²" and "٣")
 
 
 class RequestError(Exception):
@@ -98,6 +99,13 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(_OPEN[brackets].astype(np.int32) - _CLOSE[brackets]).max())
 
 
+def parse_size(value: str) -> int | None:
+    """A byte count from a header (``Content-Length``, ``Inference-Header-Content-Length``): ASCII digits, at most
+    18 of them, optionally between spaces or tabs; None when ``value`` is anything else."""
+    match = _SIZE.fullmatch(value)
+    return None if match is None else int(match[1])
+
+
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """A request body after ``Content-Encoding`` (identity, gzip, deflate), never inflated past ``limit`` bytes."""
     encoding = (encoding or "identity").strip().lower()
@@ -126,10 +134,10 @@ def decode_request(body: bytes, header_length: str | None = None, *, max_element
     """
     binary = b""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        split = parse_size(header_length)
+        if split is None or split > len(body):
             raise RequestError(400, "binary", f"Inference-Header-Content-Length {header_length!r} is not a size "
                                               f"within the {len(body)}-byte body")
-        split = int(header_length)
         body, binary = body[:split], body[split:]
     if json_depth(body) > MAX_JSON_DEPTH:
         raise RequestError(400, "bad_json", f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels; a v2 "

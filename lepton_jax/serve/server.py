@@ -64,6 +64,7 @@ from lepton_jax.serve.kserve import (
     decode_rows,
     encode_response,
     error_body,
+    parse_size,
 )
 from lepton_jax.serve.metrics import ServerMetrics
 
@@ -614,9 +615,9 @@ class ModelServer:
     async def _read_body(receive: Any, limit: int, length: str | None) -> bytes:
         """The request body from ASGI ``receive``, refused (413) as soon as it is known to exceed ``limit``."""
         if length is not None:
-            if not length.isdigit():
+            if (size := parse_size(length)) is None:
                 raise RequestError(400, "bad_request", f"Content-Length {length!r} is not a byte count")
-            if int(length) > limit:
+            if size > limit:
                 raise _too_large(limit)
         message = await receive()
         if message["type"] == "http.request" and not message.get("more_body", False):  # the usual: one message
