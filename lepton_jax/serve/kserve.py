@@ -108,9 +108,19 @@ def parse_size(value: str) -> int | None:
 
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """A request body after ``Content-Encoding`` (identity, gzip, deflate), never inflated past ``limit`` bytes."""
+    out = inflate_within(body, encoding, limit)
+    if out is None:
+        raise RequestError(413, "too_large", f"decompressed request body exceeds the limit of {limit} bytes; send "
+                                             "fewer rows per request")
+    return out
+
+
+def inflate_within(body: bytes, encoding: str | None, limit: int) -> bytes | None:
+    """``body`` after ``Content-Encoding`` when that holds at most ``limit`` bytes, else None (inflating stops past
+    ``limit``): the server decides from the *inflated* size whether a body is cheap enough to decode inline."""
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
-        return body
+        return body if len(body) <= limit else None
     if encoding not in ("gzip", "deflate"):
         raise RequestError(415, "encoding", f"Content-Encoding {encoding!r} is not supported; send identity, gzip "
                                             "or deflate")
@@ -120,8 +130,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     except zlib.error as e:
         raise RequestError(400, "encoding", f"request body is not valid {encoding} data: {e}") from e
     if len(out) > limit or inflater.unconsumed_tail:
-        raise RequestError(413, "too_large", f"decompressed request body exceeds the limit of {limit} bytes; send "
-                                             "fewer rows per request")
+        return None
     if not inflater.eof:
         raise RequestError(400, "encoding", f"request body is truncated {encoding} data")
     return out
