@@ -90,6 +90,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="request body limit (413); default: the largest legal request as JSON, plus 64 KiB")
     srv.add_argument("--drain-grace-s", type=float, default=5.0,
                      help="after SIGTERM: seconds of serving with readiness 503 before the listener closes")
+    # hostile conditions: slow and stalled clients, connection cap, bounded shutdown (docs/serving.md)
+    srv.add_argument("--drain-timeout-s", type=float, default=15.0,
+                     help="after the grace period: seconds to finish in-flight requests before answering them 503 "
+                          "(grace + this must fit the orchestrator's termination grace; default 5 + 15)")
+    srv.add_argument("--body-timeout-s", type=float, default=30.0,
+                     help="a request body must arrive within this (else 408 and the connection closes)")
+    srv.add_argument("--idle-timeout-s", type=float, default=5.0,
+                     help="a connection with no request in progress for this long is closed")
+    srv.add_argument("--max-connections", type=int, default=1000,
+                     help="requests on connections beyond this many get 503 (keep it under `ulimit -n`)")
     srv.add_argument("--token-env", default="LEPTON_SERVE_TOKEN",
                      help="environment variable holding a bearer token; when set, requests must carry it")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -285,6 +295,13 @@ def configure_logging(level: str) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    from lepton_jax.serve.startup import exit_on_signals_during_start_up
+
+    with exit_on_signals_during_start_up():  # before the heavy imports: Ctrl-C or SIGTERM exits at once until serving
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from lepton_jax.errors import LeptonError
@@ -295,14 +312,20 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         logging.getLogger("lepton_jax.serve").warning("binding %s without a token: anyone who can reach this "
                                                       "address can use the model", args.host)
-    for flag in ("max_batch_size", "max_queue_rows", "max_request_rows", "replicas"):
+    for flag in ("max_batch_size", "max_queue_rows", "max_request_rows", "replicas", "max_connections"):
         if getattr(args, flag) < 1:
             raise LeptonError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("drain_timeout_s", "body_timeout_s", "idle_timeout_s"):
+        if not getattr(args, flag) > 0:
+            raise LeptonError(f"--{flag.replace('_', '-')} must be a positive number of seconds, got "
+                              f"{getattr(args, flag)}")
     config = ServeConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                          max_queue_rows=args.max_queue_rows, request_timeout_s=args.timeout_s,
                          max_request_rows=args.max_request_rows,
                          max_body_bytes=None if args.max_body_mb is None else int(args.max_body_mb * (1 << 20)),
                          replicas=args.replicas, token=token, drain_grace_s=args.drain_grace_s,
+                         drain_timeout_s=args.drain_timeout_s, body_timeout_s=args.body_timeout_s,
+                         idle_timeout_s=args.idle_timeout_s, max_connections=args.max_connections,
                          follow=args.follow, follow_interval_s=args.follow_interval_s, canary=args.canary,
                          shadow=args.shadow)
     if not args.follow_interval_s > 0:

@@ -112,7 +112,7 @@ class DynamicBatcher:
         self._free.set()
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name="batcher")
 
-    async def drain(self, timeout_s: float = 30.0) -> None:
+    async def drain(self, timeout_s: float = 15.0) -> None:
         """Stops taking requests, finishes queued and running batches (up to ``timeout_s``), then stops."""
         self._draining = True
         deadline = time.monotonic() + timeout_s

@@ -42,6 +42,7 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN, _CLOSE = np.zeros(256, np.int8), np.zeros(256, np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
 _CLOSE[[ord("]"), ord("}")]] = 1
+_SIZE = re.compile(r"[ \t]*([0-9]{1,18})[ \t]*")  # ASCII digits only (str.isdigit() also takes "²" and "٣")
 
 
 class RequestError(Exception):
@@ -98,11 +99,28 @@ def json_depth(raw: bytes) -> int:
     return int(np.cumsum(_OPEN[brackets].astype(np.int32) - _CLOSE[brackets]).max())
 
 
+def parse_size(value: str) -> int | None:
+    """A byte count from a header (``Content-Length``, ``Inference-Header-Content-Length``): ASCII digits, at most
+    18 of them, optionally between spaces or tabs; None when ``value`` is anything else."""
+    match = _SIZE.fullmatch(value)
+    return None if match is None else int(match[1])
+
+
 def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     """A request body after ``Content-Encoding`` (identity, gzip, deflate), never inflated past ``limit`` bytes."""
+    out = inflate_within(body, encoding, limit)
+    if out is None:
+        raise RequestError(413, "too_large", f"decompressed request body exceeds the limit of {limit} bytes; send "
+                                             "fewer rows per request")
+    return out
+
+
+def inflate_within(body: bytes, encoding: str | None, limit: int) -> bytes | None:
+    """``body`` after ``Content-Encoding`` when that holds at most ``limit`` bytes, else None (inflating stops past
+    ``limit``): the server decides from the *inflated* size whether a body is cheap enough to decode inline."""
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
-        return body
+        return body if len(body) <= limit else None
     if encoding not in ("gzip", "deflate"):
         raise RequestError(415, "encoding", f"Content-Encoding {encoding!r} is not supported; send identity, gzip "
                                             "or deflate")
@@ -112,8 +130,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     except zlib.error as e:
         raise RequestError(400, "encoding", f"request body is not valid {encoding} data: {e}") from e
     if len(out) > limit or inflater.unconsumed_tail:
-        raise RequestError(413, "too_large", f"decompressed request body exceeds the limit of {limit} bytes; send "
-                                             "fewer rows per request")
+        return None
     if not inflater.eof:
         raise RequestError(400, "encoding", f"request body is truncated {encoding} data")
     return out
@@ -126,10 +143,10 @@ def decode_request(body: bytes, header_length: str | None = None, *, max_element
     """
     binary = b""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        split = parse_size(header_length)
+        if split is None or split > len(body):
             raise RequestError(400, "binary", f"Inference-Header-Content-Length {header_length!r} is not a size "
                                               f"within the {len(body)}-byte body")
-        split = int(header_length)
         body, binary = body[:split], body[split:]
     if json_depth(body) > MAX_JSON_DEPTH:
         raise RequestError(400, "bad_json", f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels; a v2 "

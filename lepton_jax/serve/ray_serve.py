@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -108,19 +111,79 @@ def application(lake_root: str | Path, refs: Sequence[str], config: ServeConfig,
 
 def run_ray(lake_root: str | Path, refs: Sequence[str], config: ServeConfig, *, host: str = "127.0.0.1",
             port: int = 8000, address: str | None = None, num_cpus: float = 1.0) -> None:
-    """Starts (or joins, with ``address``) a Ray cluster, serves the models on it, and blocks until Ctrl-C."""
+    """Starts (or joins, with ``address``) a Ray cluster, serves the models on it until SIGINT or SIGTERM, then shuts
+    down in order: the application removed, and a Ray this call started stopped with all its processes.
+
+    A signal during start-up (Ray starting, replicas loading and compiling) stops it there, in the same order; a
+    further one while shutting down is ignored (stopping half-way would orphan Ray's processes). A local Ray for a
+    loopback ``host`` runs on 127.0.0.1 without its dashboard, so nothing it starts listens beyond this machine.
+    """
     import ray
 
-    ray.init(address=address, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
+    stop = _Stop()
+    local = address is None
+    options: dict[str, Any] = {"include_dashboard": False}
+    if local and host in ("127.0.0.1", "localhost", "::1"):
+        options["_node_ip_address"] = "127.0.0.1"  # the raylet, object store and Ray's agents bind loopback
+    previous = {sig: signal.signal(sig, stop.handle) for sig in _SIGNALS}
     try:
-        serve.run(application(lake_root, refs, config, num_cpus=num_cpus), name="lepton_jax", route_prefix="/",
-                  blocking=True)
-    except KeyboardInterrupt:
-        log.info("interrupted: removing the application")
+        try:
+            ray.init(address=address, **options)
+        except SystemExit as e:  # ray.init's own SIGTERM handler (installed while it starts) exits
+            if e.code != signal.SIGTERM:
+                raise
+            raise _Stopped from e
+        for sig in _SIGNALS:  # ray.init replaced ours for SIGTERM
+            signal.signal(sig, stop.handle)
+        stop.check()
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(lake_root, refs, config, num_cpus=num_cpus), name="lepton_jax", route_prefix="/")
+        stop.serving = True
+        stop.check()
+        log.info("serving on http://%s:%d until SIGINT or SIGTERM", host, port)
+        while not stop.requested.wait(1.0):
+            pass
+    except (_Stopped, KeyboardInterrupt):
+        pass
     finally:
-        if address is None:  # our own local Ray: stop it all
-            serve.shutdown()
-            ray.shutdown()
-        else:  # a shared cluster: remove only this application
-            serve.delete("lepton_jax")
+        for sig in _SIGNALS:  # nothing interrupts the shutdown itself
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if ray.is_initialized():
+                if local:  # our own local Ray: stop it all
+                    log.info("stopping Ray Serve and the local Ray")
+                    serve.shutdown()
+                    ray.shutdown()
+                else:  # a shared cluster: remove only this application
+                    log.info("removing the application lepton_jax from the Ray cluster")
+                    serve.delete("lepton_jax")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stopped(Exception):
+    """A signal stopped the start-up."""
+
+
+class _Stop:
+    """SIGINT/SIGTERM handling for :func:`run_ray`: before serving, the signal interrupts the start-up; once serving,
+    it ends the wait. The flag also holds where an interruption is swallowed (e.g. inside a gc callback)."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.serving = False
+
+    def handle(self, sig: int, frame: FrameType | None) -> None:
+        if not self.requested.is_set():
+            log.info("%s: shutting down", signal.Signals(sig).name)
+        self.requested.set()
+        if not self.serving:
+            raise _Stopped
+
+    def check(self) -> None:
+        if self.requested.is_set():
+            raise _Stopped

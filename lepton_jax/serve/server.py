@@ -50,6 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lepton_jax.serve.batcher import DrainingError, QueueFullError
+from lepton_jax.serve.http_limits import read_body, uvicorn_config
 from lepton_jax.serve.kserve import (
     HEADER_LENGTH,
     JSON_HEADERS,
@@ -59,6 +60,7 @@ from lepton_jax.serve.kserve import (
     decode_rows,
     encode_response,
     error_body,
+    inflate_within,
 )
 from lepton_jax.serve.lifecycle import JSON_BYTES_PER_VALUE, Lifecycle, ServedModel  # noqa: F401 (re-exported)
 from lepton_jax.serve.lifecycle import Deployment as _Deployment
@@ -89,6 +91,11 @@ class ServeConfig:
     ``follow``: models loaded from a registry stage follow it, polled every ``follow_interval_s``; ``canary``
     ("STAGE:PERCENT") and ``shadow`` ("STAGE") add a version that answers a share of requests, or only mirrors them
     (see :mod:`lepton_jax.serve.lifecycle`).
+
+    Slow clients (:mod:`~lepton_jax.serve.http_limits`): a body must arrive within ``body_timeout_s`` (408), a
+    connection with no request in progress closes after ``idle_timeout_s``, connections beyond ``max_connections``
+    get 503. Shutdown takes at most ``drain_grace_s`` + ``drain_timeout_s`` (20 s by default: inside Kubernetes' 30 s);
+    what is still running then answers 503.
     """
 
     max_batch_size: int = 32
@@ -100,7 +107,10 @@ class ServeConfig:
     replicas: int = 1
     token: str | None = None
     drain_grace_s: float = 5.0
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 5.0
+    max_connections: int = 1000
     follow: bool = False
     follow_interval_s: float = 2.0
     canary: str | None = None
@@ -311,14 +321,15 @@ class ModelServer:
                 raise RequestError(503, "unavailable", "the server is warming up; poll /v2/health/ready")
             if dep.batcher.draining:
                 raise RequestError(503, "unavailable", "the server is shutting down")
-            body = await self._read_body(receive, dep.body_limit, headers[b"content-length"])
-            args = body, headers[_HEADER_LENGTH], headers[b"content-encoding"]
-            if len(body) > self.config.inline_parse_bytes:  # off the event loop (and its GIL)
+            body = await read_body(receive, dep.body_limit, headers[b"content-length"], self.config.body_timeout_s)
+            inline = inflate_within(body, headers[b"content-encoding"], self.config.inline_parse_bytes)
+            if inline is None:  # large once inflated: decoded off the event loop (and its GIL)
                 decoded, rows = await self._offload(functools.partial(
-                    decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows), *args)
+                    decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows), body,
+                    headers[_HEADER_LENGTH], headers[b"content-encoding"])
             else:
-                decoded, rows = decode_rows(*args, spec=dep.model.spec, body_limit=dep.body_limit,
-                                            max_rows=dep.max_rows)
+                decoded, rows = decode_rows(inline, headers[_HEADER_LENGTH], None, spec=dep.model.spec,
+                                            body_limit=dep.body_limit, max_rows=dep.max_rows)
             try:
                 probabilities = await self.predict(dep, rows)
             except QueueFullError as e:
@@ -406,39 +417,18 @@ class ModelServer:
             raise RequestError(401, "unauthorized", "missing or wrong bearer token: send 'Authorization: Bearer "
                                                     "<token>'")
 
-    @staticmethod
-    async def _read_body(receive: Any, limit: int, length: str | None) -> bytes:
-        """The request body from ASGI ``receive``, refused (413) as soon as it is known to exceed ``limit``."""
-        if length is not None:
-            if not length.isdigit():
-                raise RequestError(400, "bad_request", f"Content-Length {length!r} is not a byte count")
-            if int(length) > limit:
-                raise _too_large(limit)
-        message = await receive()
-        if message["type"] == "http.request" and not message.get("more_body", False):  # the usual: one message
-            body = message.get("body", b"")
-            if len(body) > limit:
-                raise _too_large(limit)
-            return body
-        chunks, size = [], 0
-        while True:
-            if message["type"] == "http.disconnect":
-                raise RequestError(400, "disconnect", "the client went away before sending its body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-            message = await receive()
-
     def _error_parts(self, error: RequestError) -> tuple[int, dict[str, str], bytes]:
         self.metrics.errors.labels(error.kind).inc()
         headers = {"content-type": "application/json", **(error.headers or {})}
         if error.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         return error.status, headers, error_body(error.message)
+
+    def over_capacity(self) -> tuple[int, dict[str, str], bytes]:
+        """The answer to a request on a connection beyond ``max_connections``."""
+        return self._error_parts(RequestError(503, "overloaded", f"this server is at its limit of "
+                                              f"{self.config.max_connections} connections; retry later",
+                                              headers={"Retry-After": "1"}))
 
     def _error(self, error: RequestError) -> Response:
         status, headers, content = self._error_parts(error)
@@ -468,19 +458,15 @@ def _encode_in_worker(request: InferRequest, outputs: list[Tensor], *, model_nam
     return content, dict(headers)
 
 
-def _too_large(limit: int) -> RequestError:
-    return RequestError(413, "too_large", f"request body exceeds the limit of {limit} bytes; send fewer rows per "
-                                          "request")
-
-
 def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> Any:
     """A ``uvicorn.Server`` with a drain phase: the first SIGTERM/SIGINT starts it, the grace period ends it.
 
     During the grace period readiness answers 503 "draining" and every response asks its client to close the
     connection, so no keep-alive connection is idle when the listener closes; then uvicorn stops accepting,
     finishes in-flight requests and runs the lifespan shutdown (the batchers drain). A second signal skips the
-    rest of the grace period; a SIGINT after that stops waiting for in-flight requests (uvicorn's force quit: they
-    answer 503, and the lifespan shutdown still runs). The process exits 0 either way: unlike uvicorn's own handler,
+    rest of the grace period; a SIGINT after that, or the end of ``drain_timeout_s``, stops waiting for in-flight
+    requests (a force quit: they answer 503 with a KServe error body, and the lifespan shutdown still runs).
+    The process exits 0 either way: unlike uvicorn's own handler,
     this one does not record the signals for ``capture_signals`` to raise again once the server has stopped (which
     would end in KeyboardInterrupt, 130, or death by SIGTERM, 143, after a clean drain).
     """
@@ -510,28 +496,39 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
             for sock in sockets or []:
                 sock.close()
             await asyncio.sleep(0.25)  # ... but read and answer what already arrived on accepted connections
-            await super().shutdown(sockets)  # then close idle connections and wait for in-flight requests
+            timer = asyncio.get_running_loop().call_later(model_server.config.drain_timeout_s, self._drain_timed_out)
+            try:
+                await super().shutdown(sockets)  # then close idle connections and wait for in-flight requests
+            finally:
+                timer.cancel()
             # a force quit before the lifespan shutdown began (uvicorn skips it then): answer what is left 503 and run
             # it; one that came during the lifespan shutdown has nothing left to do
             if self.force_exit and not model_server._shutting_down.is_set():
                 unfinished = model_server.abandon()
+                if stalled := list(self.server_state.tasks):  # e.g. still reading a body: answers 503 when cancelled
+                    for task in stalled:
+                        task.cancel()
+                    await asyncio.wait(stalled, timeout=1.0)
                 await asyncio.sleep(0.05)  # the 503s go out
                 log.warning("force quit: %d unfinished request(s) answered 503 (if their clients still listened)",
                             unfinished)
                 await self.lifespan.shutdown()  # the batchers stop, the codec workers exit
+
+        def _drain_timed_out(self) -> None:
+            log.warning("drain timeout (%g s): not waiting for %d in-flight request(s) any more",
+                        model_server.config.drain_timeout_s, len(self.server_state.tasks))
+            self.force_exit = True
 
     return Server(config)
 
 
 def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serves ``server.app`` with uvicorn until SIGINT/SIGTERM, drains (see :class:`ServeConfig`), then exits."""
-    import uvicorn
-
     server.freeze_gc_after_warm_up = True
     access_log = log_level.lower() in ("debug", "trace")
-    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            proxy_headers=access_log,  # X-Forwarded-For only matters to the access log
-                            timeout_graceful_shutdown=server.config.drain_timeout_s)
+    config = uvicorn_config(server.app, max_connections=server.config.max_connections, refuse=server.over_capacity,
+                            idle_timeout_s=server.config.idle_timeout_s, host=host, port=port, log_level=log_level,
+                            access_log=access_log, proxy_headers=access_log)  # X-Forwarded-For: for the access log
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
 
 
