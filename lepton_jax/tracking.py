@@ -19,7 +19,9 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -129,8 +131,73 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+# x86 instruction-set levels XLA's CPU backend targets, lowest first (``--xla_cpu_max_isa`` takes these names), with
+# the /proc/cpuinfo flag that shows each.
+X86_ISAS = (("SSE4_2", "sse4_2"), ("AVX", "avx"), ("AVX2", "avx2"), ("AVX512", "avx512f"))
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_isa(cpuinfo: dict[str, str] | None = None, xla_flags: str | None = None) -> tuple[str, str]:
+    """``(host ISA, the ISA XLA compiles for)``: the highest of :data:`X86_ISAS` the CPU has, and that capped by
+    ``--xla_cpu_max_isa`` in ``XLA_FLAGS`` (XLA otherwise targets the host). Other architectures: the machine name
+    for both."""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = set(cpuinfo.get("flags", "").split())
+    levels = [name for name, flag in X86_ISAS if flag in flags]
+    if not levels:
+        return platform.machine(), platform.machine()
+    host = levels[-1]
+    xla_flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    cap = re.search(r"--xla_cpu_max_isa=(\w+)", xla_flags)
+    names = [name for name, _ in X86_ISAS]
+    if cap and cap.group(1).upper() in names:
+        return host, names[min(names.index(host), names.index(cap.group(1).upper()))]
+    return host, host
+
+
+def _gpu_info() -> dict[str, Any] | None:
+    """GPU model, count, the runtime's platform version (CUDA/ROCm) and the NVIDIA driver, on a GPU backend."""
+    if jax.default_backend() != "gpu":
+        return None
+    devices = jax.devices()
+    info: dict[str, Any] = {"model": devices[0].device_kind, "count": len(devices),
+                            "platform_version": getattr(devices[0].client, "platform_version", None), "driver": None}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def machine() -> dict[str, Any]:
+    """The hardware a number was made on: CPU model, its ISA and the ISA XLA compiled for (floating-point results
+    can differ between ISAs), and GPU model/driver/CUDA where present. ``label`` is the one-line form."""
+    cpuinfo = _cpuinfo()
+    model = cpuinfo.get("model name") or platform.processor() or platform.machine()
+    host, xla = cpu_isa(cpuinfo)
+    info = {"cpu_model": model, "cpu_isa_host": host, "cpu_isa_xla": xla, "cpu_count": os.cpu_count(),
+            "gpu": _gpu_info()}
+    gpu = info["gpu"]
+    info["label"] = f"{model} ({xla})" + (f" + {gpu['count']}x {gpu['model']}" if gpu else "")
+    return info
+
+
 def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What is needed to trace a result back to the exact command and software."""
+    """What is needed to trace a result back to the exact command, software and hardware."""
     return {
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -141,6 +208,7 @@ def provenance(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
+        "machine": machine(),
         **(extra or {}),
     }
 

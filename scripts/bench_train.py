@@ -32,12 +32,12 @@ from lepton_jax.data import LakeDataSource, to_global
 from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.models import build_model
 from lepton_jax.train import perf
+from lepton_jax.train.choose import make_strategy
 from lepton_jax.train.hooks import Hook
 from lepton_jax.train.loop import train_and_evaluate
 from lepton_jax.train.optim import decay_mask, make_optimizer
 from lepton_jax.train.state import create_state, split_model
 from lepton_jax.train.step import build_train_step
-from lepton_jax.train.strategy import make_strategy
 
 
 def interleaved_rates(sides: dict, batch, steps: int, repeats: int) -> dict[str, list[float]]:

@@ -18,6 +18,9 @@ The claims live in docs/numbers.toml, one ``[[claim]]`` table per quoted number:
              value must equal the quoted text exactly
     tolerance / rel_tolerance   absolute or relative slack, for measurements that vary between runs (benchmarks)
     layout   devices × processes (and machine) the number was measured on, printed beside the verdict
+    machine  the hardware the quoted number was recorded on, as ``lepton_jax.tracking.machine()["label"]`` writes it
+             (CPU model and the ISA XLA compiled for, e.g. ``AMD EPYC (AVX2)``; default ``unknown``); a mismatch
+             on another machine reads "recorded on X, this is Y" (results can move with the CPU's ISA)
     step     the ``reproduce.sh`` step that writes the artifact
 
 ``[[group]]`` tables give shared keys (doc, artifact, step, layout, …) to the ``[[group.claim]]`` tables under them.
@@ -54,6 +57,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"([-+]?[0-9][0-9,]*(?:\.[0-9]+)?)"
 BOLD = re.compile(r"\*\*[^*\n]+?\*\*")  # left to right, so a closing ** never opens another
+UNKNOWN_MACHINE = "unknown"
+
+
+def this_machine() -> str:
+    """This machine's label (CPU model and the ISA XLA compiles for here), as run.json records it."""
+    from lepton_jax.tracking import machine
+
+    return machine()["label"]
+
+
+def machine_note(recorded: str, here: str) -> str:
+    """Why a number may differ here: empty when the claim was recorded on this machine."""
+    if recorded == here:
+        return ""
+    if recorded == UNKNOWN_MACHINE:
+        return f"recorded on an unknown machine (the claim names none), this is {here}"
+    return f"recorded on {recorded}, this is {here}"
 
 
 @dataclass
@@ -70,6 +90,7 @@ class Claim:
     format: str = "g"
     tolerance: float | None = None
     rel_tolerance: float | None = None
+    machine: str = UNKNOWN_MACHINE
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -82,6 +103,7 @@ class TableClaim:
     step: str
     layout: str
     rel_tolerance: dict[str, float] = field(default_factory=dict)
+    machine: str = UNKNOWN_MACHINE
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -98,6 +120,7 @@ class BlockClaim:
     skip: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     after: str = ""
+    machine: str = UNKNOWN_MACHINE
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -392,9 +415,14 @@ def main(argv: list[str] | None = None) -> int:
 
     docs: dict[str, str] = {}
     verdicts = [check(c, root, docs) for c in claims]
+    here = this_machine()
+    print(f"this machine: {here}")
     width = max((len(v.claim.id) for v in verdicts), default=10)
     for v in verdicts:
         c = v.claim
+        note = machine_note(c.machine, here) if v.status == "mismatch" else ""
+        if note:
+            v.detail = f"{v.detail}; {note}" if v.detail else note
         mark = {"ok": "ok", "mismatch": "MISMATCH", "missing": "MISSING", "doc": "NOT QUOTED"}[v.status]
         tol, rel = getattr(c, "tolerance", None), getattr(c, "rel_tolerance", None)
         slack = (f" ±{tol:g}" if tol is not None else f" ±{100 * rel:g}%" if isinstance(rel, float) and rel else

@@ -203,3 +203,28 @@ def test_update_writes_the_measured_values_over_stale_quotes(tmp_path, capsys):
     capsys.readouterr()
     assert check_numbers.main(["--root", str(root)]) == 0
     assert "2 of 2 quoted numbers match" in capsys.readouterr().out
+
+
+def test_a_mismatch_names_the_machine_the_claim_was_recorded_on(tmp_path, capsys, monkeypatch):
+    """Issue 27: a number quoted from an AVX2 machine fails on an AVX one; the verdict says which machines."""
+    monkeypatch.setattr(check_numbers, "this_machine", lambda: "AMD EPYC (AVX)")
+    root = _repo(tmp_path, readme="The job printed **test accuracy 0.9779** on 271 examples.\n")
+    toml = (root / "docs" / "numbers.toml").read_text()
+    (root / "docs" / "numbers.toml").write_text(toml.replace('step = "default"',
+                                                             'step = "default"\nmachine = "AMD EPYC (AVX2)"'))
+    assert check_numbers.main(["--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "this machine: AMD EPYC (AVX)" in out
+    assert "MISMATCH" in out and "recorded on AMD EPYC (AVX2), this is AMD EPYC (AVX)" in out
+    (root / "docs" / "bench.md").write_text("Batching gave **9.9x** the baseline (3.1 per pair).\n")
+    assert check_numbers.main(["--root", str(root)]) == 1  # a claim without a machine says so
+    assert "recorded on an unknown machine (the claim names none), this is AMD EPYC (AVX)" in capsys.readouterr().out
+    monkeypatch.setattr(check_numbers, "this_machine", lambda: "AMD EPYC (AVX2)")  # same machine: a plain mismatch
+    assert check_numbers.main(["--root", str(root)]) == 1
+    assert "recorded on AMD EPYC (AVX2)" not in capsys.readouterr().out
+
+
+def test_every_claim_of_this_repository_names_its_machine_or_unknown():
+    claims = check_numbers.load_claims(ROOT / "docs" / "numbers.toml")
+    assert all(c.machine for c in claims)
+    assert "machine =" in (ROOT / "docs" / "numbers.toml").read_text()

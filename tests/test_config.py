@@ -55,6 +55,10 @@ def test_missing_and_broken_config_files(tmp_path):
     ("grad_accum_steps=0", "grad_accum_steps must be > 0, got 0"),
     ("num_epochs=-1", "num_epochs must be > 0, got -1"),
     ("batch_size=60", "batch_size 60 is not divisible by 8 data-parallel devices"),
+    ("model.dropout=1.5", r"model.dropout must be in \[0, 1\), got 1.5"),
+    ("model.hidden=0", "model.hidden must be a sequence of integers > 0 \\(or one\\), got 0"),
+    ("mesh.num_devices=0", r"mesh.num_devices must be -1 \(all\) or > 0, got 0"),
+    ("edge.outer_momentum=1.5", r"edge.outer_momentum must be in \[0, 1\), got 1.5"),
 ])
 def test_invalid_configs_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, lake_root, override, message):
     from lepton_jax.cli import main
@@ -103,3 +107,66 @@ def test_packaged_configs_by_name_and_by_path(tmp_path, monkeypatch):
     assert load_config("mine.py:x").arg == "x"
     with pytest.raises(ConfigError, match="neither a config file nor a packaged config"):
         load_config("no_such_config")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _numeric_keys(node, prefix=""):
+    """Every key of a config whose value is a number or a sequence of numbers (booleans and mappings are not)."""
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            if name != "mesh.axes" and name != "mesh.dcn_axes":  # axis-name -> size maps have their own check
+                yield from _numeric_keys(value, f"{name}.")
+        elif _is_number(value) or (isinstance(value, tuple | list) and value and all(map(_is_number, value))):
+            yield name
+
+
+def _range_cases():
+    from lepton_jax.config import base_config
+    from lepton_jax.train.validate import MODEL_KEYS, NUMERIC_KEYS
+
+    config = base_config()
+    rules = {**NUMERIC_KEYS, **{f"model.{k}": r for k, r in MODEL_KEYS.items()}}
+    cases = []
+    for key in _numeric_keys(config):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        bads = rules[key].bad if key in rules else (None,)  # None: the test fails, naming the uncovered key
+        cases += [(key, rules.get(key), bad) for bad in bads if bad is None or isinstance(bad, tuple) == isinstance(
+            value, tuple)]  # a value of the key's own shape (the config would refuse a tuple for an int)
+    return cases
+
+
+@pytest.mark.parametrize("key, rule, bad", _range_cases())
+def test_every_numeric_key_rejects_out_of_range_values_in_one_line(key, rule, bad):
+    """The validation table covers every numeric key of the base config, and each value just outside a key's range
+    (dropout 1.5 / -0.1, hidden 0, features (0, 64), mesh.num_devices 0 / -5, seed -1, NaN ...) is one ConfigError
+    line naming the key."""
+    from lepton_jax.config import base_config
+    from lepton_jax.train.validate import validate_config
+
+    assert rule is not None, f"{key} is numeric in the base config but has no range in train/validate.py"
+    config = base_config()
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    node[last] = bad
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config)
+    message = str(raised.value)
+    assert message.startswith(f"{key} must be {rule.text}, got ") and "\n" not in message, message
+
+
+def test_model_keys_of_other_models_are_checked():
+    from lepton_jax.train.validate import validate_config
+
+    config = load_config("configs/digits_vit.py", ["model.num_heads=0"])
+    with pytest.raises(ConfigError, match=r"^model.num_heads must be > 0, got 0$"):
+        validate_config(config)
+    for name in ("digits_vit", "digits_resnet", "iris_mlp", "activity_tcn"):  # every shipped model config passes
+        validate_config(load_config(f"configs/{name}.py"))

@@ -29,22 +29,53 @@ def _layer(unit: str) -> int:
     return next(i for i, units in enumerate(LAYERS) if unit in units)
 
 
-def _imports() -> dict[str, set[str]]:
+def _sources() -> dict[str, str]:
+    return {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p.read_text()
+            for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(sources: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """Module -> the package modules it imports. ``sources`` (module -> code) replaces the files, for tests.
+
+    ``from pkg import sub`` imports the submodule ``sub``; it counts ``pkg`` itself only when it also takes a name
+    that is not a submodule (``pkg/__init__`` running first is how Python loads any submodule, not a dependency),
+    and never for the top package (its ``__version__`` is no dependency on the CLI)."""
+    sources = _sources() if sources is None else sources
+    modules = set(sources)
     graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE.parent).with_suffix("")
-        module = ".".join(rel.parts).removesuffix(".__init__")
+    for module, code in sources.items():
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(code)):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lepton_jax"):
-                if node.module != "lepton_jax":  # `from lepton_jax import tracking` imports tracking, not __init__
+                subs = {f"{node.module}.{a.name}" for a in node.names}
+                targets |= subs
+                if not subs <= modules and node.module != "lepton_jax":  # `from lepton_jax import __version__`
                     targets.add(node.module)
-                targets |= {f"{node.module}.{a.name}" for a in node.names}
             elif isinstance(node, ast.Import):
                 targets |= {a.name for a in node.names if a.name.startswith("lepton_jax")}
         graph[module] = targets
-    modules = set(graph)
-    return {m: {t for t in ts if t in modules} for m, ts in graph.items()}
+    return {m: {t for t in ts if t in modules and t != m} for m, ts in graph.items()}
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle a depth-first walk of ``edges`` meets (each as a closed path), empty when there is none."""
+    seen, stack, cycles = set(), [], []
+
+    def visit(node):
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
+            return
+        if node in seen:
+            return
+        seen.add(node)
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            visit(nxt)
+        stack.pop()
+
+    for node in sorted(edges):
+        visit(node)
+    return cycles
 
 
 def test_no_upward_imports():
@@ -58,20 +89,19 @@ def test_no_import_cycles_between_units():
         for t in ts:
             if _unit(t) != _unit(m):
                 edges.setdefault(_unit(m), set()).add(_unit(t))
-    seen, stack, cycles = set(), [], []
-
-    def visit(node):
-        if node in stack:
-            cycles.append(stack[stack.index(node):] + [node])
-            return
-        if node in seen:
-            return
-        seen.add(node)
-        stack.append(node)
-        for nxt in edges.get(node, ()):
-            visit(nxt)
-        stack.pop()
-
-    for node in list(edges):
-        visit(node)
+    cycles = _cycles(edges)
     assert not cycles, cycles
+
+
+def test_no_import_cycles_between_modules():
+    """Inside a package too (train/edge.py -> train/strategy.py -> train/edge.py was one), imports run one way."""
+    cycles = _cycles(_imports())
+    assert not cycles, cycles
+
+
+def test_a_cycle_inside_a_package_is_found():
+    """The check itself: a function-level import back into a sibling is a cycle; `from pkg import sub` is not."""
+    sources = {"lepton_jax.train": "", "lepton_jax.train.a": "from lepton_jax.train.b import B\n",
+               "lepton_jax.train.b": "def f():\n    from lepton_jax.train.a import A\n",
+               "lepton_jax.train.c": "from lepton_jax.train import a\n"}
+    assert _cycles(_imports(sources)) == [["lepton_jax.train.a", "lepton_jax.train.b", "lepton_jax.train.a"]]

@@ -454,3 +454,35 @@ def test_adversarial_objectives_refuse_gradient_accumulation(tiny_cnn):
     config = load_config(ROOT / "configs" / "robust_fgsm.py", ["grad_accum_steps=2"])
     with pytest.raises(ConfigError, match="does not support grad_accum_steps=2"):
         build_train_step(config, tiny_cnn[0], optax.sgd(0.1))
+
+
+@pytest.mark.slow
+def test_default_robust_eval_sees_through_noisy_gradients(trained_run, tmp_path, capsys):
+    """robust-eval with its defaults runs Square and reports the gradient-masked model's worst case (issue 27: it
+    read 0.956 with no warning); --white-box-only says the result is unchecked."""
+    import shutil
+
+    from lepton_jax.cli import main
+
+    workdir = tmp_path / "noisy"
+    shutil.copytree(trained_run[0], workdir, ignore=shutil.ignore_patterns("tensorboard", "robust"))
+    config = json.loads((workdir / "config.json").read_text())
+    config["model"]["name"] = "tests.noisy_model:NoisyCNN"  # same parameters, noisy input gradients
+    (workdir / "config.json").write_text(json.dumps(config))
+    small = ["--epsilons", "0.1", "--steps", "5", "--restarts", "1", "--curve", "0.1", "--batch-size", "272"]
+    assert main(["robust-eval", "--workdir", str(workdir), *small]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((workdir / "robust" / "robust.json").read_text())
+    acc = result["results"]["0.1"]["accuracy"]
+    print(out)
+    assert result["checked"] and "square" in acc and acc["clean"] > 0.85
+    assert acc["worst"] <= 0.70 and acc["worst"] <= min(acc.values())
+    assert f"worst case at eps 0.1: {acc['worst']:.4f}" in out
+    assert result["curve"]["worst"][result["curve"]["epsilons"].index(0.1)] == acc["worst"]  # one worst case
+    assert "warning: [gradient-free-beats-white-box] gradient masking? the gradient-free attack square" in out
+    assert "UNCHECKED" not in out
+    assert main(["robust-eval", "--workdir", str(workdir), *small, "--white-box-only", "--output",
+                 str(tmp_path / "fast")]) == 0
+    fast = json.loads((tmp_path / "fast" / "robust.json").read_text())
+    assert not fast["checked"] and "square" not in fast["results"]["0.1"]["accuracy"]
+    assert "UNCHECKED: no gradient-free attack ran (--white-box-only)" in capsys.readouterr().out

@@ -102,3 +102,16 @@ def test_runs_compare_shows_devices_and_processes(trained_run):
     assert summary["layout"] == "8 × 1"
     text = runs.table([summary])
     assert "devices × processes" in text.splitlines()[0] and "| 8 × 1 |" in text
+
+
+def test_run_json_records_the_cpu_model_and_the_isa_xla_compiles_for(trained_run):
+    """Issue 27: results move with the CPU's ISA (0.9742 with AVX2, 0.9705 capped to AVX); run.json says which."""
+    from lepton_jax.tracking import cpu_isa
+
+    run = json.loads((trained_run[0] / "run.json").read_text())["machine"]
+    assert run["cpu_model"] and run["cpu_isa_xla"] and run["label"].startswith(run["cpu_model"])
+    assert run["gpu"] is None  # the tests run on CPU devices
+    avx2 = {"flags": "fpu sse4_2 avx avx2 fma"}
+    assert cpu_isa(avx2, "") == ("AVX2", "AVX2")
+    assert cpu_isa(avx2, "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX") == ("AVX2", "AVX")
+    assert cpu_isa({"flags": "sse4_2 avx"}, "--xla_cpu_max_isa=AVX512") == ("AVX", "AVX")

@@ -1,13 +1,15 @@
 """`lepton-jax robust-eval`: robust accuracy of a run's checkpoint on a split of its pinned lake version.
 
     lepton-jax robust-eval --workdir runs/x [--epsilons 0.1 0.2] [--norm linf] [--steps 20] [--restarts 3]
-                           [--square 300] [--surrogate runs/standard]
+                           [--square 300 | --white-box-only] [--surrogate runs/standard]
 
-Reports clean, FGSM, PGD-k, PGD-k × restarts, PGD-k (CW loss), with ``--square Q`` the gradient-free Square attack
-(Q queries), a transfer attack from each ``--surrogate`` run (PGD-k crafted on its best checkpoint) and the
-per-example worst case at each ε, plus the
-accuracy-vs-ε curve and gradient-masking warnings; writes ``robust.json`` and ``accuracy_vs_eps.png`` (atomically)
-into ``--output`` (default ``WORKDIR/robust``).
+Reports clean, FGSM, PGD-k, PGD-k × restarts, PGD-k (CW loss), the gradient-free Square attack (L∞; by default
+with a query budget scaled to the split, :func:`lepton_jax.robust.evaluate.default_square_queries`), a transfer
+attack from each ``--surrogate`` run (PGD-k crafted on its best checkpoint), and the worst case: per example, the
+minimum over every attack at that ε and every smaller ε of the accuracy-vs-ε curve (which runs every attack), the
+same number wherever it is printed. Gradient-masking checks print named warnings (``[check-name] ...``).
+``--white-box-only`` drops Square for speed and the output then says the result is unchecked. Writes
+``robust.json`` and ``accuracy_vs_eps.png`` (atomically) into ``--output`` (default ``WORKDIR/robust``).
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ε values of the accuracy-vs-ε curve (default: 8 points up to 2× the largest ε)")
     p.add_argument("--seed", type=int, default=0, help="attack key")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--square", type=int, default=0, metavar="QUERIES",
-                   help="also run the gradient-free Square attack (L∞) with this many queries, e.g. 300 (0 = off)")
+    p.add_argument("--square", type=int, default=None, metavar="QUERIES",
+                   help="queries per example of the gradient-free Square attack (L∞; default: a budget of about "
+                        "200000 queries over the split, 300 to 1000 per example; 0 = off, the result unchecked)")
+    p.add_argument("--white-box-only", action="store_true",
+                   help="skip the gradient-free attacks for speed (Square; --surrogate still runs); the output then "
+                        "says the result is unchecked against gradient masking")
     p.add_argument("--surrogate", action="append", default=[], metavar="WORKDIR",
                    help="a run (e.g. standardly trained) whose PGD examples are replayed: a transfer attack in the "
                         "worst case, with a warning when it beats white-box PGD (repeatable)")
@@ -52,10 +58,12 @@ def _apply_for(graphdef):
 def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, norm: str | None = None,
                  split: str = "test", step: int | None = None, steps: int = 20, restarts: int = 3,
                  curve: list[float] | None = None, seed: int = 0, batch_size: int = 256,
-                 output: str | Path | None = None, surrogates: list[str | Path] = (), square: int = 0
-                 ) -> dict[str, Any]:
-    """Restores a run's checkpoint and evaluates its robustness (with transfer attacks from the best checkpoints
-    of the ``surrogates`` runs); writes and returns the results."""
+                 output: str | Path | None = None, surrogates: list[str | Path] = (), square: int | None = None,
+                 white_box_only: bool = False) -> dict[str, Any]:
+    """Restores a run's checkpoint and evaluates its robustness (with Square, ``square`` queries per example, by
+    default :func:`default_square_queries`; and transfer attacks from the best checkpoints of the ``surrogates``
+    runs); writes and returns the results. ``checked`` in the result is False, with ``unchecked`` saying why, when
+    no gradient-free attack ran."""
     import jax
 
     from lepton_jax import tracking
@@ -70,7 +78,8 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
         Surrogate,
         accuracy_curve,
         check_eval_inputs,
-        evaluate_robustness,
+        curve_warnings,
+        default_square_queries,
         save_curve_png,
         standard_attacks,
     )
@@ -81,7 +90,7 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
     norm = norm or robust.norm
     epsilons = list(epsilons or [float(robust.epsilon)])
     check_eval_inputs(list(epsilons) + list(curve or []), batch_size, steps=steps, restarts=restarts)
-    if square < 0 or (square and norm != "linf"):
+    if square is not None and (square < 0 or (square and norm != "linf")):
         raise ConfigError(f"robust evaluation: --square takes a number of queries >= 0 and norm linf, got {square} "
                           f"with norm {norm}")
     data = run_info["data"]
@@ -100,7 +109,9 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
     x, y = examples[INPUT], examples[LABEL]
     apply = _apply_for(graphdef)
     attacks_ = standard_attacks(steps, restarts)
-    if square:
+    if square is None:
+        square = 0 if white_box_only or norm != "linf" else default_square_queries(len(y))
+    if square and not white_box_only:
         attacks_ += (AttackSpec("square", kind="square", steps=square),)
     surrogate_runs, surrogates_ = [], []
     for i, path in enumerate(surrogates):
@@ -114,23 +125,28 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
         surrogates_.append(Surrogate(_apply_for(s_built.graphdef), s_params, name, spec))
     key = jax.random.PRNGKey(seed)
     kw = dict(norm=norm, box=(0.0, 1.0), key=key, batch_size=batch_size, sharding=sharding)
-    per_eps = {f"{e:g}": evaluate_robustness(apply, params, x, y, epsilon=e, attacks_=attacks_,
-                                             surrogates=surrogates_, **kw)
-               for e in epsilons}
     curve = curve if curve else [round(2 * max(epsilons) * i / 7, 4) for i in range(8)]
-    curve_result = accuracy_curve(apply, params, x, y, curve, attacks_=attacks_[:2], surrogates=surrogates_, **kw)
+    # every attack at every ε of the curve, which includes the evaluated ones: one worst case wherever it is shown
+    curve_result = accuracy_curve(apply, params, x, y, curve, attacks_=attacks_, surrogates=surrogates_,
+                                  checked=epsilons, **kw)
+    per_eps = curve_result.pop("results")
+    gradient_free = [a.name for a in attacks_ if a.kind == "square"] + [s.name for s in surrogates_]
+    unchecked = None if gradient_free else (
+        "no gradient-free attack ran (" + ("--white-box-only" if white_box_only else "--square 0" if norm == "linf"
+                                           else "Square is L∞ only; pass --surrogate for a transfer attack")
+        + "): white-box attacks alone can call a gradient-masked model robust")
     out = Path(output) if output else workdir / "robust"
     result = {"workdir": str(workdir), "step": step, "split": split, "n": int(len(y)), "norm": norm,
               "attacks": [a.__dict__ for a in attacks_], "surrogates": surrogate_runs, "seed": seed,
+              "checked": unchecked is None, "unchecked": unchecked,
               "results": {k: {"accuracy": r["accuracy"], "diagnostics": r["diagnostics"], "warnings": r["warnings"]}
                           for k, r in per_eps.items()},
-              "curve": curve_result}
+              "curve": curve_result, "curve_warnings": curve_warnings(curve_result)}
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         tracking.write_json_atomic(out / "robust.json", result)
         save_curve_png({f"step {step}": curve_result}, out / "accuracy_vs_eps.png",
-                       title=f"{data['table']}@{data['version']} {split}: worst of FGSM / {attacks_[1].name}"
-                       + (" / transfer" if surrogates_ else ""))
+                       title=f"{data['table']}@{data['version']} {split}: worst of every attack")
     result["output"] = str(out)
     return result
 
@@ -139,15 +155,24 @@ def robust_eval_command(args: argparse.Namespace) -> int:
     result = evaluate_run(args.workdir, epsilons=args.epsilons, norm=args.norm, split=args.split, step=args.step,
                           steps=args.steps, restarts=args.restarts, curve=args.curve, seed=args.seed,
                           batch_size=args.batch_size, output=args.output, surrogates=args.surrogate,
-                          square=args.square)
+                          square=args.square, white_box_only=args.white_box_only)
     print(f"{args.workdir} checkpoint step {result['step']}, split {result['split']} ({result['n']} examples), "
           f"norm {result['norm']}:")
+    square = [a["steps"] for a in result["attacks"] if a["kind"] == "square"]
+    if square:
+        print(f"  square: {square[0]} queries per example (gradient-free)")
     for eps, r in result["results"].items():
         print(f"  eps {eps}: " + "  ".join(f"{k} {v:.4f}" for k, v in r["accuracy"].items()))
+        print(f"  worst case at eps {eps}: {r['accuracy']['worst']:.4f} (per example, minimum over every attack "
+              "above, at this and every smaller eps of the curve)")
         for w in r["warnings"]:
             print(f"  warning: {w}")
+    for w in result["curve_warnings"]:
+        print(f"  warning: {w}")
     c = result["curve"]
-    print("  worst-case accuracy vs eps: " + ", ".join(f"{e:g}: {a:.3f}" for e, a in zip(c["epsilons"], c["worst"],
-                                                                                       strict=True)))
+    print("  worst-case accuracy vs eps (every attack): " + ", ".join(
+        f"{e:g}: {a:.3f}" for e, a in zip(c["epsilons"], c["worst"], strict=True)))
+    if not result["checked"]:
+        print(f"  UNCHECKED: {result['unchecked']}")
     print(f"wrote {result['output']}/robust.json accuracy_vs_eps.png")
     return 0

@@ -68,6 +68,17 @@ def check_eval_inputs(epsilons: Sequence[float], batch_size: int, *, steps: int 
             raise ConfigError(f"robust evaluation: {name} must be an integer >= 1, got {value!r}")
 
 
+# The default Square budget: about this many model queries over the whole split (each example gets
+# SQUARE_BUDGET // n queries), within [SQUARE_MIN_QUERIES, SQUARE_MAX_QUERIES] per example.
+SQUARE_BUDGET = 200_000
+SQUARE_MIN_QUERIES, SQUARE_MAX_QUERIES = 300, 1000
+
+
+def default_square_queries(n: int) -> int:
+    """Square's queries per example for a split of ``n`` examples (the default budget, scaled to the split)."""
+    return int(min(SQUARE_MAX_QUERIES, max(SQUARE_MIN_QUERIES, SQUARE_BUDGET // max(n, 1))))
+
+
 def standard_attacks(steps: int = 20, restarts: int = 3) -> tuple[AttackSpec, ...]:
     """FGSM, PGD-k (CE), PGD-k × restarts (CE) and PGD-k with the CW margin loss (which is blind to logit scale)."""
     step = 2.5 / steps
@@ -245,18 +256,38 @@ def _check_names(attacks_: Sequence[AttackSpec], surrogates: Sequence[Surrogate]
         raise ConfigError(f"robust evaluation: attack names must be unique (and not clean/worst), got {names}")
 
 
+# The masking checks, each with the name its warnings start with ("[name] ...").
+GRADIENT_FREE_WINS = "gradient-free-beats-white-box"
+SINGLE_STEP_WINS = "single-step-beats-iterative"
+UNBOUNDED_NOT_ZERO = "unbounded-attack-not-zero"
+ZERO_GRADIENT = "zero-input-gradient"
+NONFINITE_GRADIENT = "nonfinite-input-gradient"
+NOT_REPRODUCIBLE = "non-reproducible"
+NOT_DECREASING = "accuracy-not-decreasing-in-eps"
+
+
+def _named(check: str, message: str) -> str:
+    return f"[{check}] {message}"
+
+
 def masking_warnings(result: dict[str, Any], attacks_: Sequence[AttackSpec], *, tolerance: float = 0.02,
                      large_epsilon_max: float = 0.05) -> list[str]:
-    """Signs that the reported robustness may come from gradient masking rather than from the model.
+    """Signs that the reported robustness may come from gradient masking rather than from the model, each warning
+    starting with its check's name in brackets.
 
-    * a single-step attack beats an iterative one by more than ``tolerance`` (iterative attacks include the
-      single step as a special case, so they should be at least as strong);
-    * accuracy at a box-filling radius stays above ``large_epsilon_max`` (any input is reachable there);
-    * some examples have zero or non-finite input gradients (saturated softmax, non-differentiable layers);
-    * repeating an attack with the same key changes the results (randomness the evaluation does not control);
-    * a gradient-free attack (a transfer attack from a surrogate, or Square) beats every white-box iterative attack
-      by more than ``tolerance`` (the evaluated model's own gradients should be the better guide: noisy, shattered
-      or masked gradients).
+    * ``gradient-free-beats-white-box``: a gradient-free attack (a transfer attack from a surrogate, or Square)
+      beats every white-box iterative attack by more than ``tolerance`` (the evaluated model's own gradients should
+      be the better guide: noisy, shattered or masked gradients);
+    * ``single-step-beats-iterative``: a single-step attack beats an iterative one by more than ``tolerance``
+      (iterative attacks include the single step as a special case, so they should be at least as strong);
+    * ``unbounded-attack-not-zero``: accuracy at a box-filling radius stays above ``large_epsilon_max`` (any input
+      is reachable there);
+    * ``zero-input-gradient`` / ``nonfinite-input-gradient``: some examples have zero or non-finite input gradients
+      (saturated softmax, non-differentiable layers);
+    * ``non-reproducible``: repeating an attack with the same key changes the results (randomness the evaluation
+      does not control).
+
+    The curve's check (``accuracy-not-decreasing-in-eps``) is :func:`curve_warnings`.
     """
     acc, diag = result["accuracy"], result.get("diagnostics", {})
     out = []
@@ -266,54 +297,82 @@ def masking_warnings(result: dict[str, Any], attacks_: Sequence[AttackSpec], *, 
     gradient_free = [*result.get("transfer", ()), *(s.name for s in attacks_ if s.kind == "square")]
     for t in gradient_free:
         if strongest is not None and acc[t] + tolerance < acc[strongest]:
-            out.append(f"gradient masking? the gradient-free attack {t} ({acc[t]:.3f}) beats the strongest white-box "
-                       f"attack {strongest} ({acc[strongest]:.3f}) at eps={result['epsilon']:g}: the model's own "
-                       "gradients mislead the attacks (noisy, shattered or masked); the worst case includes it")
+            out.append(_named(GRADIENT_FREE_WINS, f"gradient masking? the gradient-free attack {t} ({acc[t]:.3f}) "
+                              f"beats the strongest white-box attack {strongest} ({acc[strongest]:.3f}) at "
+                              f"eps={result['epsilon']:g}: the model's own gradients mislead the attacks (noisy, "
+                              "shattered or masked); the worst case includes it"))
     for s in single:
         for m in multi:
             if acc[s] + tolerance < acc[m]:
-                out.append(f"gradient masking? single-step {s} ({acc[s]:.3f}) beats iterative {m} ({acc[m]:.3f}) "
-                           f"at eps={result['epsilon']:g}")
+                out.append(_named(SINGLE_STEP_WINS, f"gradient masking? single-step {s} ({acc[s]:.3f}) beats "
+                                  f"iterative {m} ({acc[m]:.3f}) at eps={result['epsilon']:g}"))
     if diag.get("large_epsilon_accuracy", 0.0) > large_epsilon_max:
-        out.append(f"gradient masking? accuracy is still {diag['large_epsilon_accuracy']:.3f} at eps="
-                   f"{diag['large_epsilon']:g}, where every input in the box is reachable (expected ~0)")
+        out.append(_named(UNBOUNDED_NOT_ZERO, f"gradient masking? accuracy is still "
+                          f"{diag['large_epsilon_accuracy']:.3f} at eps={diag['large_epsilon']:g}, where every input "
+                          "in the box is reachable (expected ~0)"))
     if diag.get("zero_grad_fraction", 0.0) > 0:
-        out.append(f"gradient masking? {diag['zero_grad_fraction']:.1%} of examples have an exactly zero input "
-                   "gradient (saturated softmax or non-differentiable layers); try the CW loss or more restarts")
+        out.append(_named(ZERO_GRADIENT, f"gradient masking? {diag['zero_grad_fraction']:.1%} of examples have an "
+                          "exactly zero input gradient (saturated softmax or non-differentiable layers); try the CW "
+                          "loss or more restarts"))
     if diag.get("nonfinite_grad_fraction", 0.0) > 0:
-        out.append(f"gradient masking? {diag['nonfinite_grad_fraction']:.1%} of examples have a non-finite input "
-                   "gradient")
+        out.append(_named(NONFINITE_GRADIENT, f"gradient masking? {diag['nonfinite_grad_fraction']:.1%} of examples "
+                          "have a non-finite input gradient"))
     if diag.get("repeat_mismatch_fraction", 0.0) > 0:
-        out.append("non-reproducible: repeating an attack with the same key changed "
-                   f"{diag['repeat_mismatch_fraction']:.1%} of the results (randomness in the model at inference?)")
+        out.append(_named(NOT_REPRODUCIBLE, "non-reproducible: repeating an attack with the same key changed "
+                          f"{diag['repeat_mismatch_fraction']:.1%} of the results (randomness in the model at "
+                          "inference?)"))
+    return out
+
+
+def curve_warnings(curve: dict[str, Any], *, tolerance: float = 0.02) -> list[str]:
+    """``accuracy-not-decreasing-in-eps``: an attack's accuracy rising by more than ``tolerance`` from one ε of an
+    :func:`accuracy_curve` to a larger one (a larger ball holds every perturbation of a smaller one, so a working
+    attack cannot do worse there)."""
+    out = []
+    eps = curve["epsilons"]
+    for name, accs in curve["per_attack"].items():
+        for i in range(1, len(eps)):
+            low = min(accs[:i])
+            if accs[i] > low + tolerance:
+                at = accs[:i].index(low)
+                out.append(_named(NOT_DECREASING, f"gradient masking? {name} accuracy rises from {low:.3f} at eps="
+                                  f"{eps[at]:g} to {accs[i]:.3f} at eps={eps[i]:g} (a larger ball cannot be safer)"))
+                break
     return out
 
 
 def accuracy_curve(apply: Callable, params: Any, x: np.ndarray, y: np.ndarray, epsilons: Sequence[float], *,
                    norm: str = "linf", box: attacks.Box = (0.0, 1.0), attacks_: Sequence[AttackSpec] | None = None,
                    key: jax.Array | None = None, batch_size: int = 256,
-                   sharding: NamedSharding | None = None, surrogates: Sequence[Surrogate] = ()) -> dict[str, Any]:
+                   sharding: NamedSharding | None = None, surrogates: Sequence[Surrogate] = (),
+                   checked: Sequence[float] = ()) -> dict[str, Any]:
     """Worst-case accuracy over ``attacks_`` at each ε (sorted ascending).
 
     An example broken at a smaller radius is broken at every larger one (the smaller ball lies inside the larger),
     so ``worst`` accumulates failures along ε and is non-increasing by construction; ``per_attack`` keeps each
-    attack's raw accuracy at each ε.
+    attack's raw accuracy at each ε. At each ε of ``checked`` (added to the curve when missing) the masking checks
+    run too and ``results[f"{ε:g}"]`` holds that evaluation (as :func:`evaluate_robustness` returns it, less the
+    per-example arrays), its ``worst`` the curve's there: the minimum over every attack at that and every smaller ε.
     """
     attacks_ = tuple(attacks_ or standard_attacks())
     key = jax.random.PRNGKey(0) if key is None else key
-    check_eval_inputs(epsilons, batch_size)
-    eps = sorted(float(e) for e in epsilons)
+    check_eval_inputs(list(epsilons) + list(checked), batch_size)
+    checked = {float(e) for e in checked}
+    eps = sorted({float(e) for e in epsilons} | checked)
     alive = np.ones(len(y), bool)
     names = [s.name for s in attacks_] + [s.name for s in surrogates]
-    worst, per_attack = [], {name: [] for name in names}
+    worst, per_attack, results = [], {name: [] for name in names}, {}
     for e in eps:
         r = evaluate_robustness(apply, params, x, y, epsilon=e, norm=norm, box=box, attacks_=attacks_, key=key,
-                                batch_size=batch_size, sharding=sharding, checks=False, surrogates=surrogates)
-        alive &= r["correct"]["worst"]
+                                batch_size=batch_size, sharding=sharding, checks=e in checked, surrogates=surrogates)
+        alive &= r.pop("correct")["worst"]
         worst.append(float(alive.mean()))
         for name in names:
             per_attack[name].append(r["accuracy"][name])
-    return {"epsilons": eps, "norm": norm, "worst": worst, "per_attack": per_attack}
+        if e in checked:
+            r["accuracy"]["worst"] = worst[-1]
+            results[f"{e:g}"] = r
+    return {"epsilons": eps, "norm": norm, "worst": worst, "per_attack": per_attack, "results": results}
 
 
 def save_curve_png(curves: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> None:

@@ -2,7 +2,7 @@
 DiLoCo), with hooks for evaluation, monitors, profiling and checkpointing.
 
 ``train(config, workdir)`` is the library entry point (the CLI, sweeps and notebooks all call it): it validates the
-config, opens the lake table, picks the strategy (:func:`lepton_jax.train.strategy.make_strategy`) and runs
+config, opens the lake table, picks the strategy (:func:`lepton_jax.train.choose.make_strategy`) and runs
 :class:`Loop`. The loop owns resume, logging, NaN/inf handling, hooks, preemption and the final report, once.
 A workdir holds one experiment: rerunning with the same workdir and config resumes from the latest checkpoint
 (every state item, the rng, the step and the Grain iterator position), so a resumed run produces the same
@@ -38,6 +38,7 @@ from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
 from lepton_jax.train import init as init_lib
 from lepton_jax.train import perf
+from lepton_jax.train.choose import make_strategy
 from lepton_jax.train.hooks import (
     TRAIN_SECONDS,
     Hook,
@@ -51,7 +52,7 @@ from lepton_jax.train.hooks import (
     save,
 )
 from lepton_jax.train.prefetch import Prefetcher
-from lepton_jax.train.strategy import Strategy, make_strategy
+from lepton_jax.train.strategy import Strategy
 from lepton_jax.train.validate import validate_config
 
 __all__ = ["Hook", "Loop", "Preemption", "RunContext", "train", "train_and_evaluate"]

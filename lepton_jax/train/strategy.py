@@ -2,8 +2,9 @@
 
 A strategy owns the mesh, the compiled step and sync programs and the layout of its state; the loop
 (:mod:`lepton_jax.train.loop`) owns everything else (resume, logging, NaN handling, hooks, preemption, report).
-:func:`make_strategy` picks one from the config: ``edge.nodes > 1`` is edge training (:mod:`lepton_jax.train.edge`),
-otherwise synchronous data parallel whose step is the objective ``robust.objective`` selects.
+:func:`lepton_jax.train.choose.make_strategy` picks one from the config: ``edge.nodes > 1`` is edge training
+(:mod:`lepton_jax.train.edge`), otherwise synchronous data parallel (:class:`SyncStrategy`) whose step is the objective
+``robust.objective`` selects. Imports run one way: ``edge`` builds on this module, ``choose`` on both.
 """
 
 from __future__ import annotations
@@ -181,12 +182,3 @@ class SyncStrategy(Strategy):
     def describe(self) -> str:
         return (f"parameter sharding:\n{sharding_table(self.built.abstract_params, self.built.specs, self.mesh)}")
 
-
-def make_strategy(config: ml_collections.ConfigDict, schema: dict[str, Any], train_source: LakeDataSource,
-                  devices: list | None = None) -> Strategy:
-    """The strategy ``config`` asks for: edge training when ``edge.nodes > 1``, else synchronous."""
-    if config.edge.nodes > 1:
-        from lepton_jax.train.edge import EdgeStrategy
-
-        return EdgeStrategy(config, schema, train_source, devices)
-    return SyncStrategy(config, schema, len(train_source), devices)
