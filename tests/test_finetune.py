@@ -45,7 +45,8 @@ def test_bad_init_settings_are_one_config_error(overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unknown_stage_or_run_without_checkpoints_fails_before_anything_is_written(lake_root, tmp_path, capsys):
+def test_unknown_stage_or_run_without_checkpoints_fails_before_anything_is_written(lake_root, trained_run, tmp_path,
+                                                                                  capsys):
     workdir = tmp_path / "run"
     code = main(["train", "--config", str(ROOT / "configs" / "digits_cnn.py"), "--workdir", str(workdir),
                  "--lake", str(lake_root), "--no-progress", "--config.init.source=registry",
@@ -56,6 +57,12 @@ def test_unknown_stage_or_run_without_checkpoints_fails_before_anything_is_writt
     (tmp_path / "empty").mkdir()
     with pytest.raises(LeptonError, match="is not a training run directory"):
         init_lib.resolve(small_config(**{"init.source": "run", "init.workdir": str(tmp_path / "empty")}))
+    bare = tmp_path / "bare"  # a run's config and run.json, but no checkpoints
+    bare.mkdir()
+    for name in ("config.json", "run.json"):
+        shutil.copy(trained_run[0] / name, bare / name)
+    with pytest.raises(LeptonError, match="has no checkpoints/ folder"):
+        init_lib.resolve(small_config(**{"init.source": "run", "init.workdir": str(bare)}))
 
 
 @pytest.mark.slow

@@ -329,9 +329,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: 
     ``config.init`` picks the starting parameters of a fresh run (:mod:`lepton_jax.train.init`: random, a run's
     checkpoint, a registry version; ``lake_root`` is also the registry's default lake); a bad setting or an
     architecture mismatch raises before anything is written. ``hooks`` are added to the loop (see
-    :mod:`lepton_jax.train.hooks`). ``strategy`` reuses the compiled
-    programs of an earlier run of the same config (tests, sweeps). ``stop_after_step`` stops like a preemption
-    after that step. The summary holds ``preempted=True`` (and no test metrics) when SIGTERM stopped the run."""
+    :mod:`lepton_jax.train.hooks`). ``strategy`` reuses the compiled programs of an earlier run of the same config
+    (tests, sweeps). ``stop_after_step`` stops like a preemption after that step. The summary holds
+    ``preempted=True`` (and no test metrics) when SIGTERM stopped the run."""
     validate_config(config)
     parent = init_lib.resolve(config, lake_root)
     lake = Lake(lake_root or config.data.lake)
