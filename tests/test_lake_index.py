@@ -67,3 +67,26 @@ def test_hashes_sharing_a_prefix_within_one_run_are_told_apart(tmp_path):
         other = hashes[:1].copy()
         other[0, 31] ^= 1
         assert index.lookup(other)[0] == -1
+
+
+def test_table_rows_are_looked_up_without_being_copied_to_disk(tmp_path):
+    """An append's index holds the table's rows (add_table) as the arrays it is given: lookups, records, conflicts
+    and split counts work as for added records, and nothing of them is written to the index's files."""
+    rng = np.random.default_rng(5)
+    table = [rng.integers(0, 256, (n, 32), dtype=np.uint8) for n in (300, 200)]
+    with HashIndex(tmp_path) as index:
+        index.add_table(table[0], np.arange(300) % 3, "train")
+        index.add_table(table[1], np.full(200, 7), "test")
+        assert sum(f.stat().st_size for f in index.path.iterdir()) == 0 and len(index) == 500
+        new = rng.integers(0, 256, (10, 32), dtype=np.uint8)
+        index.add(new, np.zeros(10), "train", NEW, 0, np.arange(10), np.arange(10))
+        probe = np.concatenate([table[1][[5]], table[0][[299]], new[[3]], rng.integers(0, 256, (1, 32),
+                                                                                       dtype=np.uint8)])
+        found = index.lookup(probe)
+        assert found[3] == -1
+        hits = [index.record(int(f)) for f in found[:3]]
+        assert [(h.label, h.split, h.state) for h in hits] == [(7, "test", TABLE), (2, "train", TABLE),
+                                                               (0, "train", NEW)]
+        index.mark_conflict(int(found[0]))
+        assert index.record(int(found[0])).state == CONFLICT
+        assert dict(index.splits_of()) == {"train": 310, "test": 199}

@@ -2,9 +2,9 @@
 append-only versions and compaction, streaming validated ingest from several sources, verification and garbage
 collection."""
 
+from lepton_jax.lake.csvsource import CsvWindowSource
 from lepton_jax.lake.ingest import IngestResult, ingest
 from lepton_jax.lake.sources import (
-    CsvWindowSource,
     DigitsSource,
     ImageFolderSource,
     NpzSource,

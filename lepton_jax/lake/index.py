@@ -8,8 +8,9 @@ the previous one while that one is at most twice its size, up to :data:`MAX_RUN`
 runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match is
 confirmed against the full hash in the record file, so the check is exact. Memory stays bounded by the largest run
 being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the hashes the
-table already holds (from its fragments' row-hash files), so appended data is checked against the table as well as
-against itself.
+table already holds (:meth:`HashIndex.add_table`: its fragments' row hashes and labels, held by the caller), so
+appended data is checked against the table as well as against itself; those are not copied to disk (one sorted run of
+16 bytes per row in memory, records made on demand), so an append writes what it adds, not the table's hashes again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 TABLE, NEW, CONFLICT = 0, 1, 2  # where a hash's kept copy lives: the table already, this ingest, or nowhere (conflict)
 MEMORY_RUN = 2**16  # entries gathered in memory (1 MiB) before they become a run on disk
 MAX_RUN = 2**21  # entries of the largest sorted run (32 MiB on disk; a merge holds about three times that)
+TABLE_BASE = 1 << 48  # record numbers from here name the table's rows (add_table), not records on disk
 _NO_ID, _ID_FILE = -1, -2  # where a record's id comes from: "example <source>", the id file, or a lazy sequence (>= 0)
 RECORD = np.dtype([("h", "V32"), ("label", "<i8"), ("source", "<i8"), ("id_pos", "<i8"), ("fragment", "<i4"),
                    ("row", "<i4"), ("id_src", "<i4"), ("id_len", "<i4"), ("split", "<i2"), ("state", "u1"),
@@ -76,18 +78,24 @@ class HashIndex:
         self._runs: list[tuple[Path, int]] = []
         self._next_run = 0
         self._splits: list[str] = []
+        # the table's rows (add_table): blocks of (hashes, labels, split), one sorted run over all of them, and the
+        # table records marked as conflicts
+        self._table: list[tuple[np.ndarray, np.ndarray, int]] = []
+        self._table_starts: list[int] = []
+        self._table_n = 0
+        self._table_run: np.ndarray | None = None
+        self._table_conflicts: set[int] = set()
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
         """For each ``(n, 32)`` uint8 hash: the number of the record holding it, or -1."""
         hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 32)
         out = np.full(hashes.shape[0], -1, dtype=np.int64)
-        if not hashes.shape[0] or not self.n:
+        if not hashes.shape[0] or not (self.n or self._table_n):
             return out
         keys = prefix_keys(hashes)
         order = np.argsort(keys)  # sorted probes: searchsorted walks each run once
         sorted_keys = keys[order]
-        for path in [None, *(p for p, _ in self._runs)]:
-            run = self._memory if path is None else np.load(path, mmap_mode="r")
+        for run in self._sorted_runs():
             if run is None:
                 continue
             run_keys = run[0]
@@ -157,7 +165,42 @@ class HashIndex:
         np.save(path, run)
         self._runs.append((path, run.shape[1]))
 
+    def _sorted_runs(self) -> Iterator[np.ndarray | None]:
+        """The table's run, the in-memory run and each run on disk (mapped), one at a time."""
+        yield self._table_run
+        yield self._memory
+        for path, _ in self._runs:
+            yield np.load(path, mmap_mode="r")
+
+    def add_table(self, hashes: np.ndarray, labels: np.ndarray, split: str) -> None:
+        """Adds the table's rows of one fragment (state TABLE, no fragment, row or source of this ingest), kept as
+        the given arrays (not copied to disk; the caller keeps them unchanged)."""
+        n = int(np.asarray(hashes).shape[0])
+        if not n:
+            return
+        if split not in self._splits:
+            self._splits.append(split)
+        hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(n, 32)
+        self._table.append((hashes, np.asarray(labels), self._splits.index(split)))
+        self._table_starts.append(self._table_n)
+        keys = prefix_keys(hashes)
+        order = np.argsort(keys)
+        run = np.stack([keys[order], order.astype(np.uint64) + np.uint64(TABLE_BASE + self._table_n)])
+        self._table_run = run if self._table_run is None else _merge(self._table_run, run)
+        self._table_n += n
+
     def _read(self, number: int) -> np.ndarray:
+        if number >= TABLE_BASE:
+            k = number - TABLE_BASE
+            b = int(np.searchsorted(self._table_starts, k, "right")) - 1
+            hashes, labels, split = self._table[b]
+            i = k - self._table_starts[b]
+            rec = np.zeros(1, dtype=RECORD)[0]
+            rec["h"] = hashes[i].tobytes()
+            rec["label"], rec["source"], rec["row"], rec["fragment"] = int(labels[i]), -1, -1, -1
+            rec["split"], rec["id_src"] = split, _NO_ID
+            rec["state"] = CONFLICT if k in self._table_conflicts else TABLE
+            return rec
         self._records.flush()
         data = os.pread(self._records.fileno(), RECORD.itemsize, number * RECORD.itemsize)
         return np.frombuffer(data, dtype=RECORD)[0]
@@ -178,13 +221,16 @@ class HashIndex:
 
     def mark_conflict(self, number: int) -> None:
         """Marks record ``number``: its content came with two labels, so no copy of it is kept."""
+        if number >= TABLE_BASE:
+            self._table_conflicts.add(number - TABLE_BASE)
+            return
         r = self._read(number).copy()
         r["state"] = CONFLICT
         self._records.seek(number * RECORD.itemsize)
         self._records.write(r.tobytes())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n + self._table_n
 
     def splits_of(self) -> Iterator[tuple[str, int]]:
         """``(split, count)`` of kept hashes (for the leak assertion: each hash has exactly one split)."""
@@ -194,6 +240,9 @@ class HashIndex:
             block = np.fromfile(self.path / "records", dtype=RECORD, count=min(2**16, self.n - start),
                                 offset=start * RECORD.itemsize)
             np.add.at(counts, block["split"][block["state"] != CONFLICT], 1)
+        for (hashes, _, split), start in zip(self._table, self._table_starts, strict=True):
+            conflicts = sum(1 for k in self._table_conflicts if start <= k < start + hashes.shape[0])
+            counts[split] += hashes.shape[0] - conflicts
         yield from ((s, int(c)) for s, c in zip(self._splits, counts, strict=True) if c)
 
     def close(self) -> None:

@@ -399,9 +399,7 @@ def _index_table(index: HashIndex, base: TableVersion) -> None:
     for split in base.splits:
         for frag in base.fragments(split):
             hashes, labels = fragment_keys(base.lake.storage, base.table, frag, label_array)
-            labels = labels if labels is not None else np.full(len(hashes), -1)
-            none = np.full(len(hashes), -1)
-            index.add(hashes, labels, split, TABLE, -1, none, none)
+            index.add_table(hashes, labels if labels is not None else np.full(len(hashes), -1), split)
 
 
 class _Driver:
