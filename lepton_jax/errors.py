@@ -21,6 +21,10 @@ class CommitConflictError(LakeError):
     """Another writer published the same table version first."""
 
 
+class RegistryError(LeptonError):
+    """A model name, version or stage is invalid or unknown."""
+
+
 class CheckpointError(LeptonError):
     """A checkpoint is missing, corrupt or does not match the model."""
 

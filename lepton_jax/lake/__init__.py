@@ -4,6 +4,7 @@ collection."""
 
 from lepton_jax.lake.csvsource import CsvWindowSource
 from lepton_jax.lake.ingest import IngestResult, ingest
+from lepton_jax.lake.source_spec import make_source
 from lepton_jax.lake.sources import (
     DigitsSource,
     ImageFolderSource,
@@ -11,7 +12,6 @@ from lepton_jax.lake.sources import (
     SklearnSource,
     Source,
     SourceData,
-    make_source,
 )
 from lepton_jax.lake.store import GcReport, Lake, Problem, SplitReader, TableVersion
 

@@ -7,7 +7,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -23,15 +23,12 @@ from lepton_jax.lake.fragments import (
 from lepton_jax.lake.records import QUARANTINE
 from lepton_jax.lake.storage import Storage, open_storage
 
-if TYPE_CHECKING:
-    from lepton_jax.lake.store import Lake
-
 
 @dataclasses.dataclass(frozen=True)
 class TableVersion:
     """One committed version of a table: its commit record, as published."""
 
-    lake: Lake
+    lake: Any  # the lepton_jax.lake.store.Lake it was read from (store imports this module)
     table: str
     record: dict[str, Any]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from lepton_jax.serve.registry import ModelVersion, RegistryError
+from lepton_jax.errors import RegistryError
 
 # metric name -> its value in `lepton-jax eval`'s classification summary (all higher-is-better)
 METRICS: dict[str, Callable[[dict[str, Any]], float]] = {
@@ -28,9 +28,10 @@ PROMOTE, REFUSE = "promote", "refuse"
 
 
 class Gate:
-    """Compares ``candidate`` with incumbents on one split of one pinned table version."""
+    """Compares ``candidate`` with incumbents (registry :class:`~lepton_jax.serve.registry.ModelVersion`s; the
+    registry imports this module) on one split of one pinned table version."""
 
-    def __init__(self, candidate: ModelVersion, *, split: str = "test", table_version: int | None = None,
+    def __init__(self, candidate: Any, *, split: str = "test", table_version: int | None = None,
                  metric: str = "accuracy", tolerance: float = 0.0):
         if metric not in METRICS:
             raise RegistryError(f"unknown gate metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -60,7 +61,7 @@ class Gate:
             self._rows = examples[input_array(schema)], examples[schema["label_array"]], table.label_names
         return self._rows
 
-    def score(self, entry: ModelVersion) -> float:
+    def score(self, entry: Any) -> float:
         """``entry``'s metric on the pinned rows (``lepton-jax eval``'s code path)."""
         if entry.version not in self._scores:
             from lepton_jax.eval.metrics import classification_summary
@@ -77,7 +78,7 @@ class Gate:
             self._scores[entry.version] = METRICS[self.metric](summary)
         return self._scores[entry.version]
 
-    def compare(self, incumbent: ModelVersion | None, stage: str) -> dict[str, Any]:
+    def compare(self, incumbent: Any | None, stage: str) -> dict[str, Any]:
         """The comparison record: metric, both versions and values, the pinned data, tolerance and decision."""
         value = self.score(self.candidate)
         held = None if incumbent is None else {"version": incumbent.version, "value": self.score(incumbent)}

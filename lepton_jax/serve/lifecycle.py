@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,9 +42,7 @@ from lepton_jax.serve.batcher import BatchInfo, DynamicBatcher, Replica, bucket_
 from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.kserve import InferRequest, InputSpec, RequestError, Tensor
 from lepton_jax.serve.metrics import ServerMetrics
-
-if TYPE_CHECKING:
-    from lepton_jax.serve.server import ServeConfig
+from lepton_jax.serve.settings import ServeConfig
 
 log = logging.getLogger("lepton_jax.serve")
 

@@ -40,7 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from lepton_jax.errors import LeptonError
+from lepton_jax.errors import RegistryError  # noqa: F401 (re-exported: its home was here)
 
 MODELS_DIR = "_models"
 STAGES_DIR = "_stages"
@@ -54,10 +54,6 @@ _PARAMS_ID = re.compile(r"^(\d{13})-[0-9a-f]{12}$")
 TEMP_PREFIX = ".publish-"  # + <unix-ms>- + random: a record's temp file where the backend needs one (local disk)
 _TEMP = re.compile(r"^\.publish-(\d{13})-")
 _MAX_RETRIES = 64
-
-
-class RegistryError(LeptonError):
-    """A model name, version or stage is invalid or unknown."""
 
 
 class PromotionRefused(RegistryError):
