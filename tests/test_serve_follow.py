@@ -223,6 +223,10 @@ def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
             assert a["outputs"][1]["data"] == [int(offline[int(a["model_version"])][i])], i
         assert http.post("/v2/models/digits/versions/2/infer", json=infer_request(rows[:1])).json()[
             "model_version"] == "2"
+        binary = http.post("/v2/models/digits/versions/2/infer",  # binary tensors: the version in the JSON header
+                           json={**infer_request(rows[:1]), "parameters": {"binary_data_output": True}})
+        header = orjson.loads(binary.content[:int(binary.headers["inference-header-content-length"])])
+        assert header["model_version"] == "2" and header["outputs"][1]["parameters"]["binary_data_size"] == 8
         missing = http.post("/v2/models/digits/versions/7/infer", json=infer_request(rows[:1]))
         assert missing.status_code == 404 and "serves version 1 and 2 (canary)" in missing.json()["error"]
         deadline = time.monotonic() + 30
@@ -233,7 +237,7 @@ def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
         assert metric(text, "lepton_shadow_agreed_rows_total", version="2") == \
             sum(offline[1][i] == offline[2][i] for i in mirrored)
         assert metric(text, "lepton_version_requests_total", version="1") == 30
-        assert metric(text, "lepton_version_requests_total", version="2") == 11
+        assert metric(text, "lepton_version_requests_total", version="2") == 12
         assert metric(text, "lepton_model_version", role="canary") == 2
         assert metric(text, "lepton_model_version", role="shadow") == 2
 
