@@ -50,6 +50,9 @@ log = logging.getLogger("lepton_jax.serve")
 
 JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 RETRY_AFTER_S = 60.0  # a version that failed to load for an unexpected reason (not a LeptonError) is tried again
+# a swapped-out version waits this long at most for the requests that took it (each of their stages -- body read,
+# decode, queue -- is bounded by the server's own timeouts, so they end well before); a shutdown stops the wait
+RETIRE_WAIT_S = 600.0
 ROLES = ("stable", "canary", "shadow")
 
 
@@ -263,12 +266,16 @@ class Deployment:
             metrics.drift_examples.labels(name).set_function(lambda: self.drift.num_examples)
             self._drift_task = asyncio.create_task(self.drift_loop(drift_interval_s), name=f"drift-{name}")
 
-    async def stop(self, timeout_s: float) -> None:
-        """Waits (up to ``timeout_s``) for the requests holding this deployment, then drains the batcher."""
-        deadline = time.monotonic() + timeout_s
-        while self.holders > 0 and time.monotonic() < deadline:
+    async def stop(self, timeout_s: float, *, holders_s: float | None = None,
+                   stopping: threading.Event | None = None) -> None:
+        """Waits for the requests holding this deployment, then drains the batcher: within ``timeout_s`` in all, or,
+        with ``holders_s``, up to ``holders_s`` (or until ``stopping`` is set) for the holders and ``timeout_s`` to
+        drain."""
+        start = time.monotonic()
+        deadline = start + (timeout_s if holders_s is None else holders_s)
+        while self.holders > 0 and time.monotonic() < deadline and not (stopping is not None and stopping.is_set()):
             await asyncio.sleep(0.005)
-        await self.batcher.drain(max(0.0, deadline - time.monotonic()))
+        await self.batcher.drain(max(0.0, start + timeout_s - time.monotonic()) if holders_s is None else timeout_s)
         if self._drift_task is not None:
             self._drift_task.cancel()
             await asyncio.gather(self._drift_task, return_exceptions=True)
@@ -519,7 +526,8 @@ class Lifecycle:
                  version, role, current.model.version if current is not None else "none",
                  time.perf_counter() - start)
         if current is not None:
-            retiring = asyncio.ensure_future(current.stop(self.config.drain_timeout_s))
+            retiring = asyncio.ensure_future(current.stop(self.config.drain_timeout_s, holders_s=RETIRE_WAIT_S,
+                                                          stopping=self._stopping))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
 
