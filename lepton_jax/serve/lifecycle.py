@@ -456,8 +456,9 @@ class Lifecycle:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._preparing, return_exceptions=True)  # a compile on a thread ends first
+        stops = [asyncio.ensure_future(dep.stop(timeout_s)) for dep in self.all()]  # beside the retiring ones
         await asyncio.gather(*self._mirrors, *self._retiring, return_exceptions=True)
-        await asyncio.gather(*(dep.stop(timeout_s) for dep in self.all()))
+        await asyncio.gather(*stops)
 
     def abandon(self, reason: str) -> None:
         """A force quit: every deployment's queued and running requests fail now (see the batcher's abandon)."""
