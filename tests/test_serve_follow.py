@@ -328,3 +328,25 @@ def test_a_request_that_took_the_old_version_finishes_on_it_after_the_swap(train
     assert head.startswith(b"HTTP/1.1 200"), response[:500]
     doc = orjson.loads(answer)
     assert doc["model_version"] == "1" and doc["outputs"][1]["data"] == expected
+
+
+def test_follow_latest(trained_run, tmp_path):
+    """``digits@latest`` under --follow serves each newly registered version (no promotion needed)."""
+    import httpx
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+    from tests.serving import running
+
+    registry = Registry(tmp_path / "lake")
+    v1 = registry.register("digits", trained_run[0])
+    server = ModelServer([ServedModel.from_registry(tmp_path / "lake", "digits@latest")],
+                         ServeConfig(max_batch_size=2, codec_processes=0, follow=True, follow_interval_s=0.05))
+    body = infer_request(np.zeros((1, 8, 8)))
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v2/models/digits/infer", json=body).json()["model_version"] == "1"
+        register_variant(registry, v1, seed=1)
+        deadline = time.monotonic() + 60
+        while http.post("/v2/models/digits/infer", json=body).json()["model_version"] != "2":
+            assert time.monotonic() < deadline, http.get("/metrics").text
+            time.sleep(0.05)
+        assert http.get("/v2/models/digits").json()["parameters"]["stage"] == "latest"

@@ -439,8 +439,9 @@ class Lifecycle:
             return
         for name, dep in self.deployments.items():
             targets = [(role, self.stages[role]) for role in ("canary", "shadow") if self.stages[role]]
-            if dep.model.info.get("stage"):
-                targets.insert(0, ("stable", dep.model.info["stage"]))
+            requested = dep.model.info.get("requested", "")
+            if dep.model.info.get("stage") or "@" not in requested:  # a stage, `latest` or a bare name (latest)
+                targets.insert(0, ("stable", dep.model.info.get("stage") or "latest"))
             else:
                 log.warning("follow: %s was loaded as %s, not from a stage; its version stays", name,
                             dep.model.info.get("requested", f"version {dep.model.version}"))
@@ -476,9 +477,13 @@ class Lifecycle:
             await asyncio.sleep(0.05)
         registry = await asyncio.to_thread(Registry, served.lake_root)
         log.info("following %s@%s (%s) every %.3g s", name, stage, role, self.config.follow_interval_s)
+
+        def look_up() -> int | None:  # on a worker thread: the registry may be an object store
+            return registry.versions(name)[-1] if stage == "latest" else registry.stages(name).get(stage)
+
         while True:
             try:
-                version = await asyncio.to_thread(lambda: registry.stages(name).get(stage))
+                version = await asyncio.to_thread(look_up)
             except Exception as e:  # keep serving what we have; say so once per outage
                 if not failing:
                     log.warning("following %s@%s: cannot read the registry (%s: %s); still serving what it serves",
@@ -489,7 +494,10 @@ class Lifecycle:
                     log.info("following %s@%s: the registry answers again", name, stage)
                 failing = False
                 if version is not None and self._wanted(name, role, int(version)):
-                    await self._swap(served, role, stage, int(version))
+                    try:
+                        await self._swap(served, role, stage, int(version))
+                    except Exception:  # a bug, not a bad version (those are refused in _swap): keep serving
+                        log.exception("follow %s@%s: swapping to version %s failed", name, stage, version)
             await asyncio.sleep(self.config.follow_interval_s)
 
     def _wanted(self, name: str, role: str, version: int) -> bool:
