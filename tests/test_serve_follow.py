@@ -350,3 +350,16 @@ def test_follow_latest(trained_run, tmp_path):
             assert time.monotonic() < deadline, http.get("/metrics").text
             time.sleep(0.05)
         assert http.get("/v2/models/digits").json()["parameters"]["stage"] == "latest"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--canary", "staging"], "canary 'staging': expected STAGE:PERCENT with a percentage in (0, 100]"),
+    (["--canary", "staging:0"], "canary 'staging:0': expected STAGE:PERCENT"),
+    (["--follow", "--follow-interval-s", "0"], "--follow-interval-s must be positive, got 0.0"),
+    (["--backend", "ray", "--shadow", "staging"], "--canary and --shadow need --backend uvicorn")])
+def test_bad_lifecycle_flags_are_one_line(capsys, tmp_path, flags, message):
+    from lepton_jax.cli import main
+
+    assert main(["serve", "--lake", str(tmp_path / "lake"), "--model", "digits@production", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

@@ -196,6 +196,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import logging
 
     from lepton_jax.errors import LeptonError
+    from lepton_jax.serve.lifecycle import parse_canary
     from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, run_server
 
     configure_logging(args.log_level)
@@ -215,6 +216,7 @@ def serve_command(args: argparse.Namespace) -> int:
                          shadow=args.shadow)
     if not args.follow_interval_s > 0:
         raise LeptonError(f"--follow-interval-s must be positive, got {args.follow_interval_s}")
+    parse_canary(args.canary)  # a malformed STAGE:PERCENT is one line before any model loads
     if args.backend == "ray" and (args.canary or args.shadow):
         raise LeptonError("--canary and --shadow need --backend uvicorn (docs/serving.md, 'Following a stage')")
     if args.backend == "ray":
