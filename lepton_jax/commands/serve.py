@@ -74,9 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="with --backend ray: the cluster to join (e.g. auto); default: start a local Ray")
     srv.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --backend ray")
     srv.add_argument("--follow", action="store_true",
-                     help="follow each NAME@STAGE: when the stage moves, load, warm and swap in its new version "
-                          "with no downtime (a version that fails to load is refused; the old one keeps serving)")
-    srv.add_argument("--follow-interval-s", type=float, default=2.0, help="with --follow: registry poll interval")
+                     help="follow each NAME@STAGE (NAME@latest: the newest version): when it moves, load, warm "
+                          "and swap in the new version with no downtime (a version that fails to load is refused; "
+                          "the old one keeps serving)")
+    srv.add_argument("--follow-interval-s", type=float, default=2.0,
+                     help="with --follow: seconds between registry polls (default 2)")
     srv.add_argument("--canary", default=None, metavar="STAGE:PERCENT",
                      help="answer PERCENT%% of requests with the version at STAGE (e.g. staging:10)")
     srv.add_argument("--shadow", default=None, metavar="STAGE",
