@@ -223,6 +223,10 @@ def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
             assert a["outputs"][1]["data"] == [int(offline[int(a["model_version"])][i])], i
         assert http.post("/v2/models/digits/versions/2/infer", json=infer_request(rows[:1])).json()[
             "model_version"] == "2"
+        binary = http.post("/v2/models/digits/versions/2/infer",  # binary tensors: the version in the JSON header
+                           json={**infer_request(rows[:1]), "parameters": {"binary_data_output": True}})
+        header = orjson.loads(binary.content[:int(binary.headers["inference-header-content-length"])])
+        assert header["model_version"] == "2" and header["outputs"][1]["parameters"]["binary_data_size"] == 8
         missing = http.post("/v2/models/digits/versions/7/infer", json=infer_request(rows[:1]))
         assert missing.status_code == 404 and "serves version 1 and 2 (canary)" in missing.json()["error"]
         deadline = time.monotonic() + 30
@@ -233,7 +237,7 @@ def test_canary_shadow_and_a_changed_label_set(trained_run, tmp_path, caplog):
         assert metric(text, "lepton_shadow_agreed_rows_total", version="2") == \
             sum(offline[1][i] == offline[2][i] for i in mirrored)
         assert metric(text, "lepton_version_requests_total", version="1") == 30
-        assert metric(text, "lepton_version_requests_total", version="2") == 11
+        assert metric(text, "lepton_version_requests_total", version="2") == 12
         assert metric(text, "lepton_model_version", role="canary") == 2
         assert metric(text, "lepton_model_version", role="shadow") == 2
 
@@ -280,3 +284,82 @@ def test_follow_on_an_s3_lake(trained_run, s3_env):
         assert meta["versions"] == ["2"] and meta["parameters"]["registry"] == "digits@2"
         assert meta["parameters"]["stage"] == "production"
         assert metric(http.get("/metrics").text, "lepton_model_swaps_total", role="stable") == 1
+
+
+def test_a_request_that_took_the_old_version_finishes_on_it_after_the_swap(trained_run, tmp_path):
+    """A client sends half its body, the stage moves and the server swaps to the new version, then the rest of the
+    body arrives (longer after the swap than ``drain_timeout_s``): the request is answered 200 by the version that
+    took it, which waited for it before draining (old code: 503 once drain_timeout_s passed)."""
+    import httpx
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+    from tests.serving import running
+
+    registry = Registry(tmp_path / "lake")
+    v1 = registry.register("digits", trained_run[0])
+    v2 = register_variant(registry, v1, seed=1)
+    registry.promote("digits", v1.version)
+    data = v1.record["data"]
+    rows = Lake(data["lake"]).table(data["table"], data["version"]).reader("test").read_all()["image"][:8]
+    expected = Predictor.from_registry(v1, devices=jax.devices()[:1]).predict(rows)["class"].tolist()
+    server = ModelServer([ServedModel.from_registry(tmp_path / "lake", "digits@production")],
+                         ServeConfig(max_batch_size=2, codec_processes=0, follow=True, follow_interval_s=0.05,
+                                     drain_timeout_s=0.3))
+    body = orjson.dumps(infer_request(rows))
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        slow = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+        slow.sendall(f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+        time.sleep(0.2)  # the server has taken the request (and version 1) and waits for the rest of the body
+        registry.promote("digits", v2.version)
+        deadline = time.monotonic() + 60
+        while http.post("/v2/models/digits/infer", json=infer_request(rows[:1])).json()["model_version"] != "2":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # well past drain_timeout_s after the swap
+        slow.sendall(body[100:])
+        slow.settimeout(30)
+        response = b""
+        while b"\r\n\r\n" not in response or len(response.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", response.lower())[1]):
+            response += slow.recv(65536)
+        slow.close()
+    head, answer = response.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), response[:500]
+    doc = orjson.loads(answer)
+    assert doc["model_version"] == "1" and doc["outputs"][1]["data"] == expected
+
+
+def test_follow_latest(trained_run, tmp_path):
+    """``digits@latest`` under --follow serves each newly registered version (no promotion needed)."""
+    import httpx
+
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+    from tests.serving import running
+
+    registry = Registry(tmp_path / "lake")
+    v1 = registry.register("digits", trained_run[0])
+    server = ModelServer([ServedModel.from_registry(tmp_path / "lake", "digits@latest")],
+                         ServeConfig(max_batch_size=2, codec_processes=0, follow=True, follow_interval_s=0.05))
+    body = infer_request(np.zeros((1, 8, 8)))
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        assert http.post("/v2/models/digits/infer", json=body).json()["model_version"] == "1"
+        register_variant(registry, v1, seed=1)
+        deadline = time.monotonic() + 60
+        while http.post("/v2/models/digits/infer", json=body).json()["model_version"] != "2":
+            assert time.monotonic() < deadline, http.get("/metrics").text
+            time.sleep(0.05)
+        assert http.get("/v2/models/digits").json()["parameters"]["stage"] == "latest"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--canary", "staging"], "canary 'staging': expected STAGE:PERCENT with a percentage in (0, 100]"),
+    (["--canary", "staging:0"], "canary 'staging:0': expected STAGE:PERCENT"),
+    (["--follow", "--follow-interval-s", "0"], "--follow-interval-s must be positive, got 0.0"),
+    (["--backend", "ray", "--shadow", "staging"], "--canary and --shadow need --backend uvicorn")])
+def test_bad_lifecycle_flags_are_one_line(capsys, tmp_path, flags, message):
+    from lepton_jax.cli import main
+
+    assert main(["serve", "--lake", str(tmp_path / "lake"), "--model", "digits@production", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

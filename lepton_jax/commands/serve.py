@@ -109,9 +109,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="with --backend ray: the cluster to join (e.g. auto); default: start a local Ray")
     srv.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="with --backend ray")
     srv.add_argument("--follow", action="store_true",
-                     help="follow each NAME@STAGE: when the stage moves, load, warm and swap in its new version "
-                          "with no downtime (a version that fails to load is refused; the old one keeps serving)")
-    srv.add_argument("--follow-interval-s", type=float, default=2.0, help="with --follow: registry poll interval")
+                     help="follow each NAME@STAGE (NAME@latest: the newest version): when it moves, load, warm "
+                          "and swap in the new version with no downtime (a version that fails to load is refused; "
+                          "the old one keeps serving)")
+    srv.add_argument("--follow-interval-s", type=float, default=2.0,
+                     help="with --follow: seconds between registry polls (default 2)")
     srv.add_argument("--canary", default=None, metavar="STAGE:PERCENT",
                      help="answer PERCENT%% of requests with the version at STAGE (e.g. staging:10)")
     srv.add_argument("--shadow", default=None, metavar="STAGE",
@@ -305,6 +307,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from lepton_jax.errors import LeptonError
+    from lepton_jax.serve.lifecycle import parse_canary
     from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, run_server
 
     configure_logging(args.log_level)
@@ -330,6 +333,7 @@ def _serve(args: argparse.Namespace) -> int:
                          shadow=args.shadow)
     if not args.follow_interval_s > 0:
         raise LeptonError(f"--follow-interval-s must be positive, got {args.follow_interval_s}")
+    parse_canary(args.canary)  # a malformed STAGE:PERCENT is one line before any model loads
     if args.backend == "ray" and (args.canary or args.shadow):
         raise LeptonError("--canary and --shadow need --backend uvicorn (docs/serving.md, 'Following a stage')")
     if args.backend == "ray":

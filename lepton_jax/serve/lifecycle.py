@@ -48,6 +48,9 @@ log = logging.getLogger("lepton_jax.serve")
 
 JSON_BYTES_PER_VALUE = 25  # the longest JSON float ("-1.2345678901234567e-05") and its separator ", "
 RETRY_AFTER_S = 60.0  # a version that failed to load for an unexpected reason (not a LeptonError) is tried again
+# a swapped-out version waits this long at most for the requests that took it (each of their stages -- body read,
+# decode, queue -- is bounded by the server's own timeouts, so they end well before); a shutdown stops the wait
+RETIRE_WAIT_S = 600.0
 ROLES = ("stable", "canary", "shadow")
 
 
@@ -261,12 +264,16 @@ class Deployment:
             metrics.drift_examples.labels(name).set_function(lambda: self.drift.num_examples)
             self._drift_task = asyncio.create_task(self.drift_loop(drift_interval_s), name=f"drift-{name}")
 
-    async def stop(self, timeout_s: float) -> None:
-        """Waits (up to ``timeout_s``) for the requests holding this deployment, then drains the batcher."""
-        deadline = time.monotonic() + timeout_s
-        while self.holders > 0 and time.monotonic() < deadline:
+    async def stop(self, timeout_s: float, *, holders_s: float | None = None,
+                   stopping: threading.Event | None = None) -> None:
+        """Waits for the requests holding this deployment, then drains the batcher: within ``timeout_s`` in all, or,
+        with ``holders_s``, up to ``holders_s`` (or until ``stopping`` is set) for the holders and ``timeout_s`` to
+        drain."""
+        start = time.monotonic()
+        deadline = start + (timeout_s if holders_s is None else holders_s)
+        while self.holders > 0 and time.monotonic() < deadline and not (stopping is not None and stopping.is_set()):
             await asyncio.sleep(0.005)
-        await self.batcher.drain(max(0.0, deadline - time.monotonic()))
+        await self.batcher.drain(max(0.0, start + timeout_s - time.monotonic()) if holders_s is None else timeout_s)
         if self._drift_task is not None:
             self._drift_task.cancel()
             await asyncio.gather(self._drift_task, return_exceptions=True)
@@ -430,8 +437,9 @@ class Lifecycle:
             return
         for name, dep in self.deployments.items():
             targets = [(role, self.stages[role]) for role in ("canary", "shadow") if self.stages[role]]
-            if dep.model.info.get("stage"):
-                targets.insert(0, ("stable", dep.model.info["stage"]))
+            requested = dep.model.info.get("requested", "")
+            if dep.model.info.get("stage") or "@" not in requested:  # a stage, `latest` or a bare name (latest)
+                targets.insert(0, ("stable", dep.model.info.get("stage") or "latest"))
             else:
                 log.warning("follow: %s was loaded as %s, not from a stage; its version stays", name,
                             dep.model.info.get("requested", f"version {dep.model.version}"))
@@ -447,8 +455,9 @@ class Lifecycle:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._preparing, return_exceptions=True)  # a compile on a thread ends first
+        stops = [asyncio.ensure_future(dep.stop(timeout_s)) for dep in self.all()]  # beside the retiring ones
         await asyncio.gather(*self._mirrors, *self._retiring, return_exceptions=True)
-        await asyncio.gather(*(dep.stop(timeout_s) for dep in self.all()))
+        await asyncio.gather(*stops)
 
     def abandon(self, reason: str) -> None:
         """A force quit: every deployment's queued and running requests fail now (see the batcher's abandon)."""
@@ -466,9 +475,13 @@ class Lifecycle:
             await asyncio.sleep(0.05)
         registry = await asyncio.to_thread(Registry, served.lake_root)
         log.info("following %s@%s (%s) every %.3g s", name, stage, role, self.config.follow_interval_s)
+
+        def look_up() -> int | None:  # on a worker thread: the registry may be an object store
+            return registry.versions(name)[-1] if stage == "latest" else registry.stages(name).get(stage)
+
         while True:
             try:
-                version = await asyncio.to_thread(lambda: registry.stages(name).get(stage))
+                version = await asyncio.to_thread(look_up)
             except Exception as e:  # keep serving what we have; say so once per outage
                 if not failing:
                     log.warning("following %s@%s: cannot read the registry (%s: %s); still serving what it serves",
@@ -479,7 +492,10 @@ class Lifecycle:
                     log.info("following %s@%s: the registry answers again", name, stage)
                 failing = False
                 if version is not None and self._wanted(name, role, int(version)):
-                    await self._swap(served, role, stage, int(version))
+                    try:
+                        await self._swap(served, role, stage, int(version))
+                    except Exception:  # a bug, not a bad version (those are refused in _swap): keep serving
+                        log.exception("follow %s@%s: swapping to version %s failed", name, stage, version)
             await asyncio.sleep(self.config.follow_interval_s)
 
     def _wanted(self, name: str, role: str, version: int) -> bool:
@@ -517,7 +533,8 @@ class Lifecycle:
                  version, role, current.model.version if current is not None else "none",
                  time.perf_counter() - start)
         if current is not None:
-            retiring = asyncio.ensure_future(current.stop(self.config.drain_timeout_s))
+            retiring = asyncio.ensure_future(current.stop(self.config.drain_timeout_s, holders_s=RETIRE_WAIT_S,
+                                                          stopping=self._stopping))
             self._retiring.add(retiring)
             retiring.add_done_callback(self._retiring.discard)
 
