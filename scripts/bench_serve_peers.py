@@ -15,11 +15,18 @@ pinned with ``sched_setaffinity`` to one CPU while the load generator runs on an
 The load generator (:mod:`lepton_jax.serve.loadgen`, raw sockets) sends the same pre-encoded 1-row requests to each;
 runs are interleaved (batched, unbatched, litserve, batched, ...) and reported as median [min-max] over the repeats,
 ratios taken per repeat; the load average and the client's CPU per request are printed beside them.
+
+Then (``--gzip-repeats``, default 5) the compressed head-of-line check against the batched server: 1-row p99 at
+concurrency 1 alone and while two clients keep sending gzip bodies of 1,024 rows (about 35 kB compressed, under the
+64 KiB codec-offload threshold, about 350 kB inflated: the server must decide the offload on the inflated size),
+interleaved; the ratio is taken per repeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import os
 import subprocess
 import sys
@@ -119,12 +126,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def gzip_request(rows: np.ndarray) -> bytes:
+    """An inference request with a gzip body that is small compressed but large inflated."""
+    from lepton_jax.serve.client import infer_request
+    from lepton_jax.serve.loadgen import http_request
+
+    raw = json.dumps(infer_request(rows)).encode()
+    body = gzip.compress(raw)
+    print(f"gzip body: {len(body):,} bytes compressed, {len(raw):,} inflated", flush=True)
+    return http_request("POST", "/v2/models/digits/infer", body, {"Content-Type": "application/json",
+                                                                  "Content-Encoding": "gzip"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="a trained run (default: train a short one)")
     parser.add_argument("--requests", type=int, default=5000, help="1-row requests per run")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
+    parser.add_argument("--gzip-repeats", type=int, default=5, help="repeats of the gzip head-of-line check (0: skip)")
+    parser.add_argument("--hol-requests", type=int, default=300, help="1-row requests per head-of-line run")
     parser.add_argument("--serve", choices=["litserve"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,6 +159,7 @@ def main() -> None:
     server_cpus, client_cpus = ({cpus[-1]}, {cpus[0]}) if len(cpus) >= 2 else (None, None)
     images = load_digits().images.astype(np.float32)
     small = [bench_serve.request_bytes(images[i:i + 1]) for i in range(64)]
+    gzipped = gzip_request(np.random.default_rng(0).integers(0, 17, (1024, 8, 8)).astype(np.float32))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir
         if workdir is None:
@@ -167,6 +189,11 @@ def main() -> None:
                                                                     args.concurrency))
                     print(f"  repeat {r + 1}/{args.repeats} {mode:9s} {results[mode][-1]['rps']:8.0f} req/s "
                           f"p99 {results[mode][-1]['p99']:.1f} ms", flush=True)
+            hol: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+            for _ in range(args.gzip_repeats):
+                for loaded in (False, True):
+                    hol[loaded].append(bench_serve.head_of_line_run(servers["batched"][1], small, gzipped,
+                                                                    args.hol_requests, loaded))
         finally:
             for proc, _ in servers.values():
                 stop(proc)
@@ -186,6 +213,12 @@ def main() -> None:
                                                                          strict=True)]
         print(f"{mode} / litserve: req/s {summary(rps, '{:.2f}')}x, p99 {summary(p99, '{:.2f}')}x, server CPU per "
               f"request {summary(cpu, '{:.2f}')}x")
+    if hol[True]:
+        ratio = [b["p99"] / a["p99"] for a, b in zip(hol[False], hol[True], strict=True)]
+        print(f"\ngzip head-of-line (batched, 1-row requests at c=1, {args.hol_requests} per run, {args.gzip_repeats} "
+              f"interleaved repeats): p99 alone {summary([h['p99'] for h in hol[False]])} ms, while two clients send "
+              f"gzip bodies {summary([h['p99'] for h in hol[True]])} ms ({sum(h['large_ok'] for h in hol[True])} "
+              f"answered 200); loaded / alone p99 {summary(ratio, '{:.2f}')}x")
 
 
 if __name__ == "__main__":
