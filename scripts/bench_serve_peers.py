@@ -17,8 +17,8 @@ runs are interleaved (batched, unbatched, litserve, batched, ...) and reported a
 ratios taken per repeat; the load average and the client's CPU per request are printed beside them.
 
 Then (``--gzip-repeats``, default 5) the compressed head-of-line check against the batched server: 1-row p99 at
-concurrency 1 alone and while two clients keep sending gzip bodies of 1,024 rows (about 35 kB compressed, under the
-64 KiB codec-offload threshold, about 350 kB inflated: the server must decide the offload on the inflated size),
+concurrency 1 alone and while two clients keep sending gzip bodies of 1,024 rows (about 50 kB compressed, under the
+64 KiB codec-offload threshold, about 355 kB inflated: the server must decide the offload on the inflated size),
 interleaved; the ratio is taken per repeat.
 """
 
