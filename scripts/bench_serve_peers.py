@@ -25,9 +25,11 @@ interleaved; the ratio is taken per repeat.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,7 +98,8 @@ def start(mode: str, workdir: Path, cpus: set[int] | None) -> tuple[subprocess.P
     port = bench_serve.free_port()
     cmd = [sys.executable, __file__, "--serve", "litserve", "--workdir", str(workdir), "--port", str(port)]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    return subprocess.Popen(cmd, env=env, preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None), port
+    return subprocess.Popen(cmd, env=env, start_new_session=True,  # LitServe's workers outlive a SIGTERM to it alone
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None), port
 
 
 def wait_ready(mode: str, port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -118,12 +121,22 @@ def wait_ready(mode: str, port: int, proc: subprocess.Popen, timeout_s: float = 
 
 
 def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM to the server (to its whole session where it has one: LitServe), SIGKILL after 60 s."""
+    own_session = os.getsid(proc.pid) == proc.pid if proc.poll() is None else False
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        if own_session:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if own_session:  # the session's other processes (LitServe's workers) go too
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def gzip_request(rows: np.ndarray) -> bytes:
