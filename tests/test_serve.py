@@ -435,6 +435,8 @@ def test_malformed_requests_get_4xx_kserve_errors_and_the_server_stays_healthy(s
         ("GET", "/v2/models/digits/versions/9/ready", None, {}, "readiness of an unknown version"),
         # the binary tensor extension
         ("POST", infer, *binary(header, blob, "abc"), "non-numeric header length"),
+        ("POST", infer, header + blob, {"Inference-Header-Content-Length": b"\xb2"}, "header length '\u00b2'"),
+        ("POST", infer, *binary(header, blob, "9" * 5000), "a 5,000-digit header length"),
         ("POST", infer, *binary(header, blob, str(len(header) + 10_000)), "header length past the body"),
         ("POST", infer, *binary(header, blob + b"\0" * 4), "extra binary bytes"),
         ("POST", infer, *binary(header, blob[:-4]), "short binary data"),

@@ -371,3 +371,25 @@ def test_a_signal_at_any_moment_of_start_up_exits_promptly_and_quietly(trained_r
     assert not bad, bad
     assert any(r[3] == expected[r[1]] and "while the server starts or stops" in r[5] for r in results), results
     assert results[0][3] == 0, results[0]  # once serving: the server's own drain, exit 0
+
+
+def test_the_connection_cap_fits_the_open_file_limit(caplog):
+    """The soft open-file limit is raised as far as the cap needs (within the hard limit); past the hard limit the
+    cap comes down, with a warning, so the 503 comes before accept() runs out of file descriptors."""
+    import resource
+
+    from lepton_jax.serve.http_limits import SPARE_FILES, fit_connection_cap
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        assert fit_connection_cap(100) == 100  # fits: nothing changes
+        if hard == resource.RLIM_INFINITY or hard >= 1000 + SPARE_FILES:
+            assert fit_connection_cap(1000) == 1000
+            assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1000 + SPARE_FILES  # raised
+        if hard != resource.RLIM_INFINITY:
+            with caplog.at_level("WARNING", logger="lepton_jax.serve"):
+                assert fit_connection_cap(hard + 10) == hard - SPARE_FILES
+            assert "capping connections" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

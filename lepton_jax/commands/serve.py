@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--idle-timeout-s", type=float, default=5.0,
                      help="a connection with no request in progress for this long is closed")
     srv.add_argument("--max-connections", type=int, default=1000,
-                     help="requests on connections beyond this many get 503 (keep it under `ulimit -n`)")
+                     help="requests on connections beyond this many get 503 (the open-file limit is raised to fit)")
     srv.add_argument("--token-env", default="LEPTON_SERVE_TOKEN",
                      help="environment variable holding a bearer token; when set, requests must carry it")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
+import resource
 from collections.abc import Callable
 from typing import Any
 
 from lepton_jax.serve.kserve import RequestError, parse_size
 
-__all__ = ["protocol_class", "read_body", "uvicorn_config"]
+__all__ = ["fit_connection_cap", "protocol_class", "read_body", "uvicorn_config"]
+
+log = logging.getLogger("lepton_jax.serve")
+SPARE_FILES = 128  # file descriptors beyond the connections: the model, codec workers' pipes, logs, the listener
 
 
 async def read_body(receive: Any, limit: int, length: str | None, timeout_s: float) -> bytes:
@@ -105,6 +110,24 @@ def protocol_class(max_connections: int, idle_timeout_s: float,
     return GuardedProtocol
 
 
+def fit_connection_cap(max_connections: int) -> int:
+    """``max_connections``, within this process's open-file limit: the soft limit is raised toward the hard one as
+    far as needed (``ulimit -n`` is often 1024); where even that is short, a lower cap (with a warning), so that the
+    cap's 503 comes before accept() fails for want of file descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft != resource.RLIM_INFINITY and soft < need:
+        cap = max(1, soft - SPARE_FILES)
+        log.warning("--max-connections %d needs %d open files but the limit is %d (ulimit -n): capping connections "
+                    "at %d", max_connections, need, soft, cap)
+        return cap
+    return max_connections
+
+
 def uvicorn_config(app: Any, *, max_connections: int, idle_timeout_s: float,
                    refuse: Callable[[], tuple[int, dict[str, str], bytes]], **options: Any) -> Any:
     """A ``uvicorn.Config`` for ``app`` with the idle timeout and connection cap; ``options`` go to uvicorn. Its own
@@ -112,6 +135,6 @@ def uvicorn_config(app: Any, *, max_connections: int, idle_timeout_s: float,
     errors (uvicorn's would cancel them into plain-text 500s and tracebacks)."""
     import uvicorn
 
-    return uvicorn.Config(app, http=protocol_class(max_connections, idle_timeout_s, refuse),
+    return uvicorn.Config(app, http=protocol_class(fit_connection_cap(max_connections), idle_timeout_s, refuse),
                           timeout_keep_alive=max(1, round(idle_timeout_s)), timeout_graceful_shutdown=None,
                           **options)

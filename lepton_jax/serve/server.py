@@ -414,10 +414,10 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
     connection, so no keep-alive connection is idle when the listener closes; then uvicorn stops accepting,
     finishes in-flight requests and runs the lifespan shutdown (the batchers drain). A second signal skips the
     rest of the grace period; a SIGINT after that, or the end of ``drain_timeout_s``, stops waiting for in-flight
-    requests (a force quit: they answer 503 with a KServe error body, and the lifespan shutdown still runs).
-    The process exits 0 either way: unlike uvicorn's own handler,
-    this one does not record the signals for ``capture_signals`` to raise again once the server has stopped (which
-    would end in KeyboardInterrupt, 130, or death by SIGTERM, 143, after a clean drain).
+    requests (a force quit: they answer 503 with a KServe error body, and the lifespan shutdown still runs). The
+    process exits 0 either way: unlike uvicorn's own handler, this one does not record the signals for
+    ``capture_signals`` to raise again once the server has stopped (which would end in KeyboardInterrupt, 130, or
+    death by SIGTERM, 143, after a clean drain).
     """
     import uvicorn
 
