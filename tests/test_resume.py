@@ -86,8 +86,9 @@ def test_sigkill_then_restart_is_bit_identical(uninterrupted, lake_root, tmp_pat
 def test_sigterm_at_many_steps_saves_the_step_it_stops_at(uninterrupted, lake_root, tmp_path):
     """SIGTERM arriving at different points of the loop (plain steps, log-fetch steps, evaluation/checkpoint steps):
     each time the run returns cleanly with the step it stopped at saved and latest; resuming after all of them
-    finishes with the parameters of an uninterrupted run. One compiled strategy serves every restart."""
-    _, reference = uninterrupted
+    finishes with the parameters and the metric history (same rows, same values) of an uninterrupted run. One
+    compiled strategy serves every restart."""
+    reference_dir, reference = uninterrupted
     workdir, strategy = tmp_path / "many", reference["strategy"]
     stops = []
     for target in (1, 3, 7, 9, 12, 15):  # stops land on plain, log-fetch (10) and eval/checkpoint (4, 8, 16) steps
@@ -104,6 +105,7 @@ def test_sigterm_at_many_steps_saves_the_step_it_stops_at(uninterrupted, lake_ro
     resumed = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False, strategy=strategy)
     _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
     assert [r["step"] for r in tracking.read_metrics(workdir) if r.get("preempted")] == stops
+    assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)  # the logging grid did not shift
 
 
 @pytest.mark.slow
@@ -124,6 +126,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, lake_root, 
     if step < 38:  # resuming finishes with the same parameters as a run that was never interrupted
         resumed = train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
         _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+
+
+SIGKILL_AT_STEP = """
+import os, signal, sys
+from lepton_jax.train.loop import Hook, train
+from tests.conftest import small_config
+
+kill = Hook(lambda ctx: os.kill(os.getpid(), signal.SIGKILL) if ctx.step == int(sys.argv[3]) else None, every=1,
+            at_end=False, name="kill")  # user hooks run after the step's rows are logged, before its checkpoint
+train(small_config(num_epochs=2, eval_every_steps=4), sys.argv[1], lake_root=sys.argv[2], progress=False,
+      hooks=[kill])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_leaves_no_duplicate_rows(uninterrupted, lake_root, tmp_path):
+    """SIGKILL at step 4 after its train and eval rows are logged but before its checkpoint (the first) is written:
+    the rerun starts from scratch and its metrics.jsonl equals an uninterrupted run's (it kept the killed run's
+    rows: duplicates)."""
+    reference_dir, reference = uninterrupted
+    assert OVERRIDES == {"num_epochs": 2, "eval_every_steps": 4}  # the script's config
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", SIGKILL_AT_STEP, str(workdir), str(lake_root), "4"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert [r["step"] for r in tracking.read_metrics(workdir)] == [4, 4]  # train and eval rows, no checkpoint
+    assert not [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    resumed = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False,
+                    strategy=reference["strategy"])
+    _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+    assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)
 
 
 SIGTERM_DURING_LAST_SAVE = """

@@ -115,6 +115,24 @@ def _summary_seconds(path: Path, step: int) -> float | None:
     return float(seconds) if isinstance(seconds, int | float) else None
 
 
+LOG_WINDOW = "log_window"  # checkpoint-metrics prefix of the steps logged since the last row (a SIGTERM stop)
+
+
+def _window_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+    """The host metrics of the steps since the last logged row, flattened into checkpoint metrics."""
+    return {f"{LOG_WINDOW}.{i}.{k}": v for i, m in enumerate(window) for k, v in m.items()}
+
+
+def _window_from(metrics: dict[str, Any] | None) -> list[dict[str, float]]:
+    """The inverse of :func:`_window_metrics` (empty when the checkpoint holds no window)."""
+    window: dict[int, dict[str, float]] = {}
+    for key, value in (metrics or {}).items():
+        if key.startswith(f"{LOG_WINDOW}."):
+            _, index, name = key.split(".", 2)
+            window.setdefault(int(index), {})[name] = value
+    return [window[i] for i in sorted(window)]
+
+
 class Loop:
     """One run of a strategy in a workdir; add hooks before :meth:`run`."""
 
@@ -161,7 +179,9 @@ class Loop:
         ctx.say(f"model {config.model.name}: {s.built.num_params:,} parameters; strategy {s.name}; "
                 f"{s.total_steps} steps of batch {config.batch_size}; {s.describe()}")
         state = s.init_state()
-        start_step = 0
+        start_step, carried = 0, []
+        if ckpt.latest_step() is None and (run.path / tracking.METRICS_FILE).exists():
+            run.truncate_metrics(after_step=0)  # rows a run killed before its first checkpoint logged
         if ckpt.latest_step() is not None:  # same workdir, same config: continue where the last run stopped
             items, data_state = ckpt.restore(s.abstract_items())
             state = s.from_items(items)
@@ -169,6 +189,7 @@ class Loop:
             start_step = int(jax.device_get(state.step))
             run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
             run.log(step=start_step, resumed_from_step=start_step)
+            carried = _window_from(ckpt.metrics(start_step))  # steps a SIGTERM stop saved but had not logged
             seconds = (ckpt.metrics(start_step) or {}).get(TRAIN_SECONDS)
             if seconds is None:  # a checkpoint from before the count was saved: a finished run's summary has it
                 seconds = _summary_seconds(run.path / "summary.json", start_step)
@@ -179,14 +200,19 @@ class Loop:
         stopped = _summary_at(run.path / "summary.json", start_step).get("stopped_early") if start_step else None
         hooks = self._hooks(run)
         try:
-            return self._loop(ctx, state, start_step, hooks, stopped)
+            return self._loop(ctx, state, start_step, hooks, stopped, carried)
         finally:
             batches.close()
             run.close()  # flushes TensorBoard and finishes W&B even when the run fails (no-op after the report)
 
     def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook],
-              stopped: str | None = None) -> dict[str, Any]:
+              stopped: str | None = None, carried: list[dict[str, float]] = ()) -> dict[str, Any]:
+        """Rows of train metrics end at steps fixed by the global step alone (multiples of ``log_every_steps`` and of
+        the evaluation interval, the last step), so a resumed run logs the rows and values of an uninterrupted one:
+        a SIGTERM stop between rows saves the steps since the last row with its checkpoint (``carried`` on resume);
+        a hook's early stop ends the run and logs them as its last row."""
         config, s, run = self.config, self.strategy, ctx.run
+        carried = list(carried)
         log_every = config.log_every_steps
         pending: list = []  # device metrics of steps not yet sent to the host
         in_flight: list[tuple[int, list]] = []  # (last step, metrics) being copied to the host
@@ -207,6 +233,8 @@ class Loop:
             while in_flight and in_flight[0][0] <= upto:
                 end, window = in_flight.pop(0)
                 fetched = s.fetch_metrics(window)
+                if carried:
+                    fetched, carried[:] = carried + fetched, []
                 now = time.perf_counter()
                 step_time, last_log = (now - last_log) / len(fetched), now
                 losses = [m["loss"] for m in fetched]
@@ -242,8 +270,9 @@ class Loop:
                 t = spent("preemption_check", t)
                 last = step == s.total_steps
                 due = [h for h in hooks if h.due(step, last)]
-                sync = last or preempted or any(h.name != "profiler" for h in due)
-                if len(pending) >= log_every or sync:
+                row = last or step % log_every == 0 or step % self.eval_every == 0  # the global step's grid
+                sync = row or preempted or any(h.name != "profiler" for h in due)
+                if row:
                     for m in pending:
                         for v in m.values():
                             v.copy_to_host_async()
@@ -259,6 +288,8 @@ class Loop:
                         run.log(step=step, epoch=ctx.epoch, **out)
                     t = spent(f"hook:{hook.name}", t)
                 if preempted:
+                    if pending or carried:  # the steps since the last row go with the checkpoint, not into a row
+                        ctx.metrics.update(_window_metrics(carried + s.fetch_metrics(pending)))
                     save(ctx)  # no-op when the checkpoint hook already saved this step
                     ctx.ckpt.close()
                     run.log(step=step, preempted=True)
@@ -270,6 +301,10 @@ class Loop:
                             "strategy": s, **s.summary_extra()}
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
+                    if pending:  # the run ends here: its last row
+                        in_flight.append((step, pending))
+                        pending = []
+                        flush(step)
                     save(ctx)  # the step it stopped at (no-op when the checkpoint hook saved it): a rerun starts there
                     break
             ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
