@@ -6,9 +6,11 @@ config, opens the lake table, picks the strategy (:func:`lepton_jax.train.choose
 :class:`Loop`. The loop owns resume, logging, NaN/inf handling, hooks, preemption and the final report, once.
 A workdir holds one experiment: rerunning with the same workdir and config resumes from the latest checkpoint
 (every state item, the rng, the step and the Grain iterator position), so a resumed run produces the same
-parameters and metrics as an uninterrupted one. SIGTERM (preemption) at any moment ends the run after the current
-step with that step saved (evaluating first only if an evaluation was due there) and a clean return; with several
-processes all agree on the step.
+parameters and metrics as an uninterrupted one. SIGTERM (preemption) or SIGINT (Ctrl-C) during training ends the
+run after the current step with that step saved (evaluating first only if an evaluation was due there) and a clean
+return (``signal`` names it); with several processes all agree on the step. Before and after the loop (start-up,
+restore, the final report) the CLI's :func:`lepton_jax.signals.raise_on_signals` ends the run with
+:class:`lepton_jax.signals.Interrupted` (``saved_step`` set during the report, which a rerun writes).
 
 Off the critical path: input batches are prepared and placed on devices in a background thread
 (:mod:`lepton_jax.train.prefetch`), logged metrics are copied to the host asynchronously and read one step later,
@@ -36,6 +38,7 @@ from lepton_jax.checkpoint import from_config
 from lepton_jax.data import LakeDataSource
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
+from lepton_jax.signals import Interrupted
 from lepton_jax.train import perf
 from lepton_jax.train.choose import make_strategy
 from lepton_jax.train.hooks import (
@@ -58,28 +61,29 @@ __all__ = ["Hook", "Loop", "Preemption", "RunContext", "train", "train_and_evalu
 
 
 class Preemption:
-    """SIGTERM as a flag the loop reads once per step (:meth:`check`).
+    """SIGTERM (and SIGINT: Ctrl-C) as a flag the loop reads once per step (:meth:`check`); ``signal`` names the one
+    that came.
 
-    One process: a Python SIGTERM handler sets the flag (only where signals can be handled). Several processes:
+    One process: a Python handler sets the flag (only where signals can be handled). Several processes:
     JAX's preemption sync service (``multihost_utils.reached_preemption_sync_point``, on by default with
     ``jax.distributed``) takes the signal on whichever process gets it, agrees in the background on the first step
     every process can still reach, and :meth:`check` turns true on all processes at that same step, with no
     per-step collective. Without that service, a per-step all-gather of the local flag agrees instead."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested, self.signal = False, None
+        self._previous: dict = {}
         self._sync = jax.process_count() > 1 and _preemption_service()
         self.agreement = ("JAX preemption sync" if self._sync else
                           "all-gathered flag" if jax.process_count() > 1 else "one process")
 
     def __enter__(self) -> Preemption:
         if not self._sync and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.requested, self.signal = True, self.signal or signal.Signals(signum).name
 
     def check(self, step: int) -> bool:
         if self._sync:
@@ -90,8 +94,8 @@ class Preemption:
         return flag
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _preemption_service() -> bool:
@@ -294,11 +298,12 @@ class Loop:
                     ctx.ckpt.close()
                     run.log(step=step, preempted=True)
                     run.close()
-                    ctx.say(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+                    name = preemption.signal or "SIGTERM"
+                    ctx.say(f"{name}: saved checkpoint at step {step}; rerun the same command to resume")
                     print(f"lepton_jax: preempted at step {step} (process {jax.process_index()} of "
                           f"{jax.process_count()}; {preemption.agreement})", file=sys.stderr, flush=True)
-                    return {"preempted": True, "steps": step, "history": ctx.history, "final_state": state,
-                            "strategy": s, **s.summary_extra()}
+                    return {"preempted": True, "signal": name, "steps": step, "history": ctx.history,
+                            "final_state": state, "strategy": s, **s.summary_extra()}
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
                     if pending:  # the run ends here: its last row
@@ -308,10 +313,14 @@ class Loop:
                     save(ctx)  # the step it stopped at (no-op when the checkpoint hook saved it): a rerun starts there
                     break
             ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
-        loop_time = {k: round(v, 4) for k, v in clock.items()}
-        run.update_run_info(loop_time_s=loop_time)
-        summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
-            for_summary=True)} if stopped else s.summary_extra(for_summary=True))
+        try:  # the training is saved: a signal from here on ends the run there, and a rerun writes the report
+            loop_time = {k: round(v, 4) for k, v in clock.items()}
+            run.update_run_info(loop_time_s=loop_time)
+            summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **s.summary_extra(
+                for_summary=True)} if stopped else s.summary_extra(for_summary=True))
+        except Interrupted as e:
+            e.saved_step = ctx.step
+            raise
         ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
                 f"{config.checkpoint.best_metric}):\n{result['report_text']}")
         ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "
