@@ -350,13 +350,14 @@ class RunDir:
             self._wandb = None
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drops metric lines logged after ``after_step`` (by a run that died before its next checkpoint); the
-        TensorBoard writer then purges that run's events from ``after_step + 1`` on."""
+        """Drops metric lines logged after ``after_step`` (by a run that died before its next checkpoint) and any
+        summary line; the TensorBoard writer then purges that run's events from ``after_step + 1`` on."""
         if not self.is_writer:
             return
         self._purge_step = after_step + 1
         path = self.path / METRICS_FILE
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= after_step]
+        kept = [r for r in read_metrics(self.path)  # a summary is the end's: a resumed (or rerun) run writes its own
+                if r.get("step", 0) <= after_step and r.get("kind") != "summary"]
         with atomic_write(path) as f:
             f.writelines(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in kept)
 

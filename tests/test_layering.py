@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lepton_jax"
 # lowest first; a module may import its own layer's siblings (without cycles) and any lower layer
 LAYERS = [
-    {"errors", "config", "plugins", "files"},
+    {"errors", "config", "plugins", "files", "signals"},
     {"lake", "tracking"},
     {"data"},
     {"models"},

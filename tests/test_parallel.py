@@ -121,12 +121,26 @@ def test_gradient_accumulation_matches_one_big_batch():
     data_sh = jax.sharding.NamedSharding(mesh, P("data"))
     eight, m8 = jax.jit(make_train_step(graphdef, tx, 4, mesh=mesh), in_shardings=(None, data_sh))(
         create_state(params, tx, 0), batch)
-    for m in (m4, m8):
+    # FSDP over 8 devices: per-device gradients over parameters gathered once, reduced into the shards once
+    from lepton_jax.parallel.build import build
+    from lepton_jax.parallel.rules import state_shardings
+    from lepton_jax.train.edge import _schema
+
+    config = small_config(**{"model.dropout": 0.0, "sharding.rules": "fsdp", "sharding.min_size": 0})
+    fsdp_mesh = make_mesh(mesh_config({"fsdp": -1}))
+    built = build(config, _schema((8, 8, 1), 10), fsdp_mesh)
+    state = create_state(params, tx, 0)
+    state_sh = state_shardings(jax.eval_shape(lambda s: s, state), built.shardings, fsdp_mesh)
+    step = make_train_step(graphdef, tx, 4, mesh=fsdp_mesh, param_specs=built.specs)
+    fsdp, m_fsdp = jax.jit(step, in_shardings=(state_sh, jax.NamedSharding(fsdp_mesh, P("fsdp"))))(state, batch)
+    assert fsdp.params["hidden"]["kernel"].sharding.spec == P("fsdp")  # the update stayed sharded
+    for m in (m4, m8, m_fsdp):
         np.testing.assert_allclose(float(m1["loss"]), float(m["loss"]), rtol=1e-6)
-    for a, b, c in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), jax.tree.leaves(eight.params),
-                       strict=True):
+    for a, b, c, d in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), jax.tree.leaves(eight.params),
+                          jax.tree.leaves(fsdp.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, d, rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_accumulation_reduces_gradients_once_per_step():
@@ -235,3 +249,36 @@ def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
     assert np.isfinite(float(metrics["loss"]))
     logits = nnx.merge(graphdef, new.params)(batch["input"])
     assert logits.dtype == jnp.float32  # heads cast back for a float32 loss
+
+
+@pytest.mark.parametrize("axes, rules", [({"data": 8}, "dp"), ({"fsdp": 8}, "fsdp")])
+def test_gradient_accumulation_has_no_collective_inside_the_micro_batch_loop(axes, rules):
+    """Issue 27: with grad_accum_steps=4, FSDP all-reduced the full gradient inside every micro-batch and data
+    parallel kept two metric all-reduces in the loop. Now no collective runs inside a while body, and the step's
+    collective bytes are those of one step without accumulation (FSDP: one parameter all-gather before the loop and
+    one gradient reduction after it, into the shards)."""
+    from lepton_jax.parallel.comm import collective_bytes, loop_collectives
+    from lepton_jax.train.edge import dp_step_bytes
+
+    config = small_config(**{"model.features": "(4, 8)", "model.hidden": 16, "model.dropout": 0.0})
+    shape = {"example_shape": (8, 8, 1), "num_classes": 10}
+    one = collective_bytes(dp_step_bytes(config, **shape, axes=axes, rules=rules, hlo=True))
+    config.grad_accum_steps = 4
+    text = dp_step_bytes(config, **shape, axes=axes, rules=rules, hlo=True)
+    assert "while" in text and loop_collectives(text) == []
+    assert collective_bytes(text) <= one + 64, (collective_bytes(text), one)  # not 4x: once per step
+
+
+def test_loop_collectives_finds_a_collective_in_a_loop_body():
+    mesh = make_mesh(mesh_config({"data": -1}))
+
+    def f(x):
+        def body(c, _):
+            total = jax.lax.with_sharding_constraint((x * c).sum(0, keepdims=True), jax.NamedSharding(mesh, P()))
+            return c + total, None
+        return jax.lax.scan(body, jnp.ones((1, 4)), None, length=3)[0]
+
+    from lepton_jax.parallel.comm import loop_collectives
+
+    text = jax.jit(f, in_shardings=jax.NamedSharding(mesh, P("data"))).lower(jnp.ones((8, 4))).compile().as_text()
+    assert loop_collectives(text), text[-3000:]

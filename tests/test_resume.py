@@ -86,8 +86,9 @@ def test_sigkill_then_restart_is_bit_identical(uninterrupted, lake_root, tmp_pat
 def test_sigterm_at_many_steps_saves_the_step_it_stops_at(uninterrupted, lake_root, tmp_path):
     """SIGTERM arriving at different points of the loop (plain steps, log-fetch steps, evaluation/checkpoint steps):
     each time the run returns cleanly with the step it stopped at saved and latest; resuming after all of them
-    finishes with the parameters of an uninterrupted run. One compiled strategy serves every restart."""
-    _, reference = uninterrupted
+    finishes with the parameters and the metric history (same rows, same values) of an uninterrupted run. One
+    compiled strategy serves every restart."""
+    reference_dir, reference = uninterrupted
     workdir, strategy = tmp_path / "many", reference["strategy"]
     stops = []
     for target in (1, 3, 7, 9, 12, 15):  # stops land on plain, log-fetch (10) and eval/checkpoint (4, 8, 16) steps
@@ -104,6 +105,7 @@ def test_sigterm_at_many_steps_saves_the_step_it_stops_at(uninterrupted, lake_ro
     resumed = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False, strategy=strategy)
     _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
     assert [r["step"] for r in tracking.read_metrics(workdir) if r.get("preempted")] == stops
+    assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)  # the logging grid did not shift
 
 
 @pytest.mark.slow
@@ -124,6 +126,37 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, lake_root, 
     if step < 38:  # resuming finishes with the same parameters as a run that was never interrupted
         resumed = train_and_evaluate(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False)
         _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+
+
+SIGKILL_AT_STEP = """
+import os, signal, sys
+from lepton_jax.train.loop import Hook, train
+from tests.conftest import small_config
+
+kill = Hook(lambda ctx: os.kill(os.getpid(), signal.SIGKILL) if ctx.step == int(sys.argv[3]) else None, every=1,
+            at_end=False, name="kill")  # user hooks run after the step's rows are logged, before its checkpoint
+train(small_config(num_epochs=2, eval_every_steps=4), sys.argv[1], lake_root=sys.argv[2], progress=False,
+      hooks=[kill])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_leaves_no_duplicate_rows(uninterrupted, lake_root, tmp_path):
+    """SIGKILL at step 4 after its train and eval rows are logged but before its checkpoint (the first) is written:
+    the rerun starts from scratch and its metrics.jsonl equals an uninterrupted run's (it kept the killed run's
+    rows: duplicates)."""
+    reference_dir, reference = uninterrupted
+    assert OVERRIDES == {"num_epochs": 2, "eval_every_steps": 4}  # the script's config
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-c", SIGKILL_AT_STEP, str(workdir), str(lake_root), "4"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert [r["step"] for r in tracking.read_metrics(workdir)] == [4, 4]  # train and eval rows, no checkpoint
+    assert not [p for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    resumed = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False,
+                    strategy=reference["strategy"])
+    _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+    assert _comparable_metrics(workdir) == _comparable_metrics(reference_dir)
 
 
 SIGTERM_DURING_LAST_SAVE = """
@@ -235,3 +268,99 @@ def test_a_checkpoint_without_saved_seconds_takes_them_from_the_finished_runs_su
     assert _summary_seconds(path, 8) is None  # the summary of another step
     path.write_text("{not json")
     assert _summary_seconds(path, 38) is None
+
+
+SIGNAL_SCAN = """
+import contextlib, io, json, os, signal, sys
+import lepton_jax.eval.metrics as eval_metrics
+import lepton_jax.parallel.distributed as distributed
+import lepton_jax.train.loop as loop
+from lepton_jax import cli, config, tracking
+from lepton_jax.checkpoint import Checkpointer
+from lepton_jax.lake import Lake
+from lepton_jax.train.strategy import SyncStrategy
+
+strategies, real_make = {}, loop.make_strategy
+def make_strategy(cfg, *args, **kwargs):  # one compiled strategy for every run of this process (as tests do)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    strategies.setdefault(key, real_make(cfg, *args, **kwargs))
+    return strategies[key]
+loop.make_strategy = make_strategy
+
+def signal_at(owner, name, signum, call=1, when=lambda *a, **k: True):
+    real, calls = getattr(owner, name), [0]
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == call:
+                os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    setattr(owner, name, wrapper)
+    return lambda: setattr(owner, name, real)
+
+T, I = signal.SIGTERM, signal.SIGINT
+moments = [  # (name, owner, attribute, signal, call); in order: the run's state moves on as they come
+    ("config load", config, "load_config", T, 1), ("distributed init", distributed, "initialize", I, 1),
+    ("lake open", Lake, "table", T, 1), ("strategy build", loop, "make_strategy", T, 1),
+    ("run dir start", tracking.RunDir, "start", I, 1), ("state init", SyncStrategy, "init_state", T, 1),
+    ("first step compile", SyncStrategy, "step", T, 1), ("restore", Checkpointer, "restore", T, 1),
+    ("ctrl-c mid-training", SyncStrategy, "step", I, 5), ("report start", loop, "report", T, 1),
+    ("report restore", Checkpointer, "restore_params", I, 1), ("report test eval", eval_metrics, "evaluate_split",
+    T, 1), ("report figure", eval_metrics, "save_confusion_matrix", T, 1),
+    ("report summary", tracking, "write_json_atomic", T, 1), (None, None, None, None, None)]
+argv = ["train", "--config", sys.argv[3], "--workdir", sys.argv[1], "--lake", sys.argv[2], "--no-progress",
+        "--config.num_epochs=2", "--config.eval_every_steps=4"]
+results = []
+for name, owner, attr, signum, call in moments:
+    when = (lambda path, data: str(path).endswith("summary.json")) if attr == "write_json_atomic" else (
+        lambda *a, **k: True)
+    undo = signal_at(owner, attr, signum, call, when) if owner is not None else (lambda: None)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    except BaseException as e:  # a signal that escaped: the scan reports it
+        code = f"escaped {type(e).__name__}"
+    finally:
+        undo()
+    ckpts = sorted(int(p.name) for p in (__import__("pathlib").Path(sys.argv[1]) / "checkpoints").glob("*")
+                   if p.name.isdigit()) if os.path.exists(os.path.join(sys.argv[1], "checkpoints")) else []
+    results.append({"moment": name, "code": code, "stderr": err.getvalue(), "checkpoints": ckpts,
+                    "summary": os.path.exists(os.path.join(sys.argv[1], "summary.json"))})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_at_every_moment_end_cleanly_and_a_rerun_finishes(uninterrupted, lake_root, tmp_path):
+    """Issue 27/28: SIGTERM or SIGINT during start-up (config, distributed init, lake open, strategy build, run dir,
+    state init), the first step's compile, restore, mid-training (Ctrl-C) and each part of the final report. Before
+    training: 143/130 and one line; in the loop: saved at the step, exit 0 (SIGTERM) / 130 (SIGINT); during the
+    report: 0 (SIGTERM) / 130 (SIGINT) with no summary.json, which the next run writes. The last rerun finishes with
+    the uninterrupted run's parameters."""
+    reference_dir, reference = uninterrupted
+    workdir = tmp_path / "scan"
+    out = subprocess.run([sys.executable, "-c", SIGNAL_SCAN, str(workdir), str(lake_root), str(DEFAULT_CONFIG)],
+                         capture_output=True, text=True, timeout=400, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    scan = {r["moment"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])}
+    expected = {"config load": 143, "distributed init": 130, "lake open": 143, "strategy build": 143,
+                "run dir start": 130, "state init": 143, "first step compile": 0, "restore": 143,
+                "ctrl-c mid-training": 130, "report start": 0, "report restore": 130, "report test eval": 0,
+                "report figure": 0, "report summary": 0, None: 0}
+    assert {m: r["code"] for m, r in scan.items()} == expected, scan
+    for moment, r in scan.items():
+        lines = [line for line in r["stderr"].splitlines() if line.strip()]
+        assert len(lines) <= 1 and "Traceback" not in r["stderr"], (moment, r["stderr"][-2000:])
+        assert r["summary"] == (moment is None), (moment, r)  # the report is complete only when it finished
+    assert scan["state init"]["checkpoints"] == []  # nothing existed to save before training started
+    assert scan["first step compile"]["checkpoints"] == [1]  # the signal came during the compile: saved at step 1
+    assert max(scan["ctrl-c mid-training"]["checkpoints"]) == 6  # the 5th step of that run (after step 1)
+    assert "preempted at step 6" in scan["ctrl-c mid-training"]["stderr"]
+    assert max(scan["report start"]["checkpoints"]) == 38
+    assert "training is saved at step 38" in scan["report summary"]["stderr"]
+    resumed = train(small_config(**OVERRIDES), workdir, lake_root=lake_root, progress=False,
+                    strategy=reference["strategy"])  # a finished run: reports again
+    _assert_same_params(resumed["final_state"].params, reference["final_state"].params)
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert [r for r in tracking.read_metrics(workdir) if r["kind"] == "summary"][-1]["steps"] == 38

@@ -68,16 +68,30 @@ def _load_predictor(args: argparse.Namespace):
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from lepton_jax.config import load_config
-    from lepton_jax.parallel.distributed import initialize
-    from lepton_jax.train.loop import train
-    from lepton_jax.train.validate import validate_config
+    """SIGTERM/SIGINT at any moment end the run with at most one line: in the loop, saved at the step (exit 0 for
+    SIGTERM, 130 for SIGINT); before training starts, 143/130; during the final report, 0/130 (a rerun writes it)."""
+    import sys
 
-    config = load_config(args.config, args.overrides)
-    validate_config(config)  # before joining a job or touching devices: one line, exit 2
-    initialize()
-    train(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)  # picks the strategy
-    return 0
+    from lepton_jax.signals import Interrupted, raise_on_signals
+
+    try:
+        with raise_on_signals():  # from before the heavy imports: start-up, restore, compile, the report
+            from lepton_jax.config import load_config
+            from lepton_jax.parallel.distributed import initialize
+            from lepton_jax.train.loop import train
+            from lepton_jax.train.validate import validate_config
+
+            config = load_config(args.config, args.overrides)
+            validate_config(config)  # before joining a job or touching devices: one line, exit 2
+            initialize()
+            out = train(config, args.workdir, lake_root=args.lake, progress=not args.no_progress)  # picks the strategy
+    except Interrupted as e:
+        where = (f"training is saved at step {e.saved_step}; rerun the same command to write the final report"
+                 if e.saved_step is not None else "before training started: nothing new to save; rerun the same "
+                 "command to start (or resume)")
+        print(f"lepton_jax: {e.name}: {where}", file=sys.stderr, flush=True)
+        return e.exit_code
+    return 130 if out.get("signal") == "SIGINT" else 0
 
 
 def launch_command(args: argparse.Namespace) -> int:

@@ -137,6 +137,40 @@ def _collectives(hlo_text: str) -> list[tuple[str, int, int | None]]:
     return out
 
 
+def loop_collectives(hlo_text: str) -> list[str]:
+    """The opcodes of the collectives that run inside a while loop's body or condition (at any depth): a gradient
+    accumulation loop should have none (its reduction belongs after the loop, once per step)."""
+    calls: dict[str, list[str]] = {}
+    loop_roots: set[str] = set()
+    found: list[tuple[str, str]] = []  # (opcode, computation)
+    order: list[str] = []
+    current = ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("(", 1)[0]:
+            current = header.group(1)
+            order.append(current)
+            continue
+        match = _INSTRUCTION.match(line)
+        parts = _split_instruction(match.group(2)) if match else None
+        if parts is None:
+            continue
+        opcode, rest = parts[1], match.group(2)
+        callees = _CALLEE.findall(rest) + [c.strip().lstrip("%") for group in _BRANCHES.findall(rest)
+                                           for c in group.split(",") if c.strip()]
+        calls.setdefault(current, []).extend(callees)
+        if opcode == "while":
+            loop_roots.update(callees)
+        base = opcode.removesuffix("-start")
+        if base in COLLECTIVES and not opcode.endswith("-done"):
+            found.append((base, current))
+    looped = set(loop_roots)
+    for computation in reversed(order):  # callers are printed after their callees: walk from ENTRY down
+        if computation in looped:
+            looped.update(calls.get(computation, []))
+    return [opcode for opcode, computation in found if computation in looped]
+
+
 def collective_breakdown(hlo_text: str) -> list[tuple[str, int]]:
     """``(opcode, operand bytes per device)`` for every collective instruction in ``hlo_text``, in text order, each
     multiplied by the number of times it runs (the trip counts of the loops around it).

@@ -20,6 +20,7 @@ from lepton_jax import tracking
 from lepton_jax.checkpoint import Checkpointer
 from lepton_jax.data import LakeDataSource
 from lepton_jax.eval import metrics as eval_metrics
+from lepton_jax.files import atomic_write
 
 TRAIN_SECONDS = "train_seconds"  # summary.json and checkpoint metrics: see RunContext
 
@@ -179,15 +180,17 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[s
                "best_metric": ctx.config.checkpoint.best_metric, "best_dev_accuracy": best_dev,
                TRAIN_SECONDS: final_seconds(ctx), "steps": ctx.step,
                "data_version": ctx.data_version, **(extra or {})}
-    run.log(**summary)
-    if run.is_writer:
+    if run.is_writer:  # each file atomically, summary.json last: a run stopped in between reports again on a rerun
         out = run.path
-        (out / "report.txt").write_text(result["report_text"])
+        with atomic_write(out / "report.txt") as f:
+            f.write(result["report_text"])
         tracking.write_json_atomic(out / "report.json", {k: result[k] for k in ("accuracy", "report",
                                                                                  "confusion_matrix")})
         eval_metrics.save_confusion_matrix(result["confusion_matrix"], label_names, out / "confusion_matrix.png",
                                            title=f"test split, step {best_step}: accuracy {result['accuracy']:.4f}")
         tracking.write_json_atomic(out / "summary.json", summary)
+    run.log(**summary)
+    if run.is_writer:
         run.update_run_info(finished=True, summary=summary)
         run.log_final(ctx.step, summary, image=out / "confusion_matrix.png")  # TensorBoard / W&B
     run.close()

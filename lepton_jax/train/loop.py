@@ -6,9 +6,11 @@ config, opens the lake table, picks the strategy (:func:`lepton_jax.train.choose
 :class:`Loop`. The loop owns resume, logging, NaN/inf handling, hooks, preemption and the final report, once.
 A workdir holds one experiment: rerunning with the same workdir and config resumes from the latest checkpoint
 (every state item, the rng, the step and the Grain iterator position), so a resumed run produces the same
-parameters and metrics as an uninterrupted one. SIGTERM (preemption) at any moment ends the run after the current
-step with that step saved (evaluating first only if an evaluation was due there) and a clean return; with several
-processes all agree on the step.
+parameters and metrics as an uninterrupted one. SIGTERM (preemption) or SIGINT (Ctrl-C) during training ends the
+run after the current step with that step saved (evaluating first only if an evaluation was due there) and a clean
+return (``signal`` names it); with several processes all agree on the step. Before and after the loop (start-up,
+restore, the final report) the CLI's :func:`lepton_jax.signals.raise_on_signals` ends the run with
+:class:`lepton_jax.signals.Interrupted` (``saved_step`` set during the report, which a rerun writes).
 
 Off the critical path: input batches are prepared and placed on devices in a background thread
 (:mod:`lepton_jax.train.prefetch`), logged metrics are copied to the host asynchronously and read one step later,
@@ -36,6 +38,7 @@ from lepton_jax.checkpoint import from_config
 from lepton_jax.data import LakeDataSource
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
+from lepton_jax.signals import Interrupted
 from lepton_jax.train import init as init_lib
 from lepton_jax.train import perf
 from lepton_jax.train.choose import make_strategy
@@ -59,28 +62,29 @@ __all__ = ["Hook", "Loop", "Preemption", "RunContext", "train", "train_and_evalu
 
 
 class Preemption:
-    """SIGTERM as a flag the loop reads once per step (:meth:`check`).
+    """SIGTERM (and SIGINT: Ctrl-C) as a flag the loop reads once per step (:meth:`check`); ``signal`` names the one
+    that came.
 
-    One process: a Python SIGTERM handler sets the flag (only where signals can be handled). Several processes:
+    One process: a Python handler sets the flag (only where signals can be handled). Several processes:
     JAX's preemption sync service (``multihost_utils.reached_preemption_sync_point``, on by default with
     ``jax.distributed``) takes the signal on whichever process gets it, agrees in the background on the first step
     every process can still reach, and :meth:`check` turns true on all processes at that same step, with no
     per-step collective. Without that service, a per-step all-gather of the local flag agrees instead."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested, self.signal = False, None
+        self._previous: dict = {}
         self._sync = jax.process_count() > 1 and _preemption_service()
         self.agreement = ("JAX preemption sync" if self._sync else
                           "all-gathered flag" if jax.process_count() > 1 else "one process")
 
     def __enter__(self) -> Preemption:
         if not self._sync and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.requested, self.signal = True, self.signal or signal.Signals(signum).name
 
     def check(self, step: int) -> bool:
         if self._sync:
@@ -91,8 +95,8 @@ class Preemption:
         return flag
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _preemption_service() -> bool:
@@ -114,6 +118,24 @@ def _summary_seconds(path: Path, step: int) -> float | None:
     """``train_seconds`` of the summary at ``path`` if it describes a run that ended at ``step``, else None."""
     seconds = _summary_at(path, step).get(TRAIN_SECONDS)
     return float(seconds) if isinstance(seconds, int | float) else None
+
+
+LOG_WINDOW = "log_window"  # checkpoint-metrics prefix of the steps logged since the last row (a SIGTERM stop)
+
+
+def _window_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+    """The host metrics of the steps since the last logged row, flattened into checkpoint metrics."""
+    return {f"{LOG_WINDOW}.{i}.{k}": v for i, m in enumerate(window) for k, v in m.items()}
+
+
+def _window_from(metrics: dict[str, Any] | None) -> list[dict[str, float]]:
+    """The inverse of :func:`_window_metrics` (empty when the checkpoint holds no window)."""
+    window: dict[int, dict[str, float]] = {}
+    for key, value in (metrics or {}).items():
+        if key.startswith(f"{LOG_WINDOW}."):
+            _, index, name = key.split(".", 2)
+            window.setdefault(int(index), {})[name] = value
+    return [window[i] for i in sorted(window)]
 
 
 class Loop:
@@ -167,8 +189,10 @@ class Loop:
                 + ", ".join(f"{k} {len(v)}" for k, v in self.sources.items()) + " examples")
         ctx.say(f"model {config.model.name}: {s.built.num_params:,} parameters; strategy {s.name}; "
                 f"{s.total_steps} steps of batch {config.batch_size}; {s.describe()}")
-        start_step = 0
+        start_step, carried = 0, []
         if ckpt.latest_step() is None:
+            if (run.path / tracking.METRICS_FILE).exists():
+                run.truncate_metrics(after_step=0)  # rows a run killed before its first checkpoint logged
             state = s.init_state(self._initial_params(ctx))
         else:  # same workdir, same config: continue where the last run stopped
             if earlier and earlier != self.lineage:  # its parent, even if the reference now names another version
@@ -180,6 +204,7 @@ class Loop:
             start_step = int(jax.device_get(state.step))
             run.truncate_metrics(after_step=start_step)  # lines a killed run logged after its last checkpoint
             run.log(step=start_step, resumed_from_step=start_step)
+            carried = _window_from(ckpt.metrics(start_step))  # steps a SIGTERM stop saved but had not logged
             seconds = (ckpt.metrics(start_step) or {}).get(TRAIN_SECONDS)
             if seconds is None:  # a checkpoint from before the count was saved: a finished run's summary has it
                 seconds = _summary_seconds(run.path / "summary.json", start_step)
@@ -190,14 +215,19 @@ class Loop:
         stopped = _summary_at(run.path / "summary.json", start_step).get("stopped_early") if start_step else None
         hooks = self._hooks(run)
         try:
-            return self._loop(ctx, state, start_step, hooks, stopped)
+            return self._loop(ctx, state, start_step, hooks, stopped, carried)
         finally:
             batches.close()
             run.close()  # flushes TensorBoard and finishes W&B even when the run fails (no-op after the report)
 
     def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook],
-              stopped: str | None = None) -> dict[str, Any]:
+              stopped: str | None = None, carried: list[dict[str, float]] = ()) -> dict[str, Any]:
+        """Rows of train metrics end at steps fixed by the global step alone (multiples of ``log_every_steps`` and of
+        the evaluation interval, the last step), so a resumed run logs the rows and values of an uninterrupted one:
+        a SIGTERM stop between rows saves the steps since the last row with its checkpoint (``carried`` on resume);
+        a hook's early stop ends the run and logs them as its last row."""
         config, s, run = self.config, self.strategy, ctx.run
+        carried = list(carried)
         log_every = config.log_every_steps
         pending: list = []  # device metrics of steps not yet sent to the host
         in_flight: list[tuple[int, list]] = []  # (last step, metrics) being copied to the host
@@ -218,6 +248,8 @@ class Loop:
             while in_flight and in_flight[0][0] <= upto:
                 end, window = in_flight.pop(0)
                 fetched = s.fetch_metrics(window)
+                if carried:
+                    fetched, carried[:] = carried + fetched, []
                 now = time.perf_counter()
                 step_time, last_log = (now - last_log) / len(fetched), now
                 losses = [m["loss"] for m in fetched]
@@ -253,8 +285,9 @@ class Loop:
                 t = spent("preemption_check", t)
                 last = step == s.total_steps
                 due = [h for h in hooks if h.due(step, last)]
-                sync = last or preempted or any(h.name != "profiler" for h in due)
-                if len(pending) >= log_every or sync:
+                row = last or step % log_every == 0 or step % self.eval_every == 0  # the global step's grid
+                sync = row or preempted or any(h.name != "profiler" for h in due)
+                if row:
                     for m in pending:
                         for v in m.values():
                             v.copy_to_host_async()
@@ -270,24 +303,36 @@ class Loop:
                         run.log(step=step, epoch=ctx.epoch, **out)
                     t = spent(f"hook:{hook.name}", t)
                 if preempted:
+                    if pending or carried:  # the steps since the last row go with the checkpoint, not into a row
+                        ctx.metrics.update(_window_metrics(carried + s.fetch_metrics(pending)))
                     save(ctx)  # no-op when the checkpoint hook already saved this step
                     ctx.ckpt.close()
                     run.log(step=step, preempted=True)
                     run.close()
-                    ctx.say(f"SIGTERM: saved checkpoint at step {step}; rerun the same command to resume")
+                    name = preemption.signal or "SIGTERM"
+                    ctx.say(f"{name}: saved checkpoint at step {step}; rerun the same command to resume")
                     print(f"lepton_jax: preempted at step {step} (process {jax.process_index()} of "
                           f"{jax.process_count()}; {preemption.agreement})", file=sys.stderr, flush=True)
-                    return {"preempted": True, "steps": step, "history": ctx.history, "final_state": state,
-                            "strategy": s, **s.summary_extra()}
+                    return {"preempted": True, "signal": name, "steps": step, "history": ctx.history,
+                            "final_state": state, "strategy": s, **s.summary_extra()}
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
+                    if pending:  # the run ends here: its last row
+                        in_flight.append((step, pending))
+                        pending = []
+                        flush(step)
                     save(ctx)  # the step it stopped at (no-op when the checkpoint hook saved it): a rerun starts there
                     break
             ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
-        loop_time = {k: round(v, 4) for k, v in clock.items()}
-        run.update_run_info(loop_time_s=loop_time)
-        extra = {"lineage": self.lineage, **s.summary_extra(for_summary=True)}
-        summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **extra} if stopped else extra)
+        try:  # the training is saved: a signal from here on ends the run there, and a rerun writes the report
+            loop_time = {k: round(v, 4) for k, v in clock.items()}
+            run.update_run_info(loop_time_s=loop_time)
+            extra = {"lineage": self.lineage, **s.summary_extra(for_summary=True)}
+            summary, best_params, result = report(ctx, extra={"stopped_early": stopped, **extra} if stopped
+                                                  else extra)
+        except Interrupted as e:
+            e.saved_step = ctx.step
+            raise
         ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
                 f"{config.checkpoint.best_metric}):\n{result['report_text']}")
         ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "

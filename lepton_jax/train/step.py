@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.functional import cross_entropy, make_apply, make_predict
+from lepton_jax.parallel.mesh import batch_axes, data_parallel_size
 from lepton_jax.train.state import TrainState
 
 __all__ = ["build_train_step", "cross_entropy", "make_apply", "make_predict", "make_train_step",
@@ -32,19 +33,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     With ``grad_accum_steps`` k > 1 the batch is processed as k micro-batches in a ``lax.scan`` (rows i, i+k,
     i+2k, ... form micro-batch i, so no rows move between devices) and the mean gradient is applied once. On a
-    data-parallel ``mesh`` (parameters replicated, a ``data`` axis of size G > 1) each device accumulates the
-    gradient of its own rows *unreduced* (``shard_map``), so the cross-device reduction happens once per step,
-    after the scan, not once per micro-batch. Device g's dropout key is ``fold_in(micro-batch key, g)``: with
-    dropout, accumulated steps then depend on G (without dropout they do not). With sharded parameters (FSDP,
-    tensor) the partitioner reduces (reduce-scatters) each micro-batch's gradient, as ZeRO-style FSDP does."""
+    ``mesh`` whose axes of size > 1 are all batch axes (``data``, ``fsdp``: G devices, G > 1; parameters
+    replicated or FSDP-sharded) each device accumulates the gradient of its own rows *unreduced* (``shard_map``,
+    over parameters gathered once before the loop), so the cross-device reduction (FSDP: into the parameters'
+    shards) and the metric means happen once per step, after the scan: no collective inside the micro-batch loop.
+    Device g's dropout key is ``fold_in(micro-batch key, g)``: with dropout, accumulated steps then depend on G
+    (without dropout they do not). With tensor-parallel parameters the partitioner reduces each micro-batch's
+    gradient."""
     apply = make_apply(graphdef)
-    # pure data parallelism (every mesh axis of size > 1 is `data`, parameters replicated): accumulate per-device
-    # gradients inside shard_map and reduce once after the loop
-    replicated = param_specs is None or all(s == P() for s in jax.tree.leaves(param_specs,
-                                                                               is_leaf=lambda x: isinstance(x, P)))
-    pure_dp = (mesh is not None and grad_accum_steps > 1 and replicated
-               and all(n == 1 or a == DATA for a, n in mesh.shape.items()) and mesh.shape.get(DATA, 1) > 1)
-    groups = mesh.shape[DATA] if pure_dp else 1
+    # every mesh axis of size > 1 a batch axis (data parallel, FSDP): accumulate per-device gradients inside
+    # shard_map and reduce once after the loop
+    axes = batch_axes(mesh) if mesh is not None else ()
+    local = (mesh is not None and grad_accum_steps > 1 and all(n == 1 or a in axes for a, n in mesh.shape.items())
+             and data_parallel_size(mesh) > 1)
+    groups = data_parallel_size(mesh) if local else 1
 
     def loss_fn(params, batch: Batch, key: jax.Array):
         logits = apply(params, batch[INPUT], train=True, rngs=key)
@@ -52,18 +54,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     local_grads = None
-    if pure_dp:
+    if local:
         from lepton_jax.parallel.edge import shard_map
 
-        def local(params, mb, micro_key):
-            (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(micro_key, jax.lax.axis_index(DATA)))
+        def device_grads(params, mb, micro_key):
+            (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(micro_key, jax.lax.axis_index(axes)))
             accuracy = jnp.mean(jnp.argmax(logits, -1) == mb[LABEL])
             return loss[None], accuracy[None], jax.tree.map(lambda x: x[None], grads)
 
         # check=False: the gradient of the replicated params stays per-device (with replication checking, JAX would
         # insert a psum for it here, i.e. inside the micro-batch loop)
-        local_grads = shard_map(local, mesh=mesh, in_specs=(P(), P(DATA), P()), out_specs=(P(DATA), P(DATA), P(DATA)),
-                                check=False)
+        local_grads = shard_map(device_grads, mesh=mesh, in_specs=(P(), P(axes), P()),
+                                out_specs=(P(axes), P(axes), P(axes)), check=False)
 
     def gradients(params, batch: Batch, key: jax.Array):
         if grad_accum_steps == 1:
@@ -82,14 +84,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
             total, (losses, accuracies) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
             return losses.mean(), accuracies.mean(), jax.tree.map(lambda t: t / k, total)
 
-        def body(total, inputs):  # per-device gradients, unreduced: no collective inside the loop
+        full = jax.lax.with_sharding_constraint(params, NamedSharding(mesh, P()))  # FSDP: one all-gather, here
+
+        def body(total, inputs):  # per-device gradients and metrics, unreduced: no collective inside the loop
             index, mb = inputs
-            loss, accuracy, grads = local_grads(params, mb, jax.random.fold_in(key, index))
-            return jax.tree.map(jnp.add, total, grads), (loss.mean(), accuracy.mean())
+            loss, accuracy, grads = local_grads(full, mb, jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, total, grads), (loss, accuracy)
 
         zeros = jax.tree.map(lambda x: jnp.zeros((groups, *x.shape), x.dtype), params)
         total, (losses, accuracies) = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-        return losses.mean(), accuracies.mean(), jax.tree.map(lambda t: t.sum(0) / (k * groups), total)
+        grads = jax.tree.map(lambda t: t.sum(0) / (k * groups), total)
+        if param_specs is not None:  # reduced straight into each parameter's layout (FSDP: a reduce-scatter)
+            grads = jax.tree.map(lambda g, spec: jax.lax.with_sharding_constraint(g, NamedSharding(mesh, spec)),
+                                 grads, param_specs, is_leaf=lambda x: isinstance(x, P))
+        return losses.mean(), accuracies.mean(), grads
 
     def train_step(state: TrainState, batch: Batch):
         key = jax.random.fold_in(state.rng, state.step)
