@@ -137,7 +137,7 @@ def test_parameter_groups_on_an_fsdp_mesh_keep_each_parameters_sharding(lake_roo
     """Optimizer state of the grouped (multi_transform) optimizer follows its parameter's sharding, and a sharded
     step on 8 devices leaves the frozen leaves bit-identical."""
     from lepton_jax.data import LakeDataSource
-    from lepton_jax.train.strategy import make_strategy
+    from lepton_jax.train.choose import make_strategy
 
     config = small_config(**{"mesh.axes": "{'fsdp': -1}", "sharding.rules": "fsdp", "optim.warmup_steps": 0,
                              "optim.freeze": "('hidden/.*',)", "optim.lr_multipliers": "(('convs/.*', 0.1),)"})
