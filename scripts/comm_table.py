@@ -1,6 +1,6 @@
 """Collective bytes per train step under each sharding layout, measured on the compiled program.
 
-    .venv/bin/python scripts/comm_table.py [--config configs/digits_resnet.py] [--devices 8]
+    .venv/bin/python scripts/comm_table.py [--config configs/digits_resnet.py] [--devices 8] [--grad-accum 4]
 
 For one synchronous train step of ``--config`` on ``--devices`` simulated CPU devices (set before JAX starts), prints
 per layout: the payload bytes per device (operand bytes of every collective, lepton_jax.parallel.comm), the bytes a
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "digits_resnet.py"))
     parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=1, help="grad_accum_steps (micro-batches per step)")
     args = parser.parse_args(argv)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from lepton_jax.parallel.comm import wire_breakdown
     from lepton_jax.train.edge import dp_step_bytes
 
-    config = load_config(args.config)
+    config = load_config(args.config, [f"grad_accum_steps={args.grad_accum}"])
     sharding_rules.PRESETS.setdefault("fsdp_tp_conv_over_tensor", tuple(CONV_OVER_TENSOR))  # this run only
     n = args.devices
     layouts = [("data parallel", {"data": n}, "dp"), ("FSDP", {"fsdp": n}, "fsdp"),
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                ("fsdp_tp, convs also over tensor (before)", {"fsdp": n // 2, "tensor": 2},
                 "fsdp_tp_conv_over_tensor")]
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"{config.model.name} ({args.config}), global batch {config.batch_size}, {n} CPU devices x 1 process, "
+    print(f"{config.model.name} ({args.config}), global batch {config.batch_size} in {config.grad_accum_steps} "
+          f"micro-batch(es), {n} CPU devices x 1 process, "
           f"jax {jax.__version__}; sharding.min_size {config.sharding.min_size}")
     print("| layout | mesh | payload bytes/step | ring wire bytes/step | collectives | payload ÷ DP | wire ÷ DP |")
     print("|---|---|---:|---:|---|---:|---:|")
