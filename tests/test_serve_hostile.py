@@ -414,6 +414,8 @@ def test_a_signal_at_any_moment_of_start_up_exits_promptly_and_quietly(trained_r
         finally:
             for _, proc, _, _ in runs:
                 kill_group(proc)
+    print("\n".join(f"delay {d:5.2f} s {s:7s} group={g!s:5s} status {st} after {t:.2f} s"
+                    for d, s, g, st, t, _ in results))  # with -s: the scan
     expected = {"SIGINT": 130, "SIGTERM": 143}
     bad = [r for r in results if r[3] not in (0, expected[r[1]]) or len(r[5].strip().splitlines()) > 1
            or r[4] >= EXIT_S
