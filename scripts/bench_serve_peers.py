@@ -1,7 +1,8 @@
 """Peer benchmark: lepton's server (batched, unbatched) against LitServe serving the same checkpoint, at c=32.
 
     pip install -e '.[bench-serve]'       # litserve 0.2.19: a benchmark extra, never a runtime dependency
-    .venv/bin/python scripts/bench_serve_peers.py [--workdir runs/digits_cnn] [--requests 5000] [--repeats 5]
+    .venv/bin/python scripts/bench_serve_peers.py [--workdir runs/digits_cnn] [--requests 5000] [--repeats 5] \
+        [--out results/bench_serve_peers.json]   # the runs and ratios as JSON, for docs/numbers.toml
 
 Without --workdir it trains a short run (as ``bench_serve.py`` does). Three servers run as separate processes, all
 pinned with ``sched_setaffinity`` to one CPU while the load generator runs on another (when there are two or more):
@@ -41,6 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_serve  # noqa: E402  (the sibling script: servers, load runs, summaries)
+
+from lepton_jax.tracking import write_json_atomic  # noqa: E402
 
 PEERS = {"batched": "lepton, dynamic batching (max 32, 2 ms)", "unbatched": "lepton, no batching (max 1)",
          "litserve": "LitServe 0.2.19, batching (max 32, 2 ms)"}
@@ -159,6 +162,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats")
     parser.add_argument("--gzip-repeats", type=int, default=5, help="repeats of the gzip head-of-line check (0: skip)")
     parser.add_argument("--hol-requests", type=int, default=300, help="1-row requests per head-of-line run")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the runs and ratios as JSON here (e.g. results/bench_serve_peers.json)")
     parser.add_argument("--serve", choices=["litserve"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -191,6 +196,7 @@ def main() -> None:
                 wait_ready(mode, port, proc)
             if client_cpus:
                 os.sched_setaffinity(0, client_cpus)
+            load_at_start = os.getloadavg()
             print(f"layout: 1 process per server, 1 model worker on 1 CPU device; servers pinned to CPU "
                   f"{sorted(server_cpus) if server_cpus else 'any'}, load generator to CPU "
                   f"{sorted(client_cpus) if client_cpus else 'any'} of {len(cpus)} visible; "
@@ -219,6 +225,7 @@ def main() -> None:
         print(f"{mode:10s} {summary([r['rps'] for r in runs], '{:.0f}'):>22s} {summary([r['p50'] for r in runs]):>18s} "
               f"{summary([r['p99'] for r in runs]):>18s} {summary([r['server_cpu_ms'] for r in runs], '{:.3f}'):>20s} "
               f"{summary([r['client_cpu_ms'] for r in runs], '{:.3f}'):>20s}   {PEERS[mode]}")
+    ratios: dict[str, dict[str, float | list[float]]] = {}
     for mode in ("batched", "unbatched"):
         rps = [a["rps"] / b["rps"] for a, b in zip(results[mode], results["litserve"], strict=True)]
         p99 = [a["p99"] / b["p99"] for a, b in zip(results[mode], results["litserve"], strict=True)]
@@ -226,12 +233,37 @@ def main() -> None:
                                                                          strict=True)]
         print(f"{mode} / litserve: req/s {summary(rps, '{:.2f}')}x, p99 {summary(p99, '{:.2f}')}x, server CPU per "
               f"request {summary(cpu, '{:.2f}')}x")
+        ratios[f"{mode}_over_litserve"] = {"rps_median": float(np.median(rps)), "p99_median": float(np.median(p99)),
+                                           "server_cpu_median": float(np.median(cpu)), "rps": rps, "p99": p99,
+                                           "server_cpu": cpu}
     if hol[True]:
         ratio = [b["p99"] / a["p99"] for a, b in zip(hol[False], hol[True], strict=True)]
         print(f"\ngzip head-of-line (batched, 1-row requests at c=1, {args.hol_requests} per run, {args.gzip_repeats} "
               f"interleaved repeats): p99 alone {summary([h['p99'] for h in hol[False]])} ms, while two clients send "
               f"gzip bodies {summary([h['p99'] for h in hol[True]])} ms ({sum(h['large_ok'] for h in hol[True])} "
               f"answered 200); loaded / alone p99 {summary(ratio, '{:.2f}')}x")
+        ratios["gzip_loaded_over_alone_p99"] = {"median": float(np.median(ratio)), "per_repeat": ratio}
+    if args.out is not None:
+        write_json_atomic(args.out, {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "git_revision": git_revision(),
+            "load_average_start": load_at_start, "load_average_end": os.getloadavg(), "cpus_visible": len(cpus),
+            "server_cpus": sorted(server_cpus) if server_cpus else None,
+            "client_cpus": sorted(client_cpus) if client_cpus else None,
+            "requests": args.requests, "concurrency": args.concurrency, "repeats": args.repeats,
+            "hol_requests": args.hol_requests, "gzip_repeats": args.gzip_repeats, "servers": PEERS,
+            "runs": results, "gzip_head_of_line": {"alone": hol[False], "loaded": hol[True]}, "ratios": ratios})
+        print(f"wrote {args.out}")
+
+
+def git_revision() -> str:
+    """The checkout's commit (with -dirty for uncommitted changes), or "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
 #                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | loop | lake |
-#                                          ingest | ingest_small | serve | serve_ray (timings: run these on an idle machine)
+#                                          ingest | ingest_small | serve | serve_ray | serve_peers (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make .venv/.installed >/dev/null
@@ -123,6 +123,15 @@ if step serve; then
   echo "== serving benchmark (docs/serving.md)"
   $PY scripts/bench_serve.py | tee results/bench_serve.txt
   $PY scripts/serve_cost.py --workdir results/digits_cnn | tee results/serve_cost.txt
+fi
+if step serve_peers; then
+  echo "== peer benchmark against LitServe and the gzip head-of-line check (README, docs/serving.md, issue 26)"
+  if $PY -c 'import litserve' 2>/dev/null; then
+    $PY scripts/bench_serve_peers.py --out results/bench_serve_peers.json | tee results/bench_serve_peers.txt
+  else
+    echo "skipped: needs the bench-serve extra (.venv/bin/pip install -e '.[bench-serve]')"
+    [ -z "$ONLY" ] || exit 1
+  fi
 fi
 if step serve_ray; then
   echo "== serving benchmark with Ray Serve, 2 replicas (README, docs/serving.md; slow: starts Ray)"

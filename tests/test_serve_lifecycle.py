@@ -268,7 +268,8 @@ def test_a_force_quit_during_the_lifespan_shutdown_changes_nothing(trained_run):
     second lifespan shutdown, no "force quit" warning; and a codec pool already shut down answers 503, not 500."""
     import uvicorn
 
-    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, _submit, graceful_uvicorn
+    from lepton_jax.serve.codec_pool import submit
+    from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel, graceful_uvicorn
 
     server = ModelServer([ServedModel.from_workdir(trained_run[0], name="digits")],
                          ServeConfig(codec_processes=0, warm_up_on_startup=False))
@@ -298,7 +299,7 @@ def test_a_force_quit_during_the_lifespan_shutdown_changes_nothing(trained_run):
         from lepton_jax.serve.kserve import RequestError
 
         with pytest.raises(RequestError) as refused:  # the lifespan shut the codec pool down
-            await _submit(server._pool, sum, [1])
+            await submit(server._pool, sum, [1])
         assert refused.value.status == 503
 
     asyncio.run(main())
@@ -310,7 +311,7 @@ import asyncio, multiprocessing, os, signal, time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import resource_tracker
 
-from lepton_jax.serve.server import _submit
+from lepton_jax.serve.codec_pool import submit
 
 
 def signals_blocked_at_start(_):  # no initializer here: the mask the worker process started with
@@ -323,7 +324,7 @@ async def main():
     resource_tracker.ensure_running()
     os.kill(resource_tracker._resource_tracker._pid, signal.SIGKILL)  # as the OOM killer might
     time.sleep(0.2)
-    print(await _submit(pool, signals_blocked_at_start, 0))
+    print(await submit(pool, signals_blocked_at_start, 0))
     pool.shutdown()
 
 

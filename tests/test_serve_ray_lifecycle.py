@@ -2,6 +2,7 @@
 no Ray process outlives the command, the HTTP proxy listens on the given address only and the dashboard is off."""
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -50,11 +51,18 @@ def listeners(pids: list[int]) -> set[tuple[str, int, str]]:
     return out
 
 
+def loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 too
+
+
 @pytest.mark.slow
 def test_ray_backend_sigterm_stops_in_order_and_leaves_nothing_behind(trained_run, tmp_path):
     """SIGTERM (what Kubernetes, systemd and docker send): exit 0 after serve.shutdown() and ray.shutdown(), no
-    process of the run left 10 s later, the HTTP proxy on 127.0.0.1 only, no dashboard (the old code aborted: rc -6,
-    leaving Ray's agents behind)."""
+    process of the run left 10 s later, no dashboard, and nothing the run starts -- the HTTP proxy, Ray's GCS, raylet,
+    workers, agents -- listens beyond loopback except the one server Ray hard-codes to all interfaces (the old code
+    aborted: rc -6, leaving Ray's agents behind; before the CLI ran Ray as one machine, its gRPC servers bound
+    0.0.0.0/:: and its agents the machine's address)."""
     sig = signal.SIGTERM
     pytest.importorskip("ray")
     registry = Registry(tmp_path / "lake")
@@ -106,8 +114,12 @@ def test_ray_backend_sigterm_stops_in_order_and_leaves_nothing_behind(trained_ru
     assert status == 0, (status, text[-3000:])
     assert not survivors, [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:120]) for pid in survivors
                            if Path(f"/proc/{pid}").exists()]
-    # the HTTP proxy on the address given, no dashboard (8265). Ray's own gRPC servers (GCS, raylet, workers, agents)
-    # still bind all interfaces: Ray 2.60 has no option for that (docs/serving.md)
-    assert {ip for ip, p, _ in listening if p == port} == {"127.0.0.1"}, sorted(listening)
+    assert {ip for ip, p, _ in listening if p == port} == {"127.0.0.1"}, sorted(listening)  # the HTTP proxy
+    # everything loopback but one listener Ray cannot bind there: each Serve replica's inter-deployment gRPC server,
+    # bound to "[::]:0" unconditionally (ray/serve/_private/replica.py, Ray 2.60: `add_port_to_grpc_server(self._server,
+    # "[::]:0")`); before the CLI ran Ray as one machine, its GCS, raylet, workers and agents were exposed too
+    exposed = [entry for entry in listening if not loopback(entry[0])]
+    assert len(listening) > 3 and len(exposed) <= 1, sorted(listening)  # one replica
+    assert all(name.startswith("ray::ServeReplica") for _, _, name in exposed), sorted(listening)
     assert not [entry for entry in listening if entry[1] == 8265], sorted(listening)
     assert f"{sig.name}: shutting down" in text and "stopping Ray Serve and the local Ray" in text, text[-3000:]

@@ -337,6 +337,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend == "ray" and (args.canary or args.shadow):
         raise LeptonError("--canary and --shadow need --backend uvicorn (docs/serving.md, 'Following a stage')")
     if args.backend == "ray":
+        if args.ray_address is None and args.host in ("127.0.0.1", "localhost", "::1"):  # set before ray's import
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's one-machine mode: all loopback
         from lepton_jax.serve.ray_serve import run_ray
 
         run_ray(args.lake, args.model, config, host=args.host, port=args.port, address=args.ray_address,

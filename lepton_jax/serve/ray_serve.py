@@ -116,15 +116,23 @@ def run_ray(lake_root: str | Path, refs: Sequence[str], config: ServeConfig, *, 
 
     A signal during start-up (Ray starting, replicas loading and compiling) stops it there, in the same order; a
     further one while shutting down is ignored (stopping half-way would orphan Ray's processes). A local Ray for a
-    loopback ``host`` runs on 127.0.0.1 without its dashboard, so nothing it starts listens beyond this machine.
+    loopback ``host`` runs on 127.0.0.1 without its dashboard, so nothing it starts listens beyond this machine
+    (with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` in the environment before ray is imported, as the CLI sets it).
     """
     import ray
+    from ray._private import ray_constants
 
     stop = _Stop()
     local = address is None
     options: dict[str, Any] = {"include_dashboard": False}
     if local and host in ("127.0.0.1", "localhost", "::1"):
-        options["_node_ip_address"] = "127.0.0.1"  # the raylet, object store and Ray's agents bind loopback
+        # Ray's GCS, raylet, workers and agents bind loopback only when the node address is 127.0.0.1, and ray.init
+        # turns a 127.0.0.1 `_node_ip_address` into the machine's address unless Ray runs as one machine
+        # (ray/_private/services.py: resolve_ip_for_localhost -> get_node_ip_address), which it reads once on import
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("Ray's processes will listen on this machine's address, not only on %s: set "
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before ray is imported (the CLI does)", host)
+        options["_node_ip_address"] = "127.0.0.1"
     previous = {sig: signal.signal(sig, stop.handle) for sig in _SIGNALS}
     try:
         try:

@@ -29,14 +29,12 @@ import gc
 import hmac
 import logging
 import math
-import multiprocessing
-import os
 import re
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from types import FrameType
 from typing import Any
@@ -49,13 +47,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from lepton_jax.serve.batcher import DrainingError, QueueFullError
+from lepton_jax.serve.codec_pool import codec_pool, encode_in_worker, signals_blocked, submit
 from lepton_jax.serve.http_limits import read_body, uvicorn_config
 from lepton_jax.serve.kserve import (
     HEADER_LENGTH,
     JSON_HEADERS,
-    InferRequest,
     RequestError,
-    Tensor,
     decode_rows,
     encode_response,
     error_body,
@@ -87,6 +84,7 @@ class ModelServer:
         self._ready = threading.Event()
         self._draining = self._abandoned = False
         self._shutting_down = threading.Event()  # the lifespan shutdown has begun
+        self._stop_warm_up = threading.Event()  # set by the first signal: a compile in progress is the last one
         self._pool: Executor = self._codec_pool()
         self.accepted = self.answered = 0
         self.freeze_gc_after_warm_up = False  # a process-wide setting: only where the server owns the process
@@ -113,6 +111,7 @@ class ModelServer:
 
     def begin_drain(self) -> None:
         """Readiness turns 503 "draining" and responses carry ``Connection: close``; requests are still served."""
+        self._stop_warm_up.set()
         if not self._draining:
             self._draining = True
             self.metrics.ready.set(0)
@@ -162,7 +161,7 @@ class ModelServer:
         """Compiles every batch bucket on every replica, then marks the server ready (blocking; thread-safe). A
         shutdown meanwhile stops it after the compile in progress (XLA's cannot be interrupted)."""
         start = time.perf_counter()
-        if not self.lifecycle.warm_up(self._shutting_down):
+        if not self.lifecycle.warm_up(self._stop_warm_up):
             log.info("warm-up stopped by the shutdown after %.1f s", time.perf_counter() - start)
             return
         if self.freeze_gc_after_warm_up:  # the process is ours (run_server, a Ray replica): no 100 ms gc pauses
@@ -179,7 +178,7 @@ class ModelServer:
         self.lifecycle.start()  # batchers, drift tasks, and (with follow) the stage followers
         try:  # start every codec worker before traffic (each spawns on demand; one task each while none is idle)
             loop = asyncio.get_running_loop()
-            with _signals_blocked():  # each submit starts a worker here, with this thread's signal mask
+            with signals_blocked():  # each submit starts a worker here, with this thread's signal mask
                 starting = [loop.run_in_executor(self._pool, math.prod, (1,))
                             for _ in range(max(1, self.config.codec_processes))]
             await asyncio.gather(*starting)
@@ -289,7 +288,7 @@ class ModelServer:
                 raise RequestError(503, "unavailable", str(e)) from e
             if rows.shape[0] > 256:
                 content, out_headers = await self._offload(functools.partial(
-                    _encode_in_worker, model_name=dep.model.name, model_version=dep.model.version),
+                    encode_in_worker, model_name=dep.model.name, model_version=dep.model.version),
                     decoded, dep.model.outputs(probabilities))
             else:
                 content, out_headers = encode_response(decoded, dep.model.outputs(probabilities),
@@ -329,22 +328,19 @@ class ModelServer:
 
     def _codec_pool(self) -> Executor:
         """The codec worker processes (``codec_processes``; threads when 0)."""
-        if self.config.codec_processes > 0:  # spawn: forking a process that runs jax threads is unsafe
-            return ProcessPoolExecutor(self.config.codec_processes, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_codec_worker_init, initargs=(self.config.codec_niceness,))
-        return ThreadPoolExecutor(max_workers=2, thread_name_prefix="kserve-codec")
+        return codec_pool(self.config.codec_processes, self.config.codec_niceness)
 
     async def _offload(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the codec worker pool (large bodies; small ones are cheaper inline)."""
         pool = self._pool
         try:
-            return await _submit(pool, fn, *args)
+            return await submit(pool, fn, *args)
         except BrokenProcessPool:  # a worker died (killed, out of memory): a fresh pool, and this request once more
             if self._pool is pool:
                 log.warning("a codec worker process died; starting new ones")
                 self._pool = self._codec_pool()
                 pool.shutdown(wait=False, cancel_futures=True)
-            return await _submit(self._pool, fn, *args)
+            return await submit(self._pool, fn, *args)
 
     def _resolve(self, request: Request) -> _Deployment:
         """Auth, then the deployment named (and versioned) in the path, or a 401/404."""
@@ -400,13 +396,6 @@ class ModelServer:
         return self._error(RequestError(500, "internal", f"internal error: {type(exc).__name__}"))
 
 
-def _encode_in_worker(request: InferRequest, outputs: list[Tensor], *, model_name: str,
-                      model_version: str) -> tuple[bytes, dict[str, str]]:
-    """:func:`encode_response` for a codec worker process: its headers as a plain (picklable) dict."""
-    content, headers = encode_response(request, outputs, model_name=model_name, model_version=model_version)
-    return content, dict(headers)
-
-
 def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> Any:
     """A ``uvicorn.Server`` with a drain phase: the first SIGTERM/SIGINT starts it, the grace period ends it.
 
@@ -428,9 +417,10 @@ def graceful_uvicorn(config: Any, model_server: ModelServer, grace_s: float) -> 
                 if sig == signal.SIGINT and not self.force_exit:
                     log.warning("%s: not waiting for in-flight requests any more", name)
                     self.force_exit = True
-            elif model_server.draining or grace_s <= 0:
+            elif model_server.draining or grace_s <= 0 or not model_server._ready.is_set():  # never ready: no grace
                 if model_server.draining:
                     log.info("%s: ending the grace period now", name)
+                model_server.begin_drain()  # and the warm-up stops after the compile in progress
                 self.should_exit = True
             else:
                 log.info("%s: serving on for %.1f s while readiness answers 503", name, grace_s)
@@ -481,41 +471,3 @@ def run_server(server: ModelServer, *, host: str = "127.0.0.1", port: int = 8000
     graceful_uvicorn(config, server, server.config.drain_grace_s).run()
 
 
-def _submit(pool: Executor, fn: Any, *args: Any) -> asyncio.Future:
-    """``fn(*args)`` submitted to ``pool`` (a submit may start a worker: with SIGINT/SIGTERM blocked); a pool shut
-    down by the server's stopping answers 503."""
-    with _signals_blocked():
-        try:
-            return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-        except BrokenProcessPool:  # a RuntimeError too: the caller replaces the pool
-            raise
-        except RuntimeError as e:  # "cannot schedule new futures after shutdown"
-            raise RequestError(503, "unavailable", "the server is shutting down") from e
-
-
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    """SIGINT and SIGTERM blocked in this thread meanwhile. A codec worker started here inherits the mask, so a
-    Ctrl-C to the process group cannot interrupt its imports (a traceback, a pool that never starts) before its
-    initializer ignores both; this process handles such a signal once they are unblocked."""
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()  # (re)start it first: starting it unblocks both signals, undoing ours
-    signals = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _codec_worker_init(niceness: int) -> None:
-    """Codec worker start-up: ignore SIGINT and SIGTERM (a terminal's Ctrl-C, or a SIGTERM to the process group,
-    reaches the workers too, but the server owns shutdown: it drains, then stops its workers), then unblock them
-    (the server started this process with both blocked), and lower this process's CPU priority by ``niceness``
-    (raising it needs privileges)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `kill -- -PGID` too: the worker outlives the drain it serves
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # pending ones are dropped now
-    if niceness > 0:
-        os.nice(niceness)
