@@ -19,7 +19,6 @@ Prints steps_finetune / steps_scratch (goal <= 0.25), with the command, the mach
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ import numpy as np
 from lepton_jax.config import load_config
 from lepton_jax.lake import DigitsSource, Lake, ingest
 from lepton_jax.serve.registry import Registry
+from lepton_jax.tracking import machine
 from lepton_jax.train.hooks import Hook
 from lepton_jax.train.loop import train_and_evaluate
 
@@ -53,16 +53,6 @@ class ShiftedDigits(DigitsSource):
         data = super().load()
         data.arrays["image"] = SHIFTS[self.shift](data.arrays["image"].astype(np.int64)).astype(np.uint8)
         return data
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def stop_at(target: float, every: int, reached: dict) -> Hook:
@@ -124,7 +114,7 @@ def main() -> int:
                 f"v{tuned['lineage']['data']['version']}")
     ratio = reached["step"] / steps_scratch if reached else None
     print(f"\ncommand: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {cpu_model()}; {jax.device_count()} {jax.devices()[0].platform} device(s) x "
+    print(f"machine: {machine()['label']}; {jax.device_count()} {jax.devices()[0].platform} device(s) x "
           f"{jax.process_count()} process(es); {time.perf_counter() - start:.0f} s in all")
     print(f"steps to the from-scratch final dev accuracy: fine-tuned {reached.get('step', 'not reached')} / "
           f"from scratch {steps_scratch} = " + (f"{ratio:.3f} (goal <= 0.25)" if ratio is not None else "n/a"))

@@ -97,20 +97,34 @@ def start_server(mode: str, workdir: Path, cpus: set[int] | None) -> tuple[subpr
     return proc, port
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300, path: str = "/v2/health/ready") -> None:
+    """Polls ``path`` until it answers 200; exits if the server process ends or ``timeout_s`` passes."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"a benchmark server exited with {proc.returncode}")
+            raise SystemExit(f"the benchmark server on port {port} exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     raise SystemExit(f"server on port {port} not ready after {timeout_s} s")
+
+
+def short_run(tmp: Path) -> Path:
+    """A 3-epoch run of the default config on the digits table in a lake under ``tmp``; its workdir."""
+    from lepton_jax.config import load_config
+    from lepton_jax.lake import DigitsSource, Lake, ingest
+    from lepton_jax.train.loop import train_and_evaluate
+
+    print("training a 3-epoch run ...", flush=True)
+    ingest(Lake(tmp / "data"), "digits", DigitsSource())
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits_cnn.py", ["num_epochs=3"])
+    train_and_evaluate(config, tmp / "run", lake_root=tmp / "data", progress=False)
+    return tmp / "run"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -262,17 +276,7 @@ def main() -> None:
     large_rows = rng.uniform(0, 16, (3000, 8, 8))
     large = request_bytes(large_rows)
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir
-        if workdir is None:
-            from lepton_jax.config import load_config
-            from lepton_jax.lake import DigitsSource, Lake, ingest
-            from lepton_jax.train.loop import train_and_evaluate
-
-            print("training a 3-epoch run ...", flush=True)
-            ingest(Lake(Path(tmp) / "lake"), "digits", DigitsSource())
-            workdir = Path(tmp) / "run"
-            config = load_config(Path(__file__).parents[1] / "configs" / "digits_cnn.py", ["num_epochs=3"])
-            train_and_evaluate(config, workdir, lake_root=Path(tmp) / "lake", progress=False)
+        workdir = args.workdir or short_run(Path(tmp))
         servers = {mode: start_server(mode, workdir, server_cpus) for mode in MODES}
         ab_server = start_server(NICE0, workdir, server_cpus)
         try:

@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import litserve as ls  # the bench-serve extra
@@ -106,21 +105,7 @@ def start(mode: str, workdir: Path, cpus: set[int] | None) -> tuple[subprocess.P
 
 
 def wait_ready(mode: str, port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import httpx
-
-    if mode != "litserve":
-        return bench_serve.wait_ready(port, proc, timeout_s)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the LitServe server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"LitServe on port {port} not ready after {timeout_s} s")
+    bench_serve.wait_ready(port, proc, timeout_s, path="/health" if mode == "litserve" else "/v2/health/ready")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -179,17 +164,7 @@ def main() -> None:
     small = [bench_serve.request_bytes(images[i:i + 1]) for i in range(64)]
     gzipped = gzip_request(np.random.default_rng(0).integers(0, 17, (1024, 8, 8)).astype(np.float32))
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir
-        if workdir is None:
-            from lepton_jax.config import load_config
-            from lepton_jax.lake import DigitsSource, Lake, ingest
-            from lepton_jax.train.loop import train_and_evaluate
-
-            print("training a 3-epoch run ...", flush=True)
-            ingest(Lake(Path(tmp) / "lake"), "digits", DigitsSource())
-            workdir = Path(tmp) / "run"
-            config = load_config(Path(__file__).parents[1] / "configs" / "digits_cnn.py", ["num_epochs=3"])
-            train_and_evaluate(config, workdir, lake_root=Path(tmp) / "lake", progress=False)
+        workdir = args.workdir or bench_serve.short_run(Path(tmp))
         servers = {mode: start(mode, workdir, server_cpus) for mode in PEERS}
         try:
             for mode, (proc, port) in servers.items():

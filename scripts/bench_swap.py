@@ -21,46 +21,20 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import bench_serve  # the sibling script: server start-up, readiness, short runs, summaries
 import numpy as np
+from bench_serve import summary
+
+from lepton_jax.tracking import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 _VERSION = re.compile(rb'"model_version":"(\d+)"')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"server not ready after {timeout_s} s")
 
 
 def serving(port: int) -> int | None:
@@ -109,10 +83,6 @@ def window(port: int, requests: list[bytes], total: int, concurrency: int, regis
             min(o.start for o in outcomes)}
 
 
-def summary(values: list[float], fmt: str = "{:.1f}") -> str:
-    return f"{fmt.format(np.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="a trained run (default: train a short one)")
@@ -131,7 +101,7 @@ def main() -> None:
     from tests.serving import register_variant
 
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start",
+    print(f"machine: {machine()['label']}, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start",
           flush=True)
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, client_cpus = ({cpus[-1]}, {cpus[0]}) if len(cpus) >= 2 else (None, None)
@@ -141,22 +111,12 @@ def main() -> None:
     requests = [http_request("POST", "/v2/models/digits/infer", orjson.dumps(infer_request(images[i:i + 1])),
                              {"Content-Type": "application/json"}) for i in range(64)]
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = args.workdir
-        if workdir is None:
-            from lepton_jax.config import load_config
-            from lepton_jax.lake import DigitsSource, Lake, ingest
-            from lepton_jax.train.loop import train_and_evaluate
-
-            print("training a 3-epoch run ...", flush=True)
-            ingest(Lake(Path(tmp) / "data"), "digits", DigitsSource())
-            workdir = Path(tmp) / "run"
-            config = load_config(ROOT / "configs" / "digits_cnn.py", ["num_epochs=3"])
-            train_and_evaluate(config, workdir, lake_root=Path(tmp) / "data", progress=False)
+        workdir = args.workdir or bench_serve.short_run(Path(tmp))
         registry = Registry(Path(tmp) / "lake")
         v1 = registry.register("digits", workdir)
         versions = [1] + [register_variant(registry, v1, seed=seed).version for seed in (1, 2)]
         registry.promote("digits", 1)
-        port = free_port()
+        port = bench_serve.free_port()
         log_path = Path(tmp) / "server.log"
         cmd = [sys.executable, "-m", "lepton_jax.cli", "serve", "--lake", str(Path(tmp) / "lake"), "--model",
                "digits@production", "--port", str(port), "--follow", "--follow-interval-s",
@@ -167,7 +127,7 @@ def main() -> None:
         if server_cpus:  # as `taskset` does, before the server starts its threads and codec worker
             os.sched_setaffinity(proc.pid, server_cpus)
         try:
-            wait_ready(port, proc)
+            bench_serve.wait_ready(port, proc)
             if client_cpus:
                 os.sched_setaffinity(0, client_cpus)
             print(f"server: {' '.join(cmd[1:])}\nlayout: server pinned to CPU "

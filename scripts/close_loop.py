@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from lepton_jax.serve.client import Client
     from lepton_jax.serve.predictor import Predictor
     from lepton_jax.serve.registry import PromotionRefused, Registry
+    from lepton_jax.tracking import machine
     from lepton_jax.train.loop import train_and_evaluate
 
     out = Path(args.out)
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                           for camera, x in (("normal", test_x), ("inverted", 16 - test_x))}
         for v in (first, candidate)}
     summary["wall_seconds"] = time.time() - t_start
+    summary["machine"] = machine()["label"]
+    summary["layout"] = "server: 1 process x 1 CPU device; training: 1 process x 1 CPU device"
+    summary["load_average"] = os.getloadavg()
     (out / "loop.json").write_text(json.dumps(summary, indent=1) + "\n")
     with (out / "timeline.jsonl").open("w") as f:
         for row in per_second(traffic, timeline, t_start):
