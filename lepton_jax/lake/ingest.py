@@ -35,7 +35,7 @@ from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import LABEL, combine_stats, fragment_keys, legacy_partials, read_row_hashes
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
 from lepton_jax.lake.processes import die_with, process_start
-from lepton_jax.lake.sources import Source, check_source, source_tasks
+from lepton_jax.lake.sources import DIGEST_OF_ROWS, Source, check_source, source_tasks
 from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
@@ -254,7 +254,7 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
                    "dropped": cleaning.get("duplicate", 0) + cleaning.get("conflicting_labels", 0)},
                   {"name": "no_cross_split_leak", "key": "sha256(example)", "dropped": cleaning.get("leak", 0)}]
     lineage = {"source": {"name": source.name, "uri": plan["uri"], "sha256": plan["digest"],
-                          "chunks": plan["chunks"]},
+                          "digest": DIGEST_OF_ROWS, "chunks": plan["chunks"]},
                "transforms": transforms, "labeller": labeller_spec, "split": split_params,
                "mode": "append" if appending else "overwrite"}
     if appending:
