@@ -45,6 +45,9 @@ class Storage(Protocol):
     def read(self, key: str) -> bytes:
         """The object's bytes; :class:`FileNotFoundError` if there is none."""
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``start`` (fewer at its end); :class:`FileNotFoundError` if none."""
+
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         """Atomic, durable create-if-absent: True if this call created ``key``, False if it existed."""
 
@@ -139,6 +142,10 @@ class LocalStorage:
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self.path(key), "rb") as f:
+            return os.pread(f.fileno(), length, start)
 
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         return publish_new(self.path(key), payload, temp_prefix=temp_prefix)
@@ -288,6 +295,14 @@ class ObjectStorage:
 
         _check_key(key)
         return bytes(self._call("read", key, lambda s: obstore.get(s, key).bytes()))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        _check_key(key)
+        if length <= 0:
+            return b""
+        return bytes(self._call("read", key, obstore.get_range, key, start=start, length=length))
 
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         import obstore
