@@ -187,7 +187,9 @@ class PendingWrite:
         except ValueError as e:
             raise LakeError(f"cannot write lake array {self.storage.describe(self.key)}: {_short(e)}") from e
         self.pending = []
-        self.storage.sync(self.key)
+        # its files and the directories inside it; the commit syncs its whole directory up to the root before it
+        # publishes (Lake.publish), so the entries above are made durable once per commit, not once per array
+        self.storage.sync(self.key, up=False)
         return content_digest(self.array) if digest is None else digest
 
     def abandon(self) -> None:
@@ -324,7 +326,9 @@ class ArrayWriter:
         """Makes the array's files durable and returns its content digest."""
         if self.rows != self.shape[0]:
             raise LakeError(f"internal error: wrote {self.rows} rows of {self.shape[0]} to {self.key}")
-        self.storage.sync(self.key)
+        # its files and the directories inside it; the commit syncs its whole directory up to the root before it
+        # publishes (Lake.publish), so the entries above are made durable once per commit, not once per array
+        self.storage.sync(self.key, up=False)
         return self.hash.hexdigest()
 
 

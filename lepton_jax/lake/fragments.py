@@ -258,9 +258,16 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     hashes = np.ascontiguousarray(row_hashes(named, label_array) if hashes is None else hashes, dtype=np.uint8)
     entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
     entry["stats"] = stats
-    labels = named.get(label_array)
-    _remember(_keys_key(storage, table, entry, label_array), (hashes.copy(), None if labels is None else labels.copy()))
+    remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
+
+
+def remember_keys(storage: Storage, table: str, entry: dict[str, Any], label_array: str, hashes: np.ndarray,
+                  labels: np.ndarray | None) -> None:
+    """Keeps a fragment this process just wrote (record ``entry``) in the cache :func:`fragment_keys` reads, from
+    what was written (copies), so that nothing reads it back."""
+    _remember(_keys_key(storage, table, entry, label_array),
+              (np.array(hashes, np.uint8).reshape(-1, 32), None if labels is None else np.array(labels)))
 
 
 def write_row_hashes(storage: Storage, table: str, rel: str, hashes: np.ndarray) -> dict[str, Any]:

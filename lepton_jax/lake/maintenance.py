@@ -23,6 +23,7 @@ from lepton_jax.lake.fragments import (
     merge_partials,
     partial_stats,
     read_row_hashes,
+    remember_keys,
     row_hashes,
     safe_relpath,
     split_fragments,
@@ -136,13 +137,15 @@ class Maintenance:
                                             np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes,
                                             compression=self.compression)
                    for name, m in metas.items()}
-        stats_parts, hash_parts = [], []
+        stats_parts, hash_parts, label_parts = [], [], []
         for a in range(start, stop, block_rows):
             block = reader.read(slice(a, min(a + block_rows, stop)))
             for name, w in writers.items():
                 w.write(block[name])
             stats_parts.append(partial_stats(block, label_array))
             hash_parts.append(row_hashes(block, label_array))
+            if label_array in block:
+                label_parts.append(block[label_array])
             if crash and a == start:
                 crash_point("shard")
         entry: dict[str, Any] = {"path": rel, "num_examples": stop - start, "arrays": {}}
@@ -152,7 +155,11 @@ class Maintenance:
                                      "files": arrays.file_digests(self.storage, f"{base}/{name}")}
             if crash and k == 0:
                 crash_point("array")
-        entry["row_hashes"] = write_row_hashes(self.storage, table, rel, np.concatenate(hash_parts))
+        hashes = np.concatenate(hash_parts)
+        entry["row_hashes"] = write_row_hashes(self.storage, table, rel, hashes)
+        # the content check and the record's content chain then read nothing of the new fragment back
+        remember_keys(self.storage, table, entry, label_array, hashes,
+                      np.concatenate(label_parts) if label_parts else None)
         entry["stats"] = merge_partials(stats_parts)
         return entry
 

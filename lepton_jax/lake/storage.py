@@ -81,8 +81,10 @@ class Storage(Protocol):
     def prune(self, *keys: str) -> None:
         """Removes the empty directories ``keys`` in order, stopping at the first that is not empty (local only)."""
 
-    def sync(self, key: str, *, tree: bool = True) -> None:
-        """Makes ``key`` (with ``tree``: every file under it) and its directory entries up to the root durable."""
+    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
+        """Makes ``key`` (with ``tree``: every file under it) and its directory entries up to the root (without
+        ``up``: only those inside ``key``; for data under a commit directory, which the commit syncs up to the root
+        before it publishes) durable."""
 
     def local_path(self, key: str) -> Path | None:
         """The local file system path of ``key``; None on an object store."""
@@ -224,7 +226,7 @@ class LocalStorage:
             except OSError:
                 break
 
-    def sync(self, key: str, *, tree: bool = True) -> None:
+    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
         path = self.path(key)
         if tree and path.is_dir():
             for dirpath, _, filenames in os.walk(path):
@@ -241,6 +243,8 @@ class LocalStorage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if not up:
+            return
         p = path if path.is_dir() else path.parent
         while True:  # directory entries from here up to the lake root
             if p.is_dir():
@@ -396,7 +400,7 @@ class ObjectStorage:
     def prune(self, *keys: str) -> None:
         return None  # object stores have no directories
 
-    def sync(self, key: str, *, tree: bool = True) -> None:
+    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
         return None  # a PUT is durable when it returns
 
     def kvstore(self, key: str) -> dict[str, Any]:
