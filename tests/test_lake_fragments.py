@@ -368,3 +368,30 @@ def test_verify_checks_row_hashes_and_the_logical_digest(tmp_path):
     record_path.write_text(json.dumps(records.seal(record)))  # a writer's bug, sealed as written: the logical digest
     assert [(p.path, p.message) for p in lake.verify()] == [("train", "logical content digest differs from the "
                                                                       "commit record")]
+
+
+def test_the_content_chain_ignores_fragment_cuts_and_an_append_continues_it_from_the_record(tmp_path):
+    """The same rows cut into fragments differently give the same split digest (compaction keeps it), and a chain
+    continued from a record's entry (an append: none of the old rows read) equals the chain over all rows."""
+    from lepton_jax.lake.fragments import KEYS_FIRST, content_chain, read_row_hashes
+
+    lake = Lake(tmp_path / "lake")
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 256, (200, 3, 3), dtype=np.uint8), rng.integers(0, 4, 200).astype(np.int32)
+
+    def cut(name, bounds):
+        return [lake.write_fragment("t", f"data/{name}/s/{k:03d}", {"x": x[a:b], "label": y[a:b]})
+                for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+
+    one, many = cut("one", [0, 200]), cut("many", [0, 70, 71, 150, 200])
+    assert one[0]["row_hashes"]["layout"] == KEYS_FIRST
+    assert np.array_equal(read_row_hashes(lake.storage, "t", one[0]),
+                          np.concatenate([read_row_hashes(lake.storage, "t", f) for f in many]))
+    whole = content_chain(lake.storage, "t", one)
+    assert content_chain(lake.storage, "t", many) == whole
+    head = {"fragments": many[:3], **content_chain(lake.storage, "t", many[:3])}
+    assert content_chain(lake.storage, "t", many, extends=head) == whole
+    y2 = y.copy()
+    y2[199] = (y2[199] + 1) % 4  # one label differs: another digest
+    other = [lake.write_fragment("t", "data/other/s/000", {"x": x, "label": y2})]
+    assert content_chain(lake.storage, "t", other)["content_sha256"] != whole["content_sha256"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
+from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex, prefix_keys
 from lepton_jax.lake.sources import RowIds
 
 
@@ -90,3 +90,32 @@ def test_table_rows_are_looked_up_without_being_copied_to_disk(tmp_path):
         index.mark_conflict(int(found[0]))
         assert index.record(int(found[0])).state == CONFLICT
         assert dict(index.splits_of()) == {"train": 310, "test": 199}
+
+
+def test_table_rows_held_by_their_keys_load_a_fragment_only_on_a_match_and_a_prefix_collision_is_not_a_duplicate(
+        tmp_path):
+    """add_table_keys holds 8 bytes per table row; a fragment's full hashes are loaded only when a lookup matches
+    one of its keys, and a different hash sharing those 8 bytes (a prefix collision) is not found: the check stays
+    exact."""
+    rng = np.random.default_rng(6)
+    frags = [rng.integers(0, 256, (n, 32), dtype=np.uint8) for n in (100, 50)]
+    loaded = []
+
+    def loader(k):
+        def load():
+            loaded.append(k)
+            return frags[k], np.full(frags[k].shape[0], k)
+        return load
+
+    with HashIndex(tmp_path) as index:
+        for k, split in ((0, "train"), (1, "test")):
+            index.add_table_keys(prefix_keys(frags[k]), split, loader(k))
+        miss = rng.integers(0, 256, (5, 32), dtype=np.uint8)
+        assert (index.lookup(miss) == -1).all() and loaded == []  # no key matched: nothing loaded
+        collision = frags[1][[7]].copy()
+        collision[0, 20] ^= 0xFF  # the same first 8 bytes, another hash
+        assert index.lookup(collision)[0] == -1 and loaded == [1]  # loaded to compare, and not a duplicate
+        found = index.lookup(frags[1][[7]])
+        hit = index.record(int(found[0]))
+        assert (hit.label, hit.split, hit.state) == (1, "test", TABLE) and loaded == [1]  # loaded once
+        assert dict(index.splits_of()) == {"train": 100, "test": 50}

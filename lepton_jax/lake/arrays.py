@@ -49,6 +49,7 @@ RAW_CHUNK_BYTES = 64 * 2**10  # inner chunk size of the uncompressed layout
 COMPRESSIONS = ("none", "zstd")
 DEFAULT_COMPRESSION = "none"
 
+MISSING_CHUNK = 2**64 - 1  # a shard index entry's offset and size for an inner chunk not stored
 
 def _example_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
@@ -186,7 +187,9 @@ class PendingWrite:
         except ValueError as e:
             raise LakeError(f"cannot write lake array {self.storage.describe(self.key)}: {_short(e)}") from e
         self.pending = []
-        self.storage.sync(self.key)
+        # its files and the directories inside it; the commit syncs its whole directory up to the root before it
+        # publishes (Lake.publish), so the entries above are made durable once per commit, not once per array
+        self.storage.sync(self.key, up=False)
         return content_digest(self.array) if digest is None else digest
 
     def abandon(self) -> None:
@@ -224,14 +227,39 @@ def start_write(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
 
 
 def file_digests(storage: Storage, key: str) -> dict[str, dict[str, int | str]]:
-    """``{relative path: {"bytes": size, "sha256": digest}}`` for every file of the array at ``key``
-    (``zarr.json`` and each shard file under ``c/``), in sorted order. On an object store only ``bytes`` (from one
-    listing): hashing a file there would download what was just uploaded, and each shard's bytes are already
-    covered by the crc32c of its index and of every inner chunk (checked by every read and by ``verify``)."""
+    """``{relative path: {"bytes": size, ...}}`` for every file of the array at ``key`` (``zarr.json`` and each shard
+    file under ``c/``), in sorted order, from one listing; on a local lake ``zarr.json`` also gets its sha256. A
+    shard file is not read back to be hashed (that would read every byte just written): its bytes are covered by
+    the crc32c of its index and of every inner chunk, checked by every read and, file by file, by ``verify``
+    (:func:`shard_file_problem`)."""
     listed = sorted(storage.list_recursive(key).items())
-    if storage.local_path(key) is None:
-        return {rel: {"bytes": size} for rel, (size, _) in listed}
-    return {rel: {"bytes": size, "sha256": storage.sha256(f"{key}/{rel}")} for rel, (size, _) in listed}
+    local = storage.local_path(key) is not None
+    return {rel: {"bytes": size, **({"sha256": storage.sha256(f"{key}/{rel}")} if local and rel == "zarr.json"
+                                   else {})}
+            for rel, (size, _) in listed}
+
+
+def shard_file_problem(data: bytes, metadata: dict[str, Any]) -> str | None:
+    """What is wrong with one shard file's bytes by its own checksums (the crc32c of its index, then of every
+    inner chunk the index lists), for an array whose ``zarr.json`` is ``metadata``; None if it is intact."""
+    import google_crc32c
+
+    shard = metadata["chunk_grid"]["configuration"]["chunk_shape"]
+    sharding = next(c for c in metadata["codecs"] if c["name"] == "sharding_indexed")["configuration"]
+    chunks = int(np.prod([-(-int(s) // int(i)) for s, i in zip(shard, sharding["chunk_shape"], strict=True)]))
+    index_bytes = 16 * chunks + 4
+    if len(data) < index_bytes:
+        return f"{len(data)} bytes: shorter than its shard index"
+    index = data[-index_bytes:]
+    if google_crc32c.value(index[:-4]) != int.from_bytes(index[-4:], "little"):
+        return "shard index crc32c mismatch (bytes changed)"
+    for k, (offset, size) in enumerate(np.frombuffer(index[:-4], "<u8").reshape(-1, 2).tolist()):
+        if offset == MISSING_CHUNK and size == MISSING_CHUNK:
+            continue
+        chunk = data[offset:offset + size]
+        if len(chunk) != size or size < 4 or google_crc32c.value(chunk[:-4]) != int.from_bytes(chunk[-4:], "little"):
+            return f"inner chunk {k} crc32c mismatch (bytes changed)"
+    return None
 
 
 def open_array(storage: Storage, key: str, cache_bytes: int = READ_CACHE_BYTES, *,
@@ -298,7 +326,9 @@ class ArrayWriter:
         """Makes the array's files durable and returns its content digest."""
         if self.rows != self.shape[0]:
             raise LakeError(f"internal error: wrote {self.rows} rows of {self.shape[0]} to {self.key}")
-        self.storage.sync(self.key)
+        # its files and the directories inside it; the commit syncs its whole directory up to the root before it
+        # publishes (Lake.publish), so the entries above are made durable once per commit, not once per array
+        self.storage.sync(self.key, up=False)
         return self.hash.hexdigest()
 
 

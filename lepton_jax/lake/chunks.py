@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -54,14 +54,13 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
     and label names."""
     data = job.task.load()
     _check_structure(data)
-    # one chunk at a time; within it, what runs without the GIL (the source digest's sha256, TensorStore's encoding,
-    # fsyncs, file digests) overlaps: the digest and every split's fragment on threads of their own
+    # one chunk at a time; within it, what runs without the GIL (TensorStore's encoding, fsyncs, file digests)
+    # overlaps: every split's fragment on a thread of its own
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="lake-chunk") as threads:
-        digest = threads.submit(data.digest)
-        return _process(job, data, threads, digest)
+        return _process(job, data, threads)
 
 
-def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor, digest: Future) -> dict[str, Any]:
+def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> dict[str, Any]:
     n = int(data.labels.shape[0])
     if n:
         labels, names, rejects = _label(data, job.label_map, job.labeller, job.label_names)
@@ -70,6 +69,7 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor, diges
     else:  # every example of the chunk was rejected by the source
         labels, keep, hashes, rejects = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, 32), np.uint8), {}
         names = list(job.label_names if job.label_names is not None else data.label_names)
+    digest = data.digest(hashes)  # the examples' bytes are hashed once: the row hashes serve the source digest too
     entries: list[dict[str, Any]] = [{**r, "index": None, "sha256": None} for r in data.rejected]
     for i, (reason, detail) in sorted(rejects.items()):
         keep[i] = False
@@ -100,7 +100,7 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor, diges
     q_idx = np.asarray([e["index"] for e in entries if e["index"] is not None], dtype=np.int64)
     q_arrays = ({**{k: v[q_idx] for k, v in data.arrays.items()}, "label": labels[q_idx].astype(np.int32),
                  "source_index": q_idx} if q_idx.size else None)
-    return {"chunk": job.chunk, "digest": digest.result(), "n": n, "n_source_rejected": len(data.rejected),
+    return {"chunk": job.chunk, "digest": digest, "n": n, "n_source_rejected": len(data.rejected),
             "source_split": data.split is not None,
             "uri": data.uri, "names": names, "transforms": data.transforms, "has_ids": data.ids is not None,
             "arrays": {k: (v.dtype.name, list(v.shape[1:])) for k, v in data.arrays.items()},

@@ -24,7 +24,7 @@ from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import (
     LABEL,
     check_name,
-    content_sha256,
+    content_chain,
     logical_arrays,
     safe_relpath,
     split_fragments,
@@ -83,21 +83,22 @@ class Committing:
                           "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
         return out
 
-    def split_entry(self, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL
-                    ) -> dict[str, Any]:
-        """A split's record entry from its fragments: example count, logical arrays, logical content digest."""
+    def split_entry(self, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL,
+                    extends: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A split's record entry from its fragments: example count, logical arrays, logical content digest (its
+        chain continued from the split entry ``extends`` when the fragments begin with that entry's)."""
         if not fragments:
             raise LakeError("a split needs at least one fragment")
         return {"num_examples": sum(int(f["num_examples"]) for f in fragments),
                 "arrays": logical_arrays(fragments),
-                "content_sha256": content_sha256(self.storage, table, fragments, label_array),
+                **content_chain(self.storage, table, fragments, label_array, extends),
                 "fragments": fragments}
 
     def publish(self, table: str, commit_id: str, *, splits: dict[str, list[dict[str, Any]]],
                 schema: dict[str, Any], lineage: dict[str, Any], stats: dict[str, Any] | None = None,
                 quarantine: dict[str, Any] | None = None, parent: int | None = None, retries: int = 0,
                 rebase: Callable[[TableVersion], TableVersion | None] | None = None,
-                keep_on_conflict: bool = False) -> TableVersion:
+                keep_on_conflict: bool = False, extends: TableVersion | None = None) -> TableVersion:
         """Publishes a version whose splits are the given fragments (new ones under ``data/<commit_id>/``, and any
         fragments of earlier versions, which are shared, not copied).
 
@@ -106,6 +107,8 @@ class Committing:
         data it wrote — unless ``retries`` > 0: then it re-reads the latest version, asks ``rebase(latest)`` whether
         the commit is still wanted (a returned version means "no, use this one"), and publishes on top of it.
         ``keep_on_conflict`` leaves the data in place on a conflict (the caller rebuilds the record and retries).
+        ``extends``: a version whose splits these splits continue (an append): their content chains go on from its
+        record instead of reading its rows.
         """
         check_name("table", table)
         if parent is None:
@@ -114,7 +117,9 @@ class Committing:
         commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
         label_array = schema.get("label_array", LABEL)
         try:
-            split_entries = {check_name("split", split): self.split_entry(table, frags, label_array)
+            prior = extends.record["splits"] if extends is not None else {}
+            split_entries = {check_name("split", split): self.split_entry(table, frags, label_array,
+                                                                          prior.get(split))
                              for split, frags in splits.items()}
             self.storage.sync(commit_dir)  # local: fsync the tree and its directory entries; object stores: no-op
         except BaseException:

@@ -31,6 +31,9 @@ from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.storage import Storage
 
 ROW_HASHES = "_rows.sha256"
+KEY_BYTES = 8  # a row hash's prefix an append's index holds per table row (the rest is read on a prefix match)
+KEYS_FIRST = "keys-first"  # the hash file's layout: every row's first KEY_BYTES bytes, then the rest of each
+CHAIN_ROWS = 64  # rows per link of a split's content chain (content_chain)
 LABEL = "label"
 CONTENT_READERS = 4  # threads reading fragments for a split's content digest
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -252,16 +255,30 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             for write in writes.values():  # nothing may still write into the fragment once this returns
                 write.abandon()
             raise
-    hashes = row_hashes(named, label_array) if hashes is None else hashes
-    payload = np.ascontiguousarray(hashes, dtype=np.uint8).tobytes()
-    storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
-    entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
-                           "sha256": hashlib.sha256(payload).hexdigest()}
+    hashes = np.ascontiguousarray(row_hashes(named, label_array) if hashes is None else hashes, dtype=np.uint8)
+    entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
     entry["stats"] = stats
-    labels = named.get(label_array)
-    _remember(_keys_key(storage, table, entry, label_array),
-              (np.frombuffer(payload, np.uint8).reshape(-1, 32), None if labels is None else labels.copy()))
+    remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
+
+
+def remember_keys(storage: Storage, table: str, entry: dict[str, Any], label_array: str, hashes: np.ndarray,
+                  labels: np.ndarray | None) -> None:
+    """Keeps a fragment this process just wrote (record ``entry``) in the cache :func:`fragment_keys` reads, from
+    what was written (copies), so that nothing reads it back."""
+    _remember(_keys_key(storage, table, entry, label_array),
+              (np.array(hashes, np.uint8).reshape(-1, 32), None if labels is None else np.array(labels)))
+
+
+def write_row_hashes(storage: Storage, table: str, rel: str, hashes: np.ndarray) -> dict[str, Any]:
+    """Writes fragment ``rel``'s ``(n, 32)`` row hashes durably in the :data:`KEYS_FIRST` layout; returns their
+    record entry (digests of the whole file and of its keys)."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 32)
+    keys = np.ascontiguousarray(hashes[:, :KEY_BYTES]).tobytes()
+    payload = keys + np.ascontiguousarray(hashes[:, KEY_BYTES:]).tobytes()
+    storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
+    return {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+            "layout": KEYS_FIRST, "keys_sha256": hashlib.sha256(keys).hexdigest()}
 
 
 def _array_entry(storage: Storage, rel: str, name: str, value: np.ndarray, key: str, digest: str) -> dict[str, Any]:
@@ -307,7 +324,43 @@ def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_ar
         raise LakeError(f"row hashes {path} are unreadable ({e}); run `lepton-jax lake verify`") from e
     if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise LakeError(f"row hashes {path} do not match the digest in their commit record")
-    return np.frombuffer(data, dtype=np.uint8).reshape(-1, 32)
+    return stored_row_hashes(data, meta)
+
+
+def stored_row_hashes(data: bytes, meta: dict[str, Any]) -> np.ndarray:
+    """The ``(n, 32)`` row hashes from a hash file's bytes, in the layout its record ``meta`` names: 32 bytes per
+    row, or (:data:`KEYS_FIRST`) every row's first :data:`KEY_BYTES` bytes, then every row's other bytes."""
+    flat = np.frombuffer(data, dtype=np.uint8)
+    if meta.get("layout") != KEYS_FIRST:
+        return flat.reshape(-1, 32)
+    n = flat.size // 32
+    return np.concatenate([flat[:n * KEY_BYTES].reshape(n, KEY_BYTES), flat[n * KEY_BYTES:].reshape(n, -1)], axis=1)
+
+
+def fragment_row_keys(storage: Storage, table: str, frag: dict[str, Any], label_array: str = LABEL) -> np.ndarray:
+    """The first :data:`KEY_BYTES` bytes of each row hash of a fragment, as ``(n,)`` uint64 sort keys
+    (:func:`~lepton_jax.lake.index.prefix_keys`): what an append's index holds for the table's rows. From a
+    :data:`KEYS_FIRST` hash file only its first quarter is read (one ranged read, checked against the record's
+    ``keys_sha256``); from the process's cache when this process has the hashes; otherwise the whole file."""
+    meta = frag.get("row_hashes")
+    with _keys_lock:
+        found = _keys.get(_keys_key(storage, table, frag, label_array))
+    if found is not None or meta is None or meta.get("layout") != KEYS_FIRST:
+        hashes = found[0] if found is not None else fragment_keys(storage, table, frag, label_array)[0]
+        return _sort_keys(hashes[:, :KEY_BYTES])
+    key = f"{table}/{safe_relpath(meta['path'])}"
+    size = int(frag["num_examples"]) * KEY_BYTES
+    try:
+        data = storage.read_range(key, 0, size)
+    except OSError as e:
+        raise LakeError(f"row hashes {storage.describe(key)} are unreadable ({e}); run `lepton-jax lake verify`") from e
+    if len(data) != size or hashlib.sha256(data).hexdigest() != meta["keys_sha256"]:
+        raise LakeError(f"row hashes {storage.describe(key)} do not match the digest in their commit record")
+    return _sort_keys(np.frombuffer(data, np.uint8).reshape(-1, KEY_BYTES))
+
+
+def _sort_keys(prefixes: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(prefixes).view(">u8").reshape(-1).astype(np.uint64)
 
 
 def _keys_key(storage: Storage, table: str, frag: dict[str, Any], label_array: str) -> tuple:
@@ -353,8 +406,8 @@ def fragment_keys(storage: Storage, table: str, frag: dict[str, Any], label_arra
 
 
 def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL) -> str:
-    """The split's logical content digest: sha256 over every row hash in order, and over the label array's bytes.
-    The same rows in the same order give the same digest however they are cut into fragments."""
+    """The split's logical content digest of ``lepton-lake/2`` and ``/3`` records: sha256 over every row hash in
+    order, and over the label array's bytes (``lepton-lake/4``: :func:`content_chain`)."""
     def read(frag: dict[str, Any]) -> tuple[bytes, bytes]:
         hashes, labels = fragment_keys(storage, table, frag, label_array)
         return hashes.tobytes(), b"" if labels is None else np.ascontiguousarray(labels).tobytes()
@@ -374,6 +427,77 @@ def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]]
             rows.update(row_bytes)
             labels.update(label_bytes)
     return hashlib.sha256(rows.digest() + labels.digest()).hexdigest()
+
+
+def _fragment_rows(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str
+                   ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Each fragment's ``(row hashes, labels as int64)`` in order (-1 labels without a label array), read on
+    threads a few fragments ahead of the one yielded (opening an array is mostly waiting)."""
+    def read(frag: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        hashes, labels = fragment_keys(storage, table, frag, label_array)
+        return hashes, (np.full(hashes.shape[0], -1, np.int64) if labels is None else labels.astype(np.int64))
+
+    with ThreadPoolExecutor(max_workers=CONTENT_READERS) as pool:
+        pending: collections.deque[Future] = collections.deque()
+        it = iter(fragments)
+        for frag in itertools.islice(it, 2 * CONTENT_READERS):
+            pending.append(pool.submit(read, frag))
+        while pending:
+            got = pending.popleft().result()
+            frag = next(it, None)
+            if frag is not None:
+                pending.append(pool.submit(read, frag))
+            yield got
+
+
+def content_chain(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL,
+                  extends: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A split's logical content digest as a chain (``lepton-lake/4``): ``{"content_sha256", "content_chain"}``.
+
+    The rows (row hash, label as int64) in order are cut into links of :data:`CHAIN_ROWS`; each full link's state is
+    ``sha256(previous state + its hashes + its labels)`` from 32 zero bytes; ``content_sha256`` is the sha256 of the
+    last state, the rows after the last full link (the *tail*, kept in the record) and the row count. The same rows
+    in the same order give the same digest however they are cut into fragments, and a split that extends the split
+    entry ``extends`` (its fragments first, then more) continues its chain from the record: an append reads none of
+    the rows the table already holds."""
+    state, rows = bytes(32), 0
+    tail_h, tail_l = np.zeros((0, 32), np.uint8), np.zeros(0, np.int64)
+    old = extends.get("content_chain") if extends else None
+    start = 0
+    if old is not None and old.get("link_rows") == CHAIN_ROWS:
+        before = [f["path"] for f in split_fragments(extends)]
+        if before == [f["path"] for f in fragments[:len(before)]]:
+            state, rows, start = bytes.fromhex(old["state"]), int(old["rows"]), len(before)
+            tail_h = np.frombuffer(bytes.fromhex(old["tail_row_hashes"]), np.uint8).reshape(-1, 32)
+            tail_l = np.asarray(old["tail_labels"], np.int64).reshape(-1)
+    sha256 = hashlib.sha256
+    for hashes, labels in _fragment_rows(storage, table, fragments[start:], label_array):
+        h, lab = np.concatenate([tail_h, hashes]), np.concatenate([tail_l, labels])
+        full = h.shape[0] // CHAIN_ROWS * CHAIN_ROWS
+        hb = memoryview(np.ascontiguousarray(h[:full]).reshape(-1))
+        lb = memoryview(lab[:full].astype("<i8").view(np.uint8))  # bytes, as the slices below count
+        hw, lw = CHAIN_ROWS * 32, CHAIN_ROWS * 8
+        for k in range(full // CHAIN_ROWS):
+            state = sha256(state + hb[k * hw:(k + 1) * hw] + lb[k * lw:(k + 1) * lw]).digest()
+        rows += full
+        tail_h, tail_l = h[full:], lab[full:]
+    total = rows + tail_h.shape[0]
+    digest = sha256(state + np.ascontiguousarray(tail_h).tobytes() + tail_l.astype("<i8").tobytes()
+                    + total.to_bytes(8, "little")).hexdigest()
+    return {"content_sha256": digest,
+            "content_chain": {"link_rows": CHAIN_ROWS, "rows": rows, "state": state.hex(),
+                              "tail_row_hashes": np.ascontiguousarray(tail_h).tobytes().hex(),
+                              "tail_labels": tail_l.tolist()}}
+
+
+def content_matches(storage: Storage, table: str, fragments: list[dict[str, Any]], entry: dict[str, Any],
+                    label_array: str = LABEL) -> bool:
+    """Whether ``fragments`` hold the content the split entry ``entry`` records, by the digest its format uses
+    (the chain with its stored state and tail, or the older :func:`content_sha256`)."""
+    if "content_chain" in entry:
+        got = content_chain(storage, table, fragments, label_array)
+        return got["content_sha256"] == entry["content_sha256"] and got["content_chain"] == entry["content_chain"]
+    return content_sha256(storage, table, fragments, label_array) == entry.get("content_sha256")
 
 
 def commit_dirs(record: dict[str, Any]) -> set[str]:

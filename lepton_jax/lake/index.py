@@ -8,18 +8,19 @@ the previous one while that one is at most twice its size, up to :data:`MAX_RUN`
 runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match is
 confirmed against the full hash in the record file, so the check is exact. Memory stays bounded by the largest run
 being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the hashes the
-table already holds (:meth:`HashIndex.add_table`: its fragments' row hashes and labels, held by the caller), so
-appended data is checked against the table as well as against itself; those are not copied to disk (one sorted run of
-16 bytes per row in memory, records made on demand), so an append writes what it adds, not the table's hashes again.
+table already holds by their 8-byte prefixes alone (:meth:`HashIndex.add_table_keys`; a fragment's full row hashes
+and labels are loaded only when one of its keys matches a lookup), so appended data is checked against the table as
+well as against itself; those are not copied to disk (one sorted run of 16 bytes per row in memory, records made on
+demand), so an append writes what it adds and reads a quarter of the table's row hashes.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,9 +79,9 @@ class HashIndex:
         self._runs: list[tuple[Path, int]] = []
         self._next_run = 0
         self._splits: list[str] = []
-        # the table's rows (add_table): blocks of (hashes, labels, split), one sorted run over all of them, and the
-        # table records marked as conflicts
-        self._table: list[tuple[np.ndarray, np.ndarray, int]] = []
+        # the table's rows (add_table_keys): blocks of [rows, load, (hashes, labels) once loaded, split], one sorted
+        # run of their keys, and the table records marked as conflicts
+        self._table: list[list[Any]] = []
         self._table_starts: list[int] = []
         self._table_n = 0
         self._table_run: np.ndarray | None = None
@@ -175,15 +176,23 @@ class HashIndex:
     def add_table(self, hashes: np.ndarray, labels: np.ndarray, split: str) -> None:
         """Adds the table's rows of one fragment (state TABLE, no fragment, row or source of this ingest), kept as
         the given arrays (not copied to disk; the caller keeps them unchanged)."""
-        n = int(np.asarray(hashes).shape[0])
+        hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 32)
+        labels = np.asarray(labels)
+        self.add_table_keys(prefix_keys(hashes), split, lambda: (hashes, labels))
+
+    def add_table_keys(self, keys: np.ndarray, split: str,
+                       load: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
+        """Adds the table's rows of one fragment by their hashes' 8-byte sort keys (:func:`prefix_keys`) alone;
+        ``load()`` gives the fragment's full ``(n, 32)`` hashes and labels, called only when a lookup matches one
+        of these keys (then kept)."""
+        keys = np.asarray(keys, dtype=np.uint64).reshape(-1)
+        n = int(keys.shape[0])
         if not n:
             return
         if split not in self._splits:
             self._splits.append(split)
-        hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(n, 32)
-        self._table.append((hashes, np.asarray(labels), self._splits.index(split)))
+        self._table.append([n, load, None, self._splits.index(split)])
         self._table_starts.append(self._table_n)
-        keys = prefix_keys(hashes)
         order = np.argsort(keys)
         run = np.stack([keys[order], order.astype(np.uint64) + np.uint64(TABLE_BASE + self._table_n)])
         self._table_run = run if self._table_run is None else _merge(self._table_run, run)
@@ -193,7 +202,11 @@ class HashIndex:
         if number >= TABLE_BASE:
             k = number - TABLE_BASE
             b = int(np.searchsorted(self._table_starts, k, "right")) - 1
-            hashes, labels, split = self._table[b]
+            block = self._table[b]
+            if block[2] is None:  # a key matched: the fragment's full hashes and labels, once
+                hashes, labels = block[1]()
+                block[2] = (np.asarray(hashes, np.uint8).reshape(block[0], 32), np.asarray(labels).reshape(-1))
+            (hashes, labels), split = block[2], block[3]
             i = k - self._table_starts[b]
             rec = np.zeros(1, dtype=RECORD)[0]
             rec["h"] = hashes[i].tobytes()
@@ -240,9 +253,9 @@ class HashIndex:
             block = np.fromfile(self.path / "records", dtype=RECORD, count=min(2**16, self.n - start),
                                 offset=start * RECORD.itemsize)
             np.add.at(counts, block["split"][block["state"] != CONFLICT], 1)
-        for (hashes, _, split), start in zip(self._table, self._table_starts, strict=True):
-            conflicts = sum(1 for k in self._table_conflicts if start <= k < start + hashes.shape[0])
-            counts[split] += hashes.shape[0] - conflicts
+        for (n, _, _, split), start in zip(self._table, self._table_starts, strict=True):
+            conflicts = sum(1 for k in self._table_conflicts if start <= k < start + n)
+            counts[split] += n - conflicts
         yield from ((s, int(c)) for s, c in zip(self._splits, counts, strict=True) if c)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import itertools
 import multiprocessing
@@ -32,10 +33,17 @@ import numpy as np
 from lepton_jax.errors import CommitConflictError, LakeError
 from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_split, warm_up
 from lepton_jax.lake.faults import crash_point
-from lepton_jax.lake.fragments import LABEL, combine_stats, fragment_keys, legacy_partials, read_row_hashes
+from lepton_jax.lake.fragments import (
+    LABEL,
+    combine_stats,
+    fragment_keys,
+    fragment_row_keys,
+    legacy_partials,
+    read_row_hashes,
+)
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
 from lepton_jax.lake.processes import die_with, process_start
-from lepton_jax.lake.sources import Source, check_source, source_tasks
+from lepton_jax.lake.sources import DIGEST_OF_ROWS, Source, check_source, source_tasks
 from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, QUARANTINE, Lake, SplitReader, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
@@ -254,7 +262,7 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
                    "dropped": cleaning.get("duplicate", 0) + cleaning.get("conflicting_labels", 0)},
                   {"name": "no_cross_split_leak", "key": "sha256(example)", "dropped": cleaning.get("leak", 0)}]
     lineage = {"source": {"name": source.name, "uri": plan["uri"], "sha256": plan["digest"],
-                          "chunks": plan["chunks"]},
+                          "digest": DIGEST_OF_ROWS, "chunks": plan["chunks"]},
                "transforms": transforms, "labeller": labeller_spec, "split": split_params,
                "mode": "append" if appending else "overwrite"}
     if appending:
@@ -279,7 +287,7 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
             version = lake.publish(table, commit_id, splits=frags, schema=schema, lineage=lineage, stats=stats,
                                    quarantine=plan["quarantine"], parent=on.version if on else
                                    (base.version if base else 0), retries=0 if appending else retries,
-                                   rebase=same_ingest, keep_on_conflict=appending)
+                                   rebase=same_ingest, keep_on_conflict=appending, extends=on)
             break
         except CommitConflictError:
             if not appending or retries <= 0:
@@ -393,13 +401,20 @@ def _ahead(pool: ThreadPoolExecutor, jobs: list[ChunkJob], ahead: int) -> Iterat
 
 
 def _index_table(index: HashIndex, base: TableVersion) -> None:
-    """Loads the hashes the table holds as the starting index: each fragment's row hashes and labels, never its
-    example arrays (:func:`~lepton_jax.lake.fragments.fragment_keys`: read once per process)."""
+    """Loads the hashes the table holds as the starting index: each fragment's 8-byte row-hash keys
+    (:func:`~lepton_jax.lake.fragments.fragment_row_keys`: a quarter of its hash file), never its example arrays;
+    a fragment's full row hashes and labels are read only when one of its keys matches an appended row."""
     label_array = base.schema.get("label_array", LABEL)
+    storage = base.lake.storage
+
+    def load(frag: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        hashes, labels = fragment_keys(storage, base.table, frag, label_array)
+        return hashes, labels if labels is not None else np.full(len(hashes), -1)
+
     for split in base.splits:
         for frag in base.fragments(split):
-            hashes, labels = fragment_keys(base.lake.storage, base.table, frag, label_array)
-            index.add_table(hashes, labels if labels is not None else np.full(len(hashes), -1), split)
+            index.add_table_keys(fragment_row_keys(storage, base.table, frag, label_array), split,
+                                 functools.partial(load, frag))
 
 
 class _Driver:

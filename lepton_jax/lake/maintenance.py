@@ -5,7 +5,7 @@ version, the log itself) and garbage collection (unreferenced data, never live o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
 import math
 from typing import Any, NoReturn
 
@@ -17,20 +17,23 @@ from lepton_jax.lake.commit import MIN_GRACE_SECONDS
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import (
     LABEL,
-    ROW_HASHES,
     check_name,
     commit_dirs,
-    content_sha256,
+    content_matches,
     merge_partials,
     partial_stats,
     read_row_hashes,
+    remember_keys,
     row_hashes,
     safe_relpath,
     split_fragments,
+    write_row_hashes,
 )
 from lepton_jax.lake.read import SplitReader, TableVersion
 from lepton_jax.lake.records import DATA_DIR, LEASE_DIR, LOG_DIR, QUARANTINE, TEMP_PREFIX
 from lepton_jax.lake.storage import Storage, storage_clock
+
+CONTENT_DIFFERS = "content digest differs from the commit record"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +112,9 @@ class Maintenance:
                 body = {key: old.record[key] for key in ("schema", "stats", "quarantine")}
                 lineage = {**old.record["lineage"], "compacted_from": old.version}
                 for split, frags in splits.items():
-                    new = content_sha256(self.storage, table, frags, label_array)
-                    if new != old.record["splits"][split].get("content_sha256", new):
+                    was = old.record["splits"][split]
+                    if "content_sha256" in was and not content_matches(self.storage, table, frags, was,
+                                                                       label_array):
                         raise LakeError(f"internal error: compacting {table!r} split {split!r} changed its content "
                                         "digest; nothing was published")
             except BaseException:
@@ -133,13 +137,15 @@ class Maintenance:
                                             np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes,
                                             compression=self.compression)
                    for name, m in metas.items()}
-        stats_parts, hash_parts = [], []
+        stats_parts, hash_parts, label_parts = [], [], []
         for a in range(start, stop, block_rows):
             block = reader.read(slice(a, min(a + block_rows, stop)))
             for name, w in writers.items():
                 w.write(block[name])
             stats_parts.append(partial_stats(block, label_array))
             hash_parts.append(row_hashes(block, label_array))
+            if label_array in block:
+                label_parts.append(block[label_array])
             if crash and a == start:
                 crash_point("shard")
         entry: dict[str, Any] = {"path": rel, "num_examples": stop - start, "arrays": {}}
@@ -149,10 +155,11 @@ class Maintenance:
                                      "files": arrays.file_digests(self.storage, f"{base}/{name}")}
             if crash and k == 0:
                 crash_point("array")
-        payload = np.concatenate(hash_parts).tobytes()
-        self.storage.write(f"{base}/{ROW_HASHES}", payload)
-        entry["row_hashes"] = {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload),
-                               "sha256": hashlib.sha256(payload).hexdigest()}
+        hashes = np.concatenate(hash_parts)
+        entry["row_hashes"] = write_row_hashes(self.storage, table, rel, hashes)
+        # the content check and the record's content chain then read nothing of the new fragment back
+        remember_keys(self.storage, table, entry, label_array, hashes,
+                      np.concatenate(label_parts) if label_parts else None)
         entry["stats"] = merge_partials(stats_parts)
         return entry
 
@@ -197,13 +204,16 @@ class Maintenance:
             for frag in frags:
                 if frag["path"] not in checked:
                     found = [p for meta in frag["arrays"].values() for p in self._verify_array(tv, meta, content)]
-                    found += self._verify_row_hashes(tv, frag, label_array, content and not found)
+                    # the rows are re-hashed unless a file is already bad (a shard replaced by another valid one
+                    # only changes the content: its rows then name it)
+                    found += self._verify_row_hashes(tv, frag, label_array,
+                                                     content and all(p.message == CONTENT_DIFFERS for p in found))
                     checked[frag["path"]] = [(p.path, p.message) for p in found]
                 problems += [Problem(tv.table, tv.version, path, msg) for path, msg in checked[frag["path"]]]
-            expected = tv.record["splits"].get(split, {}).get("content_sha256") if split != QUARANTINE else None
-            if content and expected and len(problems) == bad_before:
+            entry = tv.record["splits"].get(split, {}) if split != QUARANTINE else {}
+            if content and entry.get("content_sha256") and len(problems) == bad_before:
                 try:
-                    if content_sha256(self.storage, tv.table, frags, label_array) != expected:
+                    if not content_matches(self.storage, tv.table, frags, entry, label_array):
                         problems.append(Problem(tv.table, tv.version, split,
                                                 "logical content digest differs from the commit record"))
                 except LakeError as e:
@@ -219,21 +229,53 @@ class Maintenance:
             stored = read_row_hashes(self.storage, tv.table, frag, label_array)
         except LakeError as e:
             return [Problem(tv.table, tv.version, meta["path"], str(e))]
-        if recompute:  # block by block: bounded memory however large the fragment
-            reader = SplitReader(self.uri, tv.table, tv.version, frag["path"], {"fragments": [frag]},
-                                 cache_bytes=8 * 2**20)
+        if recompute:  # block by block: bounded memory however large the fragment; TensorStore checks each chunk's
+            # crc32c, and the rows are compared here (not through a reader, which would stop at the first bad row)
+            try:
+                stores = {name: (arrays.open_array(self.storage, f"{tv.table}/{safe_relpath(m['path'])}",
+                                                   8 * 2**20), m["path"]) for name, m in frag["arrays"].items()}
+            except LakeError as e:
+                return [Problem(tv.table, tv.version, meta["path"], str(e))]
             row_bytes = sum(int(np.prod(m["shape"][1:])) * np.dtype(m["dtype"]).itemsize
                             for m in frag["arrays"].values())
             rows = max(1, 16 * 2**20 // max(1, row_bytes))
+            total = int(next(iter(frag["arrays"].values()))["shape"][0])
             start = 0
-            for block in reader.iter_blocks(rows):
-                n = next(iter(block.values())).shape[0]
-                if not np.array_equal(row_hashes(block, label_array), stored[start:start + n]):
-                    return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data")]
-                start += n
+            for start in range(0, total, rows):
+                part = slice(start, min(start + rows, total))
+                try:
+                    block = {name: arrays.read(st, part, path=path) for name, (st, path) in stores.items()}
+                except LakeError as e:
+                    return [Problem(tv.table, tv.version, meta["path"], str(e))]
+                n = part.stop - part.start
+                differ = np.flatnonzero((row_hashes(block, label_array) != stored[start:start + n]).any(axis=1))
+                if differ.size:
+                    return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data"),
+                            *self._shards_of_rows(tv, frag, label_array, start + differ)]
+            start = total
             if start != stored.shape[0]:
                 return [Problem(tv.table, tv.version, meta["path"], f"{stored.shape[0]} row hashes for {start} rows")]
         return []
+
+    def _shards_of_rows(self, tv: TableVersion, frag: dict[str, Any], label_array: str,
+                        rows: np.ndarray) -> list[Problem]:
+        """The shard files (of the fragment's non-label arrays) that hold ``rows``, which differ from their row
+        hashes: named, since a shard replaced by another valid one passes its own crc32c."""
+        out = []
+        for name, meta in frag["arrays"].items():
+            if name == label_array:
+                continue
+            key = f"{tv.table}/{safe_relpath(meta['path'])}"
+            try:
+                per_shard = int(json.loads(self.storage.read(f"{key}/zarr.json"))["chunk_grid"]["configuration"][
+                    "chunk_shape"][0])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            rest = "/0" * (len(meta["shape"]) - 1)
+            out += [Problem(tv.table, tv.version, f"{meta['path']}/c/{s}{rest}",
+                            "holds rows that differ from their row hashes (bytes changed)")
+                    for s in sorted({int(r) // per_shard for r in rows})]
+        return out
 
     def _verify_array(self, tv: TableVersion, meta: dict[str, Any], content: bool) -> list[Problem]:
         problems: list[Problem] = []
@@ -248,20 +290,33 @@ class Maintenance:
         files = meta.get("files")
         if files is not None:
             found = self.storage.list_recursive(key)
+            zarr_meta: dict[str, Any] | None = None
             for rel, info in files.items():
                 if rel not in found:
                     bad(rel, "missing file")
                 elif found[rel][0] != info["bytes"]:
                     bad(rel, f"truncated or extended: {found[rel][0]} bytes, recorded {info['bytes']}")
-                elif "sha256" in info and self.storage.sha256(f"{key}/{rel}") != info["sha256"]:
-                    bad(rel, "sha256 differs from the commit record (bytes changed)")
+                elif "sha256" in info:
+                    if self.storage.sha256(f"{key}/{rel}") != info["sha256"]:
+                        bad(rel, "sha256 differs from the commit record (bytes changed)")
+                elif rel.startswith("c/") and (content or self.storage.local_path(key) is not None):
+                    # a shard file: checked by its own crc32c (index and inner chunks); `verify --files-only` on an
+                    # object store checks sizes only (no download)
+                    try:
+                        if zarr_meta is None:
+                            zarr_meta = json.loads(self.storage.read(f"{key}/zarr.json"))
+                        problem = arrays.shard_file_problem(self.storage.read(f"{key}/{rel}"), zarr_meta)
+                    except (OSError, ValueError, KeyError, StopIteration, TypeError) as e:
+                        problem = f"unreadable ({e})"
+                    if problem is not None:
+                        bad(rel, problem)
             for rel in sorted(set(found) - set(files)):
                 bad(rel, "file not listed in the commit record")
         if content and not problems:
             try:
                 store = arrays.open_array(self.storage, key)
                 if arrays.stored_content_digest(store, path=meta["path"]) != meta["sha256"]:
-                    bad("", "content digest differs from the commit record")
+                    bad("", CONTENT_DIFFERS)
             except LakeError as e:
                 bad("", str(e))
         return problems

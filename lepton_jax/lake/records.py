@@ -4,7 +4,9 @@ A table version is one JSON record at ``<table>/_log/<version:08d>.json`` (see :
 what it holds). Formats: ``lepton-lake/1`` (one array per split), ``lepton-lake/2`` (fragments) and
 ``lepton-lake/3`` (``lepton-lake/2`` plus ``record_sha256``: the sha256 of the record's own canonical JSON without
 that field, so an edited record — reversed label names, a split's example count changed — is an error naming it,
-for every reader and for ``verify``). Records of the older formats carry no digest and still read.
+for every reader and for ``verify``) and ``lepton-lake/4`` (``/3`` with each split's content digest as a chain,
+``fragments.content_chain``, that an append continues from the record, and row-hash files whose entry says
+``"layout": "keys-first"``). Records of the older formats still read (``/1`` and ``/2`` carry no digest).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from typing import Any
 
 from lepton_jax.errors import LakeError
 
-FORMAT = "lepton-lake/3"
-FORMATS = ("lepton-lake/1", "lepton-lake/2", FORMAT)  # 1: one array per split, no fragments; 2: no record digest
-SEALED_FORMATS = (FORMAT,)  # formats whose records must carry their own digest
+FORMAT = "lepton-lake/4"
+# 1: one array per split, no fragments; 2: no record digest; 3: each split's content_sha256 over all its rows at once
+FORMATS = ("lepton-lake/1", "lepton-lake/2", "lepton-lake/3", FORMAT)
+SEALED_FORMATS = ("lepton-lake/3", FORMAT)  # formats whose records must carry their own digest
 DIGEST_FIELD = "record_sha256"
 LOG_DIR = "_log"
 DATA_DIR = "data"

@@ -27,6 +27,8 @@ from lepton_jax.errors import LakeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+DIGEST_OF_ROWS = "row-sha256"  # lineage.source.digest: the source digest is taken over the row hashes
+
 @dataclasses.dataclass
 class SourceData:
     """Examples from a source. ``arrays`` share axis 0; ``labels`` are int indices into ``label_names``.
@@ -57,14 +59,21 @@ class SourceData:
     def example_id(self, i: int) -> str:
         return self.ids[i] if self.ids is not None else f"example {i}"
 
-    def digest(self) -> str:
+    def digest(self, rows: np.ndarray | None = None) -> str:
         """sha256 over every array, the labels and (when present) rejections, transforms and split assignment:
-        identical source content gives an identical digest."""
+        identical source content gives an identical digest. With ``rows`` (the examples' row hashes,
+        :func:`~lepton_jax.lake.fragments.row_hashes`, which ingest computes anyway) the arrays enter as their
+        names, dtypes and shapes plus those hashes (:data:`DIGEST_OF_ROWS`): no second pass over their bytes."""
         h = hashlib.sha256()
+        if rows is not None:
+            h.update(DIGEST_OF_ROWS.encode())
         for name in sorted(self.arrays):
             value = np.ascontiguousarray(self.arrays[name])
             h.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
-            h.update(value.reshape(-1).view(np.uint8))  # the same bytes as tobytes(), without a copy
+            if rows is None:
+                h.update(value.reshape(-1).view(np.uint8))  # the same bytes as tobytes(), without a copy
+        if rows is not None:
+            h.update(np.ascontiguousarray(rows, dtype=np.uint8))
         h.update(np.ascontiguousarray(self.labels.astype(np.int64)).tobytes())
         h.update("\0".join(self.label_names).encode())
         if self.rejected or self.transforms:

@@ -45,6 +45,9 @@ class Storage(Protocol):
     def read(self, key: str) -> bytes:
         """The object's bytes; :class:`FileNotFoundError` if there is none."""
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``start`` (fewer at its end); :class:`FileNotFoundError` if none."""
+
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         """Atomic, durable create-if-absent: True if this call created ``key``, False if it existed."""
 
@@ -78,8 +81,10 @@ class Storage(Protocol):
     def prune(self, *keys: str) -> None:
         """Removes the empty directories ``keys`` in order, stopping at the first that is not empty (local only)."""
 
-    def sync(self, key: str, *, tree: bool = True) -> None:
-        """Makes ``key`` (with ``tree``: every file under it) and its directory entries up to the root durable."""
+    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
+        """Makes ``key`` (with ``tree``: every file under it) and its directory entries up to the root (without
+        ``up``: only those inside ``key``; for data under a commit directory, which the commit syncs up to the root
+        before it publishes) durable."""
 
     def local_path(self, key: str) -> Path | None:
         """The local file system path of ``key``; None on an object store."""
@@ -139,6 +144,10 @@ class LocalStorage:
 
     def read(self, key: str) -> bytes:
         return self.path(key).read_bytes()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self.path(key), "rb") as f:
+            return os.pread(f.fileno(), length, start)
 
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         return publish_new(self.path(key), payload, temp_prefix=temp_prefix)
@@ -217,7 +226,7 @@ class LocalStorage:
             except OSError:
                 break
 
-    def sync(self, key: str, *, tree: bool = True) -> None:
+    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
         path = self.path(key)
         if tree and path.is_dir():
             for dirpath, _, filenames in os.walk(path):
@@ -234,6 +243,8 @@ class LocalStorage:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        if not up:
+            return
         p = path if path.is_dir() else path.parent
         while True:  # directory entries from here up to the lake root
             if p.is_dir():
@@ -288,6 +299,14 @@ class ObjectStorage:
 
         _check_key(key)
         return bytes(self._call("read", key, lambda s: obstore.get(s, key).bytes()))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        _check_key(key)
+        if length <= 0:
+            return b""
+        return bytes(self._call("read", key, obstore.get_range, key, start=start, length=length))
 
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         import obstore
@@ -381,7 +400,7 @@ class ObjectStorage:
     def prune(self, *keys: str) -> None:
         return None  # object stores have no directories
 
-    def sync(self, key: str, *, tree: bool = True) -> None:
+    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
         return None  # a PUT is durable when it returns
 
     def kvstore(self, key: str) -> dict[str, Any]:
