@@ -141,3 +141,23 @@ def test_scripts_report_input_errors_as_one_line(argv):
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+
+
+def test_train_help_documents_config_overrides_with_examples_that_apply(capsys):
+    """Issue 28: `train --help` says how --config.* overrides work; its examples are valid overrides of the base
+    config."""
+    import re
+    import shlex
+
+    from lepton_jax.config import load_config, split_override_args
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--config.KEY=VALUE" in text and "base config" in text
+    examples = [arg for line in text.splitlines() if re.match(r"\s*--config\.[a-z]", line)
+                for arg in shlex.split(line)]
+    assert len(examples) >= 4
+    _, overrides = split_override_args(examples)
+    config = load_config("digits_cnn", overrides)
+    assert config.optim.lr == 3e-4 and config.augment == (("random_shift", {"max_shift": 1}),)
