@@ -161,3 +161,21 @@ def test_train_help_documents_config_overrides_with_examples_that_apply(capsys):
     _, overrides = split_override_args(examples)
     config = load_config("digits_cnn", overrides)
     assert config.optim.lr == 3e-4 and config.augment == (("random_shift", {"max_shift": 1}),)
+
+
+def test_serve_on_a_busy_port_is_one_line_before_loading_anything(tmp_path, capsys):
+    """Issue 28: a port another socket listens on is refused first (exit 2, one line), before the lake or any model
+    is opened (it printed uvicorn logs and exited 3 after loading); a free port goes on to load (here: no lake)."""
+    import socket
+
+    lake = tmp_path / "no_lake"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--lake", str(lake), "--model", "digits@production", "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and f"cannot listen on 127.0.0.1:{port}" in err and "free --port" in err
+    assert not lake.exists()
+    assert main(["serve", "--lake", str(lake), "--model", "digits@production", "--port", str(port)]) == 2
+    assert "cannot listen" not in capsys.readouterr().err  # free now: it got as far as the (missing) registry
