@@ -65,6 +65,18 @@ def test_augmented_batches_are_seeded_process_independent_and_resume_exactly(tab
     np.testing.assert_array_equal(np.concatenate(halves), first[0]["input"])  # 2 processes: the same global batch
 
 
+def test_edge_training_batches_are_augmented_too(table):
+    """Edge training (one block of rows per node) augments its train batches the same way."""
+    from lepton_jax.train.edge import node_dataset, node_partitions
+
+    source = LakeDataSource(table.reader("train"))
+    parts = node_partitions(len(source), 4, "iid", 0, None)
+    plain, aug = (next(iter(node_dataset(source, parts, per_node_batch=8, seed=0, num_epochs=1, schema=table.schema,
+                                         augment=spec))) for spec in ((), SPEC))
+    np.testing.assert_array_equal(plain["label"], aug["label"])
+    assert not np.array_equal(plain["input"], aug["input"]) and 0.0 <= aug["input"].min() <= aug["input"].max() <= 1.0
+
+
 def test_bad_steps_are_one_line_config_errors():
     for spec, expected in ((("flip_upside_down",), "unknown augmentation"),
                            ((("random_shift", {"max_sift": 1}),), "does not take"),
