@@ -121,3 +121,18 @@ def test_interrupted_and_resumed_with_augmentation_equals_uninterrupted(lake_roo
     info = json.loads((workdir / tracking.RUN_FILE).read_text())
     assert info["augment"] == [{"name": "random_shift", "params": {"max_shift": 1}},
                                {"name": "gaussian_noise", "params": {"std": 0.05}}]
+
+
+def test_a_run_saved_before_augment_existed_resumes_with_the_same_config(tmp_path):
+    """config.json of a run from before the ``augment`` key: the same config continues it (the new key counts as its
+    default), a changed one is still refused."""
+    from lepton_jax.config import to_dict
+
+    config = small_config()
+    old = to_dict(config)
+    del old["augment"]
+    (tmp_path / tracking.CONFIG_FILE).write_text(json.dumps(old))
+    run = tracking.RunDir(tmp_path)
+    run.check_same_config(config)
+    with pytest.raises(ConfigError, match="different config.*augment"):
+        run.check_same_config(small_config(augment=SPEC))
