@@ -230,11 +230,12 @@ class RunDir:
         return self.path.resolve() / "checkpoints"
 
     def check_same_config(self, config: ml_collections.ConfigDict) -> None:
-        """A workdir holds one experiment: refuse to continue it with a different config."""
+        """A workdir holds one experiment: refuse to continue it with a different config. Keys added to the base
+        config after the run was saved count as their defaults (a run from before ``augment`` existed resumes)."""
         path = self.path / CONFIG_FILE
         if not path.exists():
             return
-        saved = flatten(read_json(path))
+        saved = flatten(config_lib.to_dict(config_lib.saved_config(read_json(path))))
         current = flatten(config_lib.to_dict(config))
         diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         if diff:

@@ -17,7 +17,7 @@ The claims live in docs/numbers.toml, one ``[[claim]]`` table per quoted number:
     format   how the doc prints the value (a format spec such as ".4f"); without a tolerance the printed artifact
              value must equal the quoted text exactly
     tolerance / rel_tolerance   absolute or relative slack, for measurements that vary between runs (benchmarks)
-    layout   devices × processes (and machine) the number was measured on, printed beside the verdict
+    layout   processes × devices per process (and machine) the number was measured on, printed beside the verdict
     machine  the hardware the quoted number was recorded on, as ``lepton_jax.tracking.machine()["label"]`` writes it
              (CPU model and the ISA XLA compiled for, e.g. ``AMD EPYC (AVX2)``; default ``unknown``); a mismatch
              on another machine reads "recorded on X, this is Y" (results can move with the CPU's ISA)

@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     from lepton_jax.train.loop import train
 
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
-    print(f"layout: {jax.device_count()} device(s) x {jax.process_count()} process(es), "
-          f"backend {jax.default_backend()}")
+    from lepton_jax.runs import layout
+
+    print(f"layout: {layout(jax.process_count(), jax.device_count())}, backend {jax.default_backend()}")
     with tempfile.TemporaryDirectory(prefix="tabular-") as tmp:
         work = Path(args.workdir or tmp)
         lake = Lake(work / "lake")

@@ -141,3 +141,41 @@ def test_scripts_report_input_errors_as_one_line(argv):
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+
+
+def test_train_help_documents_config_overrides_with_examples_that_apply(capsys):
+    """Issue 28: `train --help` says how --config.* overrides work; its examples are valid overrides of the base
+    config."""
+    import re
+    import shlex
+
+    from lepton_jax.config import load_config, split_override_args
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--config.KEY=VALUE" in text and "base config" in text
+    examples = [arg for line in text.splitlines() if re.match(r"\s*--config\.[a-z]", line)
+                for arg in shlex.split(line)]
+    assert len(examples) >= 4
+    _, overrides = split_override_args(examples)
+    config = load_config("digits_cnn", overrides)
+    assert config.optim.lr == 3e-4 and config.augment == (("random_shift", {"max_shift": 1}),)
+
+
+def test_serve_on_a_busy_port_is_one_line_before_loading_anything(tmp_path, capsys):
+    """Issue 28: a port another socket listens on is refused first (exit 2, one line), before the lake or any model
+    is opened (it printed uvicorn logs and exited 3 after loading); a free port goes on to load (here: no lake)."""
+    import socket
+
+    lake = tmp_path / "no_lake"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--lake", str(lake), "--model", "digits@production", "--port", str(port)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [err] and f"cannot listen on 127.0.0.1:{port}" in err and "free --port" in err
+    assert not lake.exists()
+    assert main(["serve", "--lake", str(lake), "--model", "digits@production", "--port", str(port)]) == 2
+    assert "cannot listen" not in capsys.readouterr().err  # free now: it got as far as the (missing) registry

@@ -95,8 +95,15 @@ def test_fsdp_really_splits_large_kernels():
 def test_mesh_and_rule_errors():
     with pytest.raises(ConfigError, match=r"mesh.axes \{'data': 3\} needs 3 devices, but 8 are present"):
         make_mesh(mesh_config({"data": 3}))
-    with pytest.raises(ConfigError, match="needs 16 devices, but 8 are present"):
+    with pytest.raises(ConfigError, match="needs 16 devices, but 8 are present") as too_many:
         make_mesh(mesh_config({"data": 4, "tensor": 4}))
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=16" in str(too_many.value)  # issue 28: how to get them
+    with pytest.raises(ConfigError, match="XLA_FLAGS=--xla_force_host_platform_device_count=9"):
+        make_mesh(mesh_config({"data": -1}, num_devices=9))
+    from lepton_jax.parallel.edge import edge_mesh
+
+    with pytest.raises(ConfigError, match="edge.nodes=12 needs 12 devices.*device_count=12"):
+        edge_mesh(12)
     with pytest.raises(ConfigError, match="at most one axis may be -1"):
         make_mesh(mesh_config({"data": -1, "fsdp": -1}))
     with pytest.raises(ConfigError, match=r"\(product 3\) does not divide the 8 devices"):

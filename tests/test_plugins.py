@@ -179,3 +179,46 @@ def test_console_script_finds_a_minimal_source_in_the_working_directory(tmp_path
     assert bad.stderr.strip().splitlines() == [
         "error: source my_pkg.data:NotASource has neither load() nor tasks(); a source's load() returns "
         "lepton_jax.lake.sources.SourceData (or tasks() returns objects that do)"]
+
+
+MINIMAL_MODEL = '''
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Linear(nnx.Module):  # declares none of the base config's model keys (features, hidden, dropout, dtype)
+    def __init__(self, input_shape, num_classes, rngs):
+        size = 1
+        for d in input_shape:
+            size *= int(d)
+        self.head = nnx.Linear(size, num_classes, rngs=rngs)
+
+    def __call__(self, x, *, train=False, rngs=None):
+        return self.head(x.reshape(x.shape[0], -1).astype(jnp.float32))
+
+
+class Flexible(Linear):
+    def __init__(self, input_shape, num_classes, rngs, **rest):
+        super().__init__(input_shape, num_classes, rngs)
+        self.rest = dict(rest)
+'''
+
+
+@pytest.mark.slow
+def test_a_model_taking_only_shape_classes_and_rngs_trains_with_the_base_config(lake_root, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Issue 28: the base config's model keys a plug-in does not declare are left out (it failed with "rejected its
+    config {dropout, dtype, features, hidden}" before); a **kwargs model still gets them all, and a key that is not
+    the base config's still fails."""
+    (tmp_path / "plugmin.py").write_text(MINIMAL_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--config", "digits_cnn", "--workdir", str(tmp_path / "run"), "--lake", str(lake_root),
+                 "--no-progress", "--config.model.name=plugmin:Linear", "--config.num_epochs=1",
+                 "--config.optim.warmup_steps=0", "--config.optim.lr=0.05",
+                 "--config.tracking.tensorboard=False"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test_accuracy"] > 0.5
+    base = {"features": (32, 64), "hidden": 128, "dropout": 0.25, "dtype": "float32"}
+    flexible = build_model(_model("plugmin:Flexible", **base), input_shape=(4,), num_classes=3, seed=0)
+    assert set(flexible.rest) == set(base)
+    with pytest.raises(ConfigError, match="rejected its config.*widht"):
+        build_model(_model("plugmin:Linear", widht=3, **base), input_shape=(4,), num_classes=3, seed=0)

@@ -99,9 +99,10 @@ def test_crash_and_resume_leave_no_duplicate_steps_in_tensorboard_and_w_and_b_of
 def test_runs_compare_shows_devices_and_processes(trained_run):
     workdir, _ = trained_run
     summary = runs.run_summary(workdir)
-    assert summary["layout"] == "8 × 1"
+    assert summary["layout"] == "1 process × 8 devices"  # issue 28: "8 × 1" read either way round
     text = runs.table([summary])
-    assert "devices × processes" in text.splitlines()[0] and "| 8 × 1 |" in text
+    assert "layout" in text.splitlines()[0] and "| 1 process × 8 devices |" in text
+    assert runs.layout(2, 8) == "2 processes × 4 devices" and runs.layout(None, 8) == "?"
 
 
 def test_run_json_records_the_cpu_model_and_the_isa_xla_compiles_for(trained_run):

@@ -145,7 +145,7 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
         tracking.write_json_atomic(out / "robust.json", result)
-        save_curve_png({f"step {step}": curve_result}, out / "accuracy_vs_eps.png",
+        save_curve_png({f"{Path(workdir).resolve().name} (step {step})": curve_result}, out / "accuracy_vs_eps.png",
                        title=f"{data['table']}@{data['version']} {split}: worst of every attack")
     result["output"] = str(out)
     return result

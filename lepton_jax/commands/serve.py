@@ -303,7 +303,32 @@ def serve_command(args: argparse.Namespace) -> int:
         return _serve(args)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """One line (exit 2) when ``host:port`` cannot be listened on, before any model loads or heavy import (the
+    server would otherwise find out only after loading every model). Binds with SO_REUSEADDR, as uvicorn does, so only
+    a port another socket listens on (or a host this machine does not have) is refused."""
+    import socket
+
+    from lepton_jax.errors import LeptonError
+
+    if port == 0:  # the OS picks a free one
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise LeptonError(f"--host {host!r} is not an address of this machine ({e.strerror})") from e
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise LeptonError(f"cannot listen on {host}:{port}: {e.strerror}; stop what uses it or pass a free "
+                              "--port") from e
+
+
 def _serve(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port)
     import logging
 
     from lepton_jax.errors import LeptonError

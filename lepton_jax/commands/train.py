@@ -9,7 +9,17 @@ from lepton_jax.files import atomic_write
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train a config; extra --config.KEY=VALUE arguments override it")
+    train = sub.add_parser(
+        "train", help="train a config; extra --config.KEY=VALUE arguments override it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config overrides (any number, anywhere on the command line):\n"
+               "  --config.KEY=VALUE   set an existing key of the config (dotted path), e.g.\n"
+               "    --config.optim.lr=3e-4 --config.num_epochs=5 --config.model.name=my_pkg.models:Tiny\n"
+               "    --config.augment=\"(('random_shift', {'max_shift': 1}),)\"\n"
+               "  VALUE is a Python literal of the key's type (ints widen to floats; tuples, dicts and quoted\n"
+               "  strings as in Python); an unknown key or a wrong type is an error naming it. Every key and its\n"
+               "  default: lepton_jax/configs/digits_cnn.py (the base config). The resolved config is saved as\n"
+               "  WORKDIR/config.json.")
     train.add_argument("--config", required=True,
                        help="a packaged config's name (digits_cnn) or a file (configs/<name>.py); :ARG for a variant")
     train.add_argument("--workdir", required=True, help="run directory (same dir + same config resumes)")

@@ -27,6 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 0  # 0 = once per epoch; every evaluation also writes a checkpoint
     config.grad_accum_steps = 1  # micro-batches per step; gradients are reduced across devices once per step
     config.prefetch = 2  # batches prepared ahead of the step in a background thread (0 = off)
+    # train-split augmentation, in order: names or (name, {params}) pairs, e.g. (("random_shift", {"max_shift": 1}),
+    # ("gaussian_noise", {"std": 0.03})); shipped: random_shift, horizontal_flip, brightness, gaussian_noise/jitter,
+    # scaling, or package.module:function (lepton_jax/data/augment.py)
+    config.augment = ()
 
     config.data = ml_collections.ConfigDict()
     config.data.lake = "lake"

@@ -17,6 +17,7 @@ import numpy as np
 from grain.experimental import index_shuffle
 from jax.sharding import NamedSharding
 
+from lepton_jax.data.augment import Augment
 from lepton_jax.data.source import LakeDataSource
 from lepton_jax.data.transforms import prepare_batch
 from lepton_jax.errors import ConfigError
@@ -66,18 +67,26 @@ class ShuffledBatches(grain.MapDataset):
 
 def train_dataset(source: LakeDataSource, *, global_batch_size: int, seed: int, num_epochs: int | None,
                   schema: dict[str, Any], process_index: int | None = None,
-                  process_count: int | None = None, read_options: grain.ReadOptions | None = None
-                  ) -> grain.IterDataset:
+                  process_count: int | None = None, read_options: grain.ReadOptions | None = None,
+                  augment: Any = ()) -> grain.IterDataset:
     """Shuffled (differently each epoch), batched, preprocessed host-local batches with checkpointable state.
     ``read_options`` goes to Grain (``num_threads=0`` reads in the caller's thread, for a caller that prefetches
-    in its own thread; the iterator state is the same either way)."""
+    in its own thread; the iterator state is the same either way). ``augment``: ``config.augment``
+    (:mod:`lepton_jax.data.augment`), a seeded random map after scaling."""
     if global_batch_size > len(source):
         raise ConfigError(f"batch size {global_batch_size} exceeds the {len(source)} training examples")
     rows = host_slice(global_batch_size, process_index, process_count)
     ds = (ShuffledBatches(len(source), global_batch_size, seed)
           .repeat(num_epochs)
           .map(lambda idx: prepare_batch(source.__getitems__(idx[rows]), schema)))
-    return ds.to_iter_dataset(read_options)
+    return augmented(ds, augment, rows, seed).to_iter_dataset(read_options)
+
+
+def augmented(ds: grain.MapDataset, augment: Any, rows: slice, seed: int) -> grain.MapDataset:
+    """``ds`` (batches) with the ``config.augment`` steps as a Grain random map seeded by ``seed``; ``ds`` itself
+    when there are none."""
+    fn = Augment(augment, rows)
+    return ds.random_map(fn, seed=seed % 2**32) if fn else ds
 
 
 def eval_batches(source: LakeDataSource, *, global_batch_size: int, schema: dict[str, Any]

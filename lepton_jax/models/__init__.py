@@ -2,19 +2,22 @@
 
 ``model.name`` is a built-in name (``cnn``, ``mlp``, ``resnet``, ``tcn``, ``vit``), a name added in this process with
 :func:`register_model`, or an import path ``package.module:Class`` (see :mod:`lepton_jax.plugins`). A model is any
-``nnx.Module`` whose constructor takes ``input_shape``, ``num_classes``, ``rngs`` and the other ``model`` keys as
-keyword arguments and whose ``__call__(x, train=...)`` returns logits; give it logical axis names (see
+``nnx.Module`` whose constructor takes ``input_shape``, ``num_classes``, ``rngs`` and the ``model`` keys it declares
+as keyword arguments (the base config's ``model`` keys it does not declare are left out, so a plug-in needs no
+``**unused``) and whose ``__call__(x, train=...)`` returns logits; give it logical axis names (see
 :mod:`lepton_jax.models.layers`) to shard it beyond data parallelism.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import ml_collections
 from flax import nnx
 
 from lepton_jax import plugins
+from lepton_jax.config import base_config
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.cnn import CNN
 from lepton_jax.models.mlp import MLP
@@ -28,14 +31,22 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "mlp": MLP, "resnet"
 
 def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ...], num_classes: int,
                 seed: int) -> nnx.Module:
-    """Builds ``config.name`` with the remaining ``config`` fields as keyword arguments."""
-    kwargs = {k: v for k, v in config.to_dict().items() if k != "name"}
+    """Builds ``config.name`` with the remaining ``config`` fields as keyword arguments, less the base config's
+    ``model`` keys its constructor does not declare (:func:`lepton_jax.plugins.declared_kwargs`)."""
     factory = model_factory(config.name)
+    kwargs = plugins.declared_kwargs(factory, {k: v for k, v in config.to_dict().items() if k != "name"},
+                                     inherited=_base_model_keys())
     try:
         return factory(input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed),
                                    **kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model {config.name!r} rejected its config {kwargs}: {e}") from e
+
+
+@functools.cache
+def _base_model_keys() -> frozenset[str]:
+    """The ``model`` keys of the base config (the built-in CNN's), which every config starting from it inherits."""
+    return frozenset(base_config().model.keys()) - {"name"}
 
 
 def register_model(name: str, factory: Callable[..., nnx.Module]) -> None:

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lepton_jax.errors import ConfigError
-from lepton_jax.parallel.mesh import make_mesh, mesh_config
+from lepton_jax.parallel.mesh import make_mesh, mesh_config, more_devices_hint
 
 NODES = "nodes"
 DELTA_DTYPES = ("float32", "bfloat16", "int8")
@@ -78,7 +78,8 @@ def edge_mesh(nodes: int, devices: list | None = None) -> Mesh:
                               "processes (one node per device)")
         return make_mesh(mesh_config({NODES: nodes // processes}, dcn_axes={NODES: processes}), devices)
     if nodes > len(devices):
-        raise ConfigError(f"edge.nodes={nodes} needs {nodes} devices (one per node), but {len(devices)} are present")
+        raise ConfigError(f"edge.nodes={nodes} needs {nodes} devices (one per node), but {len(devices)} are present; "
+                          + more_devices_hint(nodes))
     return make_mesh(mesh_config({NODES: nodes}, num_devices=nodes), devices)
 
 

@@ -39,7 +39,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
     num = int(config.num_devices)
     if num > 0:
         if num > len(devices):
-            raise ConfigError(f"mesh.num_devices={num} but only {len(devices)} devices are present")
+            raise ConfigError(f"mesh.num_devices={num} but only {len(devices)} devices are present; "
+                              + more_devices_hint(num))
         devices = devices[:num]
     axes = dict(config.axes)
     dcn = dict(config.dcn_axes or {})
@@ -57,11 +58,18 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list | None = None) ->
             raise ConfigError(f"mesh.axes {axes} (product {known}) does not divide the {per_mesh} devices")
         axes[fill[0]] = per_mesh // known
     if math.prod(axes.values()) != per_mesh:
-        raise ConfigError(f"mesh.axes {axes} needs {math.prod(axes.values())} devices, "
-                          f"but {per_mesh} are present; set one axis to -1 or mesh.num_devices")
+        needed = math.prod(axes.values())
+        raise ConfigError(f"mesh.axes {axes} needs {needed} devices, but {per_mesh} are present; set one axis to -1 "
+                          "or mesh.num_devices" + (f", or {more_devices_hint(needed)}" if needed > per_mesh else ""))
     if dcn:
         return _hybrid_mesh(devices, axes, dcn)
     return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
+
+
+def more_devices_hint(needed: int) -> str:
+    """How to get ``needed`` devices on a development machine (the end of a device-count error)."""
+    return (f"on CPU, simulate them with XLA_FLAGS=--xla_force_host_platform_device_count={needed} in the "
+            "environment (set before Python starts), or run several processes with `lepton-jax launch`")
 
 
 def _hybrid_mesh(devices: list, ici: dict[str, int], dcn: dict[str, int]) -> Mesh:

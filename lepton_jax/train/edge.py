@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from lepton_jax.checkpoint import PARAMS
 from lepton_jax.data import LakeDataSource, ShuffledBatches, host_slice, prepare_batch
+from lepton_jax.data.pipeline import augmented
 from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.functional import cross_entropy, make_apply, make_predict
@@ -83,10 +84,10 @@ def node_partitions(num_examples: int, nodes: int, split: str, seed: int, labels
 
 def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_batch: int, seed: int,
                  num_epochs: int | None, schema: dict[str, Any], process_index: int | None = None,
-                 process_count: int | None = None, read_options: grain.ReadOptions | None = None
-                 ) -> grain.IterDataset:
+                 process_count: int | None = None, read_options: grain.ReadOptions | None = None,
+                 augment: Any = ()) -> grain.IterDataset:
     """Global batches of ``nodes x per_node_batch`` rows, node k's block drawn from its own partition row (shuffled
-    differently each epoch); this process reads only its rows (its nodes' blocks)."""
+    differently each epoch); this process reads only its rows (its nodes' blocks), augmented as ``augment`` says."""
     nodes, m = partitions.shape
     if per_node_batch > m:
         raise ConfigError(f"per-node batch {per_node_batch} exceeds the {m} examples each node holds")
@@ -99,7 +100,7 @@ def node_dataset(source: LakeDataSource, partitions: np.ndarray, *, per_node_bat
     ds = (ShuffledBatches(m, per_node_batch, seed)
           .repeat(num_epochs)
           .map(load))
-    return ds.to_iter_dataset(read_options)
+    return augmented(ds, augment, rows, seed).to_iter_dataset(read_options)
 
 
 class EdgeStrategy(Strategy):
@@ -196,7 +197,7 @@ class EdgeStrategy(Strategy):
     def batches(self, source: LakeDataSource, schema: dict[str, Any]) -> Any:
         return iter(node_dataset(source, self.partitions, per_node_batch=self.per_node, seed=self.config.seed,
                                  num_epochs=self.config.num_epochs, schema=schema,
-                                 read_options=grain_read_options(self.config.prefetch)))
+                                 read_options=grain_read_options(self.config.prefetch), augment=self.config.augment))
 
     def step(self, state: EdgeState, batch: Any) -> tuple[EdgeState, dict[str, jax.Array]]:
         return self.inner_step(state, batch)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from lepton_jax import tracking
 from lepton_jax.checkpoint import from_config
 from lepton_jax.data import LakeDataSource
+from lepton_jax.data import augment as augment_lib
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
 from lepton_jax.signals import Interrupted
@@ -180,6 +181,7 @@ class Loop:
         earlier = _summary_at(run.path / tracking.RUN_FILE, None).get("lineage")  # before start() rewrites run.json
         run.start(config, extra={"data": self.data_info, "seed": config.seed, "mesh": dict(s.mesh.shape),
                                  "strategy": s.name, "num_params": s.built.num_params, "lineage": self.lineage,
+                                 "augment": augment_lib.describe(config.augment),
                                  **s.run_info()})
         ckpt = from_config(run.checkpoint_dir, config.checkpoint)
         batches = Prefetcher(s.batches(self.sources["train"], self.schema), s.data_sharding, config.prefetch)

@@ -169,7 +169,8 @@ class SyncStrategy(Strategy):
     def batches(self, source: LakeDataSource, schema: dict[str, Any]) -> Any:
         return iter(train_dataset(source, global_batch_size=self.config.batch_size, seed=self.config.seed,
                                   num_epochs=self.config.num_epochs, schema=schema,
-                                  read_options=grain_read_options(self.config.prefetch)))
+                                  read_options=grain_read_options(self.config.prefetch),
+                                  augment=self.config.augment))
 
     def step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         return self._step(state, batch)

@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from lepton_jax.data.augment import parse_augment
 from lepton_jax.errors import ConfigError
 from lepton_jax.parallel.edge import DELTA_DTYPES
 from lepton_jax.parallel.mesh import MESH_AXES
@@ -123,6 +124,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check_init_config(config.init)
     check_robust_config(config.robust)
     check_tracking_config(config.tracking)
+    parse_augment(config.augment)
     e = config.edge
     if e.split not in EDGE_SPLITS:
         raise ConfigError(f"unknown edge.split {e.split!r}; use {' or '.join(EDGE_SPLITS)}")
