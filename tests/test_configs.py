@@ -13,7 +13,8 @@ from tests.conftest import ROOT
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 # input shape and classes of each table the configs train on (the lake schema supplies them in a real run)
 TABLES = {"digits": ((8, 8, 1), 10), "iris": ((4,), 3), "activity": ((32, 3), 4), "wine": ((13,), 3),
-          "breast_cancer": ((30,), 2), "diabetes": ((10,), 1)}
+          "breast_cancer": ((30,), 2), "diabetes": ((10,), 1),
+          "digits_attributes": ((8, 8, 1), 3)}
 
 
 def _schema(table):
@@ -22,6 +23,9 @@ def _schema(table):
         return {"label_array": "label", "label_names": ["q1", "q2", "q3", "q4"], "target_arrays": ["target"],
                 "arrays": {"input": {"example_shape": list(shape)}, "target": {"example_shape": [1]}},
                 "target_stats": {"array": "target", "mean": [150.0], "std": [77.0]}}
+    if table == "digits_attributes":  # multi-label: a multi-hot target of 3 labels
+        return {"label_array": "label", "label_names": [str(i) for i in range(10)], "target_arrays": ["target"],
+                "arrays": {"input": {"example_shape": list(shape)}, "target": {"example_shape": [classes]}}}
     return {"label_array": "label", "label_names": [str(i) for i in range(classes)],
             "arrays": {"input": {"example_shape": list(shape)}}}
 

@@ -151,3 +151,37 @@ def test_regression_needs_a_target_array(lake_root):
         make_task(config, Lake(lake_root).table("digits").schema)
     with pytest.raises(ConfigError, match="unknown task"):
         make_task(load_config(str(DEFAULT_CONFIG), ["task.name=nosuchtask"]), {})
+
+
+@pytest.mark.slow
+def test_multilabel_trains_evaluates_predicts_registers_and_serves(tmp_path, capsys):
+    lake, workdir = tmp_path / "lake", tmp_path / "run"
+    assert main(["lake", "ingest", "--lake", str(lake), "--source", "sklearn:digits_attributes", "--table",
+                 "digits_attributes"]) == 0
+    table = Lake(lake).table("digits_attributes")
+    assert table.schema["arrays"]["target"]["columns"] == ["even", "at_least_5", "prime"]
+    assert main(["train", "--config", str(ROOT / "configs" / "digits_multilabel.py"), "--workdir", str(workdir),
+                 "--lake", str(lake), "--no-progress", "--config.num_epochs=2", "--config.model.features=(8,)",
+                 "--config.model.hidden=16"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert {"test_micro_f1", "test_macro_f1", "test_map", "best_dev_micro_f1"} <= set(summary)
+    assert summary["test_map"] > 0.6  # three balanced-ish attributes: chance mAP is about their base rates
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    assert "micro-F1" in capsys.readouterr().out
+    x = table.reader("test").read_all()[input_array(table.schema)][:3]
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", "--workdir", str(workdir), "--input", str(tmp_path / "x.npy"), "--output",
+                 str(tmp_path / "pred.npy")]) == 0
+    probabilities = np.load(tmp_path / "pred.npy")
+    assert probabilities.shape == (3, 3) and ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert main(["registry", "register", "--lake", str(lake), "--name", "attrs", "--workdir", str(workdir)]) == 0
+    server = ModelServer([ServedModel.from_registry(lake, "attrs@1")],
+                         ServeConfig(warm_up_on_startup=False, replicas=1, max_batch_size=4))
+    server.warm_up()
+    with _client()(server.app) as client:
+        response = client.post("/v2/models/attrs/infer", json=infer_request(x, input_array(table.schema)))
+    assert response.status_code == 200, response.text
+    (tensor,) = response.json()["outputs"]
+    assert tensor["name"] == "probabilities" and tensor["shape"] == [3, 3]
+    np.testing.assert_allclose(np.asarray(tensor["data"], np.float32).reshape(3, 3), probabilities, atol=1e-5)

@@ -90,7 +90,7 @@ class Source(Protocol):
     def load(self) -> SourceData: ...
 
 
-_SKLEARN = ("digits", "iris", "wine", "breast_cancer", "diabetes")
+_SKLEARN = ("digits", "iris", "wine", "breast_cancer", "diabetes", "digits_attributes")
 
 
 class SklearnSource:
@@ -113,6 +113,8 @@ class SklearnSource:
     def load(self) -> SourceData:
         import sklearn.datasets
 
+        if self.dataset == "digits_attributes":
+            return self._attributes(sklearn.datasets.load_digits())
         bunch = getattr(sklearn.datasets, f"load_{self.dataset}")()
         if self.dataset == "diabetes":
             return self._regression(bunch)
@@ -130,6 +132,17 @@ class SklearnSource:
                           {"features": (float(features.min()), float(features.max()))}, self.uri,
                           column_ranges={"features": columns},
                           column_names={"features": [str(n) for n in bunch.feature_names]})
+
+    def _attributes(self, bunch: Any) -> SourceData:
+        """The digits images with a multi-hot target of three attributes of the digit (even, at least 5, prime):
+        a small, deterministic multi-label table; class labels stay the digits (splits stratified by digit)."""
+        digit = bunch.target.astype(np.int64)
+        target = np.stack([digit % 2 == 0, digit >= 5, np.isin(digit, (2, 3, 5, 7))], axis=1).astype(np.float32)
+        return SourceData({"image": bunch.images.astype(np.uint8)[..., None], "target": target}, digit,
+                          [str(n) for n in bunch.target_names], {"image": (0.0, 16.0), "target": (0.0, 1.0)},
+                          self.uri,
+                          column_ranges={"target": np.asarray([[0.0, 1.0]] * 3)},
+                          column_names={"target": ["even", "at_least_5", "prime"]}, targets=("target",))
 
     def _regression(self, bunch: Any) -> SourceData:
         features = bunch.data.astype(np.float32)

@@ -1,6 +1,7 @@
 """What is learned: a *task* supplies the loss, the metrics, the model's output size, how outputs become predictions
-and what the lake table must hold. Named by ``config.task.name``: a built-in (``classification``, ``regression``) or
-an import path ``package.module:Task`` (see :mod:`lepton_jax.plugins`); docs/tasks.md describes the interface."""
+and what the lake table must hold. Named by ``config.task.name``: a built-in (``classification``, ``regression``,
+``multilabel``) or an import path ``package.module:Task`` (see :mod:`lepton_jax.plugins`); docs/tasks.md describes
+the interface."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from lepton_jax import plugins
 from lepton_jax.errors import ConfigError
 from lepton_jax.tasks.base import Task
 from lepton_jax.tasks.classification import Classification
+from lepton_jax.tasks.multilabel import MultiLabel
 from lepton_jax.tasks.regression import Regression
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "regression": Regression}
+TASKS: dict[str, type[Task]] = {"classification": Classification, "regression": Regression, "multilabel": MultiLabel}
 
-__all__ = ["TASKS", "Classification", "Regression", "Task", "make_task", "run_schema", "task_class"]
+__all__ = ["TASKS", "Classification", "MultiLabel", "Regression", "Task", "make_task", "run_schema", "task_class"]
 
 
 def task_class(name: str) -> type[Task]:
