@@ -185,3 +185,38 @@ def test_multilabel_trains_evaluates_predicts_registers_and_serves(tmp_path, cap
     (tensor,) = response.json()["outputs"]
     assert tensor["name"] == "probabilities" and tensor["shape"] == [3, 3]
     np.testing.assert_allclose(np.asarray(tensor["data"], np.float32).reshape(3, 3), probabilities, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_dense_target_trains_evaluates_predicts_registers_and_serves(tmp_path, capsys):
+    lake, workdir = tmp_path / "lake", tmp_path / "run"
+    assert main(["lake", "ingest", "--lake", str(lake), "--source", "sklearn:digits_strokes", "--table",
+                 "digits_strokes"]) == 0
+    table = Lake(lake).table("digits_strokes")
+    assert table.schema["arrays"]["target"]["example_shape"] == [8, 8]
+    assert main(["train", "--config", str(ROOT / "configs" / "digits_strokes_fcn.py"), "--workdir", str(workdir),
+                 "--lake", str(lake), "--no-progress", "--config.num_epochs=3", "--config.optim.lr=0.01",
+                 "--config.optim.warmup_steps=5"]) == 0
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["test_mean_iou"] > 0.5 and summary["test_pixel_accuracy"] > 0.7  # all-background: IoU 0.38
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    assert "mean IoU" in capsys.readouterr().out
+    test = table.reader("test").read_all()
+    x = test[input_array(table.schema)][:3]
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", "--workdir", str(workdir), "--input", str(tmp_path / "x.npy"), "--output",
+                 str(tmp_path / "mask.npy")]) == 0
+    mask = np.load(tmp_path / "mask.npy")
+    assert mask.shape == (3, 8, 8) and set(np.unique(mask)) <= {0, 1}
+    assert main(["registry", "register", "--lake", str(lake), "--name", "strokes", "--workdir", str(workdir)]) == 0
+    served = ServedModel.from_registry(lake, "strokes@1")
+    assert served.metadata()["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 8, 8, 2]}]
+    server = ModelServer([served], ServeConfig(warm_up_on_startup=False, replicas=1, max_batch_size=4))
+    server.warm_up()
+    with _client()(server.app) as client:
+        response = client.post("/v2/models/strokes/infer", json=infer_request(x, input_array(table.schema)))
+    assert response.status_code == 200, response.text
+    (tensor,) = response.json()["outputs"]
+    assert tensor["shape"] == [3, 8, 8, 2]
+    np.testing.assert_array_equal(np.asarray(tensor["data"], np.float32).reshape(3, 8, 8, 2).argmax(-1), mask)

@@ -90,7 +90,7 @@ class Source(Protocol):
     def load(self) -> SourceData: ...
 
 
-_SKLEARN = ("digits", "iris", "wine", "breast_cancer", "diabetes", "digits_attributes")
+_SKLEARN = ("digits", "iris", "wine", "breast_cancer", "diabetes", "digits_attributes", "digits_strokes")
 
 
 class SklearnSource:
@@ -115,6 +115,8 @@ class SklearnSource:
 
         if self.dataset == "digits_attributes":
             return self._attributes(sklearn.datasets.load_digits())
+        if self.dataset == "digits_strokes":
+            return self._strokes(sklearn.datasets.load_digits())
         bunch = getattr(sklearn.datasets, f"load_{self.dataset}")()
         if self.dataset == "diabetes":
             return self._regression(bunch)
@@ -143,6 +145,14 @@ class SklearnSource:
                           self.uri,
                           column_ranges={"target": np.asarray([[0.0, 1.0]] * 3)},
                           column_names={"target": ["even", "at_least_5", "prime"]}, targets=("target",))
+
+    def _strokes(self, bunch: Any) -> SourceData:
+        """The digits images with a per-pixel target: stroke (1) where the pixel value is at least 8 of 16, else
+        background (0); a small, deterministic dense-target (segmentation) table stratified by digit."""
+        images = bunch.images.astype(np.uint8)
+        return SourceData({"image": images[..., None], "target": (images >= 8).astype(np.uint8)},
+                          bunch.target.astype(np.int64), [str(n) for n in bunch.target_names],
+                          {"image": (0.0, 16.0), "target": (0.0, 1.0)}, self.uri, targets=("target",))
 
     def _regression(self, bunch: Any) -> SourceData:
         features = bunch.data.astype(np.float32)

@@ -174,7 +174,7 @@ class ServedModel:
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.label_names)]},
                             {"name": "class", "datatype": "INT64", "shape": [-1]},
                             {"name": "label", "datatype": "BYTES", "shape": [-1]}] if self.classifier else
-                           [{"name": n, "datatype": "FP32", "shape": [-1, self.task.output_size]}
+                           [{"name": n, "datatype": "FP32", "shape": [-1, *self.task.output_shape]}
                             for n in self.task.output_names],
                 "parameters": {"label_names": self.label_names, "value_range": list(self.value_range),
                                **({"column_ranges": self.input_spec["column_ranges"]}
@@ -192,7 +192,7 @@ class ServedModel:
                             "label_filename": ""},
                            {"name": "class", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
                            {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}]
-                if self.classifier else [{"name": n, "data_type": "TYPE_FP32", "dims": [self.task.output_size]}
+                if self.classifier else [{"name": n, "data_type": "TYPE_FP32", "dims": list(self.task.output_shape)}
                                          for n in self.task.output_names],
                 "dynamic_batching": {"preferred_batch_size": bucket_sizes(serve.max_batch_size),
                                      "max_queue_delay_microseconds": int(serve.max_delay_ms * 1000),

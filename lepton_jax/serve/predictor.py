@@ -96,7 +96,7 @@ class Predictor:
             out = self._predict(self.params, jax.device_put(chunk, self._sharding))
             outputs.append(np.asarray(out)[: self.batch_size - pad])
         if not outputs:
-            return np.zeros((0, self.task.output_size), np.float32)
+            return np.zeros((0, *self.task.output_shape), np.float32)
         return np.concatenate(outputs)
 
     def predict(self, raw: np.ndarray, name: str = "input") -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """What is learned: a *task* supplies the loss, the metrics, the model's output size, how outputs become predictions
 and what the lake table must hold. Named by ``config.task.name``: a built-in (``classification``, ``regression``,
-``multilabel``) or an import path ``package.module:Task`` (see :mod:`lepton_jax.plugins`); docs/tasks.md describes
-the interface."""
+``multilabel``, ``dense``) or an import path ``package.module:Task`` (see :mod:`lepton_jax.plugins`);
+docs/tasks.md describes the interface."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from lepton_jax import plugins
 from lepton_jax.errors import ConfigError
 from lepton_jax.tasks.base import Task
 from lepton_jax.tasks.classification import Classification
+from lepton_jax.tasks.dense import Dense
 from lepton_jax.tasks.multilabel import MultiLabel
 from lepton_jax.tasks.regression import Regression
 
-TASKS: dict[str, type[Task]] = {"classification": Classification, "regression": Regression, "multilabel": MultiLabel}
+TASKS: dict[str, type[Task]] = {"classification": Classification, "regression": Regression, "multilabel": MultiLabel,
+                                 "dense": Dense}
 
-__all__ = ["TASKS", "Classification", "MultiLabel", "Regression", "Task", "make_task", "run_schema", "task_class"]
+__all__ = ["TASKS", "Classification", "Dense", "MultiLabel", "Regression", "Task", "make_task", "run_schema",
+           "task_class"]
 
 
 def task_class(name: str) -> type[Task]:

@@ -35,6 +35,11 @@ class Task:
     def output_size(self) -> int:
         raise NotImplementedError
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one example's model output (default: ``(output_size,)``; dense targets: ``(H, W, K)``)."""
+        return (self.output_size,)
+
     def loss(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
         raise NotImplementedError
 
