@@ -153,6 +153,21 @@ def test_regression_needs_a_target_array(lake_root):
         make_task(load_config(str(DEFAULT_CONFIG), ["task.name=nosuchtask"]), {})
 
 
+def test_edge_and_adversarial_training_refuse_other_tasks(lake_root):
+    from lepton_jax.train.choose import make_strategy
+    from lepton_jax.train.step import build_train_step
+
+    config = load_config(str(DEFAULT_CONFIG), ["task.name=regression", "edge.nodes=2"])
+    with pytest.raises(ConfigError, match="edge training .* trains classifiers only"):
+        make_strategy(config, {}, None)
+    config = load_config(str(DEFAULT_CONFIG), ["robust.objective=pgd"])
+
+    class Other:
+        name = "regression"
+    with pytest.raises(ConfigError, match="trains classifiers only"):
+        build_train_step(config, None, None, task=Other())
+
+
 @pytest.mark.slow
 def test_multilabel_trains_evaluates_predicts_registers_and_serves(tmp_path, capsys):
     lake, workdir = tmp_path / "lake", tmp_path / "run"
