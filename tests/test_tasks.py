@@ -81,6 +81,8 @@ def test_regression_trains_evaluates_predicts_registers_and_serves(tmp_path, cap
     assert main(["export", "--lake", str(lake), "--model", "diab@production", "--output", str(tmp_path / "art"),
                  "--platforms", "cpu"]) == 2
     assert "classification models only" in capsys.readouterr().err
+    assert main(["robust-eval", "--workdir", str(workdir), "--epsilons", "0.05"]) == 2
+    assert "attacks classifiers only" in capsys.readouterr().err
 
 
 CUSTOM_TASK = '''
