@@ -16,7 +16,7 @@ class FCN(nnx.Module):
     pixel: inputs ``(batch, height, width, channels)`` -> ``(batch, height, width, num_classes)``."""
 
     def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, features: Sequence[int] = (16, 16),
-                 dtype: str = "float32", rngs: nnx.Rngs, **unused: object):
+                 dtype: str = "float32", rngs: nnx.Rngs):
         channels = input_shape[-1]
         self.dtype = jnp.dtype(dtype)
         self.convs = nnx.List()
