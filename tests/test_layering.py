@@ -12,7 +12,7 @@ LAYERS = [
     {"lake", "tracking"},
     {"data"},
     {"models"},
-    {"parallel", "eval"},
+    {"parallel", "eval", "tasks"},
     {"checkpoint", "model_store", "robust"},
     {"train"},
     {"serve", "runs", "sweep"},

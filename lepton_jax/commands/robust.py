@@ -103,6 +103,8 @@ def evaluate_run(workdir: str | Path, *, epsilons: list[float] | None = None, no
         step = ckpt.latest_step()
         ckpt.close()
     built, params, step = restore_params(workdir, step, mesh)
+    if built.task.name != "classification":
+        raise ConfigError(f"robust evaluation attacks classifiers only; {workdir} is a {built.task.name} model")
     graphdef = built.graphdef
     examples = prepare_batch(Lake(data["lake"]).table(data["table"], data["version"]).reader(split).read_all(),
                              schema)

@@ -118,18 +118,25 @@ def launch_command(args: argparse.Namespace) -> int:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from lepton_jax.data.transforms import input_array
+    from lepton_jax.data.transforms import LABEL, input_array, prepare_batch
     from lepton_jax.eval import metrics
     from lepton_jax.lake import Lake
+    from lepton_jax.tasks import Classification
 
     predictor, data = _load_predictor(args)
     split = Lake(data["lake"]).table(data["table"], data["version"]).reader(args.split)
     examples = split.read_all()
     labels = examples["label"]
-    predictions = predictor.predict(examples[input_array(predictor.schema)],
-                                    name=f"{data['table']}@{data['version']}/{args.split}")
-    summary = metrics.classification_summary(labels, predictions["class"], predictor.label_names)
+    name = f"{data['table']}@{data['version']}/{args.split}"
     print(f"{data['table']}@{data['version']} split {args.split}, checkpoint step {predictor.step}:")
+    if not isinstance(predictor.task, Classification):
+        outputs = predictor.logits(examples[input_array(predictor.schema)], name=name)
+        report = predictor.task.report(outputs, prepare_batch(examples, predictor.schema)[LABEL])
+        print(report["text"])
+        print(report["headline"])
+        return 0
+    predictions = predictor.predict(examples[input_array(predictor.schema)], name=name)
+    summary = metrics.classification_summary(labels, predictions["class"], predictor.label_names)
     print(summary["report_text"])
     print(f"accuracy {summary['accuracy']:.4f}")
     return 0
@@ -143,6 +150,19 @@ def predict_command(args: argparse.Namespace) -> int:
     raw = load_npy(args.input)
     predictor, _ = _load_predictor(args)
     out = predictor.predict(raw, name=args.input)
+    if "class" not in out:  # regression and plug-in tasks: their named outputs; --output saves the first
+        key = next(iter(out))
+        values = np.asarray(out[key])
+        print(f"predicted {values.shape[0]} example(s) with checkpoint step {predictor.step} ({key})")
+        for i, row in enumerate(values[:20]):
+            print(f"  [{i}] {np.array2string(np.atleast_1d(row), precision=4)}")
+        if values.shape[0] > 20:
+            print(f"  ... {values.shape[0] - 20} more")
+        if args.output:
+            with atomic_write(args.output, "wb") as f:
+                np.save(f, values)
+            print(f"wrote {args.output}")
+        return 0
     classes = out["class"]
     names = [predictor.label_names[c] for c in classes]
     print(f"predicted {len(classes)} example(s) with checkpoint step {predictor.step}")

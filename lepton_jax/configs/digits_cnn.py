@@ -44,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dropout = 0.25
     config.model.dtype = "float32"  # compute dtype: "bfloat16" for mixed precision (parameters stay float32)
 
+    config.task = ml_collections.ConfigDict()  # what is learned (docs/tasks.md)
+    config.task.name = "classification"  # classification | regression | multilabel | dense | package.module:Task
+
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # adamw | sgd
     config.optim.lr = 3e-3

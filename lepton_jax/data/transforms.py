@@ -23,11 +23,18 @@ INPUT = "input"  # the batch key models read
 LABEL = "label"
 
 
+def target_arrays(schema: dict[str, Any]) -> list[str]:
+    """The table's non-class target arrays (e.g. a float regression target), named by its source; none for tables
+    that hold only class labels (and tables ingested before targets existed)."""
+    return list(schema.get("target_arrays") or [])
+
+
 def input_array(schema: dict[str, Any]) -> str:
-    """The name of the table's model-input array: its one array besides the label array."""
-    names = [name for name in schema["arrays"] if name != schema["label_array"]]
+    """The name of the table's model-input array: its one array besides the label and target arrays."""
+    skip = {schema["label_array"], *target_arrays(schema)}
+    names = [name for name in schema["arrays"] if name not in skip]
     if len(names) != 1:
-        raise ConfigError(f"a trainable table has exactly one input array besides {schema['label_array']!r}; "
+        raise ConfigError(f"a trainable table has exactly one input array besides {sorted(skip)}; "
                           f"this one has {names or 'none'}")
     return names[0]
 
@@ -89,9 +96,14 @@ def out_of_range(raw: np.ndarray, spec: dict[str, Any]) -> str | None:
 
 
 def prepare_batch(batch: dict[str, np.ndarray], schema: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Raw lake rows -> model inputs: :data:`INPUT` float32 in [0, 1], :data:`LABEL` int32 (when present)."""
+    """Raw lake rows -> model inputs: :data:`INPUT` float32 in [0, 1], :data:`LABEL` int32 (when present), or the
+    table's first target array as float32 in its own units when the schema names targets (the task scales it)."""
     name = input_array(schema)
     out = {INPUT: scale_to_unit(batch[name], schema["arrays"][name])}
-    if schema["label_array"] in batch:
+    targets = target_arrays(schema)
+    if targets:
+        if targets[0] in batch:
+            out[LABEL] = np.asarray(batch[targets[0]], np.float32)
+    elif schema["label_array"] in batch:
         out[LABEL] = batch[schema["label_array"]].astype(np.int32)
     return out

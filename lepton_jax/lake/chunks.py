@@ -107,6 +107,7 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
             "ranges": {k: tuple(float(x) for x in r) for k, r in data.value_ranges.items()},
             "column_ranges": {k: np.asarray(r, np.float64) for k, r in data.column_ranges.items()},
             "column_names": {k: list(v) for k, v in data.column_names.items()},
+            "targets": list(getattr(data, "targets", ())),  # a user's SourceData-like object may lack it
             "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
 
 

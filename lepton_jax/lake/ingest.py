@@ -579,6 +579,8 @@ class _Driver:
         schema = {"arrays": {name: {"dtype": dtype, "example_shape": shape, "value_range": ranges[name]}
                              for name, (dtype, shape) in first["arrays"].items()},
                   "label_array": "label", "label_names": names}
+        if first["targets"]:  # non-class targets (regression): not model inputs
+            schema["target_arrays"] = list(first["targets"])
         for name, cols in self.column_ranges.items():  # tabular arrays: scaled and validated per column
             schema["arrays"][name]["column_ranges"] = cols.tolist()
             if name in self.column_names:

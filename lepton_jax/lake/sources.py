@@ -37,7 +37,9 @@ class SourceData:
     examples the source could not load (``{"id", "reason", "detail"}``); ``transforms`` the source's preprocessing
     steps with their parameters; ``split`` a split name per example when the source assigns splits itself;
     ``column_ranges`` a ``(C, 2)`` array of ``[lo, hi]`` per entry of an array's last axis (tabular features, scaled
-    per column; each column range inside the array's ``value_ranges`` entry) and ``column_names`` their names.
+    per column; each column range inside the array's ``value_ranges`` entry) and ``column_names`` their names;
+    ``targets`` names the arrays that are non-class targets (e.g. a float (N, T) regression target; recorded in the
+    schema as ``target_arrays``, with per-split statistics like any array), not model inputs.
     """
 
     arrays: dict[str, np.ndarray]
@@ -51,6 +53,7 @@ class SourceData:
     split: np.ndarray | None = None
     column_ranges: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     column_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    targets: tuple[str, ...] = ()
 
     def load(self) -> SourceData:
         """Already loaded: a :class:`SourceData` is its own chunk task."""
@@ -96,14 +99,17 @@ class Source(Protocol):
     def load(self) -> SourceData: ...
 
 
-_SKLEARN = ("digits", "iris", "wine", "breast_cancer")
+_SKLEARN = ("digits", "iris", "wine", "breast_cancer", "diabetes", "digits_attributes", "digits_strokes")
 
 
 class SklearnSource:
-    """One of scikit-learn's bundled datasets (``digits``, ``iris``, ``wine``, ``breast_cancer``); no download.
+    """One of scikit-learn's bundled datasets (``digits``, ``iris``, ``wine``, ``breast_cancer``, ``diabetes``); no
+    download.
 
     ``digits`` gives ``image`` (N, 8, 8, 1) uint8 in 0..16; the others give ``features`` (N, F) float32 with each
-    column's min/max as its range (``column_ranges``) and scikit-learn's feature names.
+    column's min/max as its range (``column_ranges``) and scikit-learn's feature names. ``diabetes`` is a regression
+    set: its continuous target is the float32 target array ``target`` (N, 1) (``targets``), and its class labels
+    are the target's quartile (``q1`` .. ``q4``), so splits are stratified by the target's range.
     """
 
     def __init__(self, dataset: str = "digits"):
@@ -116,7 +122,13 @@ class SklearnSource:
     def load(self) -> SourceData:
         import sklearn.datasets
 
+        if self.dataset == "digits_attributes":
+            return self._attributes(sklearn.datasets.load_digits())
+        if self.dataset == "digits_strokes":
+            return self._strokes(sklearn.datasets.load_digits())
         bunch = getattr(sklearn.datasets, f"load_{self.dataset}")()
+        if self.dataset == "diabetes":
+            return self._regression(bunch)
         names = [str(n) for n in bunch.target_names]
         labels = bunch.target.astype(np.int64)
         if self.dataset == "digits":
@@ -131,6 +143,39 @@ class SklearnSource:
                           {"features": (float(features.min()), float(features.max()))}, self.uri,
                           column_ranges={"features": columns},
                           column_names={"features": [str(n) for n in bunch.feature_names]})
+
+    def _attributes(self, bunch: Any) -> SourceData:
+        """The digits images with a multi-hot target of three attributes of the digit (even, at least 5, prime):
+        a small, deterministic multi-label table; class labels stay the digits (splits stratified by digit)."""
+        digit = bunch.target.astype(np.int64)
+        target = np.stack([digit % 2 == 0, digit >= 5, np.isin(digit, (2, 3, 5, 7))], axis=1).astype(np.float32)
+        return SourceData({"image": bunch.images.astype(np.uint8)[..., None], "target": target}, digit,
+                          [str(n) for n in bunch.target_names], {"image": (0.0, 16.0), "target": (0.0, 1.0)},
+                          self.uri,
+                          column_ranges={"target": np.asarray([[0.0, 1.0]] * 3)},
+                          column_names={"target": ["even", "at_least_5", "prime"]}, targets=("target",))
+
+    def _strokes(self, bunch: Any) -> SourceData:
+        """The digits images with a per-pixel target: stroke (1) where the pixel value is at least 8 of 16, else
+        background (0); a small, deterministic dense-target (segmentation) table stratified by digit."""
+        images = bunch.images.astype(np.uint8)
+        return SourceData({"image": images[..., None], "target": (images >= 8).astype(np.uint8)},
+                          bunch.target.astype(np.int64), [str(n) for n in bunch.target_names],
+                          {"image": (0.0, 16.0), "target": (0.0, 1.0)}, self.uri, targets=("target",))
+
+    def _regression(self, bunch: Any) -> SourceData:
+        features = bunch.data.astype(np.float32)
+        target = bunch.target.astype(np.float32).reshape(-1, 1)
+        labels = np.searchsorted(np.quantile(target[:, 0], [0.25, 0.5, 0.75]), target[:, 0], side="right")
+        columns = {"features": np.stack([features.min(axis=0), features.max(axis=0)], axis=1).astype(np.float64),
+                   "target": np.stack([target.min(axis=0), target.max(axis=0)], axis=1).astype(np.float64)}
+        return SourceData({"features": features, "target": target}, labels.astype(np.int64),
+                          ["q1", "q2", "q3", "q4"],
+                          {"features": (float(features.min()), float(features.max())),
+                           "target": (float(target.min()), float(target.max()))}, self.uri,
+                          column_ranges=columns,
+                          column_names={"features": [str(n) for n in bunch.feature_names], "target": ["target"]},
+                          targets=("target",))
 
 
 class DigitsSource(SklearnSource):
@@ -201,7 +246,7 @@ def concat(parts: list[SourceData]) -> SourceData:
                       np.concatenate([p.labels for p in kept]), names, ranges, first.uri, ids=ids,
                       rejected=[r for p in parts for r in p.rejected], transforms=first.transforms,
                       split=None if first.split is None else np.concatenate([p.split for p in kept]),
-                      column_ranges=columns, column_names=first.column_names)
+                      column_ranges=columns, column_names=first.column_names, targets=first.targets)
 
 
 def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | None

@@ -20,13 +20,14 @@ from lepton_jax import plugins
 from lepton_jax.config import base_config
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.cnn import CNN
+from lepton_jax.models.fcn import FCN
 from lepton_jax.models.mlp import MLP
 from lepton_jax.models.resnet import ResNet
 from lepton_jax.models.tcn import TemporalCNN
 from lepton_jax.models.vit import ViT
 
-MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "mlp": MLP, "resnet": ResNet, "tcn": TemporalCNN,
-                                                "vit": ViT}
+MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "fcn": FCN, "mlp": MLP, "resnet": ResNet,
+                                                "tcn": TemporalCNN, "vit": ViT}
 
 
 def build_model(config: ml_collections.ConfigDict, *, input_shape: tuple[int, ...], num_classes: int,

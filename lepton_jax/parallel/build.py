@@ -21,6 +21,7 @@ from lepton_jax.data.transforms import input_spec
 from lepton_jax.models import build_model
 from lepton_jax.models.functional import count_params, split_model
 from lepton_jax.parallel.rules import logical_axes, named_shardings, param_specs, rules_from_config
+from lepton_jax.tasks import make_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,8 @@ class Built:
     specs: Any
     init_params: Callable[[], Any]
     input_shape: tuple[int, ...]
-    num_classes: int
+    num_classes: int  # the model's output size (the task's; classes for classification)
+    task: Any = None  # the config's task (lepton_jax.tasks) over the schema
 
     @property
     def num_params(self) -> int:
@@ -50,7 +52,8 @@ def build(config: ml_collections.ConfigDict, schema: dict[str, Any], mesh: Mesh,
     """``config.model`` for the lake ``schema`` (input shape, classes) on ``mesh``, parameters sharded by
     ``config.sharding`` (or fully replicated with ``replicate=True``, as inference and edge nodes use)."""
     input_shape = tuple(input_spec(schema)["example_shape"])
-    num_classes = len(schema["label_names"])
+    task = make_task(config, schema)
+    num_classes = task.output_size
 
     def new_model() -> nnx.Module:
         return build_model(config.model, input_shape=input_shape, num_classes=num_classes, seed=config.seed)
@@ -62,4 +65,5 @@ def build(config: ml_collections.ConfigDict, schema: dict[str, Any], mesh: Mesh,
     shardings = named_shardings(specs, mesh)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     return Built(graphdef=graphdef, abstract_params=abstract, shardings=shardings, specs=specs,
-                 init_params=lambda: split_model(new_model())[1], input_shape=input_shape, num_classes=num_classes)
+                 init_params=lambda: split_model(new_model())[1], input_shape=input_shape, num_classes=num_classes,
+                 task=task)

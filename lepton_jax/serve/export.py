@@ -76,6 +76,9 @@ def export_artifact(workdir: str | Path | Any, out_dir: str | Path, *, step: int
 
         predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
         data, source = read_run(Path(workdir))[1]["data"], {"workdir": str(Path(workdir).resolve())}
+    if predictor.task.name != "classification":
+        raise ExportError(f"export supports classification models only; this one is a {predictor.task.name} model "
+                          "(serve it with lepton-jax serve instead)")
     schema = predictor.schema
     lo, hi = (float(v) for v in input_spec(schema)["value_range"])
     bounds = input_bounds(input_spec(schema))  # per column for tabular tables: the training transform

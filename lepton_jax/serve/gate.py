@@ -69,6 +69,9 @@ class Gate:
 
             raw, labels, label_names = self._load_rows()
             predictor = Predictor.from_registry(entry)
+            if predictor.task.name != "classification":
+                raise RegistryError(f"the promotion gate compares classifiers; {entry.ref} is a "
+                                    f"{predictor.task.name} model: promote it without --if-better")
             if predictor.label_names != label_names:
                 raise RegistryError(f"cannot compare {entry.ref} on {self.where}: its label names "
                                     f"{predictor.label_names} differ from the table's {label_names}; promote without "

@@ -43,6 +43,7 @@ from lepton_jax.serve.drift import DriftMonitor
 from lepton_jax.serve.kserve import InferRequest, InputSpec, RequestError, Tensor
 from lepton_jax.serve.metrics import ServerMetrics
 from lepton_jax.serve.settings import ServeConfig
+from lepton_jax.tasks import Classification, Task
 
 log = logging.getLogger("lepton_jax.serve")
 
@@ -63,8 +64,11 @@ class ServedModel:
     """A model's parameters, input schema and drift reference, with one replica per device."""
 
     def __init__(self, name: str, version: str, graphdef: Any, params: Any, schema: dict[str, Any], *,
-                 reference: dict[str, Any] | None = None, info: dict[str, Any] | None = None):
+                 reference: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
+                 task: Task | None = None):
         self.name, self.version, self.schema = name, str(version), schema
+        self.task = Classification(schema) if task is None else task  # what the outputs mean (lepton_jax.tasks)
+        self.classifier = isinstance(self.task, Classification)
         self.graphdef, self.params = graphdef, jax.device_get(params)
         self.reference, self.info = reference, dict(info or {})
         spec = self.input_spec = input_spec(schema)
@@ -84,7 +88,8 @@ class ServedModel:
         stage = ref.partition("@")[2]
         predictor = Predictor.from_registry(entry, devices=jax.devices()[:1])
         model = cls(entry.name, str(entry.version), predictor.graphdef, predictor.params, predictor.schema,
-                    reference=entry.reference, info={"step": entry.step, "source_workdir": str(entry.workdir)})
+                    reference=entry.reference, info={"step": entry.step, "source_workdir": str(entry.workdir)},
+                    task=predictor.task)
         model.info.update({"registry": entry.ref, "requested": ref, "stage": stage if not stage.isdigit() else None,
                            "metrics": entry.record.get("metrics", {}),
                            "data": {k: entry.record["data"][k] for k in ("table", "version")}})
@@ -98,19 +103,21 @@ class ServedModel:
 
         predictor = Predictor.from_workdir(workdir, step=step, devices=jax.devices()[:1])
         return cls(name, version, predictor.graphdef, predictor.params, predictor.schema, reference=reference,
-                   info={"workdir": str(Path(workdir).resolve()), "step": predictor.step})
+                   info={"workdir": str(Path(workdir).resolve()), "step": predictor.step}, task=predictor.task)
 
     @functools.cached_property
     def probabilities(self) -> Any:
-        """The jitted ``(params, raw rows) -> class probabilities`` (compiled once per bucket and device)."""
+        """The jitted ``(params, raw rows) -> class probabilities`` (the task's served array: regression values)
+        (compiled once per bucket and device)."""
         from lepton_jax.models.functional import make_predict
 
         apply = make_predict(self.graphdef)
+        transform = self.task.serve_transform  # classification: softmax of the float32 logits
         lo, hi = input_bounds(self.input_spec)  # per column for tabular tables (data.transforms, as in training)
 
         @jax.jit
         def probabilities(params, raw):
-            return jax.nn.softmax(apply(params, scale(raw, lo, hi)).astype(np.float32), axis=-1)
+            return transform(apply(params, scale(raw, lo, hi)))
         return probabilities
 
     def share_compiled(self, other: ServedModel) -> bool:
@@ -150,6 +157,8 @@ class ServedModel:
         for field in ("input_name", "example_shape", "value_range", "column_ranges", "columns"):
             if getattr(mine, field) != getattr(theirs, field):
                 return f"its input {field} {getattr(theirs, field)} differs from the served {getattr(mine, field)}"
+        if candidate.task.name != self.task.name:
+            return f"its task {candidate.task.name!r} differs from the served {self.task.name!r}"
         if candidate.label_names != self.label_names:
             return f"its label names {candidate.label_names} differ from the served {self.label_names}"
         return None
@@ -164,7 +173,9 @@ class ServedModel:
                 "inputs": [{"name": self.input_name, "datatype": "FP32", "shape": [-1, *self.example_shape]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.label_names)]},
                             {"name": "class", "datatype": "INT64", "shape": [-1]},
-                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]}] if self.classifier else
+                           [{"name": n, "datatype": "FP32", "shape": [-1, *self.task.output_shape]}
+                            for n in self.task.output_names],
                 "parameters": {"label_names": self.label_names, "value_range": list(self.value_range),
                                **({"column_ranges": self.input_spec["column_ranges"]}
                                   if "column_ranges" in self.input_spec else {}),
@@ -180,7 +191,9 @@ class ServedModel:
                 "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [len(self.label_names)],
                             "label_filename": ""},
                            {"name": "class", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}},
-                           {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}],
+                           {"name": "label", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}}]
+                if self.classifier else [{"name": n, "data_type": "TYPE_FP32", "dims": list(self.task.output_shape)}
+                                         for n in self.task.output_names],
                 "dynamic_batching": {"preferred_batch_size": bucket_sizes(serve.max_batch_size),
                                      "max_queue_delay_microseconds": int(serve.max_delay_ms * 1000),
                                      "default_queue_policy": {"max_queue_size": serve.max_queue_rows,
@@ -215,7 +228,11 @@ class ServedModel:
         return self.spec.rows(request, max_rows)
 
     def outputs(self, probabilities: np.ndarray) -> list[Tensor]:
-        """The model's outputs for ``probabilities`` (N, C): probabilities, class index and label name."""
+        """The model's outputs for ``probabilities`` (N, C): probabilities, class index and label name (other tasks:
+        their ``serve_outputs`` of the served array, e.g. regression's ``value``)."""
+        if not self.classifier:
+            return [Tensor(n, "FP32", list(a.shape), np.asarray(a, np.float32))
+                    for n, a in self.task.serve_outputs(probabilities).items()]
         classes = probabilities.argmax(-1).astype(np.int64, copy=False)
         labels = self._label_bytes[classes]
         n = probabilities.shape[0]

@@ -20,16 +20,18 @@ from lepton_jax.errors import InputError
 from lepton_jax.models.functional import make_predict
 from lepton_jax.parallel import batch_sharding, make_mesh, replicated
 from lepton_jax.parallel.mesh import data_parallel_size, mesh_config
+from lepton_jax.tasks import Classification, Task
 
 __all__ = ["Predictor", "load_npy", "read_run"]
 
 
 class Predictor:
-    """Classifies raw examples in fixed-size, device-sharded batches (one compiled shape)."""
+    """Predicts (the task's outputs) for raw examples in fixed-size, device-sharded batches (one compiled shape)."""
 
     def __init__(self, graphdef: nnx.GraphDef, params: Any, *, schema: dict[str, Any], mesh: jax.sharding.Mesh,
-                 batch_size: int = 256, step: int | None = None):
+                 batch_size: int = 256, step: int | None = None, task: Task | None = None):
         self.graphdef, self.schema, self.mesh, self.step = graphdef, schema, mesh, step
+        self.task = Classification(schema) if task is None else task  # what the outputs mean (lepton_jax.tasks)
         self.label_names = list(schema["label_names"])
         dp = data_parallel_size(mesh)
         self.batch_size = batch_size + (-batch_size) % dp
@@ -47,7 +49,7 @@ class Predictor:
         mesh = make_mesh(mesh_config({"data": -1}), devices)
         built, params, step = restore_params(workdir, step, mesh)
         return cls(built.graphdef, params, schema=run_info["data"]["schema"], mesh=mesh, batch_size=batch_size,
-                   step=step)
+                   step=step, task=built.task)
 
     @classmethod
     def from_registry(cls, entry: Any, *, devices: list | None = None, batch_size: int = 256) -> Predictor:
@@ -55,7 +57,8 @@ class Predictor:
         from the record and the lake alone, not from the run directory it was registered from."""
         mesh = make_mesh(mesh_config({"data": -1}), devices)
         built, params = entry.restore(mesh)
-        return cls(built.graphdef, params, schema=entry.schema, mesh=mesh, batch_size=batch_size, step=entry.step)
+        return cls(built.graphdef, params, schema=entry.schema, mesh=mesh, batch_size=batch_size, step=entry.step,
+                   task=built.task)
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -93,14 +96,13 @@ class Predictor:
             out = self._predict(self.params, jax.device_put(chunk, self._sharding))
             outputs.append(np.asarray(out)[: self.batch_size - pad])
         if not outputs:
-            return np.zeros((0, len(self.label_names)), np.float32)
+            return np.zeros((0, *self.task.output_shape), np.float32)
         return np.concatenate(outputs)
 
     def predict(self, raw: np.ndarray, name: str = "input") -> dict[str, np.ndarray]:
-        """Class indices and softmax probabilities."""
-        logits = self.logits(raw, name)
-        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-        return {"class": logits.argmax(-1), "probability": probs}
+        """The task's predictions: class indices and softmax probabilities (``class``, ``probability``) for
+        classification, ``value`` in target units for regression."""
+        return self.task.predictions(self.logits(raw, name))
 
 
 def load_npy(path: str | Path) -> np.ndarray:

@@ -448,10 +448,11 @@ def describe_run(workdir: Path, predictor: Any, *, reference_split: str = "train
     metrics = tracking.read_json(summary_path) if summary_path.exists() else {}
     split = Lake(data["lake"]).table(data["table"], data["version"]).reader(reference_split).read_all()
     raw = split[input_array(data["schema"])]
-    predicted = predictor.predict(raw, name=f"{data['table']}@{data['version']}/{reference_split}")["class"]
+    outputs = predictor.logits(raw, name=f"{data['table']}@{data['version']}/{reference_split}")
+    predicted, num_buckets = predictor.task.drift_classes(outputs)  # regression: inputs only (one bucket)
     schema = data["schema"]
     spec = input_spec(schema)
-    reference = reference_stats(raw, predicted, num_classes=len(schema["label_names"]),
+    reference = reference_stats(raw, predicted, num_classes=num_buckets,
                                 value_range=spec["value_range"], split=reference_split,
                                 column_ranges=spec.get("column_ranges"), columns=spec.get("columns"))
     model_name = str(config.model.name)

@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 
 from lepton_jax.data import LakeDataSource
+from lepton_jax.errors import ConfigError
 from lepton_jax.train.edge import EdgeStrategy
 from lepton_jax.train.strategy import Strategy, SyncStrategy
 
@@ -17,5 +18,8 @@ def make_strategy(config: ml_collections.ConfigDict, schema: dict[str, Any], tra
                   devices: list | None = None) -> Strategy:
     """The strategy ``config`` asks for: edge training when ``edge.nodes > 1``, else synchronous."""
     if config.edge.nodes > 1:
+        if config.task.name != "classification":  # the edge step (train/edge.py) trains on cross-entropy
+            raise ConfigError(f"edge training (edge.nodes={config.edge.nodes}) trains classifiers only; task "
+                              f"{config.task.name!r} needs edge.nodes=1")
         return EdgeStrategy(config, schema, train_source, devices)
     return SyncStrategy(config, schema, len(train_source), devices)

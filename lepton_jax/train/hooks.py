@@ -82,18 +82,19 @@ def evaluate(ctx: RunContext, params: Any, split: str = "dev") -> dict[str, floa
     s = ctx.strategy
     out = eval_metrics.evaluate_split(s.predict, params, ctx.sources[split], schema=ctx.schema,
                                       global_batch_size=s.eval_batch, sharding=s.eval_sharding)
-    return eval_metrics.summary_metrics(out["logits"], out["labels"])
+    return s.built.task.metrics(out["logits"], out["labels"])
 
 
 def dev_eval_hook(every: int) -> Hook:
     def fn(ctx: RunContext) -> dict[str, Any]:
         dev = evaluate(ctx, ctx.strategy.eval_params(ctx.state))
-        ctx.history["dev_accuracy"].append(dev["accuracy"])
+        if "accuracy" in dev:
+            ctx.history["dev_accuracy"].append(dev["accuracy"])
         loss = ctx.history["loss"][-1] if ctx.history["loss"] else float("nan")
-        ctx.say(f"step {ctx.step} (epoch {ctx.epoch}): train loss {loss:.4f}  dev loss {dev['loss']:.4f}  "
-                f"dev accuracy {dev['accuracy']:.4f}")
-        return {"dev_loss": dev["loss"], "dev_accuracy": dev["accuracy"],
-                "elapsed_s": ctx.train_seconds()}
+        shown = ["loss", *(k for k in dev if k != "loss")][:4]  # the loss and the task's first metrics
+        ctx.say(f"step {ctx.step} (epoch {ctx.epoch}): train loss {loss:.4f}  "
+                + "  ".join(f"dev {k} {dev[k]:.4f}" for k in shown))
+        return {**{f"dev_{k}": v for k, v in dev.items()}, "elapsed_s": ctx.train_seconds()}
 
     return Hook(fn, every, name="dev_eval")
 
@@ -169,25 +170,30 @@ def report(ctx: RunContext, extra: dict[str, Any] | None = None) -> tuple[dict[s
     ckpt.close()
     label_names = list(ctx.schema["label_names"])
     s = ctx.strategy
+    task = s.built.task
     outputs = eval_metrics.evaluate_split(s.predict, best_params, ctx.sources["test"], schema=ctx.schema,
                                           global_batch_size=s.eval_batch, sharding=s.eval_sharding,
                                           progress=ctx.progress)
-    result = eval_metrics.classification_summary(outputs["labels"], outputs["logits"].argmax(-1), label_names)
-    test_loss = eval_metrics.summary_metrics(outputs["logits"], outputs["labels"])["loss"]
-    best_dev = max([r["dev_accuracy"] for r in tracking.read_metrics(run.path) if r.get("dev_accuracy") is not None]
-                   + ctx.history["dev_accuracy"], default=None)
-    summary = {"test_accuracy": result["accuracy"], "test_loss": test_loss, "best_step": best_step,
-               "best_metric": ctx.config.checkpoint.best_metric, "best_dev_accuracy": best_dev,
+    result = task.report(outputs["logits"], outputs["labels"])
+    logged = tracking.read_metrics(run.path)
+    if "confusion_matrix" in result:  # classification
+        best = {"best_dev_accuracy": max([r["dev_accuracy"] for r in logged if r.get("dev_accuracy") is not None]
+                                         + ctx.history["dev_accuracy"], default=None)}
+    else:
+        metric, pick = ctx.config.checkpoint.best_metric, max if ctx.config.checkpoint.best_mode == "max" else min
+        best = {f"best_{metric}": pick([r[metric] for r in logged if r.get(metric) is not None], default=None)}
+    summary = {**result["summary"], "best_step": best_step, "best_metric": ctx.config.checkpoint.best_metric, **best,
                TRAIN_SECONDS: final_seconds(ctx), "steps": ctx.step,
                "data_version": ctx.data_version, **(extra or {})}
     if run.is_writer:  # each file atomically, summary.json last: a run stopped in between reports again on a rerun
         out = run.path
         with atomic_write(out / "report.txt") as f:
-            f.write(result["report_text"])
-        tracking.write_json_atomic(out / "report.json", {k: result[k] for k in ("accuracy", "report",
-                                                                                 "confusion_matrix")})
-        eval_metrics.save_confusion_matrix(result["confusion_matrix"], label_names, out / "confusion_matrix.png",
-                                           title=f"test split, step {best_step}: accuracy {result['accuracy']:.4f}")
+            f.write(result["text"])
+        tracking.write_json_atomic(out / "report.json", result["json"])
+        if "confusion_matrix" in result:
+            eval_metrics.save_confusion_matrix(result["confusion_matrix"], label_names, out / "confusion_matrix.png",
+                                               title=f"test split, step {best_step}: accuracy "
+                                                     f"{result['accuracy']:.4f}")
         tracking.write_json_atomic(out / "summary.json", summary)
     run.log(**summary)
     if run.is_writer:

@@ -40,6 +40,7 @@ from lepton_jax.data import augment as augment_lib
 from lepton_jax.errors import ConfigError, TrainingDivergedError
 from lepton_jax.lake import Lake
 from lepton_jax.signals import Interrupted
+from lepton_jax.tasks import run_schema
 from lepton_jax.train import init as init_lib
 from lepton_jax.train import perf
 from lepton_jax.train.choose import make_strategy
@@ -335,10 +336,12 @@ class Loop:
         except Interrupted as e:
             e.saved_step = ctx.step
             raise
-        ctx.say(f"\ntest classification report (checkpoint step {summary['best_step']}, best "
-                f"{config.checkpoint.best_metric}):\n{result['report_text']}")
-        ctx.say(f"test accuracy {result['accuracy']:.4f}\nwrote {self.workdir}/: config.json run.json "
-                "metrics.jsonl report.txt report.json confusion_matrix.png summary.json checkpoints/")
+        kind = "classification" if "confusion_matrix" in result else s.built.task.name
+        ctx.say(f"\ntest {kind} report (checkpoint step {summary['best_step']}, best "
+                f"{config.checkpoint.best_metric}):\n{result['text']}")
+        ctx.say(f"{result['headline']}\nwrote {self.workdir}/: config.json run.json metrics.jsonl report.txt "
+                f"report.json {'confusion_matrix.png ' if 'confusion_matrix' in result else ''}summary.json "
+                "checkpoints/")
         return {**summary, "history": ctx.history, "params": best_params, "final_state": state, "report": result,
                 "strategy": s, "loop_time_s": loop_time, **s.summary_extra()}
 
@@ -356,7 +359,7 @@ class Loop:
     def _diverged(self, ctx: RunContext) -> None:
         """A non-finite loss ends the run: checkpoint the state (with dev metrics) for inspection, then raise."""
         dev = evaluate(ctx, ctx.strategy.eval_params(ctx.state))
-        ctx.metrics = {"dev_accuracy": dev["accuracy"], "dev_loss": dev["loss"]}
+        ctx.metrics = {f"dev_{k}": v for k, v in dev.items()}
         save(ctx)
         ctx.ckpt.close()
         ctx.run.log(step=ctx.step, diverged=True)
@@ -383,7 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, lake_root: 
     parent = init_lib.resolve(config, lake_root)
     lake = Lake(lake_root or config.data.lake)
     table = lake.table(config.data.table, config.data.version if config.data.version > 0 else None)
-    schema = table.schema
+    schema = run_schema(config, table.schema, table.record.get("stats", {}).get("splits", {}).get("train", {}))
     sources = {split: LakeDataSource(table.reader(split)) for split in ("train", "dev", "test")}
     if strategy is None:
         strategy = make_strategy(config, schema, sources["train"], devices)

@@ -16,6 +16,7 @@ from lepton_jax.data.transforms import INPUT, LABEL
 from lepton_jax.errors import ConfigError
 from lepton_jax.models.functional import cross_entropy, make_apply, make_predict
 from lepton_jax.parallel.mesh import batch_axes, data_parallel_size
+from lepton_jax.tasks import Classification, Task
 from lepton_jax.train.state import TrainState
 
 __all__ = ["build_train_step", "cross_entropy", "make_apply", "make_predict", "make_train_step",
@@ -26,10 +27,11 @@ DATA = "data"
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum_steps: int = 1, *,
-                    mesh: Mesh | None = None, param_specs: Any = None
+                    mesh: Mesh | None = None, param_specs: Any = None, task: Task | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """One optimizer step on a global batch. Dropout keys derive from (rng, step) only, so without accumulation
-    the result does not depend on how the batch is sharded.
+    """One optimizer step on ``task``'s loss (default: classification's cross-entropy; its step metric is logged
+    beside the loss under ``task.step_metric_name``) on a global batch. Dropout keys derive from (rng, step) only,
+    so without accumulation the result does not depend on how the batch is sharded.
 
     With ``grad_accum_steps`` k > 1 the batch is processed as k micro-batches in a ``lax.scan`` (rows i, i+k,
     i+2k, ... form micro-batch i, so no rows move between devices) and the mean gradient is applied once. On a
@@ -41,6 +43,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     (without dropout they do not). With tensor-parallel parameters the partitioner reduces each micro-batch's
     gradient."""
     apply = make_apply(graphdef)
+    task = Classification({}) if task is None else task
     # every mesh axis of size > 1 a batch axis (data parallel, FSDP): accumulate per-device gradients inside
     # shard_map and reduce once after the loop
     axes = batch_axes(mesh) if mesh is not None else ()
@@ -50,7 +53,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
     def loss_fn(params, batch: Batch, key: jax.Array):
         logits = apply(params, batch[INPUT], train=True, rngs=key)
-        return cross_entropy(logits, batch[LABEL]), logits
+        return task.loss(logits, batch[LABEL]), logits
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     local_grads = None
@@ -59,7 +62,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
         def device_grads(params, mb, micro_key):
             (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(micro_key, jax.lax.axis_index(axes)))
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == mb[LABEL])
+            accuracy = task.step_metric(logits, mb[LABEL])
             return loss[None], accuracy[None], jax.tree.map(lambda x: x[None], grads)
 
         # check=False: the gradient of the replicated params stays per-device (with replication checking, JAX would
@@ -70,14 +73,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
     def gradients(params, batch: Batch, key: jax.Array):
         if grad_accum_steps == 1:
             (loss, logits), grads = grad_fn(params, batch, key)
-            return loss, jnp.mean(jnp.argmax(logits, -1) == batch["label"]), grads
+            return loss, task.step_metric(logits, batch[LABEL]), grads
         k = grad_accum_steps
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
         if local_grads is None:  # the partitioner reduces each micro-batch's gradient (FSDP: a reduce-scatter)
             def body(total, inputs):
                 index, mb = inputs
                 (loss, logits), grads = grad_fn(params, mb, jax.random.fold_in(key, index))
-                accuracy = jnp.mean(jnp.argmax(logits, -1) == mb[LABEL])
+                accuracy = task.step_metric(logits, mb[LABEL])
                 return jax.tree.map(jnp.add, total, grads), (loss, accuracy)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -106,7 +109,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss,
-            "accuracy": accuracy,
+            task.step_metric_name: accuracy,
             "grad_norm": optax.tree.norm(grads),
             "param_norm": optax.tree.norm(params),
             "update_norm": optax.tree.norm(updates),
@@ -117,9 +120,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, gr
 
 
 def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *,
-                     mesh: Mesh | None = None, param_specs: Any = None
+                     mesh: Mesh | None = None, param_specs: Any = None, task: Task | None = None
                      ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The train step a config asks for: standard, or an adversarial objective from ``config.robust``.
+    """The train step a config asks for: standard (on ``task``'s loss), or an adversarial objective from
+    ``config.robust`` (classification only).
 
     Inputs are scaled to the [0, 1] box (see :mod:`lepton_jax.data.transforms`), which is the attack's input box.
     """
@@ -127,10 +131,13 @@ def build_train_step(config, graphdef: nnx.GraphDef, tx: optax.GradientTransform
     objective = robust.objective
     accum = int(config.grad_accum_steps)
     if objective == "standard":
-        return make_train_step(graphdef, tx, accum, mesh=mesh, param_specs=param_specs)
+        return make_train_step(graphdef, tx, accum, mesh=mesh, param_specs=param_specs, task=task)
     if accum != 1:
         raise ConfigError(f"robust.objective {objective!r} does not support grad_accum_steps={accum} (its attack "
                           "and update run on the whole batch); set grad_accum_steps=1 or lower batch_size")
+    if task is not None and task.name != "classification":
+        raise ConfigError(f"robust.objective {objective!r} trains classifiers only; task {task.name!r} needs "
+                          "robust.objective='standard'")
     from lepton_jax.robust.objectives import make_adversarial_train_step
 
     return make_adversarial_train_step(graphdef, tx, robust, input_box=(0.0, 1.0))

@@ -143,7 +143,8 @@ class SyncStrategy(Strategy):
                                            abstract, sh)
         self.data_sharding = self.eval_sharding = data_sh = batch_sharding(mesh)
         repl = replicated(mesh)
-        self._step = jax.jit(build_train_step(config, built.graphdef, tx, mesh=mesh, param_specs=built.specs),
+        self._step = jax.jit(build_train_step(config, built.graphdef, tx, mesh=mesh, param_specs=built.specs,
+                                              task=built.task),
                              in_shardings=(sh, data_sh), out_shardings=(sh, repl), donate_argnums=0)
         self.predict = jax.jit(make_predict(built.graphdef), in_shardings=(built.shardings, data_sh),
                                out_shardings=data_sh)

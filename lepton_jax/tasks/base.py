@@ -1,0 +1,80 @@
+"""The task interface (a plain class; subclass it or write one with the same methods)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Task:
+    """A task over a table ``schema``.
+
+    Jittable (inside the train step): :meth:`loss` and :meth:`step_metric`, over the model's outputs and the batch's
+    ``label`` entry (the table's label array, or its target array when the schema names ``target_arrays``).
+    Host side (NumPy): :meth:`metrics` for evaluation (the dev metrics are logged as ``dev_<name>``),
+    :meth:`report` for the test split, :meth:`predictions` for predict/serve."""
+
+    name = "task"
+    step_metric_name = "accuracy"  # the train-step metric logged beside the loss
+    best_metric = ("accuracy", "max")  # the default best-checkpoint metric (without the dev_ prefix), direction
+
+    def __init__(self, schema: dict[str, Any]):
+        self.schema = schema
+
+    @classmethod
+    def fit_schema(cls, schema: dict[str, Any], train_stats: dict[str, Any]) -> dict[str, Any]:
+        """The run's schema from the table's and the train split's statistics (default: unchanged)."""
+        return schema
+
+    def check_schema(self) -> None:
+        """Raises a :class:`lepton_jax.errors.ConfigError` when the table lacks what the task needs."""
+
+    @property
+    def output_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one example's model output (default: ``(output_size,)``; dense targets: ``(H, W, K)``)."""
+        return (self.output_size,)
+
+    def loss(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def step_metric(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """Evaluation metrics over a whole split (must include ``loss``)."""
+        raise NotImplementedError
+
+    def report(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+        """The test report: ``text`` (report.txt), ``json`` (report.json), ``summary`` (``test_*`` metrics for
+        summary.json), ``headline`` (one line for the console)."""
+        metrics = self.metrics(outputs, targets)
+        text = "\n".join(f"{k}: {v:.6g}" for k, v in metrics.items())
+        return {"text": text, "json": metrics, "summary": {f"test_{k}": v for k, v in metrics.items()},
+                "headline": text.replace("\n", "  ")}
+
+    def predictions(self, outputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Model outputs (N, output_size) -> named prediction arrays (predict, eval)."""
+        return {"output": outputs}
+
+    # serving (KServe v2): the server applies ``serve_transform`` inside its jitted function and answers with one
+    # FP32 tensor per name in ``output_names`` from ``serve_outputs``
+    output_names: tuple[str, ...] = ("output",)
+
+    def serve_transform(self, outputs: jax.Array) -> jax.Array:
+        """Jittable: model outputs -> the served array (default: unchanged)."""
+        return outputs
+
+    def serve_outputs(self, served: np.ndarray) -> dict[str, np.ndarray]:
+        """The served array -> the response tensors (FP32, first axis the batch), named as ``output_names``."""
+        return {self.output_names[0]: served}
+
+    def drift_classes(self, outputs: np.ndarray) -> tuple[np.ndarray, int]:
+        """Prediction buckets for drift monitoring and their count: one bucket by default, so drift monitors
+        the inputs only (classification: the predicted classes)."""
+        return np.zeros(outputs.shape[0], np.int64), 1
