@@ -86,7 +86,8 @@ def table(summaries: list[dict[str, Any]], extra_keys: Iterable[str] = (), *, ma
     limits = {h: width for h in _short_keys(shown)} | {"run": 2 * width}  # config values and names are cut
     rows = [header, ["---"] * len(header)] + [[_cut(columns[h][i], limits.get(h, 1000)) for h in header]
                                                for i in range(len(summaries))]
-    lines = ["all runs: " + ", ".join(f"{k} {v}" for k, v in shared.items())] if shared else []
+    lines = ["all runs: " + ", ".join(f"{k} {v}" for k, v in shared.items()), ""] if shared else []  # (Markdown:
+    # a blank line before the table)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     rows[1] = ["-" * w for w in widths]
     lines += ["| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) + " |" for r in rows]

@@ -23,8 +23,9 @@ def test_two_point_sweep_then_compare(capsys, lake_root, tmp_path, monkeypatch):
     runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
     assert runs == ["optim.lr=0.0003", "optim.lr=0.003"]
     summary = (sweep_dir / "summary.md").read_text().splitlines()
-    assert len(summary) == 5 and summary[0].startswith("all runs: data digits@")  # shared columns, header, rule, rows
-    assert [c.strip() for c in summary[1].split("|")[1:3]] == ["run", "lr"] and "optim.lr=0.0003" in summary[4]
+    # shared columns, a blank line (Markdown), header, rule, rows
+    assert len(summary) == 6 and summary[0].startswith("all runs: data digits@") and summary[1] == ""
+    assert [c.strip() for c in summary[2].split("|")[1:3]] == ["run", "lr"] and "optim.lr=0.0003" in summary[5]
     rows = json.loads((sweep_dir / "summary.json").read_text())
     assert all(r["finished"] and r["test_accuracy"] > 0.1 for r in rows)
     capsys.readouterr()
@@ -105,12 +106,12 @@ def test_runs_ls_stays_readable_at_23_runs(many_runs, capsys):
     their short names, long values are cut, columns align, and keys past the sixth are listed below."""
     assert main(["runs", "ls", str(many_runs)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "all runs: data digits@1, layout 1 process × 8 devices, git abc1234def56"
-    header = [c.strip() for c in lines[1].strip("|").split("|")]
+    assert lines[0] == "all runs: data digits@1, layout 1 process × 8 devices, git abc1234def56" and lines[1] == ""
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header[:4] == ["run", "batch_size", "dropout", "features"] and "test acc" in header
-    assert len(lines) == 1 + 2 + 23 + 1 and lines[-1] == "(also differ: optim.lr, optim.warmup_steps, seed)"
+    assert len(lines) == 2 + 2 + 23 + 1 and lines[-1] == "(also differ: optim.lr, optim.warmup_steps, seed)"
     assert any(line.startswith("| sweep_0/optim.lr=0.1,seed=0 ") for line in lines)  # relative to the root
-    assert len({len(line) for line in lines[1:-1]}) == 1  # aligned columns
+    assert len({len(line) for line in lines[2:-1]}) == 1  # aligned columns
     assert max(len(line) for line in lines) <= 160, max(len(line) for line in lines)
 
 
