@@ -7,6 +7,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from lepton_jax.data.transforms import target_arrays
+from lepton_jax.errors import ConfigError
+
 
 class Task:
     """A task over a table ``schema``.
@@ -20,8 +23,21 @@ class Task:
     step_metric_name = "accuracy"  # the train-step metric logged beside the loss
     best_metric = ("accuracy", "max")  # the default best-checkpoint metric (without the dev_ prefix), direction
 
+    needs = ""  # a task over a target array: what that array must be, for the error when the table has none
+    needs_example = ""  # a bundled source whose table has one
+
     def __init__(self, schema: dict[str, Any]):
         self.schema = schema
+        self.check_schema()
+
+    def target(self) -> tuple[str, dict[str, Any]]:
+        """The table's (first) target array: its name and schema entry; a :class:`ConfigError` saying what the task
+        needs (``needs``, ``needs_example``) when the table holds none (e.g. one ingested before targets existed)."""
+        names = target_arrays(self.schema)
+        if not names:
+            raise ConfigError(f"task {self.name!r} needs a table with {self.needs} (schema 'target_arrays'); ingest "
+                              f"one from a source that names its targets, e.g. --source {self.needs_example}")
+        return names[0], self.schema["arrays"][names[0]]
 
     @classmethod
     def fit_schema(cls, schema: dict[str, Any], train_stats: dict[str, Any]) -> dict[str, Any]:

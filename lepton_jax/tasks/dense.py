@@ -13,9 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lepton_jax.errors import ConfigError
 from lepton_jax.tasks.base import Task
-from lepton_jax.tasks.regression import target_array
 
 
 class Dense(Task):
@@ -23,17 +21,10 @@ class Dense(Task):
     step_metric_name = "pixel_accuracy"
     best_metric = ("mean_iou", "max")
     output_names = ("probabilities",)
-
-    def __init__(self, schema: dict[str, Any]):
-        super().__init__(schema)
-        self.check_schema()
+    needs, needs_example = "a per-pixel class map", "sklearn:digits_strokes"
 
     def check_schema(self) -> None:
-        name = target_array(self.schema)
-        if name is None:
-            raise ConfigError("task 'dense' needs a table with a per-pixel class map (schema 'target_arrays'); "
-                              "ingest one, e.g. --source sklearn:digits_strokes")
-        spec = self.schema["arrays"][name]
+        _, spec = self.target()
         self.shape = tuple(int(d) for d in spec["example_shape"])
         self.num_classes = int(spec["value_range"][1]) + 1
 

@@ -14,9 +14,7 @@ import numpy as np
 import optax
 from sklearn import metrics as skm
 
-from lepton_jax.errors import ConfigError
 from lepton_jax.tasks.base import Task
-from lepton_jax.tasks.regression import target_array
 
 THRESHOLD = 0.5
 
@@ -26,17 +24,10 @@ class MultiLabel(Task):
     step_metric_name = "label_accuracy"  # the fraction of (example, label) pairs right at the threshold
     best_metric = ("micro_f1", "max")
     output_names = ("probabilities",)
-
-    def __init__(self, schema: dict[str, Any]):
-        super().__init__(schema)
-        self.check_schema()
+    needs, needs_example = "a multi-hot target array", "sklearn:digits_attributes"
 
     def check_schema(self) -> None:
-        name = target_array(self.schema)
-        if name is None:
-            raise ConfigError("task 'multilabel' needs a table with a multi-hot target array (schema "
-                              "'target_arrays'); ingest one, e.g. --source sklearn:digits_attributes")
-        spec = self.schema["arrays"][name]
+        _, spec = self.target()
         self.columns = list(spec.get("columns") or [f"label_{i}" for i in range(int(spec["example_shape"][-1]))])
 
     @property

@@ -13,23 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lepton_jax.data.transforms import target_arrays
 from lepton_jax.errors import ConfigError
 from lepton_jax.tasks.base import Task
-
-
-def target_array(schema: dict[str, Any]) -> str | None:
-    names = schema.get("target_arrays") or []  # tables ingested before targets existed hold none
-    return names[0] if names else None
 
 
 class Regression(Task):
     name = "regression"
     step_metric_name = "mae"  # in standardised units
     best_metric = ("rmse", "min")
+    needs, needs_example = "a float target array", "sklearn:diabetes"
 
     @classmethod
     def fit_schema(cls, schema: dict[str, Any], train_stats: dict[str, Any]) -> dict[str, Any]:
-        name = target_array(schema)
+        names = target_arrays(schema)
+        name = names[0] if names else None
         if name is None or name not in train_stats:
             return schema  # check_schema names the problem
         columns = train_stats[name].get("columns") or {"mean": [train_stats[name]["mean"]],
@@ -37,15 +35,8 @@ class Regression(Task):
         std = [float(s) if s > 0 else 1.0 for s in columns["std"]]
         return {**schema, "target_stats": {"array": name, "mean": [float(m) for m in columns["mean"]], "std": std}}
 
-    def __init__(self, schema: dict[str, Any]):
-        super().__init__(schema)
-        self.check_schema()
-
     def check_schema(self) -> None:
-        name = target_array(self.schema)
-        if name is None:
-            raise ConfigError("task 'regression' needs a table with a float target array (schema 'target_arrays'); "
-                              "ingest one from a source that names its targets, e.g. --source sklearn:diabetes")
+        name, _ = self.target()
         if "target_stats" not in self.schema:
             raise ConfigError(f"task 'regression': the schema has no target_stats for {name!r} (the train split's "
                               "statistics are missing); re-ingest the table")
