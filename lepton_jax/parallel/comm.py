@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
@@ -87,12 +88,9 @@ def _split_instruction(rest: str) -> tuple[str, str, str] | None:
     return shape, match.group(1), rest[start + 1:]
 
 
-def _collectives(hlo_text: str) -> list[tuple[str, int, int | None]]:
-    """(opcode, operand bytes x runs, group size) per collective instruction (see :func:`collective_breakdown`)."""
-    shapes: dict[str, str] = {}
-    found: list[tuple[str, str, str]] = []  # (opcode, operands, computation)
-    calls: dict[str, list[tuple[str, int]]] = {}  # computation -> [(callee, times per call)]
-    order: list[str] = []
+def _instructions(hlo_text: str, order: list[str]) -> Iterator[tuple[str, str, str, tuple[str, str, str]]]:
+    """``(computation, name, attributes, (shape, opcode, operands))`` for every instruction of ``hlo_text``, in text
+    order; appends each computation's name to ``order`` as it is met (callees are printed before their callers)."""
     current = ""
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -101,22 +99,30 @@ def _collectives(hlo_text: str) -> list[tuple[str, int, int | None]]:
             order.append(current)
             continue
         match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, rest = match.groups()
-        parts = _split_instruction(rest)
-        if parts is None:
-            continue
-        shape, opcode, operands = parts
+        parts = _split_instruction(match.group(2)) if match else None
+        if parts is not None:
+            yield current, match.group(1), match.group(2), parts
+
+
+def _callees(attributes: str) -> list[str]:
+    """The computations an instruction calls (``to_apply``/``body``/``condition``/``calls``, and branches)."""
+    return _CALLEE.findall(attributes) + [c.strip().lstrip("%") for group in _BRANCHES.findall(attributes)
+                                          for c in group.split(",") if c.strip()]
+
+
+def _collectives(hlo_text: str) -> list[tuple[str, int, int | None]]:
+    """(opcode, operand bytes x runs, group size) per collective instruction (see :func:`collective_breakdown`)."""
+    shapes: dict[str, str] = {}
+    found: list[tuple[str, str, str, int | None]] = []  # (opcode, operands, computation, group size)
+    calls: dict[str, list[tuple[str, int]]] = {}  # computation -> [(callee, times per call)]
+    order: list[str] = []
+    for current, name, rest, (shape, opcode, operands) in _instructions(hlo_text, order):
         shapes[name] = shape
         trip = 1
         if opcode == "while":
             count = _TRIP_COUNT.search(rest)
             trip = int(count.group(1)) if count else 1
-        callees = [(c, trip if opcode == "while" else 1) for c in _CALLEE.findall(rest)]
-        for group in _BRANCHES.findall(rest):
-            callees += [(c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip()]
-        calls.setdefault(current, []).extend(callees)
+        calls.setdefault(current, []).extend((c, trip) for c in _callees(rest))
         base = opcode.removesuffix("-start")
         if base in COLLECTIVES and not opcode.endswith("-done"):
             found.append((base, operands, current, _group_size(rest)))
@@ -144,20 +150,8 @@ def loop_collectives(hlo_text: str) -> list[str]:
     loop_roots: set[str] = set()
     found: list[tuple[str, str]] = []  # (opcode, computation)
     order: list[str] = []
-    current = ""
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header and "=" not in line.split("(", 1)[0]:
-            current = header.group(1)
-            order.append(current)
-            continue
-        match = _INSTRUCTION.match(line)
-        parts = _split_instruction(match.group(2)) if match else None
-        if parts is None:
-            continue
-        opcode, rest = parts[1], match.group(2)
-        callees = _CALLEE.findall(rest) + [c.strip().lstrip("%") for group in _BRANCHES.findall(rest)
-                                           for c in group.split(",") if c.strip()]
+    for current, _, rest, (_, opcode, _) in _instructions(hlo_text, order):
+        callees = _callees(rest)
         calls.setdefault(current, []).extend(callees)
         if opcode == "while":
             loop_roots.update(callees)
