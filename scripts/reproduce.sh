@@ -3,7 +3,7 @@
 # Each step prints the git revision and the lake data version it used. Takes about an hour on a 2-core CPU.
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
-#                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | loop | lake |
+#                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | loop | swap | lake |
 #                                          ingest | ingest_small | serve | serve_ray | serve_peers (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +76,10 @@ if step loop; then
   echo "== the loop: drift -> append -> fine-tune from @production -> gate -> swap under live traffic (docs/loop.md; ~3 min)"
   $PY scripts/close_loop.py --out results/loop
   cp results/loop/loop.png docs/loop.png
+fi
+if step swap; then
+  echo "== p99 while a following server swaps versions vs steady p99 (README, docs/serving.md; idle machine)"
+  $PY scripts/bench_swap.py | tee results/bench_swap.txt
 fi
 if step fresh; then
   echo "== fresh clone + make run, wall clock (README; pip's download cache warm; idle machine)"
