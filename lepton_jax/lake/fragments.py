@@ -18,8 +18,8 @@ import hashlib
 import itertools
 import re
 import threading
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -415,18 +415,25 @@ def content_sha256(storage: Storage, table: str, fragments: list[dict[str, Any]]
     rows, labels = hashlib.sha256(), hashlib.sha256()
     # fragments are read on threads, a few ahead of the one hashed (opening an array is mostly waiting)
     with ThreadPoolExecutor(max_workers=CONTENT_READERS) as pool:
-        pending: collections.deque[Future] = collections.deque()
-        it = iter(fragments)
-        for frag in itertools.islice(it, 2 * CONTENT_READERS):
-            pending.append(pool.submit(read, frag))
-        while pending:
-            row_bytes, label_bytes = pending.popleft().result()
-            frag = next(it, None)
-            if frag is not None:
-                pending.append(pool.submit(read, frag))
+        for row_bytes, label_bytes in read_ahead(pool, read, fragments, 2 * CONTENT_READERS):
             rows.update(row_bytes)
             labels.update(label_bytes)
     return hashlib.sha256(rows.digest() + labels.digest()).hexdigest()
+
+
+def read_ahead(pool: Executor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """``fn(item)`` of every item in order, run on ``pool`` with at most ``ahead`` items submitted beyond the one
+    yielded (bounded memory)."""
+    pending: collections.deque[Future] = collections.deque()
+    it = iter(items)
+    for item in itertools.islice(it, ahead):
+        pending.append(pool.submit(fn, item))
+    while pending:
+        result = pending.popleft().result()
+        item = next(it, None)
+        if item is not None:
+            pending.append(pool.submit(fn, item))
+        yield result
 
 
 def _fragment_rows(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str
@@ -438,16 +445,7 @@ def _fragment_rows(storage: Storage, table: str, fragments: list[dict[str, Any]]
         return hashes, (np.full(hashes.shape[0], -1, np.int64) if labels is None else labels.astype(np.int64))
 
     with ThreadPoolExecutor(max_workers=CONTENT_READERS) as pool:
-        pending: collections.deque[Future] = collections.deque()
-        it = iter(fragments)
-        for frag in itertools.islice(it, 2 * CONTENT_READERS):
-            pending.append(pool.submit(read, frag))
-        while pending:
-            got = pending.popleft().result()
-            frag = next(it, None)
-            if frag is not None:
-                pending.append(pool.submit(read, frag))
-            yield got
+        yield from read_ahead(pool, read, fragments, 2 * CONTENT_READERS)
 
 
 def content_chain(storage: Storage, table: str, fragments: list[dict[str, Any]], label_array: str = LABEL,

@@ -15,15 +15,13 @@ per-fragment partial sums. ``mode="append"`` adds fragments to the latest versio
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import hashlib
-import itertools
 import multiprocessing
 import os
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from typing import Any
@@ -39,6 +37,7 @@ from lepton_jax.lake.fragments import (
     fragment_keys,
     fragment_row_keys,
     legacy_partials,
+    read_ahead,
     read_row_hashes,
 )
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
@@ -388,16 +387,7 @@ def _run(jobs: list[ChunkJob], workers: int | None, progress: bool, uri: str, ex
 def _ahead(pool: ThreadPoolExecutor, jobs: list[ChunkJob], ahead: int) -> Iterator[dict[str, Any]]:
     """``process_chunk`` of every job in order, with at most ``ahead`` jobs running beyond the one yielded (bounded
     memory: each holds a chunk)."""
-    pending: collections.deque[Future] = collections.deque()
-    it = iter(jobs)
-    for job in itertools.islice(it, ahead + 1):
-        pending.append(pool.submit(process_chunk, job))
-    while pending:
-        result = pending.popleft().result()
-        job = next(it, None)
-        if job is not None:
-            pending.append(pool.submit(process_chunk, job))
-        yield result
+    yield from read_ahead(pool, process_chunk, jobs, ahead + 1)
 
 
 def _index_table(index: HashIndex, base: TableVersion) -> None:
