@@ -22,16 +22,17 @@ from lepton_jax.serve.registry import Registry
 from tests.lake_data import ClockAhead, npz_shard, npz_source
 
 WRITER = """
-import sys
+import os, sys, time
+from pathlib import Path
 from lepton_jax.lake import Lake, NpzSource, ingest
 lake = Lake(sys.argv[1], target_shard_bytes=1024)
-for path in sys.argv[2:]:
+paced_by = os.environ.get("GC_ROUNDS_FILE")  # append k starts once gc finished round k+1: they interleave under load
+for k, path in enumerate(sys.argv[2:]):
+    deadline = time.monotonic() + 60
+    while paced_by and int(Path(paced_by).read_text() or 0) <= k and time.monotonic() < deadline:
+        time.sleep(0.01)
     ingest(lake, "t", NpzSource(path, value_range=(0, 255), split_key="split"), mode="append", retries=3)
 """
-
-
-
-
 
 
 def _lake_with_versions(root, tmp_path, n):
@@ -59,14 +60,18 @@ def test_gc_looping_next_to_a_writer_never_removes_data_a_version_publishes(any_
                    capture_output=True)
     orphans = set(storage.list("t/data/")) - {Lake(root).table("t").record["commit_id"]}
     assert len(orphans) == 1 and storage.list("t/_leases/") == [f"{next(iter(orphans))}.json"]
+    counter = tmp_path / "gc_rounds"
+    counter.write_text("0")
     with open(tmp_path / "writer.log", "w+") as log:  # a file, not a pipe: nobody reads it while gc loops
         writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root), *map(str, sources[1:])],
-                                  stdout=log, stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "GC_ROUNDS_FILE": str(counter)})
         rounds = 0
         while writer.poll() is None or rounds < 2:  # gc as aggressive as allowed, and with --force
             grace = ["--grace-seconds", "60"] if rounds % 2 else ["--grace-seconds", "0", "--force"]
             assert main(["lake", "gc", "--lake", str(root), *grace]) == 0, capsys.readouterr().err
             rounds += 1
+            counter.write_text(str(rounds))
         assert writer.wait() == 0, (tmp_path / "writer.log").read_text()
     lake = Lake(root)
     assert lake.versions("t") == list(range(1, 12))  # 10 appends published, one after the other
