@@ -1,5 +1,6 @@
-"""Tasks as plug-ins: regression end to end (train, eval, predict, register, serve) and a custom task by import path
-from a module outside the package; classification's behaviour is covered by the existing training tests."""
+"""Tasks as plug-ins: regression, multi-label and dense targets end to end (train, eval, predict, register, serve,
+export: the edge artifact answers what predict answers) and a custom task by import path from a module outside the
+package; classification's behaviour is covered by the existing training tests."""
 
 import json
 import textwrap
@@ -15,11 +16,27 @@ from lepton_jax.config import load_config
 from lepton_jax.data.transforms import input_array
 from lepton_jax.errors import ConfigError
 from lepton_jax.lake import Lake
+from lepton_jax.serve import Predictor
 from lepton_jax.serve.client import infer_request
+from lepton_jax.serve.edge import EdgeModel
 from lepton_jax.serve.registry import Registry
 from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 from lepton_jax.tasks import make_task
 from tests.conftest import DEFAULT_CONFIG, ROOT
+
+
+def _export_round_trip(tmp_path, workdir, x, *source):
+    """``lepton-jax export`` of ``source`` (registry args, or the run): the artifact's loader answers what the run's
+    ``predict`` answers (names, shapes, dtypes; equal classes/masks/labels, float outputs to 1e-4)."""
+    art = tmp_path / "art"
+    assert main(["export", *(source or ("--workdir", str(workdir))), "--output", str(art), "--platforms", "cpu"]) == 0
+    expected = Predictor.from_workdir(workdir).predict(x)
+    got = EdgeModel.load(art).predict(x)
+    assert list(got) == list(expected)
+    for name, value in got.items():
+        assert value.shape == expected[name].shape and value.dtype == expected[name].dtype, name
+        np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    return json.loads((art / "manifest.json").read_text())
 
 
 def _client():
@@ -77,10 +94,12 @@ def test_regression_trains_evaluates_predicts_registers_and_serves(tmp_path, cap
     assert tensor["name"] == "value" and tensor["shape"] == [3, 1]
     np.testing.assert_allclose(np.asarray(tensor["data"], np.float32).reshape(3, 1), values, rtol=1e-4, atol=1e-3)
 
+    manifest = _export_round_trip(tmp_path, workdir, x, "--lake", str(lake), "--model", "diab@production")
+    assert [o["op"] for o in manifest["task"]["outputs"]] == ["affine"]
+    ev = manifest["evaluation"]  # the artifact on the test split: the float model's RMSE, values within 1e-3
+    assert abs(ev["artifact_metrics"]["rmse"] - ev["float_metrics"]["rmse"]) < 1e-3
+    assert ev["max_abs_difference"]["value"] < 1e-3
     capsys.readouterr()
-    assert main(["export", "--lake", str(lake), "--model", "diab@production", "--output", str(tmp_path / "art"),
-                 "--platforms", "cpu"]) == 2
-    assert "classification models only" in capsys.readouterr().err
     assert main(["robust-eval", "--workdir", str(workdir), "--epsilons", "0.05"]) == 2
     assert "attacks classifiers only" in capsys.readouterr().err
 
@@ -145,6 +164,16 @@ def test_custom_task_by_import_path_trains_and_serves(lake_root, tmp_path, monke
     assert response.status_code == 200, response.text
     (tensor,) = response.json()["outputs"]
     assert tensor["name"] == "logits" and tensor["shape"] == [2, 10]
+    # export: the raw outputs by default (predictions {"output": logits}); a task whose own predictions its
+    # edge_outputs() do not reproduce is refused in one error
+    assert _export_round_trip(tmp_path, workdir, x)["task"]["outputs"] == [{"name": "output", "op": "identity",
+                                                                            "dtype": "float32"}]
+    from lepton_jax.serve.export import ExportError, _edge_outputs
+
+    predictor = Predictor.from_workdir(workdir)
+    predictor.task.predictions = lambda outputs: {"top": outputs.argmax(-1)}
+    with pytest.raises(ExportError, match="do not reproduce its predictions"):
+        _edge_outputs(predictor)
 
 
 def test_regression_needs_a_target_array(lake_root):
@@ -202,6 +231,8 @@ def test_multilabel_trains_evaluates_predicts_registers_and_serves(tmp_path, cap
     (tensor,) = response.json()["outputs"]
     assert tensor["name"] == "probabilities" and tensor["shape"] == [3, 3]
     np.testing.assert_allclose(np.asarray(tensor["data"], np.float32).reshape(3, 3), probabilities, atol=1e-5)
+    manifest = _export_round_trip(tmp_path, workdir, x)
+    assert manifest["evaluation"]["agreement"]["labels"] == 1.0
 
 
 @pytest.mark.slow
@@ -237,3 +268,5 @@ def test_dense_target_trains_evaluates_predicts_registers_and_serves(tmp_path, c
     (tensor,) = response.json()["outputs"]
     assert tensor["shape"] == [3, 8, 8, 2]
     np.testing.assert_array_equal(np.asarray(tensor["data"], np.float32).reshape(3, 8, 8, 2).argmax(-1), mask)
+    manifest = _export_round_trip(tmp_path, workdir, x, "--lake", str(lake), "--model", "strokes@1")
+    assert manifest["output"]["shape"] == ["batch", 8, 8, 2] and manifest["evaluation"]["agreement"]["mask"] == 1.0

@@ -276,9 +276,18 @@ def export_command(args: argparse.Namespace) -> int:
     ev = manifest.get("evaluation", {})
     print(f"wrote {args.output}: {manifest['size_bytes']:,} bytes ({manifest['quantization']['scheme']} weights), "
           f"platforms {', '.join(manifest['platforms'])}")
-    if ev:
+    if ev and "float_accuracy" in ev:
         print(f"{ev['split']} split ({ev['num_examples']} examples): float accuracy {ev['float_accuracy']:.4f}, "
               f"artifact accuracy {ev['artifact_accuracy']:.4f}, top-1 agreement {ev['top1_agreement']:.4f}")
+    elif ev:  # other tasks: their headline metric, and how closely the artifact's predictions follow the float model's
+        metric = ev["metric"]
+        close = [f"{k} agreement {v:.4f}" for k, v in ev["agreement"].items()]
+        close += [f"{k} max |difference| {v:.3g}" for k, v in ev["max_abs_difference"].items()]
+        print(f"{ev['split']} split ({ev['num_examples']} examples): float {metric} "
+              f"{ev['float_metrics'][metric]:.4f}, artifact {metric} {ev['artifact_metrics'][metric]:.4f}; "
+              + ", ".join(close))
+    print(f"outputs (python {args.output}/edge_runner.py {args.output} EXAMPLES.npy): "
+          + ", ".join(o["name"] for o in manifest["task"]["outputs"]))
     return 0
 
 

@@ -5,9 +5,13 @@ This file is copied into every artifact directory as ``edge_runner.py``, so an e
 
     from edge_runner import EdgeModel            # or: python edge_runner.py ARTIFACT_DIR examples.npy
     model = EdgeModel.load("artifact_dir")
-    out = model.predict(raw_examples)            # {"class": (N,), "probability": (N, C)}
+    out = model.predict(raw_examples)            # classifier: {"class": (N,), "probability": (N, C)}
 
 Inputs are raw examples in the training table's units; they are checked against the schema in ``manifest.json``.
+The exported function returns the model's raw outputs (``logits``); ``manifest["task"]["outputs"]`` (a list, in
+order) records how :func:`postprocess` turns them into the task's predictions, the same arrays ``lepton-jax
+predict`` returns: a classifier's ``class``/``probability``, a regression's ``value`` (target units), a
+multi-label model's ``probabilities``/``labels``, a dense model's per-pixel ``mask``/``probabilities``.
 """
 
 from __future__ import annotations
@@ -24,8 +28,44 @@ MANIFEST = "manifest.json"
 FORMAT = "lepton-edge/1"
 
 
+# artifacts written before tasks were recorded hold classifiers
+CLASSIFICATION = {"name": "classification", "outputs": [{"name": "class", "op": "argmax", "dtype": "int64"},
+                                                        {"name": "probability", "op": "softmax", "dtype": "float32"}]}
+
+
 class ArtifactError(ValueError):
     """The artifact is incomplete or corrupt, or an input does not match its schema."""
+
+
+def postprocess(outputs: list[dict[str, Any]], logits: np.ndarray) -> dict[str, np.ndarray]:
+    """The predictions ``outputs`` (``[{"name", "op", "dtype", ...}]``, from the manifest) make of raw model outputs,
+    in that order.
+
+    Ops: ``identity``; ``softmax`` and ``argmax`` over the last axis; ``sigmoid``; ``sigmoid_at_least``
+    (``sigmoid >= threshold``, as 0/1); ``affine`` (``logits * scale + offset``, per entry of the last axis)."""
+    import jax
+
+    logits = np.asarray(logits, np.float32)
+    result = {}
+    for spec in outputs:
+        name, op = spec["name"], spec["op"]
+        if op == "identity":
+            value = logits
+        elif op == "softmax":
+            value = np.asarray(jax.nn.softmax(logits, axis=-1))
+        elif op == "argmax":
+            value = logits.argmax(-1)
+        elif op == "sigmoid":
+            value = np.asarray(jax.nn.sigmoid(logits))
+        elif op == "sigmoid_at_least":
+            value = np.asarray(jax.nn.sigmoid(logits), np.float32) >= spec["threshold"]
+        elif op == "affine":
+            value = logits * np.asarray(spec["scale"], np.float32) + np.asarray(spec["offset"], np.float32)
+        else:
+            raise ArtifactError(f"output {name!r}: unknown op {op!r} (this runner knows identity, softmax, argmax, "
+                                "sigmoid, sigmoid_at_least, affine)")
+        result[name] = np.asarray(value).astype(spec.get("dtype", "float32"))
+    return result
 
 
 class EdgeModel:
@@ -55,6 +95,8 @@ class EdgeModel:
         columns = spec.get("column_ranges")  # tabular inputs: one [lo, hi] per column of the last axis
         self.column_ranges = None if columns is None else np.asarray(columns, np.float64).reshape(-1, 2)
         self.label_names = list(self.manifest["label_names"])
+        self.task: dict[str, Any] = self.manifest.get("task", CLASSIFICATION)
+        self.output_shape = tuple(self.manifest["output"]["shape"][1:])  # one example's raw outputs
 
     @classmethod
     def load(cls, directory: str | Path, *, verify: bool = True) -> EdgeModel:
@@ -86,15 +128,15 @@ class EdgeModel:
         return x
 
     def logits(self, raw: Any) -> np.ndarray:
+        """The model's raw outputs (N, *output_shape)."""
         x = self.validate(raw)
         if x.shape[0] == 0:
-            return np.zeros((0, len(self.label_names)), np.float32)
+            return np.zeros((0, *self.output_shape), np.float32)
         return np.asarray(self.exported.call(self.weights, x))
 
     def predict(self, raw: Any) -> dict[str, np.ndarray]:
-        logits = self.logits(raw)
-        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return {"class": logits.argmax(-1), "probability": z / z.sum(-1, keepdims=True)}
+        """The task's predictions, as ``lepton-jax predict`` returns them (see :func:`postprocess`)."""
+        return postprocess(self.task["outputs"], self.logits(raw))
 
 
 def main(argv: list[str]) -> int:
@@ -107,8 +149,14 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:  # a missing or unreadable file, a wrong artifact or input (ArtifactError)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for i, (c, p) in enumerate(zip(out["class"], out["probability"], strict=True)):
-        print(f"[{i}] {model.label_names[c]}  p={p.max():.3f}")
+    if "class" in out and "probability" in out:  # a classifier
+        for i, (c, p) in enumerate(zip(out["class"], out["probability"], strict=True)):
+            print(f"[{i}] {model.label_names[c]}  p={p.max():.3f}")
+        return 0
+    name, values = next(iter(out.items()))  # other tasks: their first output (value, probabilities, mask)
+    print(f"{model.task['name']}: {name} {values.dtype} {list(values.shape)}")
+    for i, row in enumerate(values):
+        print(f"[{i}] {np.array2string(np.atleast_1d(row), precision=4, max_line_width=200)}")
     return 0
 
 

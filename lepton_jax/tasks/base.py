@@ -78,6 +78,14 @@ class Task:
         """Model outputs (N, output_size) -> named prediction arrays (predict, eval)."""
         return {"output": outputs}
 
+    def edge_outputs(self) -> dict[str, dict[str, Any]]:
+        """How an edge artifact (``lepton-jax export``) turns the model's raw outputs into :meth:`predictions`, as
+        JSON for its manifest: prediction name -> ``{"op", "dtype", ...}`` with an op of the artifact's runner
+        (``identity``, ``softmax``, ``sigmoid``, ``argmax``, ``sigmoid_at_least`` with ``threshold``, ``affine``
+        with ``scale`` and ``offset``; :func:`lepton_jax.serve.edge.postprocess`). Export checks that these
+        reproduce :meth:`predictions` and refuses the task when they do not. Default: the raw outputs."""
+        return {"output": {"op": "identity", "dtype": "float32"}}
+
     # serving (KServe v2): the server applies ``serve_transform`` inside its jitted function and answers with one
     # FP32 tensor per name in ``output_names`` from ``serve_outputs``
     output_names: tuple[str, ...] = ("output",)

@@ -48,6 +48,9 @@ class Classification(Task):
     def predictions(self, outputs: np.ndarray) -> dict[str, np.ndarray]:
         return {"class": outputs.argmax(-1), "probability": np.asarray(jax.nn.softmax(outputs, axis=-1))}
 
+    def edge_outputs(self) -> dict[str, dict[str, Any]]:
+        return {"class": {"op": "argmax", "dtype": "int64"}, "probability": {"op": "softmax", "dtype": "float32"}}
+
     output_names = ("probabilities", "class", "label")  # the server builds these itself (serve/lifecycle.py)
 
     def serve_transform(self, outputs: jax.Array) -> jax.Array:

@@ -64,5 +64,8 @@ class Dense(Task):
         return {"mask": np.asarray(outputs).argmax(-1).astype(np.int32),
                 "probabilities": np.asarray(jax.nn.softmax(jnp.asarray(outputs), axis=-1), np.float32)}
 
+    def edge_outputs(self) -> dict[str, dict[str, Any]]:
+        return {"mask": {"op": "argmax", "dtype": "int32"}, "probabilities": {"op": "softmax", "dtype": "float32"}}
+
     def serve_transform(self, outputs: jax.Array) -> jax.Array:
         return jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)

@@ -66,5 +66,9 @@ class MultiLabel(Task):
         probabilities = np.asarray(jax.nn.sigmoid(jnp.asarray(outputs)), np.float32)
         return {"probabilities": probabilities, "labels": (probabilities >= THRESHOLD).astype(np.int32)}
 
+    def edge_outputs(self) -> dict[str, dict[str, Any]]:
+        return {"probabilities": {"op": "sigmoid", "dtype": "float32", "names": self.columns},
+                "labels": {"op": "sigmoid_at_least", "threshold": THRESHOLD, "dtype": "int32", "names": self.columns}}
+
     def serve_transform(self, outputs: jax.Array) -> jax.Array:
         return jax.nn.sigmoid(outputs.astype(jnp.float32))

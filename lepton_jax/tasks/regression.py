@@ -86,6 +86,10 @@ class Regression(Task):
     def predictions(self, outputs: np.ndarray) -> dict[str, np.ndarray]:
         return {"value": self.values(outputs)}
 
+    def edge_outputs(self) -> dict[str, dict[str, Any]]:
+        return {"value": {"op": "affine", "scale": self.std.tolist(), "offset": self.mean.tolist(), "dtype": "float32",
+                          "names": self.columns}}
+
     output_names = ("value",)
 
     def serve_transform(self, outputs: jax.Array) -> jax.Array:
