@@ -4,6 +4,7 @@
     with Client("http://127.0.0.1:8000", token=None) as client:
         client.wait_ready(timeout_s=60)
         out = client.infer("digits", images)      # {"class": (N,), "probabilities": (N, C)}
+        client.infer("diabetes", rows, input_name="features")   # other input arrays: name them
 """
 
 from __future__ import annotations
@@ -96,9 +97,11 @@ class Client:
     def metadata(self, model: str) -> dict[str, Any]:
         return _json_or_error(self.http.get(f"/v2/models/{model}"))
 
-    def infer(self, model: str, rows: np.ndarray, request_id: str | None = None) -> dict[str, Any]:
-        return parse_response(self.http.post(f"/v2/models/{model}/infer", json=infer_request(rows,
-                                                                                             request_id=request_id)))
+    def infer(self, model: str, rows: np.ndarray, request_id: str | None = None,
+              input_name: str = "image") -> dict[str, Any]:
+        """``input_name``: the model's input (``GET /v2/models/NAME``): ``image``, ``features``, ``signal``."""
+        return parse_response(self.http.post(f"/v2/models/{model}/infer",
+                                             json=infer_request(rows, input_name, request_id=request_id)))
 
     def metrics(self) -> str:
         response = self.http.get("/metrics")
@@ -120,6 +123,8 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.http.aclose()
 
-    async def infer(self, model: str, rows: np.ndarray, request_id: str | None = None) -> dict[str, Any]:
-        response = await self.http.post(f"/v2/models/{model}/infer", json=infer_request(rows, request_id=request_id))
+    async def infer(self, model: str, rows: np.ndarray, request_id: str | None = None,
+                    input_name: str = "image") -> dict[str, Any]:
+        response = await self.http.post(f"/v2/models/{model}/infer",
+                                        json=infer_request(rows, input_name, request_id=request_id))
         return parse_response(response)

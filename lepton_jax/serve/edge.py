@@ -154,7 +154,8 @@ def main(argv: list[str]) -> int:
             print(f"[{i}] {model.label_names[c]}  p={p.max():.3f}")
         return 0
     name, values = next(iter(out.items()))  # other tasks: their first output (value, probabilities, mask)
-    print(f"{model.task['name']}: {name} {values.dtype} {list(values.shape)}")
+    others = "".join(f"; {k} {v.dtype} {list(v.shape)}" for k, v in list(out.items())[1:])
+    print(f"{model.task['name']}: {name} {values.dtype} {list(values.shape)}{others} (all: EdgeModel.predict)")
     for i, row in enumerate(values):
         print(f"[{i}] {np.array2string(np.atleast_1d(row), precision=4, max_line_width=200)}")
     return 0
