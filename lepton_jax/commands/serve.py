@@ -128,10 +128,13 @@ def register_command(args: argparse.Namespace) -> int:
     entry = registry.register(args.name, args.workdir, step=args.step, description=args.description)
     metrics = entry.record["metrics"]
     params = entry.record["params"]
+    name = str(metrics.get("best_metric", "dev_accuracy")).removeprefix("dev_")  # the run's headline metric
+    if not isinstance(metrics.get(f"test_{name}"), int | float):
+        name = "accuracy"
     print(f"registered {entry.ref}: checkpoint {entry.workdir} step {entry.step} copied to "
           f"{registry.storage.uri}/{params['key']} ({params['bytes']:,} bytes, sha256 {params['sha256'][:12]}), "
-          f"data {entry.record['data']['table']}@{entry.record['data']['version']}, test accuracy "
-          f"{metrics.get('test_accuracy')}")
+          f"data {entry.record['data']['table']}@{entry.record['data']['version']}, test {name} "
+          f"{metrics.get(f'test_{name}')}")
     if args.promote:
         registry.promote(entry.name, entry.version, args.promote)
         print(f"promoted {entry.ref} to {args.promote}")
