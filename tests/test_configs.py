@@ -13,13 +13,14 @@ from tests.conftest import ROOT
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 # input shape and classes of each table the configs train on (the lake schema supplies them in a real run)
 TABLES = {"digits": ((8, 8, 1), 10), "iris": ((4,), 3), "activity": ((32, 3), 4), "wine": ((13,), 3),
-          "breast_cancer": ((30,), 2), "diabetes": ((10,), 1),
+          "breast_cancer": ((30,), 2), "diabetes": ((10,), 1), "activity_speed": ((64, 3), 1),
           "digits_attributes": ((8, 8, 1), 3), "digits_strokes": ((8, 8, 1), (8, 8, 2))}
 
 
 def _schema(table):
     shape, classes = TABLES[table]
-    if table == "diabetes":  # regression: one float target (its train-split statistics come with the run's schema)
+    if table in ("diabetes", "activity_speed"):  # regression: one float target (its train-split statistics come
+        # with the run's schema)
         return {"label_array": "label", "label_names": ["q1", "q2", "q3", "q4"], "target_arrays": ["target"],
                 "arrays": {"input": {"example_shape": list(shape)}, "target": {"example_shape": [1]}},
                 "target_stats": {"array": "target", "mean": [150.0], "std": [77.0]}}

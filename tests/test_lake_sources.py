@@ -72,6 +72,67 @@ def test_csv_time_series_is_windowed_per_series_with_bad_windows_quarantined(tmp
     assert sum(result.version.num_examples(s) for s in result.version.splits) == 10
 
 
+def test_csv_target_columns_give_each_window_a_target_vector(tmp_path, capsys):
+    path, lake = _csv(tmp_path / "s.csv"), str(tmp_path / "lake")
+    assert main(["lake", "ingest", "--lake", lake, "--table", "har", "--source", f"csv:{path}", "--window", "4",
+                 "--stride", "2", "--series-column", "device", "--target-column", "ax",
+                 "--splits", "train=0.5,test=0.5"]) == 0
+    tv = Lake(lake).table("har")
+    assert tv.schema["target_arrays"] == ["target"] and tv.schema["arrays"]["signal"]["example_shape"] == [4, 1]
+    target = tv.schema["arrays"]["target"]
+    assert (target["dtype"], target["example_shape"], target["columns"]) == ("float32", [1], ["ax"])
+    rows = {s: tv.reader(s).read_all() for s in tv.splits}
+    got = sorted(float(v) for r in rows.values() for v in r["target"][:, 0])
+    # d1's kept windows start at rows 0, 2, 4, 6, 10, ..., 16 (ax = row index): mean start + 1.5; d2's 'oops' cell
+    # quarantines its window at rows 1-4, leaving starts 2 and 4 (ax = 100 + row)
+    assert got == [s + 1.5 for s in (0, 2, 4, 6, 10, 12, 14, 16)] + [103.5, 105.5]
+    assert target["column_ranges"] == [[1.5, 105.5]]
+    assert tv.record["stats"]["splits"]["train"]["target"]["columns"]["mean"]  # per-column statistics
+    last = CsvWindowSource(path, window=4, stride=2, series_column="device", target_columns=["ax"],
+                           target_reduce="last").load()
+    assert sorted(last.arrays["target"][:, 0])[:2] == [3.0, 5.0]
+    plain = CsvWindowSource(path, window=4, stride=2, series_column="device").load()
+    assert plain.targets == () and plain.arrays["signal"].shape[-1] == 2  # without targets: as before
+    for kwargs, message in [({"target_columns": ["speed"]}, "lacks column"),
+                            ({"target_columns": ["ax"], "feature_columns": ["ax", "ay"]}, "both features and targets"),
+                            ({"target_columns": ["ax"], "target_reduce": "max"}, "target_reduce")]:
+        with pytest.raises(LakeError, match=message):
+            CsvWindowSource(path, window=4, **kwargs).load()
+    capsys.readouterr()
+    assert main(["lake", "ingest", "--lake", lake, "--table", "x", "--source", "digits", "--target-key", "t"]) == 2
+    assert "takes no option(s) ['target_key']" in capsys.readouterr().err
+
+
+def test_npz_keys_and_target_arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.uniform(0, 1, size=(40, 3)).astype(np.float32)
+    value = feats.sum(1) * 10  # a float target per example
+    hot = (feats > 0.5).astype(np.float32)  # multi-hot
+    np.savez(tmp_path / "d.npz", feats=feats, lab=np.arange(40) % 2, value=value, hot=hot, short=value[:5])
+    lake = str(tmp_path / "lake")
+    assert main(["lake", "ingest", "--lake", lake, "--table", "reg", "--source", f"npz:{tmp_path / 'd.npz'}",
+                 "--feature-key", "feats", "--label-key", "lab", "--target-key", "value", "--per-column"]) == 0
+    tv = Lake(lake).table("reg")
+    assert tv.schema["target_arrays"] == ["target"] and tv.schema["arrays"]["target"]["example_shape"] == [1]
+    assert tv.schema["arrays"]["image"]["example_shape"] == [3]
+    read = np.concatenate([tv.reader(s).read_all()["target"][:, 0] for s in tv.splits])
+    assert sorted(read.tolist()) == sorted(value.tolist())
+    assert tv.record["stats"]["splits"]["train"]["target"]["columns"]["std"][0] > 0
+    multi = ingest(Lake(lake), "multi", NpzSource(tmp_path / "d.npz", feature_key="feats", label_key="lab",
+                                                  target_key="hot")).version
+    assert multi.schema["arrays"]["target"]["example_shape"] == [3]
+    assert multi.schema["arrays"]["target"]["column_ranges"] == [[0.0, 1.0]] * 3
+    from lepton_jax.config import load_config
+    from lepton_jax.tasks import make_task
+    from tests.conftest import DEFAULT_CONFIG
+
+    assert make_task(load_config(str(DEFAULT_CONFIG), ["task.name=multilabel"]), multi.schema).output_size == 3
+    with pytest.raises(LakeError, match="one row per example"):
+        NpzSource(tmp_path / "d.npz", feature_key="feats", label_key="lab", target_key="short").load()
+    with pytest.raises(LakeError, match="lacks \\['nope'\\]"):
+        NpzSource(tmp_path / "d.npz", feature_key="feats", label_key="lab", target_key="nope").load()
+
+
 def test_sklearn_sets_and_source_specs(tmp_path):
     result = ingest(Lake(tmp_path), "iris", SklearnSource("iris"))
     assert result.version.schema["arrays"]["features"]["example_shape"] == [4]

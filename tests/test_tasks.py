@@ -230,6 +230,8 @@ def test_multilabel_trains_evaluates_predicts_registers_and_serves(tmp_path, cap
     assert response.status_code == 200, response.text
     (tensor,) = response.json()["outputs"]
     assert tensor["name"] == "probabilities" and tensor["shape"] == [3, 3]
+    server.lifecycle.deployments["attrs"].drift.update()  # the served batch in the drift window: inputs only
+    assert server.lifecycle.deployments["attrs"].drift.num_examples == 3
     np.testing.assert_allclose(np.asarray(tensor["data"], np.float32).reshape(3, 3), probabilities, atol=1e-5)
     manifest = _export_round_trip(tmp_path, workdir, x)
     assert manifest["evaluation"]["agreement"]["labels"] == 1.0

@@ -49,6 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--stride", type=int, default=None, help="csv: rows between window starts (default: window)")
     ingest.add_argument("--label-column", default=None, help="csv: the label column (default: label)")
     ingest.add_argument("--series-column", default=None, help="csv: windows never cross a change of this column")
+    ingest.add_argument("--target-column", "--target-columns", dest="target_columns", default=None,
+                        metavar="NAME,...", help="csv: numeric column(s) that form each window's float target "
+                        "vector (not features; for the regression or multilabel task)")
+    ingest.add_argument("--target-reduce", default=None, choices=["mean", "last"],
+                        help="csv: a window's target is its rows' mean (default) or its last row's value")
+    ingest.add_argument("--feature-key", default=None, help="npz: the input array's key (default x)")
+    ingest.add_argument("--label-key", default=None, help="npz: the integer label array's key (default y)")
+    ingest.add_argument("--target-key", default=None,
+                        help="npz: a target array's key: float (N, T) or (N,) values, multi-hot (N, K), or a class "
+                             "map shaped like the input; stored as 'target' (for regression, multilabel, dense)")
     ingest.add_argument("--label-map", default=None, metavar="SRC=DST,...",
                         help="relabel: source label name -> label name; unmapped examples are quarantined")
     ingest.add_argument("--retries", type=int, default=3,
@@ -158,7 +168,9 @@ def ingest_command(args: argparse.Namespace) -> int:
         raise LakeError(f"--chunk applies to images: and csv: sources (npz sources chunk by shard file), not {kind}")
     source = make_source(args.source, size=_parse_size(args.resize), mode=image_mode, bits=args.bits,
                          window=args.window, stride=args.stride, label_column=args.label_column,
-                         series_column=args.series_column, per_column=args.per_column or None, **chunk)
+                         series_column=args.series_column, per_column=args.per_column or None,
+                         target_columns=args.target_columns, target_reduce=args.target_reduce,
+                         feature_key=args.feature_key, label_key=args.label_key, target_key=args.target_key, **chunk)
     if args.workers is not None and args.workers < 1:
         raise LakeError(f"--workers must be at least 1, got {args.workers}")
     label_names = [n for n in args.label_names.split(",") if n] if args.label_names else None

@@ -12,15 +12,17 @@ from lepton_jax.lake.sources import DigitsSource, ImageFolderSource, NpzSource, 
 
 
 def make_source(spec: str, **options: Any) -> Source:
-    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards; option ``per_column``),
-    ``images:DIR`` (options ``size``, ``mode``, ``bits``) or ``csv:PATH`` (options ``window``, ``stride``,
-    ``label_column``, ``series_column``), or a plug-in by import path, ``package.module:MySource`` (called with the
+    """``digits``, ``sklearn:NAME``, ``npz:PATH`` (a file or a directory of shards; options ``per_column``,
+    ``feature_key``, ``label_key``, ``target_key``), ``images:DIR`` (options ``size``, ``mode``, ``bits``) or
+    ``csv:PATH`` (options ``window``, ``stride``, ``label_column``, ``series_column``, ``target_columns``,
+    ``target_reduce``), or a plug-in by import path, ``package.module:MySource`` (called with the
     options given; see :mod:`lepton_jax.plugins`). Options that are ``None`` are ignored."""
     options = {k: v for k, v in options.items() if v is not None}
     kind, _, arg = spec.partition(":")
-    allowed = {"digits": set(), "sklearn": set(), "npz": {"per_column"},
+    allowed = {"digits": set(), "sklearn": set(), "npz": {"per_column", "feature_key", "label_key", "target_key"},
                "images": {"size", "mode", "bits", "chunk_files"},
-               "csv": {"window", "stride", "label_column", "series_column", "chunk_windows"}}
+               "csv": {"window", "stride", "label_column", "series_column", "chunk_windows", "target_columns",
+                       "target_reduce"}}
     if kind not in allowed and plugins.is_import_path(spec):
         try:
             source = plugins.load_object(spec, "source")(**options)

@@ -249,9 +249,9 @@ def concat(parts: list[SourceData]) -> SourceData:
                       column_ranges=columns, column_names=first.column_names, targets=first.targets)
 
 
-def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | None
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    keys = {feature_key, label_key} | ({split_key} if split_key else set())
+def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | None, target_key: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    keys = {feature_key, label_key} | ({split_key} if split_key else set()) | ({target_key} if target_key else set())
     try:
         with np.load(path, allow_pickle=False) as data:
             if not hasattr(data, "files"):
@@ -261,6 +261,7 @@ def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | Non
                 raise LakeError(f"npz source {path} lacks {sorted(missing)}; it has {data.files}")
             features, labels = data[feature_key], data[label_key]
             split = data[split_key].astype(str) if split_key else None
+            target = data[target_key] if target_key else None
     except LakeError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
@@ -279,7 +280,13 @@ def _read_npz(path: Path, feature_key: str, label_key: str, split_key: str | Non
     if features.shape[0] != labels.shape[0]:
         raise LakeError(f"npz source {path}: {features.shape[0]} examples in {feature_key!r} but "
                         f"{labels.shape[0]} labels in {label_key!r}")
-    return features, labels, split
+    if target is not None:
+        if not storable_dtype(target.dtype) or target.ndim < 1 or target.shape[0] != labels.shape[0]:
+            raise LakeError(f"npz source {path}: target {target_key!r} must be a numeric array with one row per "
+                            f"example ({labels.shape[0]}), got {target.dtype} with shape {target.shape}")
+        if target.ndim == 1:  # one value per example: a (N, 1) target vector
+            target = target[:, None]
+    return features, labels, split, target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,16 +310,21 @@ class RowIds(Sequence[str]):
 
 class NpzSource:
     """A ``.npz`` file, or a directory of ``.npz`` shards (read one shard per chunk, in name order), each with a
-    feature array and an integer label array (and optionally a split name per example)."""
+    feature array (key ``feature_key``) and an integer label array (``label_key``), optionally a split name per
+    example (``split_key``) and a target array (``target_key``): a float vector (N, T) or (N,) for regression, a
+    multi-hot (N, K) for multi-label, or a class map shaped like the input (N, H, W) for dense targets. The target is
+    stored as ``target`` (a 1-D one as (N, 1)), with its range (per column for a 2-D one) and statistics; the schema
+    names it in ``target_arrays``."""
 
     name = "npz"
 
     def __init__(self, path: str | Path, feature_key: str = "x", label_key: str = "y",
                  label_names: list[str] | None = None, value_range: tuple[float, float] | None = None,
-                 split_key: str | None = None, per_column: bool = False):
+                 split_key: str | None = None, per_column: bool = False, target_key: str | None = None):
         self.path = Path(path)
         self.uri = f"file://{self.path.resolve()}"
         self.feature_key, self.label_key, self.split_key = feature_key, label_key, split_key
+        self.target_key = target_key
         self.label_names, self.value_range = label_names, value_range
         self.per_column = per_column  # 2-D (N, F) tabular features: one range per column (the data's min/max)
 
@@ -327,7 +339,7 @@ class NpzSource:
             raise LakeError(f"npz source {self.path} does not exist")
         sharded = self.path.is_dir()
         return [NpzShard(f, self.uri, self.feature_key, self.label_key, self.label_names, self.value_range,
-                         self.split_key, sharded, self.per_column) for f in files]
+                         self.split_key, sharded, self.per_column, self.target_key) for f in files]
 
     def load(self) -> SourceData:
         return concat([t.load() for t in self.tasks()])
@@ -346,9 +358,11 @@ class NpzShard:
     split_key: str | None
     sharded: bool
     per_column: bool = False
+    target_key: str | None = None
 
     def load(self) -> SourceData:
-        features, labels, split = _read_npz(self.path, self.feature_key, self.label_key, self.split_key)
+        features, labels, split, target = _read_npz(self.path, self.feature_key, self.label_key, self.split_key,
+                                                    self.target_key)
         names = self.label_names or [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
         finite = features[np.isfinite(features)] if np.issubdtype(features.dtype, np.floating) else features
         value_range = self.value_range or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0))
@@ -366,8 +380,19 @@ class NpzShard:
                     else np.zeros((features.shape[1], 2))
             col = np.nan_to_num(col, nan=float(value_range[0]))
             columns = {"image": np.clip(col, float(value_range[0]), float(value_range[1]))}
-        return SourceData({"image": features}, labels.astype(np.int64), names, {"image": value_range}, self.uri,
-                          ids=ids, split=split, column_ranges=columns)
+        arrays, ranges, targets = {"image": features}, {"image": value_range}, ()
+        if target is not None:
+            arrays["target"], ranges["target"], targets = target, _finite_range(target), ("target",)
+            if target.ndim == 2:  # a target vector: one range per column (names: target_0 ...)
+                columns["target"] = np.asarray([_finite_range(c) for c in target.T], np.float64).reshape(-1, 2)
+        return SourceData(arrays, labels.astype(np.int64), names, ranges, self.uri,
+                          ids=ids, split=split, column_ranges=columns, targets=targets)
+
+
+def _finite_range(values: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of the finite values (``(0, 0)`` when there are none; non-finite rows are quarantined)."""
+    finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
 
 
 _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")

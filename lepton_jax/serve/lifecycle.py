@@ -304,8 +304,8 @@ class Deployment:
                 queue_time.observe(wait)
             metrics.replica_batches.labels(name, info.replica).inc()
             metrics.replica_rows.labels(name, info.replica).inc(info.size)
-            if self.drift:
-                self.drift.observe(info.inputs, info.outputs.argmax(-1))  # queued; binned by the drift task
+            if self.drift:  # the task's prediction buckets (classes; one bucket for regression, multilabel, dense)
+                self.drift.observe(info.inputs, self.model.task.drift_classes(info.outputs)[0])  # binned later
         return on_batch
 
     @staticmethod

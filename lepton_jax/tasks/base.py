@@ -100,5 +100,6 @@ class Task:
 
     def drift_classes(self, outputs: np.ndarray) -> tuple[np.ndarray, int]:
         """Prediction buckets for drift monitoring and their count: one bucket by default, so drift monitors
-        the inputs only (classification: the predicted classes)."""
+        the inputs only (classification: the predicted classes). ``outputs`` are the model's raw outputs at
+        registration and the served array (:meth:`serve_transform`'s) in the server."""
         return np.zeros(outputs.shape[0], np.int64), 1
