@@ -4,6 +4,21 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test session, inherited by the subprocesses tests start: a CLI run in a
+# subprocess then loads the executables an earlier test compiled instead of compiling them again (most of the
+# suite's time on CPU). Fresh for every session and removed at its end, so no stale entry outlives a run; a size
+# limit turns on jax's file lock, so concurrent processes never read an entry another is still writing.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _compile_cache = tempfile.mkdtemp(prefix="lepton-jax-test-compile-cache-")
+    atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _compile_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 from pathlib import Path  # noqa: E402
 
