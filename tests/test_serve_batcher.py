@@ -6,7 +6,14 @@ import threading
 import numpy as np
 import pytest
 
-from lepton_jax.serve.batcher import DrainingError, DynamicBatcher, QueueFullError, Replica, bucket_sizes
+from lepton_jax.serve.batcher import (
+    DrainingError,
+    DynamicBatcher,
+    QueueFullError,
+    Replica,
+    bucket_sizes,
+    fair_shares,
+)
 
 
 class Recorder:
@@ -120,8 +127,17 @@ def test_timeout_drops_a_queued_request_and_drain_finishes_running_ones():
     assert all(5 not in b for b in fn.batches)  # the timed-out request never ran
 
 
+def test_fair_shares_give_small_requests_all_their_rows_and_split_the_rest_equally():
+    assert fair_shares([1, 990, 990], 32) == [1, 16, 15]  # the 1-row request whole; the odd row to the older one
+    assert fair_shares([100, 100, 100], 32) == [11, 11, 10]
+    assert fair_shares([3, 20, 5], 16) == [3, 8, 5]
+    assert fair_shares([1] * 40, 32) == [1] * 32 + [0] * 8  # more requests than rows: the oldest first
+    assert fair_shares([50], 32) == [32]
+
+
 def test_a_large_request_does_not_hold_up_a_small_one_behind_it():
-    """Chunks of queued requests are taken round robin: a 1-row request waits for one chunk, not forty."""
+    """Batches share their rows fairly over the queued requests: a 1-row request that arrives behind 160 queued
+    rows runs in the next batch (beside 3 of them), not after them."""
     fn = Recorder()
 
     async def main():
@@ -143,9 +159,38 @@ def test_a_large_request_does_not_hold_up_a_small_one_behind_it():
     first, large, small = run(main())
     np.testing.assert_array_equal(large, np.full((160, 1), 4))
     assert small[0, 0] == 6
-    order = [b[0, 0] for b in fn.batches]
-    assert order.index(3) == 2  # after the running batch and one chunk of the large request
-    assert len(fn.batches) == 1 + 40 + 1
+    assert sorted(fn.batches[1][:, 0].tolist()) == [2, 2, 2, 3]  # right after the running batch
+    assert len(fn.batches) == 1 + 41  # every batch full but the last: 161 rows in batches of 4
+
+
+def test_with_more_queued_requests_than_batch_rows_the_oldest_share_each_batch_and_the_rest_wait_in_order():
+    """Six queued requests (a 6-row one first) for batches of 4: the oldest four share a batch (the large one gets
+    the odd row), the others come next, ahead of the large request's remaining rows; every answer is its own."""
+    fn = Recorder()
+
+    async def main():
+        batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=4, max_delay_s=0.0, max_queue_rows=1000)
+        batcher.start()
+        fn.gate.clear()
+        first = asyncio.ensure_future(batcher.infer(np.full((4, 1), 1, np.float32), timeout_s=30))
+        while not batcher.replicas[0].inflight_rows:
+            await asyncio.sleep(0.001)
+        large = asyncio.ensure_future(batcher.infer(np.arange(10, 16, dtype=np.float32)[:, None], timeout_s=30))
+        await asyncio.sleep(0.005)
+        small = []
+        for value in range(2, 7):
+            small.append(asyncio.ensure_future(batcher.infer(np.full((1, 1), value, np.float32), timeout_s=30)))
+            await asyncio.sleep(0.005)
+        fn.gate.set()
+        outs = await asyncio.gather(first, large, *small)
+        await batcher.drain()
+        return outs
+
+    _, large, *small = run(main())
+    np.testing.assert_array_equal(large[:, 0], np.arange(10, 16) * 2)
+    assert [s[0, 0] for s in small] == [4, 6, 8, 10, 12]
+    assert [sorted(v for v in b[:, 0].tolist() if v) for b in fn.batches[1:]] == [[2, 3, 4, 10], [5, 6, 11, 12],
+                                                                                [13, 14, 15]]  # 0: padding
 
 
 def test_requests_into_a_part_full_queue_wait_for_the_deadline_and_a_full_batch_goes_at_once():

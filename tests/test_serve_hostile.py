@@ -23,7 +23,15 @@ import uvicorn
 
 from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.http_limits import uvicorn_config
-from lepton_jax.serve.kserve import HEADER_LENGTH, InputSpec, RequestError, decode_rows, parse_size
+from lepton_jax.serve.kserve import (
+    HEADER_LENGTH,
+    InputSpec,
+    RequestError,
+    declares_more_than,
+    decode_rows,
+    inflate_within,
+    parse_size,
+)
 from lepton_jax.serve.registry import Registry
 from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 
@@ -160,6 +168,19 @@ def test_a_gzip_body_that_inflates_past_the_threshold_is_decoded_off_the_event_l
         bomb = http.post(INFER, content=gzip.compress(b" " * (server.deployments["digits"].body_limit + 10)),
                          headers={"content-encoding": "gzip"})
         assert bomb.status_code == 413 and "decompressed request body exceeds" in bomb.json()["error"]
+
+
+def test_the_offload_of_gzip_bodies_is_decided_by_their_trailer_before_inflating_on_the_event_loop():
+    """A gzip trailer (ISIZE) over the threshold sends the body to the codec pool with nothing inflated on the event
+    loop; one that claims less than the body holds cannot make the event loop inflate past the threshold."""
+    rows = np.random.default_rng(0).integers(0, 17, (1024, 8, 8)).astype(np.float32)
+    packed, limit = gzip.compress(json.dumps(infer_request(rows)).encode()), 64 << 10
+    assert declares_more_than(packed, "gzip", limit) and declares_more_than(packed, " GZIP", limit)
+    assert not declares_more_than(packed, "deflate", limit) and not declares_more_than(packed, None, limit)
+    small = gzip.compress(b"{}")
+    assert not declares_more_than(small, "gzip", limit) and inflate_within(small, "gzip", limit) == b"{}"
+    lying = packed[:-4] + (100).to_bytes(4, "little")  # claims 100 bytes: inflating stops past the threshold
+    assert not declares_more_than(lying, "gzip", limit) and inflate_within(lying, "gzip", limit) is None
 
 
 def test_codec_worker_processes_import_no_jax():

@@ -5,8 +5,10 @@ A batch is dispatched when it holds ``max_batch_size`` rows or its oldest reques
 on different devices compute concurrently while the event loop keeps accepting requests. Batches are padded up to a
 fixed set of bucket sizes (powers of two up to ``max_batch_size``) so each replica compiles once per bucket.
 
-Fairness: a request larger than ``max_batch_size`` is cut into chunks, and batches take chunks round robin over
-the queued requests, so a 1-row request waits behind one chunk of each large request ahead of it, not all of them.
+Fairness: each batch's rows are shared max-min fairly among the oldest queued requests (:func:`fair_shares`): a
+request that fits its share goes whole, the larger ones split the rest equally, and a request larger than its share
+leaves its other rows queued for later batches. So a 1-row request that arrives behind large ones runs in the very
+next batch (beside their rows, which keep the batch full), not after one chunk of each of them.
 
 Back-pressure: the queue holds at most ``max_queue_rows`` rows; a request that does not fit raises
 :class:`QueueFullError` at once (HTTP 429). A request that waits longer than its timeout raises
@@ -66,10 +68,59 @@ class Replica:
 
 
 @dataclasses.dataclass(eq=False, slots=True)
-class _Item:
+class _Request:
+    """A queued request: its rows, the next one to hand to a batch, and the outputs of the parts that ran."""
+
     rows: np.ndarray
     future: asyncio.Future
     enqueued: float
+    taken: int = 0
+    done: int = 0
+    parts: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)
+
+    @property
+    def untaken(self) -> int:
+        return self.rows.shape[0] - self.taken
+
+    def finish_part(self, start: int, outputs: np.ndarray) -> None:
+        """Records the outputs of rows ``start:start + len(outputs)``; resolves the future once all rows ran."""
+        self.done += outputs.shape[0]
+        if self.done == self.rows.shape[0] and not self.parts:  # one part: the usual, no copy
+            self.future.set_result(outputs)
+            return
+        self.parts.append((start, outputs))
+        if self.done == self.rows.shape[0]:
+            self.parts.sort(key=lambda part: part[0])  # several replicas may finish parts out of order
+            self.future.set_result(np.concatenate([out for _, out in self.parts]))
+
+
+_Part = tuple[_Request, int, int]  # a request's rows start:stop, in one batch
+
+
+def fair_shares(untaken: list[int], room: int) -> list[int]:
+    """Max-min fair shares of ``room`` rows over requests with ``untaken`` rows, in queue order: requests that fit an
+    equal share get all their rows, the rest split what is left equally, and rows that do not divide equally (also:
+    every row, when there are more requests than rows) go to the requests ahead in the queue."""
+    shares = [0] * len(untaken)
+    left = room
+    by_size = sorted(range(len(untaken)), key=untaken.__getitem__)  # stable: queue order among equals
+    for k, i in enumerate(by_size):
+        waiting = len(by_size) - k
+        if untaken[i] * waiting > left:  # this request and every larger one get the equal level
+            level = left // waiting
+            for j in by_size[k:]:
+                shares[j] = level
+            left -= level * waiting
+            break
+        shares[i] = untaken[i]
+        left -= untaken[i]
+    for i, n in enumerate(untaken):  # what did not divide equally (fewer rows than those at the level): a row each
+        if left == 0:  # to the oldest of them
+            break
+        if n > shares[i]:
+            shares[i] += 1
+            left -= 1
+    return shares
 
 
 @dataclasses.dataclass
@@ -96,13 +147,13 @@ class DynamicBatcher:
         self.max_queue_rows = int(max_queue_rows)
         self.buckets = bucket_sizes(self.max_batch_size)
         self._on_batch = on_batch
-        self._queue: collections.deque[collections.deque[_Item]] = collections.deque()  # per request, round robin
+        self._queue: collections.deque[_Request] = collections.deque()  # requests with untaken rows, oldest first
         self.queued_rows = 0
         self._round_robin = itertools.count()
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._free: asyncio.Event | None = None
-        self._inflight: dict[asyncio.Future, list[_Item]] = {}  # running batches
+        self._inflight: dict[asyncio.Future, list[_Part]] = {}  # running batches
         self._draining = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -123,9 +174,8 @@ class DynamicBatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for request in self._queue:
-            for item in request:
-                if not item.future.done():
-                    item.future.set_exception(DrainingError("the server shut down before this request ran"))
+            if not request.future.done():
+                request.future.set_exception(DrainingError("the server shut down before this request ran"))
         self._queue.clear()
         # a running batch (one that abandon() stopped waiting for) ends on its thread, not on the event loop
         await asyncio.gather(*(asyncio.to_thread(replica.close) for replica in self.replicas))
@@ -135,15 +185,14 @@ class DynamicBatcher:
         (``reason``) at once instead of waiting for it. A batch already running on a replica still finishes there (it
         cannot be interrupted; :meth:`drain` then waits for its thread without blocking the event loop), unread."""
         self._draining = True
-        items = [item for request in self._queue for item in request]
-        items += [item for batch in self._inflight.values() for item in batch]
+        requests = [*self._queue, *(request for batch in self._inflight.values() for request, _, _ in batch)]
         self._queue.clear()
         self._inflight.clear()
         self.queued_rows = 0
         error = DrainingError(reason)
-        for item in items:
-            if not item.future.done():
-                item.future.set_exception(error)
+        for request in requests:
+            if not request.future.done():
+                request.future.set_exception(error)
         if self._wake is not None:
             self._wake.set()
 
@@ -173,42 +222,35 @@ class DynamicBatcher:
             raise QueueFullError(f"the queue holds {self.queued_rows} of at most {self.max_queue_rows} rows and "
                                  f"cannot take {n} more; retry later")
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        items = [_Item(rows[i:i + self.max_batch_size], loop.create_future(), now)
-                 for i in range(0, n, self.max_batch_size)]
+        request = _Request(rows, loop.create_future(), time.monotonic())
         was_idle = not self._queue
-        self._queue.append(collections.deque(items))
+        self._queue.append(request)
         self.queued_rows += n
         if was_idle or self.queued_rows >= self.max_batch_size:  # else the scheduler's deadline comes first
             self._wake.set()
-        timer = None if timeout_s is None else loop.call_later(timeout_s, self._time_out, items, timeout_s)
+        timer = None if timeout_s is None else loop.call_later(timeout_s, self._time_out, request, timeout_s)
         try:
-            results = [await item.future for item in items]
+            return await request.future
         except BaseException:  # timed out, failed, or the caller went away (cancelled)
-            self._cancel(items)
+            self._cancel(request)
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        return np.concatenate(results) if len(results) > 1 else results[0]
 
-    def _time_out(self, items: list[_Item], timeout_s: float) -> None:
-        for item in items:
-            if not item.future.done():
-                item.future.set_exception(TimeoutError(f"no result within {timeout_s} s"))
+    @staticmethod
+    def _time_out(request: _Request, timeout_s: float) -> None:
+        if not request.future.done():
+            request.future.set_exception(TimeoutError(f"no result within {timeout_s} s"))
 
-    def _cancel(self, items: list[_Item]) -> None:
-        for item in items:
-            if not item.future.done():
-                item.future.cancel()
-            elif not item.future.cancelled():
-                item.future.exception()  # retrieved: no "exception was never retrieved" log for the other chunks
-        for request in self._queue:
-            if any(item in items for item in request):
-                queued = [item for item in request if item in items]
-                self._queue.remove(request)
-                self.queued_rows -= sum(item.rows.shape[0] for item in queued)
-                return
+    def _cancel(self, request: _Request) -> None:
+        """Drops ``request``'s untaken rows from the queue; rows already running finish there, unread."""
+        if not request.future.done():
+            request.future.cancel()
+        if request in self._queue:
+            self._queue.remove(request)
+            self.queued_rows -= request.untaken
+            request.taken = request.rows.shape[0]
 
 
     # -- scheduling ------------------------------------------------------------------------------------------
@@ -218,7 +260,7 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
             replica = await self._free_replica()
-            deadline = self._queue[0][0].enqueued + self.max_delay_s if self._queue else 0.0
+            deadline = self._queue[0].enqueued + self.max_delay_s if self._queue else 0.0
             while self._queue and self.queued_rows < self.max_batch_size and not self._draining:
                 wait = deadline - time.monotonic()
                 if wait <= 0:
@@ -230,7 +272,7 @@ class DynamicBatcher:
                     break
             batch = self._take()
             if batch:
-                replica.inflight_rows += sum(item.rows.shape[0] for item in batch)  # busy from now on
+                replica.inflight_rows += sum(stop - start for _, start, stop in batch)  # busy from now on
                 future = asyncio.ensure_future(self._run(replica, batch))
                 self._inflight[future] = batch
                 future.add_done_callback(lambda f: self._inflight.pop(f, None))
@@ -245,27 +287,28 @@ class DynamicBatcher:
             self._free.clear()
             await self._free.wait()
 
-    def _take(self) -> list[_Item]:
-        batch, rows, dropped = [], 0, 0
-        while self._queue:
-            request = self._queue[0]
-            item = request[0]
-            if item.future.done():  # timed out or cancelled while queued
-                dropped += sum(i.rows.shape[0] for i in request)
-                self._queue.popleft()
-                continue
-            if batch and rows + item.rows.shape[0] > self.max_batch_size:
-                break
-            batch.append(request.popleft())
-            rows += item.rows.shape[0]
-            self._queue.popleft()
-            if request:  # its next chunk waits for one chunk of every other queued request
-                self._queue.append(request)
-        self.queued_rows -= rows + dropped
+    def _take(self) -> list[_Part]:
+        """The next batch: every queued row when they fit, else the fair shares (:func:`fair_shares`) of the oldest
+        ``max_batch_size`` requests (a batch cannot hold a row of more). Requests with rows left go to the back of
+        the queue, behind the ones that got nothing this time."""
+        for request in [r for r in self._queue if r.future.done()]:  # timed out or cancelled while queued
+            self._cancel(request)
+        if self.queued_rows <= self.max_batch_size:  # the usual: everything queued fits
+            batch = [(r, r.taken, r.rows.shape[0]) for r in self._queue]
+            self._queue.clear()
+        else:  # each of the oldest gets at least one row (fair_shares over at most `room` requests)
+            head = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_batch_size))]
+            shares = fair_shares([r.untaken for r in head], self.max_batch_size)
+            batch = [(r, r.taken, r.taken + share) for r, share in zip(head, shares, strict=True)]
+            self._queue.extend(r for r, _, stop in batch if stop < r.rows.shape[0])
+        for request, _, stop in batch:
+            request.taken = stop
+        self.queued_rows -= sum(stop - start for _, start, stop in batch)
         return batch
 
-    async def _run(self, replica: Replica, batch: list[_Item]) -> None:
-        rows = np.concatenate([item.rows for item in batch])
+    async def _run(self, replica: Replica, batch: list[_Part]) -> None:
+        rows = batch[0][0].rows[batch[0][1]:batch[0][2]] if len(batch) == 1 else np.concatenate(
+            [request.rows[start:stop] for request, start, stop in batch])
         n = rows.shape[0]
         bucket = next(b for b in self.buckets if b >= n)
         started = time.monotonic()
@@ -273,9 +316,9 @@ class DynamicBatcher:
             outputs = await asyncio.get_running_loop().run_in_executor(replica.executor, replica.run_padded,
                                                                        rows, bucket)
         except Exception as e:  # a failed batch fails its requests, not the server
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
+            for request, _, _ in batch:
+                if not request.future.done():
+                    request.future.set_exception(e)
             return
         finally:
             replica.inflight_rows -= n
@@ -283,14 +326,13 @@ class DynamicBatcher:
         replica.batches += 1
         replica.rows += n
         offset = 0
-        for item in batch:
-            k = item.rows.shape[0]
-            if not item.future.done():
-                item.future.set_result(outputs[offset:offset + k])
-            offset += k
+        for request, start, stop in batch:
+            if not request.future.done():
+                request.finish_part(start, outputs[offset:offset + stop - start])
+            offset += stop - start
         if self._on_batch:
-            self._on_batch(BatchInfo(replica.name, n, bucket, [started - item.enqueued for item in batch], rows,
-                                     outputs))
+            self._on_batch(BatchInfo(replica.name, n, bucket, [started - request.enqueued for request, _, _ in batch],
+                                     rows, outputs))
 
     def stats(self) -> dict[str, Any]:
         return {"queued_rows": self.queued_rows, "replicas": {r.name: {"batches": r.batches, "rows": r.rows,

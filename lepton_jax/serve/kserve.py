@@ -115,6 +115,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+_GZIP_MIN_BYTES = 18  # a gzip member's 10-byte header and 8-byte trailer (CRC32, ISIZE)
+
+
+def declares_more_than(body: bytes, encoding: str | None, limit: int) -> bool:
+    """Whether a gzip ``body``'s trailer declares more than ``limit`` inflated bytes: a look at its last 4 bytes
+    (ISIZE, the size mod 2**32, RFC 1952; of the last member where there are several), nothing inflated. The server
+    sends such a body to a codec worker without inflating any of it on the event loop; the worker inflates it,
+    bounded by the body limit, so a trailer that lies costs the worker, never the event loop."""
+    return ((encoding or "").strip().lower() == "gzip" and len(body) >= _GZIP_MIN_BYTES
+            and int.from_bytes(body[-4:], "little") > limit)
+
+
 def inflate_within(body: bytes, encoding: str | None, limit: int) -> bytes | None:
     """``body`` after ``Content-Encoding`` when that holds at most ``limit`` bytes, else None (inflating stops past
     ``limit``): the server decides from the *inflated* size whether a body is cheap enough to decode inline."""

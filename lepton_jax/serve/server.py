@@ -53,6 +53,7 @@ from lepton_jax.serve.kserve import (
     HEADER_LENGTH,
     JSON_HEADERS,
     RequestError,
+    declares_more_than,
     decode_rows,
     encode_response,
     error_body,
@@ -270,7 +271,8 @@ class ModelServer:
             if dep.batcher.draining:
                 raise RequestError(503, "unavailable", "the server is shutting down")
             body = await read_body(receive, dep.body_limit, headers[b"content-length"], self.config.body_timeout_s)
-            inline = inflate_within(body, headers[b"content-encoding"], self.config.inline_parse_bytes)
+            encoding, limit = headers[b"content-encoding"], self.config.inline_parse_bytes
+            inline = None if declares_more_than(body, encoding, limit) else inflate_within(body, encoding, limit)
             if inline is None:  # large once inflated: decoded off the event loop (and its GIL)
                 decoded, rows = await self._offload(functools.partial(
                     decode_rows, spec=dep.model.spec, body_limit=dep.body_limit, max_rows=dep.max_rows), body,
