@@ -2,10 +2,11 @@ import grain
 import jax
 import numpy as np
 import pytest
+from grain.experimental import index_shuffle as grain_index_shuffle
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lepton_jax.data import LakeDataSource, ShuffledBatches, eval_batches, to_global, train_dataset
+from lepton_jax.data import LakeDataSource, ShuffledBatches, eval_batches, shuffle, to_global, train_dataset
 from lepton_jax.errors import ConfigError
 from lepton_jax.lake import Lake
 
@@ -49,6 +50,35 @@ def test_index_batches_follow_grains_shuffle_across_epochs():
     assert not np.array_equal(ours[0], ours[n // b])  # the next epoch is a different permutation
     with pytest.raises(ConfigError, match="batch size 0"):
         ShuffledBatches(n, 0, seed)
+
+
+@pytest.mark.parametrize("n, seed, rounds", [
+    (1, 3, 4), (1257, 0, 4), (1257, 7, 6),  # far below the 16-bit block: the doubled table
+    (8193, 2**32 - 1, 4),  # 16-bit block, encrypted index by index
+    (65537, 4, 4),  # max_index 2**16: Grain's log2 gives 16 bits, so the top index maps inside the block
+    (70001, 11, 8),  # 18-bit block
+])
+def test_vectorised_shuffle_is_grains_index_shuffle(n, seed, rounds):
+    """The vectorised permutation equals grain.experimental.index_shuffle element for element (every index for the
+    small sizes; the first, last and 2000 random ones for the large), so the example order is Grain's."""
+    order = shuffle.permutation(n, seed, rounds)
+    picked = np.arange(n) if n <= 10_000 else np.unique(np.r_[0, n - 1,
+                                                              np.random.default_rng(n).integers(0, n, 2000)])
+    expected = [grain_index_shuffle(int(i), n - 1, seed, rounds) for i in picked]
+    np.testing.assert_array_equal(order[picked], expected)
+    np.testing.assert_array_equal(shuffle.index_shuffle(picked, n - 1, seed, rounds), expected)
+    if n <= 10_000:
+        assert sorted(order.tolist()) == list(range(n))
+
+
+def test_large_datasets_shuffle_batch_by_batch_in_the_same_order(monkeypatch):
+    """Over CACHE_LIMIT examples no epoch order is held: each batch is computed alone, with the same indices."""
+    n, b, seed = 1000, 64, 9
+    cached = ShuffledBatches(n, b, seed).repeat(2)
+    monkeypatch.setattr(ShuffledBatches, "CACHE_LIMIT", n - 1)
+    alone = ShuffledBatches(n, b, seed).repeat(2)
+    for i in (0, 5, n // b, 2 * (n // b) - 1):
+        np.testing.assert_array_equal(alone[i], cached[i])
 
 
 def test_hosts_get_disjoint_slices_of_the_same_global_batch(table):
