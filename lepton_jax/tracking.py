@@ -319,10 +319,17 @@ class RunDir:
         if self._tracking["tensorboard"]:
             writer = self._tensorboard()
             for tag, value in scalars.items():
-                writer.add_scalar(tag, value, step)
-            writer.flush()
+                writer.add_scalar(tag, value, step)  # queued for the writer's thread; see flush()
         if self._tracking["wandb"]:
             self._wandb_run().log(scalars, step=step)
+
+    def flush(self) -> None:
+        """Puts the TensorBoard events logged so far on disk. Called when a checkpoint is saved (so a run killed
+        later resumes with every event up to its checkpoint; the ones after it are purged) and on close; between
+        those, tensorboardX's writer thread writes them in the background (a flush per line cost more main-thread
+        time than the line itself: ``scripts/bench_train.py --profile``)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def _tensorboard(self):
         if self._tb is None:

@@ -128,6 +128,7 @@ def checkpoint_hook(every: int) -> Hook:
 def save(ctx: RunContext) -> None:
     """Checkpoints the state with this step's hook metrics and the training seconds that produced it."""
     seconds = ctx.train_seconds()
+    ctx.run.flush()  # the events up to this step reach disk before the checkpoint a resume would start from
     metrics = {**{k: v for k, v in ctx.metrics.items() if isinstance(v, int | float | bool)},
                TRAIN_SECONDS: seconds}
     if ctx.ckpt.save(ctx.step, ctx.strategy.items(ctx.state), metrics, data_state=ctx.batches.get_state()):

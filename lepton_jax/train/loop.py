@@ -289,7 +289,9 @@ class Loop:
                 last = step == s.total_steps
                 due = [h for h in hooks if h.due(step, last)]
                 row = last or step % log_every == 0 or step % self.eval_every == 0  # the global step's grid
-                sync = row or preempted or any(h.name != "profiler" for h in due)
+                # a row is read (and logged) one step later, with the next step queued behind it, unless this step
+                # must see it: the last, a preemption, or a hook (evaluations log after their row, saves keep it)
+                sync = last or preempted or any(h.name != "profiler" for h in due)
                 if row:
                     for m in pending:
                         for v in m.values():
