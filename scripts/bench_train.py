@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
+import os
 import pstats
 import sys
 import tempfile
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from lepton_jax import tracking
@@ -84,7 +88,107 @@ def minimal_step(graphdef, config):
     return jax.jit(step, donate_argnums=0), tx
 
 
+class HandWrittenLoop:
+    """An independent training loop, written as a Flax (nnx) + Optax + Grain user would write it, sharing no training
+    code with lepton_jax: the config's model (the model zoo's CNN), its batch size, epochs, optimizer settings and seed,
+    on the same lake table. The train split is read into memory once and fed by Grain's own
+    ``MapDataset.range(n).shuffle(seed).batch(...).repeat(epochs)`` (the same example order as lepton_jax's) gathering
+    each batch from the arrays by index (cheaper per batch than lepton_jax's reads from the lake), with Grain's default
+    read-ahead threads, and ``jax.device_put``; the step is ``jax.jit`` of a pure function over ``nnx.split``
+    parameters with ``optax.adamw`` (warm-up + cosine, decay on kernels, global-norm clipping); every
+    ``log_every_steps`` the step's loss and accuracy are fetched and appended to a JSON-lines file, and every
+    ``eval_every_steps`` (and at the last step) the dev accuracy is computed and an asynchronous Orbax checkpoint of
+    parameters + optimizer state is saved. Its jitted programs are built once and reused by every run (as lepton_jax's
+    strategy is), so no timed run compiles."""
+
+    def __init__(self, config, lake_root: str):
+        self.config = config
+        table = Lake(lake_root).table(config.data.table)
+        spec = table.schema["arrays"]["image"]
+        lo, hi = spec["value_range"]
+
+        def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+            reader = table.reader(split)
+            raw = reader.read(np.arange(len(reader)))
+            return (raw["image"].astype(np.float32) - lo) / (hi - lo), raw[table.schema["label_array"]].astype(np.int32)
+
+        self.train_x, self.train_y = load("train")
+        self.dev_x, self.dev_y = load("dev")
+        self.steps_per_epoch = len(self.train_x) // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+
+        model = build_model(config.model, input_shape=self.train_x.shape[1:], num_classes=10, seed=config.seed)
+        graphdef, self.init_params = nnx.split(model, nnx.Param)
+        o = config.optim
+        schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, self.total_steps)
+        kernels = jax.tree_util.tree_map_with_path(
+            lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), self.init_params)
+        self.tx = tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                                   optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=kernels))
+
+        def train_step(params, opt_state, batch, key):
+            def loss_fn(params):
+                logits = nnx.merge(graphdef, params)(batch["input"], train=True, rngs=key)
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+                return loss, logits
+
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            accuracy = (logits.argmax(-1) == batch["label"]).mean()
+            return optax.apply_updates(params, updates), opt_state, {"loss": loss, "accuracy": accuracy}
+
+        def predict(params, x):
+            return nnx.merge(graphdef, params)(x).argmax(-1)
+
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.predict = jax.jit(predict)
+
+    def dev_accuracy(self, params) -> float:
+        size, n = self.config.eval_batch_size, len(self.dev_x)
+        correct = 0
+        for start in range(0, n, size):
+            x = self.dev_x[start:start + size]
+            if len(x) < size:  # pad the last batch to the compiled shape
+                x = np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+            correct += int((np.asarray(self.predict(params, x))[:n - start] == self.dev_y[start:start + size]).sum())
+        return correct / n
+
+    def run(self, workdir: str) -> dict[int, float]:
+        """Trains from scratch in ``workdir``; returns {step: perf_counter just after that step's dev evaluation}."""
+        config = self.config
+        x, y = self.train_x, self.train_y
+        batches = (grain.MapDataset.range(len(x))
+                   .shuffle(seed=config.seed)
+                   .batch(config.batch_size, drop_remainder=True)
+                   .repeat(config.num_epochs)
+                   .map(lambda idx: {"input": x[idx], "label": y[idx]})
+                   .to_iter_dataset())
+        params = jax.tree.map(jnp.copy, self.init_params)
+        opt_state = self.tx.init(params)
+        key = jax.random.key(config.seed)
+        checkpoints = ocp.CheckpointManager(os.path.abspath(f"{workdir}/checkpoints"),
+                                            options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        evaluated = {}
+        with open(f"{workdir}/log.jsonl", "w") as log:
+            for step, batch in enumerate(batches, start=1):
+                batch = jax.device_put(batch)
+                params, opt_state, metrics = self.train_step(params, opt_state, batch, jax.random.fold_in(key, step))
+                if step % config.log_every_steps == 0:
+                    log.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+                    log.flush()
+                if step % (config.eval_every_steps or self.steps_per_epoch) == 0 or step == self.total_steps:
+                    accuracy = self.dev_accuracy(params)
+                    evaluated[step] = time.perf_counter()
+                    log.write(json.dumps({"step": step, "dev_accuracy": accuracy}) + "\n")
+                    checkpoints.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+        checkpoints.wait_until_finished()
+        checkpoints.close()
+        return evaluated
+
+
 def main() -> None:
+    print("load average (1, 5, 15 min) at start: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+          + f" on {os.cpu_count()} CPUs")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/digits_cnn.py")
     parser.add_argument("--batch", type=int, default=64)
@@ -140,13 +244,14 @@ def main() -> None:
 
 
 def full_loop_vs_step(config, args, tmp: str) -> None:
-    """The full loop against the bare step it runs, interleaved: each repeat trains the config in a fresh workdir
-    (the strategy, i.e. every compiled program, is shared, so no repeat compiles) and then runs the same strategy's
-    jitted step alone on one device-resident batch for as many steps as the loop's timed window. The window runs
-    from the first dev evaluation (compilation and start-up done) to the last one (the final step) and includes
-    Grain reads from the lake with the prefetch thread, metric logging every ``log_every_steps``, and the dev
-    evaluations + asynchronous checkpoints inside it; start-up, resume checks and the final test report are
-    outside. With ``--profile`` the main thread of the last loop repeat is profiled (cProfile) and summarised."""
+    """The full loop against the bare step it runs and against an independent hand-written loop
+    (:class:`HandWrittenLoop`), interleaved: each repeat trains the config in a fresh workdir (the strategy, i.e. every
+    compiled program, is shared, so no repeat compiles), then runs the same strategy's jitted step alone on one
+    device-resident batch for as many steps as the loop's timed window, then trains the hand-written loop in its own
+    fresh workdir. Each loop's window runs from its first dev evaluation (compilation and start-up done) to its last
+    one (the final step) and includes its input pipeline, its logging and the dev evaluations + asynchronous
+    checkpoints inside it; start-up and the final report are outside. Repeat 0 (compiling evaluation and checkpoint
+    paths) is not timed. With ``--profile`` the main thread of the last lepton_jax repeat is profiled (cProfile)."""
     ingest(Lake(f"{tmp}/lake"), "digits", DigitsSource())
     table = Lake(f"{tmp}/lake").table(config.data.table)
     strategy = make_strategy(config, table.schema, LakeDataSource(table.reader("train")))
@@ -155,7 +260,8 @@ def full_loop_vs_step(config, args, tmp: str) -> None:
     state = strategy.init_state()
     state, _ = strategy.step(state, batch)  # compile once for the bare side
     jax.block_until_ready(state)
-    loop_rates, step_rates, loop_cpu, step_cpu, profile = [], [], [], [], None
+    handwritten = HandWrittenLoop(config, f"{tmp}/lake")
+    loop_rates, step_rates, hand_rates, loop_cpu, step_cpu, loads, profile = [], [], [], [], [], [], None
     for repeat in range(args.loop_repeats + 1):  # repeat 0 compiles eval/checkpoint paths: not timed
         profiler = cProfile.Profile() if args.profile and repeat == args.loop_repeats else None
         if profiler:
@@ -178,19 +284,36 @@ def full_loop_vs_step(config, args, tmp: str) -> None:
             state, metrics = strategy.step(state, batch)
         jax.block_until_ready((state, metrics))
         bare = steps / (time.perf_counter() - start)
+        step_cpu_time = time.process_time() - cpu
+        os.makedirs(f"{tmp}/hand{repeat}")
+        hand_evals = handwritten.run(f"{tmp}/hand{repeat}")
+        if sorted(hand_evals)[0] != first["step"] or sorted(hand_evals)[-1] != last["step"]:
+            sys.exit(f"hand-written loop evaluated at {sorted(hand_evals)}, lepton_jax at {first['step']}.."
+                     f"{last['step']}: the windows differ")
+        loads.append(os.getloadavg()[0])
         if repeat:
             loop_rates.append(steps / (last["elapsed_s"] - first["elapsed_s"]))
             step_rates.append(bare)
+            hand_rates.append(steps / (hand_evals[last["step"]] - hand_evals[first["step"]]))
             loop_cpu.append((clock[last["step"]] - clock[first["step"]]) / steps)
-            step_cpu.append((time.process_time() - cpu) / steps)
-    ratios = [a / b for a, b in zip(loop_rates, step_rates, strict=True)]
+            step_cpu.append(step_cpu_time / steps)
+    vs_step = [a / b for a, b in zip(loop_rates, step_rates, strict=True)]
+    vs_hand = [a / b for a, b in zip(loop_rates, hand_rates, strict=True)]
     print(f"full loop steps/s {spread(loop_rates)} over steps {first['step']}..{last['step']} of each run (Grain "
           f"from the lake + prefetch thread, logging every {config.log_every_steps} steps, dev eval + async "
           f"checkpoint every {config.eval_every_steps} steps); bare step of the same strategy steps/s "
           f"{spread(step_rates)}")
+    print(f"hand-written Flax+Optax+Grain loop steps/s {spread(hand_rates)} over the same steps (Grain shuffle/batch "
+          "over the split in memory, jax.jit step, logging, dev eval + async Orbax checkpoint at the same steps)")
     print(f"full loop / bare step: ratio of medians {np.median(loop_rates) / np.median(step_rates):.3f}; per "
-          f"interleaved pair: median {np.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}) "
+          f"interleaved pair: median {np.median(vs_step):.3f} (min {min(vs_step):.3f}, max {max(vs_step):.3f}) "
           "(goal >= 0.9)")
+    print(f"full loop / hand-written loop: ratio of medians {np.median(loop_rates) / np.median(hand_rates):.3f}; per "
+          f"interleaved pair: median {np.median(vs_hand):.3f} (min {min(vs_hand):.3f}, max {max(vs_hand):.3f}) "
+          "(goal >= 0.95)")
+    print(f"load average (1 min) after each repeat: median {np.median(loads):.2f} (min {min(loads):.2f}, max "
+          f"{max(loads):.2f}) on {os.cpu_count()} CPUs; (1, 5, 15 min) now: "
+          + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     cpu_ratios = [b / a for a, b in zip(loop_cpu, step_cpu, strict=True)]
     print(f"process CPU time per step (all threads; less sensitive to other users' load): full loop "
           f"{1e3 * np.median(loop_cpu):.2f} ms, bare step {1e3 * np.median(step_cpu):.2f} ms: bare/loop median "
@@ -206,7 +329,6 @@ def full_loop_vs_step(config, args, tmp: str) -> None:
     if profile is not None:
         print("profile of the last loop repeat (main thread, cProfile, by cumulative time):")
         pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
-
 
 if __name__ == "__main__":
     main()
