@@ -13,8 +13,10 @@ restore, the final report) the CLI's :func:`lepton_jax.signals.raise_on_signals`
 :class:`lepton_jax.signals.Interrupted` (``saved_step`` set during the report, which a rerun writes).
 
 Off the critical path: input batches are prepared and placed on devices in a background thread
-(:mod:`lepton_jax.train.prefetch`), logged metrics are copied to the host asynchronously and read one step later,
-and checkpoints are written asynchronously by Orbax.
+(:mod:`lepton_jax.train.prefetch`), logged metrics are copied to the host asynchronously and read one step later
+(with the next step queued), their rows are written (JSON line, TensorBoard, W&B, the learning rate, which is a
+device computation queued behind the running steps) by a writer thread, and checkpoints are written asynchronously
+by Orbax.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,23 +220,31 @@ class Loop:
         # a run a hook stopped early (e.g. catastrophic overfitting) ended there: a rerun reports, it does not train on
         stopped = _summary_at(run.path / "summary.json", start_step).get("stopped_early") if start_step else None
         hooks = self._hooks(run)
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-log")  # one thread: rows in order
         try:
-            return self._loop(ctx, state, start_step, hooks, stopped, carried)
+            return self._loop(ctx, state, start_step, hooks, writer, stopped, carried)
         finally:
+            writer.shutdown()  # the rows handed to it are written before the run closes
             batches.close()
             run.close()  # flushes TensorBoard and finishes W&B even when the run fails (no-op after the report)
 
-    def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook],
+    def _loop(self, ctx: RunContext, state: Any, start_step: int, hooks: list[Hook], writer: ThreadPoolExecutor,
               stopped: str | None = None, carried: list[dict[str, float]] = ()) -> dict[str, Any]:
         """Rows of train metrics end at steps fixed by the global step alone (multiples of ``log_every_steps`` and of
         the evaluation interval, the last step), so a resumed run logs the rows and values of an uninterrupted one:
         a SIGTERM stop between rows saves the steps since the last row with its checkpoint (``carried`` on resume);
-        a hook's early stop ends the run and logs them as its last row."""
+        a hook's early stop ends the run and logs them as its last row.
+
+        The main thread reads each row's metrics (the history and the divergence check stay on it, at a step fixed by
+        the grid) and hands the row to ``writer``; every step that must see its rows on disk (hooks, the last step,
+        a preemption, a divergence) first waits for the writer, so ``metrics.jsonl`` holds the same lines in the same
+        order as a synchronous loop writes, and hooks find the run as they did."""
         config, s, run = self.config, self.strategy, ctx.run
         carried = list(carried)
         log_every = config.log_every_steps
         pending: list = []  # device metrics of steps not yet sent to the host
         in_flight: list[tuple[int, list]] = []  # (last step, metrics) being copied to the host
+        written: list[Future] = []  # rows handed to the writer thread, oldest first
         flops = None
         last_log = time.perf_counter()
         ctx.step, ctx.state = start_step, state
@@ -246,8 +257,21 @@ class Loop:
             clock[phase] = clock.get(phase, 0.0) + now - since
             return now
 
+        def drain(wait: bool = True) -> None:
+            """Collects the writer's finished rows (``wait``: all of them), re-raising what failed there."""
+            while written and (wait or written[0].done()):
+                written.pop(0).result()
+
+        def write_row(end: int, count: int, mean: dict[str, float], extra: dict[str, Any]) -> None:
+            lr = float(s.schedule((end - 1) * s.updates_per_step))  # waits for the steps queued before it
+            epoch = (end - 1) // s.steps_per_epoch + 1
+            run.log(step=end, epoch=epoch, lr=lr, **{f"train_{k}": v for k, v in mean.items()}, **extra)
+            bar.set_postfix(epoch=epoch, loss=f"{mean['loss']:.4f}")
+            bar.update(count)
+
         def flush(upto: int) -> None:
             nonlocal last_log
+            drain(wait=False)
             while in_flight and in_flight[0][0] <= upto:
                 end, window = in_flight.pop(0)
                 fetched = s.fetch_metrics(window)
@@ -263,12 +287,9 @@ class Loop:
                 utilisation = perf.mfu(flops, 1.0 / step_time)
                 if utilisation is not None:
                     timing["mfu"] = utilisation
-                run.log(step=end, epoch=(end - 1) // s.steps_per_epoch + 1,
-                        lr=float(s.schedule((end - 1) * s.updates_per_step)),
-                        **{f"train_{k}": v for k, v in mean.items()}, **s.step_info(end), **timing)
-                bar.set_postfix(epoch=(end - 1) // s.steps_per_epoch + 1, loss=f"{mean['loss']:.4f}")
-                bar.update(len(fetched))
+                written.append(writer.submit(write_row, end, len(fetched), mean, {**s.step_info(end), **timing}))
                 if not all(np.isfinite(losses)):
+                    drain()
                     self._diverged(ctx)
 
         with Preemption() as preemption, tqdm(total=s.total_steps, initial=start_step, desc="train", unit="step",
@@ -299,6 +320,8 @@ class Loop:
                     in_flight.append((step, pending))
                     pending = []
                 flush(step if sync else step - 1)  # without a sync point, read the previous window only
+                if sync:
+                    drain()  # this step's rows are on disk before its hooks, its save or the end
                 t = spent("metrics_fetch_and_log", t)
                 ctx.metrics = {}
                 for hook in due:
@@ -326,6 +349,7 @@ class Loop:
                         in_flight.append((step, pending))
                         pending = []
                         flush(step)
+                        drain()
                     save(ctx)  # the step it stopped at (no-op when the checkpoint hook saved it): a rerun starts there
                     break
             ctx.ckpt.wait()  # the last step's async save is on disk while a SIGTERM is still only this flag
