@@ -212,10 +212,17 @@ class EdgeStrategy(Strategy):
             return self.full_sync(state)
         return state
 
-    def fetch_metrics(self, pending: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
+    def copy_metrics(self, window: list[dict[str, jax.Array]]) -> list[dict[str, jax.Array]]:
+        """Each per-node metric array copied on its own (:meth:`fetch_metrics` all-gathers them across processes)."""
+        for m in window:
+            for values in m.values():
+                values.copy_to_host_async()
+        return window
+
+    def fetch_metrics(self, copying: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
         """Per-node metrics (every process's nodes) reduced to means, plus the spread of the loss over nodes."""
         out = []
-        for m in pending:
+        for m in copying:
             host = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in m.items()}
             out.append({**{k: float(v.mean()) for k, v in host.items()},
                         "loss_node_spread": float(np.ptp(host["loss"]))})

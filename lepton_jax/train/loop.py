@@ -243,7 +243,7 @@ class Loop:
         carried = list(carried)
         log_every = config.log_every_steps
         pending: list = []  # device metrics of steps not yet sent to the host
-        in_flight: list[tuple[int, list]] = []  # (last step, metrics) being copied to the host
+        in_flight: list[tuple[int, Any]] = []  # (last step, Strategy.copy_metrics of its window) on their way
         written: list[Future] = []  # rows handed to the writer thread, oldest first
         flops = None
         last_log = time.perf_counter()
@@ -314,10 +314,7 @@ class Loop:
                 # must see it: the last, a preemption, or a hook (evaluations log after their row, saves keep it)
                 sync = last or preempted or any(h.name != "profiler" for h in due)
                 if row:
-                    for m in pending:
-                        for v in m.values():
-                            v.copy_to_host_async()
-                    in_flight.append((step, pending))
+                    in_flight.append((step, s.copy_metrics(pending)))
                     pending = []
                 flush(step if sync else step - 1)  # without a sync point, read the previous window only
                 if sync:
@@ -332,7 +329,8 @@ class Loop:
                     t = spent(f"hook:{hook.name}", t)
                 if preempted:
                     if pending or carried:  # the steps since the last row go with the checkpoint, not into a row
-                        ctx.metrics.update(_window_metrics(carried + s.fetch_metrics(pending)))
+                        window = s.fetch_metrics(s.copy_metrics(pending)) if pending else []
+                        ctx.metrics.update(_window_metrics(carried + window))
                     save(ctx)  # no-op when the checkpoint hook already saved this step
                     ctx.ckpt.close()
                     run.log(step=step, preempted=True)
@@ -346,7 +344,7 @@ class Loop:
                 if ctx.stop_reason:
                     stopped = ctx.stop_reason
                     if pending:  # the run ends here: its last row
-                        in_flight.append((step, pending))
+                        in_flight.append((step, s.copy_metrics(pending)))
                         pending = []
                         flush(step)
                         drain()

@@ -14,6 +14,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -34,6 +35,12 @@ def grain_read_options(prefetch: int) -> grain.ReadOptions | None:
     reader threads polling futures only adds CPU time that the step, on a CPU backend, competes for (measured with
     ``scripts/bench_train.py --profile``)."""
     return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0) if prefetch > 0 else None
+
+
+@jax.jit
+def _stack_steps(window: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Per-step metric dicts -> one array per metric, steps first (values unchanged: a copy)."""
+    return jax.tree.map(lambda *steps: jnp.stack(steps), *window)
 
 
 class Strategy(abc.ABC):
@@ -85,10 +92,20 @@ class Strategy(abc.ABC):
     def eval_params(self, state: Any) -> Any:
         return state.params
 
-    def fetch_metrics(self, pending: list[dict[str, jax.Array]]) -> list[dict[str, float]]:
-        """Device metrics of several steps as host floats (one dict per step)."""
-        fetched = jax.device_get(pending)
-        return [{k: float(np.mean(v)) for k, v in m.items()} for m in fetched]
+    def copy_metrics(self, window: list[dict[str, jax.Array]]) -> Any:
+        """Starts copying the device metrics of several steps (a non-empty list, one dict per step) to the host;
+        :meth:`fetch_metrics` reads what this returns. Here the window is stacked on the device first (one small
+        program queued behind the steps), so each metric is one copy, not one per step."""
+        stacked = _stack_steps(window)
+        for values in stacked.values():
+            values.copy_to_host_async()
+        return stacked
+
+    def fetch_metrics(self, copying: Any) -> list[dict[str, float]]:
+        """The metrics :meth:`copy_metrics` started copying, as host floats (one dict per step)."""
+        host = jax.device_get(copying)
+        steps = len(next(iter(host.values())))
+        return [{k: float(np.mean(v[i])) for k, v in host.items()} for i in range(steps)]
 
     def step_info(self, step: int) -> dict[str, Any]:
         """Extra fields for a logged step (edge: bytes communicated so far)."""
