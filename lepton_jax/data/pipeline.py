@@ -111,5 +111,8 @@ def eval_batches(source: LakeDataSource, *, global_batch_size: int, schema: dict
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles host-local batch rows into global arrays split along the batch axis."""
+    """Assembles host-local batch rows into global arrays split along the batch axis. With one process the local
+    rows are the global batch: one ``device_put`` places them (about half the CPU time per batch)."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
