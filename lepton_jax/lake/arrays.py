@@ -147,7 +147,9 @@ def _create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
         raise LakeError(f"refusing to overwrite existing array {storage.describe(key)}; lake arrays are written once")
     try:
         spec = zarr3_spec(storage.kvstore(key), shape, dtype, target_shard_bytes, compression)
-        return ts.open(spec, create=True).result()
+        # TensorStore does not fsync each file (and its directory) as it writes it: the writer syncs the array's
+        # whole tree once when it is complete (PendingWrite.finish, ArrayWriter.close), before any record names it
+        return ts.open(spec, create=True, context=ts.Context({"file_io_sync": False})).result()
     except ValueError as e:
         raise LakeError(f"cannot create lake array {storage.describe(key)}: {_short(e)}") from e
 

@@ -121,7 +121,10 @@ class Committing:
             split_entries = {check_name("split", split): self.split_entry(table, frags, label_array,
                                                                           prior.get(split))
                              for split, frags in splits.items()}
-            self.storage.sync(commit_dir)  # local: fsync the tree and its directory entries; object stores: no-op
+            # local: fsync the directory entries of the tree, up to the root (every file in it was made durable as
+            # it was written: arrays when complete, row hashes and quarantine lists by Storage.write); object
+            # stores: nothing
+            self.storage.sync(commit_dir, files=False)
         except BaseException:
             self._discard(commit_dir)
             raise
@@ -279,7 +282,8 @@ class Committing:
         def put() -> None:
             for attempt in range(20):  # another writer's removal of an empty local _leases/ may race this write
                 try:
-                    self.storage.write(key, json.dumps({**info, "time": time.time()}).encode())
+                    # not fsynced: a lease only matters while its writer lives (a crash of the machine ends both)
+                    self.storage.write(key, json.dumps({**info, "time": time.time()}).encode(), durable=False)
                     return
                 except FileNotFoundError:
                     if attempt == 19:

@@ -51,8 +51,9 @@ class Storage(Protocol):
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         """Atomic, durable create-if-absent: True if this call created ``key``, False if it existed."""
 
-    def write(self, key: str, payload: bytes) -> None:
-        """Durable put that replaces ``key`` whole if it exists (readers see the old or the new bytes)."""
+    def write(self, key: str, payload: bytes, *, durable: bool = True) -> None:
+        """Durable put that replaces ``key`` whole if it exists (readers see the old or the new bytes); without
+        ``durable`` (what only matters while its writer lives: a lease) a crash of the machine may lose it."""
 
     def list(self, prefix: str) -> list[str]:
         """Names directly under ``prefix`` (a ``/``-terminated key prefix): objects and sub-prefixes, sorted."""
@@ -81,10 +82,11 @@ class Storage(Protocol):
     def prune(self, *keys: str) -> None:
         """Removes the empty directories ``keys`` in order, stopping at the first that is not empty (local only)."""
 
-    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
-        """Makes ``key`` (with ``tree``: every file under it) and its directory entries up to the root (without
-        ``up``: only those inside ``key``; for data under a commit directory, which the commit syncs up to the root
-        before it publishes) durable."""
+    def sync(self, key: str, *, tree: bool = True, up: bool = True, files: bool = True) -> None:
+        """Makes ``key`` (with ``tree``: every file and directory under it; without ``files`` only the directories,
+        for a tree whose files were made durable as they were written) and its directory entries up to the root
+        (without ``up``: only those inside ``key``; for data under a commit directory, which the commit syncs up to
+        the root before it publishes) durable."""
 
     def local_path(self, key: str) -> Path | None:
         """The local file system path of ``key``; None on an object store."""
@@ -152,9 +154,19 @@ class LocalStorage:
     def create(self, key: str, payload: bytes, *, temp_prefix: str = ".publish-") -> bool:
         return publish_new(self.path(key), payload, temp_prefix=temp_prefix)
 
-    def write(self, key: str, payload: bytes) -> None:
-        with atomic_write(self.path(key), "wb", durable=True) as f:
-            f.write(payload)
+    def write(self, key: str, payload: bytes, *, durable: bool = True) -> None:
+        if durable:
+            with atomic_write(self.path(key), "wb", durable=True) as f:
+                f.write(payload)
+            return
+        path = self.path(key)  # atomic (a temp file renamed into place), not fsynced
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}"
+        try:
+            tmp.write_bytes(payload)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
         try:
@@ -226,18 +238,18 @@ class LocalStorage:
             except OSError:
                 break
 
-    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
+    def sync(self, key: str, *, tree: bool = True, up: bool = True, files: bool = True) -> None:
         path = self.path(key)
         if tree and path.is_dir():
             for dirpath, _, filenames in os.walk(path):
-                for name in filenames:
+                for name in filenames if files else ():
                     fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:
                         os.close(fd)
                 fsync_dir(Path(dirpath))
-        elif tree and path.is_file():
+        elif tree and files and path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -321,7 +333,7 @@ class ObjectStorage:
             raise
         return True
 
-    def write(self, key: str, payload: bytes) -> None:
+    def write(self, key: str, payload: bytes, *, durable: bool = True) -> None:
         import obstore
 
         _check_key(key)
@@ -400,7 +412,7 @@ class ObjectStorage:
     def prune(self, *keys: str) -> None:
         return None  # object stores have no directories
 
-    def sync(self, key: str, *, tree: bool = True, up: bool = True) -> None:
+    def sync(self, key: str, *, tree: bool = True, up: bool = True, files: bool = True) -> None:
         return None  # a PUT is durable when it returns
 
     def kvstore(self, key: str) -> dict[str, Any]:
