@@ -121,12 +121,16 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
         if len(keys) > 1:
             storage.delete_prefix(keys[-2])
 
+    def clean_chunk() -> None:  # what a chunk's cleaning runs: value checks, row hashes, in-chunk dedup
+        keep, rejects = chunks._check_values(data, labels)
+        chunks._dedup(data, labels, names, keep, rejects, fragments.row_hashes(data.arrays))
+
     write()  # TensorStore's first write starts its thread pools: not a chunk's cost
     steps: list[tuple[str, Callable[[], object], bool]] = [  # (what, fn, removable by a record-format change)
         ("read and check the npz (NpzShard.load)", task.load, False),
         ("source digest (SourceData.digest, sha256)", data.digest, True),
         ("row hashes (sha256 per row, holds the GIL)", lambda: fragments.row_hashes(data.arrays), False),
-        ("validate + clean, incl. row hashes (_clean)", lambda: chunks._clean(data, labels, names), False),
+        ("validate + clean, incl. row hashes (clean_chunk)", clean_chunk, False),
         ("statistics partials (partial_stats)", lambda: fragments.partial_stats(named), False),
         ("array content digests (sha256)", lambda: [arrays.content_digest(v) for v in named.values()], True),
         ("TensorStore write + fsync (raw layout)", write, False),
@@ -142,12 +146,12 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
     for what, (cpu, wall) in costs.items():
         print(f"{what:48s} {cpu:8.1f} {wall:8.1f}")
     print(f"{'np.save + fsync of the same arrays (baseline)':48s} {save_cpu:8.1f} {save_wall:8.1f}")
-    clean = costs["validate + clean, incl. row hashes (_clean)"][0]
+    clean = costs["validate + clean, incl. row hashes (clean_chunk)"][0]
     hashes = costs["row hashes (sha256 per row, holds the GIL)"][0]
-    counted = [w for w, _, _ in steps if not w.startswith("row hashes")]  # _clean holds the row hashes
+    counted = [w for w, _, _ in steps if not w.startswith("row hashes")]  # clean_chunk holds the row hashes
     step_cpu = sum(costs[w][0] for w in counted)
-    print(f"sum of the steps (the row hashes once, inside _clean): {step_cpu:.1f} ms CPU per chunk "
-          f"(_clean without its row hashes: {clean - hashes:.1f})")
+    print(f"sum of the steps (the row hashes once, inside clean_chunk): {step_cpu:.1f} ms CPU per chunk "
+          f"(clean_chunk without its row hashes: {clean - hashes:.1f})")
 
     few = work / "npz_first2"
     few.mkdir()

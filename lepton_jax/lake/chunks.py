@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -64,34 +64,41 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
     n = int(data.labels.shape[0])
     if n:
         labels, names, rejects = _label(data, job.label_map, job.labeller, job.label_names)
-        keep, hashes, clean_rejects = _clean(data, labels, names)
-        rejects.update(clean_rejects)
+        keep, value_rejects = _check_values(data, labels)
+        rejects.update(value_rejects)
     else:  # every example of the chunk was rejected by the source
-        labels, keep, hashes, rejects = np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, 32), np.uint8), {}
+        labels, keep, rejects = np.zeros(0, np.int64), np.zeros(0, bool), {}
         names = list(job.label_names if job.label_names is not None else data.label_names)
+    lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes, compression=job.compression)
+    candidates = keep.copy()
+    candidates[list(rejects)] = False
+    # the fragments are written as if no two candidates shared content (the usual case) while the rows are hashed
+    # (hashing holds the GIL; TensorStore's encoding, the statistics and the fsyncs do not)
+    hashed: Future[np.ndarray] = Future()
+    split_index = _split(job, data, labels, np.flatnonzero(candidates))
+    writes = _start_writes(job, lake, data, labels, split_index, hashed, threads)
+    try:
+        hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
+        dup_rejects = _dedup(data, labels, names, keep, rejects, hashes)
+    except BaseException as e:
+        hashed.set_exception(e)
+        wait(writes.values())
+        raise
+    hashed.set_result(hashes)
+    if dup_rejects:  # rows the chunk holds twice (rare): the fragments are split and written again without them
+        wait(writes.values())
+        for split in writes:
+            lake.storage.delete_prefix(f"{job.table}/{_fragment_path(job, split)}")
+        rejects.update(dup_rejects)
+        candidates[list(dup_rejects)] = False
+        split_index = _split(job, data, labels, np.flatnonzero(candidates))
+        writes = _start_writes(job, lake, data, labels, split_index, hashed, threads)
     digest = data.digest(hashes)  # the examples' bytes are hashed once: the row hashes serve the source digest too
     entries: list[dict[str, Any]] = [{**r, "index": None, "sha256": None} for r in data.rejected]
     for i, (reason, detail) in sorted(rejects.items()):
         keep[i] = False
         entries.append({"id": data.example_id(i), "index": int(i), "reason": reason, "detail": detail,
                         "label": names[labels[i]] if labels[i] >= 0 else None, "sha256": hashes[i].tobytes().hex()})
-    kept = np.flatnonzero(keep)
-    if data.split is not None:
-        split_index = {str(s): kept[data.split[kept] == s] for s in dict.fromkeys(data.split[kept].tolist())}
-        for name in split_index:
-            check_name("split", name)
-    elif kept.size:
-        split_index = {s: kept[idx] for s, idx in chunk_split(labels[kept], job.fractions or {}, job.seed,
-                                                              job.chunk, single=job.single).items() if idx.size}
-    else:
-        split_index = {}
-    lake = Lake(job.root, target_shard_bytes=job.target_shard_bytes, compression=job.compression)
-    writes = {}
-    for k, (split, idx) in enumerate(split_index.items()):
-        named = {**{name: v[idx] for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
-        rel = f"{DATA_DIR}/{job.commit_id}/{split}/{job.chunk:06d}"
-        writes[split] = threads.submit(lake.write_fragment, job.table, rel, named, crash=job.crash and k == 0,
-                                       hashes=hashes[idx])
     fragments = {}
     for split, idx in split_index.items():
         fragments[split] = {"entry": writes[split].result(), "hashes": hashes[idx],
@@ -109,6 +116,44 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
             "column_names": {k: list(v) for k, v in data.column_names.items()},
             "targets": list(getattr(data, "targets", ())),  # a user's SourceData-like object may lack it
             "fragments": fragments, "entries": entries, "q_arrays": q_arrays}
+
+
+def _split(job: ChunkJob, data: SourceData, labels: np.ndarray, kept: np.ndarray) -> dict[str, np.ndarray]:
+    """The kept rows' indices per split (the source's assignment, or a stratified split of the chunk)."""
+    if data.split is not None:
+        split_index = {str(s): kept[data.split[kept] == s] for s in dict.fromkeys(data.split[kept].tolist())}
+        for name in split_index:
+            check_name("split", name)
+        return split_index
+    if not kept.size:
+        return {}
+    return {s: kept[idx] for s, idx in chunk_split(labels[kept], job.fractions or {}, job.seed, job.chunk,
+                                                   single=job.single).items() if idx.size}
+
+
+def _fragment_path(job: ChunkJob, split: str) -> str:
+    return f"{DATA_DIR}/{job.commit_id}/{split}/{job.chunk:06d}"
+
+
+def _rows(value: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``value[idx]`` for sorted distinct ``idx``: a view, not a copy, when the rows are one contiguous run."""
+    if idx.size and int(idx[-1]) - int(idx[0]) + 1 == idx.size:
+        return value[int(idx[0]):int(idx[-1]) + 1]
+    return value[idx]
+
+
+def _start_writes(job: ChunkJob, lake: Lake, data: SourceData, labels: np.ndarray,
+                  split_index: dict[str, np.ndarray], hashed: Future[np.ndarray], threads: ThreadPoolExecutor
+                  ) -> dict[str, Future[dict[str, Any]]]:
+    """Each split's fragment written on a thread of its own; its row hashes are taken from ``hashed`` once its
+    arrays are written."""
+    writes = {}
+    for k, (split, idx) in enumerate(split_index.items()):
+        named = {**{name: _rows(v, idx) for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
+        writes[split] = threads.submit(lake.write_fragment, job.table, _fragment_path(job, split), named,
+                                       crash=job.crash and k == 0,
+                                       hashes=lambda idx=idx: hashed.result()[idx])
+    return writes
 
 
 def warm_up() -> None:
@@ -262,9 +307,8 @@ def _label_by_index(data: SourceData, label_map: dict[str, str] | None, label_na
     return np.maximum(code, -1), names, rejects
 
 
-def _clean(data: SourceData, labels: np.ndarray, names: list[str]
-           ) -> tuple[np.ndarray, np.ndarray, dict[int, tuple[str, str]]]:
-    """Finite values, value ranges, exact duplicates, conflicting labels and cross-split leaks."""
+def _check_values(data: SourceData, labels: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+    """The labelled rows (``keep``), and rejections of those with non-finite values or values out of range."""
     n = labels.shape[0]
     keep = labels >= 0
     rejects: dict[int, tuple[str, str]] = {}
@@ -294,11 +338,21 @@ def _clean(data: SourceData, labels: np.ndarray, names: list[str]
                 rejects.setdefault(int(i), ("out_of_range", f"{data.example_id(int(i))}: {name!r} column {c} "
                                                             f"holds values outside its declared range "
                                                             f"[{columns[c, 0]}, {columns[c, 1]}]"))
-    hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
+    return keep, rejects
+
+
+def _dedup(data: SourceData, labels: np.ndarray, names: list[str], keep: np.ndarray,
+           rejects: dict[int, tuple[str, str]], hashes: np.ndarray) -> dict[int, tuple[str, str]]:
+    """Rejections of exact duplicates, conflicting labels and cross-split leaks within the chunk, among the kept
+    rows (``keep``) not already rejected (``rejects``)."""
+    n = labels.shape[0]
     candidates = keep.copy()
     candidates[list(rejects)] = False
-    if np.unique(prefix_keys(hashes[candidates])).size == int(candidates.sum()):
-        return keep.copy(), hashes, rejects  # no two candidates share content (the usual case)
+    prefixes = np.sort(prefix_keys(hashes[candidates]))
+    if not (prefixes[1:] == prefixes[:-1]).any():
+        return {}  # no two candidates share content (the usual case)
+    rejects = dict(rejects)
+    before = set(rejects)
     keys = [h.tobytes() for h in hashes]
     first: dict[bytes, int] = {}
     conflicted: set[bytes] = set()
@@ -320,13 +374,11 @@ def _clean(data: SourceData, labels: np.ndarray, names: list[str]
         seen = sorted({names[labels[i]] for i in copies})
         for i in copies:
             rejects[i] = ("conflicting_labels", f"{data.example_id(i)}: the same content occurs with labels {seen}")
-    return keep.copy(), hashes, rejects
+    return {i: r for i, r in rejects.items() if i not in before or r[0] == "conflicting_labels"}
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     """Sorted example indices per split, stratified by label and reproducible from ``seed``."""
-    from sklearn.model_selection import train_test_split  # imported here: it is slow and only needed to split
-
     total = sum(fractions.values())
     if not np.isclose(total, 1.0) or any(f <= 0 for f in fractions.values()):
         raise LakeError(f"split fractions must be positive and sum to 1, got {fractions}")
@@ -335,6 +387,9 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int)
     left = 1.0
     names = list(fractions)
     for i, name in enumerate(names[:-1]):
+        # imported here: it is slow (seconds) and only needed to split, not for one split that takes every example
+        from sklearn.model_selection import train_test_split
+
         share = fractions[name] / left
         try:
             taken, remaining = train_test_split(remaining, train_size=share, stratify=labels[remaining],

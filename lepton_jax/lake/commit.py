@@ -59,7 +59,8 @@ class Committing:
         return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
 
     def write_fragment(self, table: str, rel: str, named: dict[str, np.ndarray], *, label_array: str = LABEL,
-                       crash: bool = False, hashes: np.ndarray | None = None) -> dict[str, Any]:
+                       crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None
+                       ) -> dict[str, Any]:
         """Writes one fragment at ``<table>/<rel>`` (``rel`` = ``data/<commit-id>/...``); returns its entry."""
         safe_relpath(rel)
         for part in rel.split("/")[1:]:

@@ -20,6 +20,12 @@ ENV = "LEPTON_LAKE_CRASH_AT"
 POINTS = ("shard", "array", "data", "record", "published", "committed")
 
 
+def armed(*points: str) -> bool:
+    """Whether ``LEPTON_LAKE_CRASH_AT`` names one of ``points`` (a writer then takes its slower step-by-step path
+    so that the point falls where the tests expect it)."""
+    return os.environ.get(ENV) in points
+
+
 def crash_point(point: str) -> None:
     """Kills this process with SIGKILL if ``LEPTON_LAKE_CRASH_AT`` names ``point``; otherwise does nothing."""
     if os.environ.get(ENV) == point:

@@ -27,7 +27,7 @@ import numpy as np
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
-from lepton_jax.lake.faults import crash_point
+from lepton_jax.lake.faults import armed, crash_point
 from lepton_jax.lake.storage import Storage
 
 ROW_HASHES = "_rows.sha256"
@@ -37,6 +37,9 @@ CHAIN_ROWS = 64  # rows per link of a split's content chain (content_chain)
 LABEL = "label"
 CONTENT_READERS = 4  # threads reading fragments for a split's content digest
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+# bytes of the temporaries per block of the statistics: few blocks, so a thread computing them while another holds
+# the GIL (hashing rows) waits for it a few times, not once per small block
+MOMENT_BLOCK_BYTES = 2**24
 KEYS_CACHE_BYTES = 256 * 2**20  # a process's cache of fragments' row hashes and labels (fragment_keys)
 # (storage, table, fragment, row-hash digest, label digest) -> (row hashes, labels or None), least recently used first
 _keys: collections.OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = collections.OrderedDict()
@@ -99,15 +102,20 @@ def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dic
 
 
 def _moments(value: np.ndarray) -> dict[str, Any]:
-    """count/sum/sumsq/min/max of every value, in bounded memory (blocks of 2**20 values): exact integer sums for
-    integers of up to 16 bits, float64 otherwise."""
+    """count/sum/sumsq/min/max of every value, in bounded memory (temporaries of :data:`MOMENT_BLOCK_BYTES` per
+    block): exact integer sums for integers of up to 16 bits, float64 otherwise."""
     flat = value.reshape(-1)
     exact = flat.dtype == np.bool_ or (np.issubdtype(flat.dtype, np.integer) and flat.dtype.itemsize <= 2)
     total, squares = 0, 0
     fsum, fsq = 0.0, 0.0
-    for start in range(0, flat.size, 2**20):
-        block = flat[start:start + 2**20]
-        if exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
+    step = MOMENT_BLOCK_BYTES // (2 if exact and flat.dtype.itemsize == 1 else 8)
+    for start in range(0, flat.size, step):
+        block = flat[start:start + step]
+        if exact and flat.dtype.itemsize == 1:  # squares fit 16 bits: no 64-bit temporaries
+            v = block.astype(np.int16 if flat.dtype == np.int8 else np.uint16)
+            total += int(np.add.reduce(v, dtype=np.int64))
+            squares += int(np.add.reduce(v * v, dtype=np.int64))
+        elif exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
             v = block.astype(np.int64)
             total += int(v.sum())
             squares += int((v * v).sum())
@@ -221,18 +229,21 @@ def legacy_partials(split_stats: dict[str, Any], values_per_example: dict[str, i
 
 def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.ndarray], *,
                    target_shard_bytes: int = arrays.TARGET_SHARD_BYTES, label_array: str = LABEL,
-                   crash: bool = False, hashes: np.ndarray | None = None,
+                   crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None,
                    compression: str = arrays.DEFAULT_COMPRESSION) -> dict[str, Any]:
     """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, then the row
     hashes), durably; returns its record entry.
 
-    ``crash`` passes the ``shard`` and ``array`` fault-injection points (the first fragment of a commit)."""
+    ``hashes``: the rows' hashes (:func:`row_hashes`), or a function that returns them, called once the arrays are
+    written (the caller hashes meanwhile); computed here if None. ``crash`` passes the ``shard`` and ``array``
+    fault-injection points (the first fragment of a commit) when one of
+    them is armed: the arrays are then written one after the other, shard by shard."""
     sizes = {name: value.shape[0] for name, value in named.items()}
     if len(set(sizes.values())) != 1:
         raise LakeError(f"fragment {rel}: arrays must share their first axis, got {sizes}")
     entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
     keys = {name: f"{table}/{rel}/{check_name('array', name)}" for name in named}
-    if crash:  # one array after the other, so the fault-injection points fall where the tests expect them
+    if crash and armed("shard", "array"):  # one array after the other, so the points fall where tests expect
         for k, (name, value) in enumerate(named.items()):
             hook = (lambda i: crash_point("shard") if i == 0 else None) if k == 0 else None
             digest = arrays.write_array(storage, keys[name], value, target_shard_bytes=target_shard_bytes,
@@ -255,6 +266,8 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             for write in writes.values():  # nothing may still write into the fragment once this returns
                 write.abandon()
             raise
+    if callable(hashes):
+        hashes = hashes()
     hashes = np.ascontiguousarray(row_hashes(named, label_array) if hashes is None else hashes, dtype=np.uint8)
     entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
     entry["stats"] = stats
