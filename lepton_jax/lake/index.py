@@ -85,6 +85,7 @@ class HashIndex:
         self._table_starts: list[int] = []
         self._table_n = 0
         self._table_run: np.ndarray | None = None
+        self._table_keys: list[np.ndarray] = []  # keys added since the table's run was last sorted
         self._table_conflicts: set[int] = set()
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
@@ -168,7 +169,7 @@ class HashIndex:
 
     def _sorted_runs(self) -> Iterator[np.ndarray | None]:
         """The table's run, the in-memory run and each run on disk (mapped), one at a time."""
-        yield self._table_run
+        yield self._sorted_table_run()
         yield self._memory
         for path, _ in self._runs:
             yield np.load(path, mmap_mode="r")
@@ -193,10 +194,20 @@ class HashIndex:
             self._splits.append(split)
         self._table.append([n, load, None, self._splits.index(split)])
         self._table_starts.append(self._table_n)
-        order = np.argsort(keys)
-        run = np.stack([keys[order], order.astype(np.uint64) + np.uint64(TABLE_BASE + self._table_n)])
-        self._table_run = run if self._table_run is None else _merge(self._table_run, run)
+        self._table_keys.append(keys)
         self._table_n += n
+
+    def _sorted_table_run(self) -> np.ndarray | None:
+        """The table's run: the keys of every fragment added so far, sorted once at the first lookup after them
+        (not merged fragment by fragment: a table of many fragments costs one sort, not one merge per fragment)."""
+        if self._table_keys:
+            keys = np.concatenate(self._table_keys)
+            first = self._table_n - keys.shape[0]
+            order = np.argsort(keys)
+            run = np.stack([keys[order], order.astype(np.uint64) + np.uint64(TABLE_BASE + first)])
+            self._table_run = run if self._table_run is None else _merge(self._table_run, run)
+            self._table_keys = []
+        return self._table_run
 
     def _read(self, number: int) -> np.ndarray:
         if number >= TABLE_BASE:
