@@ -362,6 +362,28 @@ def test_a_tables_first_commit_fsyncs_its_log_and_the_directories_above(tmp_path
     assert max(i for i, p in enumerate(synced) if p == log) > min(i for i, p in enumerate(synced) if "/.commit-" in p)
 
 
+def test_a_commit_fsyncs_every_file_and_directory_of_its_data_once(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    root = tmp_path / "lake"
+    _lake_with_versions(root, tmp_path, 1)
+    data = [p for p in (root / "t" / "data").rglob("*") if "_leases" not in p.parts]
+    arrays = {p.parent for p in data if p.name == "zarr.json"}
+    assert arrays and all(p.is_dir() for p in arrays)
+    for p in data:
+        if p.is_dir():
+            assert str(p) in synced, p  # its entries (files, sub-directories) survive a crash
+        if any(a == p or a in p.parents for a in arrays):
+            assert p.is_dir() or str(p) in synced, p  # an array's files: by its writer, when complete
+            assert synced.count(str(p)) == 1, (p, synced.count(str(p)))  # and only once
+
+
 def test_lake_ls_lists_every_readable_version_and_names_the_unreadable(tmp_path, capsys):
     lake = _lake_with_versions(tmp_path / "lake", tmp_path, 3)
     path = lake.root / "t" / "_log" / "00000002.json"

@@ -122,9 +122,9 @@ class Committing:
             split_entries = {check_name("split", split): self.split_entry(table, frags, label_array,
                                                                           prior.get(split))
                              for split, frags in splits.items()}
-            # local: fsync the directory entries of the tree, up to the root (every file in it was made durable as
-            # it was written: arrays when complete, row hashes and quarantine lists by Storage.write); object
-            # stores: nothing
+            # local: fsync the directory entries of the tree outside its arrays, up to the root (every file in it
+            # was made durable as it was written: arrays, files and directories, when complete; row hashes and
+            # quarantine lists by Storage.write); object stores: nothing
             self.storage.sync(commit_dir, files=False)
         except BaseException:
             self._discard(commit_dir)

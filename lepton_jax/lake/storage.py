@@ -83,10 +83,11 @@ class Storage(Protocol):
         """Removes the empty directories ``keys`` in order, stopping at the first that is not empty (local only)."""
 
     def sync(self, key: str, *, tree: bool = True, up: bool = True, files: bool = True) -> None:
-        """Makes ``key`` (with ``tree``: every file and directory under it; without ``files`` only the directories,
-        for a tree whose files were made durable as they were written) and its directory entries up to the root
-        (without ``up``: only those inside ``key``; for data under a commit directory, which the commit syncs up to
-        the root before it publishes) durable."""
+        """Makes ``key`` (with ``tree``: every file and directory under it; without ``files`` only the directories
+        outside arrays, for a tree whose files and arrays were made durable as they were written: an array's writer
+        syncs its files and directories when it completes) and its directory entries up to the root (without ``up``:
+        only those inside ``key``; for data under a commit directory, which the commit syncs up to the root before
+        it publishes) durable."""
 
     def local_path(self, key: str) -> Path | None:
         """The local file system path of ``key``; None on an object store."""
@@ -105,6 +106,7 @@ def _check_key(key: str) -> list[str]:
     return parts
 
 
+ARRAY_METADATA = "zarr.json"  # the file that makes a directory a (zarr v3) array
 CLOCK_PROBE_PREFIX = "_clock-probe-"  # + random hex: an empty object written and removed by storage_clock
 
 
@@ -240,8 +242,12 @@ class LocalStorage:
 
     def sync(self, key: str, *, tree: bool = True, up: bool = True, files: bool = True) -> None:
         path = self.path(key)
+        synced = False  # whether path itself was fsynced by the walk below
         if tree and path.is_dir():
-            for dirpath, _, filenames in os.walk(path):
+            for dirpath, dirnames, filenames in os.walk(path):
+                if not files and ARRAY_METADATA in filenames:  # an array, synced whole by its writer
+                    dirnames.clear()
+                    continue
                 for name in filenames if files else ():
                     fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
                     try:
@@ -249,6 +255,7 @@ class LocalStorage:
                     finally:
                         os.close(fd)
                 fsync_dir(Path(dirpath))
+                synced = synced or dirpath == str(path)
         elif tree and files and path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -259,7 +266,7 @@ class LocalStorage:
             return
         p = path if path.is_dir() else path.parent
         while True:  # directory entries from here up to the lake root
-            if p.is_dir():
+            if p.is_dir() and not (synced and p == path):
                 fsync_dir(p)
             if p == self.root or p.parent == p or self.root not in p.parents:
                 break
