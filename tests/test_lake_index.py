@@ -118,4 +118,9 @@ def test_table_rows_held_by_their_keys_load_a_fragment_only_on_a_match_and_a_pre
         found = index.lookup(frags[1][[7]])
         hit = index.record(int(found[0]))
         assert (hit.label, hit.split, hit.state) == (1, "test", TABLE) and loaded == [1]  # loaded once
-        assert dict(index.splits_of()) == {"train": 100, "test": 50}
+        both = index.lookup(np.concatenate([collision, frags[1][[7]], frags[0][[3]]]))  # one key, two probes
+        assert both[0] == -1 and both[1] == found[0] and index.record(int(both[2])).label == 0
+        frags.append(rng.integers(0, 256, (20, 32), dtype=np.uint8))
+        index.add_table_keys(prefix_keys(frags[2]), "train", loader(2))  # a fragment added after lookups
+        assert index.record(int(index.lookup(frags[2][[19]])[0])).label == 2
+        assert dict(index.splits_of()) == {"train": 120, "test": 50}
