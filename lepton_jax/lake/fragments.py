@@ -39,7 +39,7 @@ CONTENT_READERS = 4  # threads reading fragments for a split's content digest
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # bytes of the temporaries per block of the statistics: few blocks, so a thread computing them while another holds
 # the GIL (hashing rows) waits for it a few times, not once per small block
-MOMENT_BLOCK_BYTES = 2**24
+MOMENT_BLOCK_BYTES = 2**25
 KEYS_CACHE_BYTES = 256 * 2**20  # a process's cache of fragments' row hashes and labels (fragment_keys)
 # (storage, table, fragment, row-hash digest, label digest) -> (row hashes, labels or None), least recently used first
 _keys: collections.OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = collections.OrderedDict()
@@ -76,7 +76,7 @@ def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.nda
     sha256 = hashlib.sha256
     if len(flats) == 1:  # one digest per slice of a memoryview, joined: no array per row
         rows, width = flats[0], len(flats[0]) // n
-        digests = [sha256(rows[i * width:(i + 1) * width]).digest() for i in range(n)]
+        digests = [sha256(rows[a:a + width]).digest() for a in range(0, n * width, width)]
     else:
         widths = [len(f) // n for f in flats]
         digests = []
@@ -111,10 +111,10 @@ def _moments(value: np.ndarray) -> dict[str, Any]:
     step = MOMENT_BLOCK_BYTES // (2 if exact and flat.dtype.itemsize == 1 else 8)
     for start in range(0, flat.size, step):
         block = flat[start:start + step]
-        if exact and flat.dtype.itemsize == 1:  # squares fit 16 bits: no 64-bit temporaries
+        if exact and flat.dtype.itemsize == 1:  # squares fit 16 bits: one 16-bit temporary, squared in place
             v = block.astype(np.int16 if flat.dtype == np.int8 else np.uint16)
             total += int(np.add.reduce(v, dtype=np.int64))
-            squares += int(np.add.reduce(v * v, dtype=np.int64))
+            squares += int(np.add.reduce(np.multiply(v, v, out=v), dtype=np.int64))
         elif exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
             v = block.astype(np.int64)
             total += int(v.sum())
