@@ -4,11 +4,14 @@ this job) and a numpy memmap of the raw bytes.
     .venv/bin/pip install -e '.[bench-lake]'                  # pylance: a benchmark extra, never a runtime dependency
     .venv/bin/python scripts/bench_lake_peers.py               # 100,000 x 28x28 uint8 + labels
     .venv/bin/python scripts/bench_lake_peers.py --examples 1000000 --repeats 3
+    .venv/bin/python scripts/bench_lake_peers.py --shards 4 --workers 2 --skip-reads   # write, workers and appends
 
 Measured in one run, interleaved (lake, Lance, memmap, then again), medians with the spread of ``--repeats`` runs:
 
-- **write**: the lake's ``ingest`` (npz source -> validate, dedup, split, statistics, write, fsync, digests, commit),
-  Lance ``write_dataset`` of a pyarrow table (image as ``fixed_size_binary``, label int32), numpy ``tofile`` + fsync.
+- **write**: the lake's ``ingest`` (npz source of ``--shards`` files, one chunk each -> validate, dedup, split,
+  statistics, write, fsync, digests, commit), Lance ``write_dataset`` of a pyarrow table (image as
+  ``fixed_size_binary``, label int32), numpy ``tofile`` + fsync; with ``--workers N`` also the lake's ingest in ``N``
+  worker processes (its ratio to the one-process ingest beside it).
 - **random batches** (``--batch``, default 256): ``SplitReader.read`` (every row checked against its row hash), Lance
   ``take``, memmap fancy index; examples/s.
 - **Grain loader**: the training pipeline's ``ShuffledBatches`` over each source, ``--read-threads`` threads.
@@ -92,6 +95,11 @@ def main() -> None:
     parser.add_argument("--read-threads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir, removed)")
+    parser.add_argument("--shards", type=int, default=1, help="npz files the source is split into (chunks)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="also time the lake's ingest with this many worker processes (interleaved)")
+    parser.add_argument("--skip-reads", action="store_true",
+                        help="only write and appends (no random batches, Grain loader or version-1 reads)")
     args = parser.parse_args()
     import lance
 
@@ -112,7 +120,10 @@ def _run(args, work: Path, lance) -> None:
     images, labels = _examples(n, shape[:2], seed=0)
     labels = labels.astype(np.int32)
     (work / "src").mkdir()
-    np.savez(work / "src" / "part.npz", x=images, y=labels)
+    bounds = np.linspace(0, n, args.shards + 1).astype(int)
+    for k in range(args.shards):
+        rows = slice(bounds[k], bounds[k + 1])
+        np.savez(work / "src" / f"part{k:05d}.npz", x=images[rows], y=labels[rows])
     table = _arrow_table(images, labels)
     mb = images.nbytes / 2**20
     print(f"{n:,} examples of {shape} uint8 ({mb:.1f} MiB) + int32 labels, {args.repeats} interleaved repeats")
@@ -120,10 +131,16 @@ def _run(args, work: Path, lance) -> None:
 
     # -- write -------------------------------------------------------------------------------------------------------
     write = {"lake": [], "lance": [], "memmap": []}
+    if args.workers:
+        write[f"lake-w{args.workers}"] = []
     for r in range(args.repeats):
         lake_root, lance_path, raw = work / f"lake{r}", work / f"lance{r}", work / f"raw{r}.u8"
         write["lake"].append(_timed(lambda lr=lake_root: ingest(Lake(lr), "t", NpzSource(
             work / "src", value_range=(0, 255)), splits={"train": 1.0}))[0])
+        if args.workers:
+            write[f"lake-w{args.workers}"].append(_timed(lambda lr=work / f"lake_w{r}": ingest(
+                Lake(lr), "t", NpzSource(work / "src", value_range=(0, 255)), splits={"train": 1.0},
+                workers=args.workers))[0])
         write["lance"].append(_timed(lambda lp=lance_path: (lance.write_dataset(table, lp), _fsync_tree(lp)))[0])
 
         def save(path=raw):
@@ -137,6 +154,17 @@ def _run(args, work: Path, lance) -> None:
     for k, v in write.items():
         print(f"  {k:>6}: {_stat([mb / s for s in v])}")
     print(f"  ratio lake / Lance: {_ratio([mb / s for s in write['lake']], [mb / s for s in write['lance']])}")
+    if args.workers:
+        print(f"  ratio lake {args.workers} workers / 1 process: "
+              f"{_ratio([mb / s for s in write[f'lake-w{args.workers}']], [mb / s for s in write['lake']])}")
+    batches = None if args.skip_reads else _reads(args, work, lance, n, shape, images)
+    _appends(work, lance, n, shape)
+    if batches is not None:
+        _version1(args, work, lance, shape, batches)
+
+
+def _reads(args, work: Path, lance, n: int, shape: tuple[int, ...], images: np.ndarray) -> list[np.ndarray]:
+    """Random batches and the Grain loader over each system; returns the batches (for the version-1 reads)."""
 
     # -- random batches and Grain ------------------------------------------------------------------------------------
     lake = Lake(work / "lake0")
@@ -179,8 +207,11 @@ def _run(args, work: Path, lance) -> None:
         print(f"  {k:>6}: {_stat(v)}")
     print(f"  ratio lake / Lance: {_ratio(grain['lake'], grain['lance'])}   "
           f"lake / memmap: {_ratio(grain['lake'], grain['memmap'])}")
+    return batches
 
-    # -- 1% appends, then version 1 ----------------------------------------------------------------------------------
+
+def _appends(work: Path, lance, n: int, shape: tuple[int, ...]) -> None:
+    """Five 1% appends to each system's table, interleaved."""
     k = max(1, n // 100)
     table_bytes = {"lake": sum(p.stat().st_size for p in (work / "lake0").rglob("*") if p.is_file()),
                    "lance": sum(p.stat().st_size for p in (work / "lance0").rglob("*") if p.is_file())}
@@ -205,6 +236,10 @@ def _run(args, work: Path, lance) -> None:
               f"written {_stat([io['wchar'] / 1e3 for _, io in runs], ' kB')}")
     print(f"  ratio lake / Lance append time: "
           f"{_ratio([t for t, _ in appends['lake']], [t for t, _ in appends['lance']])}")
+
+
+def _version1(args, work: Path, lance, shape: tuple[int, ...], batches: list[np.ndarray]) -> None:
+    """Random batches of version 1 (time travel), after the appends."""
     v1_reader = Lake(work / "lake0").table("t", 1).reader("train")
     v1_lance = lance.dataset(str(work / "lance0"), version=1)
     v1 = {"lake": lambda idx: v1_reader.read(idx),

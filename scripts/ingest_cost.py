@@ -81,7 +81,7 @@ def main() -> None:
 
 
 def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
-    from lepton_jax.lake import arrays, chunks, fragments, sources
+    from lepton_jax.lake import arrays, chunks, fragments, source_spec
     from lepton_jax.lake.storage import LocalStorage
 
     shards = work / "npz"
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
     for k in range(args.chunks):
         x, y = _examples(SHARD, 1000 + k)
         np.savez(shards / f"part{k:05d}.npz", x=x, y=y)
-    task = sources.make_source(f"npz:{shards}").tasks()[0]
+    task = source_spec.make_source(f"npz:{shards}").tasks()[0]
     data = task.load()
     raw_mb = sum(v.nbytes for v in data.arrays.values()) / 1e6
     labels, names, _ = chunks._label_by_index(data, None, None)
