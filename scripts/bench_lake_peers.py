@@ -10,8 +10,9 @@ Measured in one run, interleaved (lake, Lance, memmap, then again), medians with
 
 - **write**: the lake's ``ingest`` (npz source of ``--shards`` files, one chunk each -> validate, dedup, split,
   statistics, write, fsync, digests, commit), Lance ``write_dataset`` of a pyarrow table (image as
-  ``fixed_size_binary``, label int32), numpy ``tofile`` + fsync; with ``--workers N`` also the lake's ingest in ``N``
-  worker processes (its ratio to the one-process ingest beside it).
+  ``fixed_size_binary``, label int32), numpy ``tofile`` + fsync; with ``--workers N`` also
+  ``lepton-jax lake ingest --workers 1`` and ``--workers N`` as commands (a process each, start-up included: as
+  users run it; in this process the workers would import this script's heavy ``__main__``), and their ratio.
 - **random batches** (``--batch``, default 256): ``SplitReader.read`` (every row checked against its row hash), Lance
   ``take``, memmap fancy index; examples/s.
 - **Grain loader**: the training pipeline's ``ShuffledBatches`` over each source, ``--read-threads`` threads.
@@ -29,6 +30,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -131,16 +133,16 @@ def _run(args, work: Path, lance) -> None:
 
     # -- write -------------------------------------------------------------------------------------------------------
     write = {"lake": [], "lance": [], "memmap": []}
-    if args.workers:
-        write[f"lake-w{args.workers}"] = []
+    cli = {1: [], args.workers: []} if args.workers else {}
     for r in range(args.repeats):
         lake_root, lance_path, raw = work / f"lake{r}", work / f"lance{r}", work / f"raw{r}.u8"
         write["lake"].append(_timed(lambda lr=lake_root: ingest(Lake(lr), "t", NpzSource(
             work / "src", value_range=(0, 255)), splits={"train": 1.0}))[0])
-        if args.workers:
-            write[f"lake-w{args.workers}"].append(_timed(lambda lr=work / f"lake_w{r}": ingest(
-                Lake(lr), "t", NpzSource(work / "src", value_range=(0, 255)), splits={"train": 1.0},
-                workers=args.workers))[0])
+        for w in cli:
+            cli[w].append(_timed(lambda lr=work / f"lake_cli{w}_{r}", w=w: subprocess.run(
+                [sys.executable, "-m", "lepton_jax.cli", "lake", "ingest", "--lake", str(lr), "--table", "t",
+                 "--source", f"npz:{work / 'src'}", "--splits", "train=1.0", "--workers", str(w)],
+                check=True, stdout=subprocess.DEVNULL))[0])
         write["lance"].append(_timed(lambda lp=lance_path: (lance.write_dataset(table, lp), _fsync_tree(lp)))[0])
 
         def save(path=raw):
@@ -154,9 +156,12 @@ def _run(args, work: Path, lance) -> None:
     for k, v in write.items():
         print(f"  {k:>6}: {_stat([mb / s for s in v])}")
     print(f"  ratio lake / Lance: {_ratio([mb / s for s in write['lake']], [mb / s for s in write['lance']])}")
-    if args.workers:
-        print(f"  ratio lake {args.workers} workers / 1 process: "
-              f"{_ratio([mb / s for s in write[f'lake-w{args.workers}']], [mb / s for s in write['lake']])}")
+    if cli:
+        for w, v in cli.items():
+            print(f"  `lepton-jax lake ingest --workers {w}` (a process, start-up included): "
+                  f"{_stat([mb / s for s in v])}")
+        print(f"  ratio --workers {args.workers} / --workers 1: "
+              f"{_ratio([mb / s for s in cli[args.workers]], [mb / s for s in cli[1]])}")
     batches = None if args.skip_reads else _reads(args, work, lance, n, shape, images)
     _appends(work, lance, n, shape)
     if batches is not None:
