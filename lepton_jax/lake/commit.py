@@ -255,9 +255,11 @@ class Committing:
                                    temp_prefix=f"{TEMP_PREFIX}{record['commit_id']}-"):
             raise CommitConflictError(f"table {table!r} version {version} was committed by another writer; "
                                       "re-read the latest version and commit on top of it")
+        # the directories above the log need no sync here: the commit synced its data directory's path up to the
+        # root before publishing (the table's entry in the root included), and creating _log or _log/_used syncs
+        # the directory it was created in
         try:  # the record is published: a failure from here on must not make the caller discard its data
             self._mark_used(table, version)
-            self.storage.sync(table, tree=False)  # local: the table directory's entry, on a table's first commit
         except (OSError, LakeError) as e:
             log.warning("table %r version %d is published, but its used-version marker or fsync failed (%s); "
                         "`lepton-jax lake verify` checks the log", table, version, e)
