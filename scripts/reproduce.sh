@@ -4,7 +4,7 @@
 #   bash scripts/reproduce.sh            # everything
 #   bash scripts/reproduce.sh default    # one step: default | seeds | comm | activity | tabular | export | noisy |
 #                                          edge | robust | lake_s3 (deterministic: any machine) | fresh | tests | train | loop | swap | lake |
-#                                          ingest | ingest_small | serve | serve_ray | serve_peers (timings: run these on an idle machine)
+#                                          lake_peers | ingest | ingest_small | serve | serve_ray | serve_peers (timings: run these on an idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 make .venv/.installed >/dev/null
@@ -112,6 +112,16 @@ if step lake; then
   echo "== lake benchmark (docs/lake.md)"
   $PY scripts/bench_lake.py | tee results/bench_lake.txt
   $PY scripts/bench_lake.py --fragments 4 --commits 5 | tee results/bench_lake_fragments4.txt
+fi
+if step lake_peers; then
+  echo "== the lake against Lance and a numpy memmap: 100k rows, then 1M rows in 20 npz files with --workers 2 (README, docs/lake.md, issue 25; ~10 minutes, ~3 GB temp disk)"
+  if $PY -c 'import lance' 2>/dev/null; then
+    $PY scripts/bench_lake_peers.py --examples 100000 --repeats 3 | tee results/bench_lake_peers_100k.txt
+    $PY scripts/bench_lake_peers.py --examples 1000000 --shards 20 --repeats 3 --workers 2 | tee results/bench_lake_peers_1m.txt
+  else
+    echo "skipped: needs the bench-lake extra (.venv/bin/pip install -e '.[bench-lake]')"
+    [ -z "$ONLY" ] || exit 1
+  fi
 fi
 if step ingest; then
   echo "== ingest benchmark at full size, ~1.5 GB + 50,000 images, ~5 minutes and ~4 GB of temp disk (docs/lake.md)"

@@ -344,15 +344,21 @@ def test_without_hard_links_publishing_falls_back_to_an_exclusive_create(tmp_pat
     assert lake.versions("t") == [1, 2] and lake.verify() == []
 
 
-def test_a_tables_first_commit_fsyncs_its_log_and_the_directories_above(tmp_path, monkeypatch):
-    synced = []
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on, in order (the real fsync still runs)."""
+    paths = []
     real = os.fsync
 
     def spy(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
+    return paths
+
+
+def test_a_tables_first_commit_fsyncs_its_log_and_the_directories_above(tmp_path, synced):
     root = tmp_path / "lake"
     _lake_with_versions(root, tmp_path, 1)
     for d in (root, root / "t", root / "t" / "_log"):
@@ -362,15 +368,7 @@ def test_a_tables_first_commit_fsyncs_its_log_and_the_directories_above(tmp_path
     assert max(i for i, p in enumerate(synced) if p == log) > min(i for i, p in enumerate(synced) if "/.commit-" in p)
 
 
-def test_a_commit_fsyncs_every_file_and_directory_of_its_data_once(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-
-    def spy(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+def test_a_commit_fsyncs_every_file_and_directory_of_its_data_once(tmp_path, synced):
     root = tmp_path / "lake"
     _lake_with_versions(root, tmp_path, 1)
     data = [p for p in (root / "t" / "data").rglob("*") if "_leases" not in p.parts]

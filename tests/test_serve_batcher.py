@@ -34,6 +34,17 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=60))
 
 
+async def _one_batch_running(fn: Recorder) -> tuple[DynamicBatcher, asyncio.Future]:
+    """A batcher (batches of 4, no delay) whose replica is held running a first full batch of ones."""
+    batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=4, max_delay_s=0.0, max_queue_rows=1000)
+    batcher.start()
+    fn.gate.clear()
+    first = asyncio.ensure_future(batcher.infer(np.full((4, 1), 1, np.float32), timeout_s=30))
+    while not batcher.replicas[0].inflight_rows:
+        await asyncio.sleep(0.001)
+    return batcher, first
+
+
 def test_bucket_sizes():
     assert bucket_sizes(32) == [1, 2, 4, 8, 16, 32]
     assert bucket_sizes(12) == [1, 2, 4, 8, 12]
@@ -141,12 +152,7 @@ def test_a_large_request_does_not_hold_up_a_small_one_behind_it():
     fn = Recorder()
 
     async def main():
-        batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=4, max_delay_s=0.0, max_queue_rows=1000)
-        batcher.start()
-        fn.gate.clear()
-        first = asyncio.ensure_future(batcher.infer(np.full((4, 1), 1, np.float32), timeout_s=30))
-        while not batcher.replicas[0].inflight_rows:
-            await asyncio.sleep(0.001)
+        batcher, first = await _one_batch_running(fn)
         large = asyncio.ensure_future(batcher.infer(np.full((160, 1), 2, np.float32), timeout_s=30))
         await asyncio.sleep(0.01)
         small = asyncio.ensure_future(batcher.infer(np.full((1, 1), 3, np.float32), timeout_s=30))
@@ -169,12 +175,7 @@ def test_with_more_queued_requests_than_batch_rows_the_oldest_share_each_batch_a
     fn = Recorder()
 
     async def main():
-        batcher = DynamicBatcher([Replica("a", fn)], max_batch_size=4, max_delay_s=0.0, max_queue_rows=1000)
-        batcher.start()
-        fn.gate.clear()
-        first = asyncio.ensure_future(batcher.infer(np.full((4, 1), 1, np.float32), timeout_s=30))
-        while not batcher.replicas[0].inflight_rows:
-            await asyncio.sleep(0.001)
+        batcher, first = await _one_batch_running(fn)
         large = asyncio.ensure_future(batcher.infer(np.arange(10, 16, dtype=np.float32)[:, None], timeout_s=30))
         await asyncio.sleep(0.005)
         small = []
