@@ -47,13 +47,14 @@ def make_dirs(path: str | Path) -> None:
 
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", *, newline: str | None = None,
-                 durable: bool = False) -> Iterator[IO]:
+                 durable: bool = False, fsync: bool = True) -> Iterator[IO]:
     """Opens a temp file in ``path``'s folder (created with its parents) for writing (``mode`` "w" or "wb"); when
     the block ends without an error the file is flushed, fsynced and renamed onto ``path``, and on an error it is
     removed, so ``path`` holds either its old content or the complete new one. Mode 0666 minus the umask.
 
     ``durable`` also fsyncs the folders: the parents of those it creates, and ``path``'s own after the rename, so
-    that the new name itself survives a power loss (the lake's writes), not only the bytes behind it."""
+    that the new name itself survives a power loss (the lake's writes), not only the bytes behind it. Without
+    ``fsync`` nothing is fsynced (still atomic: for what only matters while its writer lives, such as a lease)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
@@ -67,7 +68,8 @@ def atomic_write(path: str | Path, mode: str = "w", *, newline: str | None = Non
         with os.fdopen(fd, mode, newline=newline) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

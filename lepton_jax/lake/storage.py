@@ -157,18 +157,8 @@ class LocalStorage:
         return publish_new(self.path(key), payload, temp_prefix=temp_prefix)
 
     def write(self, key: str, payload: bytes, *, durable: bool = True) -> None:
-        if durable:
-            with atomic_write(self.path(key), "wb", durable=True) as f:
-                f.write(payload)
-            return
-        path = self.path(key)  # atomic (a temp file renamed into place), not fsynced
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}"
-        try:
-            tmp.write_bytes(payload)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(self.path(key), "wb", durable=durable, fsync=durable) as f:
+            f.write(payload)
 
     def list(self, prefix: str) -> list[str]:
         try:
