@@ -22,6 +22,7 @@ from lepton_jax.serve.edge import EdgeModel
 from lepton_jax.serve.registry import Registry
 from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
 from lepton_jax.tasks import make_task
+from lepton_jax.tasks.base import Task
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
 
@@ -272,3 +273,14 @@ def test_dense_target_trains_evaluates_predicts_registers_and_serves(tmp_path, c
     np.testing.assert_array_equal(np.asarray(tensor["data"], np.float32).reshape(3, 8, 8, 2).argmax(-1), mask)
     manifest = _export_round_trip(tmp_path, workdir, x, "--lake", str(lake), "--model", "strokes@1")
     assert manifest["output"]["shape"] == ["batch", 8, 8, 2] and manifest["evaluation"]["agreement"]["mask"] == 1.0
+
+
+def test_a_task_missing_a_required_method_names_it():
+    class Half(Task):
+        name = "half"
+
+    task = Half({"arrays": {}})
+    with pytest.raises(NotImplementedError, match="task 'half' .*does not define 'loss'"):
+        task.loss(None, None)
+    with pytest.raises(NotImplementedError, match="'output_size'"):
+        task.output_shape  # noqa: B018 (the default output_shape reads output_size)

@@ -30,6 +30,10 @@ class Task:
         self.schema = schema
         self.check_schema()
 
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(f"task {self.name!r} ({type(self).__module__}.{type(self).__qualname__}) does not "
+                                   f"define {method!r}, which every task needs (see lepton_jax.tasks.base.Task)")
+
     def target(self) -> tuple[str, dict[str, Any]]:
         """The table's (first) target array: its name and schema entry; a :class:`ConfigError` saying what the task
         needs (``needs``, ``needs_example``) when the table holds none (e.g. one ingested before targets existed)."""
@@ -49,7 +53,8 @@ class Task:
 
     @property
     def output_size(self) -> int:
-        raise NotImplementedError
+        """The model's output width per example (required)."""
+        raise self._missing("output_size")
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -57,14 +62,16 @@ class Task:
         return (self.output_size,)
 
     def loss(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """The scalar training loss of a batch (required; jittable)."""
+        raise self._missing("loss")
 
     def step_metric(self, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        """The scalar ``step_metric_name`` of a batch, logged beside the loss (required; jittable)."""
+        raise self._missing("step_metric")
 
     def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        """Evaluation metrics over a whole split (must include ``loss``)."""
-        raise NotImplementedError
+        """Evaluation metrics over a whole split (required; must include ``loss``)."""
+        raise self._missing("metrics")
 
     def report(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
         """The test report: ``text`` (report.txt), ``json`` (report.json), ``summary`` (``test_*`` metrics for
