@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LAKE   ?= lake
 WORKDIR ?= runs/digits_cnn
+# pytest-xdist workers for `make test`: one per visible CPU, at most 4 (each holds jax with 8 simulated devices)
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 
 .PHONY: run test lint clean
 
@@ -21,7 +23,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check lepton_jax tests configs scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check lepton_jax tests configs scripts
