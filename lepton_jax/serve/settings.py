@@ -17,7 +17,10 @@ class ServeConfig:
     Bodies over ``inline_parse_bytes`` are decoded (and their answers encoded) in ``codec_processes`` worker
     processes, so neither the event loop nor the GIL is held while megabytes of JSON are parsed; 0 uses threads.
     The workers run ``codec_niceness`` steps below the server's CPU priority (``os.nice``), so where they share a core
-    with the event loop, decoding one huge body yields the core to the small requests behind it (head-of-line).
+    with the event loop, decoding one huge body yields the core to the small requests behind it (head-of-line). The
+    default, 19 (the lowest priority), is for latency: on one shared core it gave a lower small-request p99 beside
+    inflating gzip bodies than 10 did (1.52x and 1.65x the unloaded p99 vs 1.89x and 1.86x in two pairs of runs of
+    ``scripts/bench_serve_peers.py --repeats 1 --gzip-repeats 7``), at about 10% fewer large bodies served meanwhile.
 
     ``follow``: models loaded from a registry stage follow it, polled every ``follow_interval_s``; ``canary``
     ("STAGE:PERCENT") and ``shadow`` ("STAGE") add a version that answers a share of requests, or only mirrors them
@@ -53,5 +56,5 @@ class ServeConfig:
     drift_interval_s: float = 1.0
     inline_parse_bytes: int = 64 << 10
     codec_processes: int = 1
-    codec_niceness: int = 10
+    codec_niceness: int = 19
     warm_up_on_startup: bool = True
