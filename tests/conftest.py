@@ -6,8 +6,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per test session, inherited by the xdist workers (the controller imports this
 # first) and the subprocesses tests start: a CLI run in a subprocess then loads the executables an earlier test
-# compiled instead of compiling them again (most of the suite's time on CPU). Fresh for every session and removed at its end, so no stale entry outlives a run; a size
-# limit turns on jax's file lock, so concurrent processes never read an entry another is still writing.
+# compiled instead of compiling them again (most of the suite's time on CPU). Fresh for every session and removed at
+# its end, so no stale entry outlives a run; a size limit turns on jax's file lock, so concurrent processes never
+# read an entry another is still writing.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
