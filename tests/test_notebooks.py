@@ -15,7 +15,8 @@ NOTEBOOKS = sorted((ROOT / "experiments").glob("*.ipynb"))
 def kernel_env() -> dict[str, str]:
     """The test session's environment without the 8 simulated devices: the kernel (and the scripts it starts) sees
     one CPU device, as a laptop's or Colab's CPU runtime does. The mesh paths run in their own tests; on 8 simulated
-    devices the quickstart took 124 s instead of 37 s here (its attacks shard every batch 8 ways)."""
+    devices the quickstart took 122 s instead of 29 s here (`pytest --durations`; its attacks shard every batch 8
+    ways)."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     return {**os.environ, "XLA_FLAGS": " ".join(flags)}
