@@ -6,8 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LAKE   ?= lake
 WORKDIR ?= runs/digits_cnn
-# pytest-xdist workers for `make test`: one per visible CPU, at most 4 (each holds jax with 8 simulated devices)
-TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+# pytest-xdist workers for `make test`: one per usable CPU, at most 4 (each holds jax with 8 simulated devices)
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(); print(max(1, min(4, n or 1)))")
 
 .PHONY: run test lint clean
 
