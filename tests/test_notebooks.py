@@ -31,6 +31,9 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any(o.get("output_type") == "stream" for o in outputs)
+    if path.stem == "quickstart":  # the kernel saw one device (kernel_env), as a laptop's or Colab's CPU runtime
+        printed = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+        assert "devices: [CpuDevice(id=0)]\n" in printed
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # quickstart: learning curves, confusion matrix, robustness curve; research: the runs' curves (+ a Markdown table);

@@ -20,7 +20,7 @@ class ServeConfig:
     with the event loop, decoding one huge body yields the core to the small requests behind it (head-of-line). The
     default, 19 (the lowest priority), is for latency: on one shared core it gave a lower small-request p99 beside
     inflating gzip bodies than 10 did (1.52x and 1.65x the unloaded p99 vs 1.89x and 1.86x in two pairs of runs of
-    ``scripts/bench_serve_peers.py --repeats 1 --gzip-repeats 7``), at about 10% fewer large bodies served meanwhile.
+    ``scripts/bench_serve_peers.py --repeats 1 --gzip-repeats 7``), at 10-15% fewer large bodies served meanwhile.
 
     ``follow``: models loaded from a registry stage follow it, polled every ``follow_interval_s``; ``canary``
     ("STAGE:PERCENT") and ``shadow`` ("STAGE") add a version that answers a share of requests, or only mirrors them
