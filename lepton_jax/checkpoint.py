@@ -7,12 +7,20 @@ restores it alone, without optimizer state), the input iterator's state (``data`
 ``co_flagged`` true in its metrics (catastrophic overfitting suspected), without metrics or with a non-finite best
 metric (NaN: a diverged run) is never *best*, but it stays on disk while it is one of the latest N. Orbax writes each
 step into a temporary directory and renames it when complete, so a crash mid-save leaves earlier steps restorable.
+
+In one process, an asynchronous save takes the caller's thread only for a device copy of the items: Orbax's blocking
+part (device-to-host copy, directories, starting its commit threads) and the parameter digests run on a background
+thread over that copy, so a training loop goes on (and donates the state to its next step) at once. The copy holds
+one extra device copy of the items until Orbax has them on the host. Every other method first waits for that thread
+and re-raises what failed there. With several processes Orbax synchronises them with device collectives, whose order
+must match on every process, so there the save stays on the caller's thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,16 @@ class Checkpointer:
             create=create,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # one background thread for Orbax's blocking part of an async save (see the module docstring)
+        self._saver = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-checkpoint")
+                       if async_save and jax.process_count() == 1 else None)
+        self._pending: Future | None = None
+
+    def _join(self) -> None:
+        """Waits for the background save in flight, if any, and re-raises what failed there."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _score(self, metrics: dict[str, Any] | None) -> float:
         """Higher is better; -inf for steps that may not be best (no metric, a NaN or infinite one -- a diverged
@@ -71,23 +89,35 @@ class Checkpointer:
         would. A step already on disk is not written again (returns False; True when this call saved it)."""
         if PARAMS not in items:
             raise CheckpointError(f"checkpoint items must include {PARAMS!r}, got {sorted(items)}")
+        self._join()
         if step in self.manager.all_steps():
             return False
+        clean = None if metrics is None else {k: (bool(v) if isinstance(v, bool | np.bool_) else float(v))
+                                              for k, v in metrics.items()}
+        if self._saver is None:
+            self._save(step, items, clean, data_state)
+        else:  # the caller may donate or delete its arrays as soon as this returns: Orbax gets copies
+            copies = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array | np.ndarray) else x, items)
+            self._pending = self._saver.submit(self._save, step, copies, clean, data_state)
+        return True
+
+    def _save(self, step: int, items: dict[str, Any], metrics: dict[str, Any] | None,
+              data_state: dict[str, Any] | None) -> None:
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         args[DATA] = ocp.args.JsonSave(data_state or {})
         args[DIGESTS] = ocp.args.JsonSave(param_digests(items[PARAMS]))
-        clean = None if metrics is None else {k: (bool(v) if isinstance(v, bool | np.bool_) else float(v))
-                                              for k, v in metrics.items()}
-        self.manager.save(step, args=ocp.args.Composite(**args), metrics=clean)
-        return True
+        self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics)
 
     def steps(self) -> list[int]:
+        self._join()
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._join()
         return self.manager.latest_step()
 
     def metrics(self, step: int) -> dict[str, Any] | None:
+        self._join()
         try:
             return self.manager.metrics(step)
         except (FileNotFoundError, ValueError, KeyError):
@@ -112,7 +142,7 @@ class Checkpointer:
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Restores ``abstract_items`` (a dict of abstract pytrees, shardings included) and the data iterator state
         at ``step`` (default: latest)."""
-        step = self.manager.latest_step() if step is None else step
+        step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         restored = self._restore(step, dict(abstract_items), data=True)
@@ -120,6 +150,7 @@ class Checkpointer:
         return restored, dict(data or {})
 
     def _restore(self, step: int, abstract_items: dict[str, Any], data: bool = False) -> dict[str, Any]:
+        self._join()
         args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
         args[DIGESTS] = ocp.args.JsonRestore()
         if data:
@@ -149,6 +180,7 @@ class Checkpointer:
                                   "do not match the digests written at save time")
 
     def resolve_step(self, step: int | None) -> int:
+        self._join()
         if step is None:
             step = self.best_step() or self.latest_step()
         if step is None:
@@ -159,11 +191,17 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
+        """Returns when every save so far is on disk (re-raising what failed in one)."""
+        self._join()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            if self._saver is not None:
+                self._saver.shutdown()
 
 
 def from_config(directory: str | Path, checkpoint_config: Any, **kwargs: Any) -> Checkpointer:

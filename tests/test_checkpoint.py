@@ -82,3 +82,38 @@ def test_a_damaged_latest_checkpoint_names_the_step_to_fall_back_to(tmp_path):
     items, _ = Checkpointer(tmp_path, keep_latest=2, keep_best=0, async_save=False).restore(abstract)
     assert int(items["train"]["step"]) == 5
     ckpt.close()
+
+
+def test_an_async_save_runs_off_the_callers_thread_and_survives_the_donation_of_its_arrays(tmp_path):
+    """The loop donates the state to its next step as soon as ``save`` returns: the checkpoint must hold the values
+    passed, although the caller's arrays are deleted at once (a background save of the originals would fail), and
+    Orbax's blocking part must run on another thread (the time the loop no longer waits)."""
+    import threading
+
+    import jax
+    import numpy as np
+
+    ckpt = Checkpointer(tmp_path, keep_latest=2, keep_best=0, best_metric=None)
+    threads = []
+    orbax_save = ckpt.manager.save
+    ckpt.manager.save = lambda *a, **k: (threads.append(threading.current_thread()), orbax_save(*a, **k))[1]
+    items = {"params": {"w": jnp.arange(4.0) * 3}, "train": {"step": jnp.int32(7)}}
+    assert ckpt.save(7, items, {"dev_accuracy": 0.5}, data_state={"position": 3})
+    for leaf in jax.tree.leaves(items):
+        leaf.delete()  # what donating the state to the next step does to the caller's arrays
+    assert ckpt.latest_step() == 7  # waits for the background save
+    assert threads and threads[0] is not threading.main_thread()
+    restored, data = ckpt.restore({"params": {"w": jnp.zeros(4)}, "train": {"step": jnp.int32(0)}})
+    np.testing.assert_array_equal(restored["params"]["w"], np.arange(4.0) * 3)
+    assert int(restored["train"]["step"]) == 7 and data == {"position": 3}
+    ckpt.close()
+
+
+def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path):
+    """An error on the save thread is not lost: the next method called on the checkpointer raises it."""
+    ckpt = Checkpointer(tmp_path, keep_latest=2, keep_best=0, best_metric=None)
+    ckpt.manager.save = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    assert ckpt.save(1, {"params": {"w": jnp.ones(2)}})
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.wait()
+    ckpt.wait()  # raised once

@@ -15,8 +15,8 @@ restore, the final report) the CLI's :func:`lepton_jax.signals.raise_on_signals`
 Off the critical path: input batches are prepared and placed on devices in a background thread
 (:mod:`lepton_jax.train.prefetch`), logged metrics are copied to the host asynchronously and read one step later
 (with the next step queued), their rows are written (JSON line, TensorBoard, W&B, the learning rate, which is a
-device computation queued behind the running steps) by a writer thread, and checkpoints are written asynchronously
-by Orbax.
+device computation queued behind the running steps) by a writer thread, and a checkpoint costs the loop a device copy
+of the state (in one process; :mod:`lepton_jax.checkpoint`): Orbax saves it from a background thread.
 """
 
 from __future__ import annotations
