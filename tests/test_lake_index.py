@@ -124,3 +124,30 @@ def test_table_rows_held_by_their_keys_load_a_fragment_only_on_a_match_and_a_pre
         index.add_table_keys(prefix_keys(frags[2]), "train", loader(2))  # a fragment added after lookups
         assert index.record(int(index.lookup(frags[2][[19]])[0])).label == 2
         assert dict(index.splits_of()) == {"train": 120, "test": 50}
+
+
+def test_table_lookups_are_exact_whether_they_scan_the_table_keys_or_sort_them(tmp_path):
+    """The first lookups scan the table's keys through a bitmap of the probes' low bits, later ones sort them
+    (``SCANS_BEFORE_SORT``): both find exactly the table's rows, whatever shares a key's low bits (bitmap false
+    positives) or its whole 8-byte prefix (a collision)."""
+    from lepton_jax.lake.index import SCAN_BITS, SCANS_BEFORE_SORT
+
+    rng = np.random.default_rng(11)
+    frags = [rng.integers(0, 256, (n, 32), dtype=np.uint8) for n in (300, 200)]
+    where = {frags[k][i].tobytes(): (k, i) for k in range(2) for i in range(len(frags[k]))}
+    with HashIndex(tmp_path) as index:
+        for k in range(2):
+            index.add_table_keys(prefix_keys(frags[k]), "train", lambda k=k: (frags[k], np.full(len(frags[k]), k)))
+        for lookup in range(SCANS_BEFORE_SORT + 3):
+            hits = frags[lookup % 2][rng.choice(len(frags[lookup % 2]), 8, replace=False)]
+            low_bits = hits.copy()  # same low SCAN_BITS bits of the key (its last bytes), another key
+            low_bits[:, 8 - (SCAN_BITS + 7) // 8 - 1] ^= 0x5A
+            prefix = hits.copy()  # same 8-byte key, another hash
+            prefix[:, 31] ^= 0x01
+            probes = np.concatenate([hits, low_bits, prefix, rng.integers(0, 256, (8, 32), dtype=np.uint8)])
+            got = index.lookup(probes)
+            assert (got[8:] == -1).all(), lookup
+            for probe, number in zip(hits, got[:8], strict=True):
+                k, _ = where[probe.tobytes()]
+                assert number >= 0 and index.record(int(number)).label == k, lookup
+        assert index._table_sorted is not None  # the later lookups took the sorted path

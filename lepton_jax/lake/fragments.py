@@ -40,6 +40,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 # bytes of the temporaries per block of the statistics: few blocks, so a thread computing them while another holds
 # the GIL (hashing rows) waits for it a few times, not once per small block
 MOMENT_BLOCK_BYTES = 2**25
+BYTE_MOMENT_BLOCK = 2**20  # values per block of the 1-byte statistics (_byte_moments): a 2 MiB scratch array
 KEYS_CACHE_BYTES = 256 * 2**20  # a process's cache of fragments' row hashes and labels (fragment_keys)
 # (storage, table, fragment, row-hash digest, label digest) -> (row hashes, labels or None), least recently used first
 _keys: collections.OrderedDict[tuple, tuple[np.ndarray, np.ndarray | None]] = collections.OrderedDict()
@@ -103,31 +104,48 @@ def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dic
 
 def _moments(value: np.ndarray) -> dict[str, Any]:
     """count/sum/sumsq/min/max of every value, in bounded memory (temporaries of :data:`MOMENT_BLOCK_BYTES` per
-    block): exact integer sums for integers of up to 16 bits, float64 otherwise."""
+    block; 1-byte values: :func:`_byte_moments`): exact integer sums for integers of up to 16 bits, float64
+    otherwise."""
     flat = value.reshape(-1)
     exact = flat.dtype == np.bool_ or (np.issubdtype(flat.dtype, np.integer) and flat.dtype.itemsize <= 2)
     total, squares = 0, 0
     fsum, fsq = 0.0, 0.0
-    step = MOMENT_BLOCK_BYTES // (2 if exact and flat.dtype.itemsize == 1 else 8)
-    for start in range(0, flat.size, step):
-        block = flat[start:start + step]
-        if exact and flat.dtype.itemsize == 1:  # squares fit 16 bits: one 16-bit temporary, squared in place
-            v = block.astype(np.int16 if flat.dtype == np.int8 else np.uint16)
-            total += int(np.add.reduce(v, dtype=np.int64))
-            squares += int(np.add.reduce(np.multiply(v, v, out=v), dtype=np.int64))
-        elif exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
-            v = block.astype(np.int64)
-            total += int(v.sum())
-            squares += int((v * v).sum())
-        else:
-            v = block.astype(np.float64)
-            fsum += float(v.sum())
-            fsq += float(v @ v)
+    if exact and flat.dtype.itemsize == 1:
+        total, squares = _byte_moments(flat)
+    else:
+        step = MOMENT_BLOCK_BYTES // 8
+        for start in range(0, flat.size, step):
+            block = flat[start:start + step]
+            if exact:  # not a BLAS dot: OpenBLAS's threads would take the other cores (and spin) for little gain
+                v = block.astype(np.int64)
+                total += int(v.sum())
+                squares += int((v * v).sum())
+            else:
+                v = block.astype(np.float64)
+                fsum += float(v.sum())
+                fsq += float(v @ v)
     out = {"count": int(flat.size), "sum": float(total) if exact else fsum,
            "sumsq": float(squares) if exact else fsq, "min": float(flat.min()), "max": float(flat.max())}
     if value.ndim == 2:  # a tabular array (one axis per example): per-column partials too
         out["columns"] = _column_moments(value)
     return out
+
+
+def _byte_moments(flat: np.ndarray) -> tuple[int, int]:
+    """Exact sum and sum of squares of 1-byte values, in cache-sized blocks through one reused 16-bit scratch array
+    (about twice as fast as blocks of :data:`MOMENT_BLOCK_BYTES`); a block's sum is reduced in 32 bits (exact:
+    at most 2**20 * 255), its squares in 64."""
+    signed = flat.dtype == np.int8
+    scratch = np.empty(min(flat.size, BYTE_MOMENT_BLOCK), dtype=np.int16 if signed else np.uint16)
+    narrow, wide = (np.int32, np.int64) if signed else (np.uint32, np.uint64)
+    total, squares = 0, 0
+    for start in range(0, flat.size, BYTE_MOMENT_BLOCK):
+        block = flat[start:start + BYTE_MOMENT_BLOCK]
+        v = scratch[:block.size]
+        np.copyto(v, block, casting="unsafe")
+        total += int(np.add.reduce(v, dtype=narrow))
+        squares += int(np.add.reduce(np.multiply(v, v, out=v), dtype=wide))
+    return total, squares
 
 
 def _column_moments(value: np.ndarray) -> dict[str, list[float]]:
@@ -252,15 +270,18 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
                 crash_point("array")
             entry["arrays"][name] = _array_entry(storage, rel, name, value, keys[name], digest)
         stats = partial_stats(named, label_array)
-    else:  # every array's shards in flight at once; the statistics and digests computed while TensorStore writes
+    else:  # every array's shards in flight at once; digests and statistics computed while TensorStore writes
         writes: dict[str, arrays.PendingWrite] = {}
         try:
             for name, value in named.items():
                 writes[name] = arrays.start_write(storage, keys[name], value, target_shard_bytes=target_shard_bytes,
                                                   compression=compression)
+            digests = {name: arrays.content_digest(value) for name, value in named.items()}  # sha256: without GIL
+            if callable(hashes):  # the statistics (many numpy calls) wait for the caller's row hashing, which holds
+                hashes = hashes()  # the GIL: after it they have the GIL to themselves (measured 53 ms, not ~240)
             stats = partial_stats(named, label_array)
             for name, value in named.items():
-                digest = writes[name].finish(arrays.content_digest(value))
+                digest = writes[name].finish(digests[name])
                 entry["arrays"][name] = _array_entry(storage, rel, name, value, keys[name], digest)
         except BaseException:
             for write in writes.values():  # nothing may still write into the fragment once this returns

@@ -10,8 +10,9 @@ confirmed against the full hash in the record file, so the check is exact. Memor
 being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the hashes the
 table already holds by their 8-byte prefixes alone (:meth:`HashIndex.add_table_keys`; a fragment's full row hashes
 and labels are loaded only when one of its keys matches a lookup), so appended data is checked against the table as
-well as against itself; those are not copied to disk (their keys in memory, in row order and sorted: 16 bytes per row;
-records made on demand), so an append writes what it adds and reads a quarter of the table's row hashes.
+well as against itself; those are not copied to disk (their keys in memory, in row order: 8 bytes per row, 16 once a
+fifth lookup sorts them; records made on demand), so an append writes what it adds and reads a quarter of the
+table's row hashes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import numpy as np
 TABLE, NEW, CONFLICT = 0, 1, 2  # where a hash's kept copy lives: the table already, this ingest, or nowhere (conflict)
 MEMORY_RUN = 2**16  # entries gathered in memory (1 MiB) before they become a run on disk
 MAX_RUN = 2**21  # entries of the largest sorted run (32 MiB on disk; a merge holds about three times that)
+SCANS_BEFORE_SORT = 4  # lookups that scan the table's keys before they are sorted (see HashIndex._table_matches)
+SCAN_BITS = 20  # the probes' bitmap in a scan: 2**20 booleans (1 MiB: in a core's cache)
 TABLE_BASE = 1 << 48  # record numbers from here name the table's rows (add_table), not records on disk
 _NO_ID, _ID_FILE = -1, -2  # where a record's id comes from: "example <source>", the id file, or a lazy sequence (>= 0)
 RECORD = np.dtype([("h", "V32"), ("label", "<i8"), ("source", "<i8"), ("id_pos", "<i8"), ("fragment", "<i4"),
@@ -85,7 +88,8 @@ class HashIndex:
         self._table_starts: list[int] = []
         self._table_n = 0
         self._table_keys: list[np.ndarray] = []  # each block's keys, in row order
-        self._table_sorted: np.ndarray | None = None  # all of them sorted (made at the first lookup after an add)
+        self._table_sorted: np.ndarray | None = None  # all of them sorted (see _table_matches)
+        self._table_scans = 0  # lookups that scanned the table's keys (see _table_matches)
         self._table_conflicts: set[int] = set()
 
     def lookup(self, hashes: np.ndarray) -> np.ndarray:
@@ -169,30 +173,53 @@ class HashIndex:
         self._runs.append((path, run.shape[1]))
 
     def _lookup_table(self, hashes: np.ndarray, keys: np.ndarray, sorted_keys: np.ndarray, out: np.ndarray) -> None:
-        """Sets ``out[i]`` to the table record holding ``hashes[i]``, if any. The table's keys are sorted without
-        their record numbers (a plain sort, a third of an argsort's time); the few keys a probe matches are found
-        in row order by one pass over the table's keys."""
+        """Sets ``out[i]`` to the table record holding ``hashes[i]``, if any (prefix matches from
+        :meth:`_table_matches`, each confirmed against the fragment's full hash)."""
         if not self._table_n:
             return
+        matches = self._table_matches(sorted_keys)
+        if not any(m.size for m in matches):  # the usual case: no appended row is in the table
+            return
+        matched = np.concatenate([block[m] for block, m in zip(self._table_keys, matches, strict=True)])
+        probes: dict[int, list[int]] = {}
+        for i in np.flatnonzero(np.isin(keys, matched)):
+            probes.setdefault(int(keys[i]), []).append(int(i))
+        start = 0
+        for block, rows in zip(self._table_keys, matches, strict=True):
+            for j in rows:
+                rec = TABLE_BASE + start + int(j)
+                for i in probes[int(block[j])]:
+                    if out[i] < 0 and self._read(rec)["h"].tobytes() == hashes[i].tobytes():
+                        out[i] = rec
+            start += block.shape[0]
+
+    def _table_matches(self, sorted_keys: np.ndarray) -> list[np.ndarray]:
+        """For each table block, the rows whose key is one of ``sorted_keys`` (sorted). The first
+        :data:`SCANS_BEFORE_SORT` lookups scan the table's keys once each, in row order, through a bitmap of the
+        probes' low bits (an append's one or few lookups never sort the table: a scan costs a few passes over the
+        keys, a sort about twenty); later ones sort the table's keys once and binary-search them."""
+        if self._table_sorted is None and self._table_scans < SCANS_BEFORE_SORT:
+            self._table_scans += 1
+            low = np.uint64((1 << SCAN_BITS) - 1)
+            probed = np.zeros(1 << SCAN_BITS, dtype=bool)
+            probed[(sorted_keys & low).astype(np.intp)] = True
+            matches = []
+            for block in self._table_keys:
+                rows = np.flatnonzero(probed[(block & low).astype(np.intp)])  # ~ len(probes) / 2**SCAN_BITS false
+                if rows.size:
+                    at = np.searchsorted(sorted_keys, block[rows]).clip(max=sorted_keys.shape[0] - 1)
+                    rows = rows[sorted_keys[at] == block[rows]]
+                matches.append(rows)
+            return matches
         if self._table_sorted is None:
             self._table_sorted = np.sort(np.concatenate(self._table_keys))
         table = self._table_sorted
         lo = np.searchsorted(table, sorted_keys, "left")
         found = lo < table.shape[0]
         found[found] = table[lo[found]] == sorted_keys[found]
-        if not found.any():  # the usual case: no appended row is in the table
-            return
-        probes: dict[int, list[int]] = {}
-        for i in np.flatnonzero(np.isin(keys, sorted_keys[found])):
-            probes.setdefault(int(keys[i]), []).append(int(i))
-        start = 0
-        for block in self._table_keys:
-            for j in np.flatnonzero(np.isin(block, sorted_keys[found])):  # prefix matches
-                rec = TABLE_BASE + start + int(j)
-                for i in probes[int(block[j])]:
-                    if out[i] < 0 and self._read(rec)["h"].tobytes() == hashes[i].tobytes():
-                        out[i] = rec
-            start += block.shape[0]
+        if not found.any():
+            return [np.zeros(0, dtype=np.intp) for _ in self._table_keys]
+        return [np.flatnonzero(np.isin(block, sorted_keys[found])) for block in self._table_keys]
 
     def _sorted_runs(self) -> Iterator[np.ndarray | None]:
         """The in-memory run and each run on disk (mapped), one at a time."""
@@ -221,7 +248,7 @@ class HashIndex:
         self._table.append([n, load, None, self._splits.index(split)])
         self._table_starts.append(self._table_n)
         self._table_keys.append(keys)
-        self._table_sorted = None  # sorted again, with these keys, at the next lookup
+        self._table_sorted, self._table_scans = None, 0  # scanned or sorted again, with these keys, from now on
         self._table_n += n
 
     def _read(self, number: int) -> np.ndarray:
