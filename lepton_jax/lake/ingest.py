@@ -168,16 +168,20 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
             # on a local lake the index lives in the commit's own directory: removed when the ingest ends, and a
             # SIGKILLed ingest's index is collected with the rest of its data by gc; on an object store it is a
             # local temp directory
-            with HashIndex(commit_dir) as index:
-                if appending:
-                    index_table(index, base)
+            with HashIndex(commit_dir) as index, ThreadPoolExecutor(1, thread_name_prefix="lake-index") as loader:
+                # an append's index of the table's keys loads (reads, checks) while the first chunk is processed
+                indexed = loader.submit(index_table, index, base) if appending else None
                 state = Driver(lake, table, commit_id, index, base if appending else None)
                 # closed before the data is discarded on a failure: no worker may still write into it then
                 with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on,
                                   pool)) as results:
                     for result in results:
+                        if indexed is not None:
+                            indexed, _ = None, indexed.result()
                         state.add(result)
                         renew_lease()
+                if indexed is not None:  # a source with no chunk
+                    indexed.result()
                 plan = state.finish()
             result = _commit(lake, table, source, plan, base, appending, split_params, labeller_spec, retries,
                              allow_schema_change)
