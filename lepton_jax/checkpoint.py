@@ -13,7 +13,8 @@ part (device-to-host copy, directories, starting its commit threads) and the par
 thread over that copy, so a training loop goes on (and donates the state to its next step) at once. The copy holds
 one extra device copy of the items until Orbax has them on the host. Every other method first waits for that thread
 and re-raises what failed there. With several processes Orbax synchronises them with device collectives, whose order
-must match on every process, so there the save stays on the caller's thread.
+must match on every process, so there the save stays on the caller's thread; ``background=False``
+(``checkpoint.background_copy = False``: a state too large to copy on the device) keeps it there too.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, keep_latest: int = 2, keep_best: int = 1,
                  best_metric: str | None = "dev_accuracy", best_mode: str = "max", async_save: bool = True,
-                 create: bool = True):
+                 create: bool = True, background: bool = True):
         if best_mode not in ("max", "min"):
             raise CheckpointError(f"checkpoint.best_mode must be 'max' or 'min', got {best_mode!r}")
         self.directory = Path(directory).resolve()
@@ -62,7 +63,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         # one background thread for Orbax's blocking part of an async save (see the module docstring)
         self._saver = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="lepton-checkpoint")
-                       if async_save and jax.process_count() == 1 else None)
+                       if async_save and background and jax.process_count() == 1 else None)
         self._pending: Future | None = None
 
     def _join(self) -> None:
@@ -208,7 +209,7 @@ def from_config(directory: str | Path, checkpoint_config: Any, **kwargs: Any) ->
     """A :class:`Checkpointer` with the retention a config's ``checkpoint`` section asks for."""
     c = checkpoint_config
     return Checkpointer(directory, keep_latest=c.keep_latest, keep_best=c.keep_best, best_metric=c.best_metric,
-                        best_mode=c.best_mode, **kwargs)
+                        best_mode=c.best_mode, background=c.get("background_copy", True), **kwargs)
 
 
 def open_checkpoints(directory: str | Path, best_metric: str | None = "dev_accuracy",

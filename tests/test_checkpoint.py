@@ -117,3 +117,22 @@ def test_a_failed_background_save_is_raised_by_the_next_call(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         ckpt.wait()
     ckpt.wait()  # raised once
+
+
+def test_background_copy_off_in_the_config_saves_on_the_callers_thread(tmp_path):
+    """``checkpoint.background_copy = False`` (a state too large for a second copy on the device): Orbax's save runs
+    on the caller's thread, with no device copy; the base config's default is the background save."""
+    import threading
+
+    from lepton_jax.checkpoint import from_config
+    from lepton_jax.config import load_config
+
+    config = load_config("configs/digits_cnn.py", ["checkpoint.background_copy=False"])
+    assert load_config("configs/digits_cnn.py").checkpoint.background_copy is True
+    ckpt = from_config(tmp_path, config.checkpoint)
+    threads = []
+    orbax_save = ckpt.manager.save
+    ckpt.manager.save = lambda *a, **k: (threads.append(threading.current_thread()), orbax_save(*a, **k))[1]
+    _save(ckpt, 3, {"dev_accuracy": 0.5})
+    assert threads == [threading.current_thread()]
+    ckpt.close()

@@ -89,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.keep_best = 1  # plus the best K by best_metric (kept independently of the latest N)
     config.checkpoint.best_metric = "dev_accuracy"  # any metric logged at evaluation (robust: dev_pgd_accuracy)
     config.checkpoint.best_mode = "max"  # max | min
+    # one process: a save costs the loop a device copy of the state, and Orbax writes it from a background thread;
+    # False: the loop waits for Orbax's blocking part instead (no extra device memory for a very large state)
+    config.checkpoint.background_copy = True
 
     config.edge = ml_collections.ConfigDict()  # edge training (local SGD / DiLoCo) when nodes > 1
     config.edge.nodes = 1  # replicas, one per device (mesh axis 'nodes'), within or across processes; 1 = off
