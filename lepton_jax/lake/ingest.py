@@ -177,7 +177,8 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
                                   pool)) as results:
                     for result in results:
                         if indexed is not None:
-                            indexed, _ = None, indexed.result()
+                            indexed.result()
+                            indexed = None
                         state.add(result)
                         renew_lease()
                 if indexed is not None:  # a source with no chunk
