@@ -6,6 +6,16 @@ import pytest
 from lepton_jax.checkpoint import Checkpointer
 
 
+def _orbax_save_threads(ckpt):
+    """A list that each call of Orbax's ``CheckpointManager.save`` appends its thread to."""
+    import threading
+
+    threads = []
+    orbax_save = ckpt.manager.save
+    ckpt.manager.save = lambda *a, **k: (threads.append(threading.current_thread()), orbax_save(*a, **k))[1]
+    return threads
+
+
 def _save(ckpt, step, metrics):
     ckpt.save(step, {"params": {"w": jnp.full((3,), float(step))}, "train": {"step": jnp.int32(step)}}, metrics)
 
@@ -94,9 +104,7 @@ def test_an_async_save_runs_off_the_callers_thread_and_survives_the_donation_of_
     import numpy as np
 
     ckpt = Checkpointer(tmp_path, keep_latest=2, keep_best=0, best_metric=None)
-    threads = []
-    orbax_save = ckpt.manager.save
-    ckpt.manager.save = lambda *a, **k: (threads.append(threading.current_thread()), orbax_save(*a, **k))[1]
+    threads = _orbax_save_threads(ckpt)
     items = {"params": {"w": jnp.arange(4.0) * 3}, "train": {"step": jnp.int32(7)}}
     assert ckpt.save(7, items, {"dev_accuracy": 0.5}, data_state={"position": 3})
     for leaf in jax.tree.leaves(items):
@@ -130,9 +138,7 @@ def test_background_copy_off_in_the_config_saves_on_the_callers_thread(tmp_path)
     config = load_config("configs/digits_cnn.py", ["checkpoint.background_copy=False"])
     assert load_config("configs/digits_cnn.py").checkpoint.background_copy is True
     ckpt = from_config(tmp_path, config.checkpoint)
-    threads = []
-    orbax_save = ckpt.manager.save
-    ckpt.manager.save = lambda *a, **k: (threads.append(threading.current_thread()), orbax_save(*a, **k))[1]
+    threads = _orbax_save_threads(ckpt)
     _save(ckpt, 3, {"dev_accuracy": 0.5})
     assert threads == [threading.current_thread()]
     ckpt.close()
