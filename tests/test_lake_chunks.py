@@ -6,13 +6,14 @@ import hashlib
 
 import numpy as np
 import pytest
+import xxhash
 
 from lepton_jax.lake.chunks import _label
-from lepton_jax.lake.fragments import row_hashes
+from lepton_jax.lake.fragments import row_checks, row_hashes
 from lepton_jax.lake.sources import SourceData
 
 
-def test_row_hashes_are_sha256_of_each_rows_bytes_in_sorted_array_order():
+def test_row_hashes_and_checks_are_sha256_and_xxh3_of_each_rows_bytes_in_sorted_array_order():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(50, 3, 4), dtype=np.uint8)
     a = rng.random((50, 2))
@@ -22,6 +23,12 @@ def test_row_hashes_are_sha256_of_each_rows_bytes_in_sorted_array_order():
         assert one[i].tobytes() == hashlib.sha256(x[i].tobytes()).digest()
         assert two[i].tobytes() == hashlib.sha256(a[i].tobytes() + x[i].tobytes()).digest()  # "a" sorts first
     assert row_hashes({"x": x[:0]}).shape == (0, 32)
+    # the reads' row checks: xxh3-64 of the same bytes, as uint64
+    assert row_checks({"x": x, "label": np.zeros(50, np.int32)}).tolist() == [
+        xxhash.xxh3_64_intdigest(x[i].tobytes()) for i in range(50)]
+    assert row_checks({"x": x, "a": a}).tolist() == [
+        xxhash.xxh3_64_intdigest(a[i].tobytes() + x[i].tobytes()) for i in range(50)]
+    assert row_checks({"x": x[:0]}).shape == (0,)
 
 
 @pytest.mark.parametrize("label_map", [None, {"cat": "animal", "dog": "animal", "car": "thing"}, {"cat": "c"}])

@@ -179,6 +179,41 @@ def test_a_byte_flipped_after_first_touch_fails_every_read_path(tmp_path):
     assert [p.path for p in tv.lake.verify()] == [where]
 
 
+def test_reads_compare_rows_with_their_row_checks_and_older_fragments_with_their_row_hashes(tmp_path):
+    """A fragment stores the xxh3-64 of every row (``_rows.xxh3``, its digest in the record), and the fast path
+    compares each row it returns with it; a fragment recorded without row checks (written before them) is still
+    checked, against its sha256 row hashes; a changed row-check file is named by the read and by `lake verify`."""
+    import xxhash
+
+    from lepton_jax.lake.read import SplitReader
+
+    tv, meta, base = _raw_table(tmp_path)
+    frag = tv.fragments("train")[0]
+    images = _reader(tv, "train").read(slice(None))["image"]
+    checks_file = tmp_path / "lake" / "t" / frag["row_checks"]["path"]
+    assert frag["row_checks"]["hash"] == "xxh3_64"
+    assert np.frombuffer(checks_file.read_bytes(), "<u8").tolist() == [
+        xxhash.xxh3_64_intdigest(images[i].tobytes()) for i in range(len(images))]
+    older = {**tv.record["splits"]["train"], "fragments": [{k: v for k, v in frag.items() if k != "row_checks"}]}
+
+    def reader_of_older():
+        r = SplitReader(tv.lake.root, "t", tv.version, "train", older)
+        r.SMALL_ARRAY_BYTES = 4096
+        return r
+
+    idx = np.array([10, 3, 10, 59])
+    assert np.array_equal(reader_of_older().read(idx)["image"], images[idx])
+    _flip(base / "c/1/0/0/0", 100)  # a data byte of example 10
+    where = f"{meta['path']}/c/1/0/0/0"
+    _one_line_error(lambda: _reader(tv, "train").read(idx), where, "row checks")
+    _one_line_error(lambda: reader_of_older().read(idx), where, "row hashes")
+    _flip(base / "c/1/0/0/0", 100)  # restored
+    assert np.array_equal(_reader(tv, "train").read(idx)["image"], images[idx])
+    _flip(checks_file, 3)
+    _one_line_error(lambda: _reader(tv, "train").read(idx), frag["row_checks"]["path"], "digest")
+    assert [p.path for p in tv.lake.verify()] == [frag["row_checks"]["path"]]
+
+
 def test_corrupt_shard_index_crc32c_and_misplaced_chunks_are_detected(tmp_path):
     tv, meta, base = _raw_table(tmp_path)
     layout = rawshards.open_raw(base, meta["files"], str(base)).layout

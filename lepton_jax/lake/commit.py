@@ -196,8 +196,9 @@ class Committing:
         for frag in (f for g in groups for f in g if f["path"].startswith(prefix)):
             for meta in frag["arrays"].values():
                 files += [(f"{meta['path']}/{rel}", int(info["bytes"])) for rel, info in meta.get("files", {}).items()]
-            if frag.get("row_hashes"):
-                files.append((frag["row_hashes"]["path"], int(frag["row_hashes"]["bytes"])))
+            for side in ("row_hashes", "row_checks"):
+                if frag.get(side):
+                    files.append((frag[side]["path"], int(frag[side]["bytes"])))
         if quarantine.get("entries", {}).get("path", "").startswith(prefix):
             files.append((quarantine["entries"]["path"], int(quarantine["entries"]["bytes"])))
         if not files:

@@ -2,13 +2,17 @@
 
 A fragment is a set of zarr v3 arrays that share axis 0 (one logical slice of a split), written once under
 ``data/<commit-id>/<split>/<fragment>/<array>/``, plus ``_rows.sha256``: the sha256 of every row's content (its
-non-label arrays, in sorted name order), 32 raw bytes per row. A split of a version is the concatenation of its
+non-label arrays, in sorted name order), 32 raw bytes per row, and ``_rows.xxh3``: the xxh3-64 of the same bytes,
+8 bytes per row. A split of a version is the concatenation of its
 fragments in the order the record lists them. Records name fragments by their path relative to the table, never by
 listing a directory, so the same record works on a filesystem and on an object store.
 
 The row hashes serve three things without reading the data: the exact-dedup and leak index of an append (what does
 the table already hold?), the split's logical ``content_sha256`` (independent of how rows are cut into fragments, so
 compaction provably keeps it), and per-fragment statistics partials that combine exactly into version statistics.
+The row checks (xxh3-64, about 6x cheaper per row than sha256) serve one thing: a reader compares every row it
+returns with them (:class:`~lepton_jax.lake.read.SplitReader`), so reads verify every byte at a fraction of the cost
+of re-hashing with sha256. Fragments written before them are checked against their row hashes instead.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
@@ -31,6 +36,8 @@ from lepton_jax.lake.faults import armed, crash_point
 from lepton_jax.lake.storage import Storage
 
 ROW_HASHES = "_rows.sha256"
+ROW_CHECKS = "_rows.xxh3"
+ROW_CHECK_HASH = "xxh3_64"  # the hash the record names for the row checks (readers ignore checks of another name)
 KEY_BYTES = 8  # a row hash's prefix an append's index holds per table row (the rest is read on a prefix match)
 KEYS_FIRST = "keys-first"  # the hash file's layout: every row's first KEY_BYTES bytes, then the rest of each
 CHAIN_ROWS = 64  # rows per link of a split's content chain (content_chain)
@@ -69,11 +76,9 @@ def check_name(kind: str, name: str) -> str:
 
 def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
     """``(n, 32)`` uint8: sha256 of each row's bytes over the non-label arrays in sorted name order."""
-    names = sorted(k for k in named if k != label_array)
-    n = int(next(iter(named.values())).shape[0])
+    n, flats = _row_bytes(named, label_array)
     if not n:
         return np.zeros((0, 32), dtype=np.uint8)
-    flats = [memoryview(np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8).reshape(-1)) for k in names]
     sha256 = hashlib.sha256
     if len(flats) == 1:  # one digest per slice of a memoryview, joined: no array per row
         rows, width = flats[0], len(flats[0]) // n
@@ -87,6 +92,34 @@ def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.nda
                 h.update(f[i * w:(i + 1) * w])
             digests.append(h.digest())
     return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy()
+
+
+def _row_bytes(named: dict[str, np.ndarray], label_array: str) -> tuple[int, list[memoryview]]:
+    """The number of rows and, per non-label array in sorted name order, its C-order bytes as one flat memoryview."""
+    names = sorted(k for k in named if k != label_array)
+    n = int(next(iter(named.values())).shape[0])
+    if not n:
+        return 0, []
+    return n, [memoryview(np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8).reshape(-1)) for k in names]
+
+
+def row_checks(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
+    """``(n,)`` uint64: xxh3-64 of each row's bytes (the bytes :func:`row_hashes` hashes), the reads' check."""
+    n, flats = _row_bytes(named, label_array)
+    if not n or not flats:
+        return np.full(n, xxhash.xxh3_64_intdigest(b""), np.uint64)
+    if len(flats) == 1:
+        rows, width = flats[0], len(flats[0]) // n
+        digest = xxhash.xxh3_64_intdigest
+        return np.fromiter((digest(rows[a:a + width]) for a in range(0, n * width, width)), np.uint64, n)
+    widths = [len(f) // n for f in flats]
+    out = np.empty(n, np.uint64)
+    for i in range(n):
+        h = xxhash.xxh3_64()
+        for f, w in zip(flats, widths, strict=True):
+            h.update(f[i * w:(i + 1) * w])
+        out[i] = h.intdigest()
+    return out
 
 
 def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dict[str, Any]:
@@ -260,6 +293,7 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     if len(set(sizes.values())) != 1:
         raise LakeError(f"fragment {rel}: arrays must share their first axis, got {sizes}")
     entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
+    checks = None
     keys = {name: f"{table}/{rel}/{check_name('array', name)}" for name in named}
     if crash and armed("shard", "array"):  # one array after the other, so the points fall where tests expect
         for k, (name, value) in enumerate(named.items()):
@@ -281,6 +315,7 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             # have it to themselves (100,000 rows of 28x28 bytes: 68 ms after the hashing, 237 ms beside it)
             if callable(hashes):
                 hashes = hashes()
+            checks = row_checks(named, label_array)
             stats = partial_stats(named, label_array)
             for name, value in named.items():
                 digest = writes[name].finish(digests[name])
@@ -293,6 +328,8 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
         hashes = hashes()
     hashes = np.ascontiguousarray(row_hashes(named, label_array) if hashes is None else hashes, dtype=np.uint8)
     entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
+    entry["row_checks"] = write_row_checks(storage, table, rel,
+                                           row_checks(named, label_array) if checks is None else checks)
     entry["stats"] = stats
     remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
@@ -315,6 +352,41 @@ def write_row_hashes(storage: Storage, table: str, rel: str, hashes: np.ndarray)
     storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
     return {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
             "layout": KEYS_FIRST, "keys_sha256": hashlib.sha256(keys).hexdigest()}
+
+
+def write_row_checks(storage: Storage, table: str, rel: str, checks: np.ndarray) -> dict[str, Any]:
+    """Writes fragment ``rel``'s row checks (:func:`row_checks`, 8 little-endian bytes per row) durably; returns
+    their record entry (the file's size and sha256, and the hash that made the checks)."""
+    payload = np.ascontiguousarray(checks, dtype="<u8").tobytes()
+    storage.write(f"{table}/{rel}/{ROW_CHECKS}", payload)
+    return {"path": f"{rel}/{ROW_CHECKS}", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+            "hash": ROW_CHECK_HASH}
+
+
+def read_row_checks(storage: Storage, table: str, frag: dict[str, Any]) -> np.ndarray | None:
+    """A fragment's ``(n,)`` uint64 row checks, the file checked against the record; None if the fragment has none
+    (written before them, or with a hash this code does not know)."""
+    meta = frag.get("row_checks")
+    if meta is None or meta.get("hash") != ROW_CHECK_HASH:
+        return None
+    data = _read_recorded(storage, table, meta, "row checks")
+    if len(data) != 8 * int(frag["num_examples"]):
+        raise LakeError(f"row checks {storage.describe(table + '/' + meta['path'])} hold {len(data) // 8} rows, "
+                        f"the fragment {frag['num_examples']}; run `lepton-jax lake verify`")
+    return np.frombuffer(data, "<u8").astype(np.uint64)
+
+
+def _read_recorded(storage: Storage, table: str, meta: dict[str, Any], what: str) -> bytes:
+    """The bytes of the file a record entry ``meta`` names (``path``, ``bytes``, ``sha256``), checked against it."""
+    key = f"{table}/{safe_relpath(meta['path'])}"
+    path = storage.describe(key)
+    try:
+        data = storage.read(key)
+    except OSError as e:
+        raise LakeError(f"{what} {path} are unreadable ({e}); run `lepton-jax lake verify`") from e
+    if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise LakeError(f"{what} {path} do not match the digest in their commit record")
+    return data
 
 
 def _array_entry(storage: Storage, rel: str, name: str, value: np.ndarray, key: str, digest: str) -> dict[str, Any]:
@@ -352,15 +424,7 @@ def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_ar
         named = {name: arrays.read(arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}"), path=m["path"])
                  for name, m in frag["arrays"].items()}
         return row_hashes(named, label_array)
-    key = f"{table}/{safe_relpath(meta['path'])}"
-    path = storage.describe(key)
-    try:
-        data = storage.read(key)
-    except OSError as e:
-        raise LakeError(f"row hashes {path} are unreadable ({e}); run `lepton-jax lake verify`") from e
-    if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-        raise LakeError(f"row hashes {path} do not match the digest in their commit record")
-    return stored_row_hashes(data, meta)
+    return stored_row_hashes(_read_recorded(storage, table, meta, "row hashes"), meta)
 
 
 def stored_row_hashes(data: bytes, meta: dict[str, Any]) -> np.ndarray:

@@ -22,11 +22,14 @@ from lepton_jax.lake.fragments import (
     content_matches,
     merge_partials,
     partial_stats,
+    read_row_checks,
     read_row_hashes,
     remember_keys,
+    row_checks,
     row_hashes,
     safe_relpath,
     split_fragments,
+    write_row_checks,
     write_row_hashes,
 )
 from lepton_jax.lake.read import SplitReader, TableVersion
@@ -137,13 +140,14 @@ class Maintenance:
                                             np.dtype(m["dtype"]), target_shard_bytes=self.target_shard_bytes,
                                             compression=self.compression)
                    for name, m in metas.items()}
-        stats_parts, hash_parts, label_parts = [], [], []
+        stats_parts, hash_parts, check_parts, label_parts = [], [], [], []
         for a in range(start, stop, block_rows):
             block = reader.read(slice(a, min(a + block_rows, stop)))
             for name, w in writers.items():
                 w.write(block[name])
             stats_parts.append(partial_stats(block, label_array))
             hash_parts.append(row_hashes(block, label_array))
+            check_parts.append(row_checks(block, label_array))
             if label_array in block:
                 label_parts.append(block[label_array])
             if crash and a == start:
@@ -157,6 +161,7 @@ class Maintenance:
                 crash_point("array")
         hashes = np.concatenate(hash_parts)
         entry["row_hashes"] = write_row_hashes(self.storage, table, rel, hashes)
+        entry["row_checks"] = write_row_checks(self.storage, table, rel, np.concatenate(check_parts))
         # the content check and the record's content chain then read nothing of the new fragment back
         remember_keys(self.storage, table, entry, label_array, hashes,
                       np.concatenate(label_parts) if label_parts else None)
@@ -229,6 +234,11 @@ class Maintenance:
             stored = read_row_hashes(self.storage, tv.table, frag, label_array)
         except LakeError as e:
             return [Problem(tv.table, tv.version, meta["path"], str(e))]
+        checks_path = (frag.get("row_checks") or {}).get("path", meta["path"])
+        try:
+            checks = read_row_checks(self.storage, tv.table, frag)
+        except LakeError as e:
+            return [Problem(tv.table, tv.version, checks_path, str(e))]
         if recompute:  # block by block: bounded memory however large the fragment; TensorStore checks each chunk's
             # crc32c, and the rows are compared here (not through a reader, which would stop at the first bad row)
             try:
@@ -252,6 +262,8 @@ class Maintenance:
                 if differ.size:
                     return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data"),
                             *self._shards_of_rows(tv, frag, label_array, start + differ)]
+                if checks is not None and np.any(row_checks(block, label_array) != checks[start:start + n]):
+                    return [Problem(tv.table, tv.version, checks_path, "row checks differ from the fragment's data")]
             start = total
             if start != stored.shape[0]:
                 return [Problem(tv.table, tv.version, meta["path"], f"{stored.shape[0]} row hashes for {start} rows")]

@@ -162,9 +162,12 @@ class RawArray:
         if idx.size == 0 or not np.any(shard != first):
             return self._gather(self._shard(first), idx - first * lay.per_shard, verify)
         out = np.empty((idx.size, *lay.shape[1:]), lay.dtype)
-        for s in np.unique(shard).tolist():
-            mask = shard == s
-            out[mask] = self._gather(self._shard(s), idx[mask] - s * lay.per_shard, verify)
+        order = np.argsort(shard, kind="stable")  # rows grouped by shard: one sort, then a slice per shard
+        ordered = shard[order]
+        cuts = (np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist()
+        for a, b in zip([0, *cuts], [*cuts, idx.size], strict=True):
+            s, rows = int(ordered[a]), order[a:b]
+            out[rows] = self._gather(self._shard(s), idx[rows] - s * lay.per_shard, verify)
         return out
 
     def files_of(self, idx: np.ndarray) -> list[str]:
@@ -178,7 +181,7 @@ class RawArray:
             return self._gather_checked(shard, local)
         view = shard.view
         if isinstance(view, np.ndarray):  # chunks evenly spaced: one (chunk, row) view of the shard
-            return view[local // k, local % k]
+            return view[np.divmod(local, k)]
         chunk = local // k  # chunks out of order in the file: one view per chunk
         rows = [view[c][r] for c, r in zip(chunk.tolist(), (local % k).tolist(), strict=True)]
         return np.stack(rows) if rows else np.empty((0, *self.layout.shape[1:]), self.layout.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,17 @@ from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays, rawshards
 from lepton_jax.lake.fragments import (
     LABEL,
+    read_row_checks,
     read_row_hashes,
+    row_checks,
     row_hashes,
     safe_relpath,
     split_fragments,
 )
 from lepton_jax.lake.records import QUARANTINE
 from lepton_jax.lake.storage import Storage, open_storage
+
+_LOAD_LOCK = threading.Lock()  # loading a fragment's row checks into a reader's split-wide array (rare)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +108,12 @@ class SplitReader:
     Opening checks that every file the commit record lists exists with its recorded size, so a missing or truncated
     shard is an error naming the file rather than fill values. Every byte returned is checked: random batches of
     local arrays in the raw layout are served by :mod:`lepton_jax.lake.rawshards` (one numpy gather per shard), and
-    the rows gathered are hashed and compared with the fragment's row hashes (``_rows.sha256``, itself checked
-    against the record when first loaded; the label array, which row hashes leave out, and fragments without row
-    hashes are checked per inner chunk by their crc32c); everything else goes through TensorStore, which checks
-    each chunk's crc32c when it reads it from storage; small arrays are read whole once and checked against their
-    content digests. ``label_array`` names the array row hashes leave out (the table schema's).
+    the rows gathered are compared with the fragment's row checks (``_rows.xxh3``: the xxh3-64 of each row, the
+    file checked against the record when first loaded), or, for fragments written before row checks, with its row
+    hashes (``_rows.sha256``); the label array, which both leave out, and fragments with neither are checked per
+    inner chunk by their crc32c. Everything else goes through TensorStore, which checks each chunk's crc32c when it
+    reads it from storage; small arrays are read whole once, checked against their content digests and served from
+    memory. ``label_array`` names the array row hashes and checks leave out (the table schema's).
     """
 
     #: Arrays of at most this many bytes in total (labels, small features) are read whole on first use, checked
@@ -129,6 +135,8 @@ class SplitReader:
         self._all_raw = False  # every array not held in memory is served by the raw fast path
         self._in_memory: dict[str, np.ndarray] = {}
         self._row_hashes: dict[int, np.ndarray | None] = {}  # fragment -> its checked row hashes (None: has none)
+        self._checks: np.ndarray | None = None  # the split's row checks, filled fragment by fragment on first use
+        self._checked: dict[int, str] = {}  # fragment -> how the fast path checks its rows (_row_check_mode)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -250,29 +258,75 @@ class SplitReader:
 
     def _read_raw(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Every array from memory or the raw fast path, gathered in the order asked for (no sort, no reorder copy),
-        and checked: rows of fragments with row hashes against them, the rest per inner chunk (crc32c)."""
+        and checked: rows of fragments with row checks against them (xxh3-64, one vectorised comparison), rows of
+        older fragments with row hashes against those (sha256), everything else, and the label array, which neither
+        covers, per inner chunk (crc32c)."""
         out = {name: value[idx] for name, value in self._in_memory.items()}
         raw_names = list(self._raw[0])
         if len(self.fragments) == 1:
-            hashed = self._fragment_row_hashes(0) is not None
-            for name in raw_names:
-                out[name] = self._raw[0][name].read(idx, verify=not hashed or name == self.label_array)
-            if hashed:
-                self._check_rows(out, idx, np.zeros(idx.size, np.int64), [0])
-            return out
-        frag = np.searchsorted(self.offsets, idx, side="right") - 1
-        touched = np.unique(frag).tolist()
-        hashed = [f for f in touched if self._fragment_row_hashes(f) is not None]
+            frag, groups = None, [(0, None)]
+        else:  # rows grouped by fragment: one sort, then a slice per fragment
+            frag = np.searchsorted(self.offsets, idx, side="right") - 1
+            order = np.argsort(frag, kind="stable")
+            cuts = np.flatnonzero(frag[order][1:] != frag[order][:-1]) + 1
+            groups = [(int(frag[order[a]]), order[a:b]) for a, b in
+                      zip([0, *cuts.tolist()], [*cuts.tolist(), idx.size], strict=True)]
+        mode = {f: self._row_check_mode(f) for f, _ in groups}
         for name in raw_names:
+            if frag is None:
+                out[name] = self._raw[0][name].read(idx, verify=mode[0] == "crc32c" or name == self.label_array)
+                continue
             meta = self.fragments[0]["arrays"][name]
             value = np.empty((idx.size, *meta["shape"][1:]), meta["dtype"])
-            for f in touched:
-                mask = frag == f
-                value[mask] = self._raw[f][name].read(idx[mask] - self.offsets[f],
-                                                      verify=f not in hashed or name == self.label_array)
+            for f, rows in groups:
+                value[rows] = self._raw[f][name].read(idx[rows] - self.offsets[f],
+                                                      verify=mode[f] == "crc32c" or name == self.label_array)
             out[name] = value
-        if hashed:
-            self._check_rows(out, idx, frag, hashed)
+        content = {name: value for name, value in out.items() if name != self.label_array}
+        if not any(name != self.label_array for name in raw_names):  # all in memory, checked when loaded
+            return out
+        for kind in ("checks", "hashes"):
+            picked = [(f, rows) for f, rows in groups if mode[f] == kind]
+            if not picked:
+                continue
+            rows = None if len(picked) == len(groups) else np.concatenate([r for _, r in picked])
+            part = content if rows is None else {name: value[rows] for name, value in content.items()}
+            at = idx if rows is None else idx[rows]
+            if kind == "checks":
+                bad = np.flatnonzero(row_checks(part, self.label_array) != self._checks[at])
+            else:
+                got = row_hashes(part, self.label_array)
+                bad = np.flatnonzero(np.any(got != self._split_row_hashes(at, [f for f, _ in picked]), axis=1))
+            if bad.size:
+                self._corrupt_rows(at[bad], "row checks" if kind == "checks" else "row hashes")
+        return out
+
+    def _row_check_mode(self, f: int) -> str:
+        """How rows of fragment ``f`` are checked on the fast path: ``"checks"`` (its row checks, loaded into the
+        split-wide array on first use), ``"hashes"`` (its row hashes) or ``"crc32c"`` (per inner chunk)."""
+        state = self._checked.get(f)
+        if state is None:
+            with _LOAD_LOCK:
+                state = self._checked.get(f)
+                if state is None:
+                    checks = read_row_checks(self.storage, self.table, self.fragments[f])
+                    if checks is not None:
+                        if self._checks is None:
+                            self._checks = np.zeros(len(self), np.uint64)
+                        self._checks[self.offsets[f]:self.offsets[f + 1]] = checks
+                        state = "checks"
+                    else:
+                        state = "hashes" if self._fragment_row_hashes(f) is not None else "crc32c"
+                    self._checked[f] = state
+        return state
+
+    def _split_row_hashes(self, at: np.ndarray, frags: list[int]) -> np.ndarray:
+        """The stored row hashes of split rows ``at``, which lie in fragments ``frags``."""
+        out = np.empty((at.size, 32), np.uint8)
+        frag = np.searchsorted(self.offsets, at, side="right") - 1
+        for f in frags:
+            mask = frag == f
+            out[mask] = self._row_hashes[f][at[mask] - self.offsets[f]]
         return out
 
     def _fragment_row_hashes(self, f: int) -> np.ndarray | None:
@@ -283,24 +337,15 @@ class SplitReader:
                                    if frag.get("row_hashes") else None)
         return self._row_hashes[f]
 
-    def _check_rows(self, out: dict[str, np.ndarray], idx: np.ndarray, frag: np.ndarray, hashed: list[int]) -> None:
-        """Compares the row hashes of the rows read (every non-label array) with the stored ones of the fragments
-        ``hashed``; a mismatch is a LakeError naming the shard files that hold the rows."""
-        content = {name: value for name, value in out.items() if name != self.label_array}
-        if not content:
-            return
-        got = row_hashes(content, self.label_array)
-        for f in hashed:
-            mask = frag == f if len(hashed) > 1 or frag.size and np.any(frag != f) else slice(None)
-            local = idx[mask] - self.offsets[f]
-            bad = np.flatnonzero(np.any(got[mask] != self._row_hashes[f][local], axis=1))
-            if bad.size:
-                rows = local[bad]
-                files = [p for name, raw in self._raw[f].items() if name != self.label_array
-                         for p in raw.files_of(rows)]
-                raise LakeError(f"corrupt lake data in {', '.join(files)}: {rows.size} row(s) read (e.g. row "
-                                f"{int(rows[0])} of fragment {self.fragments[f]['path']}) differ from their row "
-                                "hashes (bytes changed after commit); run `lepton-jax lake verify`")
+    def _corrupt_rows(self, rows: np.ndarray, what: str) -> None:
+        """Raises the LakeError for split rows ``rows`` that differ from their ``what``, naming the shard files."""
+        frag = np.searchsorted(self.offsets, rows, side="right") - 1
+        f = int(frag[0])
+        local = rows[frag == f] - self.offsets[f]
+        files = [p for name, raw in self._raw[f].items() if name != self.label_array for p in raw.files_of(local)]
+        raise LakeError(f"corrupt lake data in {', '.join(files)}: {rows.size} row(s) read (e.g. row "
+                        f"{int(local[0])} of fragment {self.fragments[f]['path']}) differ from their {what} "
+                        "(bytes changed after commit); run `lepton-jax lake verify`")
 
     def _read_range(self, stores: list[dict[str, Any]], start: int, stop: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {name: value[start:stop] for name, value in self._in_memory.items()}
@@ -344,4 +389,4 @@ class SplitReader:
 
     def __getstate__(self):
         return {**self.__dict__, "_stores": None, "_raw": [], "_all_raw": False, "_in_memory": {}, "_storage": None,
-                "_row_hashes": {}}
+                "_row_hashes": {}, "_checks": None, "_checked": {}}
