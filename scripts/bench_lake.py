@@ -82,7 +82,7 @@ def _print_layout(tv, reader, root: Path) -> None:
             else "raw fast path (one numpy gather per shard per batch)" if fast else "TensorStore")
     print(f"read path: {path}; "
           f"opening the split and touching all {len(files)} image shard(s) ({mib:.1f} MiB) took {first:.2f} s"
-          + " (once per process, before timing; every batch's rows are checked against their row hashes)")
+          + " (once per process, before timing; every batch's rows are checked against their row checks)")
 
 
 def main() -> None:

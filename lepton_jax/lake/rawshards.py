@@ -9,12 +9,12 @@ batch of indices as one numpy fancy index per shard it touches, with no per-exam
 Integrity: every byte this path returns is checked. :meth:`RawArray.read` with ``verify=True`` (the default) copies
 each inner chunk a batch touches out of the mapping, checks its crc32c (the one the zarr v3 ``crc32c`` codec stored
 after it) and gathers the rows from the checked copy; a reader that checks the rows it returns by other means (the
-split reader compares them with the fragment's row hashes, see :class:`~lepton_jax.lake.read.SplitReader`) passes
-``verify=False`` and gathers straight from the mapping. So a byte changed on disk after a process first touched a
-shard (mtime restored or not) is an error naming the file, not data. Each shard's size is checked against the commit
-record before mapping. A shard file truncated under a reader would fault the mapping (SIGBUS): lake code never
-truncates or rewrites a committed file (gc unlinks whole directories, which leaves a mapped file readable), so only
-an outside writer truncating the file in place remains a risk.
+split reader compares them with the fragment's row checks or row hashes, see
+:class:`~lepton_jax.lake.read.SplitReader`) passes ``verify=False`` and gathers straight from the mapping. So a byte
+changed on disk after a process first touched a shard (mtime restored or not) is an error naming the file, not data.
+Each shard's size is checked against the commit record before mapping. A shard file truncated under a reader would
+fault the mapping (SIGBUS): lake code never truncates or rewrites a committed file (gc unlinks whole directories,
+which leaves a mapped file readable), so only an outside writer truncating the file in place remains a risk.
 """
 
 from __future__ import annotations
