@@ -16,7 +16,7 @@ import numpy as np
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
-from lepton_jax.lake.fragments import check_name, row_hashes
+from lepton_jax.lake.fragments import check_name, row_digests
 from lepton_jax.lake.index import prefix_keys
 from lepton_jax.lake.sources import SourceData, storable_dtype
 from lepton_jax.lake.store import DATA_DIR, Lake
@@ -74,17 +74,17 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
     candidates[list(rejects)] = False
     # the fragments are written as if no two candidates shared content (the usual case) while the rows are hashed
     # (hashing holds the GIL; TensorStore's encoding, the statistics and the fsyncs do not)
-    hashed: Future[np.ndarray] = Future()
+    hashed: Future[tuple[np.ndarray, np.ndarray]] = Future()  # (row hashes, row checks)
     split_index = _split(job, data, labels, np.flatnonzero(candidates))
     writes = _start_writes(job, lake, data, labels, split_index, hashed, threads)
     try:
-        hashes = row_hashes(data.arrays) if n else np.zeros((0, 32), np.uint8)
+        hashes, checks = row_digests(data.arrays)  # one pass: sha256 and xxh3-64 of each row
         dup_rejects = _dedup(data, labels, names, keep, rejects, hashes)
     except BaseException as e:
         hashed.set_exception(e)
         wait(writes.values())
         raise
-    hashed.set_result(hashes)
+    hashed.set_result((hashes, checks))
     if dup_rejects:  # rows the chunk holds twice (rare): the fragments are split and written again without them
         wait(writes.values())
         for split in writes:
@@ -143,16 +143,17 @@ def _rows(value: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _start_writes(job: ChunkJob, lake: Lake, data: SourceData, labels: np.ndarray,
-                  split_index: dict[str, np.ndarray], hashed: Future[np.ndarray], threads: ThreadPoolExecutor
-                  ) -> dict[str, Future[dict[str, Any]]]:
-    """Each split's fragment written on a thread of its own; its row hashes are taken from ``hashed`` once its
-    arrays are written."""
+                  split_index: dict[str, np.ndarray], hashed: Future[tuple[np.ndarray, np.ndarray]],
+                  threads: ThreadPoolExecutor) -> dict[str, Future[dict[str, Any]]]:
+    """Each split's fragment written on a thread of its own; its row hashes and checks are taken from ``hashed``
+    once its arrays are written."""
     writes = {}
     for k, (split, idx) in enumerate(split_index.items()):
         named = {**{name: _rows(v, idx) for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
         writes[split] = threads.submit(lake.write_fragment, job.table, _fragment_path(job, split), named,
                                        crash=job.crash and k == 0,
-                                       hashes=lambda idx=idx: hashed.result()[idx])
+                                       hashes=lambda idx=idx: hashed.result()[0][idx],
+                                       checks=lambda idx=idx: hashed.result()[1][idx])
     return writes
 
 

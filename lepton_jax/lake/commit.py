@@ -59,15 +59,15 @@ class Committing:
         return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
 
     def write_fragment(self, table: str, rel: str, named: dict[str, np.ndarray], *, label_array: str = LABEL,
-                       crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None
-                       ) -> dict[str, Any]:
+                       crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None,
+                       checks: np.ndarray | Callable[[], np.ndarray] | None = None) -> dict[str, Any]:
         """Writes one fragment at ``<table>/<rel>`` (``rel`` = ``data/<commit-id>/...``); returns its entry."""
         safe_relpath(rel)
         for part in rel.split("/")[1:]:
             check_name("fragment path component", part)
         return write_fragment(self.storage, check_name("table", table), rel, named,
                               target_shard_bytes=self.target_shard_bytes, label_array=label_array, crash=crash,
-                              hashes=hashes, compression=self.compression)
+                              hashes=hashes, checks=checks, compression=self.compression)
 
     def write_quarantine_entries(self, table: str, commit_id: str, entries: list[dict[str, Any]]
                                  ) -> dict[str, Any]:

@@ -76,22 +76,48 @@ def check_name(kind: str, name: str) -> str:
 
 def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
     """``(n, 32)`` uint8: sha256 of each row's bytes over the non-label arrays in sorted name order."""
+    return row_digests(named, label_array, checks=False)[0]
+
+
+def row_checks(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
+    """``(n,)`` uint64: xxh3-64 of each row's bytes (the bytes :func:`row_hashes` hashes), the reads' check."""
+    return row_digests(named, label_array, hashes=False)[1]
+
+
+def row_digests(named: dict[str, np.ndarray], label_array: str = LABEL, *, hashes: bool = True,
+                checks: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The row hashes (:func:`row_hashes`) and row checks (:func:`row_checks`) in one pass over the rows, each row's
+    bytes sliced once; one left out (an empty array in its place) when not asked for."""
     n, flats = _row_bytes(named, label_array)
-    if not n:
-        return np.zeros((0, 32), dtype=np.uint8)
-    sha256 = hashlib.sha256
+    sha256, xxh3 = hashlib.sha256, xxhash.xxh3_64_intdigest
+    digests: list[bytes] = []
+    values: list[int] = []
     if len(flats) == 1:  # one digest per slice of a memoryview, joined: no array per row
         rows, width = flats[0], len(flats[0]) // n
-        digests = [sha256(rows[a:a + width]).digest() for a in range(0, n * width, width)]
-    else:
+        starts = range(0, n * width, width)
+        if hashes and checks:
+            add_digest, add_value = digests.append, values.append
+            for a in starts:
+                row = rows[a:a + width]
+                add_digest(sha256(row).digest())
+                add_value(xxh3(row))
+        elif hashes:
+            digests = [sha256(rows[a:a + width]).digest() for a in starts]
+        else:
+            values = [xxh3(rows[a:a + width]) for a in starts]
+    else:  # several arrays (or none): each row's parts fed to both hashes in sorted name order
         widths = [len(f) // n for f in flats]
-        digests = []
         for i in range(n):
-            h = sha256()
+            h, x = sha256(), xxhash.xxh3_64()
             for f, w in zip(flats, widths, strict=True):
-                h.update(f[i * w:(i + 1) * w])
+                part = f[i * w:(i + 1) * w]
+                h.update(part)
+                x.update(part)
             digests.append(h.digest())
-    return np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy()
+            values.append(x.intdigest())
+    return (np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy() if hashes
+            else np.zeros((0, 32), np.uint8),
+            np.array(values, dtype=np.uint64).reshape(n) if checks else np.zeros(0, np.uint64))
 
 
 def _row_bytes(named: dict[str, np.ndarray], label_array: str) -> tuple[int, list[memoryview]]:
@@ -101,25 +127,6 @@ def _row_bytes(named: dict[str, np.ndarray], label_array: str) -> tuple[int, lis
     if not n:
         return 0, []
     return n, [memoryview(np.ascontiguousarray(named[k]).reshape(n, -1).view(np.uint8).reshape(-1)) for k in names]
-
-
-def row_checks(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
-    """``(n,)`` uint64: xxh3-64 of each row's bytes (the bytes :func:`row_hashes` hashes), the reads' check."""
-    n, flats = _row_bytes(named, label_array)
-    if not n or not flats:
-        return np.full(n, xxhash.xxh3_64_intdigest(b""), np.uint64)
-    if len(flats) == 1:
-        rows, width = flats[0], len(flats[0]) // n
-        digest = xxhash.xxh3_64_intdigest
-        return np.fromiter((digest(rows[a:a + width]) for a in range(0, n * width, width)), np.uint64, n)
-    widths = [len(f) // n for f in flats]
-    out = np.empty(n, np.uint64)
-    for i in range(n):
-        h = xxhash.xxh3_64()
-        for f, w in zip(flats, widths, strict=True):
-            h.update(f[i * w:(i + 1) * w])
-        out[i] = h.intdigest()
-    return out
 
 
 def partial_stats(named: dict[str, np.ndarray], label_array: str = LABEL) -> dict[str, Any]:
@@ -281,19 +288,20 @@ def legacy_partials(split_stats: dict[str, Any], values_per_example: dict[str, i
 def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.ndarray], *,
                    target_shard_bytes: int = arrays.TARGET_SHARD_BYTES, label_array: str = LABEL,
                    crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None,
+                   checks: np.ndarray | Callable[[], np.ndarray] | None = None,
                    compression: str = arrays.DEFAULT_COMPRESSION) -> dict[str, Any]:
     """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, then the row
     hashes), durably; returns its record entry.
 
-    ``hashes``: the rows' hashes (:func:`row_hashes`), or a function that returns them, called once the arrays are
-    written (the caller hashes meanwhile); computed here if None. ``crash`` passes the ``shard`` and ``array``
+    ``hashes`` and ``checks``: the rows' hashes (:func:`row_hashes`) and checks (:func:`row_checks`), or functions
+    that return them, called once the arrays' writes are under way (the caller hashes meanwhile); computed here if
+    None. ``crash`` passes the ``shard`` and ``array``
     fault-injection points (the first fragment of a commit) when one of
     them is armed: the arrays are then written one after the other, shard by shard."""
     sizes = {name: value.shape[0] for name, value in named.items()}
     if len(set(sizes.values())) != 1:
         raise LakeError(f"fragment {rel}: arrays must share their first axis, got {sizes}")
     entry: dict[str, Any] = {"path": rel, "num_examples": int(next(iter(sizes.values()))), "arrays": {}}
-    checks = None
     keys = {name: f"{table}/{rel}/{check_name('array', name)}" for name in named}
     if crash and armed("shard", "array"):  # one array after the other, so the points fall where tests expect
         for k, (name, value) in enumerate(named.items()):
@@ -313,9 +321,10 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             digests = {name: arrays.content_digest(value) for name, value in named.items()}  # sha256: without GIL
             # the statistics (many numpy calls) wait for the caller's row hashing, which holds the GIL; after it they
             # have it to themselves (100,000 rows of 28x28 bytes: 68 ms after the hashing, 237 ms beside it)
-            if callable(hashes):
-                hashes = hashes()
-            checks = row_checks(named, label_array)
+            hashes, checks = _row_digests(named, label_array, hashes, checks)
+            # the row files are written (and synced) while TensorStore still writes the arrays
+            entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
+            entry["row_checks"] = write_row_checks(storage, table, rel, checks)
             stats = partial_stats(named, label_array)
             for name, value in named.items():
                 digest = writes[name].finish(digests[name])
@@ -324,15 +333,25 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             for write in writes.values():  # nothing may still write into the fragment once this returns
                 write.abandon()
             raise
-    if callable(hashes):
-        hashes = hashes()
-    hashes = np.ascontiguousarray(row_hashes(named, label_array) if hashes is None else hashes, dtype=np.uint8)
-    entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
-    entry["row_checks"] = write_row_checks(storage, table, rel,
-                                           row_checks(named, label_array) if checks is None else checks)
+    if "row_hashes" not in entry:
+        hashes, checks = _row_digests(named, label_array, hashes, checks)
+        entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
+        entry["row_checks"] = write_row_checks(storage, table, rel, checks)
     entry["stats"] = stats
     remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
+
+
+def _row_digests(named: dict[str, np.ndarray], label_array: str, hashes: Any, checks: Any
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``write_fragment``'s row hashes and checks: the caller's (called if functions), the missing ones computed."""
+    hashes = hashes() if callable(hashes) else hashes
+    checks = checks() if callable(checks) else checks
+    if hashes is None or checks is None:
+        mine = row_digests(named, label_array, hashes=hashes is None, checks=checks is None)
+        hashes = mine[0] if hashes is None else hashes
+        checks = mine[1] if checks is None else checks
+    return np.ascontiguousarray(hashes, dtype=np.uint8), checks
 
 
 def remember_keys(storage: Storage, table: str, entry: dict[str, Any], label_array: str, hashes: np.ndarray,
