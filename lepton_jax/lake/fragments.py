@@ -10,7 +10,7 @@ listing a directory, so the same record works on a filesystem and on an object s
 The row hashes serve three things without reading the data: the exact-dedup and leak index of an append (what does
 the table already hold?), the split's logical ``content_sha256`` (independent of how rows are cut into fragments, so
 compaction provably keeps it), and per-fragment statistics partials that combine exactly into version statistics.
-The row checks (xxh3-64, about 6x cheaper per row than sha256) serve one thing: a reader compares every row it
+The row checks (xxh3-64, about 5x cheaper per row than sha256) serve one thing: a reader compares every row it
 returns with them (:class:`~lepton_jax.lake.read.SplitReader`), so reads verify every byte at a fraction of the cost
 of re-hashing with sha256. Fragments written before them are checked against their row hashes instead.
 """
@@ -290,8 +290,8 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
                    crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None,
                    checks: np.ndarray | Callable[[], np.ndarray] | None = None,
                    compression: str = arrays.DEFAULT_COMPRESSION) -> dict[str, Any]:
-    """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, then the row
-    hashes), durably; returns its record entry.
+    """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, the row
+    hashes and the row checks), durably; returns its record entry.
 
     ``hashes`` and ``checks``: the rows' hashes (:func:`row_hashes`) and checks (:func:`row_checks`), or functions
     that return them, called once the arrays' writes are under way (the caller hashes meanwhile); computed here if

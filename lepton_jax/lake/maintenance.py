@@ -25,8 +25,7 @@ from lepton_jax.lake.fragments import (
     read_row_checks,
     read_row_hashes,
     remember_keys,
-    row_checks,
-    row_hashes,
+    row_digests,
     safe_relpath,
     split_fragments,
     write_row_checks,
@@ -146,8 +145,9 @@ class Maintenance:
             for name, w in writers.items():
                 w.write(block[name])
             stats_parts.append(partial_stats(block, label_array))
-            hash_parts.append(row_hashes(block, label_array))
-            check_parts.append(row_checks(block, label_array))
+            block_hashes, block_checks = row_digests(block, label_array)
+            hash_parts.append(block_hashes)
+            check_parts.append(block_checks)
             if label_array in block:
                 label_parts.append(block[label_array])
             if crash and a == start:
@@ -258,11 +258,12 @@ class Maintenance:
                 except LakeError as e:
                     return [Problem(tv.table, tv.version, meta["path"], str(e))]
                 n = part.stop - part.start
-                differ = np.flatnonzero((row_hashes(block, label_array) != stored[start:start + n]).any(axis=1))
+                hashes, block_checks = row_digests(block, label_array, checks=checks is not None)
+                differ = np.flatnonzero((hashes != stored[start:start + n]).any(axis=1))
                 if differ.size:
                     return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data"),
                             *self._shards_of_rows(tv, frag, label_array, start + differ)]
-                if checks is not None and np.any(row_checks(block, label_array) != checks[start:start + n]):
+                if checks is not None and np.any(block_checks != checks[start:start + n]):
                     return [Problem(tv.table, tv.version, checks_path, "row checks differ from the fragment's data")]
             start = total
             if start != stored.shape[0]:
