@@ -112,6 +112,7 @@ if step lake; then
   echo "== lake benchmark (docs/lake.md)"
   $PY scripts/bench_lake.py | tee results/bench_lake.txt
   $PY scripts/bench_lake.py --fragments 4 --commits 5 | tee results/bench_lake_fragments4.txt
+  $PY scripts/bench_read_lock.py | tee results/bench_read_lock.txt
 fi
 if step lake_peers; then
   echo "== the lake against Lance and a numpy memmap: 100k rows, then 1M rows in 20 npz files with --workers 2 (README, docs/lake.md, issue 25; ~10 minutes, ~3 GB temp disk)"

@@ -214,6 +214,30 @@ def test_reads_compare_rows_with_their_row_checks_and_older_fragments_with_their
     assert [p.path for p in tv.lake.verify()] == [frag["row_checks"]["path"]]
 
 
+def _take_read_lock_in_child():
+    from lepton_jax.lake import read as lake_read
+
+    os._exit(0 if lake_read._RAW_LOCK.acquire(timeout=10) else 1)
+
+
+def test_a_process_forked_while_the_raw_read_lock_is_held_gets_it_free():
+    """Raw reads run one at a time per process (a module lock); a process forked while another thread holds it
+    (Grain's read threads, a server's) gets it free (``os.register_at_fork``) instead of a lock that no thread of
+    its own will release."""
+    import multiprocessing
+
+    from lepton_jax.lake import read as lake_read
+
+    with lake_read._RAW_LOCK:  # as if another thread were in the middle of a read
+        child = multiprocessing.get_context("fork").Process(target=_take_read_lock_in_child)
+        child.start()
+        child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+
+
 def test_corrupt_shard_index_crc32c_and_misplaced_chunks_are_detected(tmp_path):
     tv, meta, base = _raw_table(tmp_path)
     layout = rawshards.open_raw(base, meta["files"], str(base)).layout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,20 @@ from lepton_jax.lake.records import QUARANTINE
 from lepton_jax.lake.storage import Storage, open_storage
 
 _LOAD_LOCK = threading.Lock()  # loading a fragment's row checks into a reader's split-wide array (rare)
+# Raw fast-path reads run one at a time per process. They are CPU work in many short numpy calls and one hash call
+# per row, each holding the GIL, with GIL hand-offs between them (a gather per fragment and shard); concurrent readers
+# (Grain's read threads) then pass the GIL back and forth and lose throughput: 4 Grain threads over a 20-fragment
+# split read 1.75-1.83x as many examples/s with this lock as without, warm or with the page cache dropped, and the
+# same within noise over one fragment (scripts/bench_lake_peers.py's loader, ad-hoc A/B). Grain's own work overlaps.
+_RAW_LOCK = threading.Lock()
+
+
+def _new_raw_lock() -> None:
+    global _RAW_LOCK
+    _RAW_LOCK = threading.Lock()  # a child forked while another thread held it starts with it free
+
+
+os.register_at_fork(after_in_child=_new_raw_lock)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +246,8 @@ class SplitReader:
         if idx.size and idx.min() < 0:
             idx = np.where(idx < 0, idx + n, idx)
         if self._all_raw and idx.size:
-            out = self._read_raw(idx)
+            with _RAW_LOCK:
+                out = self._read_raw(idx)
             return {name: value[0] for name, value in out.items()} if scalar else out
         inverse = None
         if idx.size > 1:
