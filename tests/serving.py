@@ -4,6 +4,7 @@ registry versions for servers to swap between."""
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import threading
 import time
@@ -16,6 +17,27 @@ import uvicorn
 from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.registry import ModelVersion, Registry
 from lepton_jax.serve.server import ModelServer, ServeConfig, ServedModel
+
+
+def unused_port() -> int:
+    """A 127.0.0.1 port for a server that binds it later (Ray Serve's proxy, a server subprocess): free now, and
+    outside the kernel's ephemeral range and Ray's worker ports (10002-19999), so no process that asks for any free
+    port (Ray's own gRPC servers and workers, other tests' clients) can take it in between, as port 0 could."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, min(ephemeral_low, 32768)))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no unused port in 20000-32767 on 127.0.0.1")
 
 
 def served_classes(model: ServedModel, rows: np.ndarray, *, timeout_s: float = 60.0) -> list[int]:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import time
 
 import httpx
@@ -14,7 +13,7 @@ from lepton_jax.serve import Predictor
 from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.registry import Registry
 from lepton_jax.serve.server import ServeConfig
-from tests.serving import register_variant
+from tests.serving import register_variant, unused_port
 
 
 @pytest.mark.slow
@@ -28,9 +27,7 @@ def test_ray_serve_deployment_answers_kserve_v2_like_the_predictor(trained_run, 
 
     registry = Registry(tmp_path / "lake")
     registry.promote("digits", registry.register("digits", trained_run[0]).version)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()  # Ray starts many processes before its proxy binds it
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}})

@@ -5,7 +5,6 @@ import contextlib
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from lepton_jax.serve.client import infer_request
 from lepton_jax.serve.registry import Registry
+from tests.serving import unused_port
 
 
 def tagged_processes(tag: str, session: int) -> list[int]:
@@ -67,9 +67,7 @@ def test_ray_backend_sigterm_stops_in_order_and_leaves_nothing_behind(trained_ru
     pytest.importorskip("ray")
     registry = Registry(tmp_path / "lake")
     registry.promote("digits", registry.register("digits", trained_run[0]).version)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()  # Ray starts many processes before its proxy binds it
     tag = f"lepton-ray-test-{uuid.uuid4().hex}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "RAY_USAGE_STATS_ENABLED": "0",
            "LEPTON_TEST_TAG": tag}
