@@ -321,7 +321,7 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             digests = {name: arrays.content_digest(value) for name, value in named.items()}  # sha256: without GIL
             # the statistics (many numpy calls) wait for the caller's row hashing, which holds the GIL; after it they
             # have it to themselves (100,000 rows of 28x28 bytes: 68 ms after the hashing, 237 ms beside it)
-            hashes, checks = _row_digests(named, label_array, hashes, checks)
+            hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks)
             # the row files are written (and synced) while TensorStore still writes the arrays
             entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
             entry["row_checks"] = write_row_checks(storage, table, rel, checks)
@@ -334,7 +334,7 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
                 write.abandon()
             raise
     if "row_hashes" not in entry:
-        hashes, checks = _row_digests(named, label_array, hashes, checks)
+        hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks)
         entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
         entry["row_checks"] = write_row_checks(storage, table, rel, checks)
     entry["stats"] = stats
@@ -342,8 +342,8 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     return entry
 
 
-def _row_digests(named: dict[str, np.ndarray], label_array: str, hashes: Any, checks: Any
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def _given_or_computed_digests(named: dict[str, np.ndarray], label_array: str, hashes: Any, checks: Any
+                               ) -> tuple[np.ndarray, np.ndarray]:
     """``write_fragment``'s row hashes and checks: the caller's (called if functions), the missing ones computed."""
     hashes = hashes() if callable(hashes) else hashes
     checks = checks() if callable(checks) else checks

@@ -27,12 +27,11 @@ from lepton_jax.lake.fragments import (
 from lepton_jax.lake.records import QUARANTINE
 from lepton_jax.lake.storage import Storage, open_storage
 
-_LOAD_LOCK = threading.Lock()  # loading a fragment's row checks into a reader's split-wide array (rare)
 # Raw fast-path reads run one at a time per process. They are CPU work in many short numpy calls and one hash call
 # per row, each holding the GIL, with GIL hand-offs between them (a gather per fragment and shard); concurrent readers
-# (Grain's read threads) then pass the GIL back and forth and lose throughput: 4 Grain threads over a 20-fragment
-# split read 1.75-1.83x as many examples/s with this lock as without, warm or with the page cache dropped, and the
-# same within noise over one fragment (scripts/bench_lake_peers.py's loader, ad-hoc A/B). Grain's own work overlaps.
+# (Grain's read threads) then pass the GIL back and forth and lose throughput. scripts/bench_read_lock.py measures
+# the Grain loader with and without this lock (docs/lake.md quotes it). Grain's own work overlaps the reads. It also
+# guards each reader's lazily loaded row checks and hashes.
 _RAW_LOCK = threading.Lock()
 
 
@@ -273,10 +272,11 @@ class SplitReader:
         return {name: value[0] for name, value in out.items()} if scalar else out
 
     def _read_raw(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Every array from memory or the raw fast path, gathered in the order asked for (no sort, no reorder copy),
-        and checked: rows of fragments with row checks against them (xxh3-64, one vectorised comparison), rows of
-        older fragments with row hashes against those (sha256), everything else, and the label array, which neither
-        covers, per inner chunk (crc32c)."""
+        """Every array from memory or the raw fast path (called holding ``_RAW_LOCK``), in the order asked for (rows of
+        several fragments grouped by one sort and written back in place), and checked: rows of fragments with
+        row checks against them (xxh3-64, one vectorised comparison), rows of older fragments with row hashes
+        against those (sha256), everything else, and the label array, which neither covers, per inner chunk
+        (crc32c)."""
         out = {name: value[idx] for name, value in self._in_memory.items()}
         raw_names = list(self._raw[0])
         if len(self.fragments) == 1:
@@ -298,9 +298,9 @@ class SplitReader:
                 value[rows] = self._raw[f][name].read(idx[rows] - self.offsets[f],
                                                       verify=mode[f] == "crc32c" or name == self.label_array)
             out[name] = value
-        content = {name: value for name, value in out.items() if name != self.label_array}
         if not any(name != self.label_array for name in raw_names):  # all in memory, checked when loaded
             return out
+        content = {name: value for name, value in out.items() if name != self.label_array}
         for kind in ("checks", "hashes"):
             picked = [(f, rows) for f, rows in groups if mode[f] == kind]
             if not picked:
@@ -321,19 +321,16 @@ class SplitReader:
         """How rows of fragment ``f`` are checked on the fast path: ``"checks"`` (its row checks, loaded into the
         split-wide array on first use), ``"hashes"`` (its row hashes) or ``"crc32c"`` (per inner chunk)."""
         state = self._checked.get(f)
-        if state is None:
-            with _LOAD_LOCK:
-                state = self._checked.get(f)
-                if state is None:
-                    checks = read_row_checks(self.storage, self.table, self.fragments[f])
-                    if checks is not None:
-                        if self._checks is None:
-                            self._checks = np.zeros(len(self), np.uint64)
-                        self._checks[self.offsets[f]:self.offsets[f + 1]] = checks
-                        state = "checks"
-                    else:
-                        state = "hashes" if self._fragment_row_hashes(f) is not None else "crc32c"
-                    self._checked[f] = state
+        if state is None:  # (under _RAW_LOCK, as every raw read)
+            checks = read_row_checks(self.storage, self.table, self.fragments[f])
+            if checks is not None:
+                if self._checks is None:
+                    self._checks = np.zeros(len(self), np.uint64)
+                self._checks[self.offsets[f]:self.offsets[f + 1]] = checks
+                state = "checks"
+            else:
+                state = "hashes" if self._fragment_row_hashes(f) is not None else "crc32c"
+            self._checked[f] = state
         return state
 
     def _split_row_hashes(self, at: np.ndarray, frags: list[int]) -> np.ndarray:
