@@ -113,6 +113,19 @@ def test_global_arrays_are_sharded_over_the_mesh(table):
     assert arrays["input"].addressable_shards[0].data.shape == (4, 8, 8, 1)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_placed_batches_equal_device_put(table, devices):
+    """One device takes the jitted-identity path, eight ``device_put``: both give device_put's arrays and layout."""
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",)), P("data"))
+    (batch,), _ = _stream(table, 1)
+    placed, expected = to_global(batch, sharding), jax.device_put(batch, sharding)
+    for key in batch:
+        assert placed[key].sharding == expected[key].sharding and placed[key].dtype == batch[key].dtype
+        np.testing.assert_array_equal(np.asarray(placed[key]), batch[key])
+        devices_of = [[s.device for s in a.addressable_shards] for a in (placed[key], expected[key])]
+        assert devices_of[0] == devices_of[1]
+
+
 def test_batch_larger_than_split_is_rejected(table):
     with pytest.raises(ConfigError, match="batch size 5000 exceeds the 1257 training examples"):
         train_dataset(LakeDataSource(table.reader("train")), global_batch_size=5000, seed=0, num_epochs=1,

@@ -8,7 +8,8 @@ batches, and each host reads only its share from the lake.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -112,7 +113,19 @@ def eval_batches(source: LakeDataSource, *, global_batch_size: int, schema: dict
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles host-local batch rows into global arrays split along the batch axis. With one process the local
-    rows are the global batch: one ``device_put`` places them (about half the CPU time per batch)."""
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    rows are the global batch: on one device a jitted identity with ``sharding`` places them (the arrays
+    ``jax.device_put`` gives, for about a seventh of its CPU time through jit's C++ argument handling), on several
+    ``jax.device_put`` does (the identity program would then run on every device, which costs more); measured by
+    ``scripts/bench_place.py``."""
+    if jax.process_count() > 1:
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    if len(sharding.device_set) == 1:
+        return _placer(sharding)(batch)
+    return jax.device_put(batch, sharding)
+
+
+@functools.lru_cache(maxsize=32)
+def _placer(sharding: NamedSharding) -> Callable[[Any], Any]:
+    """A jitted identity whose inputs and outputs are laid out by ``sharding`` (one per sharding: jit's own cache
+    then holds one program per batch structure and shape)."""
+    return jax.jit(lambda batch: batch, in_shardings=sharding, out_shardings=sharding)
