@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per side (interleaved)")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of each full-loop run")
-    parser.add_argument("--loop-repeats", type=int, default=5, help="timed full-loop runs (each followed by the "
+    parser.add_argument("--loop-repeats", type=int, default=11, help="timed full-loop runs (each followed by the "
                         "bare step for as many steps)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N top entries of a cProfile of the last full-loop run")
