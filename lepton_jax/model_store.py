@@ -26,6 +26,7 @@ import numpy as np
 import tensorstore as ts
 
 from lepton_jax.errors import LeptonError
+from lepton_jax.lake.arrays import tensorstore_guard
 
 FORMAT = "zarr3-leaves/1"
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
@@ -66,6 +67,7 @@ def _spec(storage: Any, key: str, shape: tuple[int, ...] | None = None, dtype: A
 def write_tree(storage: Any, key: str, tree: Any) -> dict[str, Any]:
     """Writes every leaf of ``tree`` (fully addressable arrays) under ``key``; returns the manifest to keep."""
     leaves = [(p, np.asarray(jax.device_get(a))) for p, a in tree_leaves(tree)]
+    tensorstore_guard()
     context = ts.Context({"file_io_sync": True})  # local disk: fsync files and directories (other drivers ignore it)
     futures = []
     for i, (_, a) in enumerate(leaves):
@@ -104,6 +106,7 @@ def read_leaves(storage: Any, manifest: dict[str, Any], *, what: str) -> list[tu
     if manifest.get("format") != FORMAT:
         raise ParamsError(f"{what}: stored parameters have format {manifest.get('format')!r}, expected {FORMAT!r}")
     key, stored = manifest["key"], manifest["leaves"]
+    tensorstore_guard()
     try:
         stores = [ts.open(_spec(storage, f"{key}/{i:04d}"), open=True).result() for i in range(len(stored))]
         arrays = [f.result() for f in [s.read() for s in stores]]
@@ -119,6 +122,7 @@ def read_leaves(storage: Any, manifest: dict[str, Any], *, what: str) -> list[tu
 
 def delete_tree(storage: Any, key: str) -> None:
     """Removes every object under ``key`` (through the storage's kvstore)."""
+    tensorstore_guard()
     ts.KvStore.open(storage.kvstore(key)).result().delete_range(ts.KvStore.KeyRange()).result()
 
 

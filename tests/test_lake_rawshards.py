@@ -238,6 +238,29 @@ def test_a_process_forked_while_the_raw_read_lock_is_held_gets_it_free():
     assert child.exitcode == 0
 
 
+def _read_in_child(root):
+    try:
+        _reader(Lake(root).table("t"), "train").read(np.arange(5))  # rows of the zstd fragment: TensorStore
+    except LakeError as e:
+        os._exit(0 if "forked from process" in str(e) and "'spawn'" in str(e) else 4)
+    os._exit(3)
+
+
+def test_a_child_forked_after_the_parent_used_tensorstore_gets_a_lake_error_not_an_abort(mixed):
+    """TensorStore aborts (SIGABRT) a process forked from one that ran TensorStore operations; the lake raises a
+    LakeError there instead, saying to use 'spawn' or 'forkserver' workers."""
+    import multiprocessing
+
+    _reader(mixed, "train").read(np.arange(5))  # this process has run TensorStore operations (open, zstd reads)
+    child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(mixed.lake.root,))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, f"child exit code {child.exitcode} (-6: TensorStore aborted it)"
+
+
 def test_corrupt_shard_index_crc32c_and_misplaced_chunks_are_detected(tmp_path):
     tv, meta, base = _raw_table(tmp_path)
     layout = rawshards.open_raw(base, meta["files"], str(base)).layout

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,24 @@ COMPRESSIONS = ("none", "zstd")
 DEFAULT_COMPRESSION = "none"
 
 MISSING_CHUNK = 2**64 - 1  # a shard index entry's offset and size for an inner chunk not stored
+
+_TENSORSTORE_PID: int | None = None  # the process that ran this package's first TensorStore operation
+
+
+def tensorstore_guard() -> None:
+    """Called before this package's TensorStore operations. TensorStore aborts a process forked from one that has
+    run TensorStore operations (SIGABRT, "fork() use detected"); in such a child this raises a LakeError instead,
+    which says how to start worker processes. Forks from processes that never ran them (a fork server, a parent that
+    only imported lepton_jax) are fine."""
+    global _TENSORSTORE_PID
+    pid = os.getpid()
+    if _TENSORSTORE_PID is None:
+        _TENSORSTORE_PID = pid
+    elif pid != _TENSORSTORE_PID:
+        raise LakeError(f"process {pid} was forked from process {_TENSORSTORE_PID} after that process had read or "
+                        "written the lake, and TensorStore cannot run in such a child (it aborts it); start worker "
+                        "processes with the 'spawn' or 'forkserver' method (multiprocessing.get_context('spawn')), "
+                        "or fork them before the parent touches the lake")
 
 def _example_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
@@ -145,6 +164,7 @@ def _create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
             target_shard_bytes: int, compression: str) -> ts.TensorStore:
     if storage.tree(key) is not None:
         raise LakeError(f"refusing to overwrite existing array {storage.describe(key)}; lake arrays are written once")
+    tensorstore_guard()
     try:
         spec = zarr3_spec(storage.kvstore(key), shape, dtype, target_shard_bytes, compression)
         # TensorStore does not fsync each file (and its directory) as it writes it: the writer syncs the array's
@@ -275,6 +295,7 @@ def open_array(storage: Storage, key: str, cache_bytes: int = READ_CACHE_BYTES, 
             "recheck_cached_data": False, "recheck_cached_metadata": False}
     if context is None:
         spec["context"] = {"cache_pool": {"total_bytes_limit": int(cache_bytes)}}
+    tensorstore_guard()
     try:
         return ts.open(spec, open=True, read=True, context=context).result()
     except ValueError as e:
@@ -290,6 +311,7 @@ def read_context(cache_bytes: int = READ_CACHE_BYTES) -> ts.Context:
 def read_many(requests: list[tuple[ts.TensorStore, np.ndarray, str]], parts: int = READ_PARTS) -> list[np.ndarray]:
     """Reads ``store[index]`` for every ``(store, sorted index array, path)``, all requests in flight at once (each
     index split into pieces so that at least ``parts`` requests run concurrently)."""
+    tensorstore_guard()
     futures = []
     per = max(1, -(-parts // max(len(requests), 1)))
     try:
@@ -317,6 +339,7 @@ class ArrayWriter:
         self.rows = 0
 
     def write(self, block: np.ndarray) -> None:
+        tensorstore_guard()
         try:
             self.store[self.rows:self.rows + block.shape[0]].write(block).result()
         except ValueError as e:
@@ -339,6 +362,7 @@ def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "", par
 
     An integer index array is read as ``parts`` concurrent requests over consecutive pieces of it: one request's
     chunks are decoded one after another, so several in flight keep TensorStore's thread pools busy."""
+    tensorstore_guard()
     try:
         if isinstance(index, np.ndarray) and index.ndim == 1 and parts > 1 and index.size >= 2 * parts:
             futures = [store[piece].read() for piece in np.array_split(index, parts)]

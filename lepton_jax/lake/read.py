@@ -361,6 +361,7 @@ class SplitReader:
                         "(bytes changed after commit); run `lepton-jax lake verify`")
 
     def _read_range(self, stores: list[dict[str, Any]], start: int, stop: int) -> dict[str, np.ndarray]:
+        arrays.tensorstore_guard()  # the stores were opened by this process or its parent
         out: dict[str, np.ndarray] = {name: value[start:stop] for name, value in self._in_memory.items()}
         for name in self.array_names:
             if name in out:
