@@ -53,7 +53,8 @@ def test_index_batches_follow_grains_shuffle_across_epochs():
 
 
 @pytest.mark.parametrize("n, seed, rounds", [
-    (1, 3, 4), (1257, 0, 4), (1257, 7, 6),  # far below the 16-bit block: the doubled table
+    (1, 3, 4), (2, 9, 4), (150, 1, 4), (1257, 0, 4), (1257, 7, 6), (3000, 5, 4),  # below the 16-bit block: the
+    (8000, 2, 4),  # table (from 5 doubling passes at 150 examples to none at 8000) and the walks over it
     (8193, 2**32 - 1, 4),  # 16-bit block, encrypted index by index
     (65537, 4, 4),  # max_index 2**16: Grain's log2 gives 16 bits, so the top index maps inside the block
     (70001, 11, 8),  # 18-bit block
