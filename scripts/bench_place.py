@@ -1,9 +1,11 @@
-"""CPU time to place one host batch on the devices: ``lepton_jax.data.to_global`` (a jitted identity with the batch
-sharding) against ``jax.device_put(batch, sharding)``, the call it replaced, on the training loop's batch (the
-digits CNN's: 64 x 8 x 8 x 1 float32 inputs + int32 labels) or any ``--batch``/``--shape``.
+"""CPU time to place one host batch on the devices: ``lepton_jax.data.to_global`` against
+``jax.device_put(batch, sharding)``, the call it replaced, and the jitted identity with the batch sharding that
+``to_global`` uses on one CPU device, on the training loop's batch (the digits CNN's: 64 x 8 x 8 x 1 float32 inputs
++ int32 labels) or any ``--batch``/``--shape``; on several devices ``to_global`` is ``device_put``, and the identity's
+line shows why.
 
-Prints process CPU microseconds per batch of each side, interleaved repeats, medians with the spread, the ratio, and
-checks that both give the same arrays with the same sharding.
+Prints process CPU microseconds per batch of each side, interleaved repeats, medians with the spread, the ratio
+device_put / to_global, and checks that all give the same arrays with the same sharding.
 
     .venv/bin/python scripts/bench_place.py
     XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python scripts/bench_place.py   # 8-way sharded
@@ -21,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lepton_jax.data import to_global
+from lepton_jax.data.pipeline import _placer
 
 
 def main() -> None:
@@ -39,12 +42,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batch = {"input": rng.uniform(size=(args.batch, *args.shape)).astype(np.float32),
              "label": rng.integers(0, 10, args.batch).astype(np.int32)}
-    sides = {"to_global": lambda: to_global(batch, sharding), "device_put": lambda: jax.device_put(batch, sharding)}
+    identity = _placer(sharding)
+    sides = {"to_global": lambda: to_global(batch, sharding), "device_put": lambda: jax.device_put(batch, sharding),
+             "identity": lambda: identity(batch)}
     placed = {name: jax.block_until_ready(fn()) for name, fn in sides.items()}  # compiled and warm
     for key in batch:
-        a, b = placed["to_global"][key], placed["device_put"][key]
-        if not (np.array_equal(np.asarray(a), np.asarray(b)) and a.sharding == b.sharding):
-            raise SystemExit(f"to_global and device_put disagree on {key!r}")
+        b = placed["device_put"][key]
+        for name in ("to_global", "identity"):
+            a = placed[name][key]
+            if not (np.array_equal(np.asarray(a), np.asarray(b)) and a.sharding == b.sharding):
+                raise SystemExit(f"{name} and device_put disagree on {key!r}")
     cpu: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.repeats):
         for name, fn in sides.items():

@@ -104,6 +104,7 @@ if step train; then
   echo "== training benchmark (README)"
   $PY scripts/bench_train.py --config configs/digits_cnn.py | tee results/bench_train.txt
   $PY scripts/bench_place.py | tee results/bench_place.txt
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 $PY scripts/bench_place.py | tee results/bench_place_8dev.txt
 fi
 if step lake_s3; then
   echo "== lake on a local S3 server: bytes and requests per random read, raw vs zstd layout (docs/lake.md; ~3 minutes)"

@@ -6,7 +6,7 @@ from grain.experimental import index_shuffle as grain_index_shuffle
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lepton_jax.data import LakeDataSource, ShuffledBatches, eval_batches, shuffle, to_global, train_dataset
+from lepton_jax.data import LakeDataSource, ShuffledBatches, eval_batches, pipeline, shuffle, to_global, train_dataset
 from lepton_jax.errors import ConfigError
 from lepton_jax.lake import Lake
 
@@ -54,7 +54,7 @@ def test_index_batches_follow_grains_shuffle_across_epochs():
 
 @pytest.mark.parametrize("n, seed, rounds", [
     (1, 3, 4), (2, 9, 4), (150, 1, 4), (1257, 0, 4), (1257, 7, 6), (3000, 5, 4),  # below the 16-bit block: the
-    (8000, 2, 4),  # table (from 5 doubling passes at 150 examples to none at 8000) and the walks over it
+    (8000, 2, 4), (1257, 3, 8),  # table (5 doubling passes at 150 examples, none at 8000) and the walks
     (8193, 2**32 - 1, 4),  # 16-bit block, encrypted index by index
     (65537, 4, 4),  # max_index 2**16: Grain's log2 gives 16 bits, so the top index maps inside the block
     (70001, 11, 8),  # 18-bit block
@@ -115,11 +115,19 @@ def test_global_arrays_are_sharded_over_the_mesh(table):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_placed_batches_equal_device_put(table, devices):
-    """One device takes the jitted-identity path, eight ``device_put``: both give device_put's arrays and layout."""
+def test_placed_batches_equal_device_put(table, devices, monkeypatch):
+    """One CPU device takes the jitted-identity path, eight ``device_put`` (each checked by making the other path
+    fail): both give device_put's arrays and layout."""
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",)), P("data"))
     (batch,), _ = _stream(table, 1)
-    placed, expected = to_global(batch, sharding), jax.device_put(batch, sharding)
+    expected = jax.device_put(batch, sharding)
+
+    def other_path(*args, **kwargs):
+        raise AssertionError("to_global took the other placement path")
+
+    monkeypatch.setattr(*((jax, "device_put") if devices == 1 else (pipeline, "_placer")), other_path)
+    placed = to_global(batch, sharding)
+    monkeypatch.undo()
     for key in batch:
         assert placed[key].sharding == expected[key].sharding and placed[key].dtype == batch[key].dtype
         np.testing.assert_array_equal(np.asarray(placed[key]), batch[key])

@@ -238,7 +238,9 @@ def test_a_process_forked_while_the_raw_read_lock_is_held_gets_it_free():
     assert child.exitcode == 0
 
 
-def _read_in_child(root):
+def _read_in_child(root, in_memory, expected):
+    if not np.array_equal(in_memory.read(slice(0, 5))["image"], expected):  # the parent's reader, from memory
+        os._exit(5)
     try:
         _reader(Lake(root).table("t"), "train").read(np.arange(5))  # rows of the zstd fragment: TensorStore
     except LakeError as e:
@@ -248,11 +250,15 @@ def _read_in_child(root):
 
 def test_a_child_forked_after_the_parent_used_tensorstore_gets_a_lake_error_not_an_abort(mixed):
     """TensorStore aborts (SIGABRT) a process forked from one that ran TensorStore operations; the lake raises a
-    LakeError there instead, saying to use 'spawn' or 'forkserver' workers."""
+    LakeError there instead, saying to use 'spawn' or 'forkserver' workers, and a reader the parent opened still
+    serves what it holds in memory."""
     import multiprocessing
 
     _reader(mixed, "train").read(np.arange(5))  # this process has run TensorStore operations (open, zstd reads)
-    child = multiprocessing.get_context("fork").Process(target=_read_in_child, args=(mixed.lake.root,))
+    in_memory = mixed.reader("train")  # a small split: held in memory once opened
+    expected = in_memory.read(slice(0, 5))["image"]
+    child = multiprocessing.get_context("fork").Process(target=_read_in_child,
+                                                        args=(mixed.lake.root, in_memory, expected))
     child.start()
     child.join(60)
     if child.is_alive():

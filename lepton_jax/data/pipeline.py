@@ -113,13 +113,13 @@ def eval_batches(source: LakeDataSource, *, global_batch_size: int, schema: dict
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles host-local batch rows into global arrays split along the batch axis. With one process the local
-    rows are the global batch: on one device a jitted identity with ``sharding`` places them (the arrays
-    ``jax.device_put`` gives, for about a seventh of its CPU time through jit's C++ argument handling), on several
-    ``jax.device_put`` does (the identity program would then run on every device, which costs more); measured by
-    ``scripts/bench_place.py``."""
+    rows are the global batch: on one CPU device a jitted identity with ``sharding`` places them (the arrays
+    ``jax.device_put`` gives, for about a sixth of its CPU time, through jit's C++ argument handling); elsewhere
+    ``jax.device_put`` does (over several devices the identity program runs on each of them and costs more; on an
+    accelerator it would add a device copy, unmeasured here). Measured by ``scripts/bench_place.py``."""
     if jax.process_count() > 1:
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-    if len(sharding.device_set) == 1:
+    if len(sharding.device_set) == 1 and next(iter(sharding.device_set)).platform == "cpu":
         return _placer(sharding)(batch)
     return jax.device_put(batch, sharding)
 

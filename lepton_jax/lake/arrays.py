@@ -70,6 +70,7 @@ def tensorstore_guard() -> None:
                         "processes with the 'spawn' or 'forkserver' method (multiprocessing.get_context('spawn')), "
                         "or fork them before the parent touches the lake")
 
+
 def _example_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize)
 

@@ -361,7 +361,6 @@ class SplitReader:
                         "(bytes changed after commit); run `lepton-jax lake verify`")
 
     def _read_range(self, stores: list[dict[str, Any]], start: int, stop: int) -> dict[str, np.ndarray]:
-        arrays.tensorstore_guard()  # the stores were opened by this process or its parent
         out: dict[str, np.ndarray] = {name: value[start:stop] for name, value in self._in_memory.items()}
         for name in self.array_names:
             if name in out:
@@ -370,6 +369,7 @@ class SplitReader:
                 meta = self.fragments[0]["arrays"][name]
                 out[name] = np.zeros((0, *meta["shape"][1:]), meta["dtype"])
                 continue
+            arrays.tensorstore_guard()  # the stores were opened by this process or by its parent
             futures = []
             for f, frag in enumerate(self.fragments):
                 a, b = max(start, int(self.offsets[f])), min(stop, int(self.offsets[f + 1]))
