@@ -60,6 +60,17 @@ _tokens = itertools.count()
 _mapped_lock = threading.Lock()
 
 
+def groups(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(key, positions)`` for each distinct value of the integer array ``keys``, in increasing key order, the
+    positions in their original order: one stable sort, then a slice per key (no mask per key)."""
+    if not keys.size:
+        return []
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    cuts = (np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist()
+    return [(int(ordered[a]), order[a:b]) for a, b in zip([0, *cuts], [*cuts, keys.size], strict=True)]
+
+
 @dataclasses.dataclass(frozen=True)
 class MappedShard:
     """One mapped shard: ``view`` (a ``(chunk, row, ...)`` array when its chunks are evenly spaced, else one array
@@ -162,11 +173,7 @@ class RawArray:
         if idx.size == 0 or not np.any(shard != first):
             return self._gather(self._shard(first), idx - first * lay.per_shard, verify)
         out = np.empty((idx.size, *lay.shape[1:]), lay.dtype)
-        order = np.argsort(shard, kind="stable")  # rows grouped by shard: one sort, then a slice per shard
-        ordered = shard[order]
-        cuts = (np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist()
-        for a, b in zip([0, *cuts], [*cuts, idx.size], strict=True):
-            s, rows = int(ordered[a]), order[a:b]
+        for s, rows in groups(shard):
             out[rows] = self._gather(self._shard(s), idx[rows] - s * lay.per_shard, verify)
         return out
 

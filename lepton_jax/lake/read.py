@@ -283,10 +283,7 @@ class SplitReader:
             frag, groups = None, [(0, None)]
         else:  # rows grouped by fragment: one sort, then a slice per fragment
             frag = np.searchsorted(self.offsets, idx, side="right") - 1
-            order = np.argsort(frag, kind="stable")
-            cuts = np.flatnonzero(frag[order][1:] != frag[order][:-1]) + 1
-            groups = [(int(frag[order[a]]), order[a:b]) for a, b in
-                      zip([0, *cuts.tolist()], [*cuts.tolist(), idx.size], strict=True)]
+            groups = rawshards.groups(frag)
         mode = {f: self._row_check_mode(f) for f, _ in groups}
         for name in raw_names:
             if frag is None:
