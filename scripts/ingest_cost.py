@@ -51,12 +51,12 @@ def _timed(fn: Callable[[], object], repeats: int, setup: Callable[[], None] | N
     return statistics.median(cpu), statistics.median(wall)
 
 
-def _ingest_cpu(lake: Path, source: Path) -> tuple[float, float]:
+def _ingest_cpu(lake: Path, source: Path, row_hash: str) -> tuple[float, float]:
     """(CPU ms, wall s) of one ``lepton-jax lake ingest`` process (CPU of the waited-for child, from getrusage)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lepton_jax.cli", "lake", "ingest", "--lake", str(lake), "--table", "t",
-                    "--source", f"npz:{source}"], check=True, stdout=subprocess.DEVNULL)
+                    "--source", f"npz:{source}", "--row-hash", row_hash], check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) * 1e3, wall
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8,
                         help="npz shards for the end-to-end ingest (default 8; compared with an ingest of 2)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of each step (median)")
+    parser.add_argument("--row-hash", default="xxh3_128", choices=("xxh3_128", "sha256"),
+                        help="the rows' identity hash the steps use (default: a new table's)")
     args = parser.parse_args()
     if args.chunks < 3 or args.repeats < 1:
         sys.exit("error: --chunks must be >= 3 and --repeats >= 1")
@@ -84,6 +86,7 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
     from lepton_jax.lake import arrays, chunks, fragments, source_spec
     from lepton_jax.lake.storage import LocalStorage
 
+    row_hash = args.row_hash
     shards = work / "npz"
     shards.mkdir()
     for k in range(args.chunks):
@@ -123,13 +126,14 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
 
     def clean_chunk() -> None:  # what a chunk's cleaning runs: value checks, row hashes, in-chunk dedup
         keep, rejects = chunks._check_values(data, labels)
-        chunks._dedup(data, labels, names, keep, rejects, fragments.row_hashes(data.arrays))
+        chunks._dedup(data, labels, names, keep, rejects, fragments.row_hashes(data.arrays, row_hash=row_hash))
 
     write()  # TensorStore's first write starts its thread pools: not a chunk's cost
     steps: list[tuple[str, Callable[[], object], bool]] = [  # (what, fn, removable by a record-format change)
         ("read and check the npz (NpzShard.load)", task.load, False),
         ("source digest (SourceData.digest, sha256)", data.digest, True),
-        ("row hashes (sha256 per row, holds the GIL)", lambda: fragments.row_hashes(data.arrays), False),
+        (f"row hashes ({row_hash} per row, holds the GIL)",
+         lambda: fragments.row_hashes(data.arrays, row_hash=row_hash), False),
         ("validate + clean, incl. row hashes (clean_chunk)", clean_chunk, False),
         ("statistics partials (partial_stats)", lambda: fragments.partial_stats(named), False),
         ("array content digests (sha256)", lambda: [arrays.content_digest(v) for v in named.values()], True),
@@ -147,7 +151,7 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
         print(f"{what:48s} {cpu:8.1f} {wall:8.1f}")
     print(f"{'np.save + fsync of the same arrays (baseline)':48s} {save_cpu:8.1f} {save_wall:8.1f}")
     clean = costs["validate + clean, incl. row hashes (clean_chunk)"][0]
-    hashes = costs["row hashes (sha256 per row, holds the GIL)"][0]
+    hashes = costs[f"row hashes ({row_hash} per row, holds the GIL)"][0]
     counted = [w for w, _, _ in steps if not w.startswith("row hashes")]  # clean_chunk holds the row hashes
     step_cpu = sum(costs[w][0] for w in counted)
     print(f"sum of the steps (the row hashes once, inside clean_chunk): {step_cpu:.1f} ms CPU per chunk "
@@ -160,7 +164,7 @@ def _run(args: argparse.Namespace, work: Path, cores: int) -> None:
     runs: dict[int, list[tuple[float, float]]] = {2: [], args.chunks: []}
     for rep in range(2):  # interleaved: 2 shards, all shards, 2 shards, all shards
         for count, src in ((2, few), (args.chunks, shards)):
-            runs[count].append(_ingest_cpu(work / f"e2e{count}_{rep}", src))
+            runs[count].append(_ingest_cpu(work / f"e2e{count}_{rep}", src, row_hash))
     (cpu_few, _), (cpu_all, wall_all) = (tuple(statistics.median(v) for v in zip(*runs[c], strict=True))
                                          for c in (2, args.chunks))
     e2e_cpu = (cpu_all - cpu_few) / (args.chunks - 2)

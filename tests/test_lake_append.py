@@ -149,3 +149,76 @@ def test_compaction_reads_each_row_once(tmp_path):
     assert got["version"] == 5
     assert got["rchar"] <= 1.1 * table_bytes, (got, table_bytes)
     assert Lake(tmp_path / "lake").verify() == []
+
+
+def test_a_tables_row_hash_is_kept_new_tables_xxh3_sha256_and_older_tables_sha256(tmp_path):
+    """New tables identify rows by xxh3-128 (record format /5); a table made with row_hash="sha256", or written
+    before row-hash entries named their hash, keeps sha256 through appends (dedup included), compaction and
+    verify (format /4); an append may not switch."""
+    import hashlib
+
+    from lepton_jax.errors import LakeError
+    from lepton_jax.lake import records
+    from lepton_jax.lake.fragments import read_row_hashes
+
+    rng = np.random.default_rng(5)
+    x, y = rng.integers(0, 256, (160, 4, 4), dtype=np.uint8), rng.integers(0, 3, 160)
+    sources = []
+    for name, rows in (("a", slice(0, 80)), ("b", slice(40, 120)), ("c", slice(100, 160))):  # 40 / 20 rows overlap
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "part.npz", x=x[rows], y=y[rows])
+        sources.append(NpzSource(tmp_path / name, value_range=(0, 255)))
+    first, second, third = sources
+
+    def add(lake, source, **kw):
+        return ingest(lake, "t", source, splits={"train": 1.0}, mode="append", **kw)
+
+    def hashes_of(lake, tv):
+        return {f["row_hashes"].get("hash", "sha256") for f in tv.fragments("train")}
+
+    fast = Lake(tmp_path / "fast")
+    tv = add(fast, first).version
+    assert tv.record["format"] == records.FORMAT == "lepton-lake/5" and hashes_of(fast, tv) == {"xxh3_128"}
+    assert tv.fragments("train")[0]["row_hashes"]["path"].endswith("/_rows.xxh3_128")
+    assert tv.record["lineage"]["source"]["digest"] == "row-xxh3_128"
+    result = add(fast, second)
+    assert result.version.num_examples("train") == 120 and result.report["duplicate"] == 40
+
+    safe = Lake(tmp_path / "safe")
+    add(safe, first, row_hash="sha256")
+    with pytest.raises(LakeError, match="identifies rows by sha256; an append must keep it"):
+        add(safe, second, row_hash="xxh3_128")
+    result = add(safe, second)
+    tv = result.version
+    assert tv.record["format"] == "lepton-lake/4" and hashes_of(safe, tv) == {"sha256"}
+    assert result.report["duplicate"] == 40 and tv.num_examples("train") == 120
+    frag = tv.fragments("train")[-1]
+    rows = tv.reader("train").read(slice(80, 120))["image"]
+    assert [bytes(h) for h in read_row_hashes(safe.storage, "t", frag)] == [
+        hashlib.sha256(r.tobytes()).digest() for r in rows]
+
+    # an older record: no row-hash entry names its hash (sha256 then); appends, compaction and verify keep sha256
+    key = records.record_key("t", tv.version)
+    old = json.loads(safe.storage.read(key))
+    for f in old["splits"]["train"]["fragments"]:
+        del f["row_hashes"]["hash"]
+    safe.storage.write(key, records.encode(records.seal(old)))
+    assert safe.table("t").record["format"] == "lepton-lake/4"
+    result = add(safe, third)
+    assert result.report["duplicate"] == 20 and result.version.num_examples("train") == 160
+    assert hashes_of(safe, result.version) == {"sha256"}
+    compacted = safe.compact("t")
+    assert hashes_of(safe, compacted) == {"sha256"} and compacted.num_examples("train") == 160
+    assert safe.verify() == [] and fast.verify() == []
+    # an overwrite may switch the hash; the same source ingested again into such an older table is still the same
+    switched = ingest(safe, "t", first, splits={"train": 1.0}, row_hash="xxh3_128").version
+    assert hashes_of(safe, switched) == {"xxh3_128"} and switched.record["format"] == "lepton-lake/5"
+    legacy = Lake(tmp_path / "legacy")
+    tv = ingest(legacy, "t", first, splits={"train": 1.0}, row_hash="sha256").version
+    key = records.record_key("t", tv.version)
+    old = json.loads(legacy.storage.read(key))
+    for f in old["splits"]["train"]["fragments"]:
+        del f["row_hashes"]["hash"]
+    legacy.storage.write(key, records.encode(records.seal(old)))
+    again = ingest(legacy, "t", first, splits={"train": 1.0})
+    assert not again.created and again.version.version == tv.version

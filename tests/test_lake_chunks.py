@@ -8,21 +8,28 @@ import numpy as np
 import pytest
 import xxhash
 
+from lepton_jax.errors import LakeError
 from lepton_jax.lake.chunks import _label
-from lepton_jax.lake.fragments import row_checks, row_hashes
+from lepton_jax.lake.fragments import row_checks, row_digests, row_hashes
 from lepton_jax.lake.sources import SourceData
 
 
-def test_row_hashes_and_checks_are_sha256_and_xxh3_of_each_rows_bytes_in_sorted_array_order():
+def test_row_hashes_and_checks_are_sha256_or_xxh3_of_each_rows_bytes_in_sorted_array_order():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(50, 3, 4), dtype=np.uint8)
     a = rng.random((50, 2))
-    one = row_hashes({"x": x, "label": np.zeros(50, np.int32)})
-    two = row_hashes({"x": x, "a": a, "label": np.zeros(50, np.int32)})
-    for i in range(50):
-        assert one[i].tobytes() == hashlib.sha256(x[i].tobytes()).digest()
-        assert two[i].tobytes() == hashlib.sha256(a[i].tobytes() + x[i].tobytes()).digest()  # "a" sorts first
-    assert row_hashes({"x": x[:0]}).shape == (0, 32)
+    for row_hash, digest in (("sha256", lambda b: hashlib.sha256(b).digest()),
+                             ("xxh3_128", lambda b: xxhash.xxh3_128_digest(b) + bytes(16))):  # 16 B in a 32 B slot
+        one = row_hashes({"x": x, "label": np.zeros(50, np.int32)}, row_hash=row_hash)
+        two = row_hashes({"x": x, "a": a, "label": np.zeros(50, np.int32)}, row_hash=row_hash)
+        both = row_digests({"x": x, "a": a}, row_hash=row_hash)
+        for i in range(50):
+            assert one[i].tobytes() == digest(x[i].tobytes())
+            assert two[i].tobytes() == digest(a[i].tobytes() + x[i].tobytes())  # "a" sorts first
+        assert np.array_equal(both[0], two)
+        assert row_hashes({"x": x[:0]}, row_hash=row_hash).shape == (0, 32)
+    with pytest.raises(LakeError, match="unknown row hash 'md5'"):
+        row_hashes({"x": x}, row_hash="md5")
     # the reads' row checks: xxh3-64 of the same bytes, as uint64
     assert row_checks({"x": x, "label": np.zeros(50, np.int32)}).tolist() == [
         xxhash.xxh3_64_intdigest(x[i].tobytes()) for i in range(50)]

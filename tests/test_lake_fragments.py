@@ -385,7 +385,8 @@ def test_the_content_chain_ignores_fragment_cuts_and_an_append_continues_it_from
     x, y = rng.integers(0, 256, (200, 3, 3), dtype=np.uint8), rng.integers(0, 4, 200).astype(np.int32)
 
     def cut(name, bounds):
-        return [lake.write_fragment("t", f"data/{name}/s/{k:03d}", {"x": x[a:b], "label": y[a:b]})
+        return [lake.write_fragment("t", f"data/{name}/s/{k:03d}", {"x": x[a:b], "label": y[a:b]},
+                                    row_hash="xxh3_128")
                 for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
 
     one, many = cut("one", [0, 200]), cut("many", [0, 70, 71, 150, 200])
@@ -398,5 +399,5 @@ def test_the_content_chain_ignores_fragment_cuts_and_an_append_continues_it_from
     assert content_chain(lake.storage, "t", many, extends=head) == whole
     y2 = y.copy()
     y2[199] = (y2[199] + 1) % 4  # one label differs: another digest
-    other = [lake.write_fragment("t", "data/other/s/000", {"x": x, "label": y2})]
+    other = [lake.write_fragment("t", "data/other/s/000", {"x": x, "label": y2}, row_hash="xxh3_128")]
     assert content_chain(lake.storage, "t", other)["content_sha256"] != whole["content_sha256"]

@@ -369,7 +369,8 @@ def test_digests_recorded_at_write_time_match_the_bytes_on_disk(tmp_path):
     rng = np.random.default_rng(3)
     named = {"image": rng.integers(0, 255, size=(300, 10, 10), dtype=np.uint8),  # several shards, several in flight
              "label": rng.integers(0, 3, size=300).astype(np.int32)}
-    entry = write_fragment(storage, "t", "data/c1/train/000000", named, target_shard_bytes=4000)
+    entry = write_fragment(storage, "t", "data/c1/train/000000", named, target_shard_bytes=4000,
+                           row_hash="xxh3_128")
     entries = {name: (f"t/{m['path']}", m) for name, m in entry["arrays"].items()}
     digest = arrays.write_array(storage, "single", named["image"], target_shard_bytes=4000)
     entries["single"] = ("single", {"sha256": digest, "files": arrays.file_digests(storage, "single")})

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--workers", type=int, default=None,
                         help="processes that decode and write chunks (one commit; default 1); with --executor ray: "
                              "chunk tasks in flight (default twice the cluster's CPUs)")
+    ingest.add_argument("--row-hash", default=None, choices=["xxh3_128", "sha256"],  # fragments.ROW_HASHES
+                        help="the rows' identity hash for dedup and leak checks: a new table's default is xxh3_128 "
+                             "(fast, not cryptographic); sha256 for untrusted sources, where rows crafted to collide "
+                             "could hide an example; an existing table keeps its own")
     ingest.add_argument("--executor", default="process", choices=["process", "ray"],
                         help="process (default: --workers processes on this machine) or ray (one Ray task per "
                              "chunk, on the cluster at --ray-address, else a local Ray instance)")
@@ -177,7 +181,7 @@ def ingest_command(args: argparse.Namespace) -> int:
     result = ingest(lake, args.table, source, splits=_parse_splits(args.splits), seed=args.seed,
                     label_map=_parse_label_map(args.label_map), label_names=label_names, retries=args.retries,
                     allow_schema_change=args.allow_schema_change, mode=write_mode, workers=args.workers,
-                    executor=args.executor, ray_address=args.ray_address, progress=True)
+                    executor=args.executor, ray_address=args.ray_address, progress=True, row_hash=args.row_hash)
     tv = result.version
     if result.ran_on:
         tasks = result.ran_on["tasks"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
-from lepton_jax.lake.fragments import check_name, row_digests
+from lepton_jax.lake.fragments import DEFAULT_ROW_HASH, check_name, row_digests, row_hash_field
 from lepton_jax.lake.index import prefix_keys
 from lepton_jax.lake.sources import SourceData, storable_dtype
 from lepton_jax.lake.store import DATA_DIR, Lake
@@ -44,6 +44,7 @@ class ChunkJob:
     crash: bool = False
     single: bool = False  # the source is this one chunk
     compression: str = arrays.DEFAULT_COMPRESSION  # the lake's inner-chunk layout
+    row_hash: str = DEFAULT_ROW_HASH  # the table's row hash (fragments.ROW_HASHES)
 
 
 def process_chunk(job: ChunkJob) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
     split_index = _split(job, data, labels, np.flatnonzero(candidates))
     writes = _start_writes(job, lake, data, labels, split_index, hashed, threads)
     try:
-        hashes, checks = row_digests(data.arrays)  # one pass: sha256 and xxh3-64 of each row
+        hashes, checks = row_digests(data.arrays, row_hash=job.row_hash)  # one pass: row hash and xxh3-64
         dup_rejects = _dedup(data, labels, names, keep, rejects, hashes)
     except BaseException as e:
         hashed.set_exception(e)
@@ -93,12 +94,15 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
         candidates[list(dup_rejects)] = False
         split_index = _split(job, data, labels, np.flatnonzero(candidates))
         writes = _start_writes(job, lake, data, labels, split_index, hashed, threads)
-    digest = data.digest(hashes)  # the examples' bytes are hashed once: the row hashes serve the source digest too
-    entries: list[dict[str, Any]] = [{**r, "index": None, "sha256": None} for r in data.rejected]
+    # the examples' bytes are hashed once: the row hashes serve the source digest too
+    digest = data.digest(hashes, row_hash=job.row_hash)
+    entries: list[dict[str, Any]] = [{**r, "index": None, **row_hash_field(job.row_hash, None)}
+                                     for r in data.rejected]
     for i, (reason, detail) in sorted(rejects.items()):
         keep[i] = False
         entries.append({"id": data.example_id(i), "index": int(i), "reason": reason, "detail": detail,
-                        "label": names[labels[i]] if labels[i] >= 0 else None, "sha256": hashes[i].tobytes().hex()})
+                        "label": names[labels[i]] if labels[i] >= 0 else None,
+                        **row_hash_field(job.row_hash, hashes[i])})
     fragments = {}
     for split, idx in split_index.items():
         fragments[split] = {"entry": writes[split].result(), "hashes": hashes[idx],
@@ -151,7 +155,7 @@ def _start_writes(job: ChunkJob, lake: Lake, data: SourceData, labels: np.ndarra
     for k, (split, idx) in enumerate(split_index.items()):
         named = {**{name: _rows(v, idx) for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
         writes[split] = threads.submit(lake.write_fragment, job.table, _fragment_path(job, split), named,
-                                       crash=job.crash and k == 0,
+                                       crash=job.crash and k == 0, row_hash=job.row_hash,
                                        hashes=lambda idx=idx: hashed.result()[0][idx],
                                        checks=lambda idx=idx: hashed.result()[1][idx])
     return writes

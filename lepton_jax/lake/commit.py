@@ -22,12 +22,14 @@ from lepton_jax.errors import CommitConflictError, LakeError
 from lepton_jax.lake import records
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import (
+    DEFAULT_ROW_HASH,
     LABEL,
     check_name,
     content_chain,
     logical_arrays,
     safe_relpath,
     split_fragments,
+    table_row_hash,
     write_fragment,
 )
 from lepton_jax.lake.processes import pid_alive as _pid_alive
@@ -60,14 +62,16 @@ class Committing:
 
     def write_fragment(self, table: str, rel: str, named: dict[str, np.ndarray], *, label_array: str = LABEL,
                        crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None,
-                       checks: np.ndarray | Callable[[], np.ndarray] | None = None) -> dict[str, Any]:
-        """Writes one fragment at ``<table>/<rel>`` (``rel`` = ``data/<commit-id>/...``); returns its entry."""
+                       checks: np.ndarray | Callable[[], np.ndarray] | None = None, row_hash: str
+                       ) -> dict[str, Any]:
+        """Writes one fragment at ``<table>/<rel>`` (``rel`` = ``data/<commit-id>/...``) with the table's
+        ``row_hash``; returns its entry."""
         safe_relpath(rel)
         for part in rel.split("/")[1:]:
             check_name("fragment path component", part)
         return write_fragment(self.storage, check_name("table", table), rel, named,
                               target_shard_bytes=self.target_shard_bytes, label_array=label_array, crash=crash,
-                              hashes=hashes, checks=checks, compression=self.compression)
+                              hashes=hashes, checks=checks, compression=self.compression, row_hash=row_hash)
 
     def write_quarantine_entries(self, table: str, commit_id: str, entries: list[dict[str, Any]]
                                  ) -> dict[str, Any]:
@@ -214,13 +218,20 @@ class Committing:
     def commit(self, table: str, splits: dict[str, dict[str, np.ndarray]], *, schema: dict[str, Any],
                lineage: dict[str, Any], stats: dict[str, Any] | None = None, parent: int | None = None,
                quarantine: dict[str, Any] | None = None, retries: int = 0,
-               rebase: Callable[[TableVersion], TableVersion | None] | None = None) -> TableVersion:
+               rebase: Callable[[TableVersion], TableVersion | None] | None = None,
+               row_hash: str | None = None) -> TableVersion:
         """Writes ``splits`` (split -> array name -> array), one fragment each, as a new version and publishes it
-        atomically (see :meth:`publish` for ``parent``, ``retries`` and ``rebase``).
+        atomically (see :meth:`publish` for ``parent``, ``retries`` and ``rebase``); ``row_hash`` names the rows'
+        identity hash (:data:`~lepton_jax.lake.fragments.ROW_HASHES`; default: the table's latest version's, or
+        ``xxh3_128`` for a new table).
 
         ``quarantine`` holds the rejected examples: ``{"entries": [dict, ...], "arrays": {name: array}}``.
         """
         check_name("table", table)
+        if row_hash is None:
+            latest = self.table(table) if self.versions(table) else None
+            row_hash = (table_row_hash(f for s in latest.splits for f in latest.fragments(s)) if latest is not None
+                        else DEFAULT_ROW_HASH)
         commit_id = self.new_commit_id()
         commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
         label_array = schema.get("label_array", LABEL)
@@ -229,13 +240,14 @@ class Committing:
                 fragments = {}
                 for k, (split, named) in enumerate(splits.items()):
                     rel = f"{DATA_DIR}/{commit_id}/{check_name('split', split)}/00000"
-                    fragments[split] = [self.write_fragment(table, rel, named, label_array=label_array, crash=k == 0)]
+                    fragments[split] = [self.write_fragment(table, rel, named, label_array=label_array, crash=k == 0,
+                                                            row_hash=row_hash)]
                 q = quarantine or {}
                 q_entry = self.write_quarantine_entries(table, commit_id, list(q.get("entries", [])))
                 named = q.get("arrays") or {}
                 if named and next(iter(named.values())).shape[0]:
                     q_entry["fragments"] = [self.write_fragment(table, f"{DATA_DIR}/{commit_id}/{QUARANTINE}/00000",
-                                                                named, label_array=label_array)]
+                                                                named, label_array=label_array, row_hash=row_hash)]
                     q_entry["num_rows"] = int(next(iter(named.values())).shape[0])
             except BaseException:
                 self._discard(commit_dir)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from lepton_jax.errors import LakeError
-from lepton_jax.lake.fragments import LABEL, fragment_keys, fragment_row_keys, read_row_hashes
+from lepton_jax.lake.fragments import LABEL, fragment_keys, fragment_row_keys, read_row_hashes, row_hash_field
 from lepton_jax.lake.index import CONFLICT, NEW, TABLE, HashIndex
 from lepton_jax.lake.store import DATA_DIR, QUARANTINE, Lake, SplitReader, TableVersion
 
@@ -38,8 +38,10 @@ def index_table(index: HashIndex, base: TableVersion) -> None:
 class Driver:
     """Cross-chunk decisions in chunk order, against the on-disk index; then the rewrites they need."""
 
-    def __init__(self, lake: Lake, table: str, commit_id: str, index: HashIndex, base: TableVersion | None):
+    def __init__(self, lake: Lake, table: str, commit_id: str, index: HashIndex, base: TableVersion | None, *,
+                 row_hash: str):
         self.lake, self.table, self.commit_id, self.index, self.base = lake, table, commit_id, index, base
+        self.row_hash = row_hash  # the table's (every fragment of this commit's)
         self.fragments: list[tuple[str, dict[str, Any]]] = []  # (split, entry) in order
         self.drops: dict[int, dict[int, tuple[str, str, int, str]]] = {}  # fragment -> row -> rejection
         self.entries: list[dict[str, Any]] = []
@@ -138,11 +140,11 @@ class Driver:
               label: int) -> None:
         self.drops.setdefault(fid, {})[row] = source
         self.late.append({"fid": fid, "row": row, "reason": reason, "detail": detail, "index": source, "id": ident,
-                          "sha256": h.hex(), "label": label})
+                          "hash": h, "label": label})
 
     def _write_quarantine_fragment(self, named: dict[str, np.ndarray]) -> None:
         rel = f"{DATA_DIR}/{self.commit_id}/{QUARANTINE}/{len(self.q_fragments):06d}"
-        self.q_fragments.append(self.lake.write_fragment(self.table, rel, named))
+        self.q_fragments.append(self.lake.write_fragment(self.table, rel, named, row_hash=self.row_hash))
         self.q_rows += int(named["label"].shape[0])
 
     def finish(self) -> dict[str, Any]:
@@ -168,14 +170,15 @@ class Driver:
             q_named.append(q)
             self.lake.storage.delete_prefix(f"{self.table}/{entry['path']}")
             rewritten[fid] = (self.lake.write_fragment(self.table, entry["path"] + "r",
-                                                       {k: v[mask] for k, v in data.items()}, hashes=hashes[mask])
+                                                       {k: v[mask] for k, v in data.items()}, hashes=hashes[mask],
+                                                       row_hash=self.row_hash)
                               if mask.any() else None)
         if q_named:
             self._write_quarantine_fragment({k: np.concatenate([q[k] for q in q_named]) for k in q_named[0]})
         names = self.names
         for e in self.late:
             self.entries.append({"id": e["id"], "index": e["index"], "reason": e["reason"], "detail": e["detail"],
-                                 "sha256": e["sha256"], "row": where[(e["fid"], e["row"])],
+                                 **row_hash_field(self.row_hash, e["hash"]), "row": where[(e["fid"], e["row"])],
                                  "label": names[e["label"]] if 0 <= e["label"] < len(names) else None})
         fragments: dict[str, list[dict[str, Any]]] = {}
         for fid, (split, entry) in enumerate(self.fragments):

@@ -1,18 +1,23 @@
 """Fragments: the immutable unit a table version is made of.
 
 A fragment is a set of zarr v3 arrays that share axis 0 (one logical slice of a split), written once under
-``data/<commit-id>/<split>/<fragment>/<array>/``, plus ``_rows.sha256``: the sha256 of every row's content (its
-non-label arrays, in sorted name order), 32 raw bytes per row, and ``_rows.xxh3``: the xxh3-64 of the same bytes,
-8 bytes per row. A split of a version is the concatenation of its
+``data/<commit-id>/<split>/<fragment>/<array>/``, plus its row hashes: one identity per row over the row's content
+(its non-label arrays, in sorted name order), 32 raw bytes per row, in ``_rows.xxh3_128`` (the xxh3-128 digest in the
+first 16 bytes, zeros after; the record's entry says ``"hash": "xxh3_128"``) or, in tables created before it was the
+default or with ``row_hash="sha256"``, ``_rows.sha256`` (the sha256); and ``_rows.xxh3``: the xxh3-64 of the same
+bytes, 8 bytes per row. Every fragment of a table uses the table's row hash (dedup compares them across fragments).
+A split of a version is the concatenation of its
 fragments in the order the record lists them. Records name fragments by their path relative to the table, never by
 listing a directory, so the same record works on a filesystem and on an object store.
 
 The row hashes serve three things without reading the data: the exact-dedup and leak index of an append (what does
 the table already hold?), the split's logical ``content_sha256`` (independent of how rows are cut into fragments, so
 compaction provably keeps it), and per-fragment statistics partials that combine exactly into version statistics.
-The row checks (xxh3-64, about 5x cheaper per row than sha256) serve one thing: a reader compares every row it
+xxh3-128 is about 5x cheaper per row than sha256 but not a cryptographic hash: rows crafted to collide could make
+dedup drop a distinct example, so a table ingesting untrusted data can be created with ``row_hash="sha256"``.
+The row checks (xxh3-64) serve one thing: a reader compares every row it
 returns with them (:class:`~lepton_jax.lake.read.SplitReader`), so reads verify every byte at a fraction of the cost
-of re-hashing with sha256. Fragments written before them are checked against their row hashes instead.
+of re-hashing the rows. Fragments written before them are checked against their row hashes instead.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from lepton_jax.lake import arrays
 from lepton_jax.lake.faults import armed, crash_point
 from lepton_jax.lake.storage import Storage
 
-ROW_HASHES = "_rows.sha256"
+ROW_HASH_SHA256, ROW_HASH_XXH3 = "sha256", "xxh3_128"  # the row hashes a fragment's entry may name
+ROW_HASHES = (ROW_HASH_XXH3, ROW_HASH_SHA256)
+DEFAULT_ROW_HASH = ROW_HASH_XXH3  # a new table's row hash
 ROW_CHECKS = "_rows.xxh3"
 ROW_CHECK_HASH = "xxh3_64"  # the hash the record names for the row checks (readers ignore checks of another name)
 KEY_BYTES = 8  # a row hash's prefix an append's index holds per table row (the rest is read on a prefix match)
@@ -74,9 +81,39 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
-    """``(n, 32)`` uint8: sha256 of each row's bytes over the non-label arrays in sorted name order."""
-    return row_digests(named, label_array, checks=False)[0]
+def row_hashes(named: dict[str, np.ndarray], label_array: str = LABEL, *, row_hash: str) -> np.ndarray:
+    """``(n, 32)`` uint8: the ``row_hash`` (:data:`ROW_HASHES`) of each row's bytes over the non-label arrays in
+    sorted name order (xxh3-128: the digest, then 16 zero bytes)."""
+    return row_digests(named, label_array, checks=False, row_hash=row_hash)[0]
+
+
+def check_row_hash(row_hash: str) -> str:
+    """``row_hash`` if this code knows it, else a one-line error."""
+    if row_hash not in ROW_HASHES:
+        raise LakeError(f"unknown row hash {row_hash!r}: use one of {list(ROW_HASHES)}")
+    return row_hash
+
+
+def row_hash_field(row_hash: str, digest: np.ndarray | bytes | None) -> dict[str, str | None]:
+    """A quarantine entry's identity field: ``{row_hash: hex digest}`` (xxh3-128: its 16 bytes, not the padding)."""
+    if digest is None:
+        return {row_hash: None}
+    raw = bytes(digest)
+    return {row_hash: (raw if row_hash == ROW_HASH_SHA256 else raw[:16]).hex()}
+
+
+def fragment_row_hash(frag: dict[str, Any]) -> str:
+    """The row hash a fragment's entry names (``sha256`` for fragments written before entries named one)."""
+    return check_row_hash((frag.get("row_hashes") or {}).get("hash", ROW_HASH_SHA256))
+
+
+def table_row_hash(fragments: Iterable[dict[str, Any]], default: str = DEFAULT_ROW_HASH) -> str:
+    """The row hash of a table whose fragments are ``fragments`` (``default`` when there are none); an error if they
+    disagree (dedup compares row hashes across fragments, so a table has one)."""
+    names = {fragment_row_hash(f) for f in fragments}
+    if len(names) > 1:
+        raise LakeError(f"the table's fragments use different row hashes {sorted(names)}; run `lepton-jax lake verify`")
+    return names.pop() if names else check_row_hash(default)
 
 
 def row_checks(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
@@ -85,11 +122,15 @@ def row_checks(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.nda
 
 
 def row_digests(named: dict[str, np.ndarray], label_array: str = LABEL, *, hashes: bool = True,
-                checks: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The row hashes (:func:`row_hashes`) and row checks (:func:`row_checks`) in one pass over the rows, each row's
-    bytes sliced once; one left out (an empty array in its place) when not asked for."""
+                checks: bool = True, row_hash: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The row hashes (:func:`row_hashes`, ``row_hash`` required with ``hashes``) and row checks
+    (:func:`row_checks`) in one pass over the rows, each row's bytes sliced once; one left out (an empty array in its
+    place) when not asked for."""
+    if hashes:
+        check_row_hash(row_hash)
     n, flats = _row_bytes(named, label_array)
-    sha256, xxh3 = hashlib.sha256, xxhash.xxh3_64_intdigest
+    xxh3, xxh128, sha256 = xxhash.xxh3_64_intdigest, xxhash.xxh3_128_digest, hashlib.sha256
+    is_sha = row_hash == ROW_HASH_SHA256
     digests: list[bytes] = []
     values: list[int] = []
     if len(flats) == 1:  # one digest per slice of a memoryview, joined: no array per row
@@ -97,27 +138,39 @@ def row_digests(named: dict[str, np.ndarray], label_array: str = LABEL, *, hashe
         starts = range(0, n * width, width)
         if hashes and checks:
             add_digest, add_value = digests.append, values.append
-            for a in starts:
-                row = rows[a:a + width]
-                add_digest(sha256(row).digest())
-                add_value(xxh3(row))
+            if is_sha:
+                for a in starts:
+                    row = rows[a:a + width]
+                    add_digest(sha256(row).digest())
+                    add_value(xxh3(row))
+            else:
+                for a in starts:
+                    row = rows[a:a + width]
+                    add_digest(xxh128(row))
+                    add_value(xxh3(row))
         elif hashes:
-            digests = [sha256(rows[a:a + width]).digest() for a in starts]
+            digests = ([sha256(rows[a:a + width]).digest() for a in starts] if is_sha
+                       else [xxh128(rows[a:a + width]) for a in starts])
         else:
             values = [xxh3(rows[a:a + width]) for a in starts]
     else:  # several arrays (or none): each row's parts fed to both hashes in sorted name order
         widths = [len(f) // n for f in flats]
         for i in range(n):
-            h, x = sha256(), xxhash.xxh3_64()
+            h, x = (sha256() if is_sha else xxhash.xxh3_128()), xxhash.xxh3_64()
             for f, w in zip(flats, widths, strict=True):
                 part = f[i * w:(i + 1) * w]
                 h.update(part)
                 x.update(part)
             digests.append(h.digest())
             values.append(x.intdigest())
-    return (np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy() if hashes
-            else np.zeros((0, 32), np.uint8),
-            np.array(values, dtype=np.uint64).reshape(n) if checks else np.zeros(0, np.uint64))
+    if not hashes:
+        identities = np.zeros((0, 32), np.uint8)
+    elif row_hash == ROW_HASH_SHA256:
+        identities = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy()
+    else:  # 16-byte digests in 32-byte slots: every table's hash files, index and content chain share one layout
+        identities = np.zeros((n, 32), np.uint8)
+        identities[:, :16] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 16)
+    return identities, np.array(values, dtype=np.uint64).reshape(n) if checks else np.zeros(0, np.uint64)
 
 
 def _row_bytes(named: dict[str, np.ndarray], label_array: str) -> tuple[int, list[memoryview]]:
@@ -289,9 +342,10 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
                    target_shard_bytes: int = arrays.TARGET_SHARD_BYTES, label_array: str = LABEL,
                    crash: bool = False, hashes: np.ndarray | Callable[[], np.ndarray] | None = None,
                    checks: np.ndarray | Callable[[], np.ndarray] | None = None,
-                   compression: str = arrays.DEFAULT_COMPRESSION) -> dict[str, Any]:
+                   compression: str = arrays.DEFAULT_COMPRESSION, row_hash: str) -> dict[str, Any]:
     """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, the row
-    hashes and the row checks), durably; returns its record entry.
+    hashes (``row_hash``: the table's, :func:`table_row_hash`) and the row checks), durably; returns its record
+    entry.
 
     ``hashes`` and ``checks``: the rows' hashes (:func:`row_hashes`) and checks (:func:`row_checks`), or functions
     that return them, called once the arrays' writes are under way (the caller hashes meanwhile); computed here if
@@ -321,9 +375,9 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             digests = {name: arrays.content_digest(value) for name, value in named.items()}  # sha256: without GIL
             # the statistics (many numpy calls) wait for the caller's row hashing, which holds the GIL; after it they
             # have it to themselves (100,000 rows of 28x28 bytes: 68 ms after the hashing, 237 ms beside it)
-            hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks)
+            hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks, row_hash)
             # the row files are written (and synced) while TensorStore still writes the arrays
-            entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
+            entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes, row_hash)
             entry["row_checks"] = write_row_checks(storage, table, rel, checks)
             stats = partial_stats(named, label_array)
             for name, value in named.items():
@@ -334,21 +388,21 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
                 write.abandon()
             raise
     if "row_hashes" not in entry:
-        hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks)
-        entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes)
+        hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks, row_hash)
+        entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes, row_hash)
         entry["row_checks"] = write_row_checks(storage, table, rel, checks)
     entry["stats"] = stats
     remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
 
 
-def _given_or_computed_digests(named: dict[str, np.ndarray], label_array: str, hashes: Any, checks: Any
-                               ) -> tuple[np.ndarray, np.ndarray]:
+def _given_or_computed_digests(named: dict[str, np.ndarray], label_array: str, hashes: Any, checks: Any,
+                               row_hash: str) -> tuple[np.ndarray, np.ndarray]:
     """``write_fragment``'s row hashes and checks: the caller's (called if functions), the missing ones computed."""
     hashes = hashes() if callable(hashes) else hashes
     checks = checks() if callable(checks) else checks
     if hashes is None or checks is None:
-        mine = row_digests(named, label_array, hashes=hashes is None, checks=checks is None)
+        mine = row_digests(named, label_array, hashes=hashes is None, checks=checks is None, row_hash=row_hash)
         hashes = mine[0] if hashes is None else hashes
         checks = mine[1] if checks is None else checks
     return np.ascontiguousarray(hashes, dtype=np.uint8), checks
@@ -362,15 +416,17 @@ def remember_keys(storage: Storage, table: str, entry: dict[str, Any], label_arr
               (np.array(hashes, np.uint8).reshape(-1, 32), None if labels is None else np.array(labels)))
 
 
-def write_row_hashes(storage: Storage, table: str, rel: str, hashes: np.ndarray) -> dict[str, Any]:
-    """Writes fragment ``rel``'s ``(n, 32)`` row hashes durably in the :data:`KEYS_FIRST` layout; returns their
-    record entry (digests of the whole file and of its keys)."""
+def write_row_hashes(storage: Storage, table: str, rel: str, hashes: np.ndarray, row_hash: str) -> dict[str, Any]:
+    """Writes fragment ``rel``'s ``(n, 32)`` row hashes (made by ``row_hash``) durably in the :data:`KEYS_FIRST`
+    layout, in ``_rows.<row_hash>``; returns their record entry (digests of the whole file and of its keys, and
+    the hash)."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 32)
     keys = np.ascontiguousarray(hashes[:, :KEY_BYTES]).tobytes()
     payload = keys + np.ascontiguousarray(hashes[:, KEY_BYTES:]).tobytes()
-    storage.write(f"{table}/{rel}/{ROW_HASHES}", payload)
-    return {"path": f"{rel}/{ROW_HASHES}", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-            "layout": KEYS_FIRST, "keys_sha256": hashlib.sha256(keys).hexdigest()}
+    path = f"{rel}/_rows.{check_row_hash(row_hash)}"
+    storage.write(f"{table}/{path}", payload)
+    return {"path": path, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+            "layout": KEYS_FIRST, "keys_sha256": hashlib.sha256(keys).hexdigest(), "hash": row_hash}
 
 
 def write_row_checks(storage: Storage, table: str, rel: str, checks: np.ndarray) -> dict[str, Any]:
@@ -442,7 +498,7 @@ def read_row_hashes(storage: Storage, table: str, frag: dict[str, Any], label_ar
     if meta is None:
         named = {name: arrays.read(arrays.open_array(storage, f"{table}/{safe_relpath(m['path'])}"), path=m["path"])
                  for name, m in frag["arrays"].items()}
-        return row_hashes(named, label_array)
+        return row_hashes(named, label_array, row_hash=ROW_HASH_SHA256)
     return stored_row_hashes(_read_recorded(storage, table, meta, "row hashes"), meta)
 
 

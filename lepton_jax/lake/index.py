@@ -1,19 +1,18 @@
 """The content-hash index of an ingest: exact dedup and the leak check across a whole dataset in bounded memory.
 
-One record per kept example content (sha256 of its arrays). Records are appended to a file of fixed-size rows on
-disk (the full hash, label, split, state, fragment, row, source index, where its id is); lookups go through sorted
-runs of ``(first 8 bytes of the hash, record number)``. The newest entries gather in memory (up to
-:data:`MEMORY_RUN`), then become a run on disk; runs merge like a log-structured merge tree (a new run merges into
-the previous one while that one is at most twice its size, up to :data:`MAX_RUN` entries), so there are O(log n)
-runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match is
-confirmed against the full hash in the record file, so the check is exact. Memory stays bounded by the largest run
-being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the hashes the
-table already holds by their 8-byte prefixes alone (:meth:`HashIndex.add_table_keys`; a fragment's full row hashes
-and labels are loaded only when one of its keys matches a lookup), so appended data is checked against the table as
-well as against itself; those are not copied to disk (their keys in memory, in row order: 8 bytes per row, 16 once a
-fifth lookup sorts them; records made on demand), so an append writes what it adds and reads a quarter of the
-table's row hashes.
-"""
+One record per kept example content (its row hash: the table's hash of its arrays, 32 bytes). Records are appended
+to a file of fixed-size rows on disk (the full hash, label, split, state, fragment, row, source index, where its id
+is); lookups go through sorted runs of ``(first 8 bytes of the hash, record number)``. The newest entries gather in
+memory (up to :data:`MEMORY_RUN`), then become a run on disk; runs merge like a log-structured merge tree (a new run
+merges into the previous one while that one is at most twice its size, up to :data:`MAX_RUN` entries), so there are
+O(log n) runs and a lookup of a batch is one vectorised ``np.searchsorted`` per run on a memory map. A prefix match
+is confirmed against the full hash in the record file, so the check is exact. Memory stays bounded by the largest
+run being merged (``MAX_RUN`` × 16 bytes) and the batch, whatever the dataset's size. An append first loads the
+hashes the table already holds by their 8-byte prefixes alone (:meth:`HashIndex.add_table_keys`; a fragment's full
+row hashes and labels are loaded only when one of its keys matches a lookup), so appended data is checked against
+the table as well as against itself; those are not copied to disk (their keys in memory, in row order: 8 bytes per
+row, 16 once a fifth lookup sorts them; records made on demand), so an append writes what it adds and reads a
+quarter of the table's row hashes. """
 
 from __future__ import annotations
 

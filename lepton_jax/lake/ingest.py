@@ -31,14 +31,17 @@ from lepton_jax.lake.chunks import ChunkJob, LabelFn, process_chunk, stratified_
 from lepton_jax.lake.decide import Driver, index_table
 from lepton_jax.lake.faults import crash_point
 from lepton_jax.lake.fragments import (
+    DEFAULT_ROW_HASH,
+    check_row_hash,
     combine_stats,
     fragment_keys,
     legacy_partials,
     read_ahead,
+    table_row_hash,
 )
 from lepton_jax.lake.index import HashIndex
 from lepton_jax.lake.processes import die_with, process_start
-from lepton_jax.lake.sources import DIGEST_OF_ROWS, Source, check_source, source_tasks
+from lepton_jax.lake.sources import Source, check_source, digest_of_rows, source_tasks
 from lepton_jax.lake.store import DATA_DIR, LEASE_DIR, Lake, TableVersion, check_name
 
 DEFAULT_SPLITS = {"train": 0.7, "dev": 0.15, "test": 0.15}
@@ -62,7 +65,7 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
            label_map: dict[str, str] | None = None, labeller: LabelFn | None = None,
            label_names: list[str] | None = None, retries: int = 0, allow_schema_change: bool = False,
            mode: str = "overwrite", workers: int | None = None, executor: str = "process",
-           ray_address: str | None = None, progress: bool = False) -> IngestResult:
+           ray_address: str | None = None, progress: bool = False, row_hash: str | None = None) -> IngestResult:
     """Reads ``source`` into a new version of ``table`` (or returns the latest if it holds the same content).
 
     ``mode="overwrite"``: the new version holds exactly this source. ``mode="append"``: it holds the latest
@@ -75,7 +78,9 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
     ``executor="ray"`` runs each chunk as a Ray task instead (``workers`` then caps the tasks in flight, default
     twice the cluster's CPUs) on the cluster at ``ray_address`` (else ``RAY_ADDRESS``), or on a local Ray instance
     started and stopped here; the tasks write fragments straight into the lake, this process decides across chunks
-    and commits, exactly as with processes.
+    and commits, exactly as with processes. ``row_hash`` is the rows' identity hash (dedup, leaks, content digests):
+    a new table's default is ``xxh3_128``; ``sha256`` where rows crafted to collide are a concern (untrusted
+    sources); an existing table keeps its own, and an append may not name another.
     """
     if label_map is not None and labeller is not None:
         raise LakeError("give either a label map or a labelling function, not both")
@@ -101,6 +106,7 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
         label_names = list(label_names) if label_names is not None else base.label_names
         if label_names != base.label_names:
             raise LakeError(f"an append must keep the table's label names {base.label_names}, got {label_names}")
+    row_hash = _row_hash(base, row_hash, appending)
     pool = None
     if executor == "process" and (workers or 1) > 1:
         # started now, so the workers' start-up overlaps listing the source; it also reads an image folder's
@@ -112,13 +118,27 @@ def ingest(lake: Lake, table: str, source: Source, *, splits: dict[str, float] |
         return _ingest(lake, table, source, pool, splits=splits, seed=seed, label_map=label_map, labeller=labeller,
                        label_names=label_names, retries=retries, allow_schema_change=allow_schema_change,
                        appending=appending, base=base, workers=workers, executor=executor, ray_address=ray_address,
-                       progress=progress)
+                       progress=progress, row_hash=row_hash)
     except BrokenProcessPool as e:
         raise LakeError(f"an ingest worker process died (killed, or out of memory?) while reading {source.uri}; "
                         "nothing was committed") from e
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _row_hash(base: TableVersion | None, requested: str | None, appending: bool) -> str:
+    """The row hash this ingest writes: ``requested`` (default ``xxh3_128``) for a new table, the table's own for an
+    existing one (an append that names another is an error; an overwrite may switch)."""
+    if requested is not None:
+        check_row_hash(requested)
+    if base is None or (requested is not None and not appending):  # a new version of only this source's rows
+        return requested or DEFAULT_ROW_HASH
+    have = table_row_hash(f for s in base.splits for f in base.fragments(s))
+    if appending and requested is not None and requested != have:
+        raise LakeError(f"table {base.table!r} identifies rows by {have}; an append must keep it (got "
+                        f"--row-hash {requested}); ingest with --mode overwrite to change it")
+    return requested or have
 
 
 def _worker_pool(workers: int) -> ProcessPoolExecutor:
@@ -138,7 +158,7 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
             splits: dict[str, float] | None, seed: int, label_map: dict[str, str] | None, labeller: LabelFn | None,
             label_names: list[str] | None, retries: int, allow_schema_change: bool, appending: bool,
             base: TableVersion | None, workers: int | None, executor: str, ray_address: str | None,
-            progress: bool) -> IngestResult:
+            progress: bool, row_hash: str) -> IngestResult:
     tasks = list(source_tasks(source, pool.map if pool is not None else None))
     if labeller is not None and label_names is None and len(tasks) > 1:
         raise LakeError(f"source {source.uri} comes in {len(tasks)} chunks: a labelling function needs the label "
@@ -157,7 +177,7 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
     # the lake's URI, not a path of this machine: the jobs may run on other nodes
     jobs = [ChunkJob(task, k, lake.uri, table, commit_id, lake.target_shard_bytes, fractions, int(seed),
                      label_map, labeller, label_names, crash=k == 0, single=len(tasks) == 1,
-                     compression=lake.compression)
+                     compression=lake.compression, row_hash=row_hash)
             for k, task in enumerate(tasks)]
     try:
         # the lease keeps gc off this commit's data until it is published (or given up)
@@ -171,7 +191,7 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
             with HashIndex(commit_dir) as index, ThreadPoolExecutor(1, thread_name_prefix="lake-index") as loader:
                 # an append's index of the table's keys loads (reads, checks) while the first chunk is processed
                 indexed = loader.submit(index_table, index, base) if appending else None
-                state = Driver(lake, table, commit_id, index, base if appending else None)
+                state = Driver(lake, table, commit_id, index, base if appending else None, row_hash=row_hash)
                 # closed before the data is discarded on a failure: no worker may still write into it then
                 with closing(_run(jobs, workers, progress, source.uri, executor, ray_address, ran_on,
                                   pool)) as results:
@@ -185,7 +205,7 @@ def _ingest(lake: Lake, table: str, source: Source, pool: ProcessPoolExecutor | 
                     indexed.result()
                 plan = state.finish()
             result = _commit(lake, table, source, plan, base, appending, split_params, labeller_spec, retries,
-                             allow_schema_change)
+                             allow_schema_change, row_hash)
     except BaseException:
         _discard(lake, table, commit_id)
         raise
@@ -206,7 +226,7 @@ def _discard(lake: Lake, table: str, commit_id: str) -> None:
 
 def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: TableVersion | None,
             appending: bool, split_params: dict[str, Any], labeller_spec: Any, retries: int,
-            allow_schema_change: bool) -> IngestResult:
+            allow_schema_change: bool, row_hash: str) -> IngestResult:
     commit_id, cleaning = plan["commit_id"], plan["cleaning"]
     if plan["source_split"]:
         split_params = {"from_source": True}
@@ -257,12 +277,12 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
                    **({"column_ranges": {k: v["column_ranges"] for k, v in schema["arrays"].items()
                                          if "column_ranges" in v}}
                       if any("column_ranges" in v for v in schema["arrays"].values()) else {})},
-                  {"name": "dedup_exact", "key": "sha256(example)", "index": "on-disk, whole dataset" +
+                  {"name": "dedup_exact", "key": f"{row_hash}(example)", "index": "on-disk, whole dataset" +
                    (" and table" if appending else ""),
                    "dropped": cleaning.get("duplicate", 0) + cleaning.get("conflicting_labels", 0)},
-                  {"name": "no_cross_split_leak", "key": "sha256(example)", "dropped": cleaning.get("leak", 0)}]
+                  {"name": "no_cross_split_leak", "key": f"{row_hash}(example)", "dropped": cleaning.get("leak", 0)}]
     lineage = {"source": {"name": source.name, "uri": plan["uri"], "sha256": plan["digest"],
-                          "digest": DIGEST_OF_ROWS, "chunks": plan["chunks"]},
+                          "digest": digest_of_rows(row_hash), "chunks": plan["chunks"]},
                "transforms": transforms, "labeller": labeller_spec, "split": split_params,
                "mode": "append" if appending else "overwrite"}
     if appending:
@@ -274,6 +294,9 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
             frags[s] = [f if "stats" in f else {**f, "stats": _partials(on, s, f)} for f in on.fragments(s)]
         for split, new in plan["fragments"].items():
             frags.setdefault(split, []).extend(new)
+        if on is not None and table_row_hash(f for s in on.splits for f in on.fragments(s)) != row_hash:
+            raise LakeError(f"table {table!r} was overwritten with rows identified by another hash while this "
+                            f"append ran (version {on.version}); nothing was published: append again")
         num_classes = len(schema["label_names"])
         stats = {"cleaning": cleaning,
                  "splits": {s: combine_stats([_partials(on, s, f) for f in fs], num_classes)

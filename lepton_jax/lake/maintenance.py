@@ -20,6 +20,7 @@ from lepton_jax.lake.fragments import (
     check_name,
     commit_dirs,
     content_matches,
+    fragment_row_hash,
     merge_partials,
     partial_stats,
     read_row_checks,
@@ -28,6 +29,7 @@ from lepton_jax.lake.fragments import (
     row_digests,
     safe_relpath,
     split_fragments,
+    table_row_hash,
     write_row_checks,
     write_row_hashes,
 )
@@ -140,12 +142,13 @@ class Maintenance:
                                             compression=self.compression)
                    for name, m in metas.items()}
         stats_parts, hash_parts, check_parts, label_parts = [], [], [], []
+        row_hash = table_row_hash(reader.fragments)  # the merged fragments' (one per table)
         for a in range(start, stop, block_rows):
             block = reader.read(slice(a, min(a + block_rows, stop)))
             for name, w in writers.items():
                 w.write(block[name])
             stats_parts.append(partial_stats(block, label_array))
-            block_hashes, block_checks = row_digests(block, label_array)
+            block_hashes, block_checks = row_digests(block, label_array, row_hash=row_hash)
             hash_parts.append(block_hashes)
             check_parts.append(block_checks)
             if label_array in block:
@@ -160,7 +163,7 @@ class Maintenance:
             if crash and k == 0:
                 crash_point("array")
         hashes = np.concatenate(hash_parts)
-        entry["row_hashes"] = write_row_hashes(self.storage, table, rel, hashes)
+        entry["row_hashes"] = write_row_hashes(self.storage, table, rel, hashes, row_hash)
         entry["row_checks"] = write_row_checks(self.storage, table, rel, np.concatenate(check_parts))
         # the content check and the record's content chain then read nothing of the new fragment back
         remember_keys(self.storage, table, entry, label_array, hashes,
@@ -204,6 +207,10 @@ class Maintenance:
         if q.get("arrays") or q.get("fragments"):
             groups.append((QUARANTINE, split_fragments({**q, "num_examples": q.get("num_rows", 0)})))
         label_array = tv.schema.get("label_array", LABEL)
+        try:  # dedup compares row hashes across fragments: a version's fragments share one
+            table_row_hash(f for _, frags in groups for f in frags)
+        except LakeError as e:
+            problems.append(Problem(tv.table, tv.version, str(self._record_path(tv.table, tv.version)), str(e)))
         for split, frags in groups:
             bad_before = len(problems)
             for frag in frags:
@@ -231,6 +238,7 @@ class Maintenance:
         if meta is None:
             return []
         try:
+            row_hash = fragment_row_hash(frag)
             stored = read_row_hashes(self.storage, tv.table, frag, label_array)
         except LakeError as e:
             return [Problem(tv.table, tv.version, meta["path"], str(e))]
@@ -258,7 +266,7 @@ class Maintenance:
                 except LakeError as e:
                     return [Problem(tv.table, tv.version, meta["path"], str(e))]
                 n = part.stop - part.start
-                hashes, block_checks = row_digests(block, label_array, checks=checks is not None)
+                hashes, block_checks = row_digests(block, label_array, checks=checks is not None, row_hash=row_hash)
                 differ = np.flatnonzero((hashes != stored[start:start + n]).any(axis=1))
                 if differ.size:
                     return [Problem(tv.table, tv.version, meta["path"], "row hashes differ from the fragment's data"),

@@ -23,6 +23,7 @@ from lepton_jax.lake.fragments import (
     row_hashes,
     safe_relpath,
     split_fragments,
+    table_row_hash,
 )
 from lepton_jax.lake.records import QUARANTINE
 from lepton_jax.lake.storage import Storage, open_storage
@@ -124,10 +125,10 @@ class SplitReader:
     local arrays in the raw layout are served by :mod:`lepton_jax.lake.rawshards` (one numpy gather per shard), and
     the rows gathered are compared with the fragment's row checks (``_rows.xxh3``: the xxh3-64 of each row, the
     file checked against the record when first loaded), or, for fragments written before row checks, with its row
-    hashes (``_rows.sha256``); the label array, which both leave out, and fragments with neither are checked per
-    inner chunk by their crc32c. Everything else goes through TensorStore, which checks each chunk's crc32c when it
-    reads it from storage; small arrays are read whole once, checked against their content digests and served from
-    memory. ``label_array`` names the array row hashes and checks leave out (the table schema's).
+    hashes (``_rows.sha256``, re-hashed); the label array, which both leave out, and fragments with neither are
+    checked per inner chunk by their crc32c. Everything else goes through TensorStore, which checks each chunk's
+    crc32c when it reads it from storage; small arrays are read whole once, checked against their content digests
+    and served from memory. ``label_array`` names the array row hashes and checks leave out (the table schema's).
     """
 
     #: Arrays of at most this many bytes in total (labels, small features) are read whole on first use, checked
@@ -308,7 +309,8 @@ class SplitReader:
             if kind == "checks":
                 bad = np.flatnonzero(row_checks(part, self.label_array) != self._checks[at])
             else:
-                got = row_hashes(part, self.label_array)
+                got = row_hashes(part, self.label_array,
+                                 row_hash=table_row_hash(self.fragments[f] for f, _ in picked))
                 bad = np.flatnonzero(np.any(got != self._split_row_hashes(at, [f for f, _ in picked]), axis=1))
             if bad.size:
                 self._corrupt_rows(at[bad], "row checks" if kind == "checks" else "row hashes")

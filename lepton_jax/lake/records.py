@@ -6,7 +6,10 @@ what it holds). Formats: ``lepton-lake/1`` (one array per split), ``lepton-lake/
 that field, so an edited record — reversed label names, a split's example count changed — is an error naming it,
 for every reader and for ``verify``) and ``lepton-lake/4`` (``/3`` with each split's content digest as a chain,
 ``fragments.content_chain``, that an append continues from the record, and row-hash files whose entry says
-``"layout": "keys-first"``). Records of the older formats still read (``/1`` and ``/2`` carry no digest).
+``"layout": "keys-first"``) and ``lepton-lake/5`` (``/4`` with fragments whose row-hash entry names another hash
+than sha256, ``"hash": "xxh3_128"``: code that knows only ``/4`` refuses such a record rather than check its rows
+with sha256; a record whose row hashes are all sha256 stays ``/4``). Records of the older formats still read (``/1``
+and ``/2`` carry no digest).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 
 from lepton_jax.errors import LakeError
 
-FORMAT = "lepton-lake/4"
+FORMAT = "lepton-lake/5"
+SHA256_ROWS_FORMAT = "lepton-lake/4"  # a record whose fragments' row hashes are all sha256
 # 1: one array per split, no fragments; 2: no record digest; 3: each split's content_sha256 over all its rows at once
-FORMATS = ("lepton-lake/1", "lepton-lake/2", "lepton-lake/3", FORMAT)
-SEALED_FORMATS = ("lepton-lake/3", FORMAT)  # formats whose records must carry their own digest
+FORMATS = ("lepton-lake/1", "lepton-lake/2", "lepton-lake/3", SHA256_ROWS_FORMAT, FORMAT)
+SEALED_FORMATS = ("lepton-lake/3", SHA256_ROWS_FORMAT, FORMAT)  # formats whose records must carry their own digest
 DIGEST_FIELD = "record_sha256"
 LOG_DIR = "_log"
 DATA_DIR = "data"
@@ -41,9 +45,18 @@ def record_digest(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def record_format(record: dict[str, Any]) -> str:
+    """The format a new ``record`` is written in: :data:`FORMAT` if a fragment's row hashes name a hash other than
+    sha256, else :data:`SHA256_ROWS_FORMAT`."""
+    parts = [*record.get("splits", {}).values(), record.get("quarantine") or {}]
+    named = {(f.get("row_hashes") or {}).get("hash", "sha256") for p in parts for f in p.get("fragments", [])}
+    return FORMAT if named - {"sha256"} else SHA256_ROWS_FORMAT
+
+
 def seal(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` in the current format with its own digest added."""
-    body = {**{k: v for k, v in record.items() if k != DIGEST_FIELD}, "format": FORMAT}
+    """``record`` in the current format (``/5``, or ``/4`` when all its row hashes are sha256) with its own digest
+    added."""
+    body = {**{k: v for k, v in record.items() if k != DIGEST_FIELD}, "format": record_format(record)}
     return {**body, DIGEST_FIELD: record_digest(body)}
 
 

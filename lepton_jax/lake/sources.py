@@ -27,7 +27,12 @@ from lepton_jax.errors import LakeError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-DIGEST_OF_ROWS = "row-sha256"  # lineage.source.digest: the source digest is taken over the row hashes
+DIGEST_OF_ROWS = "row-sha256"  # lineage.source.digest: the source digest is taken over the (sha256) row hashes
+
+
+def digest_of_rows(row_hash: str) -> str:
+    """``lineage.source.digest`` of a source digest taken over row hashes made by ``row_hash``."""
+    return DIGEST_OF_ROWS if row_hash == "sha256" else f"row-{row_hash}"
 
 @dataclasses.dataclass
 class SourceData:
@@ -62,14 +67,17 @@ class SourceData:
     def example_id(self, i: int) -> str:
         return self.ids[i] if self.ids is not None else f"example {i}"
 
-    def digest(self, rows: np.ndarray | None = None) -> str:
+    def digest(self, rows: np.ndarray | None = None, row_hash: str | None = None) -> str:
         """sha256 over every array, the labels and (when present) rejections, transforms and split assignment:
         identical source content gives an identical digest. With ``rows`` (the examples' row hashes,
         :func:`~lepton_jax.lake.fragments.row_hashes`, which ingest computes anyway) the arrays enter as their
-        names, dtypes and shapes plus those hashes (:data:`DIGEST_OF_ROWS`): no second pass over their bytes."""
+        names, dtypes and shapes plus those hashes (made by ``row_hash``, :func:`digest_of_rows`): no second pass
+        over their bytes."""
         h = hashlib.sha256()
         if rows is not None:
-            h.update(DIGEST_OF_ROWS.encode())
+            if row_hash is None:
+                raise LakeError("SourceData.digest over row hashes needs the hash that made them (row_hash=...)")
+            h.update(digest_of_rows(row_hash).encode())
         for name in sorted(self.arrays):
             value = np.ascontiguousarray(self.arrays[name])
             h.update(f"{name}:{value.dtype.str}:{value.shape}".encode())
