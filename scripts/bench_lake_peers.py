@@ -9,7 +9,8 @@ this job) and a numpy memmap of the raw bytes.
 Measured in one run, interleaved (lake, Lance, memmap, then again), medians with the spread of ``--repeats`` runs:
 
 - **write**: the lake's ``ingest`` (npz source of ``--shards`` files, one chunk each -> validate, dedup, split,
-  statistics, write, fsync, digests, commit), Lance ``write_dataset`` of a pyarrow table (image as
+  statistics, write, fsync, digests, commit; also into a table whose rows are identified by sha256,
+  ``row_hash="sha256"``, as every table was before xxh3-128), Lance ``write_dataset`` of a pyarrow table (image as
   ``fixed_size_binary``, label int32), numpy ``tofile`` + fsync; with ``--workers N`` also
   ``lepton-jax lake ingest --workers 1`` and ``--workers N`` as commands (a process each, start-up included: as
   users run it; in this process the workers would import this script's heavy ``__main__``), and their ratio.
@@ -132,12 +133,15 @@ def _run(args, work: Path, lance) -> None:
     import sklearn.model_selection  # noqa: F401  (a one-time import the lake's split needs; not write time)
 
     # -- write -------------------------------------------------------------------------------------------------------
-    write = {"lake": [], "lance": [], "memmap": []}
+    write = {"lake": [], "lake_sha256": [], "lance": [], "memmap": []}  # lake_sha256: a table with sha256 rows
     cli = {1: [], args.workers: []} if args.workers else {}
     for r in range(args.repeats):
         lake_root, lance_path, raw = work / f"lake{r}", work / f"lance{r}", work / f"raw{r}.u8"
-        write["lake"].append(_timed(lambda lr=lake_root: ingest(Lake(lr), "t", NpzSource(
-            work / "src", value_range=(0, 255)), splits={"train": 1.0}))[0])
+        lakes = [("lake", lake_root, None), ("lake_sha256", work / f"lake_sha{r}", "sha256")]
+        for name, root, row_hash in lakes if r % 2 == 0 else lakes[::-1]:  # the two orders alternate
+            write[name].append(_timed(lambda lr=root, rh=row_hash: ingest(Lake(lr), "t", NpzSource(
+                work / "src", value_range=(0, 255)), splits={"train": 1.0}, row_hash=rh))[0])
+        shutil.rmtree(work / f"lake_sha{r}")  # (the default lakes serve the reads below)
         for w in cli:
             cli[w].append(_timed(lambda lr=work / f"lake_cli{w}_{r}", w=w: subprocess.run(
                 [sys.executable, "-m", "lepton_jax.cli", "lake", "ingest", "--lake", str(lr), "--table", "t",
@@ -154,8 +158,10 @@ def _run(args, work: Path, lance) -> None:
         write["memmap"].append(_timed(save)[0])
     print("write (MiB/s):")
     for k, v in write.items():
-        print(f"  {k:>6}: {_stat([mb / s for s in v])}")
-    print(f"  ratio lake / Lance: {_ratio([mb / s for s in write['lake']], [mb / s for s in write['lance']])}")
+        print(f"  {k:>11}: {_stat([mb / s for s in v])}")
+    print(f"  ratio lake / Lance: {_ratio([mb / s for s in write['lake']], [mb / s for s in write['lance']])}   "
+          f"lake (xxh3_128 rows, the default) / lake (sha256 rows): "
+          f"{_ratio([mb / s for s in write['lake']], [mb / s for s in write['lake_sha256']])}")
     if cli:
         for w, v in cli.items():
             print(f"  `lepton-jax lake ingest --workers {w}` (a process, start-up included): "
