@@ -24,6 +24,18 @@ def test_lake_ingest_and_ls(capsys, tmp_path):
     assert code == 0 and "digits@1  dev=269, test=271, train=1257  labels=10" in out
 
 
+def test_lake_ingest_row_hash_flag(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "lake", "ingest", "--lake", tmp_path, "--source", "digits", "--table", "safe",
+                           "--row-hash", "sha256")
+    assert code == 0, err
+    frags = Lake(tmp_path).table("safe").fragments("train")
+    assert {f["row_hashes"]["hash"] for f in frags} == {"sha256"}
+    assert "identifies rows by sha256; an append must keep it" in _bad(
+        capsys, "lake", "ingest", "--lake", tmp_path, "--source", "digits", "--table", "safe", "--mode", "append",
+        "--row-hash", "xxh3_128")
+    assert Lake(tmp_path).versions("safe") == [1]
+
+
 def test_predict_and_eval_on_a_trained_run(capsys, trained_run, tmp_path):
     workdir, result = trained_run
     digits = load_digits()
