@@ -29,7 +29,6 @@ from lepton_jax.lake.fragments import (
     logical_arrays,
     safe_relpath,
     split_fragments,
-    table_row_hash,
     write_fragment,
 )
 from lepton_jax.lake.processes import pid_alive as _pid_alive
@@ -230,8 +229,7 @@ class Committing:
         check_name("table", table)
         if row_hash is None:
             latest = self.table(table) if self.versions(table) else None
-            row_hash = (table_row_hash(f for s in latest.splits for f in latest.fragments(s)) if latest is not None
-                        else DEFAULT_ROW_HASH)
+            row_hash = latest.row_hash if latest is not None else DEFAULT_ROW_HASH
         commit_id = self.new_commit_id()
         commit_dir = f"{table}/{DATA_DIR}/{commit_id}"
         label_array = schema.get("label_array", LABEL)

@@ -165,7 +165,7 @@ def row_digests(named: dict[str, np.ndarray], label_array: str = LABEL, *, hashe
             values.append(x.intdigest())
     if not hashes:
         identities = np.zeros((0, 32), np.uint8)
-    elif row_hash == ROW_HASH_SHA256:
+    elif is_sha:
         identities = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(n, 32).copy()
     else:  # 16-byte digests in 32-byte slots: every table's hash files, index and content chain share one layout
         identities = np.zeros((n, 32), np.uint8)

@@ -37,7 +37,6 @@ from lepton_jax.lake.fragments import (
     fragment_keys,
     legacy_partials,
     read_ahead,
-    table_row_hash,
 )
 from lepton_jax.lake.index import HashIndex
 from lepton_jax.lake.processes import die_with, process_start
@@ -134,7 +133,7 @@ def _row_hash(base: TableVersion | None, requested: str | None, appending: bool)
         check_row_hash(requested)
     if base is None or (requested is not None and not appending):  # a new version of only this source's rows
         return requested or DEFAULT_ROW_HASH
-    have = table_row_hash(f for s in base.splits for f in base.fragments(s))
+    have = base.row_hash
     if appending and requested is not None and requested != have:
         raise LakeError(f"table {base.table!r} identifies rows by {have}; an append must keep it (got "
                         f"--row-hash {requested}); ingest with --mode overwrite to change it")
@@ -294,7 +293,7 @@ def _commit(lake: Lake, table: str, source: Source, plan: dict[str, Any], base: 
             frags[s] = [f if "stats" in f else {**f, "stats": _partials(on, s, f)} for f in on.fragments(s)]
         for split, new in plan["fragments"].items():
             frags.setdefault(split, []).extend(new)
-        if on is not None and table_row_hash(f for s in on.splits for f in on.fragments(s)) != row_hash:
+        if on is not None and on.row_hash != row_hash:
             raise LakeError(f"table {table!r} was overwritten with rows identified by another hash while this "
                             f"append ran (version {on.version}); nothing was published: append again")
         num_classes = len(schema["label_names"])

@@ -76,6 +76,12 @@ class TableVersion:
         per array ``path``, ``dtype``, ``shape``, ``sha256`` and file digests)."""
         return split_fragments(self._split(split))
 
+    @property
+    def row_hash(self) -> str:
+        """The hash that identifies this version's rows (:func:`~lepton_jax.lake.fragments.table_row_hash` of its
+        splits' fragments)."""
+        return table_row_hash(f for s in self.splits for f in self.fragments(s))
+
     def reader(self, split: str, *, cache_bytes: int = arrays.READ_CACHE_BYTES) -> SplitReader:
         """Random access to ``split`` as one logical array per name across its fragments; ``cache_bytes`` bounds
         TensorStore's cache of shard indices and decoded chunks (shared by the fragments)."""
