@@ -209,6 +209,9 @@ def test_a_tables_row_hash_is_kept_new_tables_xxh3_sha256_and_older_tables_sha25
     assert hashes_of(safe, result.version) == {"sha256"}
     compacted = safe.compact("t")
     assert hashes_of(safe, compacted) == {"sha256"} and compacted.num_examples("train") == 160
+    # sha256 fragments keep row checks for their reads (xxh3-128 ones need none: reads compare the hashes' keys)
+    assert all("row_checks" in f for f in compacted.fragments("train") + result.version.fragments("train"))
+    assert not any("row_checks" in f for f in fast.table("t").fragments("train"))
     assert safe.verify() == [] and fast.verify() == []
     # an overwrite may switch the hash; the same source ingested again into such an older table is still the same
     switched = ingest(safe, "t", first, splits={"train": 1.0}, row_hash="xxh3_128").version

@@ -11,7 +11,7 @@ from lepton_jax.cli import main
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import Lake, NpzSource, ingest
 from lepton_jax.lake.faults import ENV, POINTS
-from lepton_jax.lake.fragments import row_checks
+from lepton_jax.lake.fragments import row_keys
 from tests.lake_data import DyingSource, npz_shard, npz_source
 
 SHARD_BYTES = 1024
@@ -94,10 +94,12 @@ def test_append_shares_fragments_and_compact_keeps_content(tmp_path):
         assert v3.record["splits"][s]["content_sha256"] == v2.record["splits"][s]["content_sha256"]
         a, b = v2.reader(s).read_all(), v3.reader(s).read_all()
         assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
-        # the compacted fragment's row checks are the rows' own (so reads of it are checked as before)
+        # the compacted fragment's row-hash keys are the rows' own (so reads of it are checked as before); an
+        # xxh3-128 table stores no separate row checks
         frag = v3.fragments(s)[0]
-        stored = np.frombuffer((tmp_path / "lake" / "t" / frag["row_checks"]["path"]).read_bytes(), "<u8")
-        assert stored.tolist() == row_checks(b).tolist() and len(stored) == len(b["label"])
+        stored = np.frombuffer((tmp_path / "lake" / "t" / frag["row_hashes"]["path"]).read_bytes(), ">u8")
+        assert stored[:len(b["label"])].tolist() == row_keys(b, row_hash="xxh3_128").tolist()
+        assert "row_checks" not in frag
     assert v3.record["stats"] == v2.record["stats"] and v3.quarantine() == v2.quarantine()
     assert lake.compact("t").version == 3  # nothing left to merge
     assert lake.verify() == [] and lake.gc(grace_seconds=0, force=True).removed == []  # every version still referenced

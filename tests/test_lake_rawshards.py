@@ -179,36 +179,70 @@ def test_a_byte_flipped_after_first_touch_fails_every_read_path(tmp_path):
     assert [p.path for p in tv.lake.verify()] == [where]
 
 
-def test_reads_compare_rows_with_their_row_checks_and_older_fragments_with_their_row_hashes(tmp_path):
-    """A fragment stores the xxh3-64 of every row (``_rows.xxh3``, its digest in the record), and the fast path
-    compares each row it returns with it; a fragment recorded without row checks (written before them) is still
-    checked, against its sha256 row hashes; a changed row-check file is named by the read and by `lake verify`."""
+def test_reads_compare_rows_with_their_row_hash_keys_row_checks_or_whole_row_hashes(tmp_path):
+    """The fast path re-hashes every row it returns and compares it with what the fragment stores: an xxh3-128
+    fragment stores no row checks, and its rows are compared with the keys (first 8 bytes) of its row hashes; a sha256
+    table's fragment stores the xxh3-64 of every row (``_rows.xxh3``) and is compared with those; a fragment whose
+    hash file is not keys-first is compared with its whole row hashes. A changed byte of the data is named as
+    differing; a changed hash or check file is named by the read (its digest) and by `lake verify`."""
     import xxhash
 
+    from lepton_jax.lake import fragments
     from lepton_jax.lake.read import SplitReader
 
+    idx = np.array([10, 3, 10, 59])
+    where = "c/1/0/0/0"  # the shard holding example 10 (shards of 10 examples)
+
+    # xxh3-128 (a new table's default): one hash file, its keys compared
     tv, meta, base = _raw_table(tmp_path)
     frag = tv.fragments("train")[0]
     images = _reader(tv, "train").read(slice(None))["image"]
-    checks_file = tmp_path / "lake" / "t" / frag["row_checks"]["path"]
-    assert frag["row_checks"]["hash"] == "xxh3_64"
-    assert np.frombuffer(checks_file.read_bytes(), "<u8").tolist() == [
-        xxhash.xxh3_64_intdigest(images[i].tobytes()) for i in range(len(images))]
-    older = {**tv.record["splits"]["train"], "fragments": [{k: v for k, v in frag.items() if k != "row_checks"}]}
+    assert "row_checks" not in frag and not (base.parent / "_rows.xxh3").exists()
+    hash_file = tmp_path / "lake" / "t" / frag["row_hashes"]["path"]
+    keys = np.frombuffer(hash_file.read_bytes()[:8 * 60], ">u8")
+    assert keys.tolist() == [xxhash.xxh3_128_intdigest(images[i].tobytes()) >> 64 for i in range(60)]
+    reader = _reader(tv, "train")
+    assert np.array_equal(reader.read(idx)["image"], images[idx]) and reader._checked == {0: "keys"}
+    _flip(base / where, 100)  # a data byte of example 10
+    _one_line_error(lambda: _reader(tv, "train").read(idx), f"{meta['path']}/{where}", "row hashes")
+    _flip(base / where, 100)  # restored
+    fragments._keys.clear()  # (this process wrote the table: its keys would come from memory)
+    _flip(hash_file, 8 * 10)  # example 10's key
+    _one_line_error(lambda: _reader(tv, "train").read(idx), frag["row_hashes"]["path"], "digest")
+    assert [p.path for p in tv.lake.verify()] == [frag["row_hashes"]["path"]]
+    _flip(hash_file, 8 * 10)
+
+    # a hash file in the whole-row layout (written before keys-first): the whole row hashes are compared
+    rows_32 = fragments.stored_row_hashes(hash_file.read_bytes(), frag["row_hashes"]).tobytes()
+    (base.parent / "_rows.whole").write_bytes(rows_32)
+    whole = {"path": f"{frag['path']}/_rows.whole", "bytes": len(rows_32), "hash": "xxh3_128",
+             "sha256": hashlib.sha256(rows_32).hexdigest()}
+    older = {**tv.record["splits"]["train"], "fragments": [{**frag, "row_hashes": whole}]}
 
     def reader_of_older():
         r = SplitReader(tv.lake.root, "t", tv.version, "train", older)
         r.SMALL_ARRAY_BYTES = 4096
         return r
 
-    idx = np.array([10, 3, 10, 59])
     assert np.array_equal(reader_of_older().read(idx)["image"], images[idx])
-    _flip(base / "c/1/0/0/0", 100)  # a data byte of example 10
-    where = f"{meta['path']}/c/1/0/0/0"
+    assert reader_of_older()._row_check_mode(0) == "hashes"
+    _flip(base / where, 100)
+    _one_line_error(lambda: reader_of_older().read(idx), f"{meta['path']}/{where}", "row hashes")
+
+    # sha256 rows: the row checks (xxh3-64) are compared
+    lake = Lake(tmp_path / "sha", target_shard_bytes=SHARD_BYTES)
+    tv = ingest(lake, "t", _source(tmp_path / "b", 2, 60), splits={"train": 1.0}, row_hash="sha256").version
+    frag = tv.fragments("train")[0]
+    base = tmp_path / "sha" / "t" / frag["arrays"]["image"]["path"]
+    checks_file = tmp_path / "sha" / "t" / frag["row_checks"]["path"]
+    assert frag["row_checks"]["hash"] == "xxh3_64"
+    assert np.frombuffer(checks_file.read_bytes(), "<u8").tolist() == [
+        xxhash.xxh3_64_intdigest(images[i].tobytes()) for i in range(len(images))]
+    reader = _reader(tv, "train")
+    assert np.array_equal(reader.read(idx)["image"], images[idx]) and reader._checked == {0: "checks"}
+    _flip(base / where, 100)
     _one_line_error(lambda: _reader(tv, "train").read(idx), where, "row checks")
-    _one_line_error(lambda: reader_of_older().read(idx), where, "row hashes")
-    _flip(base / "c/1/0/0/0", 100)  # restored
-    assert np.array_equal(_reader(tv, "train").read(idx)["image"], images[idx])
+    _flip(base / where, 100)
     _flip(checks_file, 3)
     _one_line_error(lambda: _reader(tv, "train").read(idx), frag["row_checks"]["path"], "digest")
     assert [p.path for p in tv.lake.verify()] == [frag["row_checks"]["path"]]

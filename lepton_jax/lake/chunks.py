@@ -16,7 +16,7 @@ import numpy as np
 
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays
-from lepton_jax.lake.fragments import DEFAULT_ROW_HASH, check_name, row_digests, row_hash_field
+from lepton_jax.lake.fragments import DEFAULT_ROW_HASH, check_name, row_digests, row_hash_field, stores_row_checks
 from lepton_jax.lake.index import prefix_keys
 from lepton_jax.lake.sources import SourceData, storable_dtype
 from lepton_jax.lake.store import DATA_DIR, Lake
@@ -79,7 +79,8 @@ def _process(job: ChunkJob, data: SourceData, threads: ThreadPoolExecutor) -> di
     split_index = _split(job, data, labels, np.flatnonzero(candidates))
     writes = _start_writes(job, lake, data, labels, split_index, hashed, threads)
     try:
-        hashes, checks = row_digests(data.arrays, row_hash=job.row_hash)  # one pass: row hash and xxh3-64
+        # one pass: the row hash (and, for sha256 tables, the xxh3-64 row check)
+        hashes, checks = row_digests(data.arrays, row_hash=job.row_hash, checks=stores_row_checks(job.row_hash))
         dup_rejects = _dedup(data, labels, names, keep, rejects, hashes)
     except BaseException as e:
         hashed.set_exception(e)
@@ -149,15 +150,16 @@ def _rows(value: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def _start_writes(job: ChunkJob, lake: Lake, data: SourceData, labels: np.ndarray,
                   split_index: dict[str, np.ndarray], hashed: Future[tuple[np.ndarray, np.ndarray]],
                   threads: ThreadPoolExecutor) -> dict[str, Future[dict[str, Any]]]:
-    """Each split's fragment written on a thread of its own; its row hashes and checks are taken from ``hashed``
-    once its arrays are written."""
+    """Each split's fragment written on a thread of its own; its row hashes (and checks, where the table stores
+    them) are taken from ``hashed`` once its arrays are written."""
     writes = {}
+    with_checks = stores_row_checks(job.row_hash)
     for k, (split, idx) in enumerate(split_index.items()):
         named = {**{name: _rows(v, idx) for name, v in data.arrays.items()}, "label": labels[idx].astype(np.int32)}
         writes[split] = threads.submit(lake.write_fragment, job.table, _fragment_path(job, split), named,
                                        crash=job.crash and k == 0, row_hash=job.row_hash,
                                        hashes=lambda idx=idx: hashed.result()[0][idx],
-                                       checks=lambda idx=idx: hashed.result()[1][idx])
+                                       checks=(lambda idx=idx: hashed.result()[1][idx]) if with_checks else None)
     return writes
 
 

@@ -4,20 +4,21 @@ A fragment is a set of zarr v3 arrays that share axis 0 (one logical slice of a 
 ``data/<commit-id>/<split>/<fragment>/<array>/``, plus its row hashes: one identity per row over the row's content
 (its non-label arrays, in sorted name order), 32 raw bytes per row, in ``_rows.xxh3_128`` (the xxh3-128 digest in the
 first 16 bytes, zeros after; the record's entry says ``"hash": "xxh3_128"``) or, in tables created before it was the
-default or with ``row_hash="sha256"``, ``_rows.sha256`` (the sha256); and ``_rows.xxh3``: the xxh3-64 of the same
-bytes, 8 bytes per row. Every fragment of a table uses the table's row hash (dedup compares them across fragments).
-A split of a version is the concatenation of its
+default or with ``row_hash="sha256"``, ``_rows.sha256`` (the sha256). Every fragment of a table uses the table's row
+hash (dedup compares them across fragments). A split of a version is the concatenation of its
 fragments in the order the record lists them. Records name fragments by their path relative to the table, never by
 listing a directory, so the same record works on a filesystem and on an object store.
 
-The row hashes serve three things without reading the data: the exact-dedup and leak index of an append (what does
+The row hashes serve four things without reading the data: the exact-dedup and leak index of an append (what does
 the table already hold?), the split's logical ``content_sha256`` (independent of how rows are cut into fragments, so
-compaction provably keeps it), and per-fragment statistics partials that combine exactly into version statistics.
-xxh3-128 is about 5x cheaper per row than sha256 but not a cryptographic hash: rows crafted to collide could make
-dedup drop a distinct example, so a table ingesting untrusted data can be created with ``row_hash="sha256"``.
-The row checks (xxh3-64) serve one thing: a reader compares every row it
-returns with them (:class:`~lepton_jax.lake.read.SplitReader`), so reads verify every byte at a fraction of the cost
-of re-hashing the rows. Fragments written before them are checked against their row hashes instead.
+compaction provably keeps it), per-fragment statistics partials that combine exactly into version statistics, and
+the reads' check of every row they return (:class:`~lepton_jax.lake.read.SplitReader`): a reader re-hashes the rows
+it gathers and compares the first :data:`KEY_BYTES` bytes with the hash file's keys, which it loads with one ranged
+read. xxh3-128 is about 5x cheaper per row than sha256 but not a cryptographic hash: rows crafted to collide could
+make dedup drop a distinct example, so a table ingesting untrusted data can be created with ``row_hash="sha256"``.
+Re-hashing rows with sha256 on every read would cost that factor, so the fragments of sha256 tables also store row
+checks (``_rows.xxh3``: the xxh3-64 of the same bytes, 8 bytes per row), which their reads compare instead
+(:func:`stores_row_checks`); xxh3-128 tables written before this revision have them too, and readers use them.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ def table_row_hash(fragments: Iterable[dict[str, Any]], default: str = DEFAULT_R
     return names.pop() if names else check_row_hash(default)
 
 
+def stores_row_checks(row_hash: str) -> bool:
+    """Whether a table whose rows are identified by ``row_hash`` stores row checks (``_rows.xxh3``) beside its row
+    hashes: only sha256 tables, whose reads would otherwise re-hash every row with sha256; reads of xxh3-128
+    fragments compare the row hash's keys (:func:`row_keys`), so ingest hashes each row once."""
+    return check_row_hash(row_hash) == ROW_HASH_SHA256
+
+
+def row_keys(named: dict[str, np.ndarray], label_array: str = LABEL, *, row_hash: str) -> np.ndarray:
+    """``(n,)`` uint64: the first :data:`KEY_BYTES` bytes of each row's hash as sort keys, what
+    :func:`fragment_row_keys` returns for the stored rows (a read compares the two)."""
+    return _sort_keys(row_hashes(named, label_array, row_hash=row_hash)[:, :KEY_BYTES])
+
+
 def row_checks(named: dict[str, np.ndarray], label_array: str = LABEL) -> np.ndarray:
     """``(n,)`` uint64: xxh3-64 of each row's bytes (the bytes :func:`row_hashes` hashes), the reads' check."""
     return row_digests(named, label_array, hashes=False)[1]
@@ -153,16 +167,21 @@ def row_digests(named: dict[str, np.ndarray], label_array: str = LABEL, *, hashe
                        else [xxh128(rows[a:a + width]) for a in starts])
         else:
             values = [xxh3(rows[a:a + width]) for a in starts]
-    else:  # several arrays (or none): each row's parts fed to both hashes in sorted name order
+    else:  # several arrays (or none): each row's parts fed to the hashes asked for, in sorted name order
         widths = [len(f) // n for f in flats]
         for i in range(n):
-            h, x = (sha256() if is_sha else xxhash.xxh3_128()), xxhash.xxh3_64()
+            h = (sha256() if is_sha else xxhash.xxh3_128()) if hashes else None
+            x = xxhash.xxh3_64() if checks else None
             for f, w in zip(flats, widths, strict=True):
                 part = f[i * w:(i + 1) * w]
-                h.update(part)
-                x.update(part)
-            digests.append(h.digest())
-            values.append(x.intdigest())
+                if h is not None:
+                    h.update(part)
+                if x is not None:
+                    x.update(part)
+            if h is not None:
+                digests.append(h.digest())
+            if x is not None:
+                values.append(x.intdigest())
     if not hashes:
         identities = np.zeros((0, 32), np.uint8)
     elif is_sha:
@@ -344,12 +363,12 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
                    checks: np.ndarray | Callable[[], np.ndarray] | None = None,
                    compression: str = arrays.DEFAULT_COMPRESSION, row_hash: str) -> dict[str, Any]:
     """Writes one fragment at ``<table>/<rel>`` of ``storage`` (arrays in the ``compression`` layout, the row
-    hashes (``row_hash``: the table's, :func:`table_row_hash`) and the row checks), durably; returns its record
-    entry.
+    hashes (``row_hash``: the table's, :func:`table_row_hash`) and, where the table stores them
+    (:func:`stores_row_checks`), the row checks), durably; returns its record entry.
 
-    ``hashes`` and ``checks``: the rows' hashes (:func:`row_hashes`) and checks (:func:`row_checks`), or functions
-    that return them, called once the arrays' writes are under way (the caller hashes meanwhile); computed here if
-    None. ``crash`` passes the ``shard`` and ``array``
+    ``hashes`` and ``checks``: the rows' hashes (:func:`row_hashes`) and checks (:func:`row_checks`; ignored where
+    the table stores none), or functions that return them, called once the arrays' writes are under way (the caller
+    hashes meanwhile); computed here if None. ``crash`` passes the ``shard`` and ``array``
     fault-injection points (the first fragment of a commit) when one of
     them is armed: the arrays are then written one after the other, shard by shard."""
     sizes = {name: value.shape[0] for name, value in named.items()}
@@ -378,7 +397,8 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
             hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks, row_hash)
             # the row files are written (and synced) while TensorStore still writes the arrays
             entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes, row_hash)
-            entry["row_checks"] = write_row_checks(storage, table, rel, checks)
+            if checks is not None:
+                entry["row_checks"] = write_row_checks(storage, table, rel, checks)
             stats = partial_stats(named, label_array)
             for name, value in named.items():
                 digest = writes[name].finish(digests[name])
@@ -390,21 +410,25 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
     if "row_hashes" not in entry:
         hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks, row_hash)
         entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes, row_hash)
-        entry["row_checks"] = write_row_checks(storage, table, rel, checks)
+        if checks is not None:
+            entry["row_checks"] = write_row_checks(storage, table, rel, checks)
     entry["stats"] = stats
     remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
 
 
 def _given_or_computed_digests(named: dict[str, np.ndarray], label_array: str, hashes: Any, checks: Any,
-                               row_hash: str) -> tuple[np.ndarray, np.ndarray]:
-    """``write_fragment``'s row hashes and checks: the caller's (called if functions), the missing ones computed."""
+                               row_hash: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``write_fragment``'s row hashes and checks (None where the table stores none, :func:`stores_row_checks`):
+    the caller's (called if functions), the missing ones computed."""
+    with_checks = stores_row_checks(row_hash)
     hashes = hashes() if callable(hashes) else hashes
-    checks = checks() if callable(checks) else checks
-    if hashes is None or checks is None:
-        mine = row_digests(named, label_array, hashes=hashes is None, checks=checks is None, row_hash=row_hash)
+    checks = (checks() if callable(checks) else checks) if with_checks else None
+    if hashes is None or (with_checks and checks is None):
+        mine = row_digests(named, label_array, hashes=hashes is None, checks=with_checks and checks is None,
+                           row_hash=row_hash)
         hashes = mine[0] if hashes is None else hashes
-        checks = mine[1] if checks is None else checks
+        checks = mine[1] if with_checks and checks is None else checks
     return np.ascontiguousarray(hashes, dtype=np.uint8), checks
 
 

@@ -29,6 +29,7 @@ from lepton_jax.lake.fragments import (
     row_digests,
     safe_relpath,
     split_fragments,
+    stores_row_checks,
     table_row_hash,
     write_row_checks,
     write_row_hashes,
@@ -143,12 +144,13 @@ class Maintenance:
                    for name, m in metas.items()}
         stats_parts, hash_parts, check_parts, label_parts = [], [], [], []
         row_hash = table_row_hash(reader.fragments)  # the merged fragments' (one per table)
+        with_checks = stores_row_checks(row_hash)
         for a in range(start, stop, block_rows):
             block = reader.read(slice(a, min(a + block_rows, stop)))
             for name, w in writers.items():
                 w.write(block[name])
             stats_parts.append(partial_stats(block, label_array))
-            block_hashes, block_checks = row_digests(block, label_array, row_hash=row_hash)
+            block_hashes, block_checks = row_digests(block, label_array, row_hash=row_hash, checks=with_checks)
             hash_parts.append(block_hashes)
             check_parts.append(block_checks)
             if label_array in block:
@@ -164,7 +166,8 @@ class Maintenance:
                 crash_point("array")
         hashes = np.concatenate(hash_parts)
         entry["row_hashes"] = write_row_hashes(self.storage, table, rel, hashes, row_hash)
-        entry["row_checks"] = write_row_checks(self.storage, table, rel, np.concatenate(check_parts))
+        if with_checks:
+            entry["row_checks"] = write_row_checks(self.storage, table, rel, np.concatenate(check_parts))
         # the content check and the record's content chain then read nothing of the new fragment back
         remember_keys(self.storage, table, entry, label_array, hashes,
                       np.concatenate(label_parts) if label_parts else None)

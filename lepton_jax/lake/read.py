@@ -16,11 +16,14 @@ import numpy as np
 from lepton_jax.errors import LakeError
 from lepton_jax.lake import arrays, rawshards
 from lepton_jax.lake.fragments import (
+    KEYS_FIRST,
     LABEL,
+    fragment_row_keys,
     read_row_checks,
     read_row_hashes,
     row_checks,
     row_hashes,
+    row_keys,
     safe_relpath,
     split_fragments,
     table_row_hash,
@@ -129,12 +132,14 @@ class SplitReader:
     Opening checks that every file the commit record lists exists with its recorded size, so a missing or truncated
     shard is an error naming the file rather than fill values. Every byte returned is checked: random batches of
     local arrays in the raw layout are served by :mod:`lepton_jax.lake.rawshards` (one numpy gather per shard), and
-    the rows gathered are compared with the fragment's row checks (``_rows.xxh3``: the xxh3-64 of each row, the
-    file checked against the record when first loaded), or, for fragments written before row checks, with its row
-    hashes (``_rows.sha256``, re-hashed); the label array, which both leave out, and fragments with neither are
-    checked per inner chunk by their crc32c. Everything else goes through TensorStore, which checks each chunk's
-    crc32c when it reads it from storage; small arrays are read whole once, checked against their content digests
-    and served from memory. ``label_array`` names the array row hashes and checks leave out (the table schema's).
+    the rows gathered are re-hashed and compared with what the fragment stores: the first 8 bytes of each row hash
+    (the keys at the head of its hash file, one ranged read checked against the record when first needed), or, where
+    the fragment has them (sha256 tables, and xxh3-128 fragments written before keys served), its row checks
+    (``_rows.xxh3``: the xxh3-64 of each row), or, for fragments written before either, its whole row hashes; the
+    label array, which all leave out, and fragments with none are checked per inner chunk by their crc32c.
+    Everything else goes through TensorStore, which checks each chunk's crc32c when it reads it from storage; small
+    arrays are read whole once, checked against their content digests and served from memory. ``label_array`` names
+    the array row hashes and checks leave out (the table schema's).
     """
 
     #: Arrays of at most this many bytes in total (labels, small features) are read whole on first use, checked
@@ -280,10 +285,10 @@ class SplitReader:
 
     def _read_raw(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Every array from memory or the raw fast path (called holding ``_RAW_LOCK``), in the order asked for (rows of
-        several fragments grouped by one sort and written back in place), and checked: rows of fragments with
-        row checks against them (xxh3-64, one vectorised comparison), rows of older fragments with row hashes
-        against those (sha256), everything else, and the label array, which neither covers, per inner chunk
-        (crc32c)."""
+        several fragments grouped by one sort and written back in place), and checked (:meth:`_row_check_mode`):
+        rows against their row hashes' keys or their row checks (one vectorised comparison each), rows of older
+        fragments against their whole row hashes, everything else, and the label array, which none covers, per
+        inner chunk (crc32c)."""
         out = {name: value[idx] for name, value in self._in_memory.items()}
         raw_names = list(self._raw[0])
         if len(self.fragments) == 1:
@@ -305,7 +310,7 @@ class SplitReader:
         if not any(name != self.label_array for name in raw_names):  # all in memory, checked when loaded
             return out
         content = {name: value for name, value in out.items() if name != self.label_array}
-        for kind in ("checks", "hashes"):
+        for kind in ("keys", "checks", "hashes"):
             picked = [(f, rows) for f, rows in groups if mode[f] == kind]
             if not picked:
                 continue
@@ -315,24 +320,31 @@ class SplitReader:
             if kind == "checks":
                 bad = np.flatnonzero(row_checks(part, self.label_array) != self._checks[at])
             else:
-                got = row_hashes(part, self.label_array,
-                                 row_hash=table_row_hash(self.fragments[f] for f, _ in picked))
-                bad = np.flatnonzero(np.any(got != self._split_row_hashes(at, [f for f, _ in picked]), axis=1))
+                row_hash = table_row_hash(self.fragments[f] for f, _ in picked)
+                if kind == "keys":
+                    bad = np.flatnonzero(row_keys(part, self.label_array, row_hash=row_hash) != self._checks[at])
+                else:
+                    got = row_hashes(part, self.label_array, row_hash=row_hash)
+                    bad = np.flatnonzero(np.any(got != self._split_row_hashes(at, [f for f, _ in picked]), axis=1))
             if bad.size:
                 self._corrupt_rows(at[bad], "row checks" if kind == "checks" else "row hashes")
         return out
 
     def _row_check_mode(self, f: int) -> str:
-        """How rows of fragment ``f`` are checked on the fast path: ``"checks"`` (its row checks, loaded into the
-        split-wide array on first use), ``"hashes"`` (its row hashes) or ``"crc32c"`` (per inner chunk)."""
+        """How rows of fragment ``f`` are checked on the fast path: ``"checks"`` (its row checks) or ``"keys"`` (the
+        first 8 bytes of its row hashes, read from a keys-first hash file), either loaded into the split-wide array
+        on first use; ``"hashes"`` (its whole row hashes) or ``"crc32c"`` (per inner chunk)."""
         state = self._checked.get(f)
         if state is None:  # (under _RAW_LOCK, as every raw read)
-            checks = read_row_checks(self.storage, self.table, self.fragments[f])
+            frag = self.fragments[f]
+            checks = read_row_checks(self.storage, self.table, frag)
+            state = "checks"
+            if checks is None and (frag.get("row_hashes") or {}).get("layout") == KEYS_FIRST:
+                checks, state = fragment_row_keys(self.storage, self.table, frag, self.label_array), "keys"
             if checks is not None:
                 if self._checks is None:
                     self._checks = np.zeros(len(self), np.uint64)
                 self._checks[self.offsets[f]:self.offsets[f + 1]] = checks
-                state = "checks"
             else:
                 state = "hashes" if self._fragment_row_hashes(f) is not None else "crc32c"
             self._checked[f] = state
