@@ -159,7 +159,7 @@ def test_gc_keeps_data_of_a_live_lease_and_the_writer_rechecks_its_files(any_roo
     class Vanishing(Lake):  # the image shards of the new fragment disappear between writing and publishing
         def publish(self, table, commit_id, **kwargs):
             prefix = f"{table}/data/{commit_id}/train"
-            shards = [rel for rel in self.storage.list_recursive(prefix) if "/image/c/" in rel]
+            shards = [rel for rel in self.storage.list_recursive(prefix) if "/image/c." in rel]
             assert shards
             for rel in shards:
                 self.storage.delete(f"{prefix}/{rel}")

@@ -163,15 +163,15 @@ def test_a_byte_flipped_after_first_touch_fails_every_read_path(tmp_path):
                                  read_options=grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
     before = reader.read(np.arange(0, 60, 7))  # this process has mapped (and checked) these shards now
     assert next(iter(next(batches).values())).shape[0] == 60
-    shard = base / "c/1/0/0/0"
+    shard = base / "c.1.0.0.0"
     _flip(shard, 100)  # a data byte of example 10 (shards of 10 examples)
-    where = f"{meta['path']}/c/1/0/0/0"
+    where = f"{meta['path']}/c.1.0.0.0"
     _one_line_error(lambda: reader.read(np.array([3, 10])), where)  # the same reader, shard already mapped
     _one_line_error(lambda: reader.read(10), where)
     _one_line_error(lambda: next(batches), where)  # every batch holds every row
     _one_line_error(lambda: _reader(tv, "train").read(np.array([10, 11])), where)  # a new reader
     raw = rawshards.open_raw(base, meta["files"], str(base))
-    _one_line_error(lambda: raw.read(np.array([12])), f"{base}/c/1/0/0/0", "crc32c")  # per inner chunk
+    _one_line_error(lambda: raw.read(np.array([12])), f"{base}/c.1.0.0.0", "crc32c")  # per inner chunk
     _one_line_error(lambda: _reader(tv, "train").read(slice(10, 11)), meta["path"])  # TensorStore's crc32c
     _one_line_error(lambda: tv.reader("train").read_all(), meta["path"])
     # the damage is confined to its file: rows of other shards still read, unchanged
@@ -191,7 +191,7 @@ def test_reads_compare_rows_with_their_row_hash_keys_row_checks_or_whole_row_has
     from lepton_jax.lake.read import SplitReader
 
     idx = np.array([10, 3, 10, 59])
-    where = "c/1/0/0/0"  # the shard holding example 10 (shards of 10 examples)
+    where = "c.1.0.0.0"  # the shard holding example 10 (shards of 10 examples)
 
     # xxh3-128 (a new table's default): one hash file, its keys compared
     tv, meta, base = _raw_table(tmp_path)
@@ -246,6 +246,23 @@ def test_reads_compare_rows_with_their_row_hash_keys_row_checks_or_whole_row_has
     _flip(checks_file, 3)
     _one_line_error(lambda: _reader(tv, "train").read(idx), frag["row_checks"]["path"], "digest")
     assert [p.path for p in tv.lake.verify()] == [frag["row_checks"]["path"]]
+
+
+def test_arrays_with_one_directory_per_axis_still_take_the_fast_path(tmp_path, monkeypatch):
+    """New arrays name shard files ``c.<i>.0.0.0`` (one directory per array); arrays written before, with
+    ``c/<i>/0/0/0``, are still served by the raw fast path, and a damaged shard of theirs is named by reads and by
+    `lake verify`."""
+    assert arrays.CHUNK_KEY_SEPARATOR == "."
+    monkeypatch.setattr(arrays, "CHUNK_KEY_SEPARATOR", "/")
+    tv, meta, base = _raw_table(tmp_path)
+    assert sorted(meta["files"])[:2] == ["c/0/0/0/0", "c/1/0/0/0"]
+    reader = _reader(tv, "train")
+    before = reader.read(np.array([3, 10]))
+    assert reader._all_raw and before["image"].shape == (2, 28, 28, 1)
+    _flip(base / "c/1/0/0/0", 100)  # a data byte of example 10
+    where = f"{meta['path']}/c/1/0/0/0"
+    _one_line_error(lambda: _reader(tv, "train").read(np.array([10])), where)
+    assert [p.path for p in tv.lake.verify()] == [where]
 
 
 def _take_read_lock_in_child():
@@ -307,16 +324,16 @@ def test_corrupt_shard_index_crc32c_and_misplaced_chunks_are_detected(tmp_path):
     assert (layout.per_shard, layout.per_chunk, layout.chunk_bytes) == (10, 10, 7844)
 
     def damaged(edit, fix_crc):
-        data = bytearray((base / "c/2/0/0/0").read_bytes())
+        data = bytearray((base / "c.2.0.0.0").read_bytes())
         edit(data)
         if fix_crc:
             data[-4:] = google_crc32c.value(bytes(data[-layout.index_bytes:-4])).to_bytes(4, "little")
         path = tmp_path / f"copy{len(list(tmp_path.glob('copy*')))}"
-        (path / "c/0/0/0").mkdir(parents=True)  # served as shard 0 of a copy of the array
-        (path / "c/0/0/0/0").write_bytes(bytes(data))
+        path.mkdir()  # served as shard 0 of a copy of the array
+        (path / "c.0.0.0.0").write_bytes(bytes(data))
         (path / "zarr.json").write_bytes((base / "zarr.json").read_bytes())
         # the record's digest matches the damaged bytes: only the index checks can catch the damage
-        files = {"c/0/0/0/0": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+        files = {"c.0.0.0.0": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
         return rawshards.open_raw(path, files, str(path))
 
     def flip_offset(d):

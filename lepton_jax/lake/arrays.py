@@ -15,6 +15,10 @@ In the zstd layout, tiny examples (labels, a few features: at most :data:`SMALL_
 about 4 KiB. The shard index carries a crc32c in both layouts, and so does every inner chunk, so
 TensorStore and zarr-python detect flipped bytes on read. Any zarr v3 reader can open the arrays.
 
+Shard files are named by zarr v3's default chunk key encoding with the ``"."`` separator (``c.3.0.0.0``: every file of
+an array in its own directory, so a new array is two directories and its files, each fsynced once); arrays written
+before used ``"/"`` (``c/3/0/0/0``, one directory per axis), which every reader still reads.
+
 Arrays live at a key of a lake's :class:`~lepton_jax.lake.storage.Storage` and are read and written through
 TensorStore's kvstore driver for it (``file``, ``s3`` or ``gcs``). Every file of an array (``zarr.json`` and each
 shard) is made durable after writing (fsync on a local disk; an object-store PUT is durable when it returns) and its
@@ -49,6 +53,8 @@ SMALL_EXAMPLE_BYTES = 64  # zstd layout: examples this small (labels, a few feat
 RAW_CHUNK_BYTES = 64 * 2**10  # inner chunk size of the uncompressed layout
 COMPRESSIONS = ("none", "zstd")
 DEFAULT_COMPRESSION = "none"
+
+CHUNK_KEY_SEPARATOR = "."  # new arrays' chunk key encoding (module doc)
 
 MISSING_CHUNK = 2**64 - 1  # a shard index entry's offset and size for an inner chunk not stored
 
@@ -126,6 +132,7 @@ def zarr3_spec(kvstore: dict[str, Any], shape: tuple[int, ...], dtype: np.dtype,
         "metadata": {
             "shape": list(shape),
             "data_type": np.dtype(dtype).name,
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": CHUNK_KEY_SEPARATOR}},
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [per_shard, *example_shape]}},
             "codecs": [{
                 "name": "sharding_indexed",
@@ -251,7 +258,7 @@ def start_write(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
 
 def file_digests(storage: Storage, key: str) -> dict[str, dict[str, int | str]]:
     """``{relative path: {"bytes": size, ...}}`` for every file of the array at ``key`` (``zarr.json`` and each shard
-    file under ``c/``), in sorted order, from one listing; on a local lake ``zarr.json`` also gets its sha256. A
+    file, :func:`shard_file`), in sorted order, from one listing; on a local lake ``zarr.json`` also gets its sha256. A
     shard file is not read back to be hashed (that would read every byte just written): its bytes are covered by
     the crc32c of its index and of every inner chunk, checked by every read and, file by file, by ``verify``
     (:func:`shard_file_problem`)."""
@@ -373,11 +380,31 @@ def read(store: ts.TensorStore, index=slice(None), *, path: Path | str = "", par
         raise LakeError(f"corrupt lake array {path or store.kvstore}: {e}") from e
 
 
+def key_separator(metadata: dict[str, Any]) -> str | None:
+    """The separator of a zarr v3 array's default chunk key encoding (``"/"`` or ``"."``) from its metadata; None
+    for another encoding."""
+    encoding = metadata.get("chunk_key_encoding", {"name": "default"})
+    if isinstance(encoding, str):
+        encoding = {"name": encoding}
+    separator = (encoding.get("configuration") or {}).get("separator", "/")
+    return separator if encoding.get("name") == "default" and separator in ("/", ".") else None
+
+
+def shard_file(shard: int, rank: int, separator: str) -> str:
+    """The relative path of shard file ``shard`` (along axis 0) of an array of ``rank`` axes."""
+    return separator.join(["c", str(shard), *["0"] * (rank - 1)])
+
+
+def is_shard_file(rel: str) -> bool:
+    """Whether an array's relative file path names a shard (not ``zarr.json``)."""
+    return rel.startswith(("c/", "c."))
+
+
 def shard_keys(store: ts.TensorStore) -> list[str]:
-    """Relative paths of the shard files an array of this shape must have (default ``c/`` key encoding)."""
+    """Relative paths of the shard files an array of this shape must have."""
     per_shard = int(store.chunk_layout.write_chunk.shape[0])
-    tail = "/0" * (store.rank - 1)
-    return [f"c/{i}{tail}" for i in range(-(-int(store.shape[0]) // per_shard))]
+    separator = key_separator(store.spec().to_json().get("metadata", {})) or "/"
+    return [shard_file(i, store.rank, separator) for i in range(-(-int(store.shape[0]) // per_shard))]
 
 
 def iter_blocks(store: ts.TensorStore, *, path: Path | str = "") -> Iterator[np.ndarray]:

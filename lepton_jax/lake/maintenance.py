@@ -291,12 +291,13 @@ class Maintenance:
                 continue
             key = f"{tv.table}/{safe_relpath(meta['path'])}"
             try:
-                per_shard = int(json.loads(self.storage.read(f"{key}/zarr.json"))["chunk_grid"]["configuration"][
-                    "chunk_shape"][0])
-            except (OSError, ValueError, KeyError, TypeError):
+                zarr_meta = json.loads(self.storage.read(f"{key}/zarr.json"))
+                per_shard = int(zarr_meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+                separator = arrays.key_separator(zarr_meta) or "/"
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
-            rest = "/0" * (len(meta["shape"]) - 1)
-            out += [Problem(tv.table, tv.version, f"{meta['path']}/c/{s}{rest}",
+            out += [Problem(tv.table, tv.version,
+                            f"{meta['path']}/{arrays.shard_file(s, len(meta['shape']), separator)}",
                             "holds rows that differ from their row hashes (bytes changed)")
                     for s in sorted({int(r) // per_shard for r in rows})]
         return out
@@ -323,7 +324,7 @@ class Maintenance:
                 elif "sha256" in info:
                     if self.storage.sha256(f"{key}/{rel}") != info["sha256"]:
                         bad(rel, "sha256 differs from the commit record (bytes changed)")
-                elif rel.startswith("c/") and (content or self.storage.local_path(key) is not None):
+                elif arrays.is_shard_file(rel) and (content or self.storage.local_path(key) is not None):
                     # a shard file: checked by its own crc32c (index and inner chunks); `verify --files-only` on an
                     # object store checks sizes only (no download)
                     try:

@@ -35,6 +35,7 @@ import google_crc32c
 import numpy as np
 
 from lepton_jax.errors import LakeError
+from lepton_jax.lake.arrays import key_separator, shard_file
 
 MISSING = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 _LITTLE_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
@@ -91,6 +92,7 @@ class RawLayout:
     per_shard: int
     per_chunk: int
     chunk_bytes: int  # encoded bytes of one inner chunk: its data plus the 4-byte crc32c
+    separator: str = "/"  # of the chunk keys (arrays.CHUNK_KEY_SEPARATOR for new arrays)
 
     @property
     def example_bytes(self) -> int:
@@ -101,7 +103,7 @@ class RawLayout:
         return 16 * (self.per_shard // self.per_chunk) + 4
 
     def shard_key(self, shard: int) -> str:
-        return f"c/{shard}" + "/0" * (len(self.shape) - 1)
+        return shard_file(shard, len(self.shape), self.separator)
 
 
 def _codec(c: Any) -> dict[str, Any]:
@@ -119,9 +121,9 @@ def raw_layout(metadata: dict[str, Any]) -> RawLayout | None:
             return None
         if metadata["chunk_grid"]["name"] != "regular" or len(metadata["codecs"]) != 1:
             return None
-        keys = _codec(metadata.get("chunk_key_encoding", {"name": "default"}))
-        if keys["name"] != "default" or keys["configuration"].get("separator", "/") != "/":
-            return None  # shard files named otherwise than c/<i>/0/...
+        separator = key_separator(metadata)
+        if separator is None:
+            return None  # shard files named otherwise than c/<i>/0/... or c.<i>.0...
         shard = [int(n) for n in metadata["chunk_grid"]["configuration"]["chunk_shape"]]
         sharding = _codec(metadata["codecs"][0])
         conf = sharding["configuration"]
@@ -139,7 +141,7 @@ def raw_layout(metadata: dict[str, Any]) -> RawLayout | None:
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
         return None
     example_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    return RawLayout(shape, dtype, shard[0], chunk[0], chunk[0] * example_bytes + 4)
+    return RawLayout(shape, dtype, shard[0], chunk[0], chunk[0] * example_bytes + 4, separator)
 
 
 def open_raw(path: Path, files: dict[str, dict[str, Any]], describe: str) -> RawArray | None:
