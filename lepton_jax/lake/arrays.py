@@ -170,6 +170,12 @@ def content_digest(array: np.ndarray) -> str:
 
 def _create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
             target_shard_bytes: int, compression: str) -> ts.TensorStore:
+    return _created(storage, key, _start_create(storage, key, shape, dtype, target_shard_bytes, compression))
+
+
+def _start_create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
+                  target_shard_bytes: int, compression: str) -> ts.Future:
+    """Starts creating a new array at ``key`` (refused if anything is there); :func:`_created` awaits it."""
     if storage.tree(key) is not None:
         raise LakeError(f"refusing to overwrite existing array {storage.describe(key)}; lake arrays are written once")
     tensorstore_guard()
@@ -177,7 +183,14 @@ def _create(storage: Storage, key: str, shape: tuple[int, ...], dtype: np.dtype,
         spec = zarr3_spec(storage.kvstore(key), shape, dtype, target_shard_bytes, compression)
         # TensorStore does not fsync each file (and its directory) as it writes it: the writer syncs the array's
         # whole tree once when it is complete (PendingWrite.finish, ArrayWriter.close), before any record names it
-        return ts.open(spec, create=True, context=ts.Context({"file_io_sync": False})).result()
+        return ts.open(spec, create=True, context=ts.Context({"file_io_sync": False}))
+    except ValueError as e:
+        raise LakeError(f"cannot create lake array {storage.describe(key)}: {_short(e)}") from e
+
+
+def _created(storage: Storage, key: str, opening: ts.Future) -> ts.TensorStore:
+    try:
+        return opening.result()
     except ValueError as e:
         raise LakeError(f"cannot create lake array {storage.describe(key)}: {_short(e)}") from e
 
@@ -237,9 +250,46 @@ def start_write(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
     """Creates the array at ``key`` and starts writing it shard by shard (at most :data:`WRITE_SHARDS_IN_FLIGHT`
     in flight: it returns while the last of them are encoded on TensorStore's threads, so the caller can work
     meanwhile); :meth:`PendingWrite.finish` completes it. ``after_shard``: as for :func:`write_array`."""
+    _check_writable(storage, key, array)
+    store = _create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
+    return _start_shards(storage, key, store, array, target_shard_bytes, compression, after_shard)
+
+
+def start_writes(storage: Storage, named: dict[str, np.ndarray], *, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                 compression: str = DEFAULT_COMPRESSION) -> dict[str, PendingWrite]:
+    """:func:`start_write` for several arrays (key -> array): all are created first, together (their metadata
+    written concurrently), and only then are their shards written, so no array's creation waits behind another's
+    shards on TensorStore's I/O threads. On an error nothing is left writing."""
+    for key, array in named.items():
+        _check_writable(storage, key, array)
+    opening: dict[str, ts.Future] = {}
+    try:
+        for key, array in named.items():
+            opening[key] = _start_create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
+        stores = {key: _created(storage, key, future) for key, future in opening.items()}
+    except BaseException:
+        for future in opening.values():
+            with contextlib.suppress(ValueError, LakeError):
+                future.result()
+        raise
+    writes: dict[str, PendingWrite] = {}
+    try:
+        for key, array in named.items():
+            writes[key] = _start_shards(storage, key, stores[key], array, target_shard_bytes, compression, None)
+    except BaseException:
+        for write in writes.values():
+            write.abandon()
+        raise
+    return writes
+
+
+def _check_writable(storage: Storage, key: str, array: np.ndarray) -> None:
     if array.ndim == 0 or array.shape[0] == 0:
         raise LakeError(f"cannot store an empty array at {storage.describe(key)}: shape {array.shape}")
-    store = _create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
+
+
+def _start_shards(storage: Storage, key: str, store: ts.TensorStore, array: np.ndarray, target_shard_bytes: int,
+                  compression: str, after_shard: Callable[[int], None] | None) -> PendingWrite:
     per_shard = examples_per_shard(array.shape, array.dtype, target_shard_bytes, compression)
     pending = []
     try:
@@ -252,6 +302,9 @@ def start_write(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
             elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:  # shards in flight are encoded concurrently
                 pending.pop(0).result()
     except ValueError as e:
+        for future in pending:
+            with contextlib.suppress(ValueError):
+                future.result()
         raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
     return PendingWrite(storage, key, array, pending)
 

@@ -387,36 +387,36 @@ def write_fragment(storage: Storage, table: str, rel: str, named: dict[str, np.n
         stats = partial_stats(named, label_array)
     else:  # every array's shards in flight at once; digests and statistics computed while TensorStore writes
         writes: dict[str, arrays.PendingWrite] = {}
-        finished: dict[str, Future[str]] = {}
-        with ThreadPoolExecutor(len(named), thread_name_prefix="lake-array") as helpers:
+        helped: list[Future[Any]] = []
+        with ThreadPoolExecutor(len(named) + 1, thread_name_prefix="lake-fragment") as helpers:
             try:
-                for name, value in named.items():
-                    writes[name] = arrays.start_write(storage, keys[name], value, compression=compression,
-                                                      target_shard_bytes=target_shard_bytes)
-                    # its content digest (sha256), then the wait for its shards and the fsyncs of its files: all
-                    # without the GIL, so beside the caller's row hashing and the statistics below
-                    finished[name] = helpers.submit(lambda w=writes[name]: w.finish(arrays.content_digest(w.array)))
+                started = arrays.start_writes(storage, {keys[name]: value for name, value in named.items()},
+                                              target_shard_bytes=target_shard_bytes, compression=compression)
+                writes = {name: started[keys[name]] for name in named}
+                # each array's content digest (sha256), then the wait for its shards and the fsyncs of its files:
+                # all without the GIL, so beside the caller's row hashing and the statistics below
+                finished = {name: helpers.submit(lambda w=w: w.finish(arrays.content_digest(w.array)))
+                            for name, w in writes.items()}
+                helped += finished.values()
                 # the statistics (many numpy calls) wait for the caller's row hashing, which holds the GIL; after it
                 # they have it to themselves (100,000 rows of 28x28 bytes: 68 ms after the hashing, 237 ms beside it)
                 hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks, row_hash)
-                # the row files are written (and synced) while the arrays are still written and synced
-                entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes, row_hash)
-                if checks is not None:
-                    entry["row_checks"] = write_row_checks(storage, table, rel, checks)
+                # the row files are written (and synced) beside the statistics, while the arrays are synced
+                rows = helpers.submit(_write_row_files, storage, table, rel, hashes, checks, row_hash)
+                helped.append(rows)
                 stats = partial_stats(named, label_array)
+                entry.update(rows.result())
                 for name, value in named.items():
                     entry["arrays"][name] = _array_entry(storage, rel, name, value, keys[name],
                                                          finished[name].result())
             except BaseException:
-                wait(finished.values())
+                wait(helped)
                 for write in writes.values():  # nothing may still write into the fragment once this returns
                     write.abandon()
                 raise
     if "row_hashes" not in entry:
         hashes, checks = _given_or_computed_digests(named, label_array, hashes, checks, row_hash)
-        entry["row_hashes"] = write_row_hashes(storage, table, rel, hashes, row_hash)
-        if checks is not None:
-            entry["row_checks"] = write_row_checks(storage, table, rel, checks)
+        entry.update(_write_row_files(storage, table, rel, hashes, checks, row_hash))
     entry["stats"] = stats
     remember_keys(storage, table, entry, label_array, hashes, named.get(label_array))
     return entry
@@ -435,6 +435,15 @@ def _given_or_computed_digests(named: dict[str, np.ndarray], label_array: str, h
         hashes = mine[0] if hashes is None else hashes
         checks = mine[1] if with_checks and checks is None else checks
     return np.ascontiguousarray(hashes, dtype=np.uint8), checks
+
+
+def _write_row_files(storage: Storage, table: str, rel: str, hashes: np.ndarray, checks: np.ndarray | None,
+                     row_hash: str) -> dict[str, Any]:
+    """Writes a fragment's row hashes (and row checks, if any) durably; returns their record entries."""
+    out = {"row_hashes": write_row_hashes(storage, table, rel, hashes, row_hash)}
+    if checks is not None:
+        out["row_checks"] = write_row_checks(storage, table, rel, checks)
+    return out
 
 
 def remember_keys(storage: Storage, table: str, entry: dict[str, Any], label_array: str, hashes: np.ndarray,
