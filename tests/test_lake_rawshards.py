@@ -248,6 +248,64 @@ def test_reads_compare_rows_with_their_row_hash_keys_row_checks_or_whole_row_has
     assert [p.path for p in tv.lake.verify()] == [frag["row_checks"]["path"]]
 
 
+def test_a_batch_over_an_upgraded_fragment_with_row_checks_and_a_new_one_checks_each_its_own_way(tmp_path):
+    """A table written by the previous revision (xxh3-128 fragments that also stored row checks) and appended to by
+    this one: one batch spans both; the old fragment's rows are compared with its row checks, the new one's with
+    its row-hash keys, and a changed byte in either is named."""
+    from lepton_jax.lake import fragments
+    from lepton_jax.lake.read import SplitReader
+
+    tv, _, _ = _raw_table(tmp_path)
+    tv = ingest(tv.lake, "t", _source(tmp_path / "b", 3, 40), splits={"train": 1.0}, mode="append").version
+    old, new = tv.fragments("train")
+    root = tmp_path / "lake" / "t"
+    everything = _reader(tv, "train").read(slice(None))["image"]
+    # the previous revision's fragment: its row checks file and entry, as that revision wrote them
+    checks = fragments.row_checks({"image": everything[:60]})
+    entry = {**tv.record["splits"]["train"], "fragments": [
+        {**old, "row_checks": fragments.write_row_checks(tv.lake.storage, "t", old["path"], checks)}, new]}
+
+    def reader():
+        r = SplitReader(tv.lake.root, "t", tv.version, "train", entry)
+        r.SMALL_ARRAY_BYTES = 4096
+        return r
+
+    idx = np.array([75, 3, 10, 99, 60])
+    r = reader()
+    assert np.array_equal(r.read(idx)["image"], everything[idx]) and r._checked == {0: "checks", 1: "keys"}
+    for frag, row, what in ((old, 10, "row checks"), (new, 75 - 60, "row hashes")):
+        shard = root / frag["arrays"]["image"]["path"] / f"c.{row // 10}.0.0.0"
+        _flip(shard, 100 + (row % 10) * 784)  # a data byte of that row
+        _one_line_error(lambda: reader().read(idx), f"c.{row // 10}.0.0.0", what)
+        _flip(shard, 100 + (row % 10) * 784)
+    assert np.array_equal(reader().read(idx)["image"], everything[idx])
+
+
+def test_a_failure_beside_a_fragments_array_writes_publishes_nothing_and_leaves_no_data(tmp_path, monkeypatch):
+    """write_fragment writes its arrays on helper threads; when the row files fail meanwhile (a full disk), the
+    append raises, every helper and TensorStore write has stopped before the commit's data is discarded (nothing
+    reappears), and the next append succeeds."""
+    import time
+
+    from lepton_jax.lake import fragments
+
+    tv, _, _ = _raw_table(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fragments, "write_row_hashes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ingest(tv.lake, "t", _source(tmp_path / "b", 3, 40), splits={"train": 1.0}, mode="append")
+    time.sleep(0.2)  # a write still running would recreate files under the discarded directory
+    data = tmp_path / "lake" / "t" / "data"
+    assert tv.lake.versions("t") == [1] and [p.name for p in data.iterdir()] == [tv.record["commit_id"]]
+    monkeypatch.undo()
+    again = ingest(tv.lake, "t", NpzSource(tmp_path / "b", value_range=(0, 255)), splits={"train": 1.0},
+                   mode="append")
+    assert again.version.version == 2 and tv.lake.verify() == []
+
+
 def test_arrays_with_one_directory_per_axis_still_take_the_fast_path(tmp_path, monkeypatch):
     """New arrays name shard files ``c.<i>.0.0.0`` (one directory per array); arrays written before, with
     ``c/<i>/0/0/0``, are still served by the raw fast path, and a damaged shard of theirs is named by reads and by
@@ -429,7 +487,7 @@ def test_digests_recorded_at_write_time_match_the_bytes_on_disk(tmp_path):
         value = named["image" if name == "single" else name]
         assert meta["sha256"] == arrays.content_digest(value)
         assert meta["sha256"] == arrays.stored_content_digest(arrays.open_array(storage, key))
-        assert len(meta["files"]) == 1 + len(arrays.shard_keys(arrays.open_array(storage, key)))  # zarr.json too
+        assert set(meta["files"]) == {"zarr.json", *arrays.shard_keys(arrays.open_array(storage, key))}
         zarr_meta = json.loads((tmp_path / key / "zarr.json").read_bytes())
         for rel, info in meta["files"].items():
             data = (tmp_path / key / rel).read_bytes()

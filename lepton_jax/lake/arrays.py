@@ -15,9 +15,9 @@ In the zstd layout, tiny examples (labels, a few features: at most :data:`SMALL_
 about 4 KiB. The shard index carries a crc32c in both layouts, and so does every inner chunk, so
 TensorStore and zarr-python detect flipped bytes on read. Any zarr v3 reader can open the arrays.
 
-Shard files are named by zarr v3's default chunk key encoding with the ``"."`` separator (``c.3.0.0.0``: every file of
-an array in its own directory, so a new array is two directories and its files, each fsynced once); arrays written
-before used ``"/"`` (``c/3/0/0/0``, one directory per axis), which every reader still reads.
+Shard files are named by zarr v3's default chunk key encoding with the ``"."`` separator (``c.3.0.0.0``): all of an
+array's files sit in its one directory, so creating an array makes (and fsyncs) one directory; arrays written before
+used ``"/"`` (``c/3/0/0/0``, a directory per axis), which every reader still reads.
 
 Arrays live at a key of a lake's :class:`~lepton_jax.lake.storage.Storage` and are read and written through
 TensorStore's kvstore driver for it (``file``, ``s3`` or ``gcs``). Every file of an array (``zarr.json`` and each
@@ -301,11 +301,13 @@ def _start_shards(storage: Storage, key: str, store: ts.TensorStore, array: np.n
                 after_shard(i)
             elif len(pending) >= WRITE_SHARDS_IN_FLIGHT:  # shards in flight are encoded concurrently
                 pending.pop(0).result()
-    except ValueError as e:
+    except BaseException as e:  # nothing may still write into the array once this raises
         for future in pending:
             with contextlib.suppress(ValueError):
                 future.result()
-        raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
+        if isinstance(e, ValueError):
+            raise LakeError(f"cannot write lake array {storage.describe(key)}: {_short(e)}") from e
+        raise
     return PendingWrite(storage, key, array, pending)
 
 

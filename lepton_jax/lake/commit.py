@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 MIN_GRACE_SECONDS = 60.0  # gc's smallest grace period without force=True
 LEASE_HEARTBEAT_SECONDS = MIN_GRACE_SECONDS / 4  # a held lease is rewritten at least this often
+LEASE_TOUCH_SECONDS = 1.0  # touch() rewrites the lease at most this often (the heartbeat renews it anyway)
 
 
 class Committing:
@@ -288,7 +289,9 @@ class Committing:
         """Holds a lease on ``data/<commit_id>`` while a writer writes and publishes it: :meth:`gc` never removes
         data (or temp records) of a commit whose lease is live. Yields ``touch()``, which renews the lease (for
         writers on other hosts and on object stores, whose liveness gc can only judge by age: the lease object is
-        rewritten, so its last-modified time is now). Take it before creating the directory."""
+        rewritten, so its last-modified time is now) unless it was renewed within :data:`LEASE_TOUCH_SECONDS`; a
+        heartbeat thread also renews it every :data:`LEASE_HEARTBEAT_SECONDS`. Take it before creating the
+        directory."""
         key = f"{check_name('table', table)}/{LEASE_DIR}/{commit_id}.json"
         info = {"commit_id": commit_id, "host": socket.gethostname(), "pid": os.getpid(),
                 "pid_start": _process_start(os.getpid()), "pid_namespace": _pid_namespace(), "time": time.time()}
@@ -298,10 +301,17 @@ class Committing:
                 try:
                     # not fsynced: a lease only matters while its writer lives (a crash of the machine ends both)
                     self.storage.write(key, json.dumps({**info, "time": time.time()}).encode(), durable=False)
+                    renewed[0] = time.monotonic()
                     return
                 except FileNotFoundError:
                     if attempt == 19:
                         raise
+
+        renewed = [0.0]  # when put() last wrote the lease (time.monotonic())
+
+        def touch() -> None:
+            if time.monotonic() - renewed[0] >= LEASE_TOUCH_SECONDS:
+                put()
 
         put()
         stop = threading.Event()
@@ -314,7 +324,7 @@ class Committing:
         beat = threading.Thread(target=heartbeat, name=f"lease-{commit_id}", daemon=True)
         beat.start()
         try:
-            yield put
+            yield touch
         finally:
             stop.set()
             beat.join()

@@ -5,7 +5,7 @@ Layout of a lake rooted at ``ROOT``::
     ROOT/<table>/_log/00000001.json                        one commit record per version (append-only)
     ROOT/<table>/data/<commit-id>/<split>/<frag>/<array>/  a fragment's zarr v3 arrays, written once
     ROOT/<table>/data/<commit-id>/<split>/<frag>/_rows.<hash>   its row hashes (32 bytes per row; xxh3_128 or sha256)
-    ROOT/<table>/data/<commit-id>/<split>/<frag>/_rows.xxh3     its row checks, what reads compare (8 bytes per row)
+    ROOT/<table>/data/<commit-id>/<split>/<frag>/_rows.xxh3     sha256 tables: row checks, what reads compare (8 B/row)
     ROOT/<table>/data/<commit-id>/_quarantine/...          rejected examples of that commit (entries + fragments)
 
 A version's record lists, per split, the fragments (by path relative to the table) whose concatenation is the split.
