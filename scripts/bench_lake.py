@@ -8,7 +8,7 @@ example), and a numpy memmap of the raw bytes (the page-cache limit). Everything
 one untimed pass. The lake is timed twice: "uncached" opens the split with a TensorStore cache exactly the size of its
 shard indices (no floor), "cached" with the default 64 MiB cache. Local raw-layout shards are served by the raw fast
 path (:mod:`lepton_jax.lake.rawshards`: one numpy gather per shard per batch, no TensorStore cache involved, so both
-regimes take the same path; it checks every row it returns against the fragment's row checks, inside the timed
+regimes take the same path; it checks every row it returns against the fragment's stored row hashes, inside the timed
 loop); tables in
 the zstd layout go through TensorStore, where the cache matters. ``--fragments K`` ingests the data as K appends (K
 fragments per split) to time reads across fragments; the layout (codecs, examples per inner chunk and shard, read
@@ -82,7 +82,7 @@ def _print_layout(tv, reader, root: Path) -> None:
             else "raw fast path (one numpy gather per shard per batch)" if fast else "TensorStore")
     print(f"read path: {path}; "
           f"opening the split and touching all {len(files)} image shard(s) ({mib:.1f} MiB) took {first:.2f} s"
-          + " (once per process, before timing; every batch's rows are checked against their row checks)")
+          + " (once per process, before timing; every batch's rows are checked against their stored row hashes)")
 
 
 def main() -> None:

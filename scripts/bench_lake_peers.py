@@ -14,8 +14,8 @@ Measured in one run, interleaved (lake, Lance, memmap, then again), medians with
   ``fixed_size_binary``, label int32), numpy ``tofile`` + fsync; with ``--workers N`` also
   ``lepton-jax lake ingest --workers 1`` and ``--workers N`` as commands (a process each, start-up included: as
   users run it; in this process the workers would import this script's heavy ``__main__``), and their ratio.
-- **random batches** (``--batch``, default 256): ``SplitReader.read`` (every row checked against its row check), Lance
-  ``take``, memmap fancy index; examples/s.
+- **random batches** (``--batch``, default 256): ``SplitReader.read`` (every row checked against its stored row
+  hash), Lance ``take``, memmap fancy index; examples/s.
 - **Grain loader**: the training pipeline's ``ShuffledBatches`` over each source, ``--read-threads`` threads.
 - **1% append**, five times per system: time, bytes written and bytes read (``/proc/self/io`` wchar/rchar of this
   process, Lance's threads included). The lake's per-process cache of fragment row hashes is emptied before each
@@ -208,7 +208,7 @@ def _reads(args, work: Path, lance, n: int, shape: tuple[int, ...], images: np.n
             rand[k].append(len(batches) * args.batch / (time.perf_counter() - start))
         for k, fn in systems.items():
             grain[k].append(_throughput(fn, n, args.batch, args.batches, seed=r, threads=args.read_threads))
-    print(f"random batches of {args.batch} (examples/s, lake rows checked against their row checks):")
+    print(f"random batches of {args.batch} (examples/s, every lake row checked against its stored row hash):")
     for k, v in rand.items():
         print(f"  {k:>6}: {_stat(v)}")
     print(f"  ratio lake / Lance take: {_ratio(rand['lake'], rand['lance'])}   "
