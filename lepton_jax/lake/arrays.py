@@ -250,18 +250,19 @@ def start_write(storage: Storage, key: str, array: np.ndarray, *, target_shard_b
     """Creates the array at ``key`` and starts writing it shard by shard (at most :data:`WRITE_SHARDS_IN_FLIGHT`
     in flight: it returns while the last of them are encoded on TensorStore's threads, so the caller can work
     meanwhile); :meth:`PendingWrite.finish` completes it. ``after_shard``: as for :func:`write_array`."""
-    _check_writable(storage, key, array)
-    store = _create(storage, key, array.shape, array.dtype, target_shard_bytes, compression)
-    return _start_shards(storage, key, store, array, target_shard_bytes, compression, after_shard)
+    return start_writes(storage, {key: array}, target_shard_bytes=target_shard_bytes, after_shard=after_shard,
+                        compression=compression)[key]
 
 
 def start_writes(storage: Storage, named: dict[str, np.ndarray], *, target_shard_bytes: int = TARGET_SHARD_BYTES,
+                 after_shard: Callable[[int], None] | None = None,
                  compression: str = DEFAULT_COMPRESSION) -> dict[str, PendingWrite]:
     """:func:`start_write` for several arrays (key -> array): all are created first, together (their metadata
     written concurrently), and only then are their shards written, so no array's creation waits behind another's
     shards on TensorStore's I/O threads. On an error nothing is left writing."""
     for key, array in named.items():
-        _check_writable(storage, key, array)
+        if array.ndim == 0 or array.shape[0] == 0:
+            raise LakeError(f"cannot store an empty array at {storage.describe(key)}: shape {array.shape}")
     opening: dict[str, ts.Future] = {}
     try:
         for key, array in named.items():
@@ -275,17 +276,13 @@ def start_writes(storage: Storage, named: dict[str, np.ndarray], *, target_shard
     writes: dict[str, PendingWrite] = {}
     try:
         for key, array in named.items():
-            writes[key] = _start_shards(storage, key, stores[key], array, target_shard_bytes, compression, None)
+            writes[key] = _start_shards(storage, key, stores[key], array, target_shard_bytes, compression,
+                                        after_shard)
     except BaseException:
         for write in writes.values():
             write.abandon()
         raise
     return writes
-
-
-def _check_writable(storage: Storage, key: str, array: np.ndarray) -> None:
-    if array.ndim == 0 or array.shape[0] == 0:
-        raise LakeError(f"cannot store an empty array at {storage.describe(key)}: shape {array.shape}")
 
 
 def _start_shards(storage: Storage, key: str, store: ts.TensorStore, array: np.ndarray, target_shard_bytes: int,
